@@ -1,0 +1,119 @@
+//! The catalog: every named object and its schema.
+//!
+//! The coordinator owns the one mutable [`Catalog`]; after each change it publishes an
+//! immutable `Arc<Catalog>` snapshot that planners and the Python layer read without
+//! talking to any shard.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+
+use crate::error::{Error, Result};
+
+/// How event time advances for a source: `WATERMARK FOR col AS col - INTERVAL …`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatermarkSpec {
+    pub column: String,
+    /// Allowed out-of-orderness: watermark = max(event time) - delay.
+    pub delay_ms: i64,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// An append-only stream of events.
+    Source,
+    /// A reference table (`CREATE TABLE` with a primary key upserts by key).
+    Table,
+}
+
+#[derive(Clone, Debug)]
+pub struct SourceDef {
+    pub name: String,
+    pub kind: SourceKind,
+    pub schema: SchemaRef,
+    pub watermark: Option<WatermarkSpec>,
+    /// Column indices whose hash picks a row's shard; empty = spread by row position.
+    pub partition_key: Vec<usize>,
+    pub primary_key: Vec<usize>,
+    pub options: BTreeMap<String, String>,
+    /// The DDL text it was created from (for `streams()`-style introspection and recovery).
+    pub sql: String,
+}
+
+impl SourceDef {
+    /// Picks the default partition key: an explicit `partition_key` option, else the primary
+    /// key, else the first string or integer column that is not the event-time column (for
+    /// market data that is the symbol), else none.
+    pub fn choose_partition_key(&mut self) -> Result<()> {
+        use arrow::datatypes::DataType as T;
+        if let Some(list) = self.options.get("partition_key").cloned() {
+            let mut idx = Vec::new();
+            for col in list.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                idx.push(self.schema.index_of(col).map_err(|_| {
+                    Error::invalid_schema(format!("partition_key column '{col}' is not in the schema"))
+                })?);
+            }
+            self.partition_key = idx;
+            return Ok(());
+        }
+        if !self.primary_key.is_empty() {
+            self.partition_key = self.primary_key.clone();
+            return Ok(());
+        }
+        let event_time = self.watermark.as_ref().map(|w| w.column.as_str());
+        self.partition_key = self
+            .schema
+            .fields()
+            .iter()
+            .position(|f| {
+                Some(f.name().as_str()) != event_time
+                    && matches!(
+                        f.data_type(),
+                        T::Utf8 | T::LargeUtf8 | T::Utf8View | T::Int8 | T::Int16 | T::Int32
+                            | T::Int64 | T::UInt8 | T::UInt16 | T::UInt32 | T::UInt64
+                    )
+            })
+            .into_iter()
+            .collect();
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    /// Bumped on every change so holders of a snapshot can tell it is stale.
+    pub version: u64,
+    pub sources: BTreeMap<String, Arc<SourceDef>>,
+}
+
+impl Catalog {
+    pub fn source(&self, name: &str) -> Result<&Arc<SourceDef>> {
+        self.sources.get(&normalize(name)).ok_or_else(|| Error::table_not_found(name))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.sources.contains_key(&normalize(name))
+    }
+
+    pub fn add_source(&mut self, def: SourceDef) -> Result<()> {
+        if self.contains(&def.name) {
+            return Err(Error::table_exists(&def.name));
+        }
+        self.sources.insert(def.name.clone(), Arc::new(def));
+        self.version += 1;
+        Ok(())
+    }
+
+    pub fn drop_source(&mut self, name: &str) -> Result<Arc<SourceDef>> {
+        let removed = self.sources.remove(&normalize(name)).ok_or_else(|| Error::table_not_found(name))?;
+        self.version += 1;
+        Ok(removed)
+    }
+}
+
+/// Object names are case-sensitive as written when quoted; unquoted SQL identifiers are
+/// folded to lower case by the parser before they reach here, so a plain identity is right.
+pub fn normalize(name: &str) -> String {
+    name.to_string()
+}

@@ -1,0 +1,41 @@
+//! Engine configuration, as `LaminarConfig` exposes it to Python plus the shard count.
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Number of shard reactors; one per available core by default.
+    pub shards: usize,
+    /// Capacity, in messages, of every bounded queue (Python → coordinator, coordinator → shard).
+    pub buffer_size: usize,
+    pub storage_dir: Option<String>,
+    pub checkpoint_interval_ms: Option<u64>,
+    pub table_spill_threshold: usize,
+    /// Pin shard `i` to core `i % cores`. Off only for tests that oversubscribe.
+    pub pin_shards: bool,
+}
+
+impl EngineConfig {
+    /// Messages per queue: large inserts travel as one message per shard, so a short
+    /// queue is enough to keep shards busy without buffering unbounded memory.
+    pub const QUEUE_MESSAGES_MAX: usize = 1024;
+
+    pub fn queue_capacity(&self) -> usize {
+        self.buffer_size.clamp(16, Self::QUEUE_MESSAGES_MAX)
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            shards: default_shards(),
+            buffer_size: 65536,
+            storage_dir: None,
+            checkpoint_interval_ms: None,
+            table_spill_threshold: 1_000_000,
+            pin_shards: true,
+        }
+    }
+}
+
+pub fn default_shards() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).max(1)
+}

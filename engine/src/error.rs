@@ -1,0 +1,246 @@
+//! One error type for the whole engine, carrying the user-visible error code.
+//!
+//! The codes are the Python API's `laminardb.codes`; the [`ErrorClass`] picks the Python
+//! exception class. Messages read `"Table not found (200): trades"`.
+
+use std::fmt;
+
+/// The numeric error codes of `laminardb.codes`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    ConnectionFailed = 100,
+    ConnectionClosed = 101,
+    ConnectionInUse = 102,
+    TableNotFound = 200,
+    TableExists = 201,
+    SchemaMismatch = 202,
+    InvalidSchema = 203,
+    IngestionFailed = 300,
+    WriterClosed = 301,
+    BatchSchemaMismatch = 302,
+    QueryFailed = 400,
+    SqlParseError = 401,
+    QueryCancelled = 402,
+    SubscriptionFailed = 500,
+    SubscriptionClosed = 501,
+    SubscriptionTimeout = 502,
+    Internal = 900,
+    Shutdown = 901,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 18] = [
+        ErrorCode::ConnectionFailed,
+        ErrorCode::ConnectionClosed,
+        ErrorCode::ConnectionInUse,
+        ErrorCode::TableNotFound,
+        ErrorCode::TableExists,
+        ErrorCode::SchemaMismatch,
+        ErrorCode::InvalidSchema,
+        ErrorCode::IngestionFailed,
+        ErrorCode::WriterClosed,
+        ErrorCode::BatchSchemaMismatch,
+        ErrorCode::QueryFailed,
+        ErrorCode::SqlParseError,
+        ErrorCode::QueryCancelled,
+        ErrorCode::SubscriptionFailed,
+        ErrorCode::SubscriptionClosed,
+        ErrorCode::SubscriptionTimeout,
+        ErrorCode::Internal,
+        ErrorCode::Shutdown,
+    ];
+
+    pub fn as_u16(self) -> u16 {
+        self as u16
+    }
+
+    /// The constant's name in `laminardb.codes`.
+    pub fn constant_name(self) -> &'static str {
+        match self {
+            ErrorCode::ConnectionFailed => "CONNECTION_FAILED",
+            ErrorCode::ConnectionClosed => "CONNECTION_CLOSED",
+            ErrorCode::ConnectionInUse => "CONNECTION_IN_USE",
+            ErrorCode::TableNotFound => "TABLE_NOT_FOUND",
+            ErrorCode::TableExists => "TABLE_EXISTS",
+            ErrorCode::SchemaMismatch => "SCHEMA_MISMATCH",
+            ErrorCode::InvalidSchema => "INVALID_SCHEMA",
+            ErrorCode::IngestionFailed => "INGESTION_FAILED",
+            ErrorCode::WriterClosed => "WRITER_CLOSED",
+            ErrorCode::BatchSchemaMismatch => "BATCH_SCHEMA_MISMATCH",
+            ErrorCode::QueryFailed => "QUERY_FAILED",
+            ErrorCode::SqlParseError => "SQL_PARSE_ERROR",
+            ErrorCode::QueryCancelled => "QUERY_CANCELLED",
+            ErrorCode::SubscriptionFailed => "SUBSCRIPTION_FAILED",
+            ErrorCode::SubscriptionClosed => "SUBSCRIPTION_CLOSED",
+            ErrorCode::SubscriptionTimeout => "SUBSCRIPTION_TIMEOUT",
+            ErrorCode::Internal => "INTERNAL_ERROR",
+            ErrorCode::Shutdown => "SHUTDOWN",
+        }
+    }
+
+    /// Human-readable name used as the message prefix.
+    pub fn title(self) -> &'static str {
+        match self {
+            ErrorCode::ConnectionFailed => "Connection failed",
+            ErrorCode::ConnectionClosed => "Connection closed",
+            ErrorCode::ConnectionInUse => "Connection in use",
+            ErrorCode::TableNotFound => "Table not found",
+            ErrorCode::TableExists => "Table exists",
+            ErrorCode::SchemaMismatch => "Schema mismatch",
+            ErrorCode::InvalidSchema => "Invalid schema",
+            ErrorCode::IngestionFailed => "Ingestion failed",
+            ErrorCode::WriterClosed => "Writer closed",
+            ErrorCode::BatchSchemaMismatch => "Batch schema mismatch",
+            ErrorCode::QueryFailed => "Query failed",
+            ErrorCode::SqlParseError => "SQL parse error",
+            ErrorCode::QueryCancelled => "Query cancelled",
+            ErrorCode::SubscriptionFailed => "Subscription failed",
+            ErrorCode::SubscriptionClosed => "Subscription closed",
+            ErrorCode::SubscriptionTimeout => "Subscription timeout",
+            ErrorCode::Internal => "Internal error",
+            ErrorCode::Shutdown => "Shutdown",
+        }
+    }
+}
+
+/// Which exception family an error belongs to. Most follow from the code's range; the
+/// checkpoint, connector and stream families have no code range of their own.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    ByCode,
+    Checkpoint,
+    Connector,
+    Stream,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Error {
+    pub code: ErrorCode,
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Error { code, class: ErrorClass::ByCode, message: message.into() }
+    }
+    pub fn with_class(mut self, class: ErrorClass) -> Self {
+        self.class = class;
+        self
+    }
+    pub fn table_not_found(name: &str) -> Self {
+        Error::new(ErrorCode::TableNotFound, format!("'{name}' does not exist"))
+    }
+    pub fn table_exists(name: &str) -> Self {
+        Error::new(ErrorCode::TableExists, format!("'{name}' already exists"))
+    }
+    pub fn invalid_schema(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::InvalidSchema, message)
+    }
+    pub fn ingestion(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::IngestionFailed, message)
+    }
+    pub fn batch_mismatch(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::BatchSchemaMismatch, message)
+    }
+    pub fn query(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::QueryFailed, message)
+    }
+    pub fn parse(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::SqlParseError, message)
+    }
+    /// A bug or a broken invariant inside the engine (including caught panics).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::Internal, message)
+    }
+    pub fn shutdown() -> Self {
+        Error::new(ErrorCode::Shutdown, "the database has been shut down")
+    }
+    pub fn closed() -> Self {
+        Error::new(ErrorCode::ConnectionClosed, "the connection is closed")
+    }
+    pub fn unsupported(what: impl fmt::Display) -> Self {
+        Error::new(ErrorCode::QueryFailed, format!("unsupported: {what}"))
+    }
+    pub fn connector(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::QueryFailed, message).with_class(ErrorClass::Connector)
+    }
+    pub fn checkpoint(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::Internal, message).with_class(ErrorClass::Checkpoint)
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.code.title(), self.code.as_u16(), self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<arrow::error::ArrowError> for Error {
+    fn from(e: arrow::error::ArrowError) -> Self {
+        Error::query(e.to_string())
+    }
+}
+
+impl From<datafusion::error::DataFusionError> for Error {
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        use datafusion::error::DataFusionError as D;
+        match e {
+            D::SQL(err, _) => Error::parse(err.to_string()),
+            D::External(inner) => match inner.downcast::<Error>() {
+                Ok(ours) => *ours,
+                Err(other) => Error::query(other.to_string()),
+            },
+            D::Context(ctx, inner) => {
+                let mut err = Error::from(*inner);
+                err.message = format!("{ctx}: {}", err.message);
+                err
+            }
+            D::Shared(inner) => Error::query(inner.to_string()),
+            D::Internal(msg) => Error::internal(msg),
+            other => Error::query(other.strip_backtrace()),
+        }
+    }
+}
+
+/// Turns a caught panic payload into a readable message.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_names_title_and_number() {
+        let e = Error::table_not_found("trades");
+        assert_eq!(e.to_string(), "Table not found (200): 'trades' does not exist");
+    }
+
+    #[test]
+    fn codes_are_the_api_table() {
+        let pairs: Vec<(u16, &str)> =
+            ErrorCode::ALL.iter().map(|c| (c.as_u16(), c.constant_name())).collect();
+        assert_eq!(pairs.len(), 18);
+        assert!(pairs.contains(&(302, "BATCH_SCHEMA_MISMATCH")));
+        assert!(pairs.contains(&(901, "SHUTDOWN")));
+    }
+
+    #[test]
+    fn our_error_survives_a_trip_through_datafusion() {
+        let df = datafusion::error::DataFusionError::External(Box::new(Error::table_exists("x")));
+        assert_eq!(Error::from(df).code, ErrorCode::TableExists);
+    }
+}

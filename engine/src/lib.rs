@@ -1,0 +1,21 @@
+//! # laminardb-engine: the shared vocabulary of the engine
+//!
+//! Every other crate speaks in these types: error codes ([`error`]), the catalog of
+//! sources and their schemas ([`catalog`]), engine configuration ([`config`]), SQL/Arrow
+//! type names ([`types`]), hash partitioning of rows onto shards ([`partition`]) and the
+//! two seams that keep the planner and the shard runtime independent of each other
+//! ([`frontend`]): the runtime calls the SQL front end through [`frontend::Frontend`], and
+//! the front end reads shard-resident data through [`frontend::ShardScan`].
+//!
+//! This crate has no glommio and no PyO3: it must stay usable from any thread and in any
+//! test without a reactor or an interpreter.
+
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod frontend;
+pub mod ingest;
+pub mod partition;
+pub mod types;
+
+pub use error::{Error, ErrorCode, Result};

@@ -1,0 +1,165 @@
+//! # laminardb-planner: the SQL front end
+//!
+//! Turns SQL text into what the coordinator executes: our DDL ([`ddl`]) becomes catalog
+//! changes; everything else is planned by DataFusion against the current catalog, with
+//! every source a [`table::ShardTable`] whose partitions are the shards. Queries run on
+//! this crate's own small tokio pool, never on a shard or on the coordinator.
+
+pub mod ddl;
+pub mod interval;
+pub mod split;
+pub mod table;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+use datafusion::common::{ParamValues, ScalarValue};
+use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::DataFrame;
+use futures::{FutureExt, StreamExt};
+
+use laminardb_engine::catalog::Catalog;
+use laminardb_engine::frontend::{
+    CancelFlag, Frontend, PreparedQuery, QueryHandle, QueryKind, ShardAccess, Statement, QUERY_BATCHES_MAX,
+};
+use laminardb_engine::{Error, Result};
+
+/// The DataFusion-backed [`Frontend`].
+pub struct SqlFrontend {
+    runtime: Option<tokio::runtime::Runtime>,
+    ctx: SessionContext,
+    /// Catalog version whose sources are registered in `ctx`.
+    registered: Option<u64>,
+}
+
+impl SqlFrontend {
+    pub fn new(query_threads: usize) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(query_threads.max(1))
+            .max_blocking_threads(query_threads.max(1))
+            .thread_name("laminar-query")
+            .enable_time()
+            .build()
+            .map_err(|e| Error::internal(format!("cannot start the query pool: {e}")))?;
+        let config = SessionConfig::new()
+            .with_target_partitions(query_threads.max(1))
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("laminar", "public");
+        Ok(SqlFrontend { runtime: Some(runtime), ctx: SessionContext::new_with_config(config), registered: None })
+    }
+
+    fn runtime(&self) -> Result<&tokio::runtime::Runtime> {
+        self.runtime.as_ref().ok_or_else(Error::shutdown)
+    }
+
+    fn sync_tables(&mut self, catalog: &Catalog, access: &Arc<dyn ShardAccess>) -> Result<()> {
+        if self.registered == Some(catalog.version) {
+            return Ok(());
+        }
+        let schema = self
+            .ctx
+            .catalog("laminar")
+            .and_then(|c| c.schema("public"))
+            .ok_or_else(|| Error::internal("default schema missing"))?;
+        for name in schema.table_names() {
+            schema.deregister_table(&name)?;
+        }
+        for (name, def) in &catalog.sources {
+            let table = table::ShardTable::new(name.clone(), def.schema.clone(), access.clone());
+            schema.register_table(name.clone(), Arc::new(table))?;
+        }
+        self.registered = Some(catalog.version);
+        Ok(())
+    }
+}
+
+impl Frontend for SqlFrontend {
+    fn split(&self, sql: &str) -> Result<Vec<String>> {
+        split::split_statements(sql)
+    }
+
+    fn plan(
+        &mut self,
+        statement: &str,
+        params: &[ScalarValue],
+        catalog: &Arc<Catalog>,
+        access: Arc<dyn ShardAccess>,
+    ) -> Result<Statement> {
+        let tokens = split::tokenize(statement)?;
+        if let Some(ddl) = ddl::plan_ddl(statement, &tokens)? {
+            return Ok(ddl);
+        }
+        self.sync_tables(catalog, &access)?;
+        let options = SQLOptions::new().with_allow_ddl(false).with_allow_statements(false);
+        let runtime = self.runtime()?.handle().clone();
+        let ctx = self.ctx.clone();
+        let sql = statement.to_string();
+        let mut df = runtime.block_on(async move { ctx.sql_with_options(&sql, options).await })?;
+        if !params.is_empty() {
+            df = df.with_param_values(ParamValues::List(params.iter().cloned().map(Into::into).collect()))?;
+        }
+        let kind = match df.logical_plan() {
+            LogicalPlan::Dml(_) => QueryKind::RowsAffected,
+            LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) | LogicalPlan::DescribeTable(_) => QueryKind::Metadata,
+            _ => QueryKind::Rows,
+        };
+        Ok(Statement::Query(Box::new(DataFusionQuery { df, kind, runtime })))
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+struct DataFusionQuery {
+    df: DataFrame,
+    kind: QueryKind,
+    runtime: tokio::runtime::Handle,
+}
+
+impl PreparedQuery for DataFusionQuery {
+    fn schema(&self) -> SchemaRef {
+        Arc::new(self.df.schema().as_arrow().clone())
+    }
+
+    fn kind(&self) -> QueryKind {
+        self.kind
+    }
+
+    fn start(self: Box<Self>) -> Result<QueryHandle> {
+        let schema = self.schema();
+        let (tx, rx) = flume::bounded(QUERY_BATCHES_MAX);
+        let cancel = CancelFlag::default();
+        let flag = cancel.clone();
+        let df = self.df;
+        let errors = tx.clone();
+        let run = async move {
+            let mut stream = df.execute_stream().await?;
+            while let Some(batch) = stream.next().await {
+                if flag.is_cancelled() {
+                    return Err(Error::new(laminardb_engine::ErrorCode::QueryCancelled, "the query was cancelled"));
+                }
+                if tx.send_async(Ok(batch?)).await.is_err() {
+                    return Ok(()); // the reader went away
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        self.runtime.spawn(async move {
+            let failure = match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e,
+                Err(panic) => Error::internal(format!(
+                    "panic while executing a query: {}",
+                    laminardb_engine::error::panic_message(&*panic)
+                )),
+            };
+            let _ = errors.send_async(Err(failure)).await;
+        });
+        Ok(QueryHandle { schema, batches: rx, cancel })
+    }
+}

@@ -1,0 +1,74 @@
+//! `LaminarConfig`: the user-facing engine settings.
+
+use pyo3::prelude::*;
+
+use laminardb_engine::config::{default_shards, EngineConfig};
+
+#[pyclass(name = "LaminarConfig", module = "laminardb", frozen, from_py_object)]
+#[derive(Clone)]
+pub struct PyLaminarConfig {
+    pub inner: EngineConfig,
+}
+
+#[pymethods]
+impl PyLaminarConfig {
+    #[new]
+    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None))]
+    fn new(
+        buffer_size: usize,
+        storage_dir: Option<String>,
+        checkpoint_interval_ms: Option<u64>,
+        table_spill_threshold: usize,
+        shards: Option<usize>,
+    ) -> PyResult<Self> {
+        if buffer_size == 0 {
+            return Err(pyo3::exceptions::PyValueError::new_err("buffer_size must be positive"));
+        }
+        if shards == Some(0) {
+            return Err(pyo3::exceptions::PyValueError::new_err("shards must be positive"));
+        }
+        Ok(PyLaminarConfig {
+            inner: EngineConfig {
+                shards: shards.unwrap_or_else(default_shards),
+                buffer_size,
+                storage_dir,
+                checkpoint_interval_ms,
+                table_spill_threshold,
+                pin_shards: true,
+            },
+        })
+    }
+
+    #[getter]
+    fn buffer_size(&self) -> usize {
+        self.inner.buffer_size
+    }
+    #[getter]
+    fn storage_dir(&self) -> Option<String> {
+        self.inner.storage_dir.clone()
+    }
+    #[getter]
+    fn checkpoint_interval_ms(&self) -> Option<u64> {
+        self.inner.checkpoint_interval_ms
+    }
+    #[getter]
+    fn table_spill_threshold(&self) -> usize {
+        self.inner.table_spill_threshold
+    }
+    /// Number of shard reactors (one per core by default).
+    #[getter]
+    fn shards(&self) -> usize {
+        self.inner.shards
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={})",
+            self.inner.buffer_size,
+            self.inner.storage_dir.as_ref().map_or("None".to_string(), |d| format!("'{d}'")),
+            self.inner.checkpoint_interval_ms.map_or("None".to_string(), |v| v.to_string()),
+            self.inner.table_spill_threshold,
+            self.inner.shards,
+        )
+    }
+}

@@ -1,0 +1,571 @@
+//! `Connection`: one embedded database. Every method checks the connection is open,
+//! converts its Python arguments, and calls the coordinator with the GIL released.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arrow::array::{Array, StringArray};
+use parking_lot::Mutex;
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3_arrow::PySchema;
+
+use laminardb_engine::catalog::SourceKind;
+use laminardb_engine::frontend::{CancelFlag, QueryKind};
+use laminardb_engine::types::sql_type_name;
+use laminardb_engine::Error;
+use laminardb_shards::command::PanicSite;
+use laminardb_shards::{Handle, Outcome};
+
+use crate::catalog::{PyQueryInfo, PySinkInfo, PySourceInfo, PyStreamInfo};
+use crate::convert::{to_batches, to_scalar};
+use crate::errors::{to_pyerr, IntoPyResult};
+use crate::gil::blocking;
+use crate::result::{collect, PyExecuteResult, PyQueryResult, PyQueryStream};
+use crate::writer::{PyWriter, NO_WATERMARK};
+
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum PipelineState {
+    Created,
+    Running,
+    Stopped,
+}
+
+struct QueryRecord {
+    id: u64,
+    sql: String,
+    active: Arc<std::sync::atomic::AtomicBool>,
+    cancel: Option<CancelFlag>,
+}
+
+/// Per-connection bookkeeping the Python layer keeps: queries and counters.
+#[derive(Default)]
+pub struct ConnState {
+    queries: Mutex<Vec<QueryRecord>>,
+    next_query_id: AtomicU64,
+    events: AtomicU64,
+}
+
+/// How many finished queries `queries()` remembers.
+const FINISHED_QUERIES_MAX: usize = 256;
+
+impl ConnState {
+    pub fn count_events(&self, rows: u64) {
+        self.events.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    fn record(&self, sql: &str, active: bool, cancel: Option<CancelFlag>) -> (u64, Arc<std::sync::atomic::AtomicBool>) {
+        let id = self.next_query_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(active));
+        let mut queries = self.queries.lock();
+        queries.push(QueryRecord { id, sql: sql.to_string(), active: flag.clone(), cancel });
+        if queries.len() > FINISHED_QUERIES_MAX {
+            if let Some(i) = queries.iter().position(|q| !q.active.load(Ordering::Acquire)) {
+                queries.remove(i);
+            }
+        }
+        (id, flag)
+    }
+}
+
+#[pyclass(name = "Connection", module = "laminardb", frozen)]
+pub struct PyConnection {
+    handle: Arc<Handle>,
+    state: Arc<ConnState>,
+    pipeline: Mutex<PipelineState>,
+}
+
+impl PyConnection {
+    pub fn new(handle: Handle) -> Self {
+        PyConnection { handle: Arc::new(handle), state: Arc::default(), pipeline: Mutex::new(PipelineState::Created) }
+    }
+
+    fn open(&self) -> PyResult<&Arc<Handle>> {
+        if self.handle.is_closed() {
+            return Err(to_pyerr(Error::closed()));
+        }
+        Ok(&self.handle)
+    }
+
+    fn run_sql(&self, py: Python<'_>, sql: &str, params: Vec<laminardb_shards::command::ScalarValue>) -> PyResult<Vec<Outcome>> {
+        let handle = self.open()?;
+        let outcomes = blocking(py, || handle.execute(sql, params))?;
+        for outcome in &outcomes {
+            if let Outcome::RowsAffected(n) = outcome {
+                self.state.count_events(*n);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Runs `sql` and materializes the last statement's rows.
+    fn query_impl(&self, py: Python<'_>, sql: &str, params: Option<&Bound<'_, PyAny>>) -> PyResult<PyQueryResult> {
+        let params = convert_params(params)?;
+        let outcome = self.run_sql(py, sql, params)?.pop().ok_or_else(|| to_pyerr(Error::parse("empty SQL")))?;
+        match outcome {
+            Outcome::Query { handle, .. } => {
+                let (_, active) = self.state.record(sql, true, Some(handle.cancel.clone()));
+                let result = collect(py, handle.schema, handle.batches);
+                active.store(false, Ordering::Release);
+                result
+            }
+            Outcome::RowsAffected(n) => Ok(count_result(n)),
+            Outcome::Ddl { .. } => Ok(PyQueryResult::new(vec![], Arc::new(arrow::datatypes::Schema::empty()))),
+        }
+    }
+
+    fn source_names(&self, kinds: &[SourceKind]) -> PyResult<Vec<String>> {
+        let catalog = self.open()?.catalog();
+        Ok(catalog.sources.values().filter(|d| kinds.contains(&d.kind)).map(|d| d.name.clone()).collect())
+    }
+
+    fn watermark_of(&self, py: Python<'_>, source: &str) -> PyResult<i64> {
+        let handle = self.open()?;
+        blocking(py, || handle.watermark(source, NO_WATERMARK))
+    }
+}
+
+fn count_result(n: u64) -> PyQueryResult {
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
+        "count",
+        arrow::datatypes::DataType::UInt64,
+        false,
+    )]));
+    let batch = arrow::array::RecordBatch::try_new(schema.clone(), vec![Arc::new(arrow::array::UInt64Array::from(vec![n]))])
+        .expect("count batch matches its schema");
+    PyQueryResult::new(vec![batch], schema)
+}
+
+fn convert_params(params: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<laminardb_shards::command::ScalarValue>> {
+    let Some(params) = params else { return Ok(vec![]) };
+    if params.is_none() {
+        return Ok(vec![]);
+    }
+    if !(params.is_instance_of::<PyList>() || params.is_instance_of::<PyTuple>()) {
+        return Err(PyTypeError::new_err("params must be a list or tuple of values for $1, $2, …"));
+    }
+    params.try_iter()?.map(|v| to_scalar(&v?)).collect()
+}
+
+fn schema_from_python(py: Python<'_>, schema: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
+    if let Ok(dict) = schema.cast::<PyDict>() {
+        if dict.is_empty() {
+            return Err(to_pyerr(Error::invalid_schema("a schema needs at least one column")));
+        }
+        let mut columns = Vec::new();
+        for (name, ty) in dict.iter() {
+            let name: String = name.extract().map_err(|_| PyTypeError::new_err("column names must be strings"))?;
+            let ty: String = ty.extract().map_err(|_| PyTypeError::new_err("column types must be type-name strings"))?;
+            let parsed = laminardb_engine::types::parse_type_string(&ty).py()?;
+            columns.push((name, sql_type_name(&parsed).py()?));
+        }
+        return Ok(columns);
+    }
+    if schema.hasattr("__arrow_c_schema__")? {
+        let schema: PySchema = schema.extract()?;
+        let schema = schema.into_inner();
+        if schema.fields().is_empty() {
+            return Err(to_pyerr(Error::invalid_schema("a schema needs at least one column")));
+        }
+        let _ = py;
+        return schema
+            .fields()
+            .iter()
+            .map(|f| {
+                let mut ty = sql_type_name(f.data_type()).py()?;
+                if !f.is_nullable() {
+                    ty.push_str(" NOT NULL");
+                }
+                Ok((f.name().clone(), ty))
+            })
+            .collect();
+    }
+    Err(PyTypeError::new_err("schema must be a pyarrow.Schema or a dict of column name to type string"))
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[pymethods]
+impl PyConnection {
+    // ---- lifecycle -------------------------------------------------------------------
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let handle = self.handle.clone();
+        blocking(py, move || handle.close())
+    }
+
+    #[getter]
+    fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    fn start(&self) -> PyResult<()> {
+        self.open()?;
+        *self.pipeline.lock() = PipelineState::Running;
+        Ok(())
+    }
+
+    /// Stops the pipeline after every accepted event has been applied. Inserts are
+    /// acknowledged only once stored, so nothing accepted is still in flight here.
+    fn shutdown(&self) -> PyResult<()> {
+        self.open()?;
+        *self.pipeline.lock() = PipelineState::Stopped;
+        Ok(())
+    }
+
+    #[getter]
+    fn pipeline_state(&self) -> &'static str {
+        match *self.pipeline.lock() {
+            PipelineState::Created => "Created",
+            PipelineState::Running => "Running",
+            PipelineState::Stopped => "Stopped",
+        }
+    }
+
+    /// The minimum watermark over sources that have one (epoch ms); i64::MIN if none has.
+    #[getter]
+    fn pipeline_watermark(&self, py: Python<'_>) -> PyResult<i64> {
+        let catalog = self.open()?.catalog();
+        let mut marks = Vec::new();
+        for name in catalog.sources.keys() {
+            let mark = self.watermark_of(py, name)?;
+            if mark != NO_WATERMARK {
+                marks.push(mark);
+            }
+        }
+        Ok(marks.into_iter().min().unwrap_or(NO_WATERMARK))
+    }
+
+    #[getter]
+    fn total_events_processed(&self) -> u64 {
+        self.state.events.load(Ordering::Relaxed)
+    }
+
+    #[getter]
+    fn source_count(&self) -> PyResult<usize> {
+        Ok(self.open()?.catalog().sources.len())
+    }
+
+    #[getter]
+    fn sink_count(&self) -> PyResult<usize> {
+        self.open()?;
+        Ok(0)
+    }
+
+    #[getter]
+    fn active_query_count(&self) -> usize {
+        self.state.queries.lock().iter().filter(|q| q.active.load(Ordering::Acquire)).count()
+    }
+
+    #[getter]
+    fn is_checkpoint_enabled(&self) -> bool {
+        false
+    }
+
+    fn checkpoint(&self) -> PyResult<u64> {
+        self.open()?;
+        Err(to_pyerr(Error::checkpoint(
+            "checkpointing is disabled: this build keeps state in memory only (no WAL or checkpoints yet)",
+        )))
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    fn __aenter__<'py>(slf: Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        ready_future(py, slf.into_any())
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __aexit__<'py>(&self, py: Python<'py>, _args: &Bound<'py, PyTuple>) -> PyResult<Bound<'py, PyAny>> {
+        self.close(py)?;
+        ready_future(py, pyo3::types::PyBool::new(py, false).to_owned().into_any())
+    }
+
+    fn __repr__(&self) -> &'static str {
+        if self.handle.is_closed() { "Connection(closed)" } else { "Connection(open)" }
+    }
+
+    /// Number of shard reactors serving this connection.
+    #[getter]
+    fn shard_count(&self) -> usize {
+        self.handle.shards()
+    }
+
+    // ---- schema ----------------------------------------------------------------------
+
+    fn create_table(&self, py: Python<'_>, name: &str, schema: &Bound<'_, PyAny>) -> PyResult<()> {
+        let columns = schema_from_python(py, schema)?;
+        let list: Vec<String> = columns.iter().map(|(n, t)| format!("{} {t}", quote_ident(n))).collect();
+        let sql = format!("CREATE SOURCE {} ({})", quote_ident(name), list.join(", "));
+        self.run_sql(py, &sql, vec![])?;
+        Ok(())
+    }
+
+    fn schema<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        let catalog = self.open()?.catalog();
+        let def = catalog.source(name).py()?;
+        PySchema::new(def.schema.clone()).into_pyarrow(py)
+    }
+
+    fn list_tables(&self) -> PyResult<Vec<String>> {
+        self.source_names(&[SourceKind::Source, SourceKind::Table])
+    }
+
+    fn tables(&self) -> PyResult<Vec<String>> {
+        self.list_tables()
+    }
+
+    /// Continuous queries are not available in this build, so there are none to list.
+    fn list_streams(&self) -> PyResult<Vec<String>> {
+        self.open()?;
+        Ok(vec![])
+    }
+
+    fn materialized_views(&self) -> PyResult<Vec<String>> {
+        self.list_streams()
+    }
+
+    fn list_sinks(&self) -> PyResult<Vec<String>> {
+        self.open()?;
+        Ok(vec![])
+    }
+
+    fn sources(&self) -> PyResult<Vec<PySourceInfo>> {
+        let catalog = self.open()?.catalog();
+        Ok(catalog
+            .sources
+            .values()
+            .map(|d| PySourceInfo {
+                name: d.name.clone(),
+                schema: d.schema.clone(),
+                watermark_column: d.watermark.as_ref().map(|w| w.column.clone()),
+            })
+            .collect())
+    }
+
+    fn sinks(&self) -> PyResult<Vec<PySinkInfo>> {
+        self.open()?;
+        Ok(vec![])
+    }
+
+    fn streams(&self) -> PyResult<Vec<PyStreamInfo>> {
+        self.open()?;
+        Ok(vec![])
+    }
+
+    fn queries(&self) -> PyResult<Vec<PyQueryInfo>> {
+        self.open()?;
+        Ok(self
+            .state
+            .queries
+            .lock()
+            .iter()
+            .map(|q| PyQueryInfo { id: q.id, sql: q.sql.clone(), active: q.active.load(Ordering::Acquire) })
+            .collect())
+    }
+
+    fn cancel_query(&self, query_id: u64) -> PyResult<()> {
+        self.open()?;
+        let queries = self.state.queries.lock();
+        let record = queries
+            .iter()
+            .find(|q| q.id == query_id)
+            .ok_or_else(|| to_pyerr(Error::query(format!("no query with id {query_id}"))))?;
+        if let Some(cancel) = &record.cancel {
+            cancel.cancel();
+        }
+        record.active.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    // ---- ingestion -------------------------------------------------------------------
+
+    fn insert(&self, py: Python<'_>, table: &str, data: Bound<'_, PyAny>) -> PyResult<u64> {
+        let handle = self.open()?;
+        let catalog = handle.catalog();
+        let def = catalog.source(table).py()?;
+        let batches = to_batches(py, &data, &def.schema)?;
+        let rows = blocking(py, || handle.insert(table, &batches))?;
+        self.state.count_events(rows);
+        Ok(rows)
+    }
+
+    fn insert_json(&self, py: Python<'_>, table: &str, json_str: &str) -> PyResult<u64> {
+        let handle = self.open()?;
+        let rows = blocking(py, || {
+            let catalog = handle.catalog();
+            let def = catalog.source(table)?;
+            let batches = laminardb_engine::ingest::read_json(json_str, &def.schema)?;
+            handle.insert(table, &batches)
+        })?;
+        self.state.count_events(rows);
+        Ok(rows)
+    }
+
+    fn insert_csv(&self, py: Python<'_>, table: &str, csv_str: &str) -> PyResult<u64> {
+        let handle = self.open()?;
+        let rows = blocking(py, || {
+            let catalog = handle.catalog();
+            let def = catalog.source(table)?;
+            let batches = laminardb_engine::ingest::read_csv(csv_str, &def.schema)?;
+            handle.insert(table, &batches)
+        })?;
+        self.state.count_events(rows);
+        Ok(rows)
+    }
+
+    fn writer(&self, table: &str) -> PyResult<PyWriter> {
+        let handle = self.open()?;
+        let catalog = handle.catalog();
+        let def = catalog.source(table).py()?;
+        Ok(PyWriter::new(handle.clone(), self.state.clone(), def.name.clone(), def.schema.clone()))
+    }
+
+    // ---- queries ---------------------------------------------------------------------
+
+    fn query(&self, py: Python<'_>, sql: &str) -> PyResult<PyQueryResult> {
+        self.query_impl(py, sql, None)
+    }
+
+    #[pyo3(signature = (query, params=None))]
+    fn sql(&self, py: Python<'_>, query: &str, params: Option<Bound<'_, PyAny>>) -> PyResult<PyQueryResult> {
+        self.query_impl(py, query, params.as_ref())
+    }
+
+    #[pyo3(signature = (sql, params=None))]
+    fn execute(&self, py: Python<'_>, sql: &str, params: Option<Bound<'_, PyAny>>) -> PyResult<PyExecuteResult> {
+        let params = convert_params(params.as_ref())?;
+        let outcome = self.run_sql(py, sql, params)?.pop().ok_or_else(|| to_pyerr(Error::parse("empty SQL")))?;
+        Ok(match outcome {
+            Outcome::Ddl { verb, object } => PyExecuteResult {
+                result_type: "ddl",
+                rows_affected: 0,
+                ddl_type: Some(verb),
+                ddl_object: Some(object),
+                result: None,
+            },
+            Outcome::RowsAffected(n) => PyExecuteResult {
+                result_type: "rows_affected",
+                rows_affected: n,
+                ddl_type: None,
+                ddl_object: None,
+                result: None,
+            },
+            Outcome::Query { kind, handle } => {
+                let (_, active) = self.state.record(sql, true, Some(handle.cancel.clone()));
+                let result = collect(py, handle.schema, handle.batches);
+                active.store(false, Ordering::Release);
+                let result = result?;
+                let rows = result.row_count() as u64;
+                PyExecuteResult {
+                    result_type: if kind == QueryKind::Metadata { "metadata" } else { "query" },
+                    rows_affected: rows,
+                    ddl_type: None,
+                    ddl_object: None,
+                    result: Some(Py::new(py, result)?),
+                }
+            }
+        })
+    }
+
+    /// The current contents of a named stream (or source), optionally filtered by a SQL
+    /// boolean expression.
+    #[pyo3(signature = (name, filter=None))]
+    fn query_stream(&self, py: Python<'_>, name: &str, filter: Option<&str>) -> PyResult<PyQueryResult> {
+        let catalog = self.open()?.catalog();
+        if !catalog.contains(name) {
+            return Err(to_pyerr(Error::query(format!("no stream named '{name}'"))));
+        }
+        let mut sql = format!("SELECT * FROM {}", quote_ident(name));
+        if let Some(filter) = filter.filter(|f| !f.trim().is_empty()) {
+            sql.push_str(&format!(" WHERE {filter}"));
+        }
+        self.query_impl(py, &sql, None)
+    }
+
+    fn stream(&self, py: Python<'_>, sql: &str) -> PyResult<PyQueryStream> {
+        let outcome = self.run_sql(py, sql, vec![])?.pop().ok_or_else(|| to_pyerr(Error::parse("empty SQL")))?;
+        let Outcome::Query { handle, .. } = outcome else {
+            return Err(to_pyerr(Error::query("stream() needs a query that returns rows")));
+        };
+        let (_, active) = self.state.record(sql, true, Some(handle.cancel.clone()));
+        let on_finish = Arc::new(move || active.store(false, Ordering::Release));
+        Ok(PyQueryStream::new(handle.schema, handle.batches, handle.cancel, on_finish))
+    }
+
+    /// The logical and physical plans DataFusion chose, as text.
+    fn explain(&self, py: Python<'_>, query: &str) -> PyResult<String> {
+        let result = self.query_impl(py, &format!("EXPLAIN {query}"), None)?;
+        let table = result.to_arrow_batches();
+        let mut text = String::new();
+        for batch in table {
+            let kinds = batch.column(0).as_any().downcast_ref::<StringArray>();
+            let plans = batch.column(1).as_any().downcast_ref::<StringArray>();
+            let (Some(kinds), Some(plans)) = (kinds, plans) else { continue };
+            for row in 0..batch.num_rows() {
+                if kinds.is_valid(row) && plans.is_valid(row) {
+                    text.push_str(&format!("{}:\n{}\n\n", kinds.value(row), plans.value(row)));
+                }
+            }
+        }
+        Ok(text.trim_end().to_string())
+    }
+
+    fn stats<'py>(&self, py: Python<'py>, table: &str) -> PyResult<Bound<'py, PyDict>> {
+        let handle = self.open()?;
+        let per_shard = blocking(py, || handle.stats(table))?;
+        let watermark = self.watermark_of(py, table)?;
+        let rows: u64 = per_shard.iter().map(|(r, _)| r).sum();
+        let bytes: u64 = per_shard.iter().map(|(_, b)| b).sum();
+        let dict = PyDict::new(py);
+        dict.set_item("name", table)?;
+        dict.set_item("total_events", rows)?;
+        dict.set_item("pending", 0)?;
+        dict.set_item("capacity", handle.queue_capacity())?;
+        dict.set_item("is_backpressured", false)?;
+        dict.set_item("watermark", watermark)?;
+        dict.set_item("utilization", 0.0)?;
+        dict.set_item("memory_bytes", bytes)?;
+        dict.set_item("rows_per_shard", per_shard.iter().map(|(r, _)| *r).collect::<Vec<_>>())?;
+        Ok(dict)
+    }
+
+    /// Test hook: make the coordinator or a shard panic while handling a command.
+    fn _inject_panic(&self, py: Python<'_>, site: &str) -> PyResult<()> {
+        let handle = self.open()?;
+        let site = match site {
+            "coordinator" => PanicSite::Coordinator,
+            "shard" => PanicSite::Shard,
+            other => return Err(pyo3::exceptions::PyValueError::new_err(format!("unknown panic site {other}"))),
+        };
+        blocking(py, || handle.inject_panic(site))
+    }
+}
+
+/// An already-completed asyncio future holding `value`, for `async with`.
+fn ready_future<'py>(py: Python<'py>, value: Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let asyncio = py.import("asyncio")?;
+    let future = asyncio.call_method0("get_running_loop")?.call_method0("create_future")?;
+    future.call_method1("set_result", (value,))?;
+    Ok(future)
+}
+
+pub fn open_connection(py: Python<'_>, config: laminardb_engine::config::EngineConfig) -> PyResult<PyConnection> {
+    let handle = blocking(py, move || {
+        let frontend = laminardb_planner::SqlFrontend::new(config.shards)?;
+        Handle::open(config, Box::new(frontend))
+    })?;
+    Ok(PyConnection::new(handle))
+}

@@ -1,0 +1,72 @@
+//! # laminardb._laminardb: the Python extension module
+//!
+//! Thin `Py*` classes over [`laminardb_shards::Handle`]. This crate converts Python values
+//! to Arrow and back, maps errors to the exception tree ([`errors`]) and enters the
+//! engine only through [`gil::blocking`], which releases the GIL and catches panics.
+//! It holds no engine logic of its own.
+
+mod catalog;
+mod config;
+mod connection;
+mod convert;
+mod errors;
+mod gil;
+mod result;
+mod writer;
+
+use pyo3::prelude::*;
+
+use laminardb_engine::{Error, ErrorCode};
+
+use crate::config::PyLaminarConfig;
+use crate::connection::{open_connection, PyConnection};
+use crate::errors::to_pyerr;
+
+/// Opens an embedded database. `path` names it (":memory:" for a throwaway one); the
+/// data lives in this process.
+#[pyfunction]
+#[pyo3(signature = (path, *, config=None))]
+fn open(py: Python<'_>, path: &str, config: Option<PyLaminarConfig>) -> PyResult<PyConnection> {
+    if path.is_empty() {
+        return Err(to_pyerr(Error::new(ErrorCode::ConnectionFailed, "the database path is empty")));
+    }
+    let config = config.map(|c| c.inner).unwrap_or_default();
+    open_connection(py, config)
+}
+
+/// Opens an embedded database from a URI: `laminar://[host[:port]]/name`, `memory://`,
+/// or a plain path. Everything runs in this process; host and port are accepted for
+/// compatibility and not contacted.
+#[pyfunction]
+fn connect(py: Python<'_>, uri: &str) -> PyResult<PyConnection> {
+    let supported = uri == ":memory:"
+        || uri.starts_with("laminar://")
+        || uri.starts_with("memory://")
+        || !uri.contains("://");
+    if !supported || uri.is_empty() {
+        return Err(to_pyerr(Error::new(
+            ErrorCode::ConnectionFailed,
+            format!("unsupported URI '{uri}': use laminar://…, memory:// or a path"),
+        )));
+    }
+    open_connection(py, Default::default())
+}
+
+#[pymodule]
+fn _laminardb(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(open, m)?)?;
+    m.add_function(wrap_pyfunction!(connect, m)?)?;
+    m.add_class::<PyConnection>()?;
+    m.add_class::<PyLaminarConfig>()?;
+    m.add_class::<writer::PyWriter>()?;
+    m.add_class::<result::PyQueryResult>()?;
+    m.add_class::<result::PyExecuteResult>()?;
+    m.add_class::<result::PyQueryStream>()?;
+    m.add_class::<catalog::PySourceInfo>()?;
+    m.add_class::<catalog::PySinkInfo>()?;
+    m.add_class::<catalog::PyStreamInfo>()?;
+    m.add_class::<catalog::PyQueryInfo>()?;
+    errors::register(py, m)?;
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! [`Handle`]: the caller's end of one database. Every call is a command on a bounded
+//! queue to the coordinator, answered on a one-shot channel. Callers (Python) release the
+//! GIL before calling in.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use arrow::array::{Array, RecordBatch, UInt64Array};
+use datafusion::common::ScalarValue;
+use parking_lot::{Mutex, RwLock};
+
+use laminardb_engine::catalog::Catalog;
+use laminardb_engine::config::EngineConfig;
+use laminardb_engine::frontend::{Frontend, QueryHandle, QueryKind};
+use laminardb_engine::ingest::cast_to_schema;
+use laminardb_engine::partition::partition_batch;
+use laminardb_engine::{Error, Result};
+
+use crate::command::{reply_channel, Command, PanicSite, Reply};
+use crate::coordinator::{self, Published, Startup};
+use crate::health::Health;
+
+/// What one executed statement produced.
+pub enum Outcome {
+    Ddl { verb: String, object: String },
+    RowsAffected(u64),
+    Query { kind: QueryKind, handle: QueryHandle },
+}
+
+pub struct Handle {
+    commands: flume::Sender<Command>,
+    queue_capacity: usize,
+    published: Published,
+    shards: usize,
+    health: Arc<Health>,
+    coordinator: Mutex<Option<JoinHandle<()>>>,
+    closed: AtomicBool,
+}
+
+impl Handle {
+    /// Starts the shards and the coordinator; returns once all are running.
+    pub fn open(config: EngineConfig, frontend: Box<dyn Frontend>) -> Result<Handle> {
+        let shards = config.shards.max(1);
+        let config = EngineConfig { shards, ..config };
+        let queue_capacity = config.queue_capacity();
+        let (commands_tx, commands_rx) = flume::bounded(queue_capacity);
+        let published: Published = Arc::new(RwLock::new(Arc::new(Catalog::default())));
+        let health = Arc::new(Health::default());
+        let (ready_tx, ready_rx) = flume::bounded(1);
+        let startup = Startup {
+            config,
+            frontend,
+            commands: commands_rx,
+            internal: flume::unbounded(),
+            published: published.clone(),
+            health: health.clone(),
+            ready: ready_tx,
+        };
+        let coordinator = std::thread::Builder::new()
+            .name("laminar-coordinator".into())
+            .spawn({
+                let health = health.clone();
+                move || {
+                    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| coordinator::run(startup))) {
+                        health.thread_died("coordinator", laminardb_engine::error::panic_message(&*payload));
+                    }
+                }
+            })
+            .map_err(|e| Error::new(laminardb_engine::ErrorCode::ConnectionFailed, e.to_string()))?;
+        let started = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(Error::new(laminardb_engine::ErrorCode::ConnectionFailed, "the runtime failed to start")));
+        if let Err(e) = started {
+            let _ = coordinator.join();
+            return Err(e);
+        }
+        Ok(Handle {
+            commands: commands_tx,
+            queue_capacity,
+            published,
+            shards,
+            health,
+            coordinator: Mutex::new(Some(coordinator)),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// Capacity, in commands, of the queue into the coordinator.
+    pub fn queue_capacity(&self) -> usize {
+        self.queue_capacity
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// The latest catalog the coordinator published.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.published.read().clone()
+    }
+
+    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        if self.is_closed() {
+            return Err(Error::closed());
+        }
+        self.health.check()?;
+        let (reply, rx) = reply_channel();
+        if self.commands.send(make(reply)).is_err() {
+            self.health.check()?;
+            return Err(Error::shutdown());
+        }
+        match rx.recv() {
+            Ok(result) => result,
+            Err(_) => {
+                self.health.check()?;
+                Err(Error::internal("the coordinator dropped a command without answering"))
+            }
+        }
+    }
+
+    pub fn execute(&self, sql: &str, params: Vec<ScalarValue>) -> Result<Vec<Outcome>> {
+        self.call(|reply| Command::Execute { sql: sql.to_string(), params, reply })
+    }
+
+    /// Casts `batches` to the source's schema (all or nothing), splits them by shard and
+    /// stores them. Returns after every shard has acknowledged, so a later query sees them.
+    pub fn insert(&self, source: &str, batches: &[RecordBatch]) -> Result<u64> {
+        let catalog = self.catalog();
+        let def = catalog.source(source)?;
+        let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); self.shards];
+        for batch in batches {
+            let batch = cast_to_schema(batch, &def.schema)?;
+            for (shard, part) in partition_batch(&batch, &def.partition_key, self.shards)?.into_iter().enumerate() {
+                parts[shard].extend(part);
+            }
+        }
+        self.call(|reply| Command::Insert { source: def.name.clone(), parts, reply })
+    }
+
+    /// Per-shard (rows, bytes) retained for a source.
+    pub fn stats(&self, source: &str) -> Result<Vec<(u64, u64)>> {
+        self.call(|reply| Command::Stats { source: source.to_string(), reply })
+    }
+
+    pub fn watermark(&self, source: &str, watermark_ms: i64) -> Result<i64> {
+        self.call(|reply| Command::Watermark { source: source.to_string(), watermark_ms, reply })
+    }
+
+    /// Test hook: make a thread panic while handling a command.
+    pub fn inject_panic(&self, site: PanicSite) -> Result<()> {
+        self.call(|reply| Command::InjectPanic { site, reply })
+    }
+
+    /// Stops every thread and joins them. Idempotent.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let (reply, rx) = reply_channel();
+        // Sending wakes the coordinator from this thread, and that wake can land after the
+        // coordinator has already seen the command; a wake queued to an executor that has
+        // exited would pin its resources. So the coordinator waits for this second signal,
+        // sent only after `send` (and its wake) has completed, before it exits.
+        let (sent_tx, sent_rx) = std::sync::mpsc::sync_channel(1);
+        if self.commands.send(Command::Shutdown { reply, sent: Some(sent_rx) }).is_ok() {
+            let _ = sent_tx.send(());
+            let _ = rx.recv();
+        }
+        if let Some(thread) = self.coordinator.lock().take() {
+            let _ = thread.join();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+/// The affected-row count a DML result batch carries.
+pub(crate) fn count_of(batch: &RecordBatch) -> Result<u64> {
+    if batch.num_rows() == 0 {
+        return Ok(0);
+    }
+    let col = batch.column(0);
+    let counts = col
+        .as_any()
+        .downcast_ref::<UInt64Array>()
+        .ok_or_else(|| Error::internal(format!("DML result column is {}, not UInt64", col.data_type())))?;
+    Ok(counts.iter().flatten().sum())
+}
