@@ -38,7 +38,10 @@ pub fn plan_ddl(sql: &str, tokens: &[Token]) -> Result<Option<Statement>> {
         ["SOURCE", ..] => plan_create_source(sql, tokens, SourceKind::Source).map(Some),
         ["TABLE", ..] => plan_create_source(sql, tokens, SourceKind::Table).map(Some),
         ["STREAM", ..] | ["MATERIALIZED", "VIEW", ..] | ["SINK", ..] | ["VIEW", ..] => Err(Error::unsupported(
-            format!("CREATE {}: continuous queries, sinks and views are not available in this build yet", after_create[0]),
+            format!(
+                "CREATE {}: continuous queries, sinks and views are not available in this build yet",
+                if after_create[0] == "MATERIALIZED" { "MATERIALIZED VIEW" } else { after_create[0] }
+            ),
         )),
         _ => Err(Error::unsupported(format!("statement '{}'", words.join(" ")))),
     }

@@ -217,12 +217,13 @@ impl PyConnection {
     }
 
     #[getter]
-    fn pipeline_state(&self) -> &'static str {
-        match *self.pipeline.lock() {
+    fn pipeline_state(&self) -> PyResult<&'static str> {
+        self.open()?;
+        Ok(match *self.pipeline.lock() {
             PipelineState::Created => "Created",
             PipelineState::Running => "Running",
             PipelineState::Stopped => "Stopped",
-        }
+        })
     }
 
     /// The minimum watermark over sources that have one (epoch ms); i64::MIN if none has.
@@ -240,8 +241,9 @@ impl PyConnection {
     }
 
     #[getter]
-    fn total_events_processed(&self) -> u64 {
-        self.state.events.load(Ordering::Relaxed)
+    fn total_events_processed(&self) -> PyResult<u64> {
+        self.open()?;
+        Ok(self.state.events.load(Ordering::Relaxed))
     }
 
     #[getter]
@@ -256,8 +258,9 @@ impl PyConnection {
     }
 
     #[getter]
-    fn active_query_count(&self) -> usize {
-        self.state.queries.lock().iter().filter(|q| q.active.load(Ordering::Acquire)).count()
+    fn active_query_count(&self) -> PyResult<usize> {
+        self.open()?;
+        Ok(self.state.queries.lock().iter().filter(|q| q.active.load(Ordering::Acquire)).count())
     }
 
     #[getter]
@@ -502,7 +505,9 @@ impl PyConnection {
         };
         let (_, active) = self.state.record(sql, true, Some(handle.cancel.clone()));
         let on_finish = Arc::new(move || active.store(false, Ordering::Release));
-        Ok(PyQueryStream::new(handle.schema, handle.batches, handle.cancel, on_finish))
+        let conn = Arc::downgrade(&self.handle);
+        let closed = Arc::new(move || conn.upgrade().is_none_or(|h| h.is_closed()));
+        Ok(PyQueryStream::new(handle.schema, handle.batches, handle.cancel, on_finish, closed))
     }
 
     /// The logical and physical plans DataFusion chose, as text.

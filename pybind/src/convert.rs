@@ -49,7 +49,10 @@ pub fn to_batches(py: Python<'_>, data: &Bound<'_, PyAny>, schema: &SchemaRef) -
         }
         let pyarrow = py.import("pyarrow")?;
         let kwargs = PyDict::new(py);
-        kwargs.set_item("preserve_index", false)?;
+        // A named index is data (`df.set_index("id")`); an unnamed one is only row numbers.
+        let names = data.getattr("index")?.getattr("names")?;
+        let named = names.try_iter()?.any(|n| n.map(|n| !n.is_none()).unwrap_or(false));
+        kwargs.set_item("preserve_index", named)?;
         let table = pyarrow.getattr("Table")?.call_method("from_pandas", (data,), Some(&kwargs))?;
         return read_stream(py, &table);
     }

@@ -13,7 +13,7 @@ use pyo3::types::{PyCapsule, PyList, PyTuple};
 use pyo3_arrow::{PySchema, PyTable};
 
 use laminardb_engine::frontend::{BatchReceiver, CancelFlag};
-use laminardb_engine::{Error, Result};
+use laminardb_engine::{Error, ErrorCode, Result};
 
 use crate::errors::IntoPyResult;
 use crate::gil::blocking;
@@ -291,6 +291,9 @@ pub struct PyQueryStream {
     cancel: CancelFlag,
     state: Mutex<StreamState>,
     on_finish: Arc<dyn Fn() + Send + Sync>,
+    /// Whether the connection that ran the query has been closed: reads after that raise
+    /// SHUTDOWN (901) instead of whatever the torn-down query left in the channel.
+    connection_closed: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq)]
@@ -306,8 +309,9 @@ impl PyQueryStream {
         batches: BatchReceiver,
         cancel: CancelFlag,
         on_finish: Arc<dyn Fn() + Send + Sync>,
+        connection_closed: Arc<dyn Fn() -> bool + Send + Sync>,
     ) -> Self {
-        PyQueryStream { schema, batches, cancel, state: Mutex::new(StreamState::Active), on_finish }
+        PyQueryStream { schema, batches, cancel, state: Mutex::new(StreamState::Active), on_finish, connection_closed }
     }
 
     fn finish(&self, state: StreamState) {
@@ -318,9 +322,32 @@ impl PyQueryStream {
         }
     }
 
+    /// What a read must do before touching the channel: `Ok(false)` ends the iteration
+    /// (cancelled by `cancel()` or already finished), an error reports a cancellation from
+    /// `cancel_query()` or a closed connection, `Ok(true)` reads.
+    fn before_read(&self) -> PyResult<bool> {
+        match *self.state.lock() {
+            StreamState::Cancelled | StreamState::Finished => return Ok(false),
+            StreamState::Active => {}
+        }
+        if self.cancel.is_cancelled() {
+            self.finish(StreamState::Cancelled);
+            return Err(Error::new(ErrorCode::QueryCancelled, "the query was cancelled")).py();
+        }
+        if (self.connection_closed)() {
+            self.finish(StreamState::Finished);
+            return Err(Error::shutdown()).py();
+        }
+        Ok(true)
+    }
+
     fn receive(&self, result: std::result::Result<Result<RecordBatch>, flume::RecvError>) -> PyResult<Option<PyQueryResult>> {
         match result {
             Ok(Ok(batch)) => Ok(Some(PyQueryResult::new(vec![batch], self.schema.clone()))),
+            Ok(Err(_)) | Err(_) if (self.connection_closed)() => {
+                self.finish(StreamState::Finished);
+                Err(Error::shutdown()).py()
+            }
             Ok(Err(e)) => {
                 self.finish(StreamState::Finished);
                 Err(e).py()
@@ -337,7 +364,7 @@ impl PyQueryStream {
 impl PyQueryStream {
     #[getter]
     fn is_active(&self) -> bool {
-        *self.state.lock() == StreamState::Active
+        *self.state.lock() == StreamState::Active && !self.cancel.is_cancelled()
     }
 
     #[getter]
@@ -347,7 +374,7 @@ impl PyQueryStream {
 
     /// The next batch if one is ready, else `None`.
     fn try_next(&self) -> PyResult<Option<PyQueryResult>> {
-        if *self.state.lock() == StreamState::Cancelled {
+        if !self.before_read()? {
             return Ok(None);
         }
         match self.batches.try_recv() {
@@ -367,7 +394,7 @@ impl PyQueryStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<PyQueryResult> {
-        if *self.state.lock() == StreamState::Cancelled {
+        if !self.before_read()? {
             return Err(PyStopIteration::new_err(()));
         }
         let rx = self.batches.clone();
@@ -380,6 +407,7 @@ impl PyQueryStream {
 
     fn __repr__(&self) -> &'static str {
         match *self.state.lock() {
+            StreamState::Active if self.cancel.is_cancelled() => "QueryStream(cancelled)",
             StreamState::Active => "QueryStream(active)",
             StreamState::Finished => "QueryStream(finished)",
             StreamState::Cancelled => "QueryStream(cancelled)",

@@ -287,30 +287,9 @@ def test_operations_on_closed_connection_raise_connection_error(op):
 @pytest.mark.parametrize(
     "prop",
     [
-        pytest.param(
-            "pipeline_state",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: Connection.pipeline_state on a closed connection returns 'Created' "
-                "instead of raising ConnectionError(101) like pipeline_watermark/source_count do",
-            ),
-        ),
-        pytest.param(
-            "total_events_processed",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: Connection.total_events_processed on a closed connection returns the "
-                "old count instead of raising ConnectionError(101) like pipeline_watermark does",
-            ),
-        ),
-        pytest.param(
-            "active_query_count",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: Connection.active_query_count on a closed connection returns a number "
-                "(1 with an open stream) instead of raising ConnectionError(101)",
-            ),
-        ),
+        "pipeline_state",
+        "total_events_processed",
+        "active_query_count",
     ],
 )
 def test_runtime_properties_on_closed_connection_raise(prop):

@@ -306,12 +306,6 @@ def test_timestamp_column_takes_datetime_values(db):
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a pandas DataFrame's named index is dropped on insert: "
-    "df.set_index('id') inserted into (id BIGINT, v DOUBLE, s VARCHAR) stores id=NULL "
-    "(pyarrow.Table.from_pandas keeps it as column 'id')",
-)
 def test_pandas_named_index_is_a_column(db):
     db.execute("CREATE SOURCE e (id BIGINT, v DOUBLE, s VARCHAR)")
     df = pd.DataFrame({"id": [90, 91], "v": [1.0, 2.0], "s": ["x", "y"]}).set_index("id")

@@ -323,12 +323,6 @@ def test_cancel_query_cancels_an_active_stream(db):
         next(s)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cancel_query(id) on a stream whose result is already computed but not yet read "
-    "(queries() still reports it active, cancel_query returns None) is ignored: the stream then "
-    "yields all its rows and ends normally instead of raising QueryError 402",
-)
 def test_cancel_query_is_honoured_when_results_are_buffered():
     outcomes = []
     for _ in range(10):
@@ -346,12 +340,6 @@ def test_cancel_query_is_honoured_when_results_are_buffered():
     assert outcomes == [("error", 402)] * 10, outcomes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after conn.cancel_query(id) the QueryStream still reports is_active=True "
-    "(and repr 'QueryStream(active)') although queries() shows it inactive; it only flips "
-    "after the next __next__ raises QueryError 402",
-)
 def test_cancel_query_marks_stream_inactive(trades):
     s = trades.stream("SELECT ts FROM trades")
     trades.cancel_query(_active_query_id(trades))
@@ -659,13 +647,6 @@ def _drain_after_close(rows: int):
     return ("rows", got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a QueryStream whose connection is closed before it is read ends "
-    "nondeterministically: mostly QueryError 400 'Execution error: Non Panic Task error: task N "
-    "was cancelled', sometimes a normal end after 0 or 2 of the 3 rows (silent truncation), "
-    "sometimes LaminarError 901; expected all rows or SHUTDOWN (901) every time",
-)
 def test_stream_closed_connection_yields_all_rows_or_shutdown():
     outcomes = {_drain_after_close(3)[:2] for _ in range(30)}
     assert outcomes <= {("rows", 3), ("error", codes.SHUTDOWN)}, outcomes

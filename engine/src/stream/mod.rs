@@ -1,0 +1,178 @@
+//! Continuous queries: the plan a `CREATE STREAM` compiles to, and the operators that run
+//! it incrementally on the shards.
+//!
+//! A [`StreamPlan`] has one [`Branch`] per input (several for `UNION ALL`). A branch is
+//! stateless — filter, then projection — and runs on the shard where its input rows
+//! already are. A plan without aggregation emits the branch output directly. A plan with
+//! an [`AggPlan`] sends the branch output (`[keys…, event time?, aggregate args…]`) over
+//! the cross-shard exchange to the shard that owns each group key, where one
+//! [`op::AggOperator`] per shard keeps the vectorized per-group state and emits as the
+//! [`Emit`] mode says. Expressions are DataFusion physical expressions, so any scalar
+//! expression DataFusion can evaluate works in a stream.
+//!
+//! The plan itself is rebuilt from the `CREATE STREAM` text (kept in the catalog), which is
+//! its serialized form: planning is deterministic for a given catalog.
+
+pub mod agg;
+pub mod op;
+pub mod output;
+pub mod time;
+pub mod window;
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::physical_expr::PhysicalExpr;
+
+pub use window::WindowKind;
+
+pub type PhysExpr = Arc<dyn PhysicalExpr>;
+
+/// The name of the trailing change-type column of a changelog stream.
+pub const OP_COLUMN: &str = "_op";
+/// Change types, as in Flink's RowKind short strings.
+pub const OP_INSERT: &str = "+I";
+pub const OP_RETRACT: &str = "-U";
+pub const OP_UPDATE: &str = "+U";
+
+/// When a stream emits its aggregate rows.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Emit {
+    /// Each window once, when the watermark passes its end; with `ALLOW LATENESS`, late
+    /// rows re-emit the updated window row (appended). The default for windows.
+    AfterWatermark,
+    /// Each window once, after the watermark passes its end plus the allowed lateness
+    /// (`EMIT ON WINDOW CLOSE`, `EMIT FINAL`).
+    OnWindowClose,
+    /// Every change, as a changelog with retractions (`EMIT ON UPDATE`, `EMIT CHANGES`);
+    /// the default for a `GROUP BY` without a window.
+    Changes,
+}
+
+/// A stateless input stage: optional filter, then the projection.
+pub struct Branch {
+    /// The source or stream this branch reads.
+    pub input: String,
+    pub filter: Option<PhysExpr>,
+    pub exprs: Vec<PhysExpr>,
+    pub schema: SchemaRef,
+}
+
+/// How a column of the aggregate output is produced.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum GroupCol {
+    /// The n-th group key.
+    Key(usize),
+    WindowStart,
+    WindowEnd,
+}
+
+/// An aggregate function, on its canonical value domain.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum AggKind {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+    First,
+    Last,
+    CountDistinct,
+    StddevSamp,
+    StddevPop,
+    VarSamp,
+    VarPop,
+}
+
+/// The domain an aggregate argument is computed in: integers (and timestamps, dates),
+/// floats, or strings.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Domain {
+    Int,
+    Float,
+    Str,
+}
+
+impl Domain {
+    pub fn of(data_type: &DataType) -> Option<Domain> {
+        use DataType as T;
+        match data_type {
+            T::Float16 | T::Float32 | T::Float64 | T::Decimal128(..) | T::Decimal256(..) => Some(Domain::Float),
+            T::Int8 | T::Int16 | T::Int32 | T::Int64 | T::UInt8 | T::UInt16 | T::UInt32 | T::UInt64 => Some(Domain::Int),
+            T::Timestamp(..) | T::Date32 | T::Date64 | T::Time32(_) | T::Time64(_) | T::Duration(_) => Some(Domain::Int),
+            T::Boolean => Some(Domain::Int),
+            T::Utf8 | T::LargeUtf8 | T::Utf8View => Some(Domain::Str),
+            T::Null => Some(Domain::Int),
+            _ => None,
+        }
+    }
+
+    pub fn data_type(self) -> DataType {
+        match self {
+            Domain::Int => DataType::Int64,
+            Domain::Float => DataType::Float64,
+            Domain::Str => DataType::Utf8,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AggCall {
+    pub kind: AggKind,
+    /// Column of the branch output holding the argument; `None` for `COUNT(*)`.
+    pub arg: Option<usize>,
+    pub domain: Domain,
+    /// The type DataFusion gives this aggregate's result.
+    pub out_type: DataType,
+}
+
+pub struct AggPlan {
+    /// Number of group keys: the first columns of every branch's output.
+    pub keys: usize,
+    /// The window, whose event time is branch column `keys`.
+    pub window: Option<WindowKind>,
+    /// Type of `window_start` / `window_end` (that of the event-time column).
+    pub window_type: DataType,
+    pub calls: Vec<AggCall>,
+    /// The aggregate's own output, in DataFusion's order: group columns, then aggregates.
+    pub agg_schema: SchemaRef,
+    pub layout: Vec<GroupCol>,
+    pub having: Option<PhysExpr>,
+    /// The `SELECT` list over `agg_schema`.
+    pub output: Vec<PhysExpr>,
+}
+
+pub struct StreamPlan {
+    pub name: String,
+    pub sql: String,
+    pub branches: Vec<Branch>,
+    pub agg: Option<AggPlan>,
+    /// What subscribers receive; a changelog stream ends with the [`OP_COLUMN`].
+    pub schema: SchemaRef,
+    pub emit: Emit,
+    pub lateness_ms: i64,
+    /// A `MATERIALIZED VIEW` rather than a `STREAM` (same execution).
+    pub materialized: bool,
+}
+
+impl StreamPlan {
+    pub fn is_changelog(&self) -> bool {
+        self.agg.is_some() && self.emit == Emit::Changes
+    }
+
+    /// Names this stream reads, in branch order (duplicates kept).
+    pub fn inputs(&self) -> impl Iterator<Item = &str> {
+        self.branches.iter().map(|b| b.input.as_str())
+    }
+}
+
+impl std::fmt::Debug for StreamPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamPlan")
+            .field("name", &self.name)
+            .field("inputs", &self.inputs().collect::<Vec<_>>())
+            .field("aggregate", &self.agg.is_some())
+            .field("emit", &self.emit)
+            .finish()
+    }
+}

@@ -1,0 +1,413 @@
+//! The operators of a stream: the stateless [`eval_branch`] and the keyed, windowed
+//! [`AggOperator`].
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, StringArray};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::row::{RowConverter, SortField};
+
+use super::agg::{Acc, Values};
+use super::time::{from_millis, to_millis};
+use super::{AggPlan, Emit, GroupCol, PhysExpr, StreamPlan, WindowKind, OP_INSERT, OP_RETRACT, OP_UPDATE};
+use crate::error::{Error, Result};
+
+/// Filter then project one input batch.
+pub fn eval_branch(filter: Option<&PhysExpr>, exprs: &[PhysExpr], schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatch> {
+    let batch = match filter {
+        Some(f) => {
+            let mask = f.evaluate(batch)?.into_array(batch.num_rows())?;
+            let mask = mask
+                .as_boolean_opt()
+                .ok_or_else(|| Error::query(format!("WHERE must be boolean, not {}", mask.data_type())))?;
+            filter_record_batch(batch, mask)?
+        }
+        None => batch.clone(),
+    };
+    project(exprs, schema, &batch)
+}
+
+fn project(exprs: &[PhysExpr], schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatch> {
+    let n = batch.num_rows();
+    let mut columns = Vec::with_capacity(exprs.len());
+    for (e, field) in exprs.iter().zip(schema.fields()) {
+        let array = e.evaluate(batch)?.into_array(n)?;
+        columns.push(if array.data_type() == field.data_type() { array } else { arrow::compute::cast(&array, field.data_type())? });
+    }
+    Ok(RecordBatch::try_new_with_options(schema.clone(), columns, &RecordBatchOptions::new().with_row_count(Some(n)))?)
+}
+
+/// Makes every field nullable: emitted rows may hold nulls DataFusion's static schema
+/// did not foresee (an empty group's SUM).
+pub fn nullable(schema: &Schema) -> SchemaRef {
+    Arc::new(Schema::new(
+        schema.fields().iter().map(|f| Field::new(f.name(), f.data_type().clone(), true)).collect::<Vec<_>>(),
+    ))
+}
+
+#[derive(Clone, Debug)]
+struct Group {
+    key: Box<[u8]>,
+    start: i64,
+    end: i64,
+    live: bool,
+    /// Emitted at least once (its row is out, or it has produced a `+I`).
+    emitted: bool,
+}
+
+/// Keyed aggregation, optionally over windows, on one shard: every group whose key this
+/// shard owns.
+pub struct AggOperator {
+    plan: Arc<StreamPlan>,
+    converter: RowConverter,
+    /// `(start, end, key)` → group, for tumbling, hopping, cumulating and unwindowed groups.
+    index: HashMap<Box<[u8]>, u32>,
+    /// Key → its open sessions.
+    sessions: HashMap<Box<[u8]>, Vec<u32>>,
+    groups: Vec<Group>,
+    free: Vec<u32>,
+    /// Open windows by end.
+    closing: BTreeSet<(i64, u32)>,
+    accs: Vec<Acc>,
+    watermark: i64,
+    /// Arrival order, the "time" of FIRST/LAST without a window.
+    arrivals: i64,
+    scratch: Vec<u8>,
+    pub late_rows: u64,
+}
+
+impl AggOperator {
+    pub fn new(plan: Arc<StreamPlan>) -> Result<AggOperator> {
+        let agg = plan.agg.as_ref().ok_or_else(|| Error::internal("AggOperator for a stream without GROUP BY"))?;
+        let key_fields = plan.branches[0].schema.fields()[..agg.keys].iter().map(|f| SortField::new(f.data_type().clone()));
+        let converter = RowConverter::new(key_fields.collect())?;
+        let accs = agg.calls.iter().map(Acc::new).collect::<Result<Vec<_>>>()?;
+        Ok(AggOperator {
+            plan,
+            converter,
+            index: HashMap::new(),
+            sessions: HashMap::new(),
+            groups: Vec::new(),
+            free: Vec::new(),
+            closing: BTreeSet::new(),
+            accs,
+            watermark: i64::MIN,
+            arrivals: 0,
+            scratch: Vec::new(),
+            late_rows: 0,
+        })
+    }
+
+    fn agg(&self) -> &AggPlan {
+        self.plan.agg.as_ref().expect("checked in new")
+    }
+
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    pub fn group_count(&self) -> usize {
+        self.groups.len() - self.free.len()
+    }
+
+    fn new_group(&mut self, key: &[u8], start: i64, end: i64) -> u32 {
+        let group = Group { key: key.into(), start, end, live: true, emitted: false };
+        let g = match self.free.pop() {
+            Some(g) => {
+                for acc in &mut self.accs {
+                    acc.reset(g as usize);
+                }
+                self.groups[g as usize] = group;
+                g
+            }
+            None => {
+                self.groups.push(group);
+                let n = self.groups.len();
+                for acc in &mut self.accs {
+                    acc.resize(n);
+                }
+                (n - 1) as u32
+            }
+        };
+        if self.agg().window.is_some() {
+            self.closing.insert((end, g));
+        }
+        g
+    }
+
+    fn free_group(&mut self, g: u32) {
+        let group = &mut self.groups[g as usize];
+        group.live = false;
+        let (start, end, key) = (group.start, group.end, group.key.clone());
+        self.closing.remove(&(end, g));
+        if matches!(self.agg().window, Some(WindowKind::Session { .. })) {
+            if let Some(open) = self.sessions.get_mut(&key) {
+                open.retain(|&s| s != g);
+                if open.is_empty() {
+                    self.sessions.remove(&key);
+                }
+            }
+        } else {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&start.to_be_bytes());
+            self.scratch.extend_from_slice(&end.to_be_bytes());
+            self.scratch.extend_from_slice(&key);
+            self.index.remove(&self.scratch[..]);
+        }
+        self.free.push(g);
+    }
+
+    fn lateness(&self) -> i64 {
+        self.plan.lateness_ms
+    }
+
+    /// Folds a batch of branch output into the state. Returns what to emit now: changes
+    /// (changelog mode) or re-emitted windows updated by late rows (append mode).
+    pub fn apply(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(vec![]);
+        }
+        let (keys, window) = (self.agg().keys, self.agg().window);
+        let rows = self.converter.convert_columns(&batch.columns()[..keys])?;
+        let times: Vec<i64> = match window {
+            Some(_) => {
+                let t = to_millis(batch.column(keys))?;
+                (0..n).map(|i| if t.is_valid(i) { t.value(i) } else { i64::MIN }).collect()
+            }
+            None => {
+                let first = self.arrivals;
+                self.arrivals += n as i64;
+                (first..first + n as i64).collect()
+            }
+        };
+        let (mut pair_rows, mut pair_groups) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut assigned = Vec::new();
+        let lateness = self.lateness();
+        for i in 0..n {
+            let key = rows.row(i);
+            let key = key.as_ref();
+            match window {
+                None => {
+                    let g = self.lookup(key, i64::MIN, i64::MAX);
+                    pair_rows.push(i as u32);
+                    pair_groups.push(g);
+                }
+                Some(_) if times[i] == i64::MIN => self.late_rows += 1, // no event time: cannot be windowed
+                Some(WindowKind::Session { gap }) => match self.session(key, times[i], gap, lateness) {
+                    Some(g) => {
+                        pair_rows.push(i as u32);
+                        pair_groups.push(g);
+                    }
+                    None => self.late_rows += 1,
+                },
+                Some(kind) => {
+                    assigned.clear();
+                    kind.assign(times[i], &mut assigned);
+                    let mut placed = false;
+                    for &(start, end) in &assigned {
+                        if end.saturating_add(lateness) <= self.watermark {
+                            continue;
+                        }
+                        let g = self.lookup(key, start, end);
+                        pair_rows.push(i as u32);
+                        pair_groups.push(g);
+                        placed = true;
+                    }
+                    if !placed {
+                        self.late_rows += 1;
+                    }
+                }
+            }
+        }
+        let changelog = self.plan.emit == Emit::Changes;
+        let mut touched: Vec<u32> = pair_groups.clone();
+        touched.sort_unstable();
+        touched.dedup();
+        let before = if changelog {
+            let old: Vec<usize> = touched.iter().filter(|&&g| self.groups[g as usize].emitted).map(|&g| g as usize).collect();
+            Some(self.finish(&old)?)
+        } else {
+            None
+        };
+        let agg = self.plan.agg.as_ref().expect("checked in new");
+        for (acc, call) in self.accs.iter_mut().zip(&agg.calls) {
+            let values = Values::of(call.arg.map(|c| batch.column(c)), call.domain)?;
+            acc.update(&values, &pair_rows, &pair_groups, &times);
+        }
+        let mut out = Vec::new();
+        if let Some(before) = before {
+            let had: Vec<bool> = touched.iter().map(|&g| self.groups[g as usize].emitted).collect();
+            let now: Vec<usize> = touched.iter().map(|&g| g as usize).collect();
+            let after = self.finish(&now)?;
+            out.push(with_ops(&self.plan.schema, before, |_| OP_RETRACT)?);
+            // `finish` keeps row order, but HAVING may drop rows: label by group only when
+            // no row was dropped, else call every row an update of whatever it replaces.
+            let labels: Vec<&str> = if after.num_rows() == now.len() {
+                had.iter().map(|&h| if h { OP_UPDATE } else { OP_INSERT }).collect()
+            } else {
+                vec![OP_UPDATE; after.num_rows()]
+            };
+            out.push(with_ops(&self.plan.schema, after, |i| labels[i])?);
+            for &g in &touched {
+                self.groups[g as usize].emitted = true;
+            }
+        } else if lateness > 0 && window.is_some() {
+            let again: Vec<usize> =
+                touched.iter().filter(|&&g| self.groups[g as usize].emitted).map(|&g| g as usize).collect();
+            if !again.is_empty() {
+                out.push(self.finish(&again)?);
+            }
+        }
+        out.retain(|b| b.num_rows() > 0);
+        Ok(out)
+    }
+
+    fn lookup(&mut self, key: &[u8], start: i64, end: i64) -> u32 {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&start.to_be_bytes());
+        self.scratch.extend_from_slice(&end.to_be_bytes());
+        self.scratch.extend_from_slice(key);
+        if let Some(&g) = self.index.get(&self.scratch[..]) {
+            return g;
+        }
+        let full: Box<[u8]> = self.scratch[..].into();
+        let g = self.new_group(key, start, end);
+        self.index.insert(full, g);
+        g
+    }
+
+    /// The session `ts` joins (merging sessions it bridges), or `None` when it is too late.
+    fn session(&mut self, key: &[u8], ts: i64, gap: i64, lateness: i64) -> Option<u32> {
+        let (lo, hi) = (ts, ts.saturating_add(gap));
+        let open = self.sessions.get(key).cloned().unwrap_or_default();
+        let mut hits: Vec<u32> =
+            open.into_iter().filter(|&g| self.groups[g as usize].start < hi && lo < self.groups[g as usize].end).collect();
+        if hits.is_empty() {
+            if hi.saturating_add(lateness) <= self.watermark {
+                return None;
+            }
+            let g = self.new_group(key, lo, hi);
+            self.sessions.entry(key.into()).or_default().push(g);
+            return Some(g);
+        }
+        hits.sort_by_key(|&g| self.groups[g as usize].start);
+        let keep = hits[0];
+        let (mut start, mut end) = (lo, hi);
+        for &g in &hits {
+            start = start.min(self.groups[g as usize].start);
+            end = end.max(self.groups[g as usize].end);
+        }
+        for &g in &hits[1..] {
+            for acc in &mut self.accs {
+                acc.merge(keep as usize, g as usize);
+            }
+            self.free_group(g);
+        }
+        let group = &mut self.groups[keep as usize];
+        self.closing.remove(&(group.end, keep));
+        group.start = start;
+        group.end = end;
+        self.closing.insert((end, keep));
+        Some(keep)
+    }
+
+    /// Moves event time to `watermark`: emits the windows it closes (per the emit mode)
+    /// and frees those past their allowed lateness.
+    pub fn advance(&mut self, watermark: i64) -> Result<Vec<RecordBatch>> {
+        if watermark <= self.watermark {
+            return Ok(vec![]);
+        }
+        self.watermark = watermark;
+        let lateness = self.lateness();
+        let mut emit = Vec::new();
+        let mut expired = Vec::new();
+        for &(end, g) in self.closing.iter() {
+            if end > watermark {
+                break;
+            }
+            let past = end.saturating_add(lateness) <= watermark;
+            let group = &self.groups[g as usize];
+            match self.plan.emit {
+                Emit::AfterWatermark if !group.emitted => emit.push(g as usize),
+                Emit::OnWindowClose if past => emit.push(g as usize),
+                _ => {}
+            }
+            if past {
+                expired.push(g);
+            }
+        }
+        let out = if emit.is_empty() { None } else { Some(self.finish(&emit)?) };
+        for &g in &emit {
+            self.groups[g].emitted = true;
+        }
+        for g in expired {
+            self.free_group(g);
+        }
+        Ok(out.into_iter().filter(|b| b.num_rows() > 0).collect())
+    }
+
+    /// The current row of every live group (the state `SELECT … FROM stream` reads for a
+    /// changelog stream), without the change column.
+    pub fn snapshot(&self) -> Result<RecordBatch> {
+        let live: Vec<usize> = (0..self.groups.len()).filter(|&g| self.groups[g].live).collect();
+        self.finish(&live)
+    }
+
+    /// The aggregate rows of `groups`, through HAVING and the SELECT list.
+    fn finish(&self, groups: &[usize]) -> Result<RecordBatch> {
+        let agg = self.agg();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(agg.agg_schema.fields().len());
+        let parser = self.converter.parser();
+        let keys = if agg.keys > 0 {
+            self.converter.convert_rows(groups.iter().map(|&g| parser.parse(&self.groups[g].key)))?
+        } else {
+            vec![]
+        };
+        for col in &agg.layout {
+            columns.push(match *col {
+                GroupCol::Key(k) => keys[k].clone(),
+                GroupCol::WindowStart => from_millis(groups.iter().map(|&g| self.groups[g].start).collect(), &agg.window_type)?,
+                GroupCol::WindowEnd => from_millis(groups.iter().map(|&g| self.groups[g].end).collect(), &agg.window_type)?,
+            });
+        }
+        for (acc, call) in self.accs.iter().zip(&agg.calls) {
+            columns.push(acc.evaluate(groups, &call.out_type)?);
+        }
+        let batch = RecordBatch::try_new_with_options(
+            agg.agg_schema.clone(),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(groups.len())),
+        )?;
+        let batch = match &agg.having {
+            Some(h) => {
+                let mask = h.evaluate(&batch)?.into_array(batch.num_rows())?;
+                let mask: &BooleanArray =
+                    mask.as_boolean_opt().ok_or_else(|| Error::query("HAVING must be boolean"))?;
+                filter_record_batch(&batch, mask)?
+            }
+            None => batch,
+        };
+        let schema = if self.plan.is_changelog() { without_last(&self.plan.schema) } else { self.plan.schema.clone() };
+        project(&agg.output, &schema, &batch)
+    }
+}
+
+fn without_last(schema: &SchemaRef) -> SchemaRef {
+    let fields = schema.fields();
+    Arc::new(Schema::new(fields[..fields.len() - 1].to_vec()))
+}
+
+/// Appends the change column to `batch`.
+fn with_ops<'a>(schema: &SchemaRef, batch: RecordBatch, op: impl Fn(usize) -> &'a str) -> Result<RecordBatch> {
+    let ops: StringArray = (0..batch.num_rows()).map(|i| Some(op(i))).collect();
+    let mut columns = batch.columns().to_vec();
+    columns.push(Arc::new(ops));
+    Ok(RecordBatch::try_new_with_options(
+        schema.clone(),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )?)
+}

@@ -1,0 +1,180 @@
+//! Where a source's or stream's batches go when they are emitted: every subscriber's
+//! bounded queue. Publishing never blocks the shard that emits: a subscriber whose queue
+//! is full loses its oldest batch, which is counted (`lagged_batches`) for it and for the
+//! stream, so a slow reader costs bounded memory and shows up in the metrics.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use parking_lot::RwLock;
+
+/// Batches a subscriber may have waiting before its oldest is dropped.
+pub const SUBSCRIBER_BATCHES_MAX: usize = 4096;
+
+struct Subscriber {
+    id: u64,
+    tx: flume::Sender<RecordBatch>,
+    /// A receiver kept by the publisher to drop the oldest batch of a full queue.
+    evict: flume::Receiver<RecordBatch>,
+    lag: Arc<Lag>,
+}
+
+/// What a slow subscriber lost.
+#[derive(Default)]
+pub struct Lag {
+    pub batches: AtomicU64,
+    pub rows: AtomicU64,
+}
+
+/// The receiving end of one subscription. The queue ends (after what it holds) when the
+/// subscription is cancelled or its output closed.
+pub struct Subscription {
+    pub batches: flume::Receiver<RecordBatch>,
+    pub lag: Arc<Lag>,
+    pub output: Arc<Output>,
+    id: u64,
+}
+
+impl Subscription {
+    pub fn cancel(&self) {
+        self.output.unsubscribe(self.id);
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+#[derive(Default)]
+pub struct OutputCounters {
+    pub rows: AtomicU64,
+    pub batches: AtomicU64,
+    pub lagged_batches: AtomicU64,
+    /// Input rows a windowed operator dropped because they arrived too late.
+    pub late_rows: AtomicU64,
+    /// The stream's watermark (epoch ms), as its operators last reported it.
+    pub watermark: std::sync::atomic::AtomicI64,
+}
+
+/// The fan-out point of one named source or stream.
+pub struct Output {
+    pub name: String,
+    pub schema: SchemaRef,
+    subscribers: RwLock<Vec<Subscriber>>,
+    pub counters: OutputCounters,
+    closed: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl Output {
+    pub fn new(name: impl Into<String>, schema: SchemaRef) -> Arc<Output> {
+        let counters = OutputCounters::default();
+        counters.watermark.store(i64::MIN, Ordering::Relaxed);
+        Arc::new(Output {
+            name: name.into(),
+            schema,
+            subscribers: RwLock::new(Vec::new()),
+            counters,
+            closed: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
+        })
+    }
+
+    pub fn subscribe(self: &Arc<Self>, capacity: usize) -> Subscription {
+        let (tx, rx) = flume::bounded(capacity.max(1));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let lag = Arc::new(Lag::default());
+        let mut subscribers = self.subscribers.write();
+        if !self.closed.load(Ordering::Acquire) {
+            subscribers.push(Subscriber { id, tx, evict: rx.clone(), lag: lag.clone() });
+        }
+        Subscription { batches: rx, lag, output: self.clone(), id }
+    }
+
+    fn unsubscribe(&self, id: u64) {
+        self.subscribers.write().retain(|s| s.id != id);
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.read().len()
+    }
+
+    pub fn has_subscribers(&self) -> bool {
+        !self.subscribers.read().is_empty()
+    }
+
+    /// Hands `batch` to every subscriber; never blocks.
+    pub fn publish(&self, batch: &RecordBatch) {
+        if batch.num_rows() == 0 {
+            return;
+        }
+        self.counters.rows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        let subscribers = self.subscribers.read();
+        for s in subscribers.iter() {
+            let mut item = batch.clone();
+            loop {
+                match s.tx.try_send(item) {
+                    Ok(()) => break,
+                    Err(flume::TrySendError::Full(back)) => {
+                        item = back;
+                        if let Ok(old) = s.evict.try_recv() {
+                            s.lag.batches.fetch_add(1, Ordering::Relaxed);
+                            s.lag.rows.fetch_add(old.num_rows() as u64, Ordering::Relaxed);
+                            self.counters.lagged_batches.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(flume::TrySendError::Disconnected(_)) => break,
+                }
+            }
+        }
+    }
+
+    /// Ends every subscription (the stream was dropped or the database closed): readers
+    /// drain what is queued, then see the end.
+    pub fn close(&self) {
+        let mut subscribers = self.subscribers.write();
+        self.closed.store(true, Ordering::Release);
+        subscribers.clear();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn batch(v: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![v]))]).unwrap()
+    }
+
+    #[test]
+    fn every_subscriber_gets_every_batch_and_a_full_queue_drops_its_oldest() {
+        let out = Output::new("s", batch(0).schema());
+        let a = out.subscribe(2);
+        let b = out.subscribe(8);
+        for v in 0..3 {
+            out.publish(&batch(v));
+        }
+        assert_eq!(b.batches.len(), 3);
+        assert_eq!(a.batches.len(), 2);
+        assert_eq!(a.lag.batches.load(Ordering::Relaxed), 1);
+        let first = a.batches.recv().unwrap();
+        assert_eq!(first.column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0), 1);
+        drop(b);
+        assert_eq!(out.subscriber_count(), 1);
+        out.close();
+        assert!(a.batches.recv().is_ok());
+        assert!(a.batches.recv().is_err(), "closed output ends the subscription after its queue");
+    }
+}

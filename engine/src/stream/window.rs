@@ -1,0 +1,99 @@
+//! Window assignment over epoch-millisecond event times. Windows are half-open
+//! `[start, end)`.
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum WindowKind {
+    Tumble { size: i64 },
+    /// Overlapping windows of `size`, one starting every `slide`.
+    Hop { slide: i64, size: i64 },
+    /// Windows of `size` growing by `step`: `[s, s+step)`, `[s, s+2·step)`, … `[s, s+size)`.
+    Cumulate { step: i64, size: i64 },
+    /// Rows closer than `gap` to each other form one window; it ends `gap` after its last row.
+    Session { gap: i64 },
+}
+
+impl WindowKind {
+    pub fn validate(self) -> Result<Self, String> {
+        let positive = |v: i64, what: &str| if v > 0 { Ok(()) } else { Err(format!("window {what} must be positive")) };
+        match self {
+            WindowKind::Tumble { size } => positive(size, "size")?,
+            WindowKind::Hop { slide, size } => {
+                positive(slide, "slide")?;
+                positive(size, "size")?;
+            }
+            WindowKind::Cumulate { step, size } => {
+                positive(step, "step")?;
+                positive(size, "size")?;
+                if size % step != 0 {
+                    return Err("CUMULATE size must be a multiple of its step".into());
+                }
+            }
+            WindowKind::Session { gap } => positive(gap, "gap")?,
+        }
+        Ok(self)
+    }
+
+    /// Appends every `(start, end)` window `ts` belongs to (not for sessions).
+    pub fn assign(self, ts: i64, out: &mut Vec<(i64, i64)>) {
+        match self {
+            WindowKind::Tumble { size } => {
+                let start = ts.div_euclid(size) * size;
+                out.push((start, start + size));
+            }
+            WindowKind::Hop { slide, size } => {
+                let mut start = ts.div_euclid(slide) * slide;
+                let mut found = Vec::new();
+                while start > ts - size {
+                    found.push((start, start + size));
+                    start -= slide;
+                }
+                out.extend(found.into_iter().rev());
+            }
+            WindowKind::Cumulate { step, size } => {
+                let base = ts.div_euclid(size) * size;
+                let mut end = base + step;
+                while end <= base + size {
+                    if end > ts {
+                        out.push((base, end));
+                    }
+                    end += step;
+                }
+            }
+            WindowKind::Session { gap } => out.push((ts, ts + gap)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn windows(kind: WindowKind, ts: i64) -> Vec<(i64, i64)> {
+        let mut out = Vec::new();
+        kind.assign(ts, &mut out);
+        out
+    }
+
+    #[test]
+    fn tumble_floors_including_negative_times() {
+        assert_eq!(windows(WindowKind::Tumble { size: 1000 }, 1999), vec![(1000, 2000)]);
+        assert_eq!(windows(WindowKind::Tumble { size: 1000 }, -1), vec![(-1000, 0)]);
+    }
+
+    #[test]
+    fn hop_puts_a_row_in_size_over_slide_windows() {
+        assert_eq!(
+            windows(WindowKind::Hop { slide: 500, size: 1500 }, 1200),
+            vec![(0, 1500), (500, 2000), (1000, 2500)]
+        );
+    }
+
+    #[test]
+    fn cumulate_grows_until_size() {
+        assert_eq!(
+            windows(WindowKind::Cumulate { step: 1000, size: 3000 }, 1500),
+            vec![(0, 2000), (0, 3000)]
+        );
+        assert!(WindowKind::Cumulate { step: 1000, size: 2500 }.validate().is_err());
+    }
+}
