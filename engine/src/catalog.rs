@@ -10,6 +10,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 
 use crate::error::{Error, Result};
+use crate::stream::StreamPlan;
 
 /// How event time advances for a source: `WATERMARK FOR col AS col - INTERVAL …`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,20 +81,80 @@ impl SourceDef {
     }
 }
 
+/// A continuous query (`CREATE STREAM` / `CREATE MATERIALIZED VIEW`).
+#[derive(Clone, Debug)]
+pub struct StreamDef {
+    pub name: String,
+    /// The DDL text: the plan's serialized form, replanned on recovery.
+    pub sql: String,
+    pub plan: Arc<StreamPlan>,
+    /// What `SELECT … FROM stream` reads: the stream's rows, without a change column.
+    pub table_schema: SchemaRef,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
     /// Bumped on every change so holders of a snapshot can tell it is stale.
     pub version: u64,
     pub sources: BTreeMap<String, Arc<SourceDef>>,
+    pub streams: BTreeMap<String, Arc<StreamDef>>,
 }
 
 impl Catalog {
+    pub fn stream(&self, name: &str) -> Result<&Arc<StreamDef>> {
+        self.streams.get(&normalize(name)).ok_or_else(|| Error::table_not_found(name))
+    }
+
+    /// The schema a query sees for a source or stream.
+    pub fn table_schema(&self, name: &str) -> Result<SchemaRef> {
+        match self.sources.get(&normalize(name)) {
+            Some(def) => Ok(def.schema.clone()),
+            None => Ok(self.stream(name)?.table_schema.clone()),
+        }
+    }
+
+    /// Streams that read `name`, in name order.
+    pub fn readers_of(&self, name: &str) -> Vec<String> {
+        self.streams.values().filter(|s| s.plan.inputs().any(|i| i == name)).map(|s| s.name.clone()).collect()
+    }
+
+    pub fn add_stream(&mut self, def: StreamDef) -> Result<()> {
+        if self.contains(&def.name) {
+            return Err(Error::table_exists(&def.name));
+        }
+        for input in def.plan.inputs() {
+            if !self.contains(input) {
+                return Err(Error::table_not_found(input));
+            }
+        }
+        self.streams.insert(def.name.clone(), Arc::new(def));
+        self.version += 1;
+        Ok(())
+    }
+
+    pub fn drop_stream(&mut self, name: &str) -> Result<Arc<StreamDef>> {
+        let def = self.stream(name)?.clone();
+        self.check_unused(&def.name)?;
+        self.streams.remove(&def.name);
+        self.version += 1;
+        Ok(def)
+    }
+
+    fn check_unused(&self, name: &str) -> Result<()> {
+        let readers = self.readers_of(name);
+        if readers.is_empty() {
+            return Ok(());
+        }
+        Err(Error::query(format!("'{name}' is read by {}: drop those first", readers.join(", "))))
+    }
+
     pub fn source(&self, name: &str) -> Result<&Arc<SourceDef>> {
         self.sources.get(&normalize(name)).ok_or_else(|| Error::table_not_found(name))
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.sources.contains_key(&normalize(name))
+        let name = normalize(name);
+        self.sources.contains_key(&name) || self.streams.contains_key(&name)
     }
 
     pub fn add_source(&mut self, def: SourceDef) -> Result<()> {
@@ -106,6 +167,9 @@ impl Catalog {
     }
 
     pub fn drop_source(&mut self, name: &str) -> Result<Arc<SourceDef>> {
+        if let Some(def) = self.sources.get(&normalize(name)) {
+            self.check_unused(&def.name.clone())?;
+        }
         let removed = self.sources.remove(&normalize(name)).ok_or_else(|| Error::table_not_found(name))?;
         self.version += 1;
         Ok(removed)

@@ -12,7 +12,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
 
-use crate::catalog::{Catalog, SourceDef};
+use crate::catalog::{Catalog, SourceDef, StreamDef};
 use crate::error::Result;
 
 /// Bound on batches buffered between a running query and its reader: a slow reader
@@ -96,6 +96,7 @@ impl ObjectKind {
 /// One planned SQL statement.
 pub enum Statement {
     CreateSource { def: SourceDef, if_not_exists: bool, or_replace: bool },
+    CreateStream { def: StreamDef, if_not_exists: bool, or_replace: bool },
     Drop { kind: ObjectKind, name: String, if_exists: bool },
     Query(Box<dyn PreparedQuery>),
 }

@@ -8,6 +8,7 @@
 pub mod ddl;
 pub mod interval;
 pub mod split;
+pub mod stream;
 pub mod table;
 
 use std::sync::Arc;
@@ -66,8 +67,13 @@ impl SqlFrontend {
         for name in schema.table_names() {
             schema.deregister_table(&name)?;
         }
-        for (name, def) in &catalog.sources {
-            let table = table::ShardTable::new(name.clone(), def.schema.clone(), access.clone());
+        let tables = catalog
+            .sources
+            .iter()
+            .map(|(name, def)| (name, def.schema.clone()))
+            .chain(catalog.streams.iter().map(|(name, def)| (name, def.table_schema.clone())));
+        for (name, table_schema) in tables {
+            let table = table::ShardTable::new(name.clone(), table_schema, access.clone());
             schema.register_table(name.clone(), Arc::new(table))?;
         }
         self.registered = Some(catalog.version);
@@ -88,6 +94,11 @@ impl Frontend for SqlFrontend {
         access: Arc<dyn ShardAccess>,
     ) -> Result<Statement> {
         let tokens = split::tokenize(statement)?;
+        if let Some(create) = stream::parse_create_stream(&tokens)? {
+            let runtime = self.runtime()?.handle().clone();
+            let def = stream::plan_stream(catalog, &create, statement, &runtime)?;
+            return Ok(Statement::CreateStream { def, if_not_exists: create.if_not_exists, or_replace: create.or_replace });
+        }
         if let Some(ddl) = ddl::plan_ddl(statement, &tokens)? {
             return Ok(ddl);
         }

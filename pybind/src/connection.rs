@@ -23,7 +23,13 @@ use crate::convert::{to_batches, to_scalar};
 use crate::errors::{to_pyerr, IntoPyResult};
 use crate::gil::blocking;
 use crate::result::{collect, PyExecuteResult, PyQueryResult, PyQueryStream};
+use crate::subscription::{PyStreamSubscription, PySubscription, SubCore};
 use crate::writer::{PyWriter, NO_WATERMARK};
+
+use laminardb_engine::stream::output::SUBSCRIBER_BATCHES_MAX;
+
+/// Streams the binding creates for itself (for `subscribe(sql)`) start with this.
+const HIDDEN_PREFIX: &str = "__";
 
 #[derive(Copy, Clone, PartialEq, Eq)]
 enum PipelineState {
@@ -246,6 +252,13 @@ impl PyConnection {
         Ok(self.state.events.load(Ordering::Relaxed))
     }
 
+    /// Late rows dropped by windowed streams, summed over every stream.
+    #[getter]
+    fn total_events_dropped(&self) -> PyResult<u64> {
+        let handle = self.open()?;
+        Ok(handle.outputs().iter().map(|o| o.counters.late_rows.load(Ordering::Relaxed)).sum())
+    }
+
     #[getter]
     fn source_count(&self) -> PyResult<usize> {
         Ok(self.open()?.catalog().sources.len())
@@ -330,14 +343,15 @@ impl PyConnection {
         self.list_tables()
     }
 
-    /// Continuous queries are not available in this build, so there are none to list.
+    /// Streams and materialized views, by name (hidden subscription streams excluded).
     fn list_streams(&self) -> PyResult<Vec<String>> {
-        self.open()?;
-        Ok(vec![])
+        let catalog = self.open()?.catalog();
+        Ok(catalog.streams.keys().filter(|n| !n.starts_with(HIDDEN_PREFIX)).cloned().collect())
     }
 
     fn materialized_views(&self) -> PyResult<Vec<String>> {
-        self.list_streams()
+        let catalog = self.open()?.catalog();
+        Ok(catalog.streams.values().filter(|s| s.plan.materialized).map(|s| s.name.clone()).collect())
     }
 
     fn list_sinks(&self) -> PyResult<Vec<String>> {
@@ -364,8 +378,44 @@ impl PyConnection {
     }
 
     fn streams(&self) -> PyResult<Vec<PyStreamInfo>> {
-        self.open()?;
-        Ok(vec![])
+        let catalog = self.open()?.catalog();
+        Ok(catalog
+            .streams
+            .values()
+            .filter(|s| !s.name.starts_with(HIDDEN_PREFIX))
+            .map(|s| PyStreamInfo { name: s.name.clone(), sql: Some(s.sql.clone()) })
+            .collect())
+    }
+
+    // ---- subscriptions ---------------------------------------------------------------
+
+    /// Follows a named stream (or source): every batch it emits from now on.
+    fn subscribe_stream(&self, name: &str) -> PyResult<PyStreamSubscription> {
+        let handle = self.open()?;
+        let output = handle.output(name).py()?;
+        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX);
+        Ok(PyStreamSubscription::new(SubCore::new(sub, None), output.name.clone()))
+    }
+
+    /// Follows the rows of any `SELECT`, continuously: the query runs as a hidden stream
+    /// for as long as the subscription lives.
+    fn subscribe(&self, py: Python<'_>, sql: &str) -> PyResult<PySubscription> {
+        let handle = self.open()?.clone();
+        let id = self.state.next_query_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let name = format!("{HIDDEN_PREFIX}subscription_{id}");
+        let ddl = format!("CREATE STREAM \"{name}\" AS {sql}");
+        blocking(py, || handle.execute(&ddl, vec![]))?;
+        let output = handle.output(&name).py()?;
+        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX);
+        let weak = Arc::downgrade(&handle);
+        let drop_stream = move || {
+            if let Some(handle) = weak.upgrade() {
+                if !handle.is_closed() {
+                    let _ = handle.execute(&format!("DROP STREAM IF EXISTS \"{name}\""), vec![]);
+                }
+            }
+        };
+        Ok(PySubscription::new(SubCore::new(sub, Some(Box::new(drop_stream)))))
     }
 
     fn queries(&self) -> PyResult<Vec<PyQueryInfo>> {

@@ -12,6 +12,7 @@ mod convert;
 mod errors;
 mod gil;
 mod result;
+mod subscription;
 mod writer;
 
 use pyo3::prelude::*;
@@ -63,6 +64,8 @@ fn _laminardb(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<result::PyQueryResult>()?;
     m.add_class::<result::PyExecuteResult>()?;
     m.add_class::<result::PyQueryStream>()?;
+    m.add_class::<subscription::PySubscription>()?;
+    m.add_class::<subscription::PyStreamSubscription>()?;
     m.add_class::<catalog::PySourceInfo>()?;
     m.add_class::<catalog::PySinkInfo>()?;
     m.add_class::<catalog::PyStreamInfo>()?;

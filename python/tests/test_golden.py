@@ -30,18 +30,24 @@ def _id(path: Path) -> str:
 @pytest.mark.parametrize("shards", [1, None], ids=["shards=1", "shards=all"])
 @pytest.mark.parametrize("path", RUN_FILES, ids=_id)
 def test_golden(path: Path, shards):
+    failure = None
     try:
         run_file(path, shards=shards)
     except (GoldenFailure, GoldenSyntaxError) as e:
-        pytest.fail(str(e), pytrace=False)
+        failure = str(e)
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
 
 
 @pytest.mark.parametrize("path", PENDING_FILES, ids=_id)
 def test_pending_golden_file_parses(path: Path):
+    failure = None
     try:
         parse_file(path)
     except GoldenSyntaxError as e:
-        pytest.fail(str(e), pytrace=False)
+        failure = str(e)
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
 
 
 def test_golden_files_exist():

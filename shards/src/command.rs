@@ -9,6 +9,8 @@ use arrow::array::RecordBatch;
 pub use datafusion::common::ScalarValue;
 use parking_lot::Mutex;
 
+use laminardb_engine::stream::output::Output;
+use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, Result};
 
 use crate::handle::Outcome;
@@ -29,8 +31,7 @@ pub enum PanicSite {
 pub enum Command {
     Execute { sql: String, params: Vec<ScalarValue>, reply: Reply<Vec<Outcome>> },
     /// Rows already cast to the source's schema and split per shard by the caller.
-    /// Rows already cast to the source's schema and split per shard by the caller.
-    Insert { source: String, parts: Vec<Vec<RecordBatch>>, reply: Reply<u64> },
+    Insert { source: String, parts: Vec<Vec<RecordBatch>>, max_event_ms: Option<i64>, reply: Reply<u64> },
     Scan { source: String, shard: usize, reply: Reply<Vec<RecordBatch>> },
     /// Per-shard (rows, bytes) of a source.
     Stats { source: String, reply: Reply<Vec<(u64, u64)>> },
@@ -42,7 +43,11 @@ pub enum Command {
 }
 
 pub enum ShardCommand {
-    Append { source: Arc<str>, batches: Vec<RecordBatch>, ack: Arc<AckLatch> },
+    Append { source: Arc<str>, batches: Vec<RecordBatch>, ack: AckToken },
+    /// The source's watermark moved (epoch ms); follows the appends that moved it.
+    Watermark { source: Arc<str>, watermark: i64, ack: AckToken },
+    AddStream { plan: Arc<StreamPlan>, output: Arc<Output> },
+    DropStream { name: Arc<str> },
     Scan { source: Arc<str>, reply: Reply<Vec<RecordBatch>> },
     Stats { source: Arc<str>, reply: Reply<(u64, u64)> },
     DropSource { source: Arc<str> },
@@ -50,39 +55,55 @@ pub enum ShardCommand {
     Stop,
 }
 
-/// Counts down the shards taking part in one insert; the last one answers the caller.
-pub struct AckLatch {
-    remaining: AtomicUsize,
-    rows: AtomicU64,
-    error: Mutex<Option<Error>>,
-    reply: Reply<u64>,
+/// Shard-to-shard messages of the exchange: rows of a keyed aggregate travelling to the
+/// shard that owns their key, and the watermarks that follow them on the same channel.
+pub enum Exchange {
+    Data { stream: Arc<str>, batch: RecordBatch, ack: AckToken },
+    Watermark { stream: Arc<str>, branch: usize, from: usize, watermark: i64, ack: AckToken },
+    Stop,
 }
 
-impl AckLatch {
-    pub fn new(parts: usize, reply: Reply<u64>) -> Arc<Self> {
-        Arc::new(AckLatch {
-            remaining: AtomicUsize::new(parts),
+/// Tracks one piece of accepted work (an insert, a watermark) through every shard and
+/// exchange hop it causes: each message carries a clone, and when the last clone is
+/// dropped the work has passed through every stream and the caller is answered. This is
+/// what makes an insert return only after its rows reached every subscriber.
+pub struct Ack {
+    rows: AtomicU64,
+    error: Mutex<Option<Error>>,
+    reply: Mutex<Option<Box<dyn FnOnce(Result<u64>) + Send>>>,
+    inflight: Arc<AtomicUsize>,
+}
+
+pub type AckToken = Arc<Ack>;
+
+impl Ack {
+    pub fn new(inflight: &Arc<AtomicUsize>, reply: impl FnOnce(Result<u64>) + Send + 'static) -> AckToken {
+        inflight.fetch_add(1, Ordering::AcqRel);
+        Arc::new(Ack {
             rows: AtomicU64::new(0),
             error: Mutex::new(None),
-            reply,
+            reply: Mutex::new(Some(Box::new(reply))),
+            inflight: inflight.clone(),
         })
     }
 
-    pub fn done(&self, result: Result<u64>) {
-        match result {
-            Ok(n) => {
-                self.rows.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.error.lock().get_or_insert(e);
-            }
-        }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let outcome = match self.error.lock().take() {
+    pub fn add_rows(&self, n: u64) {
+        self.rows.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn fail(&self, e: Error) {
+        self.error.lock().get_or_insert(e);
+    }
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        if let Some(reply) = self.reply.lock().take() {
+            reply(match self.error.lock().take() {
                 Some(e) => Err(e),
                 None => Ok(self.rows.load(Ordering::Relaxed)),
-            };
-            let _ = self.reply.send(outcome);
+            });
         }
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -21,9 +22,12 @@ use laminardb_engine::catalog::{Catalog, SourceKind};
 use laminardb_engine::config::EngineConfig;
 use laminardb_engine::frontend::{Frontend, ObjectKind, QueryKind, ShardAccess, Statement};
 use laminardb_engine::partition::partition_batch;
+use laminardb_engine::stream::output::Output;
 use laminardb_engine::{Error, ErrorCode, Result};
 
-use crate::command::{reply_channel, AckLatch, Command, PanicSite, Reply, ShardCommand};
+use crate::command::{reply_channel, Ack, AckToken, Command, PanicSite, Reply, ShardCommand};
+use crate::runtime::Outputs;
+use crate::shard::ShardWiring;
 use crate::handle::Outcome;
 use crate::health::{catch, Health};
 use crate::shard;
@@ -36,22 +40,25 @@ pub(crate) struct Startup {
     pub commands: flume::Receiver<Command>,
     pub internal: (flume::Sender<Command>, flume::Receiver<Command>),
     pub published: Published,
+    pub outputs: Outputs,
     pub health: Arc<Health>,
     pub ready: flume::Sender<Result<()>>,
 }
 
 /// The coordinator thread's body. Returns once shut down and every shard has stopped.
 pub(crate) fn run(startup: Startup) {
-    let Startup { config, frontend, commands, internal, published, health, ready } = startup;
+    let Startup { config, frontend, commands, internal, published, outputs, health, ready } = startup;
     let cores: Vec<usize> = core_affinity::get_core_ids()
         .map(|ids| ids.into_iter().map(|c| c.id).collect())
         .unwrap_or_default();
     let mut senders = Vec::with_capacity(config.shards);
     let mut joins = Vec::with_capacity(config.shards);
-    for id in 0..config.shards {
+    let (exchange_tx, exchange_rx): (Vec<_>, Vec<_>) = (0..config.shards).map(|_| flume::unbounded()).unzip();
+    for (id, exchange_inbox) in exchange_rx.into_iter().enumerate() {
         let (tx, rx) = shared_channel::new_bounded(config.queue_capacity());
         let cpu = (config.pin_shards && !cores.is_empty()).then(|| cores[id % cores.len()]);
-        match shard::spawn(id, cpu, rx, health.clone()) {
+        let wiring = ShardWiring { inbox: rx, outputs: outputs.clone(), exchange: exchange_tx.clone(), exchange_inbox };
+        match shard::spawn(id, cpu, wiring, health.clone()) {
             Ok(join) => {
                 senders.push(tx);
                 joins.push(join);
@@ -89,6 +96,8 @@ pub(crate) fn run(startup: Startup) {
             frontend: RefCell::new(Some(frontend)),
             access,
             watermarks: RefCell::new(HashMap::new()),
+            outputs: outputs.clone(),
+            inflight: Arc::new(AtomicUsize::new(0)),
         });
         let _ = ready.send(Ok(()));
         let internal_tx = internal.0;
@@ -121,8 +130,12 @@ pub(crate) fn run(startup: Startup) {
         let (reply, _) = reply_channel();
         let _ = internal_tx.send(Command::Shutdown { reply, sent: None });
         internal_loop.await;
+        coord.drain().await;
         for tx in &coord.shards {
             let _ = tx.send(ShardCommand::Stop).await;
+        }
+        for output in coord.outputs.write().drain() {
+            output.1.close();
         }
         let frontend = coord.frontend.borrow_mut().take();
         (frontend, shutdown_reply)
@@ -147,6 +160,9 @@ struct Coordinator {
     frontend: RefCell<Option<Box<dyn Frontend>>>,
     access: Arc<dyn ShardAccess>,
     watermarks: RefCell<HashMap<String, i64>>,
+    outputs: Outputs,
+    /// Inserts and watermarks still travelling through the shards.
+    inflight: Arc<AtomicUsize>,
 }
 
 impl Coordinator {
@@ -155,8 +171,8 @@ impl Coordinator {
             Command::Execute { sql, params, reply } => {
                 let _ = reply.send(self.execute(&sql, &params).await);
             }
-            Command::Insert { source, parts, reply } => {
-                self.insert(&source, parts, reply).await;
+            Command::Insert { source, parts, max_event_ms, reply } => {
+                self.insert(&source, parts, max_event_ms, reply).await;
             }
             Command::Scan { source, shard, reply } => {
                 let Some(tx) = self.shards.get(shard) else {
@@ -169,13 +185,23 @@ impl Coordinator {
                 let _ = reply.send(self.stats(&source).await);
             }
             Command::Watermark { source, watermark_ms, reply } => {
-                let result = self.catalog.borrow().source(&source).map(|_| ()).map(|()| {
-                    let mut marks = self.watermarks.borrow_mut();
-                    let mark = marks.entry(source).or_insert(watermark_ms);
-                    *mark = (*mark).max(watermark_ms);
-                    *mark
+                let name = match self.catalog.borrow().source(&source) {
+                    Ok(def) => def.name.clone(),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                // Answered once the watermark has passed through every stream.
+                let mark = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
+                let ack = Ack::new(&self.inflight, {
+                    let mark = mark.clone();
+                    move |r| {
+                        let _ = reply.send(r.map(|_| mark.load(Ordering::Acquire)));
+                    }
                 });
-                let _ = reply.send(result);
+                let now = self.advance_watermark(&name, watermark_ms, &ack).await;
+                mark.store(now, Ordering::Release);
             }
             Command::InjectPanic { site, reply } => match site {
                 PanicSite::Coordinator => {
@@ -227,7 +253,30 @@ impl Coordinator {
                 if exists && or_replace {
                     self.drop_source(&name).await?;
                 }
+                let schema = def.schema.clone();
                 self.update_catalog(|c| c.add_source(def))?;
+                self.outputs.write().insert(name.clone(), Output::new(name.clone(), schema));
+                Ok(Outcome::Ddl { verb: verb.into(), object: name })
+            }
+            Statement::CreateStream { def, if_not_exists, or_replace } => {
+                let verb = if def.plan.materialized { "CREATE MATERIALIZED VIEW" } else { "CREATE STREAM" };
+                let name = def.name.clone();
+                let exists = self.catalog.borrow().contains(&name);
+                if exists && if_not_exists {
+                    return Ok(Outcome::Ddl { verb: verb.into(), object: name });
+                }
+                if exists && or_replace {
+                    self.drop_stream(&name).await?;
+                }
+                let plan = def.plan.clone();
+                self.update_catalog(|c| c.add_stream(def))?;
+                let output = Output::new(name.clone(), plan.schema.clone());
+                self.outputs.write().insert(name.clone(), output.clone());
+                for tx in &self.shards {
+                    tx.send(ShardCommand::AddStream { plan: plan.clone(), output: output.clone() })
+                        .await
+                        .map_err(|_| Error::internal("a shard has stopped"))?;
+                }
                 Ok(Outcome::Ddl { verb: verb.into(), object: name })
             }
             Statement::Drop { kind, name, if_exists } => {
@@ -237,7 +286,11 @@ impl Coordinator {
                         Err(e) if e.code == ErrorCode::TableNotFound && if_exists => {}
                         other => other?,
                     },
-                    ObjectKind::Stream | ObjectKind::Sink | ObjectKind::View => {
+                    ObjectKind::Stream | ObjectKind::View => match self.drop_stream(&name).await {
+                        Err(e) if e.code == ErrorCode::TableNotFound && if_exists => {}
+                        other => other?,
+                    },
+                    ObjectKind::Sink => {
                         if !if_exists {
                             return Err(Error::table_not_found(&name));
                         }
@@ -260,9 +313,60 @@ impl Coordinator {
         }
     }
 
+    async fn drop_stream(&self, name: &str) -> Result<()> {
+        let removed = self.update_catalog(|c| c.drop_stream(name))?;
+        if let Some(output) = self.outputs.write().remove(&removed.name) {
+            output.close();
+        }
+        let name: Arc<str> = removed.name.as_str().into();
+        for tx in &self.shards {
+            tx.send(ShardCommand::DropStream { name: name.clone() })
+                .await
+                .map_err(|_| Error::internal("a shard has stopped"))?;
+        }
+        Ok(())
+    }
+
+    /// Waits (bounded) until every accepted insert and watermark has passed through every
+    /// stream, so a shutdown delivers everything it accepted.
+    async fn drain(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.inflight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+            glommio::timer::sleep(std::time::Duration::from_micros(200)).await;
+        }
+    }
+
+    /// Moves `source`'s watermark to `mark` if that is later, telling every shard (after the
+    /// rows already sent to it). Returns the source's watermark.
+    async fn advance_watermark(&self, source: &str, mark: i64, ack: &AckToken) -> i64 {
+        let current = {
+            let mut marks = self.watermarks.borrow_mut();
+            let current = marks.entry(source.to_string()).or_insert(i64::MIN);
+            if mark <= *current {
+                return *current;
+            }
+            *current = mark;
+            mark
+        };
+        if let Some(output) = self.outputs.read().get(source) {
+            output.counters.watermark.fetch_max(current, Ordering::Relaxed);
+        }
+        let name: Arc<str> = source.into();
+        for tx in &self.shards {
+            let cmd = ShardCommand::Watermark { source: name.clone(), watermark: current, ack: ack.clone() };
+            if tx.send(cmd).await.is_err() {
+                ack.fail(Error::internal("a shard has stopped"));
+            }
+        }
+        current
+    }
+
     async fn drop_source(&self, name: &str) -> Result<()> {
         let removed = self.update_catalog(|c| c.drop_source(name))?;
         self.watermarks.borrow_mut().remove(&removed.name);
+        if let Some(output) = self.outputs.write().remove(&removed.name) {
+            output.close();
+        }
         let source: Arc<str> = removed.name.as_str().into();
         for tx in &self.shards {
             tx.send(ShardCommand::DropSource { source: source.clone() })
@@ -281,14 +385,15 @@ impl Coordinator {
         Ok(out)
     }
 
-    async fn insert(&self, source: &str, parts: Vec<Vec<RecordBatch>>, reply: Reply<u64>) {
-        let name: Arc<str> = {
+    async fn insert(&self, source: &str, parts: Vec<Vec<RecordBatch>>, max_event_ms: Option<i64>, reply: Reply<u64>) {
+        let (name, watermark): (Arc<str>, Option<i64>) = {
             let catalog = self.catalog.borrow();
             match catalog.source(source) {
                 // The caller cast against a catalog snapshot; a source dropped and re-created
                 // with another schema since then must not receive those rows.
                 Ok(def) if parts.iter().flatten().all(|b| b.schema().fields() == def.schema.fields()) => {
-                    def.name.as_str().into()
+                    let mark = def.watermark.as_ref().zip(max_event_ms).map(|(w, max)| max.saturating_sub(w.delay_ms));
+                    (def.name.as_str().into(), mark)
                 }
                 Ok(_) => {
                     let _ = reply.send(Err(Error::new(
@@ -303,18 +408,17 @@ impl Coordinator {
                 }
             }
         };
-        let busy: Vec<(usize, Vec<RecordBatch>)> =
-            parts.into_iter().enumerate().filter(|(_, p)| !p.is_empty()).collect();
-        if busy.is_empty() {
-            let _ = reply.send(Ok(0));
-            return;
-        }
-        let latch = AckLatch::new(busy.len(), reply);
-        for (shard, batches) in busy {
-            let cmd = ShardCommand::Append { source: name.clone(), batches, ack: latch.clone() };
+        let ack = Ack::new(&self.inflight, move |r| {
+            let _ = reply.send(r);
+        });
+        for (shard, batches) in parts.into_iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+            let cmd = ShardCommand::Append { source: name.clone(), batches, ack: ack.clone() };
             if self.shards[shard].send(cmd).await.is_err() {
-                latch.done(Err(Error::internal(format!("shard {shard} has stopped"))));
+                ack.fail(Error::internal(format!("shard {shard} has stopped")));
             }
+        }
+        if let Some(mark) = watermark {
+            self.advance_watermark(&name, mark, &ack).await;
         }
     }
 
@@ -364,9 +468,10 @@ impl ShardAccess for CoordinatorAccess {
             .into_iter()
             .map(|p| p.into_iter().collect())
             .collect();
+        let max_event_ms = crate::handle::max_event_ms(def, &[batch])?;
         let (reply, rx) = reply_channel();
         self.internal
-            .send(Command::Insert { source: def.name.clone(), parts, reply })
+            .send(Command::Insert { source: def.name.clone(), parts, max_event_ms, reply })
             .map_err(|_| Error::shutdown())?;
         Ok(rx)
     }

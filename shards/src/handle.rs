@@ -10,7 +10,9 @@ use arrow::array::{Array, RecordBatch, UInt64Array};
 use datafusion::common::ScalarValue;
 use parking_lot::{Mutex, RwLock};
 
-use laminardb_engine::catalog::Catalog;
+use laminardb_engine::catalog::{Catalog, SourceDef};
+use laminardb_engine::stream::output::Output;
+use laminardb_engine::stream::time::max_millis;
 use laminardb_engine::config::EngineConfig;
 use laminardb_engine::frontend::{Frontend, QueryHandle, QueryKind};
 use laminardb_engine::ingest::cast_to_schema;
@@ -20,6 +22,7 @@ use laminardb_engine::{Error, Result};
 use crate::command::{reply_channel, Command, PanicSite, Reply};
 use crate::coordinator::{self, Published, Startup};
 use crate::health::Health;
+use crate::runtime::Outputs;
 
 /// What one executed statement produced.
 pub enum Outcome {
@@ -32,6 +35,7 @@ pub struct Handle {
     commands: flume::Sender<Command>,
     queue_capacity: usize,
     published: Published,
+    outputs: Outputs,
     shards: usize,
     health: Arc<Health>,
     coordinator: Mutex<Option<JoinHandle<()>>>,
@@ -46,6 +50,7 @@ impl Handle {
         let queue_capacity = config.queue_capacity();
         let (commands_tx, commands_rx) = flume::bounded(queue_capacity);
         let published: Published = Arc::new(RwLock::new(Arc::new(Catalog::default())));
+        let outputs: Outputs = Arc::default();
         let health = Arc::new(Health::default());
         let (ready_tx, ready_rx) = flume::bounded(1);
         let startup = Startup {
@@ -54,6 +59,7 @@ impl Handle {
             commands: commands_rx,
             internal: flume::unbounded(),
             published: published.clone(),
+            outputs: outputs.clone(),
             health: health.clone(),
             ready: ready_tx,
         };
@@ -79,6 +85,7 @@ impl Handle {
             commands: commands_tx,
             queue_capacity,
             published,
+            outputs,
             shards,
             health,
             coordinator: Mutex::new(Some(coordinator)),
@@ -133,13 +140,26 @@ impl Handle {
         let catalog = self.catalog();
         let def = catalog.source(source)?;
         let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); self.shards];
+        let mut cast = Vec::with_capacity(batches.len());
         for batch in batches {
             let batch = cast_to_schema(batch, &def.schema)?;
             for (shard, part) in partition_batch(&batch, &def.partition_key, self.shards)?.into_iter().enumerate() {
                 parts[shard].extend(part);
             }
+            cast.push(batch);
         }
-        self.call(|reply| Command::Insert { source: def.name.clone(), parts, reply })
+        let max_event_ms = max_event_ms(def, &cast)?;
+        self.call(|reply| Command::Insert { source: def.name.clone(), parts, max_event_ms, reply })
+    }
+
+    /// Every source's and stream's output (for their counters).
+    pub fn outputs(&self) -> Vec<Arc<Output>> {
+        self.outputs.read().values().cloned().collect()
+    }
+
+    /// The output of a source or stream, to subscribe to.
+    pub fn output(&self, name: &str) -> Result<Arc<Output>> {
+        self.outputs.read().get(name).cloned().ok_or_else(|| Error::table_not_found(name))
     }
 
     /// Per-shard (rows, bytes) retained for a source.
@@ -182,6 +202,19 @@ impl Drop for Handle {
     fn drop(&mut self) {
         let _ = self.close();
     }
+}
+
+/// The latest event time among `batches` (epoch ms), for a source with a watermark.
+pub(crate) fn max_event_ms(def: &SourceDef, batches: &[RecordBatch]) -> Result<Option<i64>> {
+    let Some(spec) = &def.watermark else { return Ok(None) };
+    let Ok(index) = def.schema.index_of(&spec.column) else { return Ok(None) };
+    let mut max = None;
+    for batch in batches {
+        if let Some(m) = max_millis(batch.column(index))? {
+            max = Some(max.map_or(m, |cur: i64| cur.max(m)));
+        }
+    }
+    Ok(max)
 }
 
 /// The affected-row count a DML result batch carries.

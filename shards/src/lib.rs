@@ -19,6 +19,7 @@ pub mod command;
 mod coordinator;
 mod handle;
 mod health;
+pub mod runtime;
 mod shard;
 pub mod store;
 

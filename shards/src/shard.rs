@@ -1,22 +1,34 @@
-//! One shard reactor: a glommio executor pinned to a core, owning its [`LocalStore`].
+//! One shard reactor: a glommio executor pinned to a core, owning its [`ShardRuntime`]:
+//! one task for commands from the coordinator, one for messages from the other shards.
 
 use std::sync::Arc;
 
 use glommio::channels::shared_channel::SharedReceiver;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
-use crate::command::ShardCommand;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use crate::command::{Exchange, ShardCommand};
 use crate::health::{catch, Health};
-use crate::store::LocalStore;
+use crate::runtime::{Outputs, ShardRuntime};
 
 /// io_uring registered-buffer memory per shard; the hard memlock limit here is 8 MiB for
 /// every executor of the process, so stay small until the WAL needs more.
 pub(crate) const SHARD_IO_MEMORY_BYTES: usize = 512 << 10;
 
+pub(crate) struct ShardWiring {
+    pub inbox: SharedReceiver<ShardCommand>,
+    pub outputs: Outputs,
+    /// Every shard's exchange inbox (this one's included), and this shard's own.
+    pub exchange: Vec<flume::Sender<Exchange>>,
+    pub exchange_inbox: flume::Receiver<Exchange>,
+}
+
 pub(crate) fn spawn(
     id: usize,
     cpu: Option<usize>,
-    inbox: SharedReceiver<ShardCommand>,
+    wiring: ShardWiring,
     health: Arc<Health>,
 ) -> glommio::Result<ExecutorJoinHandle<()>, ()> {
     let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
@@ -25,35 +37,73 @@ pub(crate) fn spawn(
         .io_memory(SHARD_IO_MEMORY_BYTES)
         .spawn(move || async move {
             let name = format!("shard {id}");
-            if let Err(why) = run(id, inbox).await {
+            if let Err(why) = run(id, wiring).await {
                 health.thread_died(&name, why);
             }
         })
 }
 
-async fn run(id: usize, inbox: SharedReceiver<ShardCommand>) -> Result<(), String> {
+async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
+    let ShardWiring { inbox, outputs, exchange, exchange_inbox } = wiring;
     let inbox = inbox.connect().await;
-    let mut store = LocalStore::default();
+    let own_exchange = exchange[id].clone();
+    let runtime = Rc::new(RefCell::new(ShardRuntime::new(id, outputs, exchange)));
     let place = format!("shard {id}");
-    while let Some(cmd) = inbox.recv().await {
+    // Not detached: it must finish inside this executor at shutdown.
+    let peers = glommio::spawn_local({
+        let runtime = runtime.clone();
+        let place = place.clone();
+        async move {
+            while let Ok(msg) = exchange_inbox.recv_async().await {
+                if matches!(msg, Exchange::Stop) {
+                    break;
+                }
+                let _ = catch(&place, || {
+                    runtime.borrow_mut().on_exchange(msg);
+                    Ok(())
+                });
+            }
+        }
+    });
+    let result = loop {
+        let Some(cmd) = inbox.recv().await else {
+            break Err("coordinator channel closed without Stop".to_string());
+        };
+        let mut rt = runtime.borrow_mut();
         match cmd {
             ShardCommand::Append { source, batches, ack } => {
-                ack.done(catch(&place, || {
-                    batches.into_iter().try_fold(0, |n, b| Ok(n + store.append(&source, b)?))
-                }));
+                if let Err(e) = catch(&place, || rt.append(&source, batches, &ack)) {
+                    ack.fail(e);
+                }
             }
+            ShardCommand::Watermark { source, watermark, ack } => {
+                if let Err(e) = catch(&place, || {
+                    rt.watermark(&source, watermark, &ack);
+                    Ok(())
+                }) {
+                    ack.fail(e);
+                }
+            }
+            ShardCommand::AddStream { plan, output } => {
+                if let Err(e) = catch(&place, || rt.add_stream(plan, output.clone())) {
+                    output.record_error(&e.to_string());
+                }
+            }
+            ShardCommand::DropStream { name } => rt.drop_stream(&name),
             ShardCommand::Scan { source, reply } => {
-                let _ = reply.send(catch(&place, || Ok(store.scan(&source))));
+                let _ = reply.send(catch(&place, || rt.scan(&source)));
             }
             ShardCommand::Stats { source, reply } => {
-                let _ = reply.send(Ok(store.rows(&source)));
+                let _ = reply.send(Ok(rt.store().rows(&source)));
             }
-            ShardCommand::DropSource { source } => store.drop_source(&source),
+            ShardCommand::DropSource { source } => rt.drop_source(&source),
             ShardCommand::InjectPanic { reply } => {
                 let _ = reply.send(catch(&place, || panic!("injected panic (test hook)")));
             }
-            ShardCommand::Stop => return Ok(()),
+            ShardCommand::Stop => break Ok(()),
         }
-    }
-    Err("coordinator channel closed without Stop".into())
+    };
+    let _ = own_exchange.send(Exchange::Stop);
+    peers.await;
+    result
 }

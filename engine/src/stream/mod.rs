@@ -38,11 +38,10 @@ pub const OP_UPDATE: &str = "+U";
 /// When a stream emits its aggregate rows.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Emit {
-    /// Each window once, when the watermark passes its end; with `ALLOW LATENESS`, late
-    /// rows re-emit the updated window row (appended). The default for windows.
+    /// Each window once, final, when the watermark passes its end plus the allowed
+    /// lateness: the default for windows. `EMIT ON WINDOW CLOSE` and `EMIT FINAL` are the
+    /// same, so an append-only stream never holds two rows for one window.
     AfterWatermark,
-    /// Each window once, after the watermark passes its end plus the allowed lateness
-    /// (`EMIT ON WINDOW CLOSE`, `EMIT FINAL`).
     OnWindowClose,
     /// Every change, as a changelog with retractions (`EMIT ON UPDATE`, `EMIT CHANGES`);
     /// the default for a `GROUP BY` without a window.

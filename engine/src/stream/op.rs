@@ -163,8 +163,8 @@ impl AggOperator {
         self.plan.lateness_ms
     }
 
-    /// Folds a batch of branch output into the state. Returns what to emit now: changes
-    /// (changelog mode) or re-emitted windows updated by late rows (append mode).
+    /// Folds a batch of branch output into the state. Returns what to emit now: the
+    /// changes, in changelog mode; nothing in append mode (windows emit on close).
     pub fn apply(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>> {
         let n = batch.num_rows();
         if n == 0 {
@@ -254,12 +254,6 @@ impl AggOperator {
             for &g in &touched {
                 self.groups[g as usize].emitted = true;
             }
-        } else if lateness > 0 && window.is_some() {
-            let again: Vec<usize> =
-                touched.iter().filter(|&&g| self.groups[g as usize].emitted).map(|&g| g as usize).collect();
-            if !again.is_empty() {
-                out.push(self.finish(&again)?);
-            }
         }
         out.retain(|b| b.num_rows() > 0);
         Ok(out)
@@ -330,10 +324,8 @@ impl AggOperator {
             }
             let past = end.saturating_add(lateness) <= watermark;
             let group = &self.groups[g as usize];
-            match self.plan.emit {
-                Emit::AfterWatermark if !group.emitted => emit.push(g as usize),
-                Emit::OnWindowClose if past => emit.push(g as usize),
-                _ => {}
+            if self.plan.emit != Emit::Changes && past && !group.emitted {
+                emit.push(g as usize);
             }
             if past {
                 expired.push(g);

@@ -58,6 +58,9 @@ pub struct OutputCounters {
     pub late_rows: AtomicU64,
     /// The stream's watermark (epoch ms), as its operators last reported it.
     pub watermark: std::sync::atomic::AtomicI64,
+    /// Rows a stream's expressions failed on (a division by zero, a failed cast).
+    pub errors: AtomicU64,
+    pub last_error: parking_lot::Mutex<Option<String>>,
 }
 
 /// The fan-out point of one named source or stream.
@@ -140,6 +143,12 @@ impl Output {
         let mut subscribers = self.subscribers.write();
         self.closed.store(true, Ordering::Release);
         subscribers.clear();
+    }
+
+    pub fn record_error(&self, message: &str) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        *self.counters.last_error.lock() = Some(message.to_string());
+        log::warn!("stream '{}': {message}", self.name);
     }
 
     pub fn is_closed(&self) -> bool {

@@ -39,6 +39,18 @@ rounded to 6 decimal places and printed with `repr` (2.0, 0.333333, 1e+20, NaN, 
 as `YYYY-MM-DD HH:MM:SS[.ffffff]` (UTC, no zone), DATE as `YYYY-MM-DD`, strings as they are and
 the empty string as `(empty)`. `rowsort` sorts expected and actual rows by their text first.
 
+Details:
+- `#` lines are comments only between records; inside a record every line is SQL, CSV or a row.
+- Trailing whitespace of expected and actual rows is ignored.
+- `insert` CSV is parsed with Python's csv module (quotes, "" escapes; spaces after commas are
+  skipped); values take the source's column types; TIMESTAMP accepts ISO text ('2024-01-01
+  00:00:01', '2024-01-01T00:00:01.500', taken as UTC) or an integer of epoch milliseconds.
+  The rows go in as one `conn.insert(source, pyarrow.Table)`.
+- `watermark` keeps one `conn.writer(source)` per source for the whole file.
+- `subscribe` on a stream already subscribed replaces (and cancels) the earlier subscription.
+- `expect` drains `try_next()` until it returns None; what it read is consumed.
+- `statement` uses `conn.execute`, `query` uses `conn.query`.
+
 Every file runs on a fresh in-memory connection, started with `start()` before the first record.
 
 Run one file by hand, from `python/`:

@@ -1,0 +1,579 @@
+//! `CREATE STREAM` / `CREATE MATERIALIZED VIEW`: from SQL to a [`StreamPlan`].
+//!
+//! The streaming clauses DataFusion does not know are handled here: `EMIT …` and
+//! `ALLOW LATENESS …` are cut off at token level, and the window call in `GROUP BY`
+//! (`TUMBLE(ts, …)`, `HOP`, `SESSION`, `CUMULATE`) is replaced by the two columns it
+//! defines, `window_start` and `window_end`, which the planning table carries. DataFusion
+//! then plans and type-checks the query; its logical plan is lowered into branches (filter
+//! + projection), the aggregate (group keys, window, aggregate calls) and the final
+//! `HAVING` + `SELECT` list, every expression compiled to a DataFusion physical expression.
+//! Plan shapes that cannot run incrementally are rejected by name.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::DFSchema;
+use datafusion::datasource::empty::EmptyTable;
+use datafusion::execution::context::SessionContext;
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{Expr as DfExpr, ExprSchemable, LogicalPlan};
+use datafusion::optimizer::Analyzer;
+use datafusion::physical_expr::{create_physical_expr, execution_props::ExecutionProps};
+use datafusion::sql::sqlparser::ast::{
+    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, SetExpr, SetOperator, SetQuantifier,
+    Statement as SqlStatement,
+};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::sqlparser::tokenizer::Token;
+
+use laminardb_engine::catalog::{Catalog, StreamDef};
+use laminardb_engine::stream::op::nullable;
+use laminardb_engine::stream::time::is_event_time;
+use laminardb_engine::stream::{
+    AggCall, AggKind, AggPlan, Branch, Domain, Emit, GroupCol, PhysExpr, StreamPlan, WindowKind, OP_COLUMN,
+};
+use laminardb_engine::{Error, Result};
+
+use crate::interval::interval_ms;
+
+pub const WINDOW_START: &str = "window_start";
+pub const WINDOW_END: &str = "window_end";
+
+/// A parsed `CREATE STREAM … AS <query> [EMIT …] [ALLOW LATENESS …]`.
+pub struct CreateStream {
+    pub name: String,
+    pub materialized: bool,
+    pub or_replace: bool,
+    pub if_not_exists: bool,
+    pub query: String,
+    pub emit: Option<Emit>,
+    pub lateness_ms: i64,
+}
+
+fn is_word(t: &Token, w: &str) -> bool {
+    matches!(t, Token::Word(word) if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(w))
+}
+
+fn text(tokens: &[Token]) -> String {
+    tokens.iter().map(|t| t.to_string()).collect::<String>().trim().to_string()
+}
+
+/// Index of every top-level (not parenthesized) token.
+fn top_level(tokens: &[Token]) -> Vec<usize> {
+    let mut depth = 0i32;
+    let mut out = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        match t {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            _ if depth == 0 => out.push(i),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Cuts trailing `EMIT …` and `ALLOW LATENESS …` clauses off a query.
+pub fn cut_streaming_clauses(tokens: &[Token]) -> Result<(Vec<Token>, Option<Emit>, i64)> {
+    let top = top_level(tokens);
+    let cut = top.iter().copied().find(|&i| {
+        is_word(&tokens[i], "EMIT")
+            || (is_word(&tokens[i], "ALLOW")
+                && tokens[i + 1..].iter().find(|t| !matches!(t, Token::Whitespace(_))).is_some_and(|t| is_word(t, "LATENESS")))
+    });
+    let Some(cut) = cut else { return Ok((tokens.to_vec(), None, 0)) };
+    let query = tokens[..cut].to_vec();
+    let clauses: Vec<&Token> = tokens[cut..].iter().filter(|t| !matches!(t, Token::Whitespace(_))).collect();
+    let (mut emit, mut lateness) = (None, 0);
+    let mut i = 0;
+    let word = |i: usize| clauses.get(i).map(|t| t.to_string().to_ascii_uppercase()).unwrap_or_default();
+    while i < clauses.len() {
+        match word(i).as_str() {
+            "EMIT" => {
+                let (mode, used) = match (word(i + 1).as_str(), word(i + 2).as_str(), word(i + 3).as_str()) {
+                    ("AFTER", "WATERMARK", _) => (Emit::AfterWatermark, 3),
+                    ("ON", "WINDOW", "CLOSE") => (Emit::OnWindowClose, 4),
+                    ("FINAL", _, _) => (Emit::OnWindowClose, 2),
+                    ("ON", "UPDATE", _) => (Emit::Changes, 3),
+                    ("CHANGES", _, _) => (Emit::Changes, 2),
+                    ("EVERY", _, _) | ("PERIODICALLY", _, _) => {
+                        return Err(Error::unsupported("EMIT EVERY INTERVAL (periodic emission) is not available yet"))
+                    }
+                    _ => return Err(Error::parse(format!("unknown EMIT clause: EMIT {}", word(i + 1)))),
+                };
+                emit = Some(mode);
+                i += used;
+            }
+            "ALLOW" => {
+                let rest: Vec<Token> = clauses[i + 2..]
+                    .iter()
+                    .take_while(|t| !is_word(t, "EMIT"))
+                    .map(|t| (*t).clone())
+                    .collect();
+                let sql = rest.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ");
+                let expr = Parser::new(&GenericDialect {})
+                    .try_with_sql(&sql)
+                    .and_then(|mut p| p.parse_expr())
+                    .map_err(|e| Error::parse(format!("ALLOW LATENESS: {e}")))?;
+                lateness = interval_ms(&expr)?;
+                i += 2 + rest.len();
+            }
+            other => return Err(Error::parse(format!("unexpected '{other}' after the query"))),
+        }
+    }
+    Ok((query, emit, lateness))
+}
+
+/// Parses the DDL around the query; `None` when `tokens` is not a `CREATE STREAM`.
+pub fn parse_create_stream(tokens: &[Token]) -> Result<Option<CreateStream>> {
+    let sig: Vec<usize> = (0..tokens.len()).filter(|&i| !matches!(tokens[i], Token::Whitespace(_))).collect();
+    let w = |k: usize| sig.get(k).map(|&i| &tokens[i]);
+    let mut k = 0;
+    if !w(k).is_some_and(|t| is_word(t, "CREATE")) {
+        return Ok(None);
+    }
+    k += 1;
+    let or_replace = w(k).is_some_and(|t| is_word(t, "OR")) && w(k + 1).is_some_and(|t| is_word(t, "REPLACE"));
+    if or_replace {
+        k += 2;
+    }
+    let materialized = if w(k).is_some_and(|t| is_word(t, "STREAM")) {
+        k += 1;
+        false
+    } else if w(k).is_some_and(|t| is_word(t, "MATERIALIZED")) && w(k + 1).is_some_and(|t| is_word(t, "VIEW")) {
+        k += 2;
+        true
+    } else {
+        return Ok(None);
+    };
+    let if_not_exists = w(k).is_some_and(|t| is_word(t, "IF"))
+        && w(k + 1).is_some_and(|t| is_word(t, "NOT"))
+        && w(k + 2).is_some_and(|t| is_word(t, "EXISTS"));
+    if if_not_exists {
+        k += 3;
+    }
+    let name = match w(k) {
+        Some(Token::Word(word)) if word.quote_style.is_some() => word.value.clone(),
+        Some(Token::Word(word)) => word.value.to_ascii_lowercase(),
+        _ => return Err(Error::parse("expected a stream name after CREATE STREAM")),
+    };
+    k += 1;
+    if !w(k).is_some_and(|t| is_word(t, "AS")) {
+        let what = if materialized { "CREATE MATERIALIZED VIEW" } else { "CREATE STREAM" };
+        return Err(Error::parse(format!("expected AS after {what} {name}")));
+    }
+    let body = &tokens[sig[k] + 1..];
+    let (query, emit, lateness_ms) = cut_streaming_clauses(body)?;
+    Ok(Some(CreateStream { name, materialized, or_replace, if_not_exists, query: text(&query), emit, lateness_ms }))
+}
+
+/// The window call found in a `GROUP BY`.
+struct WindowCall {
+    kind: WindowKind,
+    column: String,
+}
+
+fn function_args(f: &datafusion::sql::sqlparser::ast::Function) -> Result<Vec<&Expr>> {
+    let FunctionArguments::List(list) = &f.args else {
+        return Err(Error::parse(format!("{} needs arguments", f.name)));
+    };
+    list.args
+        .iter()
+        .map(|a| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Ok(e),
+            other => Err(Error::parse(format!("unexpected window argument {other}"))),
+        })
+        .collect()
+}
+
+fn duration_ms(e: &Expr) -> Result<i64> {
+    if let Expr::Value(v) = e {
+        if let datafusion::sql::sqlparser::ast::Value::Number(n, _) = &v.value {
+            return n.parse().map_err(|_| Error::parse(format!("bad window size {n}")));
+        }
+    }
+    interval_ms(e)
+}
+
+fn window_call(e: &Expr) -> Result<Option<WindowCall>> {
+    let Expr::Function(f) = e else { return Ok(None) };
+    let name = f.name.to_string().to_ascii_lowercase();
+    let arity = match name.as_str() {
+        "tumble" | "session" => 2,
+        "hop" | "cumulate" => 3,
+        _ => return Ok(None),
+    };
+    let args = function_args(f)?;
+    if args.len() != arity {
+        return Err(Error::parse(format!("{} takes {arity} arguments", name.to_uppercase())));
+    }
+    let column = match args[0] {
+        Expr::Identifier(id) => id.value.clone(),
+        Expr::CompoundIdentifier(ids) => ids.last().map(|i| i.value.clone()).unwrap_or_default(),
+        other => return Err(Error::unsupported(format!("window over the expression {other}: name a column"))),
+    };
+    let d = |i: usize| duration_ms(args[i]);
+    let kind = match name.as_str() {
+        "tumble" => WindowKind::Tumble { size: d(1)? },
+        "hop" => WindowKind::Hop { slide: d(1)?, size: d(2)? },
+        "cumulate" => WindowKind::Cumulate { step: d(1)?, size: d(2)? },
+        _ => WindowKind::Session { gap: d(1)? },
+    };
+    Ok(Some(WindowCall { kind: kind.validate().map_err(Error::parse)?, column }))
+}
+
+/// Replaces the window call of every `SELECT`'s `GROUP BY` with `window_start, window_end`;
+/// returns the rewritten query and, per `SELECT` in order, its window.
+fn rewrite_windows(query: &str) -> Result<(String, Vec<Option<WindowCall>>)> {
+    let mut statements = Parser::parse_sql(&GenericDialect {}, query).map_err(|e| Error::parse(e.to_string()))?;
+    if statements.len() != 1 {
+        return Err(Error::parse("expected one SELECT query"));
+    }
+    let SqlStatement::Query(q) = &mut statements[0] else {
+        return Err(Error::unsupported(format!("a stream over '{}': it must be a SELECT", statements[0])));
+    };
+    if q.order_by.is_some() {
+        return Err(Error::unsupported("ORDER BY in a stream (a stream has no end to sort by)"));
+    }
+    if q.limit_clause.is_some() || q.fetch.is_some() {
+        return Err(Error::unsupported("LIMIT in a stream"));
+    }
+    if q.with.is_some() {
+        return Err(Error::unsupported("WITH (common table expressions) in a stream"));
+    }
+    let mut windows = Vec::new();
+    rewrite_set(&mut q.body, &mut windows)?;
+    Ok((statements[0].to_string(), windows))
+}
+
+fn rewrite_set(body: &mut SetExpr, windows: &mut Vec<Option<WindowCall>>) -> Result<()> {
+    match body {
+        SetExpr::Select(select) => {
+            let mut found = None;
+            if let GroupByExpr::Expressions(exprs, _) = &mut select.group_by {
+                let mut out = Vec::with_capacity(exprs.len() + 1);
+                for e in exprs.drain(..) {
+                    match window_call(&e)? {
+                        Some(w) if found.is_none() => {
+                            found = Some(w);
+                            out.push(Expr::Identifier(Ident::new(WINDOW_START)));
+                            out.push(Expr::Identifier(Ident::new(WINDOW_END)));
+                        }
+                        Some(_) => return Err(Error::unsupported("two windows in one GROUP BY")),
+                        None => out.push(e),
+                    }
+                }
+                *exprs = out;
+            }
+            windows.push(found);
+            Ok(())
+        }
+        SetExpr::SetOperation { op: SetOperator::Union, set_quantifier: SetQuantifier::All, left, right } => {
+            rewrite_set(left, windows)?;
+            rewrite_set(right, windows)
+        }
+        SetExpr::SetOperation { op, set_quantifier, .. } => {
+            Err(Error::unsupported(format!("{op} {set_quantifier} in a stream (only UNION ALL)")))
+        }
+        SetExpr::Query(q) => rewrite_set(&mut q.body, windows),
+        other => Err(Error::unsupported(format!("'{other}' in a stream"))),
+    }
+}
+
+/// Plans a continuous query over `catalog`.
+pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &tokio::runtime::Handle) -> Result<StreamDef> {
+    let (rewritten, windows) = rewrite_windows(&ddl.query)?;
+    let window = match windows.as_slice() {
+        [w] => w.as_ref(),
+        many if many.iter().any(Option::is_some) => {
+            return Err(Error::unsupported("windows inside UNION ALL branches: aggregate over a stream of the union instead"))
+        }
+        _ => None,
+    };
+    let ctx = planning_context(catalog, window.map(|w| w.column.as_str()))?;
+    let plan = {
+        let ctx = ctx.clone();
+        let rewritten = rewritten.clone();
+        runtime.block_on(async move { ctx.state().create_logical_plan(&rewritten).await })?
+    };
+    let plan = Analyzer::new().execute_and_check(plan, ctx.state().config_options(), |_, _| {})?;
+    let props = ExecutionProps::new();
+    let lowered = lower(&plan, window, &props, catalog)?;
+    let emit = match (ddl.emit, &lowered.agg) {
+        (None, Some(agg)) if agg.window.is_some() => Emit::AfterWatermark,
+        (None, _) => Emit::Changes,
+        (Some(Emit::AfterWatermark | Emit::OnWindowClose), Some(agg)) if agg.window.is_none() => {
+            return Err(Error::query("EMIT AFTER WATERMARK / ON WINDOW CLOSE / FINAL need a window in GROUP BY"))
+        }
+        (Some(e), _) => e,
+    };
+    let select_schema = nullable(lowered.schema.as_ref());
+    let changelog = lowered.agg.is_some() && emit == Emit::Changes;
+    let schema = if changelog {
+        let mut fields: Vec<Field> = select_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(OP_COLUMN, DataType::Utf8, false));
+        Arc::new(Schema::new(fields))
+    } else {
+        select_schema.clone()
+    };
+    let plan = StreamPlan {
+        name: ddl.name.clone(),
+        sql: sql.to_string(),
+        branches: lowered.branches,
+        agg: lowered.agg,
+        schema,
+        emit,
+        lateness_ms: ddl.lateness_ms,
+        materialized: ddl.materialized,
+    };
+    Ok(StreamDef { name: ddl.name.clone(), sql: sql.to_string(), plan: Arc::new(plan), table_schema: select_schema })
+}
+
+/// A scratch context whose tables are the catalog's sources and streams, never scanned;
+/// `window_table_column` adds `window_start`/`window_end` typed as that column.
+fn planning_context(catalog: &Catalog, window_column: Option<&str>) -> Result<SessionContext> {
+    let ctx = SessionContext::new();
+    let names = catalog.sources.keys().chain(catalog.streams.keys());
+    for name in names {
+        let mut schema = catalog.table_schema(name)?;
+        if let Some(stream) = catalog.streams.get(name) {
+            if stream.plan.is_changelog() {
+                // Readers of a changelog would need retraction-aware operators.
+                schema = Arc::new(Schema::new(vec![Field::new("__changelog_stream_not_readable", DataType::Null, true)]));
+            }
+        }
+        if let Some(col) = window_column {
+            if let Ok(field) = schema.field_with_name(col) {
+                if !is_event_time(field.data_type()) {
+                    return Err(Error::query(format!(
+                        "window column '{col}' is {}, not a TIMESTAMP or BIGINT of epoch milliseconds",
+                        field.data_type()
+                    )));
+                }
+                let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+                for extra in [WINDOW_START, WINDOW_END] {
+                    if schema.field_with_name(extra).is_err() {
+                        fields.push(Field::new(extra, field.data_type().clone(), true));
+                    }
+                }
+                schema = Arc::new(Schema::new(fields));
+            }
+        }
+        ctx.register_table(name.as_str(), Arc::new(EmptyTable::new(schema)))?;
+    }
+    Ok(ctx)
+}
+
+struct Lowered {
+    branches: Vec<Branch>,
+    agg: Option<AggPlan>,
+    /// The SELECT list's schema.
+    schema: SchemaRef,
+}
+
+fn physical(e: &DfExpr, schema: &DFSchema, props: &ExecutionProps) -> Result<PhysExpr> {
+    Ok(create_physical_expr(e, schema, props)?)
+}
+
+fn plan_name(plan: &LogicalPlan) -> String {
+    match plan {
+        LogicalPlan::Join(_) => "JOIN (stream joins come with the join operators)".into(),
+        LogicalPlan::Sort(_) => "ORDER BY".into(),
+        LogicalPlan::Limit(_) => "LIMIT".into(),
+        LogicalPlan::Distinct(_) => "SELECT DISTINCT".into(),
+        LogicalPlan::Window(_) => "window functions (OVER …)".into(),
+        LogicalPlan::Subquery(_) => "subqueries".into(),
+        LogicalPlan::Unnest(_) => "UNNEST".into(),
+        other => format!("the plan node {}", other.display()),
+    }
+}
+
+fn unsupported(plan: &LogicalPlan) -> Error {
+    Error::unsupported(format!("{} in a stream", plan_name(plan)))
+}
+
+/// Strips aliases to the `TableScan` under a chain of `Filter`s; returns the table name
+/// and the filter predicates with the schema each is evaluated against.
+fn scan_chain<'a>(mut plan: &'a LogicalPlan, filters: &mut Vec<(&'a DfExpr, &'a DFSchema)>) -> Result<String> {
+    loop {
+        match plan {
+            LogicalPlan::TableScan(scan) => return Ok(scan.table_name.table().to_string()),
+            LogicalPlan::Filter(f) => {
+                filters.push((&f.predicate, f.input.schema().as_ref()));
+                plan = &f.input;
+            }
+            LogicalPlan::SubqueryAlias(a) => plan = &a.input,
+            other => return Err(unsupported(other)),
+        }
+    }
+}
+
+fn combine_filters(filters: &[(&DfExpr, &DFSchema)], props: &ExecutionProps, catalog: &Catalog) -> Result<Option<PhysExpr>> {
+    let _ = catalog;
+    let Some(&(first, schema)) = filters.first() else { return Ok(None) };
+    // All filters of one chain evaluate against the scanned table's columns.
+    let mut e = first.clone();
+    for (f, _) in &filters[1..] {
+        e = e.and((*f).clone());
+    }
+    Ok(Some(physical(&e, schema, props)?))
+}
+
+fn lower(plan: &LogicalPlan, window: Option<&WindowCall>, props: &ExecutionProps, catalog: &Catalog) -> Result<Lowered> {
+    match plan {
+        LogicalPlan::Union(u) => {
+            let mut branches = Vec::new();
+            for input in &u.inputs {
+                let part = lower(input, None, props, catalog)?;
+                if part.agg.is_some() {
+                    return Err(Error::unsupported("GROUP BY inside UNION ALL branches"));
+                }
+                for mut b in part.branches {
+                    // Every branch emits in the union's schema.
+                    b.schema = nullable(plan.schema().as_arrow());
+                    branches.push(b);
+                }
+            }
+            Ok(Lowered { branches, agg: None, schema: Arc::new(plan.schema().as_arrow().clone()) })
+        }
+        LogicalPlan::SubqueryAlias(a) => lower(&a.input, window, props, catalog),
+        LogicalPlan::Projection(p) => {
+            let out_schema = Arc::new(p.schema.as_arrow().clone());
+            // HAVING sits between the projection and the aggregate.
+            let (having, below) = match p.input.as_ref() {
+                LogicalPlan::Filter(f) if matches!(f.input.as_ref(), LogicalPlan::Aggregate(_)) => {
+                    (Some(&f.predicate), f.input.as_ref())
+                }
+                other => (None, other),
+            };
+            if let LogicalPlan::Aggregate(a) = below {
+                let having = having.map(|h| physical(h, a.schema.as_ref(), props)).transpose()?;
+                let output = p.expr.iter().map(|e| physical(e, a.schema.as_ref(), props)).collect::<Result<Vec<_>>>()?;
+                let (branch, agg) = lower_aggregate(a, window, having, output, props, catalog)?;
+                return Ok(Lowered { branches: vec![branch], agg: Some(agg), schema: out_schema });
+            }
+            let mut filters = Vec::new();
+            let input = scan_chain(&p.input, &mut filters)?;
+            let filter = combine_filters(&filters, props, catalog)?;
+            let exprs = p.expr.iter().map(|e| physical(e, p.input.schema().as_ref(), props)).collect::<Result<Vec<_>>>()?;
+            if window.is_some() {
+                return Err(Error::unsupported("a window without GROUP BY aggregation"));
+            }
+            Ok(Lowered {
+                branches: vec![Branch { input, filter, exprs, schema: nullable(&out_schema) }],
+                agg: None,
+                schema: out_schema,
+            })
+        }
+        other => Err(unsupported(other)),
+    }
+}
+
+fn agg_kind(af: &AggregateFunction) -> Result<AggKind> {
+    let name = af.func.name().to_ascii_lowercase();
+    let distinct = af.params.distinct;
+    Ok(match (name.as_str(), distinct) {
+        ("count", false) => AggKind::Count,
+        ("count", true) => AggKind::CountDistinct,
+        ("sum", false) => AggKind::Sum,
+        ("avg" | "mean", false) => AggKind::Avg,
+        ("min", _) => AggKind::Min,
+        ("max", _) => AggKind::Max,
+        ("first_value", false) => AggKind::First,
+        ("last_value", false) => AggKind::Last,
+        ("stddev" | "stddev_samp", false) => AggKind::StddevSamp,
+        ("stddev_pop", false) => AggKind::StddevPop,
+        ("var" | "var_samp" | "variance" | "var_sample", false) => AggKind::VarSamp,
+        ("var_pop" | "var_population", false) => AggKind::VarPop,
+        (other, true) => return Err(Error::unsupported(format!("{}(DISTINCT …) in a stream", other.to_uppercase()))),
+        (other, false) => return Err(Error::unsupported(format!("the aggregate {}() in a stream", other.to_uppercase()))),
+    })
+}
+
+fn lower_aggregate(
+    a: &datafusion::logical_expr::Aggregate,
+    window: Option<&WindowCall>,
+    having: Option<PhysExpr>,
+    output: Vec<PhysExpr>,
+    props: &ExecutionProps,
+    catalog: &Catalog,
+) -> Result<(Branch, AggPlan)> {
+    let mut filters = Vec::new();
+    let input = scan_chain(&a.input, &mut filters)?;
+    let filter = combine_filters(&filters, props, catalog)?;
+    let in_schema = a.input.schema().as_ref();
+    let mut exprs: Vec<PhysExpr> = Vec::new();
+    let mut fields: Vec<Field> = Vec::new();
+    let mut layout = Vec::new();
+    for (i, g) in a.group_expr.iter().enumerate() {
+        if let DfExpr::GroupingSet(_) = g {
+            return Err(Error::unsupported("GROUPING SETS / ROLLUP / CUBE in a stream"));
+        }
+        match g {
+            DfExpr::Column(c) if c.name == WINDOW_START && window.is_some() => layout.push(GroupCol::WindowStart),
+            DfExpr::Column(c) if c.name == WINDOW_END && window.is_some() => layout.push(GroupCol::WindowEnd),
+            _ => {
+                let (_, field) = a.schema.qualified_field(i);
+                layout.push(GroupCol::Key(exprs.len()));
+                exprs.push(physical(g, in_schema, props)?);
+                fields.push(Field::new(format!("key{}", exprs.len() - 1), field.data_type().clone(), true));
+            }
+        }
+    }
+    let keys = exprs.len();
+    let mut window_type = DataType::Int64;
+    if let Some(w) = window {
+        let col = DfExpr::Column(in_schema.qualified_field_with_unqualified_name(&w.column)?.into());
+        window_type = in_schema.field_with_unqualified_name(&w.column)?.data_type().clone();
+        exprs.push(physical(&col, in_schema, props)?);
+        fields.push(Field::new("event_time", window_type.clone(), true));
+    }
+    let mut calls = Vec::new();
+    for (i, e) in a.aggr_expr.iter().enumerate() {
+        let inner = match e {
+            DfExpr::Alias(alias) => alias.expr.as_ref(),
+            other => other,
+        };
+        let DfExpr::AggregateFunction(af) = inner else {
+            return Err(Error::unsupported(format!("the aggregate expression {e} in a stream")));
+        };
+        if af.params.filter.is_some() {
+            return Err(Error::unsupported("aggregate FILTER (WHERE …) in a stream"));
+        }
+        let kind = agg_kind(af)?;
+        if !af.params.order_by.is_empty() {
+            return Err(Error::unsupported(format!(
+                "ORDER BY inside {}() in a stream: streams order FIRST_VALUE/LAST_VALUE by event time",
+                af.func.name().to_uppercase()
+            )));
+        }
+        let out_type = a.schema.field(a.group_expr.len() + i).data_type().clone();
+        let (arg, domain) = match af.params.args.as_slice() {
+            [] => (None, Domain::Int),
+            [DfExpr::Literal(v, _)] if kind == AggKind::Count && !v.is_null() => (None, Domain::Int),
+            [arg] => {
+                let t = arg.get_type(in_schema)?;
+                let domain = Domain::of(&t)
+                    .ok_or_else(|| Error::unsupported(format!("{kind:?} over {t} values in a stream")))?;
+                exprs.push(physical(arg, in_schema, props)?);
+                fields.push(Field::new(format!("arg{i}"), t, true));
+                (Some(exprs.len() - 1), domain)
+            }
+            _ => return Err(Error::unsupported(format!("{}() with several arguments in a stream", af.func.name()))),
+        };
+        calls.push(AggCall { kind, arg, domain, out_type });
+    }
+    let branch = Branch { input, filter, exprs, schema: Arc::new(Schema::new(fields)) };
+    let agg = AggPlan {
+        keys,
+        window: window.map(|w| w.kind),
+        window_type,
+        calls,
+        agg_schema: nullable(a.schema.as_arrow()),
+        layout,
+        having,
+        output,
+    };
+    Ok((branch, agg))
+}

@@ -1,0 +1,286 @@
+//! Subscriptions: the receiving end of a source's or stream's output queue.
+//!
+//! `StreamSubscription` follows a named stream; `Subscription` follows the rows of any
+//! `SELECT`, run as a hidden stream that lives as long as the subscription. Every
+//! blocking wait releases the GIL and wakes regularly to let Ctrl-C through.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use parking_lot::Mutex;
+use pyo3::exceptions::PyStopIteration;
+use pyo3::prelude::*;
+use pyo3_arrow::PySchema;
+
+use laminardb_engine::stream::output::Subscription;
+use laminardb_engine::{Error, ErrorCode};
+
+use crate::errors::to_pyerr;
+use crate::result::PyQueryResult;
+
+/// How often a blocking wait comes up for air (signals, cancellation).
+const POLL: Duration = Duration::from_millis(50);
+
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum State {
+    Active,
+    Finished,
+    Cancelled,
+}
+
+/// What both subscription classes share.
+pub struct SubCore {
+    sub: Subscription,
+    schema: SchemaRef,
+    state: Mutex<State>,
+    /// Runs once when the subscription ends (drops a hidden stream).
+    on_end: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+enum Wait {
+    Batch(RecordBatch),
+    Ended,
+    TimedOut,
+}
+
+impl SubCore {
+    pub fn new(sub: Subscription, on_end: Option<Box<dyn FnOnce() + Send>>) -> Self {
+        let schema = sub.output.schema.clone();
+        SubCore { sub, schema, state: Mutex::new(State::Active), on_end: Mutex::new(on_end) }
+    }
+
+    fn end(&self, state: State) {
+        let mut current = self.state.lock();
+        if *current == State::Active {
+            *current = state;
+        }
+        drop(current);
+        if state == State::Cancelled {
+            self.sub.cancel();
+        }
+        if let Some(f) = self.on_end.lock().take() {
+            f();
+        }
+    }
+
+    fn result(&self, batch: RecordBatch) -> PyQueryResult {
+        PyQueryResult::new(vec![batch], self.schema.clone())
+    }
+
+    fn is_active(&self) -> bool {
+        *self.state.lock() == State::Active
+    }
+
+    fn try_next(&self) -> Option<PyQueryResult> {
+        if *self.state.lock() == State::Cancelled {
+            return None;
+        }
+        match self.sub.batches.try_recv() {
+            Ok(b) => Some(self.result(b)),
+            Err(flume::TryRecvError::Disconnected) => {
+                self.end(State::Finished);
+                None
+            }
+            Err(flume::TryRecvError::Empty) => None,
+        }
+    }
+
+    /// Waits for a batch until `deadline` (forever if `None`), GIL released.
+    fn wait(&self, py: Python<'_>, deadline: Option<Instant>) -> PyResult<Wait> {
+        loop {
+            if *self.state.lock() == State::Cancelled {
+                return Ok(Wait::Ended);
+            }
+            let slice = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(POLL),
+                None => POLL,
+            };
+            let rx = self.sub.batches.clone();
+            match py.detach(move || rx.recv_timeout(slice)) {
+                Ok(b) => return Ok(Wait::Batch(b)),
+                Err(flume::RecvTimeoutError::Disconnected) => {
+                    self.end(State::Finished);
+                    return Ok(Wait::Ended);
+                }
+                Err(flume::RecvTimeoutError::Timeout) => {
+                    py.check_signals()?;
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(Wait::TimedOut);
+                    }
+                }
+            }
+        }
+    }
+
+    fn next(&self, py: Python<'_>) -> PyResult<Option<PyQueryResult>> {
+        Ok(match self.wait(py, None)? {
+            Wait::Batch(b) => Some(self.result(b)),
+            _ => None,
+        })
+    }
+
+    fn next_timeout(&self, py: Python<'_>, timeout: Duration) -> PyResult<Option<PyQueryResult>> {
+        match self.wait(py, Some(Instant::now() + timeout))? {
+            Wait::Batch(b) => Ok(Some(self.result(b))),
+            Wait::Ended => Ok(None),
+            Wait::TimedOut => Err(to_pyerr(Error::new(
+                ErrorCode::SubscriptionTimeout,
+                format!("no data within {} ms", timeout.as_millis()),
+            ))),
+        }
+    }
+
+    fn iter_next(&self, py: Python<'_>) -> PyResult<PyQueryResult> {
+        self.next(py)?.ok_or_else(|| PyStopIteration::new_err(()))
+    }
+
+    fn repr(&self, class: &str) -> String {
+        let state = match *self.state.lock() {
+            State::Active => "active",
+            State::Finished => "finished",
+            State::Cancelled => "cancelled",
+        };
+        format!("{class}({state})")
+    }
+
+    fn lagged_batches(&self) -> u64 {
+        self.sub.lag.batches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for SubCore {
+    fn drop(&mut self) {
+        self.sub.cancel();
+        if let Some(f) = self.on_end.get_mut().take() {
+            f();
+        }
+    }
+}
+
+/// Follows a named stream (or source).
+#[pyclass(name = "StreamSubscription", module = "laminardb", frozen)]
+pub struct PyStreamSubscription {
+    core: Arc<SubCore>,
+    name: String,
+}
+
+impl PyStreamSubscription {
+    pub fn new(core: SubCore, name: String) -> Self {
+        PyStreamSubscription { core: Arc::new(core), name }
+    }
+}
+
+#[pymethods]
+impl PyStreamSubscription {
+    #[getter]
+    fn is_active(&self) -> bool {
+        self.core.is_active()
+    }
+
+    #[getter]
+    fn schema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        PySchema::new(self.core.schema.clone()).into_pyarrow(py)
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Batches this subscriber lost because it read too slowly (its queue was full).
+    #[getter]
+    fn lagged_batches(&self) -> u64 {
+        self.core.lagged_batches()
+    }
+
+    /// Blocks until the next batch; `None` once the stream has ended.
+    fn next(&self, py: Python<'_>) -> PyResult<Option<PyQueryResult>> {
+        self.core.next(py)
+    }
+
+    /// Waits up to `timeout_ms`; raises SubscriptionError (502) if nothing arrived.
+    fn next_timeout(&self, py: Python<'_>, timeout_ms: u64) -> PyResult<Option<PyQueryResult>> {
+        self.core.next_timeout(py, Duration::from_millis(timeout_ms))
+    }
+
+    fn try_next(&self) -> Option<PyQueryResult> {
+        self.core.try_next()
+    }
+
+    fn cancel(&self) {
+        self.core.end(State::Cancelled);
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<PyQueryResult> {
+        self.core.iter_next(py)
+    }
+
+    fn __repr__(&self) -> String {
+        self.core.repr("StreamSubscription")
+    }
+}
+
+/// Follows the rows of a `SELECT`, continuously.
+#[pyclass(name = "Subscription", module = "laminardb", frozen)]
+pub struct PySubscription {
+    core: Arc<SubCore>,
+}
+
+impl PySubscription {
+    pub fn new(core: SubCore) -> Self {
+        PySubscription { core: Arc::new(core) }
+    }
+}
+
+#[pymethods]
+impl PySubscription {
+    #[getter]
+    fn is_active(&self) -> bool {
+        self.core.is_active()
+    }
+
+    #[getter]
+    fn schema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        PySchema::new(self.core.schema.clone()).into_pyarrow(py)
+    }
+
+    #[getter]
+    fn lagged_batches(&self) -> u64 {
+        self.core.lagged_batches()
+    }
+
+    fn next(&self, py: Python<'_>) -> PyResult<Option<PyQueryResult>> {
+        self.core.next(py)
+    }
+
+    /// Waits up to `timeout` seconds; raises SubscriptionError (502) if nothing arrived.
+    fn next_timeout(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<PyQueryResult>> {
+        self.core.next_timeout(py, Duration::from_secs_f64(timeout.max(0.0)))
+    }
+
+    fn try_next(&self) -> Option<PyQueryResult> {
+        self.core.try_next()
+    }
+
+    fn cancel(&self) {
+        self.core.end(State::Cancelled);
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<PyQueryResult> {
+        self.core.iter_next(py)
+    }
+
+    fn __repr__(&self) -> String {
+        self.core.repr("Subscription")
+    }
+}

@@ -1,0 +1,299 @@
+//! What one shard does with its commands: keep its partition of every source, run every
+//! stream's operators over the rows it holds, and trade keyed rows and watermarks with
+//! the other shards over the exchange. Everything here runs on the shard's own thread;
+//! processing is synchronous, so one command is fully handled before the next.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use parking_lot::RwLock;
+
+use laminardb_engine::partition::partition_batch;
+use laminardb_engine::stream::op::{eval_branch, AggOperator};
+use laminardb_engine::stream::output::Output;
+use laminardb_engine::stream::StreamPlan;
+use laminardb_engine::{Error, Result};
+
+use crate::command::{AckToken, Exchange};
+use crate::store::LocalStore;
+
+/// Outputs of every source and stream by name, shared by the coordinator, the shards and
+/// the callers that subscribe.
+pub type Outputs = Arc<RwLock<HashMap<String, Arc<Output>>>>;
+
+struct StreamTask {
+    plan: Arc<StreamPlan>,
+    output: Arc<Output>,
+    op: Option<AggOperator>,
+    /// Input watermarks: per branch, and for an aggregate per branch × sending shard.
+    marks: Vec<i64>,
+    /// This shard's output watermark of the stream.
+    watermark: i64,
+    late_reported: u64,
+}
+
+pub struct ShardRuntime {
+    id: usize,
+    shards: usize,
+    store: LocalStore,
+    outputs: Outputs,
+    exchange: Vec<flume::Sender<Exchange>>,
+    streams: HashMap<Arc<str>, StreamTask>,
+    /// Input name → streams reading it.
+    readers: HashMap<String, Vec<Arc<str>>>,
+    /// The watermark of every source and stream as this shard last saw it.
+    marks: HashMap<String, i64>,
+}
+
+impl ShardRuntime {
+    pub fn new(id: usize, outputs: Outputs, exchange: Vec<flume::Sender<Exchange>>) -> Self {
+        let shards = exchange.len();
+        ShardRuntime {
+            id,
+            shards,
+            store: LocalStore::default(),
+            outputs,
+            exchange,
+            streams: HashMap::new(),
+            readers: HashMap::new(),
+            marks: HashMap::new(),
+        }
+    }
+
+    pub fn store(&self) -> &LocalStore {
+        &self.store
+    }
+
+    pub fn append(&mut self, source: &Arc<str>, batches: Vec<RecordBatch>, ack: &AckToken) -> Result<()> {
+        let output = self.outputs.read().get(&**source).cloned();
+        for batch in batches {
+            ack.add_rows(self.store.append(source, batch.clone())?);
+            if let Some(output) = &output {
+                output.publish(&batch);
+            }
+            self.feed(source, &batch, ack);
+        }
+        Ok(())
+    }
+
+    pub fn drop_source(&mut self, source: &str) {
+        self.store.drop_source(source);
+        self.marks.remove(source);
+    }
+
+    pub fn add_stream(&mut self, plan: Arc<StreamPlan>, output: Arc<Output>) -> Result<()> {
+        let op = if plan.agg.is_some() { Some(AggOperator::new(plan.clone())?) } else { None };
+        let slots = if op.is_some() { plan.branches.len() * self.shards } else { plan.branches.len() };
+        let marks = (0..slots)
+            .map(|slot| {
+                let branch = if op.is_some() { slot / self.shards } else { slot };
+                self.marks.get(&plan.branches[branch].input).copied().unwrap_or(i64::MIN)
+            })
+            .collect();
+        let name: Arc<str> = plan.name.as_str().into();
+        for input in plan.inputs() {
+            let readers = self.readers.entry(input.to_string()).or_default();
+            if !readers.contains(&name) {
+                readers.push(name.clone());
+            }
+        }
+        self.streams.insert(name, StreamTask { plan, output, op, marks, watermark: i64::MIN, late_reported: 0 });
+        Ok(())
+    }
+
+    pub fn drop_stream(&mut self, name: &str) {
+        if let Some(task) = self.streams.remove(name) {
+            for input in task.plan.inputs() {
+                if let Some(readers) = self.readers.get_mut(input) {
+                    readers.retain(|r| &**r != name);
+                }
+            }
+        }
+        self.store.drop_source(name);
+        self.marks.remove(name);
+    }
+
+    /// Rows a query of `name` reads here: retained source or stream rows, or the current
+    /// per-group rows of a changelog stream.
+    pub fn scan(&self, name: &str) -> Result<Vec<RecordBatch>> {
+        if let Some(task) = self.streams.get(name) {
+            if task.plan.is_changelog() {
+                if let Some(op) = &task.op {
+                    return Ok(vec![op.snapshot()?]);
+                }
+            }
+        }
+        Ok(self.store.scan(name))
+    }
+
+    /// Runs every stream reading `input` over `batch`.
+    fn feed(&mut self, input: &str, batch: &RecordBatch, ack: &AckToken) {
+        let Some(readers) = self.readers.get(input).cloned() else { return };
+        for name in readers {
+            let Some(task) = self.streams.get(&name) else { continue };
+            let (plan, output) = (task.plan.clone(), task.output.clone());
+            for branch in plan.branches.iter().filter(|b| b.input == input) {
+                let out = match eval_branch(branch.filter.as_ref(), &branch.exprs, &branch.schema, batch) {
+                    Ok(out) if out.num_rows() == 0 => continue,
+                    Ok(out) => out,
+                    Err(e) => {
+                        output.record_error(&e.to_string());
+                        continue;
+                    }
+                };
+                match &plan.agg {
+                    None => self.emit(&name, out, ack),
+                    Some(agg) => self.route(&name, out, agg.keys, ack),
+                }
+            }
+        }
+    }
+
+    /// Sends each row of an aggregate's input to the shard owning its group key.
+    fn route(&mut self, name: &Arc<str>, batch: RecordBatch, keys: usize, ack: &AckToken) {
+        if self.shards == 1 || keys == 0 {
+            // Without keys every row belongs to the single global group, on shard 0.
+            return self.deliver(0, name, batch, ack);
+        }
+        let key: Vec<usize> = (0..keys).collect();
+        match partition_batch(&batch, &key, self.shards) {
+            Ok(parts) => {
+                for (shard, part) in parts.into_iter().enumerate() {
+                    if let Some(part) = part {
+                        self.deliver(shard, name, part, ack);
+                    }
+                }
+            }
+            Err(e) => self.record_error(name, &e),
+        }
+    }
+
+    fn deliver(&mut self, shard: usize, name: &Arc<str>, batch: RecordBatch, ack: &AckToken) {
+        if shard == self.id {
+            self.aggregate(name, batch, ack);
+        } else {
+            let _ = self.exchange[shard].send(Exchange::Data { stream: name.clone(), batch, ack: ack.clone() });
+        }
+    }
+
+    fn record_error(&self, name: &str, e: &Error) {
+        if let Some(task) = self.streams.get(name) {
+            task.output.record_error(&e.to_string());
+        }
+    }
+
+    /// Folds rows this shard owns into the stream's aggregate state.
+    fn aggregate(&mut self, name: &Arc<str>, batch: RecordBatch, ack: &AckToken) {
+        let Some(task) = self.streams.get_mut(name) else { return };
+        let Some(op) = task.op.as_mut() else { return };
+        let result = op.apply(&batch);
+        let late = op.late_rows;
+        if late > task.late_reported {
+            task.output.counters.late_rows.fetch_add(late - task.late_reported, Ordering::Relaxed);
+            task.late_reported = late;
+        }
+        match result {
+            Ok(out) => {
+                for b in out {
+                    self.emit(name, b, ack);
+                }
+            }
+            Err(e) => self.record_error(name, &e),
+        }
+    }
+
+    /// A stream produced `batch`: to its subscribers, its retained rows, and its readers.
+    fn emit(&mut self, name: &Arc<str>, batch: RecordBatch, ack: &AckToken) {
+        let Some(task) = self.streams.get(name) else { return };
+        task.output.publish(&batch);
+        if !task.plan.is_changelog() {
+            if let Err(e) = self.store.append(name, batch.clone()) {
+                task.output.record_error(&e.to_string());
+            }
+        }
+        self.feed(name, &batch, ack);
+    }
+
+    /// `input`'s watermark on this shard is now `watermark`.
+    pub fn watermark(&mut self, input: &str, watermark: i64, ack: &AckToken) {
+        let mark = self.marks.entry(input.to_string()).or_insert(i64::MIN);
+        if watermark <= *mark {
+            return;
+        }
+        *mark = watermark;
+        let Some(readers) = self.readers.get(input).cloned() else { return };
+        for name in readers {
+            let Some(task) = self.streams.get(&name) else { continue };
+            let plan = task.plan.clone();
+            for (b, branch) in plan.branches.iter().enumerate().filter(|(_, b)| b.input == input) {
+                if plan.agg.is_some() {
+                    for shard in 0..self.shards {
+                        if shard == self.id {
+                            self.aggregate_mark(&name, b, shard, watermark, ack);
+                        } else {
+                            let msg = Exchange::Watermark {
+                                stream: name.clone(),
+                                branch: b,
+                                from: self.id,
+                                watermark,
+                                ack: ack.clone(),
+                            };
+                            let _ = self.exchange[shard].send(msg);
+                        }
+                    }
+                } else {
+                    let _ = branch;
+                    let Some(task) = self.streams.get_mut(&name) else { continue };
+                    task.marks[b] = task.marks[b].max(watermark);
+                    self.advance_stream(&name, ack);
+                }
+            }
+        }
+    }
+
+    /// A watermark from `from` for branch `b` of an aggregate stream.
+    fn aggregate_mark(&mut self, name: &Arc<str>, b: usize, from: usize, watermark: i64, ack: &AckToken) {
+        let shards = self.shards;
+        let Some(task) = self.streams.get_mut(name) else { return };
+        let slot = b * shards + from;
+        task.marks[slot] = task.marks[slot].max(watermark);
+        self.advance_stream(name, ack);
+    }
+
+    /// Moves the stream to the minimum of its input watermarks: closes windows and passes
+    /// the watermark on to its readers.
+    fn advance_stream(&mut self, name: &Arc<str>, ack: &AckToken) {
+        let Some(task) = self.streams.get_mut(name) else { return };
+        let mark = task.marks.iter().copied().min().unwrap_or(i64::MIN);
+        if mark <= task.watermark {
+            return;
+        }
+        task.watermark = mark;
+        task.output.counters.watermark.fetch_max(mark, Ordering::Relaxed);
+        let emitted = match task.op.as_mut() {
+            Some(op) => op.advance(mark),
+            None => Ok(vec![]),
+        };
+        match emitted {
+            Ok(out) => {
+                for b in out {
+                    self.emit(name, b, ack);
+                }
+            }
+            Err(e) => self.record_error(name, &e),
+        }
+        self.watermark(name, mark, ack);
+    }
+
+    pub fn on_exchange(&mut self, msg: Exchange) {
+        match msg {
+            Exchange::Data { stream, batch, ack } => self.aggregate(&stream, batch, &ack),
+            Exchange::Watermark { stream, branch, from, watermark, ack } => {
+                self.aggregate_mark(&stream, branch, from, watermark, &ack)
+            }
+            Exchange::Stop => {}
+        }
+    }
+}
