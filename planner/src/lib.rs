@@ -5,6 +5,7 @@
 //! every source a [`table::ShardTable`] whose partitions are the shards. Queries run on
 //! this crate's own small tokio pool, never on a shard or on the coordinator.
 
+pub mod adhoc;
 pub mod ddl;
 pub mod interval;
 pub mod split;
@@ -103,6 +104,10 @@ impl Frontend for SqlFrontend {
             return Ok(ddl);
         }
         self.sync_tables(catalog, &access)?;
+        let runtime = self.runtime()?.handle().clone();
+        if let Some(windowed) = adhoc::plan_windowed_query(catalog, statement, access.clone(), &runtime)? {
+            return Ok(Statement::Query(Box::new(windowed)));
+        }
         let options = SQLOptions::new().with_allow_ddl(false).with_allow_statements(false);
         let runtime = self.runtime()?.handle().clone();
         let ctx = self.ctx.clone();

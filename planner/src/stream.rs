@@ -17,6 +17,8 @@ use datafusion::datasource::empty::EmptyTable;
 use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{Expr as DfExpr, ExprSchemable, LogicalPlan};
+use datafusion::logical_expr::simplify::SimplifyContext;
+use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::optimizer::Analyzer;
 use datafusion::physical_expr::{create_physical_expr, execution_props::ExecutionProps};
 use datafusion::sql::sqlparser::ast::{
@@ -223,6 +225,19 @@ fn window_call(e: &Expr) -> Result<Option<WindowCall>> {
     Ok(Some(WindowCall { kind: kind.validate().map_err(Error::parse)?, column }))
 }
 
+/// Whether any `SELECT` of `body` has a window call in its `GROUP BY`.
+pub fn has_window(body: &SetExpr) -> bool {
+    match body {
+        SetExpr::Select(select) => match &select.group_by {
+            GroupByExpr::Expressions(exprs, _) => exprs.iter().any(|e| matches!(window_call(e), Ok(Some(_)) | Err(_))),
+            _ => false,
+        },
+        SetExpr::SetOperation { left, right, .. } => has_window(left) || has_window(right),
+        SetExpr::Query(q) => has_window(&q.body),
+        _ => false,
+    }
+}
+
 /// Replaces the window call of every `SELECT`'s `GROUP BY` with `window_start, window_end`;
 /// returns the rewritten query and, per `SELECT` in order, its window.
 fn rewrite_windows(query: &str) -> Result<(String, Vec<Option<WindowCall>>)> {
@@ -372,8 +387,12 @@ struct Lowered {
     schema: SchemaRef,
 }
 
+/// Simplifies (as DataFusion's optimizer would: some functions, like COALESCE, exist only
+/// in simplified form) and compiles an expression.
 fn physical(e: &DfExpr, schema: &DFSchema, props: &ExecutionProps) -> Result<PhysExpr> {
-    Ok(create_physical_expr(e, schema, props)?)
+    let context = SimplifyContext::builder().with_schema(Arc::new(schema.clone())).build();
+    let e = ExprSimplifier::new(context).simplify(e.clone())?;
+    Ok(create_physical_expr(&e, schema, props)?)
 }
 
 fn plan_name(plan: &LogicalPlan) -> String {

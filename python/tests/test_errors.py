@@ -123,7 +123,7 @@ FAILURES = [
     ("query_failed", lambda db: db.query("SELECT * FROM nope"), laminardb.QueryError, 400, "Query failed (400): "),
     ("sql_parse_error", lambda db: db.query("INVALID SQL"), laminardb.QueryError, 401, "SQL parse error (401): "),
     ("query_cancelled", _cancelled, laminardb.QueryError, 402, "Query cancelled (402): "),
-    ("create_stream_unsupported", lambda db: db.execute("CREATE STREAM s AS SELECT a FROM t"), laminardb.QueryError, 400, "Query failed (400): "),
+    ("create_stream_unsupported", lambda db: db.execute("CREATE STREAM s AS SELECT a FROM t ORDER BY a"), laminardb.QueryError, 400, "Query failed (400): "),
 ]
 
 

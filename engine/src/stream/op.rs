@@ -171,7 +171,8 @@ impl AggOperator {
             return Ok(vec![]);
         }
         let (keys, window) = (self.agg().keys, self.agg().window);
-        let rows = self.converter.convert_columns(&batch.columns()[..keys])?;
+        // Without keys every row is in the one global group (empty key).
+        let rows = if keys > 0 { Some(self.converter.convert_columns(&batch.columns()[..keys])?) } else { None };
         let times: Vec<i64> = match window {
             Some(_) => {
                 let t = to_millis(batch.column(keys))?;
@@ -187,8 +188,8 @@ impl AggOperator {
         let mut assigned = Vec::new();
         let lateness = self.lateness();
         for i in 0..n {
-            let key = rows.row(i);
-            let key = key.as_ref();
+            let row = rows.as_ref().map(|r| r.row(i));
+            let key: &[u8] = row.as_ref().map_or(&[], |r| r.as_ref());
             match window {
                 None => {
                     let g = self.lookup(key, i64::MIN, i64::MAX);

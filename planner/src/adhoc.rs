@@ -1,0 +1,124 @@
+//! Ad-hoc queries with a window in `GROUP BY` (`TUMBLE`, `HOP`, `SESSION`, `CUMULATE`):
+//! DataFusion has no such operators, so these run through the stream operators over every
+//! retained row, with the watermark at the end of time so every window is complete. An
+//! outer `ORDER BY` / `LIMIT` is then applied by DataFusion to the windowed rows.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::datasource::MemTable;
+use datafusion::execution::context::SessionContext;
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+use futures::StreamExt;
+
+use laminardb_engine::catalog::Catalog;
+use laminardb_engine::frontend::{CancelFlag, PreparedQuery, QueryHandle, QueryKind, ShardAccess, QUERY_BATCHES_MAX};
+use laminardb_engine::stream::op::{eval_branch, AggOperator};
+use laminardb_engine::stream::StreamPlan;
+use laminardb_engine::{Error, ErrorCode, Result};
+
+use crate::stream::{has_window, plan_stream, CreateStream};
+
+/// `Some` when `sql` is a `SELECT` with a window in a `GROUP BY`.
+pub fn plan_windowed_query(
+    catalog: &Catalog,
+    sql: &str,
+    access: Arc<dyn ShardAccess>,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Option<WindowedQuery>> {
+    let Ok(mut statements) = Parser::parse_sql(&GenericDialect {}, sql) else { return Ok(None) };
+    let [SqlStatement::Query(q)] = statements.as_mut_slice() else { return Ok(None) };
+    if !has_window(&q.body) {
+        return Ok(None);
+    }
+    let order_by = q.order_by.take().map(|o| o.to_string()).unwrap_or_default();
+    let limit = q.limit_clause.take().map(|l| l.to_string()).unwrap_or_default();
+    let inner = CreateStream {
+        name: "windowed_query".into(),
+        materialized: false,
+        or_replace: false,
+        if_not_exists: false,
+        query: q.to_string(),
+        emit: None,
+        lateness_ms: 0,
+    };
+    let def = plan_stream(catalog, &inner, sql, runtime)?;
+    let outer = (!order_by.is_empty() || !limit.is_empty()).then(|| format!("SELECT * FROM windowed {order_by} {limit}"));
+    Ok(Some(WindowedQuery { plan: def.plan, access, runtime: runtime.clone(), outer }))
+}
+
+pub struct WindowedQuery {
+    plan: Arc<StreamPlan>,
+    access: Arc<dyn ShardAccess>,
+    runtime: tokio::runtime::Handle,
+    outer: Option<String>,
+}
+
+impl WindowedQuery {
+    async fn run(plan: Arc<StreamPlan>, access: Arc<dyn ShardAccess>, cancel: CancelFlag) -> Result<Vec<RecordBatch>> {
+        let mut op = AggOperator::new(plan.clone())?;
+        for branch in &plan.branches {
+            for shard in 0..access.shards() {
+                let batches = access.scan(&branch.input, shard)?.recv_async().await.map_err(|_| Error::shutdown())??;
+                for batch in batches {
+                    if cancel.is_cancelled() {
+                        return Err(Error::new(ErrorCode::QueryCancelled, "the query was cancelled"));
+                    }
+                    let pre = eval_branch(branch.filter.as_ref(), &branch.exprs, &branch.schema, &batch)?;
+                    op.apply(&pre)?;
+                }
+            }
+        }
+        op.advance(i64::MAX)
+    }
+}
+
+impl PreparedQuery for WindowedQuery {
+    fn schema(&self) -> SchemaRef {
+        self.plan.schema.clone()
+    }
+
+    fn kind(&self) -> QueryKind {
+        QueryKind::Rows
+    }
+
+    fn start(self: Box<Self>) -> Result<QueryHandle> {
+        let schema = self.schema();
+        let (tx, rx) = flume::bounded(QUERY_BATCHES_MAX);
+        let cancel = CancelFlag::default();
+        let WindowedQuery { plan, access, runtime, outer } = *self;
+        let flag = cancel.clone();
+        let out_schema = schema.clone();
+        runtime.spawn(async move {
+            let result = async {
+                let rows = WindowedQuery::run(plan, access, flag).await?;
+                let Some(outer) = outer else { return Ok(rows) };
+                let ctx = SessionContext::new();
+                ctx.register_table("windowed", Arc::new(MemTable::try_new(out_schema, vec![rows])?))?;
+                let mut stream = ctx.sql(&outer).await?.execute_stream().await?;
+                let mut out = Vec::new();
+                while let Some(b) = stream.next().await {
+                    out.push(b?);
+                }
+                Ok::<_, Error>(out)
+            }
+            .await;
+            match result {
+                Ok(batches) => {
+                    for b in batches {
+                        if tx.send_async(Ok(b)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send_async(Err(e)).await;
+                }
+            }
+        });
+        Ok(QueryHandle { schema, batches: rx, cancel })
+    }
+}
