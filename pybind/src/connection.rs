@@ -23,6 +23,7 @@ use crate::convert::{to_batches, to_scalar};
 use crate::errors::{to_pyerr, IntoPyResult};
 use crate::gil::blocking;
 use crate::result::{collect, PyExecuteResult, PyQueryResult, PyQueryStream};
+use crate::metrics::{self, PyPipelineMetrics, PySourceMetrics, PyStreamMetrics};
 use crate::subscription::{PyStreamSubscription, PySubscription, SubCore};
 use crate::writer::{PyWriter, NO_WATERMARK};
 
@@ -80,11 +81,17 @@ pub struct PyConnection {
     handle: Arc<Handle>,
     state: Arc<ConnState>,
     pipeline: Mutex<PipelineState>,
+    opened: std::time::Instant,
 }
 
 impl PyConnection {
     pub fn new(handle: Handle) -> Self {
-        PyConnection { handle: Arc::new(handle), state: Arc::default(), pipeline: Mutex::new(PipelineState::Created) }
+        PyConnection {
+            handle: Arc::new(handle),
+            state: Arc::default(),
+            pipeline: Mutex::new(PipelineState::Created),
+            opened: std::time::Instant::now(),
+        }
     }
 
     fn open(&self) -> PyResult<&Arc<Handle>> {
@@ -214,12 +221,71 @@ impl PyConnection {
         Ok(())
     }
 
-    /// Stops the pipeline after every accepted event has been applied. Inserts are
-    /// acknowledged only once stored, so nothing accepted is still in flight here.
-    fn shutdown(&self) -> PyResult<()> {
-        self.open()?;
+    /// Stops the pipeline once every accepted event (from any thread) has passed through
+    /// every stream and reached its subscribers.
+    fn shutdown(&self, py: Python<'_>) -> PyResult<()> {
+        let handle = self.open()?;
+        blocking(py, || handle.drain())?;
         *self.pipeline.lock() = PipelineState::Stopped;
         Ok(())
+    }
+
+    // ---- metrics and topology --------------------------------------------------------
+
+    fn metrics(&self, py: Python<'_>) -> PyResult<PyPipelineMetrics> {
+        let handle = self.open()?;
+        let catalog = handle.catalog();
+        let outputs = handle.outputs();
+        let sum = |streams: bool, f: &dyn Fn(&laminardb_engine::stream::output::Output) -> u64| -> u64 {
+            outputs.iter().filter(|o| catalog.streams.contains_key(&o.name) == streams).map(|o| f(o)).sum()
+        };
+        Ok(PyPipelineMetrics {
+            total_events_ingested: sum(false, &|o| o.counters.rows.load(Ordering::Relaxed)),
+            total_events_emitted: sum(true, &|o| o.counters.rows.load(Ordering::Relaxed)),
+            total_events_dropped: sum(true, &|o| o.counters.late_rows.load(Ordering::Relaxed)),
+            total_cycles: sum(false, &|o| o.counters.batches.load(Ordering::Relaxed)),
+            total_batches: sum(true, &|o| o.counters.batches.load(Ordering::Relaxed))
+                + sum(false, &|o| o.counters.batches.load(Ordering::Relaxed)),
+            uptime_secs: self.opened.elapsed().as_secs_f64(),
+            state: self.pipeline_state()?.to_string(),
+            source_count: catalog.sources.len(),
+            stream_count: catalog.streams.keys().filter(|n| !n.starts_with(HIDDEN_PREFIX)).count(),
+            sink_count: 0,
+            pipeline_watermark: self.pipeline_watermark(py)?,
+        })
+    }
+
+    fn source_metrics(&self, name: &str) -> PyResult<Option<PySourceMetrics>> {
+        let handle = self.open()?;
+        let catalog = handle.catalog();
+        let Ok(def) = catalog.source(name) else { return Ok(None) };
+        let outputs = handle.outputs();
+        let Some(output) = outputs.iter().find(|o| o.name == def.name) else { return Ok(None) };
+        let mark = output.counters.watermark.load(Ordering::Relaxed);
+        Ok(Some(metrics::source_metrics(output, mark, handle.queue_capacity(), &catalog, &outputs)))
+    }
+
+    fn all_source_metrics(&self) -> PyResult<Vec<PySourceMetrics>> {
+        let names: Vec<String> = self.open()?.catalog().sources.keys().cloned().collect();
+        Ok(names.iter().filter_map(|n| self.source_metrics(n).ok().flatten()).collect())
+    }
+
+    fn stream_metrics(&self, name: &str) -> PyResult<Option<PyStreamMetrics>> {
+        let handle = self.open()?;
+        let catalog = handle.catalog();
+        let Ok(def) = catalog.stream(name) else { return Ok(None) };
+        let Ok(output) = handle.output(&def.name) else { return Ok(None) };
+        Ok(Some(metrics::stream_metrics(&output, Some(def.sql.clone()))))
+    }
+
+    fn all_stream_metrics(&self) -> PyResult<Vec<PyStreamMetrics>> {
+        let names = self.list_streams()?;
+        Ok(names.iter().filter_map(|n| self.stream_metrics(n).ok().flatten()).collect())
+    }
+
+    fn topology(&self, py: Python<'_>) -> PyResult<metrics::PyPipelineTopology> {
+        let catalog = self.open()?.catalog();
+        metrics::topology(py, &catalog, |n| n.starts_with(HIDDEN_PREFIX))
     }
 
     #[getter]
@@ -331,8 +397,11 @@ impl PyConnection {
 
     fn schema<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
         let catalog = self.open()?.catalog();
-        let def = catalog.source(name).py()?;
-        PySchema::new(def.schema.clone()).into_pyarrow(py)
+        let schema = match catalog.stream(name) {
+            Ok(stream) => stream.plan.schema.clone(),
+            Err(_) => catalog.source(name).py()?.schema.clone(),
+        };
+        PySchema::new(schema).into_pyarrow(py)
     }
 
     fn list_tables(&self) -> PyResult<Vec<String>> {
@@ -388,6 +457,44 @@ impl PyConnection {
     }
 
     // ---- subscriptions ---------------------------------------------------------------
+
+    /// `await conn.subscribe_async(sql)` → `AsyncSubscription`.
+    fn subscribe_async<'py>(slf: &Bound<'py, Self>, sql: &str) -> PyResult<Bound<'py, PyAny>> {
+        let helpers = slf.py().import("laminardb._subscriptions")?;
+        helpers.call_method1("subscribe_async", (slf, sql))
+    }
+
+    /// `await conn.subscribe_stream_async(name)` → `AsyncStreamSubscription`.
+    fn subscribe_stream_async<'py>(slf: &Bound<'py, Self>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        let helpers = slf.py().import("laminardb._subscriptions")?;
+        helpers.call_method1("subscribe_stream_async", (slf, name))
+    }
+
+    /// Calls `on_data(batch)` from a background thread for every batch of `sql`.
+    #[pyo3(signature = (sql, on_data, on_error=None))]
+    fn subscribe_callback<'py>(
+        slf: &Bound<'py, Self>,
+        sql: &str,
+        on_data: Bound<'py, PyAny>,
+        on_error: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let sub = slf.get().subscribe(slf.py(), sql)?;
+        let helpers = slf.py().import("laminardb._subscriptions")?;
+        helpers.call_method1("SubscriptionHandle", (Py::new(slf.py(), sub)?, on_data, on_error))
+    }
+
+    /// Calls `on_data(batch)` from a background thread for every batch of stream `name`.
+    #[pyo3(signature = (name, on_data, on_error=None))]
+    fn subscribe_stream_callback<'py>(
+        slf: &Bound<'py, Self>,
+        name: &str,
+        on_data: Bound<'py, PyAny>,
+        on_error: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let sub = slf.get().subscribe_stream(name)?;
+        let helpers = slf.py().import("laminardb._subscriptions")?;
+        helpers.call_method1("SubscriptionHandle", (Py::new(slf.py(), sub)?, on_data, on_error))
+    }
 
     /// Follows a named stream (or source): every batch it emits from now on.
     fn subscribe_stream(&self, name: &str) -> PyResult<PyStreamSubscription> {

@@ -132,6 +132,15 @@ impl SubCore {
         }
     }
 
+    /// Waits up to `timeout_ms`; `None` on timeout or end (for the asyncio and callback
+    /// helpers, which check `is_active` to tell them apart).
+    fn poll(&self, py: Python<'_>, timeout_ms: u64) -> PyResult<Option<PyQueryResult>> {
+        Ok(match self.wait(py, Some(Instant::now() + Duration::from_millis(timeout_ms)))? {
+            Wait::Batch(b) => Some(self.result(b)),
+            _ => None,
+        })
+    }
+
     fn iter_next(&self, py: Python<'_>) -> PyResult<PyQueryResult> {
         self.next(py)?.ok_or_else(|| PyStopIteration::new_err(()))
     }
@@ -209,6 +218,10 @@ impl PyStreamSubscription {
         self.core.try_next()
     }
 
+    fn _poll(&self, py: Python<'_>, timeout_ms: u64) -> PyResult<Option<PyQueryResult>> {
+        self.core.poll(py, timeout_ms)
+    }
+
     fn cancel(&self) {
         self.core.end(State::Cancelled);
     }
@@ -266,6 +279,10 @@ impl PySubscription {
 
     fn try_next(&self) -> Option<PyQueryResult> {
         self.core.try_next()
+    }
+
+    fn _poll(&self, py: Python<'_>, timeout_ms: u64) -> PyResult<Option<PyQueryResult>> {
+        self.core.poll(py, timeout_ms)
     }
 
     fn cancel(&self) {

@@ -26,17 +26,28 @@ from laminardb._laminardb import (
     QueryInfo,
     QueryResult,
     QueryStream,
+    PipelineEdge,
+    PipelineMetrics,
+    PipelineNode,
+    PipelineTopology,
     SchemaError,
     SinkInfo,
     SourceInfo,
     StreamError,
     StreamInfo,
+    StreamMetrics,
+    StreamSubscription,
+    SourceMetrics,
+    Subscription,
     SubscriptionError,
     Writer,
     codes,
     connect,
     open,
 )
+
+from laminardb._subscriptions import AsyncStreamSubscription, AsyncSubscription, SubscriptionHandle
+from laminardb.types import ChangeEvent, ChangeRow, Column, MaterializedView, Schema, mv
 
 __version__: str = _laminardb.__version__
 
@@ -67,6 +78,23 @@ def execute(query: str, params: Optional[Any] = None) -> ExecuteResult:
 
 
 __all__ = [
+    "AsyncStreamSubscription",
+    "AsyncSubscription",
+    "ChangeEvent",
+    "ChangeRow",
+    "Column",
+    "MaterializedView",
+    "PipelineEdge",
+    "PipelineMetrics",
+    "PipelineNode",
+    "PipelineTopology",
+    "Schema",
+    "SourceMetrics",
+    "StreamMetrics",
+    "StreamSubscription",
+    "Subscription",
+    "SubscriptionHandle",
+    "mv",
     "BatchWriter",
     "CheckpointError",
     "Config",

@@ -37,6 +37,8 @@ pub enum Command {
     Stats { source: String, reply: Reply<Vec<(u64, u64)>> },
     Watermark { source: String, watermark_ms: i64, reply: Reply<i64> },
     InjectPanic { site: PanicSite, reply: Reply<()> },
+    /// Answers once every accepted insert and watermark has passed through every stream.
+    Drain { reply: Reply<()> },
     /// `sent` fires once the caller's `send` of this command has returned: see
     /// `Handle::close`.
     Shutdown { reply: Reply<()>, sent: Option<std::sync::mpsc::Receiver<()>> },

@@ -211,6 +211,10 @@ impl Coordinator {
                     let _ = self.shards[0].send(ShardCommand::InjectPanic { reply }).await;
                 }
             },
+            Command::Drain { reply } => {
+                self.drain().await;
+                let _ = reply.send(Ok(()));
+            }
             Command::Shutdown { reply, .. } => {
                 let _ = reply.send(Err(Error::internal("shutdown arrived on the internal queue")));
             }

@@ -171,6 +171,11 @@ impl Handle {
         self.call(|reply| Command::Watermark { source: source.to_string(), watermark_ms, reply })
     }
 
+    /// Returns once everything accepted so far has passed through every stream.
+    pub fn drain(&self) -> Result<()> {
+        self.call(|reply| Command::Drain { reply })
+    }
+
     /// Test hook: make a thread panic while handling a command.
     pub fn inject_panic(&self, site: PanicSite) -> Result<()> {
         self.call(|reply| Command::InjectPanic { site, reply })

@@ -106,6 +106,11 @@ impl Output {
         self.subscribers.read().len()
     }
 
+    /// Batches waiting in subscriber queues.
+    pub fn pending_batches(&self) -> usize {
+        self.subscribers.read().iter().map(|s| s.tx.len()).sum()
+    }
+
     pub fn has_subscribers(&self) -> bool {
         !self.subscribers.read().is_empty()
     }

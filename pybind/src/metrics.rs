@@ -1,0 +1,213 @@
+//! Metrics and topology: read-only snapshots built from the catalog and the counters every
+//! source's and stream's output keeps. All counts are rows, not calls.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use pyo3::prelude::*;
+use pyo3_arrow::PySchema;
+
+use laminardb_engine::catalog::Catalog;
+use laminardb_engine::stream::output::{Output, SUBSCRIBER_BATCHES_MAX};
+
+#[pyclass(name = "PipelineMetrics", module = "laminardb", frozen, get_all)]
+pub struct PyPipelineMetrics {
+    pub total_events_ingested: u64,
+    pub total_events_emitted: u64,
+    pub total_events_dropped: u64,
+    pub total_cycles: u64,
+    pub total_batches: u64,
+    pub uptime_secs: f64,
+    pub state: String,
+    pub source_count: usize,
+    pub stream_count: usize,
+    pub sink_count: usize,
+    pub pipeline_watermark: i64,
+}
+
+#[pymethods]
+impl PyPipelineMetrics {
+    fn __repr__(&self) -> String {
+        format!(
+            "PipelineMetrics(state={}, ingested={}, emitted={}, dropped={}, sources={}, streams={}, sinks={})",
+            self.state,
+            self.total_events_ingested,
+            self.total_events_emitted,
+            self.total_events_dropped,
+            self.source_count,
+            self.stream_count,
+            self.sink_count
+        )
+    }
+}
+
+#[pyclass(name = "SourceMetrics", module = "laminardb", frozen, get_all)]
+pub struct PySourceMetrics {
+    pub name: String,
+    pub total_events: u64,
+    pub pending: u64,
+    pub capacity: usize,
+    pub is_backpressured: bool,
+    pub watermark: i64,
+    pub utilization: f64,
+    /// Rows of this source that the windowed streams reading it dropped as too late.
+    pub late_events: u64,
+}
+
+#[pymethods]
+impl PySourceMetrics {
+    fn __repr__(&self) -> String {
+        format!("SourceMetrics(name={:?}, total_events={}, watermark={})", self.name, self.total_events, self.watermark)
+    }
+}
+
+#[pyclass(name = "StreamMetrics", module = "laminardb", frozen, get_all)]
+pub struct PyStreamMetrics {
+    pub name: String,
+    /// Rows the stream has emitted.
+    pub total_events: u64,
+    /// Batches waiting in subscriber queues.
+    pub pending: u64,
+    /// Batches each subscriber may have waiting.
+    pub capacity: usize,
+    /// A subscriber fell behind and lost batches (see `lagged_batches`).
+    pub is_backpressured: bool,
+    pub watermark: i64,
+    pub sql: Option<String>,
+    pub late_events: u64,
+    pub lagged_batches: u64,
+    pub subscribers: usize,
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+#[pymethods]
+impl PyStreamMetrics {
+    fn __repr__(&self) -> String {
+        format!("StreamMetrics(name={:?}, total_events={}, watermark={})", self.name, self.total_events, self.watermark)
+    }
+}
+
+pub fn source_metrics(output: &Output, watermark: i64, capacity: usize, catalog: &Catalog, outputs: &[Arc<Output>]) -> PySourceMetrics {
+    let readers = catalog.readers_of(&output.name);
+    let late = outputs
+        .iter()
+        .filter(|o| readers.contains(&o.name))
+        .map(|o| o.counters.late_rows.load(Ordering::Relaxed))
+        .sum();
+    PySourceMetrics {
+        name: output.name.clone(),
+        total_events: output.counters.rows.load(Ordering::Relaxed),
+        pending: 0,
+        capacity,
+        is_backpressured: false,
+        watermark,
+        utilization: 0.0,
+        late_events: late,
+    }
+}
+
+pub fn stream_metrics(output: &Output, sql: Option<String>) -> PyStreamMetrics {
+    let c = &output.counters;
+    let lagged = c.lagged_batches.load(Ordering::Relaxed);
+    PyStreamMetrics {
+        name: output.name.clone(),
+        total_events: c.rows.load(Ordering::Relaxed),
+        pending: output.pending_batches() as u64,
+        capacity: SUBSCRIBER_BATCHES_MAX,
+        is_backpressured: lagged > 0,
+        watermark: c.watermark.load(Ordering::Relaxed),
+        sql,
+        late_events: c.late_rows.load(Ordering::Relaxed),
+        lagged_batches: lagged,
+        subscribers: output.subscriber_count(),
+        errors: c.errors.load(Ordering::Relaxed),
+        last_error: c.last_error.lock().clone(),
+    }
+}
+
+#[pyclass(name = "PipelineNode", module = "laminardb", frozen)]
+pub struct PyPipelineNode {
+    #[pyo3(get)]
+    pub name: String,
+    #[pyo3(get)]
+    pub node_type: String,
+    pub schema: Option<SchemaRef>,
+    #[pyo3(get)]
+    pub sql: Option<String>,
+}
+
+#[pymethods]
+impl PyPipelineNode {
+    #[getter]
+    fn schema<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        self.schema.clone().map(|s| PySchema::new(s).into_pyarrow(py)).transpose()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("PipelineNode(name={:?}, node_type={:?})", self.name, self.node_type)
+    }
+}
+
+#[pyclass(name = "PipelineEdge", module = "laminardb", frozen, get_all)]
+pub struct PyPipelineEdge {
+    pub from_node: String,
+    pub to_node: String,
+}
+
+#[pymethods]
+impl PyPipelineEdge {
+    fn __repr__(&self) -> String {
+        format!("PipelineEdge({:?} -> {:?})", self.from_node, self.to_node)
+    }
+}
+
+#[pyclass(name = "PipelineTopology", module = "laminardb", frozen)]
+pub struct PyPipelineTopology {
+    nodes: Vec<Py<PyPipelineNode>>,
+    edges: Vec<Py<PyPipelineEdge>>,
+}
+
+#[pymethods]
+impl PyPipelineTopology {
+    #[getter]
+    fn nodes(&self, py: Python<'_>) -> Vec<Py<PyPipelineNode>> {
+        self.nodes.iter().map(|n| n.clone_ref(py)).collect()
+    }
+
+    #[getter]
+    fn edges(&self, py: Python<'_>) -> Vec<Py<PyPipelineEdge>> {
+        self.edges.iter().map(|e| e.clone_ref(py)).collect()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("PipelineTopology(nodes={}, edges={})", self.nodes.len(), self.edges.len())
+    }
+}
+
+/// The dataflow graph: sources and streams as nodes, an edge from every input a stream's
+/// plan reads to the stream.
+pub fn topology(py: Python<'_>, catalog: &Catalog, hidden: impl Fn(&str) -> bool) -> PyResult<PyPipelineTopology> {
+    let mut nodes = Vec::new();
+    let mut edges = Vec::new();
+    for def in catalog.sources.values() {
+        let node = PyPipelineNode { name: def.name.clone(), node_type: "source".into(), schema: Some(def.schema.clone()), sql: Some(def.sql.clone()) };
+        nodes.push(Py::new(py, node)?);
+    }
+    for def in catalog.streams.values().filter(|s| !hidden(&s.name)) {
+        let node = PyPipelineNode {
+            name: def.name.clone(),
+            node_type: "stream".into(),
+            schema: Some(def.plan.schema.clone()),
+            sql: Some(def.sql.clone()),
+        };
+        nodes.push(Py::new(py, node)?);
+        let mut inputs: Vec<&str> = def.plan.inputs().collect();
+        inputs.dedup();
+        for input in inputs {
+            edges.push(Py::new(py, PyPipelineEdge { from_node: input.to_string(), to_node: def.name.clone() })?);
+        }
+    }
+    Ok(PyPipelineTopology { nodes, edges })
+}
