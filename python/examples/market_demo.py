@@ -1,5 +1,6 @@
-"""Market-data demo: trades for a few symbols stream into an embedded laminardb, and
-live per-symbol statistics (count, VWAP, high/low, last price) print as they accumulate.
+"""Market-data demo: trades for a few symbols stream into an embedded laminardb; a
+continuous query turns them into 1-second OHLC + VWAP bars, printed live as each second's
+bars close (when the watermark passes the window end).
 
     tools/demo [--seconds 5] [--symbols 8]
 """
@@ -36,7 +37,35 @@ def main() -> None:
                    WATERMARK FOR ts AS ts - INTERVAL '100' MILLISECOND
                ) WITH (partition_key = 'symbol')"""
         )
-        print(f"laminardb {laminardb.__version__}: {db.shard_count} shards, source 'trades'")
+        db.execute(
+            """CREATE STREAM bars AS
+               SELECT symbol, window_start,
+                      FIRST_VALUE(price) AS open, MAX(price) AS high,
+                      MIN(price) AS low, LAST_VALUE(price) AS close,
+                      SUM(price * qty) / SUM(qty) AS vwap, COUNT(*) AS trades
+               FROM trades
+               GROUP BY symbol, TUMBLE(ts, INTERVAL '1' SECOND)"""
+        )
+        bars = db.subscribe_stream("bars")
+        print(f"laminardb {laminardb.__version__}: {db.shard_count} shards, source 'trades', stream 'bars'")
+        in_bars = 0
+
+        def show_closed_bars() -> None:
+            nonlocal in_bars
+            tables = []
+            while (batch := bars.try_next()) is not None:
+                tables.append(batch.to_arrow())
+            if not tables:
+                return
+            closed = pa.concat_tables(tables).sort_by([("window_start", "ascending"), ("symbol", "ascending")])
+            in_bars += sum(closed.column("trades").to_pylist())
+            print(f"-- {closed.num_rows} bars closed (watermark {db.pipeline_watermark})")
+            for row in closed.to_pylist():
+                print(
+                    f"   {row['window_start']:%H:%M:%S} {row['symbol']:<6} o={row['open']:9.4f} h={row['high']:9.4f} "
+                    f"l={row['low']:9.4f} c={row['close']:9.4f} vwap={row['vwap']:9.4f} n={row['trades']}"
+                )
+
         writer = db.writer("trades")
         start = time.time()
         total = 0
@@ -60,23 +89,17 @@ def main() -> None:
                 }
             )
             writer.insert(batch)
-            writer.watermark(now_ms)
             total += batch.num_rows
             tick += 1
-            bars = db.query(
-                """SELECT symbol,
-                          COUNT(*) AS trades,
-                          SUM(price * qty) / SUM(qty) AS vwap,
-                          MIN(price) AS low,
-                          MAX(price) AS high,
-                          LAST_VALUE(price ORDER BY ts) AS last
-                   FROM trades GROUP BY symbol ORDER BY symbol"""
-            )
             elapsed = time.time() - start
-            print(f"\n[tick {tick}] {total:,} trades in {elapsed:.1f}s "
-                  f"({total / elapsed:,.0f} rows/s incl. queries); watermark {db.pipeline_watermark}")
-            bars.show(max_rows=len(symbols))
+            print(f"[tick {tick}] {total:,} trades in {elapsed:.1f}s ({total / elapsed:,.0f} rows/s)")
+            show_closed_bars()
             time.sleep(0.2)
+        # End of the session: move event time past every open window so the last bars close.
+        writer.watermark(int(time.time() * 1000) + 10_000)
+        show_closed_bars()
+        assert in_bars == total, (in_bars, total)
+        print(f"\nchecked: the bars count exactly the {total:,} trades inserted")
         check = db.query("SELECT COUNT(*) AS n FROM trades").fetchone()
         assert check is not None and check[0] == total, (check, total)
         print(f"\nchecked: the source holds exactly the {total:,} trades inserted")
