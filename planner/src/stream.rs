@@ -22,7 +22,7 @@ use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::optimizer::Analyzer;
 use datafusion::physical_expr::{create_physical_expr, execution_props::ExecutionProps};
 use datafusion::sql::sqlparser::ast::{
-    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, SetExpr, SetOperator, SetQuantifier,
+    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, SelectItem, SetExpr, SetOperator, SetQuantifier,
     Statement as SqlStatement,
 };
 use datafusion::sql::sqlparser::dialect::GenericDialect;
@@ -280,6 +280,19 @@ fn rewrite_set(body: &mut SetExpr, windows: &mut Vec<Option<WindowCall>>) -> Res
                     }
                 }
                 *exprs = out;
+            }
+            if found.is_some() {
+                // The output of a windowed query always carries its window's bounds.
+                for column in [WINDOW_START, WINDOW_END] {
+                    let named = select.projection.iter().any(|item| match item {
+                        SelectItem::UnnamedExpr(Expr::Identifier(id)) => id.value.eq_ignore_ascii_case(column),
+                        SelectItem::ExprWithAlias { alias, .. } => alias.value.eq_ignore_ascii_case(column),
+                        _ => false,
+                    });
+                    if !named {
+                        select.projection.push(SelectItem::UnnamedExpr(Expr::Identifier(Ident::new(column))));
+                    }
+                }
             }
             windows.push(found);
             Ok(())

@@ -226,6 +226,10 @@ impl PyConnection {
     fn shutdown(&self, py: Python<'_>) -> PyResult<()> {
         let handle = self.open()?;
         blocking(py, || handle.drain())?;
+        // Subscribers read what is queued, then see the end.
+        for output in handle.outputs() {
+            output.close();
+        }
         *self.pipeline.lock() = PipelineState::Stopped;
         Ok(())
     }
@@ -418,9 +422,9 @@ impl PyConnection {
         Ok(catalog.streams.keys().filter(|n| !n.starts_with(HIDDEN_PREFIX)).cloned().collect())
     }
 
+    /// DuckDB-style alias of `list_streams()`.
     fn materialized_views(&self) -> PyResult<Vec<String>> {
-        let catalog = self.open()?.catalog();
-        Ok(catalog.streams.values().filter(|s| s.plan.materialized).map(|s| s.name.clone()).collect())
+        self.list_streams()
     }
 
     fn list_sinks(&self) -> PyResult<Vec<String>> {
@@ -480,7 +484,7 @@ impl PyConnection {
     ) -> PyResult<Bound<'py, PyAny>> {
         let sub = slf.get().subscribe(slf.py(), sql)?;
         let helpers = slf.py().import("laminardb._subscriptions")?;
-        helpers.call_method1("SubscriptionHandle", (Py::new(slf.py(), sub)?, on_data, on_error))
+        helpers.call_method1("CallbackSubscription", (Py::new(slf.py(), sub)?, on_data, on_error))
     }
 
     /// Calls `on_data(batch)` from a background thread for every batch of stream `name`.
@@ -493,7 +497,7 @@ impl PyConnection {
     ) -> PyResult<Bound<'py, PyAny>> {
         let sub = slf.get().subscribe_stream(name)?;
         let helpers = slf.py().import("laminardb._subscriptions")?;
-        helpers.call_method1("SubscriptionHandle", (Py::new(slf.py(), sub)?, on_data, on_error))
+        helpers.call_method1("CallbackSubscription", (Py::new(slf.py(), sub)?, on_data, on_error))
     }
 
     /// Follows a named stream (or source): every batch it emits from now on.
@@ -522,7 +526,9 @@ impl PyConnection {
                 }
             }
         };
-        Ok(PySubscription::new(SubCore::new(sub, Some(Box::new(drop_stream)))))
+        let cancel = CancelFlag::default();
+        let (_, active) = self.state.record(sql, true, Some(cancel.clone()));
+        Ok(PySubscription::new(SubCore::new(sub, Some(Box::new(drop_stream))).listed(cancel, active)))
     }
 
     fn queries(&self) -> PyResult<Vec<PyQueryInfo>> {

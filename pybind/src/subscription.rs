@@ -14,6 +14,9 @@ use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
 use pyo3_arrow::PySchema;
 
+use std::sync::atomic::AtomicBool;
+
+use laminardb_engine::frontend::CancelFlag;
 use laminardb_engine::stream::output::Subscription;
 use laminardb_engine::{Error, ErrorCode};
 
@@ -35,6 +38,10 @@ pub struct SubCore {
     sub: Subscription,
     schema: SchemaRef,
     state: Mutex<State>,
+    /// Set by `Connection.cancel_query(id)`: the next read raises QUERY_CANCELLED (402).
+    cancel: CancelFlag,
+    /// The `queries()` entry's active flag, cleared when the subscription ends.
+    listed: Option<Arc<AtomicBool>>,
     /// Runs once when the subscription ends (drops a hidden stream).
     on_end: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
@@ -48,7 +55,30 @@ enum Wait {
 impl SubCore {
     pub fn new(sub: Subscription, on_end: Option<Box<dyn FnOnce() + Send>>) -> Self {
         let schema = sub.output.schema.clone();
-        SubCore { sub, schema, state: Mutex::new(State::Active), on_end: Mutex::new(on_end) }
+        SubCore {
+            sub,
+            schema,
+            state: Mutex::new(State::Active),
+            cancel: CancelFlag::default(),
+            listed: None,
+            on_end: Mutex::new(on_end),
+        }
+    }
+
+    /// Lists the subscription in `queries()`: `cancel` is what `cancel_query` sets.
+    pub fn listed(mut self, cancel: CancelFlag, active: Arc<AtomicBool>) -> Self {
+        self.cancel = cancel;
+        self.listed = Some(active);
+        self
+    }
+
+    /// Raises QUERY_CANCELLED once if `cancel_query` cancelled this subscription.
+    fn check_cancelled(&self) -> PyResult<()> {
+        if self.cancel.is_cancelled() && *self.state.lock() == State::Active {
+            self.end(State::Cancelled);
+            return Err(to_pyerr(Error::new(ErrorCode::QueryCancelled, "the subscription was cancelled (cancel_query)")));
+        }
+        Ok(())
     }
 
     fn end(&self, state: State) {
@@ -57,6 +87,9 @@ impl SubCore {
             *current = state;
         }
         drop(current);
+        if let Some(active) = &self.listed {
+            active.store(false, std::sync::atomic::Ordering::Release);
+        }
         if state == State::Cancelled {
             self.sub.cancel();
         }
@@ -70,26 +103,28 @@ impl SubCore {
     }
 
     fn is_active(&self) -> bool {
-        *self.state.lock() == State::Active
+        *self.state.lock() == State::Active && !self.cancel.is_cancelled()
     }
 
-    fn try_next(&self) -> Option<PyQueryResult> {
+    fn try_next(&self) -> PyResult<Option<PyQueryResult>> {
+        self.check_cancelled()?;
         if *self.state.lock() == State::Cancelled {
-            return None;
+            return Ok(None);
         }
-        match self.sub.batches.try_recv() {
+        Ok(match self.sub.batches.try_recv() {
             Ok(b) => Some(self.result(b)),
             Err(flume::TryRecvError::Disconnected) => {
                 self.end(State::Finished);
                 None
             }
             Err(flume::TryRecvError::Empty) => None,
-        }
+        })
     }
 
     /// Waits for a batch until `deadline` (forever if `None`), GIL released.
     fn wait(&self, py: Python<'_>, deadline: Option<Instant>) -> PyResult<Wait> {
         loop {
+            self.check_cancelled()?;
             if *self.state.lock() == State::Cancelled {
                 return Ok(Wait::Ended);
             }
@@ -147,6 +182,7 @@ impl SubCore {
 
     fn repr(&self, class: &str) -> String {
         let state = match *self.state.lock() {
+            State::Active if self.cancel.is_cancelled() => "cancelled",
             State::Active => "active",
             State::Finished => "finished",
             State::Cancelled => "cancelled",
@@ -214,7 +250,7 @@ impl PyStreamSubscription {
         self.core.next_timeout(py, Duration::from_millis(timeout_ms))
     }
 
-    fn try_next(&self) -> Option<PyQueryResult> {
+    fn try_next(&self) -> PyResult<Option<PyQueryResult>> {
         self.core.try_next()
     }
 
@@ -277,7 +313,7 @@ impl PySubscription {
         self.core.next_timeout(py, Duration::from_secs_f64(timeout.max(0.0)))
     }
 
-    fn try_next(&self) -> Option<PyQueryResult> {
+    fn try_next(&self) -> PyResult<Option<PyQueryResult>> {
         self.core.try_next()
     }
 

@@ -46,8 +46,13 @@ from laminardb._laminardb import (
     open,
 )
 
-from laminardb._subscriptions import AsyncStreamSubscription, AsyncSubscription, SubscriptionHandle
-from laminardb.types import ChangeEvent, ChangeRow, Column, MaterializedView, Schema, mv
+from laminardb._subscriptions import (
+    AsyncStreamSubscription,
+    AsyncSubscription,
+    CallbackSubscription,
+    SubscriptionHandle,
+)
+from laminardb.types import ChangeEvent, ChangeRow, Column, MaterializedView, Metrics, Schema, mv
 
 __version__: str = _laminardb.__version__
 
@@ -80,10 +85,12 @@ def execute(query: str, params: Optional[Any] = None) -> ExecuteResult:
 __all__ = [
     "AsyncStreamSubscription",
     "AsyncSubscription",
+    "CallbackSubscription",
     "ChangeEvent",
     "ChangeRow",
     "Column",
     "MaterializedView",
+    "Metrics",
     "PipelineEdge",
     "PipelineMetrics",
     "PipelineNode",

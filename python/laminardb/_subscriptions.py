@@ -152,6 +152,10 @@ class _Runner:
                 return
             if batch is None:
                 if not self._sub.is_active:
+                    try:
+                        self._sub.try_next()  # surfaces a cancellation by cancel_query (402)
+                    except Exception as exc:
+                        self._error(exc)
                     return
                 continue
             try:
@@ -160,7 +164,7 @@ class _Runner:
                 self._error(exc)
 
 
-class SubscriptionHandle:
+class CallbackSubscription:
     """A running callback subscription: `on_data(batch)` for every batch, from a daemon
     thread; `on_error(exc)` for an error raised by the subscription or by `on_data`."""
 
@@ -171,6 +175,7 @@ class SubscriptionHandle:
         on_error: Optional[Callable[[BaseException], None]] = None,
     ) -> None:
         self._sub = sub
+        self._cancelled = False
         self._runner = _Runner(sub, on_data, on_error, "laminardb-callback")
 
     @property
@@ -178,6 +183,7 @@ class SubscriptionHandle:
         return self._runner.thread.is_alive() and not self._runner._stop.is_set()
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._sub.cancel()
         self._runner._shutdown()
 
@@ -188,4 +194,8 @@ class SubscriptionHandle:
         return not self._runner.thread.is_alive()
 
     def __repr__(self) -> str:
-        return f"SubscriptionHandle({'active' if self.is_active else 'finished'})"
+        state = "active" if self.is_active else "cancelled" if self._cancelled else "finished"
+        return f"CallbackSubscription({state})"
+
+
+SubscriptionHandle = CallbackSubscription

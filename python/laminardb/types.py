@@ -160,3 +160,22 @@ class MaterializedView:
 def mv(conn: Any, name: str, sql_def: Optional[str] = None) -> MaterializedView:
     """A MaterializedView over stream `name` of `conn`."""
     return MaterializedView(conn, name, sql_def)
+
+
+class Metrics:
+    """Convenience view of a PipelineMetrics snapshot, with derived rates."""
+
+    def __init__(self, snapshot: Any) -> None:
+        self._m = snapshot
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._m, name)
+
+    @property
+    def events_per_second(self) -> float:
+        """Ingested rows per second of uptime."""
+        up = float(self._m.uptime_secs)
+        return float(self._m.total_events_ingested) / up if up > 0 else 0.0
+
+    def __repr__(self) -> str:
+        return f"Metrics({self._m!r})"
