@@ -92,12 +92,25 @@ pub struct StreamDef {
     pub table_schema: SchemaRef,
 }
 
+/// A sink: rows of `input` (a source or stream) handed to a connector.
+#[derive(Clone, Debug)]
+pub struct SinkDef {
+    pub name: String,
+    pub input: String,
+    /// The hidden stream a `CREATE SINK … AS SELECT` runs, which `input` names.
+    pub owns_input: bool,
+    pub connector: String,
+    pub options: BTreeMap<String, String>,
+    pub sql: String,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
     /// Bumped on every change so holders of a snapshot can tell it is stale.
     pub version: u64,
     pub sources: BTreeMap<String, Arc<SourceDef>>,
     pub streams: BTreeMap<String, Arc<StreamDef>>,
+    pub sinks: BTreeMap<String, Arc<SinkDef>>,
 }
 
 impl Catalog {
@@ -113,9 +126,29 @@ impl Catalog {
         }
     }
 
-    /// Streams that read `name`, in name order.
+    /// Streams and sinks that read `name`, in name order.
     pub fn readers_of(&self, name: &str) -> Vec<String> {
-        self.streams.values().filter(|s| s.plan.inputs().any(|i| i == name)).map(|s| s.name.clone()).collect()
+        let streams = self.streams.values().filter(|s| s.plan.inputs().any(|i| i == name)).map(|s| s.name.clone());
+        let sinks = self.sinks.values().filter(|s| s.input == name && !s.owns_input).map(|s| s.name.clone());
+        streams.chain(sinks).collect()
+    }
+
+    pub fn add_sink(&mut self, def: SinkDef) -> Result<()> {
+        if self.contains(&def.name) {
+            return Err(Error::table_exists(&def.name));
+        }
+        if !self.contains(&def.input) {
+            return Err(Error::table_not_found(&def.input));
+        }
+        self.sinks.insert(def.name.clone(), Arc::new(def));
+        self.version += 1;
+        Ok(())
+    }
+
+    pub fn drop_sink(&mut self, name: &str) -> Result<Arc<SinkDef>> {
+        let def = self.sinks.remove(&normalize(name)).ok_or_else(|| Error::table_not_found(name))?;
+        self.version += 1;
+        Ok(def)
     }
 
     pub fn add_stream(&mut self, def: StreamDef) -> Result<()> {
@@ -154,7 +187,7 @@ impl Catalog {
 
     pub fn contains(&self, name: &str) -> bool {
         let name = normalize(name);
-        self.sources.contains_key(&name) || self.streams.contains_key(&name)
+        self.sources.contains_key(&name) || self.streams.contains_key(&name) || self.sinks.contains_key(&name)
     }
 
     pub fn add_source(&mut self, def: SourceDef) -> Result<()> {

@@ -12,7 +12,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
 
-use crate::catalog::{Catalog, SourceDef, StreamDef};
+use crate::catalog::{Catalog, SinkDef, SourceDef, StreamDef};
 use crate::error::Result;
 
 /// Bound on batches buffered between a running query and its reader: a slow reader
@@ -97,6 +97,8 @@ impl ObjectKind {
 pub enum Statement {
     CreateSource { def: SourceDef, if_not_exists: bool, or_replace: bool },
     CreateStream { def: StreamDef, if_not_exists: bool, or_replace: bool },
+    /// `stream` is the hidden stream of a `CREATE SINK … AS SELECT`.
+    CreateSink { def: SinkDef, stream: Option<StreamDef>, if_not_exists: bool },
     Drop { kind: ObjectKind, name: String, if_exists: bool },
     Query(Box<dyn PreparedQuery>),
 }

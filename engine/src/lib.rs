@@ -16,6 +16,7 @@ pub mod error;
 pub mod frontend;
 pub mod ingest;
 pub mod partition;
+pub mod sink;
 pub mod stream;
 pub mod types;
 

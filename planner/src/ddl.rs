@@ -37,7 +37,6 @@ pub fn plan_ddl(sql: &str, tokens: &[Token]) -> Result<Option<Statement>> {
     match after_create {
         ["SOURCE", ..] => plan_create_source(sql, tokens, SourceKind::Source).map(Some),
         ["TABLE", ..] => plan_create_source(sql, tokens, SourceKind::Table).map(Some),
-        ["SINK", ..] => Err(Error::unsupported("CREATE SINK: sinks are not available in this build yet")),
         ["VIEW", ..] => Err(Error::unsupported("CREATE VIEW: use CREATE STREAM or CREATE MATERIALIZED VIEW")),
         _ => Err(Error::unsupported(format!("statement '{}'", words.join(" ")))),
     }

@@ -8,6 +8,7 @@
 pub mod adhoc;
 pub mod ddl;
 pub mod interval;
+pub mod sink;
 pub mod split;
 pub mod stream;
 pub mod table;
@@ -95,6 +96,9 @@ impl Frontend for SqlFrontend {
         access: Arc<dyn ShardAccess>,
     ) -> Result<Statement> {
         let tokens = split::tokenize(statement)?;
+        if let Some(create) = sink::plan_create_sink(catalog, statement, &tokens, &self.runtime()?.handle().clone())? {
+            return Ok(create);
+        }
         if let Some(create) = stream::parse_create_stream(&tokens)? {
             let runtime = self.runtime()?.handle().clone();
             let def = stream::plan_stream(catalog, &create, statement, &runtime)?;

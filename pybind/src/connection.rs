@@ -240,12 +240,19 @@ impl PyConnection {
         let handle = self.open()?;
         let catalog = handle.catalog();
         let outputs = handle.outputs();
+        // Sources (streams = false) or streams (true); sinks count apart.
         let sum = |streams: bool, f: &dyn Fn(&laminardb_engine::stream::output::Output) -> u64| -> u64 {
-            outputs.iter().filter(|o| catalog.streams.contains_key(&o.name) == streams).map(|o| f(o)).sum()
+            outputs
+                .iter()
+                .filter(|o| !catalog.sinks.contains_key(&o.name))
+                .filter(|o| catalog.streams.contains_key(&o.name) == streams)
+                .map(|o| f(o))
+                .sum()
         };
         Ok(PyPipelineMetrics {
             total_events_ingested: sum(false, &|o| o.counters.rows.load(Ordering::Relaxed)),
-            total_events_emitted: sum(true, &|o| o.counters.rows.load(Ordering::Relaxed)),
+            total_events_emitted: sum(true, &|o| o.counters.rows.load(Ordering::Relaxed))
+                + outputs.iter().filter(|o| catalog.sinks.contains_key(&o.name)).map(|o| o.counters.rows.load(Ordering::Relaxed)).sum::<u64>(),
             total_events_dropped: sum(true, &|o| o.counters.late_rows.load(Ordering::Relaxed)),
             total_cycles: sum(false, &|o| o.counters.batches.load(Ordering::Relaxed)),
             total_batches: sum(true, &|o| o.counters.batches.load(Ordering::Relaxed))
@@ -254,7 +261,7 @@ impl PyConnection {
             state: self.pipeline_state()?.to_string(),
             source_count: catalog.sources.len(),
             stream_count: catalog.streams.keys().filter(|n| !n.starts_with(HIDDEN_PREFIX)).count(),
-            sink_count: 0,
+            sink_count: catalog.sinks.len(),
             pipeline_watermark: self.pipeline_watermark(py)?,
         })
     }
@@ -336,8 +343,7 @@ impl PyConnection {
 
     #[getter]
     fn sink_count(&self) -> PyResult<usize> {
-        self.open()?;
-        Ok(0)
+        Ok(self.open()?.catalog().sinks.len())
     }
 
     #[getter]
@@ -428,8 +434,7 @@ impl PyConnection {
     }
 
     fn list_sinks(&self) -> PyResult<Vec<String>> {
-        self.open()?;
-        Ok(vec![])
+        Ok(self.open()?.catalog().sinks.keys().cloned().collect())
     }
 
     fn sources(&self) -> PyResult<Vec<PySourceInfo>> {
@@ -446,8 +451,7 @@ impl PyConnection {
     }
 
     fn sinks(&self) -> PyResult<Vec<PySinkInfo>> {
-        self.open()?;
-        Ok(vec![])
+        Ok(self.open()?.catalog().sinks.values().map(|s| PySinkInfo { name: s.name.clone() }).collect())
     }
 
     fn streams(&self) -> PyResult<Vec<PyStreamInfo>> {

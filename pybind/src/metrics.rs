@@ -192,7 +192,7 @@ pub fn topology(py: Python<'_>, catalog: &Catalog, hidden: impl Fn(&str) -> bool
     let mut nodes = Vec::new();
     let mut edges = Vec::new();
     for def in catalog.sources.values() {
-        let node = PyPipelineNode { name: def.name.clone(), node_type: "source".into(), schema: Some(def.schema.clone()), sql: Some(def.sql.clone()) };
+        let node = PyPipelineNode { name: def.name.clone(), node_type: "source".into(), schema: Some(def.schema.clone()), sql: None };
         nodes.push(Py::new(py, node)?);
     }
     for def in catalog.streams.values().filter(|s| !hidden(&s.name)) {
@@ -207,6 +207,22 @@ pub fn topology(py: Python<'_>, catalog: &Catalog, hidden: impl Fn(&str) -> bool
         inputs.dedup();
         for input in inputs {
             edges.push(Py::new(py, PyPipelineEdge { from_node: input.to_string(), to_node: def.name.clone() })?);
+        }
+    }
+    for def in catalog.sinks.values() {
+        let node = PyPipelineNode { name: def.name.clone(), node_type: "sink".into(), schema: None, sql: Some(def.sql.clone()) };
+        nodes.push(Py::new(py, node)?);
+        // A sink over its own hidden stream is drawn from that stream's inputs.
+        let inputs: Vec<String> = match catalog.streams.get(&def.input) {
+            Some(stream) if def.owns_input => {
+                let mut v: Vec<String> = stream.plan.inputs().map(str::to_string).collect();
+                v.dedup();
+                v
+            }
+            _ => vec![def.input.clone()],
+        };
+        for input in inputs {
+            edges.push(Py::new(py, PyPipelineEdge { from_node: input, to_node: def.name.clone() })?);
         }
     }
     Ok(PyPipelineTopology { nodes, edges })

@@ -28,6 +28,7 @@ use laminardb_engine::{Error, ErrorCode, Result};
 use crate::command::{reply_channel, Ack, AckToken, Command, PanicSite, Reply, ShardCommand};
 use crate::runtime::Outputs;
 use crate::shard::ShardWiring;
+use crate::sinks::SinkRunner;
 use crate::handle::Outcome;
 use crate::health::{catch, Health};
 use crate::shard;
@@ -98,6 +99,7 @@ pub(crate) fn run(startup: Startup) {
             watermarks: RefCell::new(HashMap::new()),
             outputs: outputs.clone(),
             inflight: Arc::new(AtomicUsize::new(0)),
+            sinks: RefCell::new(HashMap::new()),
         });
         let _ = ready.send(Ok(()));
         let internal_tx = internal.0;
@@ -131,6 +133,9 @@ pub(crate) fn run(startup: Startup) {
         let _ = internal_tx.send(Command::Shutdown { reply, sent: None });
         internal_loop.await;
         coord.drain().await;
+        for (_, runner) in coord.sinks.borrow_mut().drain() {
+            runner.stop();
+        }
         for tx in &coord.shards {
             let _ = tx.send(ShardCommand::Stop).await;
         }
@@ -163,6 +168,7 @@ struct Coordinator {
     outputs: Outputs,
     /// Inserts and watermarks still travelling through the shards.
     inflight: Arc<AtomicUsize>,
+    sinks: RefCell<HashMap<String, SinkRunner>>,
 }
 
 impl Coordinator {
@@ -283,6 +289,34 @@ impl Coordinator {
                 }
                 Ok(Outcome::Ddl { verb: verb.into(), object: name })
             }
+            Statement::CreateSink { def, stream, if_not_exists } => {
+                let name = def.name.clone();
+                if if_not_exists && self.catalog.borrow().contains(&name) {
+                    return Ok(Outcome::Ddl { verb: "CREATE SINK".into(), object: name });
+                }
+                if self.catalog.borrow().contains(&name) {
+                    return Err(Error::table_exists(&name));
+                }
+                if let Some(stream) = stream {
+                    let verb = self.apply(Statement::CreateStream { def: stream, if_not_exists: false, or_replace: false });
+                    Box::pin(verb).await?;
+                }
+                let input = self.outputs.read().get(&def.input).cloned().ok_or_else(|| Error::table_not_found(&def.input))?;
+                let counters = Output::new(name.clone(), input.schema.clone());
+                let runner = SinkRunner::start(&def, &input, counters.clone());
+                let runner = match runner.and_then(|r| self.update_catalog(|c| c.add_sink(def.clone())).map(|()| r)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if def.owns_input {
+                            let _ = Box::pin(self.drop_stream(&def.input)).await;
+                        }
+                        return Err(e);
+                    }
+                };
+                self.outputs.write().insert(name.clone(), counters);
+                self.sinks.borrow_mut().insert(name.clone(), runner);
+                Ok(Outcome::Ddl { verb: "CREATE SINK".into(), object: name })
+            }
             Statement::Drop { kind, name, if_exists } => {
                 let verb = format!("DROP {}", kind.sql_name());
                 match kind {
@@ -294,11 +328,10 @@ impl Coordinator {
                         Err(e) if e.code == ErrorCode::TableNotFound && if_exists => {}
                         other => other?,
                     },
-                    ObjectKind::Sink => {
-                        if !if_exists {
-                            return Err(Error::table_not_found(&name));
-                        }
-                    }
+                    ObjectKind::Sink => match self.drop_sink(&name).await {
+                        Err(e) if e.code == ErrorCode::TableNotFound && if_exists => {}
+                        other => other?,
+                    },
                 }
                 Ok(Outcome::Ddl { verb, object: name })
             }
@@ -315,6 +348,19 @@ impl Coordinator {
                 Ok(Outcome::RowsAffected(affected))
             }
         }
+    }
+
+    async fn drop_sink(&self, name: &str) -> Result<()> {
+        let removed = self.update_catalog(|c| c.drop_sink(name))?;
+        let runner = self.sinks.borrow_mut().remove(&removed.name);
+        if let Some(runner) = runner {
+            runner.stop();
+        }
+        self.outputs.write().remove(&removed.name);
+        if removed.owns_input {
+            self.drop_stream(&removed.input).await?;
+        }
+        Ok(())
     }
 
     async fn drop_stream(&self, name: &str) -> Result<()> {

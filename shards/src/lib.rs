@@ -21,6 +21,7 @@ mod handle;
 mod health;
 pub mod runtime;
 mod shard;
+mod sinks;
 pub mod store;
 
 pub use handle::{Handle, Outcome};
