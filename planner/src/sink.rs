@@ -9,14 +9,10 @@ use laminardb_engine::frontend::Statement;
 use laminardb_engine::sink::{self, DEFAULT_CONNECTOR};
 use laminardb_engine::{Error, Result};
 
-use crate::stream::{plan_stream, CreateStream};
+use crate::stream::{is_word, plan_stream, CreateStream};
 
 /// Streams a sink runs for itself start with this (hidden from listings).
 pub const SINK_STREAM_PREFIX: &str = "__sink_";
-
-fn is_word(t: &Token, w: &str) -> bool {
-    matches!(t, Token::Word(word) if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(w))
-}
 
 fn name_of(t: &Token) -> Option<String> {
     match t {

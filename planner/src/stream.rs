@@ -53,7 +53,7 @@ pub struct CreateStream {
     pub lateness_ms: i64,
 }
 
-fn is_word(t: &Token, w: &str) -> bool {
+pub(crate) fn is_word(t: &Token, w: &str) -> bool {
     matches!(t, Token::Word(word) if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(w))
 }
 

@@ -204,6 +204,62 @@ impl Drop for SubCore {
     }
 }
 
+/// The methods both subscription classes share, plus each class's own `$extra` methods
+/// (one `#[pymethods]` block per class, as PyO3 requires).
+macro_rules! subscription_class {
+    ($ty:ident, $class:literal, { $($extra:tt)* }) => {
+        #[pymethods]
+        impl $ty {
+            #[getter]
+            fn is_active(&self) -> bool {
+                self.core.is_active()
+            }
+
+            #[getter]
+            fn schema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+                PySchema::new(self.core.schema.clone()).into_pyarrow(py)
+            }
+
+            /// Batches this subscriber lost because it read too slowly (its queue was full).
+            #[getter]
+            fn lagged_batches(&self) -> u64 {
+                self.core.lagged_batches()
+            }
+
+            /// Blocks until the next batch; `None` once the subscription has ended.
+            fn next(&self, py: Python<'_>) -> PyResult<Option<PyQueryResult>> {
+                self.core.next(py)
+            }
+
+            fn try_next(&self) -> PyResult<Option<PyQueryResult>> {
+                self.core.try_next()
+            }
+
+            fn _poll(&self, py: Python<'_>, timeout_ms: u64) -> PyResult<Option<PyQueryResult>> {
+                self.core.poll(py, timeout_ms)
+            }
+
+            fn cancel(&self) {
+                self.core.end(State::Cancelled);
+            }
+
+            fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+                slf
+            }
+
+            fn __next__(&self, py: Python<'_>) -> PyResult<PyQueryResult> {
+                self.core.iter_next(py)
+            }
+
+            fn __repr__(&self) -> String {
+                self.core.repr($class)
+            }
+
+            $($extra)*
+        }
+    };
+}
+
 /// Follows a named stream (or source).
 #[pyclass(name = "StreamSubscription", module = "laminardb", frozen)]
 pub struct PyStreamSubscription {
@@ -217,63 +273,17 @@ impl PyStreamSubscription {
     }
 }
 
-#[pymethods]
-impl PyStreamSubscription {
-    #[getter]
-    fn is_active(&self) -> bool {
-        self.core.is_active()
-    }
-
-    #[getter]
-    fn schema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        PySchema::new(self.core.schema.clone()).into_pyarrow(py)
-    }
-
+subscription_class!(PyStreamSubscription, "StreamSubscription", {
     #[getter]
     fn name(&self) -> &str {
         &self.name
-    }
-
-    /// Batches this subscriber lost because it read too slowly (its queue was full).
-    #[getter]
-    fn lagged_batches(&self) -> u64 {
-        self.core.lagged_batches()
-    }
-
-    /// Blocks until the next batch; `None` once the stream has ended.
-    fn next(&self, py: Python<'_>) -> PyResult<Option<PyQueryResult>> {
-        self.core.next(py)
     }
 
     /// Waits up to `timeout_ms`; raises SubscriptionError (502) if nothing arrived.
     fn next_timeout(&self, py: Python<'_>, timeout_ms: u64) -> PyResult<Option<PyQueryResult>> {
         self.core.next_timeout(py, Duration::from_millis(timeout_ms))
     }
-
-    fn try_next(&self) -> PyResult<Option<PyQueryResult>> {
-        self.core.try_next()
-    }
-
-    fn _poll(&self, py: Python<'_>, timeout_ms: u64) -> PyResult<Option<PyQueryResult>> {
-        self.core.poll(py, timeout_ms)
-    }
-
-    fn cancel(&self) {
-        self.core.end(State::Cancelled);
-    }
-
-    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    fn __next__(&self, py: Python<'_>) -> PyResult<PyQueryResult> {
-        self.core.iter_next(py)
-    }
-
-    fn __repr__(&self) -> String {
-        self.core.repr("StreamSubscription")
-    }
-}
+});
 
 /// Follows the rows of a `SELECT`, continuously.
 #[pyclass(name = "Subscription", module = "laminardb", frozen)]
@@ -287,53 +297,9 @@ impl PySubscription {
     }
 }
 
-#[pymethods]
-impl PySubscription {
-    #[getter]
-    fn is_active(&self) -> bool {
-        self.core.is_active()
-    }
-
-    #[getter]
-    fn schema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        PySchema::new(self.core.schema.clone()).into_pyarrow(py)
-    }
-
-    #[getter]
-    fn lagged_batches(&self) -> u64 {
-        self.core.lagged_batches()
-    }
-
-    fn next(&self, py: Python<'_>) -> PyResult<Option<PyQueryResult>> {
-        self.core.next(py)
-    }
-
+subscription_class!(PySubscription, "Subscription", {
     /// Waits up to `timeout` seconds; raises SubscriptionError (502) if nothing arrived.
     fn next_timeout(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<PyQueryResult>> {
         self.core.next_timeout(py, Duration::from_secs_f64(timeout.max(0.0)))
     }
-
-    fn try_next(&self) -> PyResult<Option<PyQueryResult>> {
-        self.core.try_next()
-    }
-
-    fn _poll(&self, py: Python<'_>, timeout_ms: u64) -> PyResult<Option<PyQueryResult>> {
-        self.core.poll(py, timeout_ms)
-    }
-
-    fn cancel(&self) {
-        self.core.end(State::Cancelled);
-    }
-
-    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    fn __next__(&self, py: Python<'_>) -> PyResult<PyQueryResult> {
-        self.core.iter_next(py)
-    }
-
-    fn __repr__(&self) -> String {
-        self.core.repr("Subscription")
-    }
-}
+});
