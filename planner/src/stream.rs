@@ -100,7 +100,20 @@ pub fn cut_streaming_clauses(tokens: &[Token]) -> Result<(Vec<Token>, Option<Emi
                     ("ON", "UPDATE", _) => (Emit::Changes, 3),
                     ("CHANGES", _, _) => (Emit::Changes, 2),
                     ("EVERY", _, _) | ("PERIODICALLY", _, _) => {
-                        return Err(Error::unsupported("EMIT EVERY INTERVAL (periodic emission) is not available yet"))
+                        let rest: Vec<String> = clauses[i + 2..]
+                            .iter()
+                            .take_while(|t| !is_word(t, "ALLOW"))
+                            .map(|t| t.to_string())
+                            .collect();
+                        let expr = Parser::new(&GenericDialect {})
+                            .try_with_sql(&rest.join(" "))
+                            .and_then(|mut p| p.parse_expr())
+                            .map_err(|e| Error::parse(format!("EMIT EVERY: {e}")))?;
+                        let ms = interval_ms(&expr)?;
+                        if ms <= 0 {
+                            return Err(Error::parse("EMIT EVERY needs a positive interval"));
+                        }
+                        (Emit::Every(ms), 2 + rest.len())
                     }
                     _ => return Err(Error::parse(format!("unknown EMIT clause: EMIT {}", word(i + 1)))),
                 };
@@ -337,7 +350,10 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
         (Some(e), _) => e,
     };
     let select_schema = nullable(lowered.schema.as_ref());
-    let changelog = lowered.agg.is_some() && emit == Emit::Changes;
+    if matches!(emit, Emit::Every(_)) && lowered.agg.is_none() {
+        return Err(Error::query("EMIT EVERY needs a GROUP BY aggregation"));
+    }
+    let changelog = lowered.agg.is_some() && matches!(emit, Emit::Changes | Emit::Every(_));
     let schema = if changelog {
         let mut fields: Vec<Field> = select_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(Field::new(OP_COLUMN, DataType::Utf8, false));

@@ -135,7 +135,6 @@ def test_emit_on_update_without_window_matches_the_default(db):
 # --------------------------------------------------------------------------- periodic
 
 
-@pytest.mark.xfail(strict=True, reason="not built yet: EMIT EVERY INTERVAL (rejected as unsupported today)")
 @pytest.mark.parametrize(
     "group_by",
     ["sym, TUMBLE(ts, INTERVAL '1' MINUTE)", "sym"],

@@ -50,6 +50,8 @@ pub enum ShardCommand {
     Watermark { source: Arc<str>, watermark: i64, ack: AckToken },
     AddStream { plan: Arc<StreamPlan>, output: Arc<Output> },
     DropStream { name: Arc<str> },
+    /// Processing-time tick of an `EMIT EVERY` stream.
+    Tick { stream: Arc<str> },
     Scan { source: Arc<str>, reply: Reply<Vec<RecordBatch>> },
     Stats { source: Arc<str>, reply: Reply<(u64, u64)> },
     DropSource { source: Arc<str> },

@@ -23,6 +23,7 @@ use laminardb_engine::config::EngineConfig;
 use laminardb_engine::frontend::{Frontend, ObjectKind, QueryKind, ShardAccess, Statement};
 use laminardb_engine::partition::partition_batch;
 use laminardb_engine::stream::output::Output;
+use laminardb_engine::stream::Emit;
 use laminardb_engine::{Error, ErrorCode, Result};
 
 use crate::command::{reply_channel, Ack, AckToken, Command, PanicSite, Reply, ShardCommand};
@@ -91,7 +92,7 @@ pub(crate) fn run(startup: Startup) {
             Arc::new(CoordinatorAccess { internal: internal.0.clone(), published: published.clone(), shards });
         let initial = published.read().clone();
         let coord = Rc::new(Coordinator {
-            shards: connected,
+            shards: Rc::new(connected),
             catalog: RefCell::new(initial),
             published,
             frontend: RefCell::new(Some(frontend)),
@@ -136,7 +137,7 @@ pub(crate) fn run(startup: Startup) {
         for (_, runner) in coord.sinks.borrow_mut().drain() {
             runner.stop();
         }
-        for tx in &coord.shards {
+        for tx in coord.shards.iter() {
             let _ = tx.send(ShardCommand::Stop).await;
         }
         for output in coord.outputs.write().drain() {
@@ -159,7 +160,7 @@ pub(crate) fn run(startup: Startup) {
 }
 
 struct Coordinator {
-    shards: Vec<ConnectedSender<ShardCommand>>,
+    shards: Rc<Vec<ConnectedSender<ShardCommand>>>,
     catalog: RefCell<Arc<Catalog>>,
     published: Published,
     frontend: RefCell<Option<Box<dyn Frontend>>>,
@@ -280,9 +281,12 @@ impl Coordinator {
                 }
                 let plan = def.plan.clone();
                 self.update_catalog(|c| c.add_stream(def))?;
+                if let Emit::Every(ms) = plan.emit {
+                    self.start_ticker(&name, ms);
+                }
                 let output = Output::new(name.clone(), plan.schema.clone());
                 self.outputs.write().insert(name.clone(), output.clone());
-                for tx in &self.shards {
+                for tx in self.shards.iter() {
                     tx.send(ShardCommand::AddStream { plan: plan.clone(), output: output.clone() })
                         .await
                         .map_err(|_| Error::internal("a shard has stopped"))?;
@@ -350,6 +354,29 @@ impl Coordinator {
         }
     }
 
+    /// Sends `EMIT EVERY` ticks to every shard until the stream is gone.
+    fn start_ticker(&self, name: &str, every_ms: i64) {
+        let (published, shards) = (self.published.clone(), self.shards.clone());
+        let name: Arc<str> = name.into();
+        let version = published.read().stream(&name).map(|s| Arc::as_ptr(s) as usize).unwrap_or(0);
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(std::time::Duration::from_millis(every_ms as u64)).await;
+                // Stop once the stream was dropped (or replaced by another of that name).
+                let current = published.read().stream(&name).map(|s| Arc::as_ptr(s) as usize).unwrap_or(0);
+                if current != version {
+                    return;
+                }
+                for tx in shards.iter() {
+                    if tx.send(ShardCommand::Tick { stream: name.clone() }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+
     async fn drop_sink(&self, name: &str) -> Result<()> {
         let removed = self.update_catalog(|c| c.drop_sink(name))?;
         let runner = self.sinks.borrow_mut().remove(&removed.name);
@@ -369,7 +396,7 @@ impl Coordinator {
             output.close();
         }
         let name: Arc<str> = removed.name.as_str().into();
-        for tx in &self.shards {
+        for tx in self.shards.iter() {
             tx.send(ShardCommand::DropStream { name: name.clone() })
                 .await
                 .map_err(|_| Error::internal("a shard has stopped"))?;
@@ -402,7 +429,7 @@ impl Coordinator {
             output.counters.watermark.fetch_max(current, Ordering::Relaxed);
         }
         let name: Arc<str> = source.into();
-        for tx in &self.shards {
+        for tx in self.shards.iter() {
             let cmd = ShardCommand::Watermark { source: name.clone(), watermark: current, ack: ack.clone() };
             if tx.send(cmd).await.is_err() {
                 ack.fail(Error::internal("a shard has stopped"));
@@ -418,7 +445,7 @@ impl Coordinator {
             output.close();
         }
         let source: Arc<str> = removed.name.as_str().into();
-        for tx in &self.shards {
+        for tx in self.shards.iter() {
             tx.send(ShardCommand::DropSource { source: source.clone() })
                 .await
                 .map_err(|_| Error::internal("a shard has stopped"))?;
@@ -475,7 +502,7 @@ impl Coordinator {
     async fn stats(&self, source: &str) -> Result<Vec<(u64, u64)>> {
         let name: Arc<str> = self.catalog.borrow().source(source)?.name.as_str().into();
         let mut waits = Vec::with_capacity(self.shards.len());
-        for tx in &self.shards {
+        for tx in self.shards.iter() {
             let (reply, rx) = reply_channel();
             tx.send(ShardCommand::Stats { source: name.clone(), reply })
                 .await

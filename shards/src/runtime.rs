@@ -16,7 +16,7 @@ use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, Result};
 
-use crate::command::{AckToken, Exchange};
+use crate::command::{Ack, AckToken, Exchange};
 use crate::store::LocalStore;
 
 /// Outputs of every source and stream by name, shared by the coordinator, the shards and
@@ -45,6 +45,8 @@ pub struct ShardRuntime {
     readers: HashMap<String, Vec<Arc<str>>>,
     /// The watermark of every source and stream as this shard last saw it.
     marks: HashMap<String, i64>,
+    /// The token processing-time emissions carry (nobody waits for them).
+    tick_ack: AckToken,
 }
 
 impl ShardRuntime {
@@ -59,6 +61,7 @@ impl ShardRuntime {
             streams: HashMap::new(),
             readers: HashMap::new(),
             marks: HashMap::new(),
+            tick_ack: Ack::new(&Arc::new(std::sync::atomic::AtomicUsize::new(0)), |_| {}),
         }
     }
 
@@ -285,6 +288,22 @@ impl ShardRuntime {
             Err(e) => self.record_error(name, &e),
         }
         self.watermark(name, mark, ack);
+    }
+
+    /// An `EMIT EVERY` stream's period elapsed: emit its changes since the last tick.
+    pub fn tick(&mut self, name: &Arc<str>) {
+        let Some(task) = self.streams.get_mut(name) else { return };
+        let Some(op) = task.op.as_mut() else { return };
+        match op.tick() {
+            Ok(out) => {
+                // Ticks are not inserts: nobody waits on them.
+                let ack = self.tick_ack.clone();
+                for b in out {
+                    self.emit(name, b, &ack);
+                }
+            }
+            Err(e) => self.record_error(name, &e),
+        }
     }
 
     pub fn on_exchange(&mut self, msg: Exchange) {

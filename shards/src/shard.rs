@@ -90,6 +90,12 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
                 }
             }
             ShardCommand::DropStream { name } => rt.drop_stream(&name),
+            ShardCommand::Tick { stream } => {
+                let _ = catch(&place, || {
+                    rt.tick(&stream);
+                    Ok(())
+                });
+            }
             ShardCommand::Scan { source, reply } => {
                 let _ = reply.send(catch(&place, || rt.scan(&source)));
             }

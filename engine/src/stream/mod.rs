@@ -46,6 +46,9 @@ pub enum Emit {
     /// Every change, as a changelog with retractions (`EMIT ON UPDATE`, `EMIT CHANGES`);
     /// the default for a `GROUP BY` without a window.
     Changes,
+    /// The changes since the last emission, as a changelog, every this many milliseconds of
+    /// processing time (`EMIT EVERY INTERVAL …`).
+    Every(i64),
 }
 
 /// A stateless input stage: optional filter, then the projection.
@@ -156,7 +159,7 @@ pub struct StreamPlan {
 
 impl StreamPlan {
     pub fn is_changelog(&self) -> bool {
-        self.agg.is_some() && self.emit == Emit::Changes
+        self.agg.is_some() && matches!(self.emit, Emit::Changes | Emit::Every(_))
     }
 
     /// Names this stream reads, in branch order (duplicates kept).

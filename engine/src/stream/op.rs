@@ -76,6 +76,9 @@ pub struct AggOperator {
     arrivals: i64,
     scratch: Vec<u8>,
     pub late_rows: u64,
+    /// `EMIT EVERY`: groups changed since the last tick, and each group's last emitted row.
+    dirty: Vec<u32>,
+    last_rows: HashMap<u32, RecordBatch>,
 }
 
 impl AggOperator {
@@ -97,6 +100,8 @@ impl AggOperator {
             arrivals: 0,
             scratch: Vec::new(),
             late_rows: 0,
+            dirty: Vec::new(),
+            last_rows: HashMap::new(),
         })
     }
 
@@ -138,6 +143,8 @@ impl AggOperator {
     }
 
     fn free_group(&mut self, g: u32) {
+        self.last_rows.remove(&g);
+        self.dirty.retain(|&d| d != g);
         let group = &mut self.groups[g as usize];
         group.live = false;
         let (start, end, key) = (group.start, group.end, group.key.clone());
@@ -239,6 +246,14 @@ impl AggOperator {
             acc.update(&values, &pair_rows, &pair_groups, &times);
         }
         let mut out = Vec::new();
+        if matches!(self.plan.emit, Emit::Every(_)) {
+            for &g in &touched {
+                if !self.groups[g as usize].emitted {
+                    self.groups[g as usize].emitted = true; // marks "in the dirty list"
+                    self.dirty.push(g);
+                }
+            }
+        }
         if let Some(before) = before {
             let had: Vec<bool> = touched.iter().map(|&g| self.groups[g as usize].emitted).collect();
             let now: Vec<usize> = touched.iter().map(|&g| g as usize).collect();
@@ -309,6 +324,44 @@ impl AggOperator {
         Some(keep)
     }
 
+    /// `EMIT EVERY`: the changes since the last tick — for each changed group a `-U` of the
+    /// row last emitted for it (if any) and its new row (`+U`, or `+I` the first time).
+    pub fn tick(&mut self) -> Result<Vec<RecordBatch>> {
+        let dirty = std::mem::take(&mut self.dirty);
+        self.emit_changes(&dirty)
+    }
+
+    fn emit_changes(&mut self, groups: &[u32]) -> Result<Vec<RecordBatch>> {
+        if groups.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut retract = Vec::new();
+        let mut rows = Vec::new();
+        let mut labels = Vec::new();
+        for &g in groups {
+            self.groups[g as usize].emitted = false;
+            let row = self.finish(&[g as usize])?;
+            let old = self.last_rows.remove(&g);
+            labels.extend(std::iter::repeat_n(if old.is_some() { OP_UPDATE } else { OP_INSERT }, row.num_rows()));
+            if let Some(old) = old {
+                retract.push(old);
+            }
+            if row.num_rows() > 0 {
+                self.last_rows.insert(g, row.clone());
+            }
+            rows.push(row);
+        }
+        let mut out = Vec::new();
+        if !retract.is_empty() {
+            let old = arrow::compute::concat_batches(&retract[0].schema(), &retract)?;
+            out.push(with_ops(&self.plan.schema, old, |_| OP_RETRACT)?);
+        }
+        let new = arrow::compute::concat_batches(&rows[0].schema(), &rows)?;
+        out.push(with_ops(&self.plan.schema, new, |i| labels[i])?);
+        out.retain(|b| b.num_rows() > 0);
+        Ok(out)
+    }
+
     /// Moves event time to `watermark`: emits the windows it closes (per the emit mode)
     /// and frees those past their allowed lateness.
     pub fn advance(&mut self, watermark: i64) -> Result<Vec<RecordBatch>> {
@@ -325,21 +378,28 @@ impl AggOperator {
             }
             let past = end.saturating_add(lateness) <= watermark;
             let group = &self.groups[g as usize];
-            if self.plan.emit != Emit::Changes && past && !group.emitted {
+            if matches!(self.plan.emit, Emit::AfterWatermark | Emit::OnWindowClose) && past && !group.emitted {
                 emit.push(g as usize);
             }
             if past {
                 expired.push(g);
             }
         }
-        let out = if emit.is_empty() { None } else { Some(self.finish(&emit)?) };
+        let mut out = if emit.is_empty() { vec![] } else { vec![self.finish(&emit)?] };
         for &g in &emit {
             self.groups[g].emitted = true;
+        }
+        if matches!(self.plan.emit, Emit::Every(_)) {
+            // Changes of expiring windows go out now, before their state is gone.
+            let pending: Vec<u32> = expired.iter().copied().filter(|g| self.dirty.contains(g)).collect();
+            self.dirty.retain(|g| !pending.contains(g));
+            out.extend(self.emit_changes(&pending)?);
         }
         for g in expired {
             self.free_group(g);
         }
-        Ok(out.into_iter().filter(|b| b.num_rows() > 0).collect())
+        out.retain(|b| b.num_rows() > 0);
+        Ok(out)
     }
 
     /// The current row of every live group (the state `SELECT … FROM stream` reads for a
