@@ -464,3 +464,129 @@ fn with_ops<'a>(schema: &SchemaRef, batch: RecordBatch, op: impl Fn(usize) -> &'
         &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
     )?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::{AggCall, AggKind, Branch, Domain};
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::DataType;
+    use datafusion::physical_expr::expressions::Column;
+
+    /// `SELECT k, window_start, window_end, COUNT(*), SUM(v) … GROUP BY k, <window>` over
+    /// branch rows `[k: Utf8, ts: Int64, v: Int64]`.
+    fn plan(window: Option<WindowKind>, emit: Emit, lateness_ms: i64) -> Arc<StreamPlan> {
+        let branch_schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, true),
+            Field::new("ts", DataType::Int64, true),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let mut agg_fields = vec![Field::new("k", DataType::Utf8, true)];
+        let mut layout = vec![GroupCol::Key(0)];
+        if window.is_some() {
+            agg_fields.push(Field::new("window_start", DataType::Int64, true));
+            agg_fields.push(Field::new("window_end", DataType::Int64, true));
+            layout.extend([GroupCol::WindowStart, GroupCol::WindowEnd]);
+        }
+        agg_fields.push(Field::new("n", DataType::Int64, true));
+        agg_fields.push(Field::new("s", DataType::Int64, true));
+        let agg_schema = Arc::new(Schema::new(agg_fields.clone()));
+        let output: Vec<PhysExpr> =
+            agg_fields.iter().enumerate().map(|(i, f)| Arc::new(Column::new(f.name(), i)) as PhysExpr).collect();
+        let mut out_fields = agg_fields.clone();
+        if emit == Emit::Changes {
+            out_fields.push(Field::new(super::super::OP_COLUMN, DataType::Utf8, false));
+        }
+        let calls = vec![
+            AggCall { kind: AggKind::Count, arg: None, domain: Domain::Int, out_type: DataType::Int64 },
+            AggCall { kind: AggKind::Sum, arg: Some(2), domain: Domain::Int, out_type: DataType::Int64 },
+        ];
+        Arc::new(StreamPlan {
+            name: "s".into(),
+            sql: String::new(),
+            branches: vec![Branch { input: "t".into(), filter: None, exprs: vec![], schema: branch_schema }],
+            agg: Some(AggPlan {
+                keys: 1,
+                window,
+                window_type: DataType::Int64,
+                calls,
+                agg_schema,
+                layout,
+                having: None,
+                output,
+            }),
+            schema: Arc::new(Schema::new(out_fields)),
+            emit,
+            lateness_ms,
+            materialized: false,
+        })
+    }
+
+    fn rows(k: &[&str], ts: &[i64], v: &[i64]) -> RecordBatch {
+        RecordBatch::try_from_iter(vec![
+            ("k", Arc::new(StringArray::from(k.to_vec())) as ArrayRef),
+            ("ts", Arc::new(Int64Array::from(ts.to_vec())) as ArrayRef),
+            ("v", Arc::new(Int64Array::from(v.to_vec())) as ArrayRef),
+        ])
+        .unwrap()
+    }
+
+    /// Every emitted row as text, sorted.
+    fn text(batches: &[RecordBatch]) -> Vec<String> {
+        let mut out = Vec::new();
+        for b in batches {
+            for r in 0..b.num_rows() {
+                let cells: Vec<String> = b
+                    .columns()
+                    .iter()
+                    .map(|c| arrow::util::display::array_value_to_string(c, r).unwrap())
+                    .collect();
+                out.push(cells.join(","));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn tumbling_windows_emit_once_when_the_watermark_passes_their_end() {
+        let mut op = AggOperator::new(plan(Some(WindowKind::Tumble { size: 1000 }), Emit::AfterWatermark, 0)).unwrap();
+        assert!(op.apply(&rows(&["a", "a", "b"], &[100, 900, 1500], &[1, 2, 4])).unwrap().is_empty());
+        assert!(op.advance(999).unwrap().is_empty());
+        assert_eq!(text(&op.advance(1000).unwrap()), vec!["a,0,1000,2,3"]);
+        assert!(op.advance(1500).unwrap().is_empty(), "a window is emitted once");
+        // A row for the closed window is late: dropped and counted.
+        assert!(op.apply(&rows(&["a"], &[10], &[8])).unwrap().is_empty());
+        assert_eq!(op.late_rows, 1);
+        assert_eq!(text(&op.advance(i64::MAX).unwrap()), vec!["b,1000,2000,1,4"]);
+        assert_eq!(op.group_count(), 0, "closed windows free their state");
+    }
+
+    #[test]
+    fn a_row_bridging_two_sessions_merges_them() {
+        let mut op = AggOperator::new(plan(Some(WindowKind::Session { gap: 100 }), Emit::AfterWatermark, 0)).unwrap();
+        op.apply(&rows(&["a", "a"], &[0, 150], &[1, 2])).unwrap();
+        assert_eq!(op.group_count(), 2);
+        op.apply(&rows(&["a"], &[80], &[4])).unwrap(); // within 100 of both
+        assert_eq!(op.group_count(), 1);
+        assert_eq!(text(&op.advance(i64::MAX).unwrap()), vec!["a,0,250,3,7"]);
+    }
+
+    #[test]
+    fn changelog_retracts_the_previous_row_of_a_key() {
+        let mut op = AggOperator::new(plan(None, Emit::Changes, 0)).unwrap();
+        assert_eq!(text(&op.apply(&rows(&["a"], &[0], &[5])).unwrap()), vec!["a,1,5,+I"]);
+        assert_eq!(text(&op.apply(&rows(&["a", "b"], &[0, 0], &[1, 7])).unwrap()), vec!["a,1,5,-U", "a,2,6,+U", "b,1,7,+I"]);
+        assert_eq!(text(&[op.snapshot().unwrap()]), vec!["a,2,6", "b,1,7"]);
+    }
+
+    #[test]
+    fn allowed_lateness_keeps_a_window_open_past_its_end() {
+        let mut op = AggOperator::new(plan(Some(WindowKind::Tumble { size: 1000 }), Emit::AfterWatermark, 500)).unwrap();
+        op.apply(&rows(&["a"], &[100], &[1])).unwrap();
+        assert!(op.advance(1200).unwrap().is_empty());
+        op.apply(&rows(&["a"], &[200], &[2])).unwrap(); // late, but within lateness
+        assert_eq!(op.late_rows, 0);
+        assert_eq!(text(&op.advance(1500).unwrap()), vec!["a,0,1000,2,3"]);
+    }
+}
