@@ -456,7 +456,7 @@ async def test_async_subscription_ends_after_shutdown(ticks):
     put(ticks, (1, "A", 150.0), (2, "B", 250.0))
     ticks.shutdown()
     # if the subscription never ended, cancelling it from another thread unblocks the test
-    rescue = threading.Timer(20.0, quiet(asub.cancel))
+    rescue = threading.Timer(20.0, quiet(lambda: (asub.cancel(), ticks.close())))
     rescue.start()
     try:
         batches = [b async for b in asub]

@@ -46,5 +46,29 @@ def main() -> None:
         assert plan and stats["total_events"] == rows + 2
 
 
+def streaming() -> None:
+    with laminardb.open(":memory:") as db:
+        db.execute("CREATE SOURCE ticks (ts BIGINT, symbol VARCHAR, price DOUBLE, WATERMARK FOR ts)")
+        db.execute(
+            "CREATE STREAM bars AS SELECT symbol, MAX(price) AS high FROM ticks "
+            "GROUP BY symbol, TUMBLE(ts, INTERVAL '1' SECOND)"
+        )
+        sub: laminardb.StreamSubscription = db.subscribe_stream("bars")
+        db.insert("ticks", [{"ts": 100, "symbol": "A", "price": 1.0}, {"ts": 1500, "symbol": "A", "price": 2.0}])
+        bar: Optional[QueryResult] = sub.next_timeout(5000)
+        assert bar is not None and bar.num_rows == 1
+        seen: list[int] = []
+        handle = db.subscribe_stream_callback("bars", lambda r: seen.append(r.num_rows))
+        handle.cancel()
+        metrics: laminardb.PipelineMetrics = db.metrics()
+        assert metrics.total_events_ingested == 2
+        edges = [(e.from_node, e.to_node) for e in db.topology().edges]
+        assert edges == [("ticks", "bars")]
+        view = laminardb.mv(db, "bars")
+        assert view.schema().names[0] == "symbol"
+        db.shutdown()
+
+
 if __name__ == "__main__":
     main()
+    streaming()
