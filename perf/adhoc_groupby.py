@@ -74,7 +74,7 @@ def main() -> None:
         for _ in range(args.runs):
             t, lam = timed(lambda: db.query(sql).to_arrow())
             ours.append(t)
-            t, dk = timed(lambda: duck.execute(sql).fetch_arrow_table())
+            t, dk = timed(lambda: duck.sql(sql).to_arrow_table())
             theirs.append(t)
         lam_rows = lam.to_pylist()
         dk_rows = dk.to_pylist()

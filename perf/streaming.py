@@ -44,6 +44,13 @@ def fresh():
     return db
 
 
+def started(db):
+    """Streams are declared; start the pipeline (the upstream wheel needs this)."""
+    if hasattr(db, "start"):
+        db.start()
+    return db
+
+
 def rows_of(batch) -> int:
     if batch is None:
         return 0
@@ -73,6 +80,7 @@ def percentiles(ns: list[int]) -> dict:
 def latency(n: int, warmup: int) -> dict:
     db = fresh()
     db.execute(FILTER)
+    started(db)
     sub = db.subscribe_stream("hot")
     writer = db.writer("trades")
     samples = []
@@ -101,6 +109,7 @@ def latency(n: int, warmup: int) -> dict:
 def arrow_1m(rows: int) -> dict:
     db = fresh()
     db.execute(FILTER)
+    started(db)
     sub = db.subscribe_stream("hot")
     table = pa.table(
         {
@@ -125,6 +134,7 @@ def arrow_1m(rows: int) -> dict:
 def ohlc(rows: int, symbols: int, batch_rows: int) -> dict:
     db = fresh()
     db.execute(OHLC)
+    started(db)
     sub = db.subscribe_stream("ohlc")
     rng = np.random.default_rng(3)
     names = np.array([f"S{i:04d}" for i in range(symbols)], dtype=object)

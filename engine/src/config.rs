@@ -11,6 +11,9 @@ pub struct EngineConfig {
     pub table_spill_threshold: usize,
     /// Pin shard `i` to core `i % cores`. Off only for tests that oversubscribe.
     pub pin_shards: bool,
+    /// How long an idle shard or the coordinator polls its queue before sleeping, in µs:
+    /// trades CPU for wake-up latency. `LAMINARDB_SPIN_US` overrides the default.
+    pub spin_us: u64,
 }
 
 impl EngineConfig {
@@ -32,6 +35,7 @@ impl Default for EngineConfig {
             checkpoint_interval_ms: None,
             table_spill_threshold: 1_000_000,
             pin_shards: true,
+            spin_us: std::env::var("LAMINARDB_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
         }
     }
 }

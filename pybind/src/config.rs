@@ -34,7 +34,7 @@ impl PyLaminarConfig {
                 storage_dir,
                 checkpoint_interval_ms,
                 table_spill_threshold,
-                pin_shards: true,
+                ..EngineConfig::default()
             },
         })
     }

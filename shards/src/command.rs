@@ -45,7 +45,9 @@ pub enum Command {
 }
 
 pub enum ShardCommand {
-    Append { source: Arc<str>, batches: Vec<RecordBatch>, ack: AckToken },
+    /// Rows for this shard (maybe none) and, when the insert moved the source's
+    /// watermark, the new watermark, applied after the rows: one message per shard.
+    Append { source: Arc<str>, batches: Vec<RecordBatch>, watermark: Option<i64>, ack: AckToken },
     /// The source's watermark moved (epoch ms); follows the appends that moved it.
     Watermark { source: Arc<str>, watermark: i64, ack: AckToken },
     AddStream { plan: Arc<StreamPlan>, output: Arc<Output> },

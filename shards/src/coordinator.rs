@@ -60,7 +60,7 @@ pub(crate) fn run(startup: Startup) {
         let (tx, rx) = shared_channel::new_bounded(config.queue_capacity());
         let cpu = (config.pin_shards && !cores.is_empty()).then(|| cores[id % cores.len()]);
         let wiring = ShardWiring { inbox: rx, outputs: outputs.clone(), exchange: exchange_tx.clone(), exchange_inbox };
-        match shard::spawn(id, cpu, wiring, health.clone()) {
+        match shard::spawn(id, cpu, config.spin_us, wiring, health.clone()) {
             Ok(join) => {
                 senders.push(tx);
                 joins.push(join);
@@ -83,6 +83,7 @@ pub(crate) fn run(startup: Startup) {
         }
     };
     let shards = config.shards;
+    let spin_us = config.spin_us;
     let (frontend, shutdown_reply) = executor.run(async move {
         let mut connected = Vec::with_capacity(senders.len());
         for tx in senders {
@@ -119,7 +120,8 @@ pub(crate) fn run(startup: Startup) {
             }
         });
         let mut shutdown_reply = None;
-        while let Ok(cmd) = commands.recv_async().await {
+        let spin = std::time::Duration::from_micros(spin_us);
+        while let Ok(cmd) = next_command(&commands, spin).await {
             if let Command::Shutdown { reply, sent } = cmd {
                 if let Some(sent) = sent {
                     // A short blocking wait, once, at shutdown (see `Handle::close`).
@@ -157,6 +159,23 @@ pub(crate) fn run(startup: Startup) {
     if let Some(reply) = shutdown_reply {
         let _ = reply.send(Ok(()));
     }
+}
+
+/// The next caller command: polled for up to `spin` first (a wake-up from sleep costs
+/// tens of microseconds), then awaited.
+async fn next_command(commands: &flume::Receiver<Command>, spin: std::time::Duration) -> Result<Command, flume::RecvError> {
+    if !spin.is_zero() {
+        let start = std::time::Instant::now();
+        loop {
+            match commands.try_recv() {
+                Ok(cmd) => return Ok(cmd),
+                Err(flume::TryRecvError::Disconnected) => return Err(flume::RecvError::Disconnected),
+                Err(flume::TryRecvError::Empty) if start.elapsed() < spin => std::hint::spin_loop(),
+                Err(flume::TryRecvError::Empty) => break,
+            }
+        }
+    }
+    commands.recv_async().await
 }
 
 struct Coordinator {
@@ -416,18 +435,9 @@ impl Coordinator {
     /// Moves `source`'s watermark to `mark` if that is later, telling every shard (after the
     /// rows already sent to it). Returns the source's watermark.
     async fn advance_watermark(&self, source: &str, mark: i64, ack: &AckToken) -> i64 {
-        let current = {
-            let mut marks = self.watermarks.borrow_mut();
-            let current = marks.entry(source.to_string()).or_insert(i64::MIN);
-            if mark <= *current {
-                return *current;
-            }
-            *current = mark;
-            mark
+        let Some(current) = self.bump_watermark(source, mark) else {
+            return self.watermarks.borrow().get(source).copied().unwrap_or(i64::MIN);
         };
-        if let Some(output) = self.outputs.read().get(source) {
-            output.counters.watermark.fetch_max(current, Ordering::Relaxed);
-        }
         let name: Arc<str> = source.into();
         for tx in self.shards.iter() {
             let cmd = ShardCommand::Watermark { source: name.clone(), watermark: current, ack: ack.clone() };
@@ -436,6 +446,20 @@ impl Coordinator {
             }
         }
         current
+    }
+
+    /// Moves `source`'s watermark forward to `mark`; `Some(mark)` if it moved.
+    fn bump_watermark(&self, source: &str, mark: i64) -> Option<i64> {
+        let mut marks = self.watermarks.borrow_mut();
+        let current = marks.entry(source.to_string()).or_insert(i64::MIN);
+        if mark <= *current {
+            return None;
+        }
+        *current = mark;
+        if let Some(output) = self.outputs.read().get(source) {
+            output.counters.watermark.fetch_max(mark, Ordering::Relaxed);
+        }
+        Some(mark)
     }
 
     async fn drop_source(&self, name: &str) -> Result<()> {
@@ -488,14 +512,15 @@ impl Coordinator {
         let ack = Ack::new(&self.inflight, move |r| {
             let _ = reply.send(r);
         });
-        for (shard, batches) in parts.into_iter().enumerate().filter(|(_, p)| !p.is_empty()) {
-            let cmd = ShardCommand::Append { source: name.clone(), batches, ack: ack.clone() };
+        let watermark = watermark.and_then(|mark| self.bump_watermark(&name, mark));
+        for (shard, batches) in parts.into_iter().enumerate() {
+            if batches.is_empty() && watermark.is_none() {
+                continue;
+            }
+            let cmd = ShardCommand::Append { source: name.clone(), batches, watermark, ack: ack.clone() };
             if self.shards[shard].send(cmd).await.is_err() {
                 ack.fail(Error::internal(format!("shard {shard} has stopped")));
             }
-        }
-        if let Some(mark) = watermark {
-            self.advance_watermark(&name, mark, &ack).await;
         }
     }
 

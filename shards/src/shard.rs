@@ -28,13 +28,17 @@ pub(crate) struct ShardWiring {
 pub(crate) fn spawn(
     id: usize,
     cpu: Option<usize>,
+    spin_us: u64,
     wiring: ShardWiring,
     health: Arc<Health>,
 ) -> glommio::Result<ExecutorJoinHandle<()>, ()> {
     let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
-    LocalExecutorBuilder::new(placement)
-        .name(&format!("laminar-shard-{id}"))
-        .io_memory(SHARD_IO_MEMORY_BYTES)
+    let mut builder = LocalExecutorBuilder::new(placement).name(&format!("laminar-shard-{id}")).io_memory(SHARD_IO_MEMORY_BYTES);
+    if spin_us > 0 {
+        // glommio spins only on pinned executors.
+        builder = builder.spin_before_park(std::time::Duration::from_micros(spin_us));
+    }
+    builder
         .spawn(move || async move {
             let name = format!("shard {id}");
             if let Err(why) = run(id, wiring).await {
@@ -71,8 +75,14 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
         };
         let mut rt = runtime.borrow_mut();
         match cmd {
-            ShardCommand::Append { source, batches, ack } => {
-                if let Err(e) = catch(&place, || rt.append(&source, batches, &ack)) {
+            ShardCommand::Append { source, batches, watermark, ack } => {
+                if let Err(e) = catch(&place, || {
+                    rt.append(&source, batches, &ack)?;
+                    if let Some(mark) = watermark {
+                        rt.watermark(&source, mark, &ack);
+                    }
+                    Ok(())
+                }) {
                     ack.fail(e);
                 }
             }
