@@ -11,7 +11,7 @@ Workloads (each checks its own results):
             last bar has been delivered
 
 Run the same script under .venv-perf (this build) and .venv-upstream (laminardb 0.17.0):
-perf/compare.sh does both, alternating, and prints the ratios.
+perf/compare.py does both, alternating, and prints the ratios.
 """
 
 from __future__ import annotations

@@ -133,6 +133,27 @@ impl Catalog {
         streams.chain(sinks).collect()
     }
 
+    /// Every stream fed, directly or through other streams, by `name`.
+    pub fn downstream(&self, name: &str) -> Vec<Arc<StreamDef>> {
+        let mut out: Vec<Arc<StreamDef>> = Vec::new();
+        let mut frontier = vec![name.to_string()];
+        while let Some(input) = frontier.pop() {
+            for s in self.streams.values() {
+                if s.plan.inputs().any(|i| i == input) && !out.iter().any(|o| o.name == s.name) {
+                    out.push(s.clone());
+                    frontier.push(s.name.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a watermark of `name` can close a window somewhere downstream (else it
+    /// only updates metrics, and the shards need not hear of it).
+    pub fn watermark_matters(&self, name: &str) -> bool {
+        self.downstream(name).iter().any(|s| s.plan.agg.as_ref().is_some_and(|a| a.window.is_some()))
+    }
+
     pub fn add_sink(&mut self, def: SinkDef) -> Result<()> {
         if self.contains(&def.name) {
             return Err(Error::table_exists(&def.name));

@@ -35,8 +35,21 @@ impl Default for EngineConfig {
             checkpoint_interval_ms: None,
             table_spill_threshold: 1_000_000,
             pin_shards: true,
-            spin_us: std::env::var("LAMINARDB_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+            spin_us: default_spin_us(default_shards()),
         }
+    }
+}
+
+/// Spinning pays only where a core is left over for the callers: with as many shards as
+/// cores, spinning shards would take the CPU the inserting threads need.
+pub fn default_spin_us(shards: usize) -> u64 {
+    if let Some(us) = std::env::var("LAMINARDB_SPIN_US").ok().and_then(|v| v.parse().ok()) {
+        return us;
+    }
+    if shards < default_shards() {
+        50
+    } else {
+        0
     }
 }
 

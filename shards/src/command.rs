@@ -50,7 +50,9 @@ pub enum ShardCommand {
     Append { source: Arc<str>, batches: Vec<RecordBatch>, watermark: Option<i64>, ack: AckToken },
     /// The source's watermark moved (epoch ms); follows the appends that moved it.
     Watermark { source: Arc<str>, watermark: i64, ack: AckToken },
-    AddStream { plan: Arc<StreamPlan>, output: Arc<Output> },
+    /// `marks`: every source's watermark, which shards may not have heard (see
+    /// `Coordinator::bump_watermark`); applied before the stream is added.
+    AddStream { plan: Arc<StreamPlan>, output: Arc<Output>, marks: Vec<(Arc<str>, i64)> },
     DropStream { name: Arc<str> },
     /// Processing-time tick of an `EMIT EVERY` stream.
     Tick { stream: Arc<str> },

@@ -305,8 +305,10 @@ impl Coordinator {
                 }
                 let output = Output::new(name.clone(), plan.schema.clone());
                 self.outputs.write().insert(name.clone(), output.clone());
+                let marks: Vec<(Arc<str>, i64)> =
+                    self.watermarks.borrow().iter().map(|(k, v)| (Arc::from(k.as_str()), *v)).collect();
                 for tx in self.shards.iter() {
-                    tx.send(ShardCommand::AddStream { plan: plan.clone(), output: output.clone() })
+                    tx.send(ShardCommand::AddStream { plan: plan.clone(), output: output.clone(), marks: marks.clone() })
                         .await
                         .map_err(|_| Error::internal("a shard has stopped"))?;
                 }
@@ -448,18 +450,33 @@ impl Coordinator {
         current
     }
 
-    /// Moves `source`'s watermark forward to `mark`; `Some(mark)` if it moved.
+    /// Moves `source`'s watermark forward to `mark`. Returns `Some(mark)` if it moved and a
+    /// window downstream may care, so the shards must hear it; otherwise (no windowed
+    /// stream downstream) only the metrics of the streams it feeds move, and the shards
+    /// catch up when a stream is added (`AddStream::marks`).
     fn bump_watermark(&self, source: &str, mark: i64) -> Option<i64> {
-        let mut marks = self.watermarks.borrow_mut();
-        let current = marks.entry(source.to_string()).or_insert(i64::MIN);
-        if mark <= *current {
-            return None;
+        {
+            let mut marks = self.watermarks.borrow_mut();
+            let current = marks.entry(source.to_string()).or_insert(i64::MIN);
+            if mark <= *current {
+                return None;
+            }
+            *current = mark;
         }
-        *current = mark;
-        if let Some(output) = self.outputs.read().get(source) {
+        let catalog = self.catalog.borrow().clone();
+        let outputs = self.outputs.read();
+        if let Some(output) = outputs.get(source) {
             output.counters.watermark.fetch_max(mark, Ordering::Relaxed);
         }
-        Some(mark)
+        if catalog.watermark_matters(source) {
+            return Some(mark);
+        }
+        for stream in catalog.downstream(source) {
+            if let Some(output) = outputs.get(&stream.name) {
+                output.counters.watermark.fetch_max(mark, Ordering::Relaxed);
+            }
+        }
+        None
     }
 
     async fn drop_source(&self, name: &str) -> Result<()> {

@@ -86,7 +86,11 @@ impl ShardRuntime {
         self.marks.remove(source);
     }
 
-    pub fn add_stream(&mut self, plan: Arc<StreamPlan>, output: Arc<Output>) -> Result<()> {
+    pub fn add_stream(&mut self, plan: Arc<StreamPlan>, output: Arc<Output>, marks: &[(Arc<str>, i64)]) -> Result<()> {
+        let ack = self.tick_ack.clone();
+        for (source, mark) in marks {
+            self.watermark(source, *mark, &ack);
+        }
         let op = if plan.agg.is_some() { Some(AggOperator::new(plan.clone())?) } else { None };
         let slots = if op.is_some() { plan.branches.len() * self.shards } else { plan.branches.len() };
         let marks = (0..slots)

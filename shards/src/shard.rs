@@ -94,8 +94,8 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
                     ack.fail(e);
                 }
             }
-            ShardCommand::AddStream { plan, output } => {
-                if let Err(e) = catch(&place, || rt.add_stream(plan, output.clone())) {
+            ShardCommand::AddStream { plan, output, marks } => {
+                if let Err(e) = catch(&place, || rt.add_stream(plan, output.clone(), &marks)) {
                     output.record_error(&e.to_string());
                 }
             }
