@@ -79,6 +79,14 @@ fn cast_column(col: &ArrayRef, to: &DataType, options: &CastOptions) -> std::res
     if !can_cast_types(from, to) {
         return Err(format!("cannot cast {from} to {to}"));
     }
+    if from.is_floating() && to.is_integer() {
+        // A fraction would be cut off silently: refuse it (51.0 is fine, 51.7 is not).
+        let as_f64 = cast_with_options(col, &DataType::Float64, options).map_err(|e| e.to_string())?;
+        let values = as_f64.as_any().downcast_ref::<arrow::array::Float64Array>().ok_or("not Float64")?;
+        if let Some(v) = values.iter().flatten().find(|v| v.fract() != 0.0) {
+            return Err(format!("{v} has a fraction and the column is {to}"));
+        }
+    }
     cast_with_options(col, to, options).map_err(|e| e.to_string())
 }
 
@@ -165,6 +173,24 @@ fn column_list(schema: &SchemaRef) -> String {
 /// A zero-row batch with the schema, for results that must still carry their columns.
 pub fn empty_batch(schema: &SchemaRef) -> RecordBatch {
     RecordBatch::new_empty(Arc::clone(schema))
+}
+
+#[cfg(test)]
+mod fraction_tests {
+    use super::*;
+    use arrow::array::Float64Array;
+    use arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+
+    #[test]
+    fn floats_with_a_fraction_are_refused_by_integer_columns() {
+        let target = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
+        let ok = RecordBatch::try_from_iter(vec![("a", Arc::new(Float64Array::from(vec![51.0])) as ArrayRef)]).unwrap();
+        assert!(cast_to_schema(&ok, &target).is_ok());
+        let bad = RecordBatch::try_from_iter(vec![("a", Arc::new(Float64Array::from(vec![1.0, 51.7])) as ArrayRef)]).unwrap();
+        let e = cast_to_schema(&bad, &target).unwrap_err();
+        assert!(e.message.contains("51.7"), "{}", e.message);
+    }
 }
 
 #[cfg(test)]

@@ -625,3 +625,13 @@ def test_date_and_timestamp_strings_in_json_and_csv(db):
         (datetime.date(2024, 1, 3), datetime.datetime(2024, 1, 3)),
         (datetime.date(2024, 1, 4), datetime.datetime(2024, 1, 4)),
     ]
+
+
+def test_float_with_a_fraction_into_bigint_is_refused_and_nothing_stored(db):
+    db.execute("CREATE SOURCE f (a BIGINT)")
+    db.insert("f", {"a": [51.0]})  # integral floats are fine
+    with pytest.raises(laminardb.IngestionError) as ei:
+        db.insert("f", {"a": [1.0, 51.7]})
+    assert ei.value.code == 302
+    assert "51.7" in str(ei.value)
+    assert db.query("SELECT a FROM f").fetchall() == [(51,)]
