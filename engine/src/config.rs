@@ -14,6 +14,9 @@ pub struct EngineConfig {
     /// How long an idle shard or the coordinator polls its queue before sleeping, in µs:
     /// trades CPU for wake-up latency. `LAMINARDB_SPIN_US` overrides the default.
     pub spin_us: u64,
+    /// How long a caller waiting for a reply polls before sleeping, in µs
+    /// (`LAMINARDB_CALLER_SPIN_US`; the GIL is released meanwhile).
+    pub caller_spin_us: u64,
 }
 
 impl EngineConfig {
@@ -36,6 +39,7 @@ impl Default for EngineConfig {
             table_spill_threshold: 1_000_000,
             pin_shards: true,
             spin_us: default_spin_us(default_shards()),
+            caller_spin_us: std::env::var("LAMINARDB_CALLER_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
         }
     }
 }

@@ -40,6 +40,7 @@ pub struct Handle {
     health: Arc<Health>,
     coordinator: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
+    caller_spin: std::time::Duration,
 }
 
 impl Handle {
@@ -48,6 +49,7 @@ impl Handle {
         let shards = config.shards.max(1);
         let config = EngineConfig { shards, ..config };
         let queue_capacity = config.queue_capacity();
+        let caller_spin = std::time::Duration::from_micros(config.caller_spin_us);
         let (commands_tx, commands_rx) = flume::bounded(queue_capacity);
         let published: Published = Arc::new(RwLock::new(Arc::new(Catalog::default())));
         let outputs: Outputs = Arc::default();
@@ -90,6 +92,7 @@ impl Handle {
             health,
             coordinator: Mutex::new(Some(coordinator)),
             closed: AtomicBool::new(false),
+            caller_spin,
         })
     }
 
@@ -121,7 +124,7 @@ impl Handle {
             self.health.check()?;
             return Err(Error::shutdown());
         }
-        match rx.recv() {
+        match recv_spinning(&rx, self.caller_spin) {
             Ok(result) => result,
             Err(_) => {
                 self.health.check()?;
@@ -207,6 +210,22 @@ impl Drop for Handle {
     fn drop(&mut self) {
         let _ = self.close();
     }
+}
+
+/// Polls `rx` for up to `spin` before blocking: a sleeping thread takes tens of
+/// microseconds to wake.
+fn recv_spinning<T>(rx: &flume::Receiver<T>, spin: std::time::Duration) -> Result<T, flume::RecvError> {
+    if !spin.is_zero() {
+        let start = std::time::Instant::now();
+        while start.elapsed() < spin {
+            match rx.try_recv() {
+                Ok(v) => return Ok(v),
+                Err(flume::TryRecvError::Disconnected) => return Err(flume::RecvError::Disconnected),
+                Err(flume::TryRecvError::Empty) => std::hint::spin_loop(),
+            }
+        }
+    }
+    rx.recv()
 }
 
 /// The latest event time among `batches` (epoch ms), for a source with a watermark.
