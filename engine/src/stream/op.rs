@@ -63,9 +63,9 @@ pub struct AggOperator {
     plan: Arc<StreamPlan>,
     converter: RowConverter,
     /// `(start, end, key)` → group, for tumbling, hopping, cumulating and unwindowed groups.
-    index: HashMap<Box<[u8]>, u32>,
+    index: HashMap<Box<[u8]>, u32, ahash::RandomState>,
     /// Key → its open sessions.
-    sessions: HashMap<Box<[u8]>, Vec<u32>>,
+    sessions: HashMap<Box<[u8]>, Vec<u32>, ahash::RandomState>,
     groups: Vec<Group>,
     free: Vec<u32>,
     /// Open windows by end.
@@ -90,8 +90,8 @@ impl AggOperator {
         Ok(AggOperator {
             plan,
             converter,
-            index: HashMap::new(),
-            sessions: HashMap::new(),
+            index: HashMap::default(),
+            sessions: HashMap::default(),
             groups: Vec::new(),
             free: Vec::new(),
             closing: BTreeSet::new(),
@@ -231,9 +231,13 @@ impl AggOperator {
             }
         }
         let changelog = self.plan.emit == Emit::Changes;
-        let mut touched: Vec<u32> = pair_groups.clone();
-        touched.sort_unstable();
-        touched.dedup();
+        // Only changelog modes need the set of changed groups (append mode emits on close).
+        let mut touched: Vec<u32> = Vec::new();
+        if matches!(self.plan.emit, Emit::Changes | Emit::Every(_)) {
+            touched = pair_groups.clone();
+            touched.sort_unstable();
+            touched.dedup();
+        }
         let before = if changelog {
             let old: Vec<usize> = touched.iter().filter(|&&g| self.groups[g as usize].emitted).map(|&g| g as usize).collect();
             Some(self.finish(&old)?)
