@@ -10,6 +10,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 
 use crate::error::{Error, Result};
+use crate::nexmark::NexmarkConfig;
 use crate::stream::StreamPlan;
 
 /// How event time advances for a source: `WATERMARK FOR col AS col - INTERVAL …`.
@@ -40,14 +41,16 @@ pub struct SourceDef {
     pub options: BTreeMap<String, String>,
     /// The DDL text it was created from (for `streams()`-style introspection and recovery).
     pub sql: String,
+    /// A source whose rows the shards generate (`WITH (connector = 'nexmark', …)`).
+    pub generator: Option<NexmarkConfig>,
 }
 
 impl SourceDef {
-    /// Picks the default partition key: an explicit `partition_key` option, else the primary
-    /// key, else the first string or integer column that is not the event-time column (for
-    /// market data that is the symbol), else none.
+    /// Picks the partition key: an explicit `partition_key` option, else the primary key,
+    /// else none — rows are then dealt out in contiguous slices, which costs the inserting
+    /// caller nothing; keyed operators move rows to their key's shard over the exchange,
+    /// in parallel on the shards.
     pub fn choose_partition_key(&mut self) -> Result<()> {
-        use arrow::datatypes::DataType as T;
         if let Some(list) = self.options.get("partition_key").cloned() {
             let mut idx = Vec::new();
             for col in list.split(',').map(str::trim).filter(|c| !c.is_empty()) {
@@ -58,25 +61,7 @@ impl SourceDef {
             self.partition_key = idx;
             return Ok(());
         }
-        if !self.primary_key.is_empty() {
-            self.partition_key = self.primary_key.clone();
-            return Ok(());
-        }
-        let event_time = self.watermark.as_ref().map(|w| w.column.as_str());
-        self.partition_key = self
-            .schema
-            .fields()
-            .iter()
-            .position(|f| {
-                Some(f.name().as_str()) != event_time
-                    && matches!(
-                        f.data_type(),
-                        T::Utf8 | T::LargeUtf8 | T::Utf8View | T::Int8 | T::Int16 | T::Int32
-                            | T::Int64 | T::UInt8 | T::UInt16 | T::UInt32 | T::UInt64
-                    )
-            })
-            .into_iter()
-            .collect();
+        self.partition_key = self.primary_key.clone();
         Ok(())
     }
 }

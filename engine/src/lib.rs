@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod frontend;
 pub mod ingest;
+pub mod nexmark;
 pub mod partition;
 pub mod sink;
 pub mod stream;

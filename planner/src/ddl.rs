@@ -17,6 +17,7 @@ use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::{Token, Word};
 
 use laminardb_engine::catalog::{SourceDef, SourceKind, WatermarkSpec};
+use laminardb_engine::nexmark::NexmarkConfig;
 use laminardb_engine::frontend::{ObjectKind, Statement};
 use laminardb_engine::types::parse_type_string;
 use laminardb_engine::{Error, Result};
@@ -89,7 +90,18 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
         return Err(Error::unsupported("CREATE SOURCE … AS SELECT (use CREATE STREAM)"));
     }
     let name = object_name(&create.name)?;
-    if create.columns.is_empty() {
+    let options = with_options(&create.table_options)?;
+    let generator = match options.get("connector").map(|c| c.to_ascii_lowercase()) {
+        None => None,
+        Some(c) if c == "nexmark" => Some(NexmarkConfig::from_options(&options)?),
+        Some(other) => {
+            return Err(Error::connector(format!(
+                "source connector '{other}' is not available (this build generates 'nexmark' sources; \
+                 insert rows from Python for the rest)"
+            )))
+        }
+    };
+    if create.columns.is_empty() && generator.is_none() {
         return Err(Error::invalid_schema(format!("'{name}' needs at least one column")));
     }
     let mut fields = Vec::with_capacity(create.columns.len());
@@ -110,7 +122,18 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
         }
         fields.push(Field::new(ident_value(&col.name), data_type, nullable));
     }
-    let schema = Arc::new(Schema::new(fields));
+    let mut schema = Arc::new(Schema::new(fields));
+    if let Some(generator) = &generator {
+        let generated = generator.table.schema();
+        if !create.columns.is_empty() && !same_columns(&schema, &generated) {
+            return Err(Error::invalid_schema(format!(
+                "a nexmark {:?} source has the columns ({}); declare those or none",
+                generator.table,
+                describe_columns(&generated)
+            )));
+        }
+        schema = generated;
+    }
     for constraint in &create.constraints {
         match constraint {
             TableConstraint::PrimaryKey(pk) => {
@@ -130,7 +153,6 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
             "PRIMARY KEY (upserting reference tables arrive with lookup joins); declare the table without it",
         ));
     }
-    let options = with_options(&create.table_options)?;
     let mut watermark = match watermark_tokens {
         Some(tokens) => Some(parse_watermark(tokens)?),
         None => None,
@@ -144,6 +166,10 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
             return Err(Error::parse("WATERMARK FOR and watermark_column name different columns"));
         }
         watermark.get_or_insert(WatermarkSpec { column: column.clone(), delay_ms });
+    }
+    if generator.is_some() && watermark.is_none() {
+        // Generated events are in event-time order: the watermark follows them exactly.
+        watermark = Some(WatermarkSpec { column: "date_time".into(), delay_ms: 0 });
     }
     if let Some(w) = &watermark {
         let field = schema
@@ -169,9 +195,19 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
         primary_key,
         options,
         sql: sql.to_string(),
+        generator,
     };
     def.choose_partition_key()?;
     Ok(Statement::CreateSource { def, if_not_exists: create.if_not_exists, or_replace: create.or_replace })
+}
+
+fn same_columns(a: &Schema, b: &Schema) -> bool {
+    a.fields().len() == b.fields().len()
+        && a.fields().iter().zip(b.fields()).all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
+}
+
+fn describe_columns(schema: &Schema) -> String {
+    schema.fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ")
 }
 
 /// Removes `WATERMARK FOR …` from the top-level column list (with its separating comma)
@@ -345,7 +381,9 @@ mod tests {
         assert_eq!(def.watermark, Some(WatermarkSpec { column: "ts".into(), delay_ms: 5000 }));
         assert_eq!(def.schema.fields().len(), 3);
         assert!(!def.schema.field(1).is_nullable());
-        assert_eq!(def.partition_key, vec![1], "symbol, not the event-time column");
+        assert_eq!(def.partition_key, Vec::<usize>::new(), "rows are dealt out by position unless told");
+        let keyed = source("CREATE SOURCE q (ts BIGINT, symbol VARCHAR) WITH (partition_key = 'symbol')");
+        assert_eq!(keyed.partition_key, vec![1]);
     }
 
     #[test]

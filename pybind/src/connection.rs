@@ -215,8 +215,9 @@ impl PyConnection {
         self.handle.is_closed()
     }
 
-    fn start(&self) -> PyResult<()> {
-        self.open()?;
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        let handle = self.open()?;
+        blocking(py, || handle.start())?;
         *self.pipeline.lock() = PipelineState::Running;
         Ok(())
     }

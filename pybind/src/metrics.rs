@@ -80,6 +80,15 @@ pub struct PyStreamMetrics {
     pub subscribers: usize,
     pub errors: u64,
     pub last_error: Option<String>,
+    /// End-to-end engine latency of the stream's output (from the insert call entering
+    /// the engine to the batch reaching the subscriber queues), in microseconds; `None`
+    /// before the first emission.
+    pub latency_p50_us: Option<f64>,
+    pub latency_p99_us: Option<f64>,
+    pub latency_p999_us: Option<f64>,
+    pub latency_max_us: Option<f64>,
+    /// Emitted batches the latency percentiles are over.
+    pub latency_count: u64,
 }
 
 #[pymethods]
@@ -111,6 +120,8 @@ pub fn source_metrics(output: &Output, watermark: i64, capacity: usize, catalog:
 pub fn stream_metrics(output: &Output, sql: Option<String>) -> PyStreamMetrics {
     let c = &output.counters;
     let lagged = c.lagged_batches.load(Ordering::Relaxed);
+    let latency = output.latency();
+    let timed = |v: f64| (latency.count > 0).then_some(v);
     PyStreamMetrics {
         name: output.name.clone(),
         total_events: c.rows.load(Ordering::Relaxed),
@@ -124,6 +135,11 @@ pub fn stream_metrics(output: &Output, sql: Option<String>) -> PyStreamMetrics {
         subscribers: output.subscriber_count(),
         errors: c.errors.load(Ordering::Relaxed),
         last_error: c.last_error.lock().clone(),
+        latency_p50_us: timed(latency.p50_us),
+        latency_p99_us: timed(latency.p99_us),
+        latency_p999_us: timed(latency.p999_us),
+        latency_max_us: timed(latency.max_us),
+        latency_count: latency.count,
     }
 }
 

@@ -2,13 +2,15 @@
 //! ([`ShardCommand`]). Replies travel on one-shot channels carried inside the message, so
 //! a waiting caller is woken directly by whoever finishes the work.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arrow::array::RecordBatch;
 pub use datafusion::common::ScalarValue;
 use parking_lot::Mutex;
 
+use laminardb_engine::nexmark::NexmarkConfig;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, Result};
@@ -31,7 +33,8 @@ pub enum PanicSite {
 pub enum Command {
     Execute { sql: String, params: Vec<ScalarValue>, reply: Reply<Vec<Outcome>> },
     /// Rows already cast to the source's schema and split per shard by the caller.
-    Insert { source: String, parts: Vec<Vec<RecordBatch>>, max_event_ms: Option<i64>, reply: Reply<u64> },
+    /// `born`: when the caller's insert call began (for the streams' latency histograms).
+    Insert { source: String, parts: Vec<Vec<RecordBatch>>, max_event_ms: Option<i64>, born: Instant, reply: Reply<u64> },
     Scan { source: String, shard: usize, reply: Reply<Vec<RecordBatch>> },
     /// Per-shard (rows, bytes) of a source.
     Stats { source: String, reply: Reply<Vec<(u64, u64)>> },
@@ -39,6 +42,8 @@ pub enum Command {
     InjectPanic { site: PanicSite, reply: Reply<()> },
     /// Answers once every accepted insert and watermark has passed through every stream.
     Drain { reply: Reply<()> },
+    /// The pipeline starts: generator sources begin producing.
+    Start { reply: Reply<()> },
     /// `sent` fires once the caller's `send` of this command has returned: see
     /// `Handle::close`.
     Shutdown { reply: Reply<()>, sent: Option<std::sync::mpsc::Receiver<()>> },
@@ -51,16 +56,37 @@ pub enum ShardCommand {
     /// The source's watermark moved (epoch ms); follows the appends that moved it.
     Watermark { source: Arc<str>, watermark: i64, ack: AckToken },
     /// `marks`: every source's watermark, which shards may not have heard (see
-    /// `Coordinator::bump_watermark`); applied before the stream is added.
-    AddStream { plan: Arc<StreamPlan>, output: Arc<Output>, marks: Vec<(Arc<str>, i64)> },
+    /// `Coordinator::bump_watermark`); applied before the stream is added. Answered once
+    /// added: the coordinator sends nothing that could feed the stream until every shard
+    /// has it, or a shard could receive its rows over the exchange before knowing it.
+    AddStream { plan: Arc<StreamPlan>, output: Arc<Output>, marks: Vec<(Arc<str>, i64)>, reply: Reply<()> },
     DropStream { name: Arc<str> },
     /// Processing-time tick of an `EMIT EVERY` stream.
     Tick { stream: Arc<str> },
+    /// Generate this shard's share of a generator source, reporting its watermark in
+    /// `progress.marks[shard]`.
+    Generate { source: Arc<str>, config: Arc<NexmarkConfig>, delay_ms: i64, progress: Arc<GeneratorProgress> },
     Scan { source: Arc<str>, reply: Reply<Vec<RecordBatch>> },
     Stats { source: Arc<str>, reply: Reply<(u64, u64)> },
     DropSource { source: Arc<str> },
     InjectPanic { reply: Reply<()> },
     Stop,
+}
+
+/// How far every shard has generated a generator source: its watermark per shard.
+pub struct GeneratorProgress {
+    pub marks: Vec<AtomicI64>,
+}
+
+impl GeneratorProgress {
+    pub fn new(shards: usize) -> Arc<GeneratorProgress> {
+        Arc::new(GeneratorProgress { marks: (0..shards).map(|_| AtomicI64::new(i64::MIN)).collect() })
+    }
+
+    /// The source's watermark: what every shard has passed.
+    pub fn watermark(&self) -> i64 {
+        self.marks.iter().map(|m| m.load(Ordering::Acquire)).min().unwrap_or(i64::MIN)
+    }
 }
 
 /// Shard-to-shard messages of the exchange: rows of a keyed aggregate travelling to the
@@ -76,6 +102,9 @@ pub enum Exchange {
 /// dropped the work has passed through every stream and the caller is answered. This is
 /// what makes an insert return only after its rows reached every subscriber.
 pub struct Ack {
+    /// When the work entered the engine (the caller's call), for latency histograms;
+    /// `None` for work nobody waits on (ticks, generated rows).
+    pub born: Option<Instant>,
     rows: AtomicU64,
     error: Mutex<Option<Error>>,
     reply: Mutex<Option<Box<dyn FnOnce(Result<u64>) + Send>>>,
@@ -86,8 +115,18 @@ pub type AckToken = Arc<Ack>;
 
 impl Ack {
     pub fn new(inflight: &Arc<AtomicUsize>, reply: impl FnOnce(Result<u64>) + Send + 'static) -> AckToken {
+        Ack::born_at(Some(Instant::now()), inflight, reply)
+    }
+
+    /// Work that nobody waits on and whose latency is not measured.
+    pub fn background() -> AckToken {
+        Ack::born_at(None, &Arc::new(AtomicUsize::new(0)), |_| {})
+    }
+
+    pub fn born_at(born: Option<Instant>, inflight: &Arc<AtomicUsize>, reply: impl FnOnce(Result<u64>) + Send + 'static) -> AckToken {
         inflight.fetch_add(1, Ordering::AcqRel);
         Arc::new(Ack {
+            born,
             rows: AtomicU64::new(0),
             error: Mutex::new(None),
             reply: Mutex::new(Some(Box::new(reply))),

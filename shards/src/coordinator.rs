@@ -6,11 +6,12 @@
 //! from running queries (their scans and `INSERT … SELECT` rows). The internal queue is
 //! separate so a query can always make progress while callers have filled theirs.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arrow::array::RecordBatch;
 use datafusion::common::ScalarValue;
@@ -26,7 +27,7 @@ use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::Emit;
 use laminardb_engine::{Error, ErrorCode, Result};
 
-use crate::command::{reply_channel, Ack, AckToken, Command, PanicSite, Reply, ShardCommand};
+use crate::command::{reply_channel, Ack, AckToken, Command, GeneratorProgress, PanicSite, Reply, ShardCommand};
 use crate::runtime::Outputs;
 use crate::shard::ShardWiring;
 use crate::sinks::SinkRunner;
@@ -102,6 +103,9 @@ pub(crate) fn run(startup: Startup) {
             outputs: outputs.clone(),
             inflight: Arc::new(AtomicUsize::new(0)),
             sinks: RefCell::new(HashMap::new()),
+            running: Cell::new(false),
+            generators: RefCell::new(HashMap::new()),
+            started_generators: RefCell::new(std::collections::HashSet::new()),
         });
         let _ = ready.send(Ok(()));
         let internal_tx = internal.0;
@@ -189,6 +193,11 @@ struct Coordinator {
     /// Inserts and watermarks still travelling through the shards.
     inflight: Arc<AtomicUsize>,
     sinks: RefCell<HashMap<String, SinkRunner>>,
+    /// `start()` was called: generator sources produce from creation on.
+    running: Cell<bool>,
+    /// Generator sources and how far the shards have taken them.
+    generators: RefCell<HashMap<String, Arc<GeneratorProgress>>>,
+    started_generators: RefCell<std::collections::HashSet<String>>,
 }
 
 impl Coordinator {
@@ -197,8 +206,8 @@ impl Coordinator {
             Command::Execute { sql, params, reply } => {
                 let _ = reply.send(self.execute(&sql, &params).await);
             }
-            Command::Insert { source, parts, max_event_ms, reply } => {
-                self.insert(&source, parts, max_event_ms, reply).await;
+            Command::Insert { source, parts, max_event_ms, born, reply } => {
+                self.insert(&source, parts, max_event_ms, born, reply).await;
             }
             Command::Scan { source, shard, reply } => {
                 let Some(tx) = self.shards.get(shard) else {
@@ -226,7 +235,10 @@ impl Coordinator {
                         let _ = reply.send(r.map(|_| mark.load(Ordering::Acquire)));
                     }
                 });
-                let now = self.advance_watermark(&name, watermark_ms, &ack).await;
+                let mut now = self.advance_watermark(&name, watermark_ms, &ack).await;
+                if let Some(progress) = self.generators.borrow().get(&name) {
+                    now = now.max(progress.watermark());
+                }
                 mark.store(now, Ordering::Release);
             }
             Command::InjectPanic { site, reply } => match site {
@@ -240,6 +252,15 @@ impl Coordinator {
             Command::Drain { reply } => {
                 self.drain().await;
                 let _ = reply.send(Ok(()));
+            }
+            Command::Start { reply } => {
+                self.running.set(true);
+                let names: Vec<String> = self.generators.borrow().keys().cloned().collect();
+                let mut result = Ok(());
+                for name in names {
+                    result = result.and(self.start_generator(&name).await);
+                }
+                let _ = reply.send(result);
             }
             Command::Shutdown { reply, .. } => {
                 let _ = reply.send(Err(Error::internal("shutdown arrived on the internal queue")));
@@ -284,8 +305,15 @@ impl Coordinator {
                     self.drop_source(&name).await?;
                 }
                 let schema = def.schema.clone();
+                let generated = def.generator.is_some();
                 self.update_catalog(|c| c.add_source(def))?;
                 self.outputs.write().insert(name.clone(), Output::new(name.clone(), schema));
+                if generated {
+                    self.generators.borrow_mut().insert(name.clone(), GeneratorProgress::new(self.shards.len()));
+                    if self.running.get() {
+                        self.start_generator(&name).await?;
+                    }
+                }
                 Ok(Outcome::Ddl { verb: verb.into(), object: name })
             }
             Statement::CreateStream { def, if_not_exists, or_replace } => {
@@ -307,10 +335,19 @@ impl Coordinator {
                 self.outputs.write().insert(name.clone(), output.clone());
                 let marks: Vec<(Arc<str>, i64)> =
                     self.watermarks.borrow().iter().map(|(k, v)| (Arc::from(k.as_str()), *v)).collect();
+                let mut added = Vec::with_capacity(self.shards.len());
                 for tx in self.shards.iter() {
-                    tx.send(ShardCommand::AddStream { plan: plan.clone(), output: output.clone(), marks: marks.clone() })
+                    let (reply, rx) = reply_channel();
+                    tx.send(ShardCommand::AddStream { plan: plan.clone(), output: output.clone(), marks: marks.clone(), reply })
                         .await
                         .map_err(|_| Error::internal("a shard has stopped"))?;
+                    added.push(rx);
+                }
+                for rx in added {
+                    let result = rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped"))?;
+                    if let Err(e) = result {
+                        output.record_error(&e.to_string());
+                    }
                 }
                 Ok(Outcome::Ddl { verb: verb.into(), object: name })
             }
@@ -425,6 +462,25 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Starts the shards generating source `name`, once.
+    async fn start_generator(&self, name: &str) -> Result<()> {
+        let Some(progress) = self.generators.borrow().get(name).cloned() else { return Ok(()) };
+        if self.started_generators.borrow().contains(name) {
+            return Ok(());
+        }
+        let catalog = self.catalog.borrow().clone();
+        let def = catalog.source(name)?;
+        let Some(config) = def.generator.clone() else { return Ok(()) };
+        let (config, delay_ms) = (Arc::new(config), def.watermark.as_ref().map_or(0, |w| w.delay_ms));
+        self.started_generators.borrow_mut().insert(name.to_string());
+        let source: Arc<str> = name.into();
+        for tx in self.shards.iter() {
+            let cmd = ShardCommand::Generate { source: source.clone(), config: config.clone(), delay_ms, progress: progress.clone() };
+            tx.send(cmd).await.map_err(|_| Error::internal("a shard has stopped"))?;
+        }
+        Ok(())
+    }
+
     /// Waits (bounded) until every accepted insert and watermark has passed through every
     /// stream, so a shutdown delivers everything it accepted.
     async fn drain(&self) {
@@ -482,6 +538,8 @@ impl Coordinator {
     async fn drop_source(&self, name: &str) -> Result<()> {
         let removed = self.update_catalog(|c| c.drop_source(name))?;
         self.watermarks.borrow_mut().remove(&removed.name);
+        self.generators.borrow_mut().remove(&removed.name);
+        self.started_generators.borrow_mut().remove(&removed.name);
         if let Some(output) = self.outputs.write().remove(&removed.name) {
             output.close();
         }
@@ -503,7 +561,7 @@ impl Coordinator {
         Ok(out)
     }
 
-    async fn insert(&self, source: &str, parts: Vec<Vec<RecordBatch>>, max_event_ms: Option<i64>, reply: Reply<u64>) {
+    async fn insert(&self, source: &str, parts: Vec<Vec<RecordBatch>>, max_event_ms: Option<i64>, born: Instant, reply: Reply<u64>) {
         let (name, watermark): (Arc<str>, Option<i64>) = {
             let catalog = self.catalog.borrow();
             match catalog.source(source) {
@@ -526,7 +584,7 @@ impl Coordinator {
                 }
             }
         };
-        let ack = Ack::new(&self.inflight, move |r| {
+        let ack = Ack::born_at(Some(born), &self.inflight, move |r| {
             let _ = reply.send(r);
         });
         let watermark = watermark.and_then(|mark| self.bump_watermark(&name, mark));
@@ -590,7 +648,7 @@ impl ShardAccess for CoordinatorAccess {
         let max_event_ms = crate::handle::max_event_ms(def, &[batch])?;
         let (reply, rx) = reply_channel();
         self.internal
-            .send(Command::Insert { source: def.name.clone(), parts, max_event_ms, reply })
+            .send(Command::Insert { source: def.name.clone(), parts, max_event_ms, born: Instant::now(), reply })
             .map_err(|_| Error::shutdown())?;
         Ok(rx)
     }

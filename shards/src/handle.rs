@@ -140,6 +140,7 @@ impl Handle {
     /// Casts `batches` to the source's schema (all or nothing), splits them by shard and
     /// stores them. Returns after every shard has acknowledged, so a later query sees them.
     pub fn insert(&self, source: &str, batches: &[RecordBatch]) -> Result<u64> {
+        let born = std::time::Instant::now();
         let catalog = self.catalog();
         let def = catalog.source(source)?;
         let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); self.shards];
@@ -152,7 +153,7 @@ impl Handle {
             cast.push(batch);
         }
         let max_event_ms = max_event_ms(def, &cast)?;
-        self.call(|reply| Command::Insert { source: def.name.clone(), parts, max_event_ms, reply })
+        self.call(|reply| Command::Insert { source: def.name.clone(), parts, max_event_ms, born, reply })
     }
 
     /// Every source's and stream's output (for their counters).
@@ -177,6 +178,11 @@ impl Handle {
     /// Returns once everything accepted so far has passed through every stream.
     pub fn drain(&self) -> Result<()> {
         self.call(|reply| Command::Drain { reply })
+    }
+
+    /// Starts the pipeline: generator sources begin producing.
+    pub fn start(&self) -> Result<()> {
+        self.call(|reply| Command::Start { reply })
     }
 
     /// Test hook: make a thread panic while handling a command.

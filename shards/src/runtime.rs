@@ -45,8 +45,8 @@ pub struct ShardRuntime {
     readers: HashMap<String, Vec<Arc<str>>>,
     /// The watermark of every source and stream as this shard last saw it.
     marks: HashMap<String, i64>,
-    /// The token processing-time emissions carry (nobody waits for them).
-    tick_ack: AckToken,
+    /// The token processing-time emissions and generated rows carry (nobody waits for them).
+    background: AckToken,
 }
 
 impl ShardRuntime {
@@ -61,12 +61,21 @@ impl ShardRuntime {
             streams: HashMap::new(),
             readers: HashMap::new(),
             marks: HashMap::new(),
-            tick_ack: Ack::new(&Arc::new(std::sync::atomic::AtomicUsize::new(0)), |_| {}),
+            background: Ack::background(),
         }
     }
 
     pub fn store(&self) -> &LocalStore {
         &self.store
+    }
+
+    pub fn output(&self, name: &str) -> Option<Arc<Output>> {
+        self.outputs.read().get(name).cloned()
+    }
+
+    /// The token for work nobody waits on.
+    pub fn background(&self) -> AckToken {
+        self.background.clone()
     }
 
     pub fn append(&mut self, source: &Arc<str>, batches: Vec<RecordBatch>, ack: &AckToken) -> Result<()> {
@@ -87,7 +96,7 @@ impl ShardRuntime {
     }
 
     pub fn add_stream(&mut self, plan: Arc<StreamPlan>, output: Arc<Output>, marks: &[(Arc<str>, i64)]) -> Result<()> {
-        let ack = self.tick_ack.clone();
+        let ack = self.background.clone();
         for (source, mark) in marks {
             self.watermark(source, *mark, &ack);
         }
@@ -215,6 +224,9 @@ impl ShardRuntime {
     fn emit(&mut self, name: &Arc<str>, batch: RecordBatch, ack: &AckToken) {
         let Some(task) = self.streams.get(name) else { return };
         task.output.publish(&batch);
+        if let Some(born) = ack.born {
+            task.output.record_latency(born);
+        }
         if !task.plan.is_changelog() {
             if let Err(e) = self.store.append(name, batch.clone()) {
                 task.output.record_error(&e.to_string());
@@ -301,7 +313,7 @@ impl ShardRuntime {
         match op.tick() {
             Ok(out) => {
                 // Ticks are not inserts: nobody waits on them.
-                let ack = self.tick_ack.clone();
+                let ack = self.background.clone();
                 for b in out {
                     self.emit(name, b, &ack);
                 }

@@ -6,10 +6,15 @@ use std::sync::Arc;
 use glommio::channels::shared_channel::SharedReceiver;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::command::{Exchange, ShardCommand};
+use laminardb_engine::nexmark::{NexmarkConfig, END_OF_INPUT};
+use laminardb_engine::stream::output::Output;
+
+use crate::command::{Ack, Exchange, GeneratorProgress, ShardCommand};
 use crate::health::{catch, Health};
 use crate::runtime::{Outputs, ShardRuntime};
 
@@ -69,6 +74,8 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
             }
         }
     });
+    // Generator sources producing on this shard, each with its stop flag.
+    let mut generators: HashMap<Arc<str>, (Rc<Cell<bool>>, glommio::task::JoinHandle<()>)> = HashMap::new();
     let result = loop {
         let Some(cmd) = inbox.recv().await else {
             break Err("coordinator channel closed without Stop".to_string());
@@ -94,10 +101,8 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
                     ack.fail(e);
                 }
             }
-            ShardCommand::AddStream { plan, output, marks } => {
-                if let Err(e) = catch(&place, || rt.add_stream(plan, output.clone(), &marks)) {
-                    output.record_error(&e.to_string());
-                }
+            ShardCommand::AddStream { plan, output, marks, reply } => {
+                let _ = reply.send(catch(&place, || rt.add_stream(plan, output.clone(), &marks)));
             }
             ShardCommand::DropStream { name } => rt.drop_stream(&name),
             ShardCommand::Tick { stream } => {
@@ -112,14 +117,95 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
             ShardCommand::Stats { source, reply } => {
                 let _ = reply.send(Ok(rt.store().rows(&source)));
             }
-            ShardCommand::DropSource { source } => rt.drop_source(&source),
+            ShardCommand::DropSource { source } => {
+                if let Some((stop, _)) = generators.remove(&source) {
+                    stop.set(true);
+                }
+                rt.drop_source(&source);
+            }
+            ShardCommand::Generate { source, config, delay_ms, progress } => {
+                let stop = Rc::new(Cell::new(false));
+                let generator = Generator { id, source: source.clone(), config, delay_ms, progress, stop: stop.clone() };
+                let task = glommio::spawn_local(generator.run(runtime.clone(), place.clone())).detach();
+                if let Some((old, _)) = generators.insert(source, (stop, task)) {
+                    old.set(true);
+                }
+            }
             ShardCommand::InjectPanic { reply } => {
                 let _ = reply.send(catch(&place, || panic!("injected panic (test hook)")));
             }
             ShardCommand::Stop => break Ok(()),
         }
     };
+    for (_, (stop, task)) in generators.drain() {
+        stop.set(true);
+        task.await;
+    }
     let _ = own_exchange.send(Exchange::Stop);
     peers.await;
     result
+}
+
+/// One shard's share of a generator source: chunks `id, id + shards, …` in order, each
+/// appended like an insert and followed by the watermark it reaches; at the end the
+/// watermark moves to [`END_OF_INPUT`] so every window closes.
+struct Generator {
+    id: usize,
+    source: Arc<str>,
+    config: Arc<NexmarkConfig>,
+    delay_ms: i64,
+    progress: Arc<GeneratorProgress>,
+    stop: Rc<Cell<bool>>,
+}
+
+impl Generator {
+    async fn run(self, runtime: Rc<RefCell<ShardRuntime>>, place: String) {
+        // glommio runs a spawned task at once, inside the command loop that spawned it
+        // (which holds the runtime): give it back first.
+        futures_lite::future::yield_now().await;
+        let shards = self.progress.marks.len() as u64;
+        // Nobody waits on generated rows; each chunk's token still times its emissions.
+        let unwaited = Arc::new(AtomicUsize::new(0));
+        let output = runtime.borrow().output(&self.source);
+        let mut chunk = self.id as u64;
+        while chunk < self.config.chunks() {
+            if self.stop.get() {
+                return;
+            }
+            let ack = Ack::born_at(Some(std::time::Instant::now()), &unwaited, |_| {});
+            let step = catch(&place, || {
+                let mut rt = runtime.borrow_mut();
+                if let Some(batch) = self.config.chunk(chunk)? {
+                    rt.append(&self.source, vec![batch], &ack)?;
+                }
+                let mark = self.config.chunk_end_time_ms(chunk).saturating_sub(self.delay_ms);
+                rt.watermark(&self.source, mark, &ack);
+                Ok(mark)
+            });
+            match step {
+                Ok(mark) => self.reached(mark, output.as_deref()),
+                Err(e) => {
+                    log::error!("{place}: generating '{}' failed: {e}", self.source);
+                    return;
+                }
+            }
+            chunk += shards;
+            // Let commands and exchange messages in between chunks.
+            futures_lite::future::yield_now().await;
+        }
+        if !self.stop.get() {
+            let ack = Ack::born_at(Some(std::time::Instant::now()), &unwaited, |_| {});
+            runtime.borrow_mut().watermark(&self.source, END_OF_INPUT, &ack);
+            self.reached(END_OF_INPUT, output.as_deref());
+        }
+    }
+
+    /// This shard has generated everything up to `mark`; the source's watermark (in its
+    /// metrics) is what every shard has reached.
+    fn reached(&self, mark: i64, output: Option<&Output>) {
+        self.progress.marks[self.id].store(mark, Ordering::Release);
+        if let Some(output) = output {
+            output.counters.watermark.fetch_max(self.progress.watermark(), Ordering::Relaxed);
+        }
+    }
 }

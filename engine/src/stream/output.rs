@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
+use hdrhistogram::Histogram;
 use parking_lot::RwLock;
 
 /// Batches a subscriber may have waiting before its oldest is dropped.
@@ -49,7 +50,6 @@ impl Drop for Subscription {
     }
 }
 
-#[derive(Default)]
 pub struct OutputCounters {
     pub rows: AtomicU64,
     pub batches: AtomicU64,
@@ -61,6 +61,40 @@ pub struct OutputCounters {
     /// Rows a stream's expressions failed on (a division by zero, a failed cast).
     pub errors: AtomicU64,
     pub last_error: parking_lot::Mutex<Option<String>>,
+    /// End-to-end latency of the stream's emissions: from the insert (or watermark) call
+    /// that caused each batch entering the engine to the batch being handed to the
+    /// subscribers, in nanoseconds.
+    pub latency: parking_lot::Mutex<Histogram<u64>>,
+}
+
+impl Default for OutputCounters {
+    fn default() -> Self {
+        OutputCounters {
+            rows: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            lagged_batches: AtomicU64::new(0),
+            late_rows: AtomicU64::new(0),
+            watermark: std::sync::atomic::AtomicI64::new(i64::MIN),
+            errors: AtomicU64::new(0),
+            last_error: parking_lot::Mutex::new(None),
+            latency: parking_lot::Mutex::new(
+                Histogram::new_with_bounds(1, LATENCY_MAX_NS, 3).expect("valid histogram bounds"),
+            ),
+        }
+    }
+}
+
+/// Latencies above this (a minute) are recorded as this.
+const LATENCY_MAX_NS: u64 = 60_000_000_000;
+
+/// Percentiles of a latency histogram, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
 }
 
 /// The fan-out point of one named source or stream.
@@ -75,13 +109,11 @@ pub struct Output {
 
 impl Output {
     pub fn new(name: impl Into<String>, schema: SchemaRef) -> Arc<Output> {
-        let counters = OutputCounters::default();
-        counters.watermark.store(i64::MIN, Ordering::Relaxed);
         Arc::new(Output {
             name: name.into(),
             schema,
             subscribers: RwLock::new(Vec::new()),
-            counters,
+            counters: OutputCounters::default(),
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
         })
@@ -156,6 +188,28 @@ impl Output {
         log::warn!("stream '{}': {message}", self.name);
     }
 
+    /// Records that a batch this output published was caused by work that entered the
+    /// engine at `since`.
+    pub fn record_latency(&self, since: std::time::Instant) {
+        let ns = (since.elapsed().as_nanos() as u64).clamp(1, LATENCY_MAX_NS);
+        self.counters.latency.lock().saturating_record(ns);
+    }
+
+    pub fn latency(&self) -> LatencySummary {
+        let h = self.counters.latency.lock();
+        if h.is_empty() {
+            return LatencySummary::default();
+        }
+        let us = |ns: u64| ns as f64 / 1000.0;
+        LatencySummary {
+            count: h.len(),
+            p50_us: us(h.value_at_quantile(0.5)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -190,5 +244,20 @@ mod tests {
         out.close();
         assert!(a.batches.recv().is_ok());
         assert!(a.batches.recv().is_err(), "closed output ends the subscription after its queue");
+    }
+
+    #[test]
+    fn latency_percentiles_come_from_the_recorded_samples() {
+        let out = Output::new("s", batch(0).schema());
+        assert_eq!(out.latency(), LatencySummary::default());
+        for us in [10u64, 20, 30, 40, 1000] {
+            out.counters.latency.lock().record(us * 1000).unwrap();
+        }
+        let l = out.latency();
+        assert_eq!(l.count, 5);
+        assert!((29.9..=30.1).contains(&l.p50_us), "{l:?}");
+        assert!((999.0..=1001.0).contains(&l.max_us), "{l:?}");
+        out.record_latency(std::time::Instant::now());
+        assert_eq!(out.latency().count, 6);
     }
 }
