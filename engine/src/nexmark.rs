@@ -44,6 +44,12 @@ const HOT_GROUP: i64 = 100;
 const ACTIVE_PEOPLE: i64 = 1000;
 const IN_FLIGHT_AUCTIONS: i64 = 100;
 const CHANNELS: [&str; 4] = ["Google", "Facebook", "Baidu", "Apple"];
+const URLS: [&str; 4] = [
+    "https://www.nexmark.com/Google/item.htm?query=1",
+    "https://www.nexmark.com/Facebook/item.htm?query=1",
+    "https://www.nexmark.com/Baidu/item.htm?query=1",
+    "https://www.nexmark.com/Apple/item.htm?query=1",
+];
 const FIRST_NAMES: [&str; 6] = ["Peter", "Paul", "Luke", "John", "Saul", "Vicky"];
 const LAST_NAMES: [&str; 6] = ["Shultz", "Abrams", "Spencer", "White", "Bartels", "Walton"];
 const US_STATES: [&str; 6] = ["AZ", "CA", "ID", "OR", "WA", "WY"];
@@ -221,9 +227,9 @@ impl NexmarkConfig {
             auction.append_value(a + FIRST_AUCTION_ID);
             bidder.append_value(b + FIRST_PERSON_ID);
             price.append_value(rng.price());
-            let c = CHANNELS[rng.below(CHANNELS.len() as u64) as usize];
-            channel.append_value(c);
-            url.append_value(format!("https://www.nexmark.com/{c}/item.htm?query=1"));
+            let c = rng.below(CHANNELS.len() as u64) as usize;
+            channel.append_value(CHANNELS[c]);
+            url.append_value(URLS[c]);
             extra.append_value("");
             time.append_value(self.event_time_ms(n));
         }

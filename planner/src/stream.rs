@@ -16,7 +16,11 @@ use datafusion::common::DFSchema;
 use datafusion::datasource::empty::EmptyTable;
 use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::expr::AggregateFunction;
-use datafusion::logical_expr::{Expr as DfExpr, ExprSchemable, LogicalPlan};
+use datafusion::logical_expr::type_coercion::binary::comparison_coercion;
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{Expr as DfExpr, ExprSchemable, Join, JoinType, LogicalPlan, Operator, Projection};
+use datafusion::common::NullEquality;
+use datafusion::physical_expr::expressions::{BinaryExpr, Column as PhysColumn};
 use datafusion::logical_expr::simplify::SimplifyContext;
 use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::optimizer::Analyzer;
@@ -33,7 +37,7 @@ use laminardb_engine::catalog::{Catalog, StreamDef};
 use laminardb_engine::stream::op::nullable;
 use laminardb_engine::stream::time::is_event_time;
 use laminardb_engine::stream::{
-    AggCall, AggKind, AggPlan, Branch, Domain, Emit, GroupCol, PhysExpr, StreamPlan, WindowKind, OP_COLUMN,
+    AggCall, AggKind, AggPlan, Branch, Domain, Emit, GroupCol, JoinPlan, PhysExpr, StreamPlan, WindowKind, OP_COLUMN,
 };
 use laminardb_engine::{Error, Result};
 
@@ -366,6 +370,7 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
         sql: sql.to_string(),
         branches: lowered.branches,
         agg: lowered.agg,
+        join: lowered.join,
         schema,
         emit,
         lateness_ms: ddl.lateness_ms,
@@ -412,6 +417,7 @@ fn planning_context(catalog: &Catalog, window_column: Option<&str>) -> Result<Se
 struct Lowered {
     branches: Vec<Branch>,
     agg: Option<AggPlan>,
+    join: Option<JoinPlan>,
     /// The SELECT list's schema.
     schema: SchemaRef,
 }
@@ -426,7 +432,11 @@ fn physical(e: &DfExpr, schema: &DFSchema, props: &ExecutionProps) -> Result<Phy
 
 fn plan_name(plan: &LogicalPlan) -> String {
     match plan {
-        LogicalPlan::Join(_) => "JOIN (stream joins come with the join operators)".into(),
+        LogicalPlan::Join(_) => {
+            "a JOIN under GROUP BY or UNION (a join is its own stream: CREATE STREAM j AS SELECT … FROM a JOIN b ON …, \
+             then aggregate over j)"
+                .into()
+        }
         LogicalPlan::Sort(_) => "ORDER BY".into(),
         LogicalPlan::Limit(_) => "LIMIT".into(),
         LogicalPlan::Distinct(_) => "SELECT DISTINCT".into(),
@@ -477,13 +487,18 @@ fn lower(plan: &LogicalPlan, window: Option<&WindowCall>, props: &ExecutionProps
                 if part.agg.is_some() {
                     return Err(Error::unsupported("GROUP BY inside UNION ALL branches"));
                 }
+                if part.join.is_some() {
+                    return Err(Error::unsupported(
+                        "a JOIN inside UNION ALL branches (create the join as a stream and union that)",
+                    ));
+                }
                 for mut b in part.branches {
                     // Every branch emits in the union's schema.
                     b.schema = nullable(plan.schema().as_arrow());
                     branches.push(b);
                 }
             }
-            Ok(Lowered { branches, agg: None, schema: Arc::new(plan.schema().as_arrow().clone()) })
+            Ok(Lowered { branches, agg: None, join: None, schema: Arc::new(plan.schema().as_arrow().clone()) })
         }
         LogicalPlan::SubqueryAlias(a) => lower(&a.input, window, props, catalog),
         LogicalPlan::Projection(p) => {
@@ -495,11 +510,18 @@ fn lower(plan: &LogicalPlan, window: Option<&WindowCall>, props: &ExecutionProps
                 }
                 other => (None, other),
             };
+            if let Some((join, filter)) = join_below(&p.input) {
+                if window.is_some() {
+                    return Err(Error::unsupported("a window without GROUP BY aggregation"));
+                }
+                let (branches, join) = lower_join(join, filter, p, props)?;
+                return Ok(Lowered { branches, agg: None, join: Some(join), schema: out_schema });
+            }
             if let LogicalPlan::Aggregate(a) = below {
                 let having = having.map(|h| physical(h, a.schema.as_ref(), props)).transpose()?;
                 let output = p.expr.iter().map(|e| physical(e, a.schema.as_ref(), props)).collect::<Result<Vec<_>>>()?;
                 let (branch, agg) = lower_aggregate(a, window, having, output, props, catalog)?;
-                return Ok(Lowered { branches: vec![branch], agg: Some(agg), schema: out_schema });
+                return Ok(Lowered { branches: vec![branch], agg: Some(agg), join: None, schema: out_schema });
             }
             let mut filters = Vec::new();
             let input = scan_chain(&p.input, &mut filters)?;
@@ -511,11 +533,134 @@ fn lower(plan: &LogicalPlan, window: Option<&WindowCall>, props: &ExecutionProps
             Ok(Lowered {
                 branches: vec![Branch { input, filter, exprs, schema: nullable(&out_schema) }],
                 agg: None,
+                join: None,
                 schema: out_schema,
             })
         }
         other => Err(unsupported(other)),
     }
+}
+
+/// The join under a projection, with the `WHERE` filter between them if any.
+fn join_below(input: &LogicalPlan) -> Option<(&Join, Option<&DfExpr>)> {
+    match input {
+        LogicalPlan::Join(j) => Some((j, None)),
+        LogicalPlan::Filter(f) => match f.input.as_ref() {
+            LogicalPlan::Join(j) => Some((j, Some(&f.predicate))),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Which side of a join the columns of `e` come from: 0 (left only), 1 (right only), or
+/// `None` (both, or neither).
+fn side_of(e: &DfExpr, left: &DFSchema, right: &DFSchema) -> Option<usize> {
+    let columns = e.column_refs();
+    if columns.is_empty() {
+        return None;
+    }
+    if columns.iter().all(|c| left.has_column(c)) {
+        Some(0)
+    } else if columns.iter().all(|c| right.has_column(c)) {
+        Some(1)
+    } else {
+        None
+    }
+}
+
+fn and_all(mut exprs: Vec<PhysExpr>) -> Option<PhysExpr> {
+    let first = exprs.pop()?;
+    Some(exprs.into_iter().fold(first, |acc, e| Arc::new(BinaryExpr::new(e, Operator::And, acc)) as PhysExpr))
+}
+
+/// An inner equi-join: each side a branch `[keys…, input columns…]` (filters that touch
+/// one side only run in its branch, before the exchange); the other conditions and the
+/// `SELECT` list run over the joined rows.
+fn lower_join(j: &Join, filter: Option<&DfExpr>, p: &Projection, props: &ExecutionProps) -> Result<(Vec<Branch>, JoinPlan)> {
+    if j.join_type != JoinType::Inner {
+        let kind = j.join_type.to_string().to_uppercase();
+        return Err(Error::unsupported(format!("{kind} JOIN in a stream (only INNER JOIN)")));
+    }
+    if j.null_equality == NullEquality::NullEqualsNull {
+        return Err(Error::unsupported("IS NOT DISTINCT FROM as a join condition in a stream"));
+    }
+    let schemas = [j.left.schema().as_ref(), j.right.schema().as_ref()];
+    let mut pairs: Vec<(DfExpr, DfExpr)> = j.on.clone();
+    let mut side_filters: [Vec<PhysExpr>; 2] = [Vec::new(), Vec::new()];
+    let mut residual = Vec::new();
+    let conjuncts = j.filter.iter().chain(filter).flat_map(|e| split_conjunction(e).into_iter().cloned());
+    for c in conjuncts {
+        if let DfExpr::BinaryExpr(b) = &c {
+            if b.op == Operator::Eq {
+                match (side_of(&b.left, schemas[0], schemas[1]), side_of(&b.right, schemas[0], schemas[1])) {
+                    (Some(0), Some(1)) => {
+                        pairs.push((*b.left.clone(), *b.right.clone()));
+                        continue;
+                    }
+                    (Some(1), Some(0)) => {
+                        pairs.push((*b.right.clone(), *b.left.clone()));
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        match side_of(&c, schemas[0], schemas[1]) {
+            Some(side) => side_filters[side].push(physical(&c, schemas[side], props)?),
+            None => residual.push(c),
+        }
+    }
+    if pairs.is_empty() {
+        return Err(Error::unsupported(
+            "a JOIN without an equality between its two sides in a stream (cross joins keep every pair)",
+        ));
+    }
+    let mut exprs: [Vec<PhysExpr>; 2] = [Vec::new(), Vec::new()];
+    let mut fields: [Vec<Field>; 2] = [Vec::new(), Vec::new()];
+    for (i, (l, r)) in pairs.iter().enumerate() {
+        let (lt, rt) = (l.get_type(schemas[0])?, r.get_type(schemas[1])?);
+        let common = if lt == rt {
+            lt
+        } else {
+            comparison_coercion(&lt, &rt).ok_or_else(|| {
+                Error::query(format!("cannot compare {lt} with {rt} in the join condition {l} = {r}"))
+            })?
+        };
+        for (side, e) in [l, r].into_iter().enumerate() {
+            let e = if e.get_type(schemas[side])? == common { e.clone() } else { e.clone().cast_to(&common, schemas[side])? };
+            exprs[side].push(physical(&e, schemas[side], props)?);
+            fields[side].push(Field::new(format!("key{i}"), common.clone(), true));
+        }
+    }
+    let mut branches = Vec::with_capacity(2);
+    for (side, plan) in [&j.left, &j.right].into_iter().enumerate() {
+        let mut filters = Vec::new();
+        let input = scan_chain(plan, &mut filters)?;
+        let mut conditions: Vec<PhysExpr> = filters
+            .iter()
+            .map(|(f, schema)| physical(f, schema, props))
+            .collect::<Result<_>>()?;
+        conditions.append(&mut side_filters[side]);
+        for (k, field) in schemas[side].fields().iter().enumerate() {
+            exprs[side].push(Arc::new(PhysColumn::new(field.name(), k)));
+            fields[side].push(Field::new(field.name(), field.data_type().clone(), true));
+        }
+        branches.push(Branch {
+            input,
+            filter: and_all(conditions),
+            exprs: std::mem::take(&mut exprs[side]),
+            schema: Arc::new(Schema::new(std::mem::take(&mut fields[side]))),
+        });
+    }
+    let joined = j.schema.as_ref();
+    let residual = match residual.into_iter().reduce(|a, b| a.and(b)) {
+        Some(e) => Some(physical(&e, joined, props)?),
+        None => None,
+    };
+    let output = p.expr.iter().map(|e| physical(e, p.input.schema().as_ref(), props)).collect::<Result<Vec<_>>>()?;
+    let join = JoinPlan { keys: pairs.len(), residual, joined_schema: nullable(joined.as_arrow()), output };
+    Ok((branches, join))
 }
 
 fn agg_kind(af: &AggregateFunction) -> Result<AggKind> {

@@ -92,7 +92,7 @@ impl GeneratorProgress {
 /// Shard-to-shard messages of the exchange: rows of a keyed aggregate travelling to the
 /// shard that owns their key, and the watermarks that follow them on the same channel.
 pub enum Exchange {
-    Data { stream: Arc<str>, batch: RecordBatch, ack: AckToken },
+    Data { stream: Arc<str>, branch: usize, batch: RecordBatch, ack: AckToken },
     Watermark { stream: Arc<str>, branch: usize, from: usize, watermark: i64, ack: AckToken },
     Stop,
 }

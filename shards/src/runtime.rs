@@ -11,6 +11,7 @@ use arrow::array::RecordBatch;
 use parking_lot::RwLock;
 
 use laminardb_engine::partition::partition_batch;
+use laminardb_engine::stream::join::JoinOperator;
 use laminardb_engine::stream::op::{eval_branch, AggOperator};
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::StreamPlan;
@@ -27,6 +28,7 @@ struct StreamTask {
     plan: Arc<StreamPlan>,
     output: Arc<Output>,
     op: Option<AggOperator>,
+    join: Option<JoinOperator>,
     /// Input watermarks: per branch, and for an aggregate per branch × sending shard.
     marks: Vec<i64>,
     /// This shard's output watermark of the stream.
@@ -101,10 +103,12 @@ impl ShardRuntime {
             self.watermark(source, *mark, &ack);
         }
         let op = if plan.agg.is_some() { Some(AggOperator::new(plan.clone())?) } else { None };
-        let slots = if op.is_some() { plan.branches.len() * self.shards } else { plan.branches.len() };
+        let join = if plan.join.is_some() { Some(JoinOperator::new(plan.clone())?) } else { None };
+        let keyed = plan.is_keyed();
+        let slots = if keyed { plan.branches.len() * self.shards } else { plan.branches.len() };
         let marks = (0..slots)
             .map(|slot| {
-                let branch = if op.is_some() { slot / self.shards } else { slot };
+                let branch = if keyed { slot / self.shards } else { slot };
                 self.marks.get(&plan.branches[branch].input).copied().unwrap_or(i64::MIN)
             })
             .collect();
@@ -115,7 +119,7 @@ impl ShardRuntime {
                 readers.push(name.clone());
             }
         }
-        self.streams.insert(name, StreamTask { plan, output, op, marks, watermark: i64::MIN, late_reported: 0 });
+        self.streams.insert(name, StreamTask { plan, output, op, join, marks, watermark: i64::MIN, late_reported: 0 });
         Ok(())
     }
 
@@ -150,7 +154,7 @@ impl ShardRuntime {
         for name in readers {
             let Some(task) = self.streams.get(&name) else { continue };
             let (plan, output) = (task.plan.clone(), task.output.clone());
-            for branch in plan.branches.iter().filter(|b| b.input == input) {
+            for (b, branch) in plan.branches.iter().enumerate().filter(|(_, b)| b.input == input) {
                 let out = match eval_branch(branch.filter.as_ref(), &branch.exprs, &branch.schema, batch) {
                     Ok(out) if out.num_rows() == 0 => continue,
                     Ok(out) => out,
@@ -159,26 +163,28 @@ impl ShardRuntime {
                         continue;
                     }
                 };
-                match &plan.agg {
-                    None => self.emit(&name, out, ack),
-                    Some(agg) => self.route(&name, out, agg.keys, ack),
+                if plan.is_keyed() {
+                    self.route(&name, b, out, plan.key_columns(), ack);
+                } else {
+                    self.emit(&name, out, ack);
                 }
             }
         }
     }
 
-    /// Sends each row of an aggregate's input to the shard owning its group key.
-    fn route(&mut self, name: &Arc<str>, batch: RecordBatch, keys: usize, ack: &AckToken) {
+    /// Sends each row of a keyed operator's input (branch `branch`) to the shard owning its
+    /// key.
+    fn route(&mut self, name: &Arc<str>, branch: usize, batch: RecordBatch, keys: usize, ack: &AckToken) {
         if self.shards == 1 || keys == 0 {
             // Without keys every row belongs to the single global group, on shard 0.
-            return self.deliver(0, name, batch, ack);
+            return self.deliver(0, name, branch, batch, ack);
         }
         let key: Vec<usize> = (0..keys).collect();
         match partition_batch(&batch, &key, self.shards) {
             Ok(parts) => {
                 for (shard, part) in parts.into_iter().enumerate() {
                     if let Some(part) = part {
-                        self.deliver(shard, name, part, ack);
+                        self.deliver(shard, name, branch, part, ack);
                     }
                 }
             }
@@ -186,11 +192,25 @@ impl ShardRuntime {
         }
     }
 
-    fn deliver(&mut self, shard: usize, name: &Arc<str>, batch: RecordBatch, ack: &AckToken) {
+    fn deliver(&mut self, shard: usize, name: &Arc<str>, branch: usize, batch: RecordBatch, ack: &AckToken) {
         if shard == self.id {
-            self.aggregate(name, batch, ack);
+            self.keyed(name, branch, batch, ack);
         } else {
-            let _ = self.exchange[shard].send(Exchange::Data { stream: name.clone(), batch, ack: ack.clone() });
+            let _ = self.exchange[shard].send(Exchange::Data { stream: name.clone(), branch, batch, ack: ack.clone() });
+        }
+    }
+
+    /// Rows of branch `branch` this shard owns the keys of: into the aggregate or the join.
+    fn keyed(&mut self, name: &Arc<str>, branch: usize, batch: RecordBatch, ack: &AckToken) {
+        let Some(task) = self.streams.get_mut(name) else { return };
+        if let Some(join) = task.join.as_mut() {
+            match join.apply(branch, &batch) {
+                Ok(Some(out)) => self.emit(name, out, ack),
+                Ok(None) => {}
+                Err(e) => self.record_error(name, &e),
+            }
+        } else {
+            self.aggregate(name, batch, ack);
         }
     }
 
@@ -247,7 +267,7 @@ impl ShardRuntime {
             let Some(task) = self.streams.get(&name) else { continue };
             let plan = task.plan.clone();
             for (b, branch) in plan.branches.iter().enumerate().filter(|(_, b)| b.input == input) {
-                if plan.agg.is_some() {
+                if plan.is_keyed() {
                     for shard in 0..self.shards {
                         if shard == self.id {
                             self.aggregate_mark(&name, b, shard, watermark, ack);
@@ -272,7 +292,7 @@ impl ShardRuntime {
         }
     }
 
-    /// A watermark from `from` for branch `b` of an aggregate stream.
+    /// A watermark from `from` for branch `b` of a keyed stream.
     fn aggregate_mark(&mut self, name: &Arc<str>, b: usize, from: usize, watermark: i64, ack: &AckToken) {
         let shards = self.shards;
         let Some(task) = self.streams.get_mut(name) else { return };
@@ -324,7 +344,7 @@ impl ShardRuntime {
 
     pub fn on_exchange(&mut self, msg: Exchange) {
         match msg {
-            Exchange::Data { stream, batch, ack } => self.aggregate(&stream, batch, &ack),
+            Exchange::Data { stream, branch, batch, ack } => self.keyed(&stream, branch, batch, &ack),
             Exchange::Watermark { stream, branch, from, watermark, ack } => {
                 self.aggregate_mark(&stream, branch, from, watermark, &ack)
             }

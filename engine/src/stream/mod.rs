@@ -14,6 +14,7 @@
 //! its serialized form: planning is deterministic for a given catalog.
 
 pub mod agg;
+pub mod join;
 pub mod op;
 pub mod output;
 pub mod time;
@@ -144,11 +145,29 @@ pub struct AggPlan {
     pub output: Vec<PhysExpr>,
 }
 
+/// An inner equi-join of two append-only inputs: branch 0 (left) and branch 1 (right)
+/// each output `[keys…, every input column…]`; rows travel to the shard owning their key,
+/// where one [`join::JoinOperator`] keeps both sides' rows and emits each matching pair
+/// once, when the later of the two arrives.
+pub struct JoinPlan {
+    /// Number of equi-join keys: the first columns of both branches' outputs, of the same
+    /// types on both sides (so they hash alike).
+    pub keys: usize,
+    /// Conditions beyond the key equalities, over the joined row (left input columns, then
+    /// right input columns: DataFusion's join schema).
+    pub residual: Option<PhysExpr>,
+    /// The joined row's schema.
+    pub joined_schema: SchemaRef,
+    /// The `SELECT` list over the joined row.
+    pub output: Vec<PhysExpr>,
+}
+
 pub struct StreamPlan {
     pub name: String,
     pub sql: String,
     pub branches: Vec<Branch>,
     pub agg: Option<AggPlan>,
+    pub join: Option<JoinPlan>,
     /// What subscribers receive; a changelog stream ends with the [`OP_COLUMN`].
     pub schema: SchemaRef,
     pub emit: Emit,
@@ -160,6 +179,20 @@ pub struct StreamPlan {
 impl StreamPlan {
     pub fn is_changelog(&self) -> bool {
         self.agg.is_some() && matches!(self.emit, Emit::Changes | Emit::Every(_))
+    }
+
+    /// Rows travel over the exchange to the shard owning their key (an aggregate or a join).
+    pub fn is_keyed(&self) -> bool {
+        self.agg.is_some() || self.join.is_some()
+    }
+
+    /// Number of leading key columns of every branch's output (0 without keys).
+    pub fn key_columns(&self) -> usize {
+        match (&self.agg, &self.join) {
+            (Some(agg), _) => agg.keys,
+            (None, Some(join)) => join.keys,
+            (None, None) => 0,
+        }
     }
 
     /// Names this stream reads, in branch order (duplicates kept).
@@ -174,6 +207,7 @@ impl std::fmt::Debug for StreamPlan {
             .field("name", &self.name)
             .field("inputs", &self.inputs().collect::<Vec<_>>())
             .field("aggregate", &self.agg.is_some())
+            .field("join", &self.join.is_some())
             .field("emit", &self.emit)
             .finish()
     }

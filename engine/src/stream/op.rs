@@ -519,6 +519,7 @@ mod tests {
                 having: None,
                 output,
             }),
+            join: None,
             schema: Arc::new(Schema::new(out_fields)),
             emit,
             lateness_ms,

@@ -4,7 +4,8 @@
 //! pybind ──▶ planner ──▶ engine
 //!    └─────▶ shards  ──▶ engine
 //! ```
-//! planner and shards never depend on each other; nothing depends on pybind; engine and
+//! planner and shards never depend on each other; nothing depends on pybind or benches
+//! (which sees the three below pybind, like pybind); engine and
 //! planner never see glommio or PyO3; only pybind sees PyO3.
 
 use std::path::Path;
@@ -15,6 +16,7 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
     ("planner", &["laminardb-engine"], &["glommio", "pyo3", "pyo3-arrow", "io-uring", "core_affinity"]),
     ("shards", &["laminardb-engine"], &["pyo3", "pyo3-arrow", "tokio"]),
     ("pybind", &["laminardb-engine", "laminardb-planner", "laminardb-shards"], &["glommio", "tokio"]),
+    ("benches", &["laminardb-engine", "laminardb-planner", "laminardb-shards"], &["pyo3", "pyo3-arrow"]),
 ];
 
 /// Names of the dependencies declared in a manifest's dependency tables.

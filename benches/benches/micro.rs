@@ -1,0 +1,40 @@
+//! Criterion micro-benchmarks: `cargo bench -p laminardb-benches` (release build).
+//! Workloads live in `laminardb_benches`, where tests run each at a tiny size.
+
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+use laminardb_benches::{assign_windows, trades, ChannelHop, Engine, Operators};
+use laminardb_engine::stream::window::WindowKind;
+
+const BATCH_ROWS: usize = 8192;
+
+fn hops(c: &mut Criterion) {
+    let engine = Engine::open(1).expect("engine opens");
+    c.bench_function("hop/caller_to_coordinator_and_back", |b| b.iter(|| engine.round_trip().expect("answer")));
+    let hop = ChannelHop::start();
+    c.bench_function("hop/exchange_channel_round_trip", |b| b.iter(|| hop.hop(black_box(1))));
+}
+
+fn operators(c: &mut Criterion) {
+    let engine = Engine::open(1).expect("engine opens");
+    let ops = Operators::from(&engine).expect("plans");
+    let batch = trades(BATCH_ROWS, 1000, 1000);
+    let mut group = c.benchmark_group("operator");
+    group.throughput(Throughput::Elements(BATCH_ROWS as u64));
+    group.bench_function("filter_project_8192", |b| b.iter(|| ops.filter(black_box(&batch)).expect("filter")));
+    group.bench_function("keyed_tumble_aggregate_8192", |b| {
+        b.iter_batched(|| batch.clone(), |batch| ops.aggregate(&batch).expect("aggregate"), BatchSize::SmallInput)
+    });
+    let ts: Vec<i64> = (0..BATCH_ROWS as i64).map(|i| i * 7).collect();
+    let mut out = Vec::with_capacity(BATCH_ROWS * 4);
+    group.bench_function("window_assign_tumble_8192", |b| {
+        b.iter(|| assign_windows(WindowKind::Tumble { size: 1000 }, black_box(&ts), &mut out))
+    });
+    group.bench_function("window_assign_hop4_8192", |b| {
+        b.iter(|| assign_windows(WindowKind::Hop { slide: 250, size: 1000 }, black_box(&ts), &mut out))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, hops, operators);
+criterion_main!(benches);
