@@ -340,8 +340,15 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
     let plan = {
         let ctx = ctx.clone();
         let rewritten = rewritten.clone();
-        runtime.block_on(async move { ctx.state().create_logical_plan(&rewritten).await })?
+        runtime.block_on(async move { ctx.state().create_logical_plan(&rewritten).await })
     };
+    let plan = plan.map_err(|e| match changelog_read(catalog, &e.to_string()) {
+        Some(name) => Error::unsupported(format!(
+            "reading the changelog stream '{name}' from another stream (its rows are updates and retractions; \
+             query it ad hoc or subscribe to it)"
+        )),
+        None => e.into(),
+    })?;
     let plan = Analyzer::new().execute_and_check(plan, ctx.state().config_options(), |_, _| {})?;
     let props = ExecutionProps::new();
     let lowered = lower(&plan, window, &props, catalog)?;
@@ -389,7 +396,7 @@ fn planning_context(catalog: &Catalog, window_column: Option<&str>) -> Result<Se
         if let Some(stream) = catalog.streams.get(name) {
             if stream.plan.is_changelog() {
                 // Readers of a changelog would need retraction-aware operators.
-                schema = Arc::new(Schema::new(vec![Field::new("__changelog_stream_not_readable", DataType::Null, true)]));
+                schema = Arc::new(Schema::new(vec![Field::new(CHANGELOG_MARKER, DataType::Null, true)]));
             }
         }
         if let Some(col) = window_column {
@@ -412,6 +419,22 @@ fn planning_context(catalog: &Catalog, window_column: Option<&str>) -> Result<Se
         ctx.register_table(name.as_str(), Arc::new(EmptyTable::new(schema)))?;
     }
     Ok(ctx)
+}
+
+/// The only column a changelog stream shows to planning, so a query reading it fails.
+const CHANGELOG_MARKER: &str = "__changelog_stream_not_readable";
+
+/// The changelog stream a planning error is about, if it is about reading one.
+fn changelog_read(catalog: &Catalog, message: &str) -> Option<String> {
+    if !message.contains(CHANGELOG_MARKER) {
+        return None;
+    }
+    catalog
+        .streams
+        .values()
+        .filter(|s| s.plan.is_changelog())
+        .map(|s| s.name.clone())
+        .find(|name| message.contains(&format!("{name}.{CHANGELOG_MARKER}")))
 }
 
 struct Lowered {

@@ -310,7 +310,7 @@ impl ShardRuntime {
             return;
         }
         task.watermark = mark;
-        task.output.counters.watermark.fetch_max(mark, Ordering::Relaxed);
+        task.output.shard_watermark(self.id, self.shards, mark);
         let emitted = match task.op.as_mut() {
             Some(op) => op.advance(mark),
             None => Ok(vec![]),

@@ -103,6 +103,8 @@ pub struct Output {
     pub schema: SchemaRef,
     subscribers: RwLock<Vec<Subscriber>>,
     pub counters: OutputCounters,
+    /// Each shard's watermark of this stream; `counters.watermark` is their minimum.
+    shard_marks: parking_lot::Mutex<Vec<i64>>,
     closed: AtomicBool,
     next_id: AtomicU64,
 }
@@ -114,6 +116,7 @@ impl Output {
             schema,
             subscribers: RwLock::new(Vec::new()),
             counters: OutputCounters::default(),
+            shard_marks: parking_lot::Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
         })
@@ -186,6 +189,18 @@ impl Output {
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
         *self.counters.last_error.lock() = Some(message.to_string());
         log::warn!("stream '{}': {message}", self.name);
+    }
+
+    /// Shard `shard` of `shards` has moved this stream's watermark to `mark`: the
+    /// stream's watermark is what every shard has passed.
+    pub fn shard_watermark(&self, shard: usize, shards: usize, mark: i64) {
+        let mut marks = self.shard_marks.lock();
+        if marks.len() < shards {
+            marks.resize(shards, i64::MIN);
+        }
+        marks[shard] = marks[shard].max(mark);
+        let min = marks.iter().copied().min().unwrap_or(i64::MIN);
+        self.counters.watermark.fetch_max(min, Ordering::Relaxed);
     }
 
     /// Records that a batch this output published was caused by work that entered the
