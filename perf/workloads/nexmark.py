@@ -5,9 +5,10 @@ on the shards themselves (1 person : 3 auctions : 46 bids, in event-time order, 
 events per second of event time), so Python is not the bottleneck. Each query runs as a
 stream over N events (--quick 1 M, else 10 M); the time is from `start()` until the
 query's stream watermark reaches the end of input (every event processed, every window
-closed), and events/s counts the events of the tables the query reads. Results are checked
-against ad-hoc queries over the same generated rows (a join stream against the same join
-run ad hoc). Queries are written in our SQL as cascades of streams where the standard text
+closed), and events/s counts the whole event stream (persons, auctions and bids), as
+Nexmark figures do, whichever tables the query reads. Results are checked
+against ad-hoc queries over the same generated rows (a join or a changelog aggregate
+against the same query run ad hoc). Queries are written in our SQL as cascades of streams where the standard text
 nests subqueries; a query the engine refuses reports the engine's reason. With --shards N
 (the harness's sweep) only q1 runs.
 """
@@ -127,10 +128,9 @@ def query(case: Case, ctx: Context, name: str, events: int) -> None:
                 return
             time.sleep(0.002)
         elapsed = time.perf_counter() - t0
-        read = sum(rows_of(t, events) for t in tables)
         cores = shard_count(db)
-        case.metric("events/s", read / elapsed, "events/s", "higher")
-        case.metric("events/s per core", read / elapsed / cores, "events/s", "higher")
+        case.metric("events/s", events / elapsed, "events/s", "higher")
+        case.metric("events/s per core", events / elapsed / cores, "events/s", "higher")
         case.metric("seconds", elapsed, "s", "lower")
         case.metric("shards", cores, "", None)
         m = db.stream_metrics(stream)
@@ -168,14 +168,16 @@ def check_q2(case: Case, db, events: int) -> None:
 
 
 def same_as_ad_hoc(stream: str, sql: str, column: str) -> Callable[[Case, object, int], None]:
-    """The stream's rows against the same query run ad hoc over the retained inputs:
-    row count and the sum of one column."""
+    """The stream's rows (for a changelog stream, its current rows) against the same query
+    run ad hoc over the retained inputs: row count and the sum of one column."""
 
     def check(case: Case, db, events: int) -> None:
         got = db.query(f"SELECT COUNT(*), SUM({column}) FROM {stream}").fetchall()[0]
         want = db.query(f"SELECT COUNT(*), SUM({column}) FROM ({sql})").fetchall()[0]
-        case.check(want[0] > 0, f"{stream}: the ad-hoc join finds no rows")
-        case.check(tuple(got) == tuple(want), f"{stream}: {got} rows/sum, the same join ad hoc gives {want}")
+        case.check(want[0] > 0, f"{stream}: the same query ad hoc finds no rows")
+        # Sums of floats kept incrementally (with retractions) may differ in the last bits.
+        same_sum = got[1] == want[1] or abs(got[1] - want[1]) <= 1e-9 * abs(want[1])
+        case.check(got[0] == want[0] and same_sum, f"{stream}: {got} rows/sum, the same query ad hoc gives {want}")
 
     return check
 

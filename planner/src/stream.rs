@@ -340,15 +340,8 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
     let plan = {
         let ctx = ctx.clone();
         let rewritten = rewritten.clone();
-        runtime.block_on(async move { ctx.state().create_logical_plan(&rewritten).await })
+        runtime.block_on(async move { ctx.state().create_logical_plan(&rewritten).await })?
     };
-    let plan = plan.map_err(|e| match changelog_read(catalog, &e.to_string()) {
-        Some(name) => Error::unsupported(format!(
-            "reading the changelog stream '{name}' from another stream (its rows are updates and retractions; \
-             query it ad hoc or subscribe to it)"
-        )),
-        None => e.into(),
-    })?;
     let plan = Analyzer::new().execute_and_check(plan, ctx.state().config_options(), |_, _| {})?;
     let props = ExecutionProps::new();
     let lowered = lower(&plan, window, &props, catalog)?;
@@ -363,6 +356,9 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
     let select_schema = nullable(lowered.schema.as_ref());
     if matches!(emit, Emit::Every(_)) && lowered.agg.is_none() {
         return Err(Error::query("EMIT EVERY needs a GROUP BY aggregation"));
+    }
+    if lowered.agg.as_ref().is_some_and(|a| a.retract.is_some()) && emit != Emit::Changes {
+        return Err(Error::unsupported("EMIT other than CHANGES for an aggregate over a changelog stream"));
     }
     let changelog = lowered.agg.is_some() && matches!(emit, Emit::Changes | Emit::Every(_));
     let schema = if changelog {
@@ -395,8 +391,8 @@ fn planning_context(catalog: &Catalog, window_column: Option<&str>) -> Result<Se
         let mut schema = catalog.table_schema(name)?;
         if let Some(stream) = catalog.streams.get(name) {
             if stream.plan.is_changelog() {
-                // Readers of a changelog would need retraction-aware operators.
-                schema = Arc::new(Schema::new(vec![Field::new(CHANGELOG_MARKER, DataType::Null, true)]));
+                // Readers of a changelog see its change type, `_op`, too.
+                schema = stream.plan.schema.clone();
             }
         }
         if let Some(col) = window_column {
@@ -421,20 +417,15 @@ fn planning_context(catalog: &Catalog, window_column: Option<&str>) -> Result<Se
     Ok(ctx)
 }
 
-/// The only column a changelog stream shows to planning, so a query reading it fails.
-const CHANGELOG_MARKER: &str = "__changelog_stream_not_readable";
-
-/// The changelog stream a planning error is about, if it is about reading one.
-fn changelog_read(catalog: &Catalog, message: &str) -> Option<String> {
-    if !message.contains(CHANGELOG_MARKER) {
-        return None;
+/// Refuses to read changelog stream `input` other than through a retracting aggregate.
+fn not_changelog(catalog: &Catalog, input: &str) -> Result<()> {
+    match catalog.streams.get(input) {
+        Some(s) if s.plan.is_changelog() => Err(Error::unsupported(format!(
+            "reading the changelog stream '{input}' from another stream except through GROUP BY with COUNT, SUM \
+             or AVG (its rows are updates and retractions)"
+        ))),
+        _ => Ok(()),
     }
-    catalog
-        .streams
-        .values()
-        .filter(|s| s.plan.is_changelog())
-        .map(|s| s.name.clone())
-        .find(|name| message.contains(&format!("{name}.{CHANGELOG_MARKER}")))
 }
 
 struct Lowered {
@@ -538,6 +529,9 @@ fn lower(plan: &LogicalPlan, window: Option<&WindowCall>, props: &ExecutionProps
                     return Err(Error::unsupported("a window without GROUP BY aggregation"));
                 }
                 let (branches, join) = lower_join(join, filter, p, props)?;
+                for b in &branches {
+                    not_changelog(catalog, &b.input)?;
+                }
                 return Ok(Lowered { branches, agg: None, join: Some(join), schema: out_schema });
             }
             if let LogicalPlan::Aggregate(a) = below {
@@ -548,6 +542,7 @@ fn lower(plan: &LogicalPlan, window: Option<&WindowCall>, props: &ExecutionProps
             }
             let mut filters = Vec::new();
             let input = scan_chain(&p.input, &mut filters)?;
+            not_changelog(catalog, &input)?;
             let filter = combine_filters(&filters, props, catalog)?;
             let exprs = p.expr.iter().map(|e| physical(e, p.input.schema().as_ref(), props)).collect::<Result<Vec<_>>>()?;
             if window.is_some() {
@@ -719,6 +714,7 @@ fn lower_aggregate(
     let input = scan_chain(&a.input, &mut filters)?;
     let filter = combine_filters(&filters, props, catalog)?;
     let in_schema = a.input.schema().as_ref();
+    let changelog = catalog.streams.get(&input).is_some_and(|s| s.plan.is_changelog());
     let mut exprs: Vec<PhysExpr> = Vec::new();
     let mut fields: Vec<Field> = Vec::new();
     let mut layout = Vec::new();
@@ -780,6 +776,22 @@ fn lower_aggregate(
         };
         calls.push(AggCall { kind, arg, domain, out_type });
     }
+    let mut retract = None;
+    if changelog {
+        if let Some(call) = calls.iter().find(|c| !matches!(c.kind, AggKind::Count | AggKind::Sum | AggKind::Avg)) {
+            return Err(Error::unsupported(format!(
+                "{:?} over the changelog stream '{input}': only COUNT, SUM and AVG can take back a retracted row",
+                call.kind
+            )));
+        }
+        if window.is_some() {
+            return Err(Error::unsupported(format!("a window over the changelog stream '{input}'")));
+        }
+        let op = DfExpr::Column(in_schema.qualified_field_with_unqualified_name(OP_COLUMN)?.into());
+        exprs.push(physical(&op, in_schema, props)?);
+        fields.push(Field::new(OP_COLUMN, DataType::Utf8, true));
+        retract = Some(exprs.len() - 1);
+    }
     let branch = Branch { input, filter, exprs, schema: Arc::new(Schema::new(fields)) };
     let agg = AggPlan {
         keys,
@@ -790,6 +802,7 @@ fn lower_aggregate(
         layout,
         having,
         output,
+        retract,
     };
     Ok((branch, agg))
 }

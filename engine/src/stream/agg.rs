@@ -294,6 +294,41 @@ impl Acc {
         }
     }
 
+    /// Adds (`signs[r] = 1`) or takes back (`-1`) input row `rows[i]` in group `groups[i]`:
+    /// the aggregates that can forget a row (COUNT, SUM, AVG), over a changelog input.
+    pub fn update_signed(&mut self, values: &Values, rows: &[u32], groups: &[u32], signs: &[i64]) -> Result<()> {
+        let pairs = rows.iter().map(|&r| r as usize).zip(groups.iter().map(|&g| g as usize));
+        match self {
+            Acc::Count(count) => {
+                for (r, g) in pairs {
+                    count[g] += signs[r] * values.is_valid(r) as i64;
+                }
+            }
+            Acc::SumInt { sum, seen } => {
+                if let Values::Int(a) = values {
+                    for (r, g) in pairs.filter(|&(r, _)| a.is_valid(r)) {
+                        sum[g] = sum[g].wrapping_add(signs[r].wrapping_mul(a.value(r)));
+                        seen[g] = true;
+                    }
+                }
+            }
+            Acc::SumFloat { sum, seen } => {
+                for (r, g) in pairs.filter(|&(r, _)| values.is_valid(r)) {
+                    sum[g] += signs[r] as f64 * values.float(r);
+                    seen[g] = true;
+                }
+            }
+            Acc::Avg { sum, count } => {
+                for (r, g) in pairs.filter(|&(r, _)| values.is_valid(r)) {
+                    sum[g] += signs[r] as f64 * values.float(r);
+                    count[g] += signs[r];
+                }
+            }
+            _ => return Err(Error::internal("an aggregate that cannot take rows back read a changelog")),
+        }
+        Ok(())
+    }
+
     /// Folds group `src` into group `dst` (session windows merging).
     pub fn merge(&mut self, dst: usize, src: usize) {
         match self {

@@ -35,6 +35,7 @@ pub const OP_COLUMN: &str = "_op";
 pub const OP_INSERT: &str = "+I";
 pub const OP_RETRACT: &str = "-U";
 pub const OP_UPDATE: &str = "+U";
+pub const OP_DELETE: &str = "-D";
 
 /// When a stream emits its aggregate rows.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -143,6 +144,9 @@ pub struct AggPlan {
     pub having: Option<PhysExpr>,
     /// The `SELECT` list over `agg_schema`.
     pub output: Vec<PhysExpr>,
+    /// Reading a changelog stream: the branch column holding each row's change type
+    /// (`+I`/`+U` add the row, `-U`/`-D` take it back). Only COUNT, SUM and AVG run so.
+    pub retract: Option<usize>,
 }
 
 /// An inner equi-join of two append-only inputs: branch 0 (left) and branch 1 (right)

@@ -11,7 +11,7 @@ use arrow::row::{RowConverter, SortField};
 
 use super::agg::{Acc, Values};
 use super::time::{from_millis, to_millis};
-use super::{AggPlan, Emit, GroupCol, PhysExpr, StreamPlan, WindowKind, OP_INSERT, OP_RETRACT, OP_UPDATE};
+use super::{AggPlan, Emit, GroupCol, PhysExpr, StreamPlan, WindowKind, OP_DELETE, OP_INSERT, OP_RETRACT, OP_UPDATE};
 use crate::error::{Error, Result};
 
 /// Filter then project one input batch.
@@ -37,6 +37,18 @@ fn project(exprs: &[PhysExpr], schema: &SchemaRef, batch: &RecordBatch) -> Resul
         columns.push(if array.data_type() == field.data_type() { array } else { arrow::compute::cast(&array, field.data_type())? });
     }
     Ok(RecordBatch::try_new_with_options(schema.clone(), columns, &RecordBatchOptions::new().with_row_count(Some(n)))?)
+}
+
+/// +1 for a row a changelog adds (`+I`, `+U`), -1 for one it takes back (`-U`, `-D`).
+fn change_signs(ops: &ArrayRef) -> Result<Vec<i64>> {
+    let ops = ops.as_string_opt::<i32>().ok_or_else(|| Error::internal("a change-type column that is not text"))?;
+    ops.iter()
+        .map(|op| match op {
+            Some("+I" | "+U") => Ok(1),
+            Some("-U" | "-D") => Ok(-1),
+            other => Err(Error::query(format!("unknown change type {other:?} in a changelog"))),
+        })
+        .collect()
 }
 
 /// Makes every field nullable: emitted rows may hold nulls DataFusion's static schema
@@ -79,6 +91,9 @@ pub struct AggOperator {
     /// `EMIT EVERY`: groups changed since the last tick, and each group's last emitted row.
     dirty: Vec<u32>,
     last_rows: HashMap<u32, RecordBatch>,
+    /// Over a changelog input: each group's rows added minus rows taken back. A group
+    /// whose count returns to zero is deleted (`-D`).
+    net: Vec<i64>,
 }
 
 impl AggOperator {
@@ -102,6 +117,7 @@ impl AggOperator {
             late_rows: 0,
             dirty: Vec::new(),
             last_rows: HashMap::new(),
+            net: Vec::new(),
         })
     }
 
@@ -240,14 +256,28 @@ impl AggOperator {
         }
         let before = if changelog {
             let old: Vec<usize> = touched.iter().filter(|&&g| self.groups[g as usize].emitted).map(|&g| g as usize).collect();
-            Some(self.finish(&old)?)
+            Some((self.finish(&old)?, old))
         } else {
             None
         };
         let agg = self.plan.agg.as_ref().expect("checked in new");
+        let signs = agg.retract.map(|col| change_signs(batch.column(col))).transpose()?;
         for (acc, call) in self.accs.iter_mut().zip(&agg.calls) {
             let values = Values::of(call.arg.map(|c| batch.column(c)), call.domain)?;
-            acc.update(&values, &pair_rows, &pair_groups, &times);
+            match &signs {
+                Some(signs) => acc.update_signed(&values, &pair_rows, &pair_groups, signs)?,
+                None => acc.update(&values, &pair_rows, &pair_groups, &times),
+            }
+        }
+        // Groups a changelog input has emptied: their row is deleted, the group freed.
+        let mut dead: Vec<u32> = Vec::new();
+        if let Some(signs) = &signs {
+            self.net.resize(self.groups.len(), 0);
+            for (&r, &g) in pair_rows.iter().zip(&pair_groups) {
+                self.net[g as usize] += signs[r as usize];
+            }
+            dead = touched.iter().copied().filter(|&g| self.net[g as usize] <= 0).collect();
+            touched.retain(|&g| self.net[g as usize] > 0);
         }
         let mut out = Vec::new();
         if matches!(self.plan.emit, Emit::Every(_)) {
@@ -258,11 +288,13 @@ impl AggOperator {
                 }
             }
         }
-        if let Some(before) = before {
+        if let Some((before, old)) = before {
             let had: Vec<bool> = touched.iter().map(|&g| self.groups[g as usize].emitted).collect();
             let now: Vec<usize> = touched.iter().map(|&g| g as usize).collect();
             let after = self.finish(&now)?;
-            out.push(with_ops(&self.plan.schema, before, |_| OP_RETRACT)?);
+            let deleted: Vec<bool> = old.iter().map(|&g| dead.contains(&(g as u32))).collect();
+            let whole = before.num_rows() == old.len();
+            out.push(with_ops(&self.plan.schema, before, |i| if whole && deleted[i] { OP_DELETE } else { OP_RETRACT })?);
             // `finish` keeps row order, but HAVING may drop rows: label by group only when
             // no row was dropped, else call every row an update of whatever it replaces.
             let labels: Vec<&str> = if after.num_rows() == now.len() {
@@ -274,6 +306,10 @@ impl AggOperator {
             for &g in &touched {
                 self.groups[g as usize].emitted = true;
             }
+        }
+        for g in dead {
+            self.net[g as usize] = 0;
+            self.free_group(g);
         }
         out.retain(|b| b.num_rows() > 0);
         Ok(out)
@@ -518,6 +554,7 @@ mod tests {
                 layout,
                 having: None,
                 output,
+                retract: None,
             }),
             join: None,
             schema: Arc::new(Schema::new(out_fields)),
