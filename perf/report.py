@@ -77,8 +77,10 @@ def summarise(doc: dict[str, Any]) -> list[Summary]:
 
 
 def fmt(value: float, unit: str) -> str:
-    if unit == "rows/s":
-        return f"{value / 1e6:,.2f} M rows/s" if value >= 1e6 else f"{value:,.0f} rows/s"
+    if unit in ("rows/s", "events/s"):
+        return f"{value / 1e6:,.2f} M {unit}" if value >= 1e6 else f"{value:,.0f} {unit}"
+    if unit == "s":
+        return f"{value:,.2f} s"
     if unit == "µs":
         return f"{value:,.0f} µs" if value >= 1000 else f"{value:,.1f} µs"
     if unit == "ms":
@@ -95,7 +97,9 @@ def cell(impl: Optional[dict[str, Any]], metric: dict[str, Any]) -> str:
         return "not run"
     if impl["ok"] == 0:
         first = impl["failures"][0]
-        return first["detail"] if first["status"] in SELF_EXPLAINED else first["status"]
+        # An unsupported case's reason can be long: it is listed once below the table.
+        short = first["status"] == "unsupported" or first["status"] not in SELF_EXPLAINED
+        return first["status"] if short else first["detail"]
     value = impl["medians"].get(metric["name"])
     if value is None:
         return "—"

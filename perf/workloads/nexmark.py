@@ -135,7 +135,7 @@ def query(case: Case, ctx: Context, name: str, events: int) -> None:
         case.metric("shards", cores, "", None)
         m = db.stream_metrics(stream)
         if getattr(m, "latency_count", 0):
-            case.metric("engine_p99", m.latency_p99_us, "µs", "lower")
+            case.metric("engine p99", m.latency_p99_us, "µs", "lower")
         CHECKS[name](case, db, events)
     finally:
         db.close()
