@@ -41,13 +41,15 @@ impl WindowKind {
                 out.push((start, start + size));
             }
             WindowKind::Hop { slide, size } => {
-                let mut start = ts.div_euclid(slide) * slide;
-                let mut found = Vec::new();
-                while start > ts - size {
-                    found.push((start, start + size));
-                    start -= slide;
+                // The earliest window holding ts starts after ts - size, on a slide boundary.
+                let last = ts.div_euclid(slide) * slide;
+                let mut start = last - (size - 1).div_euclid(slide) * slide;
+                while start <= last {
+                    if start > ts - size {
+                        out.push((start, start + size));
+                    }
+                    start += slide;
                 }
-                out.extend(found.into_iter().rev());
             }
             WindowKind::Cumulate { step, size } => {
                 let base = ts.div_euclid(size) * size;
@@ -86,6 +88,13 @@ mod tests {
             windows(WindowKind::Hop { slide: 500, size: 1500 }, 1200),
             vec![(0, 1500), (500, 2000), (1000, 2500)]
         );
+    }
+
+    #[test]
+    fn hop_with_a_size_that_is_not_a_multiple_of_the_slide() {
+        assert_eq!(windows(WindowKind::Hop { slide: 400, size: 1000 }, 1200), vec![(400, 1400), (800, 1800), (1200, 2200)]);
+        assert_eq!(windows(WindowKind::Hop { slide: 400, size: 1000 }, 1199), vec![(400, 1400), (800, 1800)]);
+        assert_eq!(windows(WindowKind::Hop { slide: 1000, size: 1000 }, -1), vec![(-1000, 0)]);
     }
 
     #[test]
