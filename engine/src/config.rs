@@ -17,6 +17,9 @@ pub struct EngineConfig {
     /// How long a caller waiting for a reply polls before sleeping, in µs
     /// (`LAMINARDB_CALLER_SPIN_US`; the GIL is released meanwhile).
     pub caller_spin_us: u64,
+    /// A source with no rows and no watermark call for this long stops holding back
+    /// `pipeline_watermark` (while another source is active).
+    pub idle_timeout_ms: u64,
 }
 
 impl EngineConfig {
@@ -40,6 +43,7 @@ impl Default for EngineConfig {
             pin_shards: true,
             spin_us: default_spin_us(default_shards()),
             caller_spin_us: std::env::var("LAMINARDB_CALLER_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+            idle_timeout_ms: 10_000,
         }
     }
 }

@@ -13,13 +13,14 @@ pub struct PyLaminarConfig {
 #[pymethods]
 impl PyLaminarConfig {
     #[new]
-    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None))]
+    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000))]
     fn new(
         buffer_size: usize,
         storage_dir: Option<String>,
         checkpoint_interval_ms: Option<u64>,
         table_spill_threshold: usize,
         shards: Option<usize>,
+        idle_timeout_ms: u64,
     ) -> PyResult<Self> {
         if buffer_size == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err("buffer_size must be positive"));
@@ -35,6 +36,7 @@ impl PyLaminarConfig {
                 storage_dir,
                 checkpoint_interval_ms,
                 table_spill_threshold,
+                idle_timeout_ms,
                 ..EngineConfig::default()
             },
         })
@@ -61,15 +63,22 @@ impl PyLaminarConfig {
     fn shards(&self) -> usize {
         self.inner.shards
     }
+    /// A source without rows or watermarks for this long stops holding back
+    /// `pipeline_watermark`.
+    #[getter]
+    fn idle_timeout_ms(&self) -> u64 {
+        self.inner.idle_timeout_ms
+    }
 
     fn __repr__(&self) -> String {
         format!(
-            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={})",
+            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={})",
             self.inner.buffer_size,
             self.inner.storage_dir.as_ref().map_or("None".to_string(), |d| format!("'{d}'")),
             self.inner.checkpoint_interval_ms.map_or("None".to_string(), |v| v.to_string()),
             self.inner.table_spill_threshold,
             self.inner.shards,
+            self.inner.idle_timeout_ms,
         )
     }
 }

@@ -310,18 +310,23 @@ impl PyConnection {
         })
     }
 
-    /// The minimum watermark over sources that have one (epoch ms); i64::MIN if none has.
+    /// The minimum watermark over sources that have one (epoch ms), leaving out sources
+    /// idle for longer than `idle_timeout_ms` while another is active; i64::MIN if none has.
     #[getter]
     fn pipeline_watermark(&self, py: Python<'_>) -> PyResult<i64> {
-        let catalog = self.open()?.catalog();
+        let handle = self.open()?;
+        let catalog = handle.catalog();
+        let timeout = i64::try_from(handle.idle_timeout_ms()).unwrap_or(i64::MAX);
         let mut marks = Vec::new();
         for name in catalog.sources.keys() {
             let mark = self.watermark_of(py, name)?;
             if mark != NO_WATERMARK {
-                marks.push(mark);
+                let idle = handle.output(name).map_or(false, |o| o.idle_ms() > timeout);
+                marks.push((idle, mark));
             }
         }
-        Ok(marks.into_iter().min().unwrap_or(NO_WATERMARK))
+        let active = marks.iter().filter(|(idle, _)| !idle).map(|&(_, m)| m).min();
+        Ok(active.or_else(|| marks.iter().map(|&(_, m)| m).min()).unwrap_or(NO_WATERMARK))
     }
 
     #[getter]

@@ -50,6 +50,7 @@ class LaminarConfig:
         checkpoint_interval_ms: Optional[int] = None,
         table_spill_threshold: int = 1_000_000,
         shards: Optional[int] = None,
+        idle_timeout_ms: int = 10_000,
     ) -> None: ...
     @property
     def buffer_size(self) -> int: ...
@@ -61,6 +62,8 @@ class LaminarConfig:
     def table_spill_threshold(self) -> int: ...
     @property
     def shards(self) -> int: ...
+    @property
+    def idle_timeout_ms(self) -> int: ...
 
 class QueryResult:
     @property

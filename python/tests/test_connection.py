@@ -93,8 +93,9 @@ def test_config_defaults():
     assert isinstance(cfg.shards, int) and cfg.shards >= 1
     assert repr(cfg) == (
         "LaminarConfig(buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, "
-        f"table_spill_threshold=1000000, shards={cfg.shards})"
+        f"table_spill_threshold=1000000, shards={cfg.shards}, idle_timeout_ms=10000)"
     )
+    assert cfg.idle_timeout_ms == 10_000
 
 
 def test_config_custom_properties_and_repr():
@@ -112,7 +113,7 @@ def test_config_custom_properties_and_repr():
     assert cfg.shards == 1
     assert repr(cfg) == (
         "LaminarConfig(buffer_size=1024, storage_dir='/tmp/laminar_data', "
-        "checkpoint_interval_ms=5000, table_spill_threshold=10000000, shards=1)"
+        "checkpoint_interval_ms=5000, table_spill_threshold=10000000, shards=1, idle_timeout_ms=10000)"
     )
 
 

@@ -5,6 +5,8 @@ explicitly; it never moves back. Windows close when the watermark reaches their 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import laminardb
@@ -113,6 +115,26 @@ def test_pipeline_watermark_is_minimum_over_sources_with_watermarks(db):
     assert db.pipeline_watermark == 5_000
     assert db.metrics().pipeline_watermark == 5_000
     assert isinstance(db.pipeline_watermark, int)
+
+
+def test_an_idle_source_stops_holding_back_the_pipeline_watermark():
+    db = laminardb.open(":memory:", config=laminardb.LaminarConfig(idle_timeout_ms=300))
+    try:
+        for name in ("fast", "slow"):
+            db.execute(f"CREATE SOURCE {name} (ts BIGINT, sym VARCHAR, v DOUBLE, WATERMARK FOR ts)")
+        put(db, "slow", (1_000, "A", 1.0))
+        put(db, "fast", (5_000, "A", 1.0))
+        assert db.pipeline_watermark == 1_000
+        time.sleep(0.5)
+        # Both idle: the minimum over all of them, so the watermark never jumps ahead alone.
+        assert db.pipeline_watermark == 1_000
+        put(db, "fast", (6_000, "A", 1.0))
+        assert db.pipeline_watermark == 6_000
+        # The slow source speaks again: it counts again.
+        put(db, "slow", (2_000, "A", 1.0))
+        assert db.pipeline_watermark == 2_000
+    finally:
+        db.close()
 
 
 def test_stream_metrics_watermark_follows_its_source(db):

@@ -227,6 +227,11 @@ impl Coordinator {
                         return;
                     }
                 };
+                if watermark_ms != i64::MIN {
+                    if let Some(output) = self.outputs.read().get(&name) {
+                        output.touch();
+                    }
+                }
                 // Answered once the watermark has passed through every stream.
                 let mark = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
                 let ack = Ack::new(&self.inflight, {

@@ -41,6 +41,7 @@ pub struct Handle {
     coordinator: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
     caller_spin: std::time::Duration,
+    idle_timeout_ms: u64,
 }
 
 impl Handle {
@@ -50,6 +51,7 @@ impl Handle {
         let config = EngineConfig { shards, ..config };
         let queue_capacity = config.queue_capacity();
         let caller_spin = std::time::Duration::from_micros(config.caller_spin_us);
+        let idle_timeout_ms = config.idle_timeout_ms;
         let (commands_tx, commands_rx) = flume::bounded(queue_capacity);
         let published: Published = Arc::new(RwLock::new(Arc::new(Catalog::default())));
         let outputs: Outputs = Arc::default();
@@ -93,11 +95,17 @@ impl Handle {
             coordinator: Mutex::new(Some(coordinator)),
             closed: AtomicBool::new(false),
             caller_spin,
+            idle_timeout_ms,
         })
     }
 
     pub fn shards(&self) -> usize {
         self.shards
+    }
+
+    /// After this long without rows or watermarks a source counts as idle.
+    pub fn idle_timeout_ms(&self) -> u64 {
+        self.idle_timeout_ms
     }
 
     /// Capacity, in commands, of the queue into the coordinator.

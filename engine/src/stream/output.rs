@@ -84,6 +84,10 @@ impl Default for OutputCounters {
     }
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Latencies above this (a minute) are recorded as this.
 const LATENCY_MAX_NS: u64 = 60_000_000_000;
 
@@ -105,6 +109,8 @@ pub struct Output {
     pub counters: OutputCounters,
     /// Each shard's watermark of this stream; `counters.watermark` is their minimum.
     shard_marks: parking_lot::Mutex<Vec<i64>>,
+    /// When rows or a watermark last arrived (ms since the Unix epoch), for idleness.
+    last_active_ms: std::sync::atomic::AtomicI64,
     closed: AtomicBool,
     next_id: AtomicU64,
 }
@@ -117,6 +123,7 @@ impl Output {
             subscribers: RwLock::new(Vec::new()),
             counters: OutputCounters::default(),
             shard_marks: parking_lot::Mutex::new(Vec::new()),
+            last_active_ms: std::sync::atomic::AtomicI64::new(now_ms()),
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
         })
@@ -156,6 +163,7 @@ impl Output {
             return;
         }
         self.counters.rows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        self.touch();
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         let subscribers = self.subscribers.read();
         for s in subscribers.iter() {
@@ -189,6 +197,16 @@ impl Output {
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
         *self.counters.last_error.lock() = Some(message.to_string());
         log::warn!("stream '{}': {message}", self.name);
+    }
+
+    /// Rows or a watermark arrived now.
+    pub fn touch(&self) {
+        self.last_active_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Milliseconds since rows or a watermark last arrived (since creation if never).
+    pub fn idle_ms(&self) -> i64 {
+        now_ms().saturating_sub(self.last_active_ms.load(Ordering::Relaxed)).max(0)
     }
 
     /// Shard `shard` of `shards` has moved this stream's watermark to `mark`: the
