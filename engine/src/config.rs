@@ -14,6 +14,9 @@ pub struct EngineConfig {
     /// How long an idle shard or the coordinator polls its queue before sleeping, in µs:
     /// trades CPU for wake-up latency. `LAMINARDB_SPIN_US` overrides the default.
     pub spin_us: u64,
+    /// How long the coordinator polls its queue after a command before sleeping, in µs
+    /// (`LAMINARDB_COORD_SPIN_US`).
+    pub coord_spin_us: u64,
     /// How long a caller waiting for a reply polls before sleeping, in µs
     /// (`LAMINARDB_CALLER_SPIN_US`; the GIL is released meanwhile).
     pub caller_spin_us: u64,
@@ -42,16 +45,26 @@ impl Default for EngineConfig {
             table_spill_threshold: 1_000_000,
             pin_shards: true,
             spin_us: default_spin_us(default_shards()),
-            caller_spin_us: std::env::var("LAMINARDB_CALLER_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+            coord_spin_us: env_us("LAMINARDB_COORD_SPIN_US").unwrap_or(SPIN_AFTER_COMMAND_US),
+            caller_spin_us: env_us("LAMINARDB_CALLER_SPIN_US").unwrap_or(SPIN_AFTER_COMMAND_US),
             idle_timeout_ms: 10_000,
         }
     }
 }
 
+/// The coordinator and a waiting caller poll this long before sleeping. Measured on 2
+/// cores (perf/README.md): halves the single-row round trip (~75 → ~40 µs p50) for at most
+/// this much CPU per command; shards spinning as well made it worse.
+pub const SPIN_AFTER_COMMAND_US: u64 = 100;
+
+fn env_us(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 /// Spinning pays only where a core is left over for the callers: with as many shards as
 /// cores, spinning shards would take the CPU the inserting threads need.
 pub fn default_spin_us(shards: usize) -> u64 {
-    if let Some(us) = std::env::var("LAMINARDB_SPIN_US").ok().and_then(|v| v.parse().ok()) {
+    if let Some(us) = env_us("LAMINARDB_SPIN_US") {
         return us;
     }
     if shards < default_shards() {

@@ -84,7 +84,7 @@ pub(crate) fn run(startup: Startup) {
         }
     };
     let shards = config.shards;
-    let spin_us = std::env::var("LAMINARDB_COORD_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(config.spin_us);
+    let spin_us = config.coord_spin_us;
     let (frontend, shutdown_reply) = executor.run(async move {
         let mut connected = Vec::with_capacity(senders.len());
         for tx in senders {
