@@ -75,10 +75,6 @@ impl ShardRuntime {
         self.outputs.read().get(name).cloned()
     }
 
-    /// The token for work nobody waits on.
-    pub fn background(&self) -> AckToken {
-        self.background.clone()
-    }
 
     pub fn append(&mut self, source: &Arc<str>, batches: Vec<RecordBatch>, ack: &AckToken) -> Result<()> {
         let output = self.outputs.read().get(&**source).cloned();

@@ -185,7 +185,10 @@ impl Generator {
             match step {
                 Ok(mark) => self.reached(mark, output.as_deref()),
                 Err(e) => {
-                    log::error!("{place}: generating '{}' failed: {e}", self.source);
+                    // Counted in the source's metrics (errors, last_error) and logged.
+                    if let Some(output) = &output {
+                        output.record_error(&format!("generating failed: {e}"));
+                    }
                     return;
                 }
             }
