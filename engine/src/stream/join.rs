@@ -22,11 +22,19 @@ use super::{JoinPlan, StreamPlan};
 use crate::error::{Error, Result};
 
 const NONE: u32 = u32::MAX;
+/// A received batch smaller than this joins the side's unmerged tail.
+const SMALL_ROWS: usize = 1024;
+/// The tail is merged into one batch once it holds this many, so a side fed row by row
+/// keeps few batches (a probe gathers from all of them).
+const TAIL_MAX: usize = 64;
 
 #[derive(Default)]
 struct Side {
     /// Received rows without their key columns.
     batches: Vec<RecordBatch>,
+    /// `batches[tail..]` are small batches not merged yet, holding the row ids from `tail_id`.
+    tail: usize,
+    tail_id: usize,
     /// Row id → (batch, row).
     locs: Vec<(u32, u32)>,
     /// Row id → the previous row id with the same key.
@@ -48,7 +56,39 @@ impl Side {
             self.next.push(*head);
             *head = id;
         }
+        let big = payload.num_rows() >= SMALL_ROWS;
         self.batches.push(payload);
+        if big && self.tail == self.batches.len() - 1 {
+            self.seal();
+        } else if self.batches.len() - self.tail >= TAIL_MAX {
+            self.merge_tail()?;
+        }
+        Ok(())
+    }
+
+    /// Everything received so far is out of the tail.
+    fn seal(&mut self) {
+        self.tail = self.batches.len();
+        self.tail_id = self.locs.len();
+    }
+
+    /// Concatenates the tail's batches into one and points their rows' locations at it.
+    fn merge_tail(&mut self) -> Result<()> {
+        let tail = &self.batches[self.tail..];
+        let mut offsets = Vec::with_capacity(tail.len());
+        let mut rows = 0u32;
+        for b in tail {
+            offsets.push(rows);
+            rows += b.num_rows() as u32;
+        }
+        let merged = arrow::compute::concat_batches(&tail[0].schema(), tail)?;
+        let first = self.tail as u32;
+        for loc in &mut self.locs[self.tail_id..] {
+            *loc = (first, offsets[(loc.0 - first) as usize] + loc.1);
+        }
+        self.batches.truncate(self.tail);
+        self.batches.push(merged);
+        self.seal();
         Ok(())
     }
 
@@ -251,6 +291,18 @@ mod tests {
         let out = j.apply(0, &rows(&[Some("x"), Some("z")], &[3, 4])).unwrap();
         assert_eq!(triples(out), vec![("x".into(), 3, 10), ("x".into(), 3, 11), ("z".into(), 4, 12)]);
         assert_eq!(j.state_rows(), [4, 3]);
+    }
+
+    #[test]
+    fn a_side_fed_row_by_row_keeps_few_batches_and_every_match() {
+        let mut j = JoinOperator::new(plan(false)).unwrap();
+        for i in 0..200 {
+            j.apply(0, &rows(&[Some(if i % 2 == 0 { "x" } else { "y" })], &[i])).unwrap();
+        }
+        assert!(j.sides[0].batches.len() <= TAIL_MAX, "{} batches", j.sides[0].batches.len());
+        let out = triples(j.apply(1, &rows(&[Some("x")], &[1000])).unwrap());
+        let want: Vec<_> = (0..200).step_by(2).map(|i| ("x".to_string(), i, 1000)).collect();
+        assert_eq!(out, want);
     }
 
     #[test]
