@@ -237,7 +237,7 @@ impl PyConnection {
 
     // ---- metrics and topology --------------------------------------------------------
 
-    fn metrics(&self, py: Python<'_>) -> PyResult<PyPipelineMetrics> {
+    fn metrics(&self) -> PyResult<PyPipelineMetrics> {
         let handle = self.open()?;
         let catalog = handle.catalog();
         let outputs = handle.outputs();
@@ -263,7 +263,7 @@ impl PyConnection {
             source_count: catalog.sources.len(),
             stream_count: catalog.streams.keys().filter(|n| !n.starts_with(HIDDEN_PREFIX)).count(),
             sink_count: catalog.sinks.len(),
-            pipeline_watermark: self.pipeline_watermark(py)?,
+            pipeline_watermark: self.pipeline_watermark()?,
         })
     }
 
@@ -313,16 +313,17 @@ impl PyConnection {
     /// The minimum watermark over sources that have one (epoch ms), leaving out sources
     /// idle for longer than `idle_timeout_ms` while another is active; i64::MIN if none has.
     #[getter]
-    fn pipeline_watermark(&self, py: Python<'_>) -> PyResult<i64> {
+    fn pipeline_watermark(&self) -> PyResult<i64> {
         let handle = self.open()?;
         let catalog = handle.catalog();
         let timeout = i64::try_from(handle.idle_timeout_ms()).unwrap_or(i64::MAX);
+        // The coordinator moves each source's watermark in its output before it answers the
+        // call that moved it, so the outputs are read directly, without a round trip each.
         let mut marks = Vec::new();
-        for name in catalog.sources.keys() {
-            let mark = self.watermark_of(py, name)?;
+        for output in catalog.sources.keys().filter_map(|name| handle.output(name).ok()) {
+            let mark = output.counters.watermark.load(Ordering::Relaxed);
             if mark != NO_WATERMARK {
-                let idle = handle.output(name).map_or(false, |o| o.idle_ms() > timeout);
-                marks.push((idle, mark));
+                marks.push((output.idle_ms() > timeout, mark));
             }
         }
         let active = marks.iter().filter(|(idle, _)| !idle).map(|&(_, m)| m).min();

@@ -2,7 +2,7 @@
 //! ([`ShardCommand`]). Replies travel on one-shot channels carried inside the message, so
 //! a waiting caller is woken directly by whoever finishes the work.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -63,30 +63,14 @@ pub enum ShardCommand {
     DropStream { name: Arc<str> },
     /// Processing-time tick of an `EMIT EVERY` stream.
     Tick { stream: Arc<str> },
-    /// Generate this shard's share of a generator source, reporting its watermark in
-    /// `progress.marks[shard]`.
-    Generate { source: Arc<str>, config: Arc<NexmarkConfig>, delay_ms: i64, progress: Arc<GeneratorProgress> },
+    /// Generate this shard's share of a generator source; its watermark on this shard goes
+    /// into the source's `Output::shard_watermark`.
+    Generate { source: Arc<str>, config: Arc<NexmarkConfig>, delay_ms: i64 },
     Scan { source: Arc<str>, reply: Reply<Vec<RecordBatch>> },
     Stats { source: Arc<str>, reply: Reply<(u64, u64)> },
     DropSource { source: Arc<str> },
     InjectPanic { reply: Reply<()> },
     Stop,
-}
-
-/// How far every shard has generated a generator source: its watermark per shard.
-pub struct GeneratorProgress {
-    pub marks: Vec<AtomicI64>,
-}
-
-impl GeneratorProgress {
-    pub fn new(shards: usize) -> Arc<GeneratorProgress> {
-        Arc::new(GeneratorProgress { marks: (0..shards).map(|_| AtomicI64::new(i64::MIN)).collect() })
-    }
-
-    /// The source's watermark: what every shard has passed.
-    pub fn watermark(&self) -> i64 {
-        self.marks.iter().map(|m| m.load(Ordering::Acquire)).min().unwrap_or(i64::MIN)
-    }
 }
 
 /// Shard-to-shard messages of the exchange: rows of a keyed aggregate travelling to the

@@ -27,7 +27,7 @@ use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::Emit;
 use laminardb_engine::{Error, ErrorCode, Result};
 
-use crate::command::{reply_channel, Ack, AckToken, Command, GeneratorProgress, PanicSite, Reply, ShardCommand};
+use crate::command::{reply_channel, Ack, AckToken, Command, PanicSite, Reply, ShardCommand};
 use crate::runtime::Outputs;
 use crate::shard::ShardWiring;
 use crate::sinks::SinkRunner;
@@ -105,7 +105,6 @@ pub(crate) fn run(startup: Startup) {
             sinks: RefCell::new(HashMap::new()),
             running: Cell::new(false),
             generators: RefCell::new(HashMap::new()),
-            started_generators: RefCell::new(std::collections::HashSet::new()),
         });
         let _ = ready.send(Ok(()));
         let internal_tx = internal.0;
@@ -195,9 +194,8 @@ struct Coordinator {
     sinks: RefCell<HashMap<String, SinkRunner>>,
     /// `start()` was called: generator sources produce from creation on.
     running: Cell<bool>,
-    /// Generator sources and how far the shards have taken them.
-    generators: RefCell<HashMap<String, Arc<GeneratorProgress>>>,
-    started_generators: RefCell<std::collections::HashSet<String>>,
+    /// Generator sources, and whether the shards have been told to generate them.
+    generators: RefCell<HashMap<String, bool>>,
 }
 
 impl Coordinator {
@@ -241,8 +239,9 @@ impl Coordinator {
                     }
                 });
                 let mut now = self.advance_watermark(&name, watermark_ms, &ack).await;
-                if let Some(progress) = self.generators.borrow().get(&name) {
-                    now = now.max(progress.watermark());
+                // A generator source's watermark moves on the shards, into its output.
+                if let Some(output) = self.outputs.read().get(&name) {
+                    now = now.max(output.counters.watermark.load(Ordering::Relaxed));
                 }
                 mark.store(now, Ordering::Release);
             }
@@ -314,7 +313,7 @@ impl Coordinator {
                 self.update_catalog(|c| c.add_source(def))?;
                 self.outputs.write().insert(name.clone(), Output::new(name.clone(), schema));
                 if generated {
-                    self.generators.borrow_mut().insert(name.clone(), GeneratorProgress::new(self.shards.len()));
+                    self.generators.borrow_mut().insert(name.clone(), false);
                     if self.running.get() {
                         self.start_generator(&name).await?;
                     }
@@ -469,18 +468,17 @@ impl Coordinator {
 
     /// Starts the shards generating source `name`, once.
     async fn start_generator(&self, name: &str) -> Result<()> {
-        let Some(progress) = self.generators.borrow().get(name).cloned() else { return Ok(()) };
-        if self.started_generators.borrow().contains(name) {
-            return Ok(());
+        match self.generators.borrow_mut().get_mut(name) {
+            Some(started) if !*started => *started = true,
+            _ => return Ok(()),
         }
         let catalog = self.catalog.borrow().clone();
         let def = catalog.source(name)?;
         let Some(config) = def.generator.clone() else { return Ok(()) };
         let (config, delay_ms) = (Arc::new(config), def.watermark.as_ref().map_or(0, |w| w.delay_ms));
-        self.started_generators.borrow_mut().insert(name.to_string());
         let source: Arc<str> = name.into();
         for tx in self.shards.iter() {
-            let cmd = ShardCommand::Generate { source: source.clone(), config: config.clone(), delay_ms, progress: progress.clone() };
+            let cmd = ShardCommand::Generate { source: source.clone(), config: config.clone(), delay_ms };
             tx.send(cmd).await.map_err(|_| Error::internal("a shard has stopped"))?;
         }
         Ok(())
@@ -544,7 +542,6 @@ impl Coordinator {
         let removed = self.update_catalog(|c| c.drop_source(name))?;
         self.watermarks.borrow_mut().remove(&removed.name);
         self.generators.borrow_mut().remove(&removed.name);
-        self.started_generators.borrow_mut().remove(&removed.name);
         if let Some(output) = self.outputs.write().remove(&removed.name) {
             output.close();
         }

@@ -67,6 +67,10 @@ impl ShardRuntime {
         }
     }
 
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
     pub fn store(&self) -> &LocalStore {
         &self.store
     }

@@ -9,12 +9,12 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
 use laminardb_engine::nexmark::{NexmarkConfig, END_OF_INPUT};
 use laminardb_engine::stream::output::Output;
 
-use crate::command::{Ack, Exchange, GeneratorProgress, ShardCommand};
+use crate::command::{Ack, Exchange, ShardCommand};
 use crate::health::{catch, Health};
 use crate::runtime::{Outputs, ShardRuntime};
 
@@ -123,9 +123,10 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
                 }
                 rt.drop_source(&source);
             }
-            ShardCommand::Generate { source, config, delay_ms, progress } => {
+            ShardCommand::Generate { source, config, delay_ms } => {
                 let stop = Rc::new(Cell::new(false));
-                let generator = Generator { id, source: source.clone(), config, delay_ms, progress, stop: stop.clone() };
+                let shards = rt.shards();
+                let generator = Generator { id, shards, source: source.clone(), config, delay_ms, stop: stop.clone() };
                 let task = glommio::spawn_local(generator.run(runtime.clone(), place.clone())).detach();
                 if let Some((old, _)) = generators.insert(source, (stop, task)) {
                     old.set(true);
@@ -151,10 +152,10 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
 /// watermark moves to [`END_OF_INPUT`] so every window closes.
 struct Generator {
     id: usize,
+    shards: usize,
     source: Arc<str>,
     config: Arc<NexmarkConfig>,
     delay_ms: i64,
-    progress: Arc<GeneratorProgress>,
     stop: Rc<Cell<bool>>,
 }
 
@@ -163,7 +164,6 @@ impl Generator {
         // glommio runs a spawned task at once, inside the command loop that spawned it
         // (which holds the runtime): give it back first.
         futures_lite::future::yield_now().await;
-        let shards = self.progress.marks.len() as u64;
         // Nobody waits on generated rows; each chunk's token still times its emissions.
         let unwaited = Arc::new(AtomicUsize::new(0));
         let output = runtime.borrow().output(&self.source);
@@ -192,7 +192,7 @@ impl Generator {
                     return;
                 }
             }
-            chunk += shards;
+            chunk += self.shards as u64;
             // Let commands and exchange messages in between chunks.
             futures_lite::future::yield_now().await;
         }
@@ -203,12 +203,11 @@ impl Generator {
         }
     }
 
-    /// This shard has generated everything up to `mark`; the source's watermark (in its
-    /// metrics) is what every shard has reached.
+    /// This shard has generated everything up to `mark`; the source's watermark is what
+    /// every shard has reached.
     fn reached(&self, mark: i64, output: Option<&Output>) {
-        self.progress.marks[self.id].store(mark, Ordering::Release);
         if let Some(output) = output {
-            output.counters.watermark.fetch_max(self.progress.watermark(), Ordering::Relaxed);
+            output.shard_watermark(self.id, self.shards, mark);
         }
     }
 }
