@@ -47,7 +47,7 @@ pub struct ShardRuntime {
     readers: HashMap<String, Vec<Arc<str>>>,
     /// The watermark of every source and stream as this shard last saw it.
     marks: HashMap<String, i64>,
-    /// The token processing-time emissions and generated rows carry (nobody waits for them).
+    /// The token processing-time emissions carry (nobody waits for them).
     background: AckToken,
 }
 
@@ -79,9 +79,12 @@ impl ShardRuntime {
         self.outputs.read().get(name).cloned()
     }
 
-
+    /// Rows of a source (inserted or generated): stored, published, run through its readers.
     pub fn append(&mut self, source: &Arc<str>, batches: Vec<RecordBatch>, ack: &AckToken) -> Result<()> {
-        let output = self.outputs.read().get(&**source).cloned();
+        let output = self.output(source);
+        if let Some(output) = &output {
+            output.touch();
+        }
         for batch in batches {
             ack.add_rows(self.store.append(source, batch.clone())?);
             if let Some(output) = &output {

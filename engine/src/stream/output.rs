@@ -163,7 +163,6 @@ impl Output {
             return;
         }
         self.counters.rows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-        self.touch();
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         let subscribers = self.subscribers.read();
         for s in subscribers.iter() {
@@ -199,7 +198,7 @@ impl Output {
         log::warn!("stream '{}': {message}", self.name);
     }
 
-    /// Rows or a watermark arrived now.
+    /// Rows or a watermark arrived now (sources only: idleness is a source's property).
     pub fn touch(&self) {
         self.last_active_ms.store(now_ms(), Ordering::Relaxed);
     }
