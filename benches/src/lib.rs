@@ -31,7 +31,7 @@ pub struct Engine {
 impl Engine {
     pub fn open(shards: usize) -> Result<Engine> {
         let config = EngineConfig { shards, ..EngineConfig::default() };
-        let handle = Handle::open(config.clone(), Box::new(SqlFrontend::new(shards)?))?;
+        let handle = Handle::open(config, Box::new(SqlFrontend::new(shards)?))?;
         for sql in [
             "CREATE SOURCE trades (symbol VARCHAR, price DOUBLE, ts BIGINT, WATERMARK FOR ts)",
             "CREATE STREAM hot AS SELECT symbol, price * 2 AS px2, ts FROM trades WHERE price > 50",

@@ -118,11 +118,10 @@ def query(case: Case, ctx: Context, name: str, events: int) -> None:
                 db.execute(sql)
             except Exception as e:
                 raise Unsupported(str(e).splitlines()[0][:200]) from None
-        stream = name
         t0 = time.perf_counter()
         db.start()
         deadline = t0 + ctx.budget.cap(300.0)
-        while db.stream_metrics(stream).watermark < END_OF_INPUT:
+        while db.stream_metrics(name).watermark < END_OF_INPUT:
             if time.perf_counter() > deadline:
                 case.fail("timeout", f"the stream had not finished after {time.perf_counter() - t0:.0f} s")
                 return
@@ -133,7 +132,7 @@ def query(case: Case, ctx: Context, name: str, events: int) -> None:
         case.metric("events/s per core", events / elapsed / cores, "events/s", "higher")
         case.metric("seconds", elapsed, "s", "lower")
         case.metric("shards", cores, "", None)
-        m = db.stream_metrics(stream)
+        m = db.stream_metrics(name)
         if getattr(m, "latency_count", 0):
             case.metric("engine p99", m.latency_p99_us, "µs", "lower")
         CHECKS[name](case, db, events)

@@ -292,7 +292,8 @@ impl AggOperator {
             let had: Vec<bool> = touched.iter().map(|&g| self.groups[g as usize].emitted).collect();
             let now: Vec<usize> = touched.iter().map(|&g| g as usize).collect();
             let after = self.finish(&now)?;
-            let deleted: Vec<bool> = old.iter().map(|&g| dead.contains(&(g as u32))).collect();
+            // A group a changelog input emptied (net rows back to zero) is deleted.
+            let deleted: Vec<bool> = old.iter().map(|&g| signs.is_some() && self.net[g] <= 0).collect();
             let whole = before.num_rows() == old.len();
             out.push(with_ops(&self.plan.schema, before, |i| if whole && deleted[i] { OP_DELETE } else { OP_RETRACT })?);
             // `finish` keeps row order, but HAVING may drop rows: label by group only when
