@@ -13,6 +13,10 @@ use crate::error::{Error, Result};
 use crate::nexmark::NexmarkConfig;
 use crate::stream::StreamPlan;
 
+/// Streams that live only as long as one subscription (`subscribe(sql)`): never written
+/// to the WAL, so a reopened database does not bring them back.
+pub const TRANSIENT_PREFIX: &str = "__subscription_";
+
 /// How event time advances for a source: `WATERMARK FOR col AS col - INTERVAL …`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WatermarkSpec {

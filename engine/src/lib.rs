@@ -20,5 +20,6 @@ pub mod partition;
 pub mod sink;
 pub mod stream;
 pub mod types;
+pub mod wal;
 
 pub use error::{Error, ErrorCode, Result};

@@ -13,7 +13,8 @@ pub struct PyLaminarConfig {
 #[pymethods]
 impl PyLaminarConfig {
     #[new]
-    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000))]
+    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         buffer_size: usize,
         storage_dir: Option<String>,
@@ -21,6 +22,7 @@ impl PyLaminarConfig {
         table_spill_threshold: usize,
         shards: Option<usize>,
         idle_timeout_ms: u64,
+        wal_fsync: bool,
     ) -> PyResult<Self> {
         if buffer_size == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err("buffer_size must be positive"));
@@ -37,6 +39,7 @@ impl PyLaminarConfig {
                 checkpoint_interval_ms,
                 table_spill_threshold,
                 idle_timeout_ms,
+                wal_fsync,
                 ..EngineConfig::default()
             },
         })
@@ -69,16 +72,23 @@ impl PyLaminarConfig {
     fn idle_timeout_ms(&self) -> u64 {
         self.inner.idle_timeout_ms
     }
+    /// With a storage directory, inserts are acknowledged after `fdatasync` (True) or
+    /// after the direct write alone (False: survives a killed process, not power loss).
+    #[getter]
+    fn wal_fsync(&self) -> bool {
+        self.inner.wal_fsync
+    }
 
     fn __repr__(&self) -> String {
         format!(
-            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={})",
+            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={})",
             self.inner.buffer_size,
             self.inner.storage_dir.as_ref().map_or("None".to_string(), |d| format!("'{d}'")),
             self.inner.checkpoint_interval_ms.map_or("None".to_string(), |v| v.to_string()),
             self.inner.table_spill_threshold,
             self.inner.shards,
             self.inner.idle_timeout_ms,
+            if self.inner.wal_fsync { "True" } else { "False" },
         )
     }
 }

@@ -264,6 +264,9 @@ impl PyConnection {
             stream_count: catalog.streams.keys().filter(|n| !n.starts_with(HIDDEN_PREFIX)).count(),
             sink_count: catalog.sinks.len(),
             pipeline_watermark: self.pipeline_watermark()?,
+            recovered_rows: handle.recovery().rows,
+            wal_torn_tails: handle.recovery().torn_tails.len() as u64,
+            recovery_ms: handle.recovery().millis,
         })
     }
 
@@ -524,7 +527,7 @@ impl PyConnection {
     fn subscribe(&self, py: Python<'_>, sql: &str) -> PyResult<PySubscription> {
         let handle = self.open()?.clone();
         let id = self.state.next_query_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let name = format!("{HIDDEN_PREFIX}subscription_{id}");
+        let name = format!("{}{id}", laminardb_engine::catalog::TRANSIENT_PREFIX);
         let ddl = format!("CREATE STREAM \"{name}\" AS {sql}");
         blocking(py, || handle.execute(&ddl, vec![]))?;
         let output = handle.output(&name).py()?;
@@ -746,5 +749,13 @@ pub fn open_connection(py: Python<'_>, config: laminardb_engine::config::EngineC
         let frontend = laminardb_planner::SqlFrontend::new(config.shards)?;
         Handle::open(config, Box::new(frontend))
     })?;
+    // What recovery cut off or could not replay goes to Python's logging.
+    let recovery = handle.recovery();
+    if !recovery.torn_tails.is_empty() || !recovery.errors.is_empty() {
+        let logger = py.import("logging")?.call_method1("getLogger", ("laminardb",))?;
+        for line in recovery.torn_tails.iter().chain(&recovery.errors) {
+            logger.call_method1("warning", (format!("recovery: {line}"),))?;
+        }
+    }
     Ok(PyConnection::new(handle))
 }

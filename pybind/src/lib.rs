@@ -24,15 +24,18 @@ use crate::config::PyLaminarConfig;
 use crate::connection::{open_connection, PyConnection};
 use crate::errors::to_pyerr;
 
-/// Opens an embedded database. `path` names it (":memory:" for a throwaway one); the
-/// data lives in this process.
+/// Opens an embedded database. `path` is its storage directory (created if missing;
+/// `config.storage_dir` takes precedence), or ":memory:" for one that keeps nothing.
 #[pyfunction]
 #[pyo3(signature = (path, *, config=None))]
 fn open(py: Python<'_>, path: &str, config: Option<PyLaminarConfig>) -> PyResult<PyConnection> {
     if path.is_empty() {
         return Err(to_pyerr(Error::new(ErrorCode::ConnectionFailed, "the database path is empty")));
     }
-    let config = config.map(|c| c.inner).unwrap_or_default();
+    let mut config = config.map(|c| c.inner).unwrap_or_default();
+    if config.storage_dir.is_none() && path != ":memory:" && !path.starts_with("memory://") {
+        config.storage_dir = Some(path.to_string());
+    }
     open_connection(py, config)
 }
 
@@ -51,7 +54,11 @@ fn connect(py: Python<'_>, uri: &str) -> PyResult<PyConnection> {
             format!("unsupported URI '{uri}': use laminar://…, memory:// or a path"),
         )));
     }
-    open_connection(py, Default::default())
+    let mut config = laminardb_engine::config::EngineConfig::default();
+    if !uri.contains("://") && uri != ":memory:" {
+        config.storage_dir = Some(uri.to_string());
+    }
+    open_connection(py, config)
 }
 
 #[pymodule]

@@ -24,6 +24,12 @@ pub struct PyPipelineMetrics {
     pub stream_count: usize,
     pub sink_count: usize,
     pub pipeline_watermark: i64,
+    /// Rows replayed from the WAL when this connection opened.
+    pub recovered_rows: u64,
+    /// Torn or corrupt WAL tails found (and cut off) when this connection opened.
+    pub wal_torn_tails: u64,
+    /// How long opening spent replaying the WAL, in ms.
+    pub recovery_ms: f64,
 }
 
 #[pymethods]

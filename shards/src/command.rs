@@ -52,7 +52,9 @@ pub enum Command {
 pub enum ShardCommand {
     /// Rows for this shard (maybe none) and, when the insert moved the source's
     /// watermark, the new watermark, applied after the rows: one message per shard.
-    Append { source: Arc<str>, batches: Vec<RecordBatch>, watermark: Option<i64>, ack: AckToken },
+    /// `log`: the insert's (lsn, parts) when the rows go to this shard's WAL first (see
+    /// `laminardb_engine::wal`); `None` without storage, and for rows replayed from the WAL.
+    Append { source: Arc<str>, batches: Vec<RecordBatch>, watermark: Option<i64>, log: Option<(u64, u16)>, ack: AckToken },
     /// The source's watermark moved (epoch ms); follows the appends that moved it.
     Watermark { source: Arc<str>, watermark: i64, ack: AckToken },
     /// `marks`: every source's watermark, which shards may not have heard (see

@@ -25,6 +25,8 @@ use laminardb_engine::frontend::{Frontend, ObjectKind, QueryKind, ShardAccess, S
 use laminardb_engine::partition::partition_batch;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::Emit;
+use laminardb_engine::catalog::TRANSIENT_PREFIX;
+use laminardb_engine::wal::{self, Record, RecoveryReport};
 use laminardb_engine::{Error, ErrorCode, Result};
 
 use crate::command::{reply_channel, Ack, AckToken, Command, PanicSite, Reply, ShardCommand};
@@ -34,6 +36,8 @@ use crate::sinks::SinkRunner;
 use crate::handle::Outcome;
 use crate::health::{catch, Health};
 use crate::shard;
+use crate::storage::{shard_owner, Recovered, Storage, CONTROL_OWNER};
+use crate::wal::{WalSpec, WalWriter};
 
 pub(crate) type Published = Arc<RwLock<Arc<Catalog>>>;
 
@@ -45,12 +49,24 @@ pub(crate) struct Startup {
     pub published: Published,
     pub outputs: Outputs,
     pub health: Arc<Health>,
-    pub ready: flume::Sender<Result<()>>,
+    /// Answered once running, with what recovery from the storage directory found.
+    pub ready: flume::Sender<Result<RecoveryReport>>,
 }
 
 /// The coordinator thread's body. Returns once shut down and every shard has stopped.
 pub(crate) fn run(startup: Startup) {
     let Startup { config, frontend, commands, internal, published, outputs, health, ready } = startup;
+    // Locked before anything starts, released when this function returns.
+    let (storage, recovered) = match Storage::open(&config).and_then(|s| {
+        let recovered = s.as_ref().map(Storage::read).transpose()?;
+        Ok((s, recovered))
+    }) {
+        Ok(opened) => opened,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
     let cores: Vec<usize> = core_affinity::get_core_ids()
         .map(|ids| ids.into_iter().map(|c| c.id).collect())
         .unwrap_or_default();
@@ -60,7 +76,8 @@ pub(crate) fn run(startup: Startup) {
     for (id, exchange_inbox) in exchange_rx.into_iter().enumerate() {
         let (tx, rx) = shared_channel::new_bounded(config.queue_capacity());
         let cpu = (config.pin_shards && !cores.is_empty()).then(|| cores[id % cores.len()]);
-        let wiring = ShardWiring { inbox: rx, outputs: outputs.clone(), exchange: exchange_tx.clone(), exchange_inbox };
+        let wal = storage.as_ref().map(|s| s.wal(&shard_owner(id)));
+        let wiring = ShardWiring { inbox: rx, outputs: outputs.clone(), exchange: exchange_tx.clone(), exchange_inbox, wal };
         match shard::spawn(id, cpu, config.spin_us, wiring, health.clone()) {
             Ok(join) => {
                 senders.push(tx);
@@ -85,6 +102,7 @@ pub(crate) fn run(startup: Startup) {
     };
     let shards = config.shards;
     let spin_us = config.coord_spin_us;
+    let control = storage.as_ref().map(|s| s.wal(CONTROL_OWNER));
     let (frontend, shutdown_reply) = executor.run(async move {
         let mut connected = Vec::with_capacity(senders.len());
         for tx in senders {
@@ -105,8 +123,15 @@ pub(crate) fn run(startup: Startup) {
             sinks: RefCell::new(HashMap::new()),
             running: Cell::new(false),
             generators: RefCell::new(HashMap::new()),
+            logging: Cell::new(control.is_some()),
+            control: futures::lock::Mutex::new(control.map(WalSpec::writer)),
+            next_lsn: Cell::new(recovered.as_ref().map_or(1, |r| r.next_lsn)),
         });
-        let _ = ready.send(Ok(()));
+        let report = match recovered {
+            Some(recovered) => coord.recover(recovered).await,
+            None => RecoveryReport::default(),
+        };
+        let _ = ready.send(Ok(report));
         let internal_tx = internal.0;
         // Not detached: at shutdown this loop must finish (and drop its pending receive)
         // inside the executor, or its waker would keep the executor's resources alive.
@@ -147,6 +172,9 @@ pub(crate) fn run(startup: Startup) {
         }
         for output in coord.outputs.write().drain() {
             output.1.close();
+        }
+        if let Some(control) = coord.control.lock().await.take() {
+            control.close().await;
         }
         let frontend = coord.frontend.borrow_mut().take();
         (frontend, shutdown_reply)
@@ -196,6 +224,14 @@ struct Coordinator {
     running: Cell<bool>,
     /// Generator sources, and whether the shards have been told to generate them.
     generators: RefCell<HashMap<String, bool>>,
+    /// Accepted work goes to the WAL: there is a storage directory and no replay is
+    /// running.
+    logging: Cell<bool>,
+    /// The control log: catalog changes and watermark calls. Async-locked: both command
+    /// loops may log.
+    control: futures::lock::Mutex<Option<WalWriter>>,
+    /// The next log sequence number: one per logged command, across all WAL owners.
+    next_lsn: Cell<u64>,
 }
 
 impl Coordinator {
@@ -228,6 +264,14 @@ impl Coordinator {
                 if watermark_ms != i64::MIN {
                     if let Some(output) = self.outputs.read().get(&name) {
                         output.touch();
+                    }
+                }
+                let moves = watermark_ms > self.watermarks.borrow().get(&name).copied().unwrap_or(i64::MIN);
+                if moves {
+                    let record = |lsn| Record::Watermark { lsn, source: name.clone(), watermark: watermark_ms };
+                    if let Err(e) = self.log_control(record).await {
+                        let _ = reply.send(Err(e));
+                        return;
                     }
                 }
                 // Answered once the watermark has passed through every stream.
@@ -282,7 +326,13 @@ impl Coordinator {
             let catalog = self.catalog.borrow().clone();
             let access = self.access.clone();
             let statement = self.with_frontend(|f| f.plan(text, params, &catalog, access))?;
-            outcomes.push(self.apply(statement).await?);
+            let outcome = self.apply(statement).await?;
+            if let Outcome::Ddl { object, .. } = &outcome {
+                if !object.starts_with(TRANSIENT_PREFIX) {
+                    self.log_control(|lsn| Record::Ddl { lsn, sql: text.clone() }).await?;
+                }
+            }
+            outcomes.push(outcome);
         }
         Ok(outcomes)
     }
@@ -589,16 +639,106 @@ impl Coordinator {
         let ack = Ack::born_at(Some(born), &self.inflight, move |r| {
             let _ = reply.send(r);
         });
+        self.dispatch(name, parts, watermark, &ack, self.logging.get()).await;
+    }
+
+    /// Sends an insert's rows to their shards (with the watermark they moved, if any);
+    /// `log`: each shard writes its rows to its WAL under one new lsn first.
+    async fn dispatch(&self, name: Arc<str>, parts: Vec<Vec<RecordBatch>>, watermark: Option<i64>, ack: &AckToken, log: bool) {
         let watermark = watermark.and_then(|mark| self.bump_watermark(&name, mark));
+        let with_rows = parts.iter().filter(|p| !p.is_empty()).count();
+        let lsn = (log && with_rows > 0).then(|| self.take_lsn());
         for (shard, batches) in parts.into_iter().enumerate() {
             if batches.is_empty() && watermark.is_none() {
                 continue;
             }
-            let cmd = ShardCommand::Append { source: name.clone(), batches, watermark, ack: ack.clone() };
+            let log = lsn.filter(|_| !batches.is_empty()).map(|lsn| (lsn, with_rows as u16));
+            let cmd = ShardCommand::Append { source: name.clone(), batches, watermark, log, ack: ack.clone() };
             if self.shards[shard].send(cmd).await.is_err() {
                 ack.fail(Error::internal(format!("shard {shard} has stopped")));
             }
         }
+    }
+
+    fn take_lsn(&self) -> u64 {
+        let lsn = self.next_lsn.get();
+        self.next_lsn.set(lsn + 1);
+        lsn
+    }
+
+    /// Appends one record to the control log and returns once it is durable; nothing
+    /// without a storage directory or while replaying.
+    async fn log_control(&self, record: impl FnOnce(u64) -> Record) -> Result<()> {
+        if !self.logging.get() {
+            return Ok(());
+        }
+        let mut control = self.control.lock().await;
+        let Some(writer) = control.as_mut() else { return Ok(()) };
+        let lsn = self.take_lsn();
+        let mut frame = Vec::new();
+        wal::encode(&record(lsn), &mut frame)?;
+        writer.write(&frame, lsn).await
+    }
+
+    /// Replays the WAL read at open through the ordinary paths, in lsn order, without
+    /// logging it again: catalog changes run as SQL, inserts are re-partitioned for the
+    /// current shard count, watermark calls move watermarks. Streams rebuild their state
+    /// from the replayed input. Returns once everything has passed through every stream.
+    async fn recover(&self, recovered: Recovered) -> RecoveryReport {
+        let started = Instant::now();
+        let Recovered { groups, mut report, .. } = recovered;
+        let logging = self.logging.replace(false);
+        for group in groups {
+            report.records += group.len() as u64;
+            let lsn = group[0].lsn();
+            let step = match &group[0] {
+                Record::Ddl { sql, .. } => self.execute(sql, &[]).await.map(drop),
+                Record::Watermark { source, watermark, .. } => {
+                    let ack = Ack::born_at(None, &self.inflight, |_| {});
+                    self.advance_watermark(source, *watermark, &ack).await;
+                    Ok(())
+                }
+                Record::Append { .. } => match wal::append_batches(group) {
+                    Some((source, batches)) => {
+                        report.rows += batches.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+                        self.replay_insert(&source, batches).await
+                    }
+                    None => Ok(()),
+                },
+            };
+            if let Err(e) = step {
+                report.errors.push(format!("lsn {lsn}: {e}"));
+            }
+        }
+        self.drain().await;
+        self.logging.set(logging);
+        report.millis = started.elapsed().as_secs_f64() * 1e3;
+        for line in report.torn_tails.iter().chain(&report.errors) {
+            log::warn!("recovery: {line}");
+        }
+        report
+    }
+
+    async fn replay_insert(&self, source: &str, batches: Vec<RecordBatch>) -> Result<()> {
+        let catalog = self.catalog.borrow().clone();
+        let def = catalog.source(source)?;
+        let mut parts = vec![Vec::new(); self.shards.len()];
+        for batch in &batches {
+            if batch.schema().fields() != def.schema.fields() {
+                return Err(Error::new(ErrorCode::SchemaMismatch, format!("logged rows no longer match '{source}'")));
+            }
+            for (shard, part) in partition_batch(batch, &def.partition_key, self.shards.len())?.into_iter().enumerate() {
+                parts[shard].extend(part);
+            }
+        }
+        let watermark = def
+            .watermark
+            .as_ref()
+            .zip(crate::handle::max_event_ms(def, &batches)?)
+            .map(|(w, max)| max.saturating_sub(w.delay_ms));
+        let ack = Ack::born_at(None, &self.inflight, |_| {});
+        self.dispatch(def.name.as_str().into(), parts, watermark, &ack, false).await;
+        Ok(())
     }
 
     async fn stats(&self, source: &str) -> Result<Vec<(u64, u64)>> {

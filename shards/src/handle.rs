@@ -17,6 +17,7 @@ use laminardb_engine::config::EngineConfig;
 use laminardb_engine::frontend::{Frontend, QueryHandle, QueryKind};
 use laminardb_engine::ingest::cast_to_schema;
 use laminardb_engine::partition::partition_batch;
+use laminardb_engine::wal::RecoveryReport;
 use laminardb_engine::{Error, Result};
 
 use crate::command::{reply_channel, Command, PanicSite, Reply};
@@ -42,6 +43,7 @@ pub struct Handle {
     closed: AtomicBool,
     caller_spin: std::time::Duration,
     idle_timeout_ms: u64,
+    recovery: RecoveryReport,
 }
 
 impl Handle {
@@ -81,10 +83,13 @@ impl Handle {
         let started = ready_rx
             .recv()
             .unwrap_or_else(|_| Err(Error::new(laminardb_engine::ErrorCode::ConnectionFailed, "the runtime failed to start")));
-        if let Err(e) = started {
-            let _ = coordinator.join();
-            return Err(e);
-        }
+        let recovery = match started {
+            Ok(report) => report,
+            Err(e) => {
+                let _ = coordinator.join();
+                return Err(e);
+            }
+        };
         Ok(Handle {
             commands: commands_tx,
             queue_capacity,
@@ -96,7 +101,13 @@ impl Handle {
             closed: AtomicBool::new(false),
             caller_spin,
             idle_timeout_ms,
+            recovery,
         })
+    }
+
+    /// What opening found in the storage directory and replayed (empty without one).
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
     }
 
     pub fn shards(&self) -> usize {

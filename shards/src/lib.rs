@@ -22,7 +22,9 @@ mod health;
 pub mod runtime;
 mod shard;
 mod sinks;
+mod storage;
 pub mod store;
+mod wal;
 
 pub use handle::{Handle, Outcome};
 pub use health::Health;

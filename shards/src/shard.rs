@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use glommio::channels::shared_channel::SharedReceiver;
+use glommio::channels::shared_channel::{ConnectedReceiver, SharedReceiver};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
 use std::cell::{Cell, RefCell};
@@ -13,10 +13,12 @@ use std::sync::atomic::AtomicUsize;
 
 use laminardb_engine::nexmark::{NexmarkConfig, END_OF_INPUT};
 use laminardb_engine::stream::output::Output;
+use laminardb_engine::wal::{self, Record};
 
 use crate::command::{Ack, Exchange, ShardCommand};
 use crate::health::{catch, Health};
 use crate::runtime::{Outputs, ShardRuntime};
+use crate::wal::{WalSpec, WalWriter};
 
 /// io_uring registered-buffer memory per shard; the hard memlock limit here is 8 MiB for
 /// every executor of the process, so stay small until the WAL needs more.
@@ -28,6 +30,8 @@ pub(crate) struct ShardWiring {
     /// Every shard's exchange inbox (this one's included), and this shard's own.
     pub exchange: Vec<flume::Sender<Exchange>>,
     pub exchange_inbox: flume::Receiver<Exchange>,
+    /// This shard's WAL, when the database has a storage directory.
+    pub wal: Option<WalSpec>,
 }
 
 pub(crate) fn spawn(
@@ -53,7 +57,8 @@ pub(crate) fn spawn(
 }
 
 async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
-    let ShardWiring { inbox, outputs, exchange, exchange_inbox } = wiring;
+    let ShardWiring { inbox, outputs, exchange, exchange_inbox, wal } = wiring;
+    let mut wal = wal.map(WalSpec::writer);
     let inbox = inbox.connect().await;
     let own_exchange = exchange[id].clone();
     let runtime = Rc::new(RefCell::new(ShardRuntime::new(id, outputs, exchange)));
@@ -76,23 +81,32 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
     });
     // Generator sources producing on this shard, each with its stop flag.
     let mut generators: HashMap<Arc<str>, (Rc<Cell<bool>>, glommio::task::JoinHandle<()>)> = HashMap::new();
+    // A command taken from the inbox while gathering a group commit, handled next.
+    let mut held: Option<ShardCommand> = None;
     let result = loop {
-        let Some(cmd) = inbox.recv().await else {
-            break Err("coordinator channel closed without Stop".to_string());
+        let cmd = match held.take() {
+            Some(cmd) => cmd,
+            None => match inbox.recv().await {
+                Some(cmd) => cmd,
+                None => break Err("coordinator channel closed without Stop".to_string()),
+            },
+        };
+        let cmd = match (cmd, wal.as_mut()) {
+            (first @ ShardCommand::Append { log: Some(_), .. }, Some(wal)) => {
+                let (group, next) = gather_appends(first, &inbox).await;
+                held = next;
+                let group = log_appends(wal, group, &place).await;
+                let mut rt = runtime.borrow_mut();
+                for append in group {
+                    apply_append(&mut rt, append, &place);
+                }
+                continue;
+            }
+            (cmd, _) => cmd,
         };
         let mut rt = runtime.borrow_mut();
         match cmd {
-            ShardCommand::Append { source, batches, watermark, ack } => {
-                if let Err(e) = catch(&place, || {
-                    rt.append(&source, batches, &ack)?;
-                    if let Some(mark) = watermark {
-                        rt.watermark(&source, mark, &ack);
-                    }
-                    Ok(())
-                }) {
-                    ack.fail(e);
-                }
-            }
+            append @ ShardCommand::Append { .. } => apply_append(&mut rt, append, &place),
             ShardCommand::Watermark { source, watermark, ack } => {
                 if let Err(e) = catch(&place, || {
                     rt.watermark(&source, watermark, &ack);
@@ -138,6 +152,9 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
             ShardCommand::Stop => break Ok(()),
         }
     };
+    if let Some(wal) = wal {
+        wal.close().await;
+    }
     for (_, (stop, task)) in generators.drain() {
         stop.set(true);
         task.await;
@@ -145,6 +162,69 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
     let _ = own_exchange.send(Exchange::Stop);
     peers.await;
     result
+}
+
+fn apply_append(rt: &mut ShardRuntime, append: ShardCommand, place: &str) {
+    let ShardCommand::Append { source, batches, watermark, ack, .. } = append else { return };
+    if let Err(e) = catch(place, || {
+        rt.append(&source, batches, &ack)?;
+        if let Some(mark) = watermark {
+            rt.watermark(&source, mark, &ack);
+        }
+        Ok(())
+    }) {
+        ack.fail(e);
+    }
+}
+
+/// Group commit: `first` and every logged append already waiting behind it, up to a
+/// bound; the command that ended the group (if any) comes back to be handled next.
+async fn gather_appends(first: ShardCommand, inbox: &ConnectedReceiver<ShardCommand>) -> (Vec<ShardCommand>, Option<ShardCommand>) {
+    const GROUP_MAX: usize = 256;
+    let mut group = vec![first];
+    while group.len() < GROUP_MAX {
+        match futures_lite::future::poll_once(inbox.recv()).await {
+            Some(Some(next @ ShardCommand::Append { log: Some(_), .. })) => group.push(next),
+            Some(Some(other)) => return (group, Some(other)),
+            Some(None) | None => break,
+        }
+    }
+    (group, None)
+}
+
+/// Writes the group's rows to the WAL in one flush; returns the appends to apply. If the
+/// write fails, every append of the group fails (its caller gets the error) and none is
+/// applied: nothing is visible that is not durable.
+async fn log_appends(wal: &mut WalWriter, group: Vec<ShardCommand>, place: &str) -> Vec<ShardCommand> {
+    let mut frames = Vec::new();
+    let mut first_lsn = None;
+    let encoded = catch(place, || {
+        for append in &group {
+            let ShardCommand::Append { source, batches, log: Some((lsn, parts)), .. } = append else { continue };
+            if batches.is_empty() {
+                continue;
+            }
+            first_lsn.get_or_insert(*lsn);
+            let record = Record::Append { lsn: *lsn, parts: *parts, source: source.to_string(), batches: batches.clone() };
+            wal::encode(&record, &mut frames)?;
+        }
+        Ok(())
+    });
+    let written = match encoded {
+        Ok(()) => wal.write(&frames, first_lsn.unwrap_or(0)).await,
+        Err(e) => Err(e),
+    };
+    match written {
+        Ok(()) => group,
+        Err(e) => {
+            for append in &group {
+                if let ShardCommand::Append { ack, .. } = append {
+                    ack.fail(e.clone());
+                }
+            }
+            Vec::new()
+        }
+    }
 }
 
 /// One shard's share of a generator source: chunks `id, id + shards, …` in order, each

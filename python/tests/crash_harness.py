@@ -1,0 +1,157 @@
+"""Kill -9 crash harness for the WAL.
+
+A child process opens a database directory, inserts rows with known ids from several
+threads into a source feeding an aggregate stream, and prints every id whose insert()
+returned. The parent kills it with SIGKILL at a random moment (drawn from the seed), lets
+the next generation reopen and go on, and finally checks: every acknowledged id is present
+exactly once, no id twice, and the aggregate stream equals the sums over the recovered rows.
+
+    python python/tests/crash_harness.py --runs 100          # seeds 0..99
+    python python/tests/crash_harness.py --seed 17 -v        # one seed again
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+CHILD = r"""
+import sys, threading, laminardb
+path, gen, threads, fsync = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+db = laminardb.open(path, config=laminardb.LaminarConfig(shards=2, wal_fsync=fsync))
+db.execute("CREATE SOURCE IF NOT EXISTS events (id BIGINT, grp BIGINT, v BIGINT)")
+db.execute("CREATE STREAM IF NOT EXISTS totals AS "
+           "SELECT grp, COUNT(*) AS n, SUM(v) AS s FROM events GROUP BY grp")
+print("ready", flush=True)
+lock = threading.Lock()
+
+def run(t):
+    base = (gen * threads + t) * 1_000_000_000
+    i = 0
+    while True:
+        n = 1 + (i % 7)
+        ids = list(range(base + i, base + i + n))
+        db.insert("events", {"id": ids, "grp": [x % 5 for x in ids], "v": [x % 1000 for x in ids]})
+        line = "ack " + " ".join(map(str, ids)) + "\n"
+        with lock:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        i += n
+
+for t in range(threads):
+    threading.Thread(target=run, args=(t,), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+@dataclass
+class Outcome:
+    seed: int
+    acked: int = 0
+    present: int = 0
+    lost: list[int] = field(default_factory=list)
+    duplicated: list[int] = field(default_factory=list)
+    aggregate_mismatch: str = ""
+    recovery_ms: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicated or self.aggregate_mismatch)
+
+
+def _generation(path: str, gen: int, threads: int, kill_after_s: float, fsync: bool) -> set[int]:
+    """Runs one child until killed; returns the ids it acknowledged."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, path, str(gen), str(threads), "1" if fsync else "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    acked: set[int] = set()
+    ready = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("ready"):
+                ready.set()
+            elif line.startswith("ack "):
+                acked.update(int(x) for x in line.split()[1:])
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    if not ready.wait(60):
+        proc.kill()
+        raise RuntimeError(f"child did not start: {proc.stderr.read() if proc.stderr else ''}")
+    time.sleep(kill_after_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    t.join(10)
+    return acked
+
+
+def run_seed(seed: int, generations: int = 3, threads: int = 3, max_kill_s: float = 0.6,
+             fsync: bool = True, directory: str | None = None) -> Outcome:
+    import laminardb
+
+    rng = random.Random(seed)
+    out = Outcome(seed)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        path = os.path.join(tmp, "db")
+        acked: set[int] = set()
+        for gen in range(generations):
+            acked |= _generation(path, gen, threads, rng.uniform(0.0, max_kill_s), fsync)
+        out.acked = len(acked)
+        db = laminardb.open(path, config=laminardb.LaminarConfig(shards=2))
+        try:
+            out.recovery_ms.append(db.metrics().recovery_ms)
+            ids = db.query("SELECT id, COUNT(*) AS c FROM events GROUP BY id").to_dicts()
+            seen = dict(zip(ids["id"], ids["c"]))
+            out.present = len(seen)
+            out.lost = sorted(i for i in acked if i not in seen)[:20]
+            out.duplicated = sorted(i for i, c in seen.items() if c != 1)[:20]
+            want = db.query(
+                "SELECT grp, COUNT(*) AS n, SUM(v) AS s FROM events GROUP BY grp ORDER BY grp"
+            ).to_dicts()
+            got = db.query("SELECT grp, n, s FROM totals ORDER BY grp").to_dicts()
+            if want != got and (want["grp"] or got["grp"]):
+                out.aggregate_mismatch = f"totals {got} != sums over events {want}"
+        finally:
+            db.close()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=None, help="run this one seed")
+    ap.add_argument("--generations", type=int, default=3)
+    ap.add_argument("--no-fsync", action="store_true", help="relaxed WAL mode (wal_fsync=False)")
+    ap.add_argument("-v", action="store_true")
+    args = ap.parse_args()
+    seeds = [args.seed] if args.seed is not None else list(range(args.runs))
+    failed = 0
+    total_acked = 0
+    started = time.time()
+    for seed in seeds:
+        o = run_seed(seed, generations=args.generations, fsync=not args.no_fsync)
+        total_acked += o.acked
+        if not o.ok or args.v:
+            print(f"seed {seed}: acked={o.acked} present={o.present} lost={o.lost} dup={o.duplicated} "
+                  f"{o.aggregate_mismatch} recovery_ms={o.recovery_ms}")
+        failed += not o.ok
+    print(f"{len(seeds)} runs x {args.generations} kills, {total_acked} acknowledged rows, "
+          f"{failed} failed, {time.time() - started:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
