@@ -27,6 +27,9 @@ pub struct EngineConfig {
     /// write (survives power loss). Off: after the direct write alone (survives the
     /// process being killed, not the machine losing power), several times faster.
     pub wal_fsync: bool,
+    /// The storage directory is a temporary one (checkpoints configured on an in-memory
+    /// database): deleted when the database closes.
+    pub ephemeral_storage: bool,
 }
 
 impl EngineConfig {
@@ -53,6 +56,7 @@ impl Default for EngineConfig {
             caller_spin_us: env_us("LAMINARDB_CALLER_SPIN_US").unwrap_or(SPIN_AFTER_COMMAND_US),
             idle_timeout_ms: 10_000,
             wal_fsync: true,
+            ephemeral_storage: false,
         }
     }
 }

@@ -11,10 +11,12 @@
 //! test without a reactor or an interpreter.
 
 pub mod catalog;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod frontend;
 pub mod ingest;
+pub mod ipc;
 pub mod nexmark;
 pub mod partition;
 pub mod sink;

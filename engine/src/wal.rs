@@ -18,12 +18,9 @@
 //! rows, all with the same `lsn` and `parts` = how many there are; recovery replays an
 //! insert only if all its parts are on disk (the caller was never answered otherwise).
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use arrow::array::RecordBatch;
-use arrow::ipc::reader::StreamReader;
-use arrow::ipc::writer::StreamWriter;
 
 use crate::{Error, Result};
 
@@ -66,11 +63,7 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) -> Result<()> {
             head(out, *lsn, *parts, KIND_APPEND);
             name(out, source);
             let schema = batches.first().map(|b| b.schema()).ok_or_else(|| Error::internal("an empty WAL append"))?;
-            let mut writer = StreamWriter::try_new(&mut *out, &schema)?;
-            for batch in batches {
-                writer.write(batch)?;
-            }
-            writer.finish()?;
+            crate::ipc::write(&schema, batches, out)?;
         }
         Record::Ddl { lsn, sql } => {
             head(out, *lsn, 1, KIND_DDL);
@@ -164,9 +157,7 @@ fn decode_body(body: &[u8]) -> Result<Record> {
     match fixed[10] {
         KIND_APPEND => {
             let (source, used) = name_of(rest)?;
-            let reader = StreamReader::try_new(Cursor::new(&rest[used..]), None)?;
-            let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
-            Ok(Record::Append { lsn, parts, source, batches })
+            Ok(Record::Append { lsn, parts, source, batches: crate::ipc::read(&rest[used..])? })
         }
         KIND_DDL => {
             let sql = std::str::from_utf8(rest).map_err(|e| Error::internal(e.to_string()))?;

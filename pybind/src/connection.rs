@@ -250,6 +250,7 @@ impl PyConnection {
                 .map(|o| f(o))
                 .sum()
         };
+        let checkpoints = handle.checkpoint_stats();
         Ok(PyPipelineMetrics {
             total_events_ingested: sum(false, &|o| o.counters.rows.load(Ordering::Relaxed)),
             total_events_emitted: sum(true, &|o| o.counters.rows.load(Ordering::Relaxed))
@@ -267,6 +268,11 @@ impl PyConnection {
             recovered_rows: handle.recovery().rows,
             wal_torn_tails: handle.recovery().torn_tails.len() as u64,
             recovery_ms: handle.recovery().millis,
+            checkpoints: checkpoints.count,
+            last_checkpoint_id: checkpoints.last_id,
+            last_checkpoint_ms: checkpoints.last_ms,
+            last_checkpoint_pause_ms: checkpoints.last_pause_ms,
+            last_checkpoint_bytes: checkpoints.last_bytes,
         })
     }
 
@@ -362,16 +368,22 @@ impl PyConnection {
         Ok(self.state.queries.lock().iter().filter(|q| q.active.load(Ordering::Acquire)).count())
     }
 
+    /// `checkpoint_interval_ms` was configured: checkpoints are taken automatically and
+    /// `checkpoint()` takes one now.
     #[getter]
     fn is_checkpoint_enabled(&self) -> bool {
-        false
+        self.handle.checkpoint_enabled()
     }
 
-    fn checkpoint(&self) -> PyResult<u64> {
-        self.open()?;
-        Err(to_pyerr(Error::checkpoint(
-            "checkpointing is disabled: this build keeps state in memory only (no WAL or checkpoints yet)",
-        )))
+    /// Takes a checkpoint now and returns its id.
+    fn checkpoint(&self, py: Python<'_>) -> PyResult<u64> {
+        let handle = self.open()?;
+        if !handle.checkpoint_enabled() {
+            return Err(to_pyerr(Error::checkpoint(
+                "checkpointing is disabled: configure LaminarConfig(checkpoint_interval_ms=…) (with storage_dir or a path to keep them)",
+            )));
+        }
+        blocking(py, || handle.checkpoint())
     }
 
     fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -744,7 +756,20 @@ fn ready_future<'py>(py: Python<'py>, value: Bound<'py, PyAny>) -> PyResult<Boun
     Ok(future)
 }
 
-pub fn open_connection(py: Python<'_>, config: laminardb_engine::config::EngineConfig) -> PyResult<PyConnection> {
+pub fn open_connection(py: Python<'_>, mut config: laminardb_engine::config::EngineConfig) -> PyResult<PyConnection> {
+    if config.storage_dir.is_none() && config.checkpoint_interval_ms.is_some() {
+        // Checkpoints without a directory to keep them: a temporary one, gone at close.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("laminardb-{}-{n}", std::process::id()));
+        config.storage_dir = Some(dir.to_string_lossy().into_owned());
+        config.ephemeral_storage = true;
+        config.wal_fsync = false;
+    }
+    // Keyed state in a checkpoint is partitioned for the shard count it was taken with.
+    if let Some(shards) = Handle::checkpointed_shards(&config).map_err(to_pyerr)? {
+        config.shards = shards;
+    }
     let handle = blocking(py, move || {
         let frontend = laminardb_planner::SqlFrontend::new(config.shards)?;
         Handle::open(config, Box::new(frontend))

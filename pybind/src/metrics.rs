@@ -28,8 +28,15 @@ pub struct PyPipelineMetrics {
     pub recovered_rows: u64,
     /// Torn or corrupt WAL tails found (and cut off) when this connection opened.
     pub wal_torn_tails: u64,
-    /// How long opening spent replaying the WAL, in ms.
+    /// How long opening spent loading the checkpoint and replaying the WAL, in ms.
     pub recovery_ms: f64,
+    /// Checkpoints this connection took, the last one's id, duration, the part of it
+    /// during which inserts waited, and bytes written.
+    pub checkpoints: u64,
+    pub last_checkpoint_id: u64,
+    pub last_checkpoint_ms: f64,
+    pub last_checkpoint_pause_ms: f64,
+    pub last_checkpoint_bytes: u64,
 }
 
 #[pymethods]

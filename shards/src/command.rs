@@ -10,6 +10,7 @@ use arrow::array::RecordBatch;
 pub use datafusion::common::ScalarValue;
 use parking_lot::Mutex;
 
+use laminardb_engine::checkpoint::ShardFiles;
 use laminardb_engine::nexmark::NexmarkConfig;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::StreamPlan;
@@ -44,6 +45,8 @@ pub enum Command {
     Drain { reply: Reply<()> },
     /// The pipeline starts: generator sources begin producing.
     Start { reply: Reply<()> },
+    /// Take a checkpoint now; answered with its id.
+    Checkpoint { reply: Reply<u64> },
     /// `sent` fires once the caller's `send` of this command has returned: see
     /// `Handle::close`.
     Shutdown { reply: Reply<()>, sent: Option<std::sync::mpsc::Receiver<()>> },
@@ -72,6 +75,12 @@ pub enum ShardCommand {
     Stats { source: Arc<str>, reply: Reply<(u64, u64)> },
     DropSource { source: Arc<str> },
     InjectPanic { reply: Reply<()> },
+    /// Write this shard's part of checkpoint `id` under `root`, then start a new WAL
+    /// segment (the old ones are deleted once the manifest is published). Sent while
+    /// nothing is in flight (see `Coordinator::checkpoint`).
+    Checkpoint { root: Arc<std::path::Path>, id: u64, reply: Reply<ShardFiles> },
+    /// Load this shard's part of a checkpoint, after the catalog was rebuilt.
+    Restore { root: Arc<std::path::Path>, files: ShardFiles, reply: Reply<()> },
     Stop,
 }
 

@@ -26,6 +26,7 @@ use laminardb_engine::partition::partition_batch;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::Emit;
 use laminardb_engine::catalog::TRANSIENT_PREFIX;
+use laminardb_engine::checkpoint::{self, Manifest};
 use laminardb_engine::wal::{self, Record, RecoveryReport};
 use laminardb_engine::{Error, ErrorCode, Result};
 
@@ -36,7 +37,7 @@ use crate::sinks::SinkRunner;
 use crate::handle::Outcome;
 use crate::health::{catch, Health};
 use crate::shard;
-use crate::storage::{shard_owner, Recovered, Storage, CONTROL_OWNER};
+use crate::storage::{collect_garbage, shard_owner, CheckpointStats, Recovered, Storage, CONTROL_OWNER};
 use crate::wal::{WalSpec, WalWriter};
 
 pub(crate) type Published = Arc<RwLock<Arc<Catalog>>>;
@@ -49,16 +50,26 @@ pub(crate) struct Startup {
     pub published: Published,
     pub outputs: Outputs,
     pub health: Arc<Health>,
+    /// The checkpoints taken, for metrics.
+    pub checkpoints: Arc<parking_lot::Mutex<CheckpointStats>>,
     /// Answered once running, with what recovery from the storage directory found.
     pub ready: flume::Sender<Result<RecoveryReport>>,
 }
 
 /// The coordinator thread's body. Returns once shut down and every shard has stopped.
 pub(crate) fn run(startup: Startup) {
-    let Startup { config, frontend, commands, internal, published, outputs, health, ready } = startup;
+    let Startup { config, frontend, commands, internal, published, outputs, health, checkpoints, ready } = startup;
     // Locked before anything starts, released when this function returns.
     let (storage, recovered) = match Storage::open(&config).and_then(|s| {
         let recovered = s.as_ref().map(Storage::read).transpose()?;
+        if let Some(manifest) = recovered.as_ref().and_then(|r| r.manifest.as_ref()) {
+            if manifest.shards != config.shards {
+                return Err(Error::new(
+                    ErrorCode::ConnectionFailed,
+                    format!("the checkpoint was taken with {} shards, not {}", manifest.shards, config.shards),
+                ));
+            }
+        }
         Ok((s, recovered))
     }) {
         Ok(opened) => opened,
@@ -103,6 +114,8 @@ pub(crate) fn run(startup: Startup) {
     let shards = config.shards;
     let spin_us = config.coord_spin_us;
     let control = storage.as_ref().map(|s| s.wal(CONTROL_OWNER));
+    let root: Option<Arc<std::path::Path>> = storage.as_ref().map(|s| Arc::from(s.root.as_path()));
+    let checkpoint_every = config.checkpoint_interval_ms.filter(|_| root.is_some());
     let (frontend, shutdown_reply) = executor.run(async move {
         let mut connected = Vec::with_capacity(senders.len());
         for tx in senders {
@@ -126,12 +139,22 @@ pub(crate) fn run(startup: Startup) {
             logging: Cell::new(control.is_some()),
             control: futures::lock::Mutex::new(control.map(WalSpec::writer)),
             next_lsn: Cell::new(recovered.as_ref().map_or(1, |r| r.next_lsn)),
+            root,
+            ddl_history: RefCell::new(Vec::new()),
+            ddl_lock: futures::lock::Mutex::new(()),
+            dispatch_lock: futures::lock::Mutex::new(()),
+            last_checkpoint: Cell::new(0),
+            checkpoints: checkpoints.clone(),
+            stopping: Cell::new(false),
         });
         let report = match recovered {
             Some(recovered) => coord.recover(recovered).await,
             None => RecoveryReport::default(),
         };
         let _ = ready.send(Ok(report));
+        if let Some(every) = checkpoint_every {
+            start_checkpoint_timer(coord.clone(), every);
+        }
         let internal_tx = internal.0;
         // Not detached: at shutdown this loop must finish (and drop its pending receive)
         // inside the executor, or its waker would keep the executor's resources alive.
@@ -163,7 +186,14 @@ pub(crate) fn run(startup: Startup) {
         let (reply, _) = reply_channel();
         let _ = internal_tx.send(Command::Shutdown { reply, sent: None });
         internal_loop.await;
+        coord.stopping.set(true);
         coord.drain().await;
+        if coord.root.is_some() {
+            // Reopening then loads this checkpoint instead of replaying the whole WAL.
+            if let Err(e) = coord.checkpoint().await {
+                log::warn!("checkpoint at close failed: {e}");
+            }
+        }
         for (_, runner) in coord.sinks.borrow_mut().drain() {
             runner.stop();
         }
@@ -187,9 +217,43 @@ pub(crate) fn run(startup: Startup) {
             health.thread_died("shard", "its thread panicked".into());
         }
     }
+    if let Some(storage) = storage {
+        let root = storage.root.clone();
+        drop(storage);
+        if config.ephemeral_storage {
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
     if let Some(reply) = shutdown_reply {
         let _ = reply.send(Ok(()));
     }
+}
+
+/// Takes a checkpoint every `every_ms` until the database closes.
+fn start_checkpoint_timer(coord: Rc<Coordinator>, every_ms: u64) {
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(std::time::Duration::from_millis(every_ms.max(1))).await;
+            if coord.stopping.get() {
+                return;
+            }
+            if let Err(e) = coord.checkpoint().await {
+                log::warn!("automatic checkpoint failed: {e}");
+                coord.checkpoints.lock().failures += 1;
+            }
+        }
+    })
+    .detach();
+}
+
+fn counters_of(output: &Output) -> [i64; 4] {
+    let c = &output.counters;
+    [
+        c.rows.load(Ordering::Relaxed) as i64,
+        c.batches.load(Ordering::Relaxed) as i64,
+        c.late_rows.load(Ordering::Relaxed) as i64,
+        c.watermark.load(Ordering::Relaxed),
+    ]
 }
 
 /// The next caller command: polled for up to `spin` first (a wake-up from sleep costs
@@ -232,6 +296,20 @@ struct Coordinator {
     control: futures::lock::Mutex<Option<WalWriter>>,
     /// The next log sequence number: one per logged command, across all WAL owners.
     next_lsn: Cell<u64>,
+    /// The storage directory, if any.
+    root: Option<Arc<std::path::Path>>,
+    /// Every catalog change so far, as SQL: the catalog part of a checkpoint.
+    ddl_history: RefCell<Vec<String>>,
+    /// Held by catalog changes and checkpoints (the timer's checkpoints run beside the
+    /// command loop).
+    ddl_lock: futures::lock::Mutex<()>,
+    /// Held while an insert or a watermark call is sent to the shards (taken before its
+    /// Ack exists), and by a checkpoint from its drain until every shard has written its
+    /// part: nothing new enters the shards meanwhile.
+    dispatch_lock: futures::lock::Mutex<()>,
+    last_checkpoint: Cell<u64>,
+    checkpoints: Arc<parking_lot::Mutex<CheckpointStats>>,
+    stopping: Cell<bool>,
 }
 
 impl Coordinator {
@@ -266,6 +344,7 @@ impl Coordinator {
                         output.touch();
                     }
                 }
+                let _dispatching = self.dispatch_lock.lock().await;
                 let moves = watermark_ms > self.watermarks.borrow().get(&name).copied().unwrap_or(i64::MIN);
                 if moves {
                     let record = |lsn| Record::Watermark { lsn, source: name.clone(), watermark: watermark_ms };
@@ -301,6 +380,9 @@ impl Coordinator {
                 self.drain().await;
                 let _ = reply.send(Ok(()));
             }
+            Command::Checkpoint { reply } => {
+                let _ = reply.send(self.checkpoint().await);
+            }
             Command::Start { reply } => {
                 self.running.set(true);
                 let names: Vec<String> = self.generators.borrow().keys().cloned().collect();
@@ -326,9 +408,12 @@ impl Coordinator {
             let catalog = self.catalog.borrow().clone();
             let access = self.access.clone();
             let statement = self.with_frontend(|f| f.plan(text, params, &catalog, access))?;
+            let is_ddl = !matches!(statement, Statement::Query(_));
+            let _ddl = if is_ddl { Some(self.ddl_lock.lock().await) } else { None };
             let outcome = self.apply(statement).await?;
             if let Outcome::Ddl { object, .. } = &outcome {
-                if !object.starts_with(TRANSIENT_PREFIX) {
+                if !object.starts_with(TRANSIENT_PREFIX) && self.root.is_some() {
+                    self.ddl_history.borrow_mut().push(text.clone());
                     self.log_control(|lsn| Record::Ddl { lsn, sql: text.clone() }).await?;
                 }
             }
@@ -636,6 +721,7 @@ impl Coordinator {
                 }
             }
         };
+        let _dispatching = self.dispatch_lock.lock().await;
         let ack = Ack::born_at(Some(born), &self.inflight, move |r| {
             let _ = reply.send(r);
         });
@@ -644,6 +730,7 @@ impl Coordinator {
 
     /// Sends an insert's rows to their shards (with the watermark they moved, if any);
     /// `log`: each shard writes its rows to its WAL under one new lsn first.
+    /// The caller holds `dispatch_lock` (taken before its Ack, which a checkpoint waits for).
     async fn dispatch(&self, name: Arc<str>, parts: Vec<Vec<RecordBatch>>, watermark: Option<i64>, ack: &AckToken, log: bool) {
         let watermark = watermark.and_then(|mark| self.bump_watermark(&name, mark));
         let with_rows = parts.iter().filter(|p| !p.is_empty()).count();
@@ -680,15 +767,129 @@ impl Coordinator {
         writer.write(&frame, lsn).await
     }
 
+    /// Takes a checkpoint: stops sending inserts to the shards, waits until nothing is in
+    /// flight (so every shard and every exchange channel is past the same lsn: a
+    /// consistent cut), has every shard write its part, publishes the manifest, then
+    /// deletes the WAL segments and files it made obsolete. Returns the checkpoint's id.
+    async fn checkpoint(&self) -> Result<u64> {
+        let root = self.root.clone().ok_or_else(|| {
+            Error::checkpoint("checkpointing is disabled: open the database with a path or LaminarConfig(storage_dir=…)")
+        })?;
+        let _ddl = self.ddl_lock.lock().await;
+        let started = Instant::now();
+        let dispatching = self.dispatch_lock.lock().await;
+        self.drain().await;
+        if self.inflight.load(Ordering::Acquire) > 0 {
+            return Err(Error::checkpoint("inserts still in flight after 30 s; checkpoint abandoned"));
+        }
+        let paused = Instant::now();
+        let id = self.last_checkpoint.get() + 1;
+        let lsn = self.take_lsn();
+        let mut waits = Vec::with_capacity(self.shards.len());
+        for tx in self.shards.iter() {
+            let (reply, rx) = reply_channel();
+            tx.send(ShardCommand::Checkpoint { root: root.clone(), id, reply })
+                .await
+                .map_err(|_| Error::internal("a shard has stopped"))?;
+            waits.push(rx);
+        }
+        let mut shard_files = Vec::with_capacity(waits.len());
+        for rx in waits {
+            let files = rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped"))?;
+            shard_files.push(files.map_err(|e| Error::checkpoint(format!("checkpoint {id}: {e}")))?);
+        }
+        if let Some(control) = self.control.lock().await.as_mut() {
+            control.roll().await;
+        }
+        drop(dispatching);
+        let pause = paused.elapsed();
+        let catalog = self.catalog.borrow().clone();
+        let outputs = self.outputs.read();
+        let counters = catalog
+            .sources
+            .keys()
+            .chain(catalog.streams.keys())
+            .filter_map(|name| outputs.get(name).map(|o| (name.clone(), counters_of(o))))
+            .collect();
+        drop(outputs);
+        let manifest = Manifest {
+            id,
+            lsn,
+            shards: self.shards.len(),
+            created_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+            ddl: self.ddl_history.borrow().clone(),
+            watermarks: self.watermarks.borrow().iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            counters,
+            bytes_written: shard_files.iter().map(|f| f.bytes_written).sum(),
+            shard_files,
+        };
+        checkpoint::write_manifest(&root, &manifest)?;
+        self.last_checkpoint.set(id);
+        let removed = collect_garbage(&root, &manifest);
+        let mut stats = self.checkpoints.lock();
+        stats.count += 1;
+        stats.last_id = id;
+        stats.last_ms = started.elapsed().as_secs_f64() * 1e3;
+        stats.last_pause_ms = pause.as_secs_f64() * 1e3;
+        stats.last_bytes = manifest.bytes_written;
+        stats.files_removed += removed as u64;
+        Ok(id)
+    }
+
+    /// Loads the checkpoint read at open: the catalog (its DDL, run again without
+    /// logging), every shard's rows and state, the sources' watermarks and counters.
+    async fn restore(&self, manifest: &Manifest) -> Result<()> {
+        let root = self.root.clone().ok_or_else(|| Error::internal("restoring without a storage directory"))?;
+        for sql in &manifest.ddl {
+            self.execute(sql, &[]).await.map_err(|e| Error::checkpoint(format!("rebuilding the catalog: {sql}: {e}")))?;
+        }
+        let mut waits = Vec::with_capacity(self.shards.len());
+        for (tx, files) in self.shards.iter().zip(&manifest.shard_files) {
+            let (reply, rx) = reply_channel();
+            tx.send(ShardCommand::Restore { root: root.clone(), files: files.clone(), reply })
+                .await
+                .map_err(|_| Error::internal("a shard has stopped"))?;
+            waits.push(rx);
+        }
+        for rx in waits {
+            rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped"))??;
+        }
+        for (source, mark) in &manifest.watermarks {
+            self.watermarks.borrow_mut().insert(source.clone(), *mark);
+        }
+        let outputs = self.outputs.read();
+        for (name, [rows, batches, late, mark]) in &manifest.counters {
+            if let Some(o) = outputs.get(name) {
+                o.counters.rows.store(*rows as u64, Ordering::Relaxed);
+                o.counters.batches.store(*batches as u64, Ordering::Relaxed);
+                o.counters.late_rows.store(*late as u64, Ordering::Relaxed);
+                o.counters.watermark.fetch_max(*mark, Ordering::Relaxed);
+            }
+        }
+        self.last_checkpoint.set(manifest.id);
+        self.next_lsn.set(self.next_lsn.get().max(manifest.lsn + 1));
+        Ok(())
+    }
+
     /// Replays the WAL read at open through the ordinary paths, in lsn order, without
     /// logging it again: catalog changes run as SQL, inserts are re-partitioned for the
     /// current shard count, watermark calls move watermarks. Streams rebuild their state
     /// from the replayed input. Returns once everything has passed through every stream.
     async fn recover(&self, recovered: Recovered) -> RecoveryReport {
         let started = Instant::now();
-        let Recovered { groups, mut report, .. } = recovered;
+        let Recovered { groups, mut report, manifest, .. } = recovered;
         let logging = self.logging.replace(false);
-        for group in groups {
+        let from = match &manifest {
+            Some(m) => match self.restore(m).await {
+                Ok(()) => m.lsn,
+                Err(e) => {
+                    report.errors.push(format!("checkpoint {}: {e}", m.id));
+                    0
+                }
+            },
+            None => 0,
+        };
+        for group in groups.into_iter().filter(|g| g[0].lsn() >= from) {
             report.records += group.len() as u64;
             let lsn = group[0].lsn();
             let step = match &group[0] {
@@ -736,6 +937,7 @@ impl Coordinator {
             .as_ref()
             .zip(crate::handle::max_event_ms(def, &batches)?)
             .map(|(w, max)| max.saturating_sub(w.delay_ms));
+        let _dispatching = self.dispatch_lock.lock().await;
         let ack = Ack::born_at(None, &self.inflight, |_| {});
         self.dispatch(def.name.as_str().into(), parts, watermark, &ack, false).await;
         Ok(())

@@ -23,6 +23,7 @@ use laminardb_engine::{Error, Result};
 use crate::command::{reply_channel, Command, PanicSite, Reply};
 use crate::coordinator::{self, Published, Startup};
 use crate::health::Health;
+pub use crate::storage::CheckpointStats;
 use crate::runtime::Outputs;
 
 /// What one executed statement produced.
@@ -44,6 +45,8 @@ pub struct Handle {
     caller_spin: std::time::Duration,
     idle_timeout_ms: u64,
     recovery: RecoveryReport,
+    checkpoints: Arc<Mutex<CheckpointStats>>,
+    checkpoint_enabled: bool,
 }
 
 impl Handle {
@@ -58,6 +61,8 @@ impl Handle {
         let published: Published = Arc::new(RwLock::new(Arc::new(Catalog::default())));
         let outputs: Outputs = Arc::default();
         let health = Arc::new(Health::default());
+        let checkpoints: Arc<Mutex<CheckpointStats>> = Arc::default();
+        let checkpoint_enabled = config.checkpoint_interval_ms.is_some() && config.storage_dir.is_some();
         let (ready_tx, ready_rx) = flume::bounded(1);
         let startup = Startup {
             config,
@@ -67,6 +72,7 @@ impl Handle {
             published: published.clone(),
             outputs: outputs.clone(),
             health: health.clone(),
+            checkpoints: checkpoints.clone(),
             ready: ready_tx,
         };
         let coordinator = std::thread::Builder::new()
@@ -102,7 +108,25 @@ impl Handle {
             caller_spin,
             idle_timeout_ms,
             recovery,
+            checkpoints,
+            checkpoint_enabled,
         })
+    }
+
+    /// The shard count a storage directory's checkpoint was taken with: state is
+    /// partitioned for it, so the database must reopen with as many shards.
+    pub fn checkpointed_shards(config: &EngineConfig) -> Result<Option<usize>> {
+        let Some(dir) = config.storage_dir.as_deref() else { return Ok(None) };
+        Ok(laminardb_engine::checkpoint::read_manifest(std::path::Path::new(dir))?.map(|m| m.shards))
+    }
+
+    /// Automatic checkpoints are configured (`checkpoint_interval_ms` with storage).
+    pub fn checkpoint_enabled(&self) -> bool {
+        self.checkpoint_enabled
+    }
+
+    pub fn checkpoint_stats(&self) -> CheckpointStats {
+        self.checkpoints.lock().clone()
     }
 
     /// What opening found in the storage directory and replayed (empty without one).
@@ -200,6 +224,11 @@ impl Handle {
     }
 
     /// Starts the pipeline: generator sources begin producing.
+    /// Takes a checkpoint (see `Coordinator::checkpoint`); returns its id.
+    pub fn checkpoint(&self) -> Result<u64> {
+        self.call(|reply| Command::Checkpoint { reply })
+    }
+
     pub fn start(&self) -> Result<()> {
         self.call(|reply| Command::Start { reply })
     }

@@ -26,5 +26,5 @@ mod storage;
 pub mod store;
 mod wal;
 
-pub use handle::{Handle, Outcome};
+pub use handle::{CheckpointStats, Handle, Outcome};
 pub use health::Health;

@@ -10,7 +10,11 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use parking_lot::RwLock;
 
+use std::path::Path;
+
+use laminardb_engine::checkpoint::{self, ShardFiles};
 use laminardb_engine::partition::partition_batch;
+use laminardb_engine::{ipc, wal};
 use laminardb_engine::stream::join::JoinOperator;
 use laminardb_engine::stream::op::{eval_branch, AggOperator};
 use laminardb_engine::stream::output::Output;
@@ -49,6 +53,26 @@ pub struct ShardRuntime {
     marks: HashMap<String, i64>,
     /// The token processing-time emissions carry (nobody waits for them).
     background: AckToken,
+    /// Something changed since the last checkpoint's state file, which is `state_file`.
+    dirty: bool,
+    state_file: Option<String>,
+}
+
+/// A shard's operator state in a checkpoint (rkyv).
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct RuntimeState {
+    marks: Vec<(String, i64)>,
+    streams: Vec<TaskState>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct TaskState {
+    name: String,
+    marks: Vec<i64>,
+    watermark: i64,
+    late_reported: u64,
+    agg: Option<Vec<u8>>,
+    join: Option<Vec<u8>>,
 }
 
 impl ShardRuntime {
@@ -64,7 +88,106 @@ impl ShardRuntime {
             readers: HashMap::new(),
             marks: HashMap::new(),
             background: Ack::background(),
+            dirty: true,
+            state_file: None,
         }
+    }
+
+    /// Writes what changed since the previous checkpoint under `root`: each source's and
+    /// stream's new rows, and the operator state if anything moved. Returns the files
+    /// that make up this shard's part of checkpoint `id`.
+    pub fn checkpoint(&mut self, root: &Path, id: u64) -> Result<ShardFiles> {
+        let dir = checkpoint::shard_dir(root, self.id);
+        std::fs::create_dir_all(&dir).map_err(|e| wal::io_error(&dir, e))?;
+        let mut files = ShardFiles::default();
+        let mut written = 0u64;
+        for (n, name) in self.store.names().into_iter().enumerate() {
+            let new = self.store.unsaved(&name);
+            let file = match new.first() {
+                Some(first) => {
+                    let file = format!("data/shard-{}/rows-{id}-{n}.arrow", self.id);
+                    let bytes = ipc::to_bytes(&first.schema(), &new)?;
+                    written += bytes.len() as u64;
+                    checkpoint::write_synced(&root.join(&file), &bytes)?;
+                    Some(file)
+                }
+                None => None,
+            };
+            self.store.mark_saved(&name, file);
+            files.rows.push((name.to_string(), self.store.files(&name)));
+        }
+        if self.dirty || self.state_file.is_none() {
+            let file = format!("data/shard-{}/state-{id}.bin", self.id);
+            let bytes = self.save_state()?;
+            written += bytes.len() as u64;
+            checkpoint::write_synced(&root.join(&file), &bytes)?;
+            self.state_file = Some(file);
+            self.dirty = false;
+        }
+        checkpoint::sync_dir(&dir)?;
+        files.state = self.state_file.clone();
+        files.bytes_written = written;
+        Ok(files)
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>> {
+        let mut streams = Vec::with_capacity(self.streams.len());
+        for (name, task) in &self.streams {
+            streams.push(TaskState {
+                name: name.to_string(),
+                marks: task.marks.clone(),
+                watermark: task.watermark,
+                late_reported: task.late_reported,
+                agg: task.op.as_ref().map(AggOperator::save).transpose()?,
+                join: task.join.as_ref().map(JoinOperator::save).transpose()?,
+            });
+        }
+        let state = RuntimeState { marks: self.marks.iter().map(|(k, v)| (k.clone(), *v)).collect(), streams };
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&state).map_err(|e| Error::internal(format!("saving shard state: {e}")))?;
+        Ok(bytes.into_vec())
+    }
+
+    /// Loads this shard's part of a checkpoint; the streams it names exist already (the
+    /// catalog was rebuilt first). Rows are retained, not fed to streams again: the
+    /// streams' state already holds their effect.
+    pub fn restore(&mut self, root: &Path, files: &ShardFiles) -> Result<()> {
+        for (name, row_files) in &files.rows {
+            let mut batches = Vec::new();
+            for file in row_files {
+                let path = root.join(file);
+                batches.extend(ipc::read(&std::fs::read(&path).map_err(|e| wal::io_error(&path, e))?)?);
+            }
+            self.store.restore(&Arc::from(name.as_str()), batches, row_files.clone())?;
+        }
+        if let Some(file) = &files.state {
+            let path = root.join(file);
+            let bytes = std::fs::read(&path).map_err(|e| wal::io_error(&path, e))?;
+            let mut aligned = rkyv::util::AlignedVec::<16>::new();
+            aligned.extend_from_slice(&bytes);
+            let state = rkyv::from_bytes::<RuntimeState, rkyv::rancor::Error>(&aligned)
+                .map_err(|e| Error::checkpoint(format!("{}: {e}", path.display())))?;
+            self.marks = state.marks.into_iter().collect();
+            for saved in state.streams {
+                let Some(task) = self.streams.get_mut(saved.name.as_str()) else { continue };
+                if saved.marks.len() == task.marks.len() {
+                    task.marks = saved.marks;
+                }
+                task.watermark = saved.watermark;
+                task.late_reported = saved.late_reported;
+                if let Some(bytes) = saved.agg {
+                    task.op = Some(AggOperator::restore(task.plan.clone(), &bytes)?);
+                }
+                if let Some(bytes) = saved.join {
+                    task.join = Some(JoinOperator::restore(task.plan.clone(), &bytes)?);
+                }
+                if task.watermark > i64::MIN {
+                    task.output.shard_watermark(self.id, self.shards, task.watermark);
+                }
+            }
+        }
+        self.state_file = files.state.clone();
+        self.dirty = false;
+        Ok(())
     }
 
     pub fn shards(&self) -> usize {
@@ -81,6 +204,7 @@ impl ShardRuntime {
 
     /// Rows of a source (inserted or generated): stored, published, run through its readers.
     pub fn append(&mut self, source: &Arc<str>, batches: Vec<RecordBatch>, ack: &AckToken) -> Result<()> {
+        self.dirty = true;
         let output = self.output(source);
         if let Some(output) = &output {
             output.touch();
@@ -96,11 +220,13 @@ impl ShardRuntime {
     }
 
     pub fn drop_source(&mut self, source: &str) {
+        self.dirty = true;
         self.store.drop_source(source);
         self.marks.remove(source);
     }
 
     pub fn add_stream(&mut self, plan: Arc<StreamPlan>, output: Arc<Output>, marks: &[(Arc<str>, i64)]) -> Result<()> {
+        self.dirty = true;
         let ack = self.background.clone();
         for (source, mark) in marks {
             self.watermark(source, *mark, &ack);
@@ -127,6 +253,7 @@ impl ShardRuntime {
     }
 
     pub fn drop_stream(&mut self, name: &str) {
+        self.dirty = true;
         if let Some(task) = self.streams.remove(name) {
             for input in task.plan.inputs() {
                 if let Some(readers) = self.readers.get_mut(input) {
@@ -260,6 +387,7 @@ impl ShardRuntime {
 
     /// `input`'s watermark on this shard is now `watermark`.
     pub fn watermark(&mut self, input: &str, watermark: i64, ack: &AckToken) {
+        self.dirty = true;
         let mark = self.marks.entry(input.to_string()).or_insert(i64::MIN);
         if watermark <= *mark {
             return;
@@ -331,6 +459,7 @@ impl ShardRuntime {
 
     /// An `EMIT EVERY` stream's period elapsed: emit its changes since the last tick.
     pub fn tick(&mut self, name: &Arc<str>) {
+        self.dirty = true;
         let Some(task) = self.streams.get_mut(name) else { return };
         let Some(op) = task.op.as_mut() else { return };
         match op.tick() {
@@ -346,6 +475,7 @@ impl ShardRuntime {
     }
 
     pub fn on_exchange(&mut self, msg: Exchange) {
+        self.dirty = true;
         match msg {
             Exchange::Data { stream, branch, batch, ack } => self.keyed(&stream, branch, batch, &ack),
             Exchange::Watermark { stream, branch, from, watermark, ack } => {

@@ -149,6 +149,17 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
             ShardCommand::InjectPanic { reply } => {
                 let _ = reply.send(catch(&place, || panic!("injected panic (test hook)")));
             }
+            ShardCommand::Checkpoint { root, id, reply } => {
+                let files = catch(&place, || rt.checkpoint(&root, id));
+                drop(rt);
+                if let Some(wal) = wal.as_mut() {
+                    wal.roll().await;
+                }
+                let _ = reply.send(files);
+            }
+            ShardCommand::Restore { root, files, reply } => {
+                let _ = reply.send(catch(&place, || rt.restore(&root, &files)));
+            }
             ShardCommand::Stop => break Ok(()),
         }
     };

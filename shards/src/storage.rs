@@ -11,6 +11,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use laminardb_engine::checkpoint::{self, Manifest};
 use laminardb_engine::config::EngineConfig;
 use laminardb_engine::wal::{self, io_error, Record, RecoveryReport};
 use laminardb_engine::{Error, ErrorCode, Result};
@@ -24,6 +25,7 @@ pub(crate) fn shard_owner(id: usize) -> String {
 }
 
 pub(crate) struct Storage {
+    pub root: PathBuf,
     pub wal_dir: PathBuf,
     pub sync: Sync,
     /// Held (flock'ed) for the connection's life; closing the file releases the lock.
@@ -32,6 +34,8 @@ pub(crate) struct Storage {
 
 /// The WAL as read at open: complete record groups in lsn order, and what was found.
 pub(crate) struct Recovered {
+    /// The latest checkpoint; only WAL records from its lsn on are replayed after it.
+    pub manifest: Option<Manifest>,
     pub groups: Vec<Vec<Record>>,
     pub next_lsn: u64,
     pub report: RecoveryReport,
@@ -56,7 +60,7 @@ impl Storage {
         }
         lock.set_len(0).and_then(|()| write!(lock, "{}", std::process::id())).map_err(failed)?;
         let sync = if config.wal_fsync { Sync::Data } else { Sync::Write };
-        Ok(Some(Storage { wal_dir: root.join("wal"), sync, _lock: lock }))
+        Ok(Some(Storage { root: root.to_path_buf(), wal_dir: root.join("wal"), sync, _lock: lock }))
     }
 
     pub fn wal(&self, owner: &str) -> WalSpec {
@@ -85,8 +89,67 @@ impl Storage {
         if let Some(max) = records.iter().map(Record::lsn).max() {
             next_lsn = next_lsn.max(max + 1);
         }
+        let manifest = checkpoint::read_manifest(&self.root)?;
+        if let Some(m) = &manifest {
+            next_lsn = next_lsn.max(m.lsn + 1);
+            records.retain(|r| r.lsn() >= m.lsn);
+        }
         let (groups, incomplete) = wal::merge(records);
         report.incomplete_inserts = incomplete as u64;
-        Ok(Recovered { groups, next_lsn, report })
+        Ok(Recovered { manifest, groups, next_lsn, report })
     }
+}
+
+/// Checkpoints taken by this connection, for metrics.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointStats {
+    pub count: u64,
+    pub failures: u64,
+    pub last_id: u64,
+    /// Whole checkpoint, and the part during which inserts waited.
+    pub last_ms: f64,
+    pub last_pause_ms: f64,
+    pub last_bytes: u64,
+    pub files_removed: u64,
+}
+
+/// After `manifest` is published: deletes WAL segments it covers (every record below its
+/// lsn; writers started new segments at the checkpoint) and data files it does not name.
+/// Returns how many files went. Failures only leave files behind.
+pub(crate) fn collect_garbage(root: &Path, manifest: &Manifest) -> usize {
+    let mut removed = 0;
+    let mut remove = |path: &Path| {
+        if std::fs::remove_file(path).is_ok() {
+            removed += 1;
+        }
+    };
+    let wal_dir = root.join("wal");
+    for owner in std::fs::read_dir(&wal_dir).into_iter().flatten().flatten() {
+        let segments = wal::segments(&owner.path()).unwrap_or_default();
+        // A segment's records run up to the next segment's first lsn.
+        for pair in segments.windows(2) {
+            if pair[1].0 <= manifest.lsn {
+                remove(&pair[0].1);
+            }
+        }
+        if let Some((first, path)) = segments.last() {
+            if *first < manifest.lsn {
+                remove(path);
+            }
+        }
+    }
+    let named: std::collections::HashSet<PathBuf> = manifest
+        .shard_files
+        .iter()
+        .flat_map(|f| f.state.iter().chain(f.rows.iter().flat_map(|(_, files)| files.iter())))
+        .map(|f| root.join(f))
+        .collect();
+    for shard in std::fs::read_dir(root.join("data")).into_iter().flatten().flatten() {
+        for file in std::fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+            if !named.contains(&file.path()) {
+                remove(&file.path());
+            }
+        }
+    }
+    removed
 }

@@ -20,6 +20,9 @@ pub struct SourceRows {
     small: Vec<RecordBatch>,
     pub rows: u64,
     pub bytes: u64,
+    /// Rows already in checkpoint files, and those files (oldest first).
+    saved_rows: u64,
+    files: Vec<String>,
 }
 
 impl SourceRows {
@@ -42,6 +45,21 @@ impl SourceRows {
     /// Every retained batch; cheap (reference-counted buffers, no row copies).
     pub fn snapshot(&self) -> Vec<RecordBatch> {
         self.sealed.iter().chain(self.small.iter()).cloned().collect()
+    }
+
+    /// The rows no checkpoint holds yet (zero-copy slices).
+    fn unsaved(&self) -> Vec<RecordBatch> {
+        let mut skip = self.saved_rows as usize;
+        let mut out = Vec::new();
+        for batch in self.sealed.iter().chain(self.small.iter()) {
+            if skip >= batch.num_rows() {
+                skip -= batch.num_rows();
+                continue;
+            }
+            out.push(batch.slice(skip, batch.num_rows() - skip));
+            skip = 0;
+        }
+        out
     }
 }
 
@@ -68,6 +86,39 @@ impl LocalStore {
 
     pub fn rows(&self, source: &str) -> (u64, u64) {
         self.sources.get(source).map_or((0, 0), |s| (s.rows, s.bytes))
+    }
+
+    pub fn names(&self) -> Vec<Arc<str>> {
+        self.sources.keys().cloned().collect()
+    }
+
+    /// Rows of `name` that no checkpoint holds yet.
+    pub fn unsaved(&self, name: &str) -> Vec<RecordBatch> {
+        self.sources.get(name).map(SourceRows::unsaved).unwrap_or_default()
+    }
+
+    /// Every row of `name` is now in its checkpoint files, the last of them `file` (if
+    /// there were new rows).
+    pub fn mark_saved(&mut self, name: &str, file: Option<String>) {
+        if let Some(rows) = self.sources.get_mut(name) {
+            rows.saved_rows = rows.rows;
+            rows.files.extend(file);
+        }
+    }
+
+    pub fn files(&self, name: &str) -> Vec<String> {
+        self.sources.get(name).map(|s| s.files.clone()).unwrap_or_default()
+    }
+
+    /// Rows loaded from checkpoint `files`: retained as saved.
+    pub fn restore(&mut self, name: &Arc<str>, batches: Vec<RecordBatch>, files: Vec<String>) -> Result<()> {
+        for batch in batches {
+            self.append(name, batch)?;
+        }
+        let rows = self.sources.entry(name.clone()).or_default();
+        rows.saved_rows = rows.rows;
+        rows.files = files;
+        Ok(())
     }
 }
 

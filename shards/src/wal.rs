@@ -112,6 +112,13 @@ impl WalWriter {
         Ok(Segment { file, page_pos: 0, tail: Vec::new() })
     }
 
+    /// Ends the current segment: the next write starts a new one, named by its first lsn.
+    pub async fn roll(&mut self) {
+        if let Some(segment) = self.segment.take() {
+            let _ = segment.file.close().await;
+        }
+    }
+
     pub async fn close(mut self) {
         if let Some(segment) = self.segment.take() {
             let _ = segment.file.close().await;

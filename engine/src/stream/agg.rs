@@ -73,6 +73,7 @@ impl Values {
 /// One value of a domain, for state that keeps values (MIN/MAX of strings, FIRST/LAST,
 /// DISTINCT).
 #[derive(Clone, Debug, PartialEq)]
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Scalar {
     Null,
     Int(i64),
@@ -80,7 +81,8 @@ pub enum Scalar {
     Str(Box<str>),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(PartialEq, Eq, Hash))]
 pub enum DistinctKey {
     Int(i64),
     Float(u64),
@@ -105,7 +107,8 @@ fn scalar_less(a: &Scalar, b: &Scalar) -> bool {
     }
 }
 
-/// The state of one aggregate over every group.
+/// The state of one aggregate over every group (serialized as is into checkpoints).
+#[derive(Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Acc {
     Count(Vec<i64>),
     SumInt { sum: Vec<i64>, seen: Vec<bool> },

@@ -108,6 +108,44 @@ impl Side {
     fn rows(&self) -> usize {
         self.locs.len()
     }
+
+    fn save(&self) -> Result<SideState> {
+        let batches = match self.batches.first() {
+            Some(first) => crate::ipc::to_bytes(&first.schema(), &self.batches)?,
+            None => Vec::new(),
+        };
+        Ok(SideState {
+            batches,
+            tail: self.tail as u64,
+            tail_id: self.tail_id as u64,
+            locs: self.locs.clone(),
+            next: self.next.clone(),
+            heads: self.heads.iter().map(|(k, id)| (k.to_vec(), *id)).collect(),
+        })
+    }
+
+    fn restore(state: SideState) -> Result<Side> {
+        let batches = if state.batches.is_empty() { Vec::new() } else { crate::ipc::read(&state.batches)? };
+        Ok(Side {
+            batches,
+            tail: state.tail as usize,
+            tail_id: state.tail_id as usize,
+            locs: state.locs,
+            next: state.next,
+            heads: state.heads.into_iter().map(|(k, id)| (k.into_boxed_slice(), id)).collect(),
+        })
+    }
+}
+
+/// One side's state in a checkpoint: its rows as Arrow IPC, its index as is.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct SideState {
+    batches: Vec<u8>,
+    tail: u64,
+    tail_id: u64,
+    locs: Vec<(u32, u32)>,
+    next: Vec<u32>,
+    heads: Vec<(Vec<u8>, u32)>,
 }
 
 pub struct JoinOperator {
@@ -129,6 +167,23 @@ impl JoinOperator {
 
     fn join(&self) -> &JoinPlan {
         self.plan.join.as_ref().expect("checked in new")
+    }
+
+    /// Both sides' rows and indexes, for a checkpoint.
+    pub fn save(&self) -> Result<Vec<u8>> {
+        let sides = [self.sides[0].save()?, self.sides[1].save()?];
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&sides).map_err(|e| Error::internal(format!("saving join state: {e}")))?;
+        Ok(bytes.into_vec())
+    }
+
+    pub fn restore(plan: Arc<StreamPlan>, bytes: &[u8]) -> Result<JoinOperator> {
+        let mut op = JoinOperator::new(plan)?;
+        let mut aligned = rkyv::util::AlignedVec::<16>::new();
+        aligned.extend_from_slice(bytes);
+        let [left, right] = rkyv::from_bytes::<[SideState; 2], rkyv::rancor::Error>(&aligned)
+            .map_err(|e| Error::internal(format!("restoring join state: {e}")))?;
+        op.sides = [Side::restore(left)?, Side::restore(right)?];
+        Ok(op)
     }
 
     /// Rows held, per side.

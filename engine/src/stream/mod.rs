@@ -72,7 +72,7 @@ pub enum GroupCol {
 }
 
 /// An aggregate function, on its canonical value domain.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum AggKind {
     Count,
     Sum,

@@ -59,7 +59,7 @@ pub fn nullable(schema: &Schema) -> SchemaRef {
     ))
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct Group {
     key: Box<[u8]>,
     start: i64,
@@ -67,6 +67,23 @@ struct Group {
     live: bool,
     /// Emitted at least once (its row is out, or it has produced a `+I`).
     emitted: bool,
+}
+
+/// What [`AggOperator::save`] writes: every field of the operator's state.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct AggState {
+    index: Vec<(Vec<u8>, u32)>,
+    sessions: Vec<(Vec<u8>, Vec<u32>)>,
+    groups: Vec<Group>,
+    free: Vec<u32>,
+    closing: Vec<(i64, u32)>,
+    accs: Vec<Acc>,
+    watermark: i64,
+    arrivals: i64,
+    late_rows: u64,
+    dirty: Vec<u32>,
+    last_rows: Vec<(u32, Vec<u8>)>,
+    net: Vec<i64>,
 }
 
 /// Keyed aggregation, optionally over windows, on one shard: every group whose key this
@@ -445,6 +462,60 @@ impl AggOperator {
 
     /// The current row of every live group (the state `SELECT … FROM stream` reads for a
     /// changelog stream), without the change column.
+    /// The whole state, for a checkpoint (rkyv; emitted rows kept for `EMIT EVERY` as
+    /// Arrow IPC).
+    pub fn save(&self) -> Result<Vec<u8>> {
+        let mut last_rows = Vec::with_capacity(self.last_rows.len());
+        for (g, row) in &self.last_rows {
+            last_rows.push((*g, crate::ipc::to_bytes(&row.schema(), std::slice::from_ref(row))?));
+        }
+        let state = AggState {
+            index: self.index.iter().map(|(k, g)| (k.to_vec(), *g)).collect(),
+            sessions: self.sessions.iter().map(|(k, s)| (k.to_vec(), s.clone())).collect(),
+            groups: self.groups.clone(),
+            free: self.free.clone(),
+            closing: self.closing.iter().copied().collect(),
+            accs: self.accs.clone(),
+            watermark: self.watermark,
+            arrivals: self.arrivals,
+            late_rows: self.late_rows,
+            dirty: self.dirty.clone(),
+            last_rows,
+            net: self.net.clone(),
+        };
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&state).map_err(|e| Error::internal(format!("saving aggregate state: {e}")))?;
+        Ok(bytes.into_vec())
+    }
+
+    /// The operator of `plan` with the state `save` wrote.
+    pub fn restore(plan: Arc<StreamPlan>, bytes: &[u8]) -> Result<AggOperator> {
+        let mut op = AggOperator::new(plan)?;
+        let mut aligned = rkyv::util::AlignedVec::<16>::new();
+        aligned.extend_from_slice(bytes);
+        let state = rkyv::from_bytes::<AggState, rkyv::rancor::Error>(&aligned)
+            .map_err(|e| Error::internal(format!("restoring aggregate state: {e}")))?;
+        if state.accs.len() != op.accs.len() {
+            return Err(Error::internal("restoring aggregate state: the stream's aggregates changed"));
+        }
+        op.index = state.index.into_iter().map(|(k, g)| (k.into_boxed_slice(), g)).collect();
+        op.sessions = state.sessions.into_iter().map(|(k, s)| (k.into_boxed_slice(), s)).collect();
+        op.groups = state.groups;
+        op.free = state.free;
+        op.closing = state.closing.into_iter().collect();
+        op.accs = state.accs;
+        op.watermark = state.watermark;
+        op.arrivals = state.arrivals;
+        op.late_rows = state.late_rows;
+        op.dirty = state.dirty;
+        for (g, row) in state.last_rows {
+            if let Some(row) = crate::ipc::read(&row)?.pop() {
+                op.last_rows.insert(g, row);
+            }
+        }
+        op.net = state.net;
+        Ok(op)
+    }
+
     pub fn snapshot(&self) -> Result<RecordBatch> {
         let live: Vec<usize> = (0..self.groups.len()).filter(|&g| self.groups[g].live).collect();
         self.finish(&live)
