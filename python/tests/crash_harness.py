@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 CHILD = r"""
 import sys, threading, laminardb
 path, gen, threads, fsync = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-db = laminardb.open(path, config=laminardb.LaminarConfig(shards=2, wal_fsync=fsync))
+every = int(sys.argv[5]) or None
+cfg = laminardb.LaminarConfig(shards=2, wal_fsync=fsync, checkpoint_interval_ms=every)
+db = laminardb.open(path, config=cfg)
 db.execute("CREATE SOURCE IF NOT EXISTS events (id BIGINT, grp BIGINT, v BIGINT)")
 db.execute("CREATE STREAM IF NOT EXISTS totals AS "
            "SELECT grp, COUNT(*) AS n, SUM(v) AS s FROM events GROUP BY grp")
@@ -67,10 +69,10 @@ class Outcome:
         return not (self.lost or self.duplicated or self.aggregate_mismatch)
 
 
-def _generation(path: str, gen: int, threads: int, kill_after_s: float, fsync: bool) -> set[int]:
+def _generation(path: str, gen: int, threads: int, kill_after_s: float, fsync: bool, checkpoint_ms: int) -> set[int]:
     """Runs one child until killed; returns the ids it acknowledged."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, path, str(gen), str(threads), "1" if fsync else "0"],
+        [sys.executable, "-c", CHILD, path, str(gen), str(threads), "1" if fsync else "0", str(checkpoint_ms)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -103,12 +105,14 @@ def run_seed(seed: int, generations: int = 3, threads: int = 3, max_kill_s: floa
     import laminardb
 
     rng = random.Random(seed)
+    # Odd seeds also take automatic checkpoints every 20-200 ms while rows pour in.
+    checkpoint_ms = rng.randint(20, 200) if seed % 2 else 0
     out = Outcome(seed)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         path = os.path.join(tmp, "db")
         acked: set[int] = set()
         for gen in range(generations):
-            acked |= _generation(path, gen, threads, rng.uniform(0.0, max_kill_s), fsync)
+            acked |= _generation(path, gen, threads, rng.uniform(0.0, max_kill_s), fsync, checkpoint_ms)
         out.acked = len(acked)
         db = laminardb.open(path, config=laminardb.LaminarConfig(shards=2))
         try:

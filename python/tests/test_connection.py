@@ -93,9 +93,10 @@ def test_config_defaults():
     assert isinstance(cfg.shards, int) and cfg.shards >= 1
     assert repr(cfg) == (
         "LaminarConfig(buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, "
-        f"table_spill_threshold=1000000, shards={cfg.shards}, idle_timeout_ms=10000)"
+        f"table_spill_threshold=1000000, shards={cfg.shards}, idle_timeout_ms=10000, wal_fsync=True)"
     )
     assert cfg.idle_timeout_ms == 10_000
+    assert cfg.wal_fsync is True
 
 
 def test_config_custom_properties_and_repr():
@@ -113,7 +114,8 @@ def test_config_custom_properties_and_repr():
     assert cfg.shards == 1
     assert repr(cfg) == (
         "LaminarConfig(buffer_size=1024, storage_dir='/tmp/laminar_data', "
-        "checkpoint_interval_ms=5000, table_spill_threshold=10000000, shards=1, idle_timeout_ms=10000)"
+        "checkpoint_interval_ms=5000, table_spill_threshold=10000000, shards=1, idle_timeout_ms=10000, "
+        "wal_fsync=True)"
     )
 
 
@@ -428,12 +430,26 @@ def test_checkpointing_disabled(db):
     assert "checkpoint" in str(ei.value).lower()
 
 
-def test_checkpointing_disabled_even_with_interval_configured(tmp_path):
+def test_checkpointing_enabled_by_the_interval(tmp_path):
     cfg = laminardb.LaminarConfig(storage_dir=str(tmp_path), checkpoint_interval_ms=5000)
     with laminardb.open(str(tmp_path / "db"), config=cfg) as conn:
+        assert conn.is_checkpoint_enabled is True
+        first = conn.checkpoint()
+        assert isinstance(first, int) and conn.checkpoint() == first + 1
+    # A path without the interval: durable (WAL), but no checkpoints on demand.
+    with laminardb.open(str(tmp_path / "other")) as conn:
         assert conn.is_checkpoint_enabled is False
         with pytest.raises(laminardb.CheckpointError):
             conn.checkpoint()
+
+
+def test_checkpoints_on_an_in_memory_database_use_a_temporary_directory():
+    cfg = laminardb.LaminarConfig(checkpoint_interval_ms=60_000)
+    with laminardb.open(":memory:", config=cfg) as conn:
+        conn.execute("CREATE SOURCE t (id BIGINT)")
+        conn.insert("t", {"id": [1, 2, 3]})
+        assert conn.checkpoint() >= 1
+        assert conn.metrics().last_checkpoint_bytes > 0
 
 
 def test_shutdown_drains_in_flight_events(db):

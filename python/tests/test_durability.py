@@ -41,27 +41,33 @@ def test_memory_database_writes_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("shards_after", [2, 1], ids=["same-shards", "fewer-shards"])
-def test_reopen_keeps_catalog_rows_and_stream_state(tmp_path, shards_after):
+@pytest.mark.parametrize("how", ["close", "kill", "kill-fewer-shards"])
+def test_reopen_keeps_catalog_rows_and_stream_state(tmp_path, how):
+    """Closed: reopened from the checkpoint taken at close. Killed: rebuilt from the WAL
+    alone, also with another shard count (rows and keyed state re-partitioned)."""
     path = tmp_path / "db"
-    with reopen(path) as db:
-        db.execute(
-            "CREATE SOURCE trades (sym VARCHAR, price DOUBLE, ts BIGINT, "
-            "WATERMARK FOR ts AS ts - INTERVAL '0' SECOND)"
-        )
-        db.execute("CREATE TABLE refs (sym VARCHAR, name VARCHAR)")
-        db.execute("CREATE STREAM totals AS SELECT sym, COUNT(*) AS n, SUM(price) AS s FROM trades GROUP BY sym")
-        db.execute(
-            "CREATE STREAM bars AS SELECT sym, COUNT(*) AS n, MAX(price) AS hi FROM trades "
-            "GROUP BY sym, TUMBLE(ts, INTERVAL '1' SECOND)"
-        )
-        db.execute("CREATE SINK out FROM totals")
-        db.insert("refs", [{"sym": "A", "name": "Alpha"}, {"sym": "B", "name": "Beta"}])
-        db.insert("trades", [{"sym": "A", "price": 1.0, "ts": 100}, {"sym": "B", "price": 2.0, "ts": 200}])
-        db.insert("trades", [{"sym": "A", "price": 3.0, "ts": 900}])
-        db.insert("trades", [{"sym": "A", "price": 5.0, "ts": 1500}])  # closes window [0, 1000)
+    script = """
+db.execute("CREATE SOURCE trades (sym VARCHAR, price DOUBLE, ts BIGINT, "
+           "WATERMARK FOR ts AS ts - INTERVAL '0' SECOND)")
+db.execute("CREATE TABLE refs (sym VARCHAR, name VARCHAR)")
+db.execute("CREATE STREAM totals AS SELECT sym, COUNT(*) AS n, SUM(price) AS s FROM trades GROUP BY sym")
+db.execute("CREATE STREAM bars AS SELECT sym, COUNT(*) AS n, MAX(price) AS hi FROM trades "
+           "GROUP BY sym, TUMBLE(ts, INTERVAL '1' SECOND)")
+db.execute("CREATE SINK out FROM totals")
+db.insert("refs", [{"sym": "A", "name": "Alpha"}, {"sym": "B", "name": "Beta"}])
+db.insert("trades", [{"sym": "A", "price": 1.0, "ts": 100}, {"sym": "B", "price": 2.0, "ts": 200}])
+db.insert("trades", [{"sym": "A", "price": 3.0, "ts": 900}])
+db.insert("trades", [{"sym": "A", "price": 5.0, "ts": 1500}])  # closes window [0, 1000)
+"""
+    if how == "close":
+        db = reopen(path)
+        exec(script, {"db": db})
+        db.close()
+    else:
+        crash_after(path, script)
+    shards_after = 1 if how == "kill-fewer-shards" else 2
     with reopen(path, shards=shards_after) as db:
-        assert db.metrics().recovered_rows == 6
+        assert db.metrics().recovered_rows == (0 if how == "close" else 6)
         assert sorted(s.name for s in db.sources()) == ["refs", "trades"]
         assert [s.watermark_column for s in db.sources() if s.name == "trades"] == ["ts"]
         assert sorted(db.list_streams()) == ["bars", "totals"]
@@ -82,6 +88,26 @@ def test_reopen_keeps_catalog_rows_and_stream_state(tmp_path, shards_after):
     with reopen(path) as db:
         assert count(db, "trades") == 6
         assert records(db.query("SELECT sym, n FROM totals ORDER BY sym"), "sym", "n") == [("A", 5), ("B", 1)]
+
+
+def test_a_checkpoint_then_a_crash_restores_state_and_replays_only_the_tail(tmp_path):
+    path = tmp_path / "db"
+    crash_after(path, """
+db.execute("CREATE SOURCE e (k BIGINT, v BIGINT)")
+db.execute("CREATE STREAM s AS SELECT k, COUNT(*) AS n, SUM(v) AS t FROM e GROUP BY k")
+for i in range(30):
+    db.insert("e", {"k": [i % 3], "v": [i]})
+assert db.checkpoint() == 1
+db.insert("e", {"k": [0, 1], "v": [100, 200]})
+""", checkpoint_ms=3_600_000)
+    # Only the two segments written after the checkpoint are left (one per shard at most).
+    assert len(segments(path)) <= 2
+    with reopen(path, checkpoint_interval_ms=3_600_000) as db:
+        assert db.metrics().recovered_rows == 2
+        assert records(db.query("SELECT k, n, t FROM s ORDER BY k"), "k", "n", "t") == [
+            (0, 11, 135 + 100), (1, 11, 145 + 200), (2, 10, 155)]
+        assert count(db, "e") == 32
+        assert db.checkpoint() == 2
 
 
 def test_drops_and_watermark_calls_are_replayed(tmp_path):
@@ -118,11 +144,22 @@ def test_a_second_connection_to_the_same_directory_is_refused(tmp_path):
         assert again.metrics().wal_torn_tails == 0
 
 
+def crash_after(path, script, shards=2, fsync=True, checkpoint_ms=None):
+    """Runs `script` (with `db` open on `path`) in a child process that then dies without
+    closing: what it did is only in the WAL."""
+    code = (
+        "import os, sys, laminardb\n"
+        f"cfg = laminardb.LaminarConfig(shards={shards}, wal_fsync={fsync}, checkpoint_interval_ms={checkpoint_ms})\n"
+        "db = laminardb.open(sys.argv[1], config=cfg)\n"
+        f"{script}\n"
+        "os._exit(0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def _fill(path, n):
-    with reopen(path, shards=1) as db:
-        db.execute("CREATE SOURCE t (id BIGINT)")
-        for i in range(n):
-            db.insert("t", {"id": [i]})
+    crash_after(path, f'db.execute("CREATE SOURCE t (id BIGINT)")\nfor i in range({n}): db.insert("t", {{"id": [i]}})', shards=1)
 
 
 def test_a_torn_tail_is_cut_counted_and_logged(tmp_path, caplog):
@@ -159,12 +196,9 @@ def test_a_corrupt_record_is_never_served(tmp_path):
         assert records(db.query("SELECT id FROM t ORDER BY id"), "id") == [(i,) for i in range(9)]
 
 
-def test_relaxed_mode_keeps_rows_across_reopen(tmp_path):
+def test_relaxed_mode_keeps_rows_across_a_crash(tmp_path):
     path = tmp_path / "db"
-    with reopen(path, wal_fsync=False) as db:
-        assert db.is_closed is False
-        db.execute("CREATE SOURCE t (id BIGINT)")
-        db.insert("t", {"id": list(range(1000))})
+    crash_after(path, 'db.execute("CREATE SOURCE t (id BIGINT)")\ndb.insert("t", {"id": list(range(1000))})', fsync=False)
     with reopen(path) as db:
         assert count(db, "t") == 1000
 
