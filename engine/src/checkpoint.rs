@@ -111,7 +111,7 @@ mod tests {
             lsn: 42,
             shards: 2,
             ddl: vec!["CREATE SOURCE t (id BIGINT)".into()],
-            shard_files: vec![ShardFiles { state: Some("data/shard-0/state-3.bin".into()), rows: vec![("t".into(), vec!["a".into()])] }],
+            shard_files: vec![ShardFiles { state: Some("data/shard-0/state-3.bin".into()), rows: vec![("t".into(), vec!["a".into()])], bytes_written: 9 }],
             ..Manifest::default()
         };
         write_manifest(&root, &m).unwrap();
