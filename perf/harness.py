@@ -51,7 +51,7 @@ WORKLOADS = [
     Workload("market", shard_sweep=(1, 2)),
     Workload("nexmark", shard_sweep=(1, 2)),
     Workload("adhoc"),
-    Workload("durability", upstream=False, pending="pending: WAL (issue 5)"),
+    Workload("durability", upstream=False),
 ]
 
 

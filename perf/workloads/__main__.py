@@ -10,7 +10,7 @@ import importlib
 import json
 import sys
 
-NAMES = ["latency", "ingest", "market", "nexmark", "adhoc"]
+NAMES = ["latency", "ingest", "market", "nexmark", "adhoc", "durability"]
 
 
 def main() -> None:
