@@ -36,5 +36,25 @@ fn operators(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, hops, operators);
+/// The WAL's CPU cost per record: framing + checksum + Arrow IPC, and decoding it back.
+fn wal(c: &mut Criterion) {
+    use laminardb_engine::wal::{decode_all, encode, Record};
+    let mut group = c.benchmark_group("wal");
+    for rows in [1, BATCH_ROWS] {
+        let record = Record::Append { lsn: 1, parts: 1, source: "trades".into(), batches: vec![trades(rows, 1000, 1000)] };
+        let mut frame = Vec::new();
+        encode(&record, &mut frame).expect("encodes");
+        group.throughput(Throughput::Bytes(frame.len() as u64));
+        group.bench_function(format!("encode_append_{rows}"), |b| {
+            b.iter(|| {
+                frame.clear();
+                encode(black_box(&record), &mut frame).expect("encodes")
+            })
+        });
+        group.bench_function(format!("decode_append_{rows}"), |b| b.iter(|| decode_all(black_box(&frame)).0.len()));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, hops, operators, wal);
 criterion_main!(benches);

@@ -14,6 +14,10 @@
 //!   sends to shards. Shard replies that a caller waits for go straight back to the caller.
 //! * Each shard is a glommio executor pinned to one core that owns its partition of every
 //!   source ([`store::LocalStore`]); nothing in a shard is shared with another thread.
+//! * With a storage directory (`storage`), each shard writes its rows to its own WAL
+//!   (`wal`, glommio direct I/O) before applying them, the coordinator logs catalog changes
+//!   and watermark calls, takes checkpoints, and at open restores the latest checkpoint and
+//!   replays the WAL tail (see ARCHITECTURE.md, "Durability").
 
 pub mod command;
 mod coordinator;
