@@ -162,10 +162,7 @@ impl ShardRuntime {
         if let Some(file) = &files.state {
             let path = root.join(file);
             let bytes = std::fs::read(&path).map_err(|e| wal::io_error(&path, e))?;
-            let mut aligned = rkyv::util::AlignedVec::<16>::new();
-            aligned.extend_from_slice(&bytes);
-            let state = rkyv::from_bytes::<RuntimeState, rkyv::rancor::Error>(&aligned)
-                .map_err(|e| Error::checkpoint(format!("{}: {e}", path.display())))?;
+            let state: RuntimeState = checkpoint::load_state(&bytes, &path.display().to_string())?;
             self.marks = state.marks.into_iter().collect();
             for saved in state.streams {
                 let Some(task) = self.streams.get_mut(saved.name.as_str()) else { continue };

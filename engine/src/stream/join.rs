@@ -178,10 +178,7 @@ impl JoinOperator {
 
     pub fn restore(plan: Arc<StreamPlan>, bytes: &[u8]) -> Result<JoinOperator> {
         let mut op = JoinOperator::new(plan)?;
-        let mut aligned = rkyv::util::AlignedVec::<16>::new();
-        aligned.extend_from_slice(bytes);
-        let [left, right] = rkyv::from_bytes::<[SideState; 2], rkyv::rancor::Error>(&aligned)
-            .map_err(|e| Error::internal(format!("restoring join state: {e}")))?;
+        let [left, right]: [SideState; 2] = crate::checkpoint::load_state(bytes, "join state")?;
         op.sides = [Side::restore(left)?, Side::restore(right)?];
         Ok(op)
     }

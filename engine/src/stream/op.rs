@@ -490,10 +490,7 @@ impl AggOperator {
     /// The operator of `plan` with the state `save` wrote.
     pub fn restore(plan: Arc<StreamPlan>, bytes: &[u8]) -> Result<AggOperator> {
         let mut op = AggOperator::new(plan)?;
-        let mut aligned = rkyv::util::AlignedVec::<16>::new();
-        aligned.extend_from_slice(bytes);
-        let state = rkyv::from_bytes::<AggState, rkyv::rancor::Error>(&aligned)
-            .map_err(|e| Error::internal(format!("restoring aggregate state: {e}")))?;
+        let state: AggState = crate::checkpoint::load_state(bytes, "aggregate state")?;
         if state.accs.len() != op.accs.len() {
             return Err(Error::internal("restoring aggregate state: the stream's aggregates changed"));
         }
