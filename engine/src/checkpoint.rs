@@ -6,6 +6,7 @@
 //! <storage_dir>/data/shard-<i>/rows-<id>-<n>.arrow   rows appended to one source or stream
 //!                                           on shard i since the previous checkpoint (IPC)
 //! <storage_dir>/data/shard-<i>/state-<id>.bin        shard i's operator state (rkyv)
+//!                                           (each data file ends with its crc32 and "LDBC")
 //! ```
 //!
 //! A checkpoint covers every WAL record with an lsn below `Manifest::lsn`: recovery loads
@@ -85,6 +86,32 @@ pub fn write_manifest(root: &Path, manifest: &Manifest) -> Result<()> {
     let path = manifest_path(root);
     std::fs::rename(&tmp, &path).map_err(|e| io_error(&path, e))?;
     sync_dir(root)
+}
+
+const TRAILER_MAGIC: &[u8; 4] = b"LDBC";
+
+/// Writes a checkpoint file: `bytes`, then their crc32 and a magic, synced.
+pub fn write_checked(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut out = Vec::with_capacity(bytes.len() + 8);
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+    out.extend_from_slice(TRAILER_MAGIC);
+    write_synced(path, &out)
+}
+
+/// Reads a file `write_checked` wrote; damage (any changed byte, a cut) is an error.
+pub fn read_checked(path: &Path) -> Result<Vec<u8>> {
+    let mut bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+    let damaged = || Error::checkpoint(format!("{}: checksum mismatch; the checkpoint file is damaged", path.display()));
+    if bytes.len() < 8 || &bytes[bytes.len() - 4..] != TRAILER_MAGIC {
+        return Err(damaged());
+    }
+    let crc = u32::from_le_bytes(bytes[bytes.len() - 8..bytes.len() - 4].try_into().unwrap());
+    bytes.truncate(bytes.len() - 8);
+    if crc32fast::hash(&bytes) != crc {
+        return Err(damaged());
+    }
+    Ok(bytes)
 }
 
 /// Writes a whole file and syncs it.

@@ -209,3 +209,21 @@ def test_kill_9_loses_and_duplicates_no_acknowledged_row(tmp_path, seed):
     out = run_seed(seed, generations=2, threads=2, max_kill_s=0.4, directory=str(tmp_path))
     assert out.acked > 0
     assert out.ok, out
+
+
+def test_a_damaged_checkpoint_fails_the_open_instead_of_serving_less(tmp_path):
+    path = tmp_path / "db"
+    with reopen(path) as db:
+        db.execute("CREATE SOURCE t (id BIGINT)")
+        db.insert("t", {"id": list(range(100))})
+    (state,) = [f for f in glob.glob(os.path.join(str(path), "data", "shard-*", "rows-*.arrow"))][:1]
+    with open(state, "r+b") as f:
+        f.seek(os.path.getsize(state) // 2)  # one byte in the middle of the rows
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(laminardb.LaminarError) as ei:
+        reopen(path)
+    assert "checkpoint" in str(ei.value).lower()
+    with pytest.raises(laminardb.LaminarError):  # still refused: nothing was thrown away
+        reopen(path)

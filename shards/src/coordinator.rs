@@ -149,9 +149,19 @@ pub(crate) fn run(startup: Startup) {
         });
         let report = match recovered {
             Some(recovered) => coord.recover(recovered).await,
-            None => RecoveryReport::default(),
+            None => Ok(RecoveryReport::default()),
         };
-        let _ = ready.send(Ok(report));
+        let failed = report.is_err();
+        let _ = ready.send(report);
+        if failed {
+            // The caller got the error and never sees this database: stop everything.
+            coord.stopping.set(true);
+            for tx in coord.shards.iter() {
+                let _ = tx.send(ShardCommand::Stop).await;
+            }
+            let frontend = coord.frontend.borrow_mut().take();
+            return (frontend, None);
+        }
         if let Some(every) = checkpoint_every {
             start_checkpoint_timer(coord.clone(), every);
         }
@@ -875,18 +885,17 @@ impl Coordinator {
     /// logging it again: catalog changes run as SQL, inserts are re-partitioned for the
     /// current shard count, watermark calls move watermarks. Streams rebuild their state
     /// from the replayed input. Returns once everything has passed through every stream.
-    async fn recover(&self, recovered: Recovered) -> RecoveryReport {
+    /// A checkpoint that cannot be loaded fails the open: the WAL before it is gone, so
+    /// going on would serve a database missing what the checkpoint held.
+    async fn recover(&self, recovered: Recovered) -> Result<RecoveryReport> {
         let started = Instant::now();
         let Recovered { groups, mut report, manifest, .. } = recovered;
         let logging = self.logging.replace(false);
         let from = match &manifest {
-            Some(m) => match self.restore(m).await {
-                Ok(()) => m.lsn,
-                Err(e) => {
-                    report.errors.push(format!("checkpoint {}: {e}", m.id));
-                    0
-                }
-            },
+            Some(m) => {
+                self.restore(m).await.map_err(|e| Error::checkpoint(format!("loading checkpoint {}: {e}", m.id)))?;
+                m.lsn
+            }
             None => 0,
         };
         for group in groups.into_iter().filter(|g| g[0].lsn() >= from) {
@@ -917,7 +926,7 @@ impl Coordinator {
         for line in report.torn_tails.iter().chain(&report.errors) {
             log::warn!("recovery: {line}");
         }
-        report
+        Ok(report)
     }
 
     async fn replay_insert(&self, source: &str, batches: Vec<RecordBatch>) -> Result<()> {

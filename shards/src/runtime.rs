@@ -108,7 +108,7 @@ impl ShardRuntime {
                     let file = format!("data/shard-{}/rows-{id}-{n}.arrow", self.id);
                     let bytes = ipc::to_bytes(&first.schema(), &new)?;
                     written += bytes.len() as u64;
-                    checkpoint::write_synced(&root.join(&file), &bytes)?;
+                    checkpoint::write_checked(&root.join(&file), &bytes)?;
                     Some(file)
                 }
                 None => None,
@@ -120,7 +120,7 @@ impl ShardRuntime {
             let file = format!("data/shard-{}/state-{id}.bin", self.id);
             let bytes = self.save_state()?;
             written += bytes.len() as u64;
-            checkpoint::write_synced(&root.join(&file), &bytes)?;
+            checkpoint::write_checked(&root.join(&file), &bytes)?;
             self.state_file = Some(file);
             self.dirty = false;
         }
@@ -155,13 +155,13 @@ impl ShardRuntime {
             let mut batches = Vec::new();
             for file in row_files {
                 let path = root.join(file);
-                batches.extend(ipc::read(&std::fs::read(&path).map_err(|e| wal::io_error(&path, e))?)?);
+                batches.extend(ipc::read(&checkpoint::read_checked(&path)?)?);
             }
             self.store.restore(&Arc::from(name.as_str()), batches, row_files.clone())?;
         }
         if let Some(file) = &files.state {
             let path = root.join(file);
-            let bytes = std::fs::read(&path).map_err(|e| wal::io_error(&path, e))?;
+            let bytes = checkpoint::read_checked(&path)?;
             let state: RuntimeState = checkpoint::load_state(&bytes, &path.display().to_string())?;
             self.marks = state.marks.into_iter().collect();
             for saved in state.streams {
