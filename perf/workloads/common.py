@@ -202,13 +202,15 @@ class Collector(threading.Thread):
             raise self.error
         return pa.concat_tables(self.tables) if self.tables else None
 
-    def shortfall(self, what: str) -> tuple[str, str] | None:
-        """(status, detail) when fewer than expected arrived, else None."""
+    def complete(self, case: Case, what: str) -> bool:
+        """Whether every expected `what` arrived; if not, the case fails saying how many did."""
         if self.counted >= self.expected:
-            return None
+            return True
         if not self.tables:
-            return "no output", f"no output in {self.stall_s:g} s"
-        return "wrong", f"{self.counted:,} of {self.expected:,} {what} arrived (then nothing for {self.stall_s:g} s)"
+            case.fail("no output", f"no output in {self.stall_s:g} s")
+        else:
+            case.fail("wrong", f"{self.counted:,} of {self.expected:,} {what} arrived (then nothing for {self.stall_s:g} s)")
+        return False
 
 
 def new_histogram() -> HdrHistogram:

@@ -76,9 +76,7 @@ def ingest(
         insert(db, data)
         reader.writer_done()
         seen = reader.finish()
-    short = reader.shortfall("rows")
-    if short is not None:
-        case.fail(*short)
+    if not reader.complete(case, "rows"):
         return
     assert seen is not None and reader.done_at is not None
     case.check(seen.num_rows == rows, f"{seen.num_rows:,} rows seen, {rows:,} sent")

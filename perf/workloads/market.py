@@ -135,9 +135,7 @@ def bulk(
     db.insert("trades", closer)
     reader.writer_done()
     bars = reader.finish()
-    short = reader.shortfall("trades (sum of the bars' trade counts)")
-    if short is not None:
-        case.fail(*short)
+    if not reader.complete(case, "trades (sum of the bars' trade counts)"):
         return
     assert bars is not None and reader.done_at is not None
     check_bars(case, as_frame(bars), expected, rows)
