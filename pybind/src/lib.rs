@@ -24,6 +24,12 @@ use crate::config::PyLaminarConfig;
 use crate::connection::{open_connection, PyConnection};
 use crate::errors::to_pyerr;
 
+/// The storage directory a database location names: a plain path does, `:memory:` and
+/// URIs (`memory://`, `laminar://…`) do not.
+fn storage_path(location: &str) -> Option<String> {
+    (location != ":memory:" && !location.contains("://")).then(|| location.to_string())
+}
+
 /// Opens an embedded database. `path` is its storage directory (created if missing;
 /// `config.storage_dir` takes precedence), or ":memory:" for one that keeps nothing.
 #[pyfunction]
@@ -33,8 +39,8 @@ fn open(py: Python<'_>, path: &str, config: Option<PyLaminarConfig>) -> PyResult
         return Err(to_pyerr(Error::new(ErrorCode::ConnectionFailed, "the database path is empty")));
     }
     let mut config = config.map(|c| c.inner).unwrap_or_default();
-    if config.storage_dir.is_none() && path != ":memory:" && !path.starts_with("memory://") {
-        config.storage_dir = Some(path.to_string());
+    if config.storage_dir.is_none() {
+        config.storage_dir = storage_path(path);
     }
     open_connection(py, config)
 }
@@ -54,10 +60,7 @@ fn connect(py: Python<'_>, uri: &str) -> PyResult<PyConnection> {
             format!("unsupported URI '{uri}': use laminar://…, memory:// or a path"),
         )));
     }
-    let mut config = laminardb_engine::config::EngineConfig::default();
-    if !uri.contains("://") && uri != ":memory:" {
-        config.storage_dir = Some(uri.to_string());
-    }
+    let config = laminardb_engine::config::EngineConfig { storage_dir: storage_path(uri), ..Default::default() };
     open_connection(py, config)
 }
 
