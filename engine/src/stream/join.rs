@@ -13,11 +13,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, UInt32Array};
-use arrow::compute::{filter_record_batch, interleave, take};
+use arrow::array::{Array, ArrayRef, RecordBatch, RecordBatchOptions, UInt32Array};
+use arrow::compute::{interleave, take};
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, Rows, SortField};
 
+use super::op::eval_branch;
 use super::{JoinPlan, StreamPlan};
 use crate::error::{Error, Result};
 
@@ -238,36 +239,18 @@ impl JoinOperator {
         Ok(RecordBatch::try_new_with_options(schema, columns, &options)?)
     }
 
-    /// Residual condition, then the `SELECT` list.
+    /// Residual condition, then the `SELECT` list: a branch's filter and projection.
     fn finish(&self, joined: RecordBatch) -> Result<Option<RecordBatch>> {
         let join = self.join();
-        let joined = match &join.residual {
-            Some(cond) => {
-                let mask = cond.evaluate(&joined)?.into_array(joined.num_rows())?;
-                let mask = mask
-                    .as_boolean_opt()
-                    .ok_or_else(|| Error::query(format!("a join condition must be boolean, not {}", mask.data_type())))?;
-                filter_record_batch(&joined, mask)?
-            }
-            None => joined,
-        };
-        if joined.num_rows() == 0 {
-            return Ok(None);
-        }
-        let n = joined.num_rows();
-        let mut columns = Vec::with_capacity(join.output.len());
-        for (e, field) in join.output.iter().zip(self.plan.schema.fields()) {
-            let array = e.evaluate(&joined)?.into_array(n)?;
-            columns.push(if array.data_type() == field.data_type() { array } else { arrow::compute::cast(&array, field.data_type())? });
-        }
-        let options = RecordBatchOptions::new().with_row_count(Some(n));
-        Ok(Some(RecordBatch::try_new_with_options(self.plan.schema.clone(), columns, &options)?))
+        let out = eval_branch(join.residual.as_ref(), &join.output, &self.plan.schema, &joined)?;
+        Ok((out.num_rows() > 0).then_some(out))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::AsArray;
     use crate::stream::{Branch, Emit};
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};

@@ -722,7 +722,7 @@ mod tests {
                 }
                 original.advance(1000).unwrap();
                 let mut restored = AggOperator::restore(p, &original.save().unwrap()).unwrap();
-                let mut run = |op: &mut AggOperator| {
+                let run = |op: &mut AggOperator| {
                     let mut out = Vec::new();
                     for b in &after {
                         out.extend(op.apply(b).unwrap());

@@ -11,6 +11,8 @@ use arrow::datatypes::SchemaRef;
 use hdrhistogram::Histogram;
 use parking_lot::RwLock;
 
+use super::time::now_ms;
+
 /// Batches a subscriber may have waiting before its oldest is dropped.
 pub const SUBSCRIBER_BATCHES_MAX: usize = 4096;
 
@@ -82,10 +84,6 @@ impl Default for OutputCounters {
             ),
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Latencies above this (a minute) are recorded as this.

@@ -12,6 +12,11 @@ use arrow::datatypes::{
 
 use crate::error::{Error, Result};
 
+/// Wall-clock time now, in epoch milliseconds (processing time, not event time).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Whether `data_type` can carry event time.
 pub fn is_event_time(data_type: &DataType) -> bool {
     matches!(
