@@ -756,20 +756,7 @@ fn ready_future<'py>(py: Python<'py>, value: Bound<'py, PyAny>) -> PyResult<Boun
     Ok(future)
 }
 
-pub fn open_connection(py: Python<'_>, mut config: laminardb_engine::config::EngineConfig) -> PyResult<PyConnection> {
-    if config.storage_dir.is_none() && config.checkpoint_interval_ms.is_some() {
-        // Checkpoints without a directory to keep them: a temporary one, gone at close.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("laminardb-{}-{n}", std::process::id()));
-        config.storage_dir = Some(dir.to_string_lossy().into_owned());
-        config.ephemeral_storage = true;
-        config.wal_fsync = false;
-    }
-    // Keyed state in a checkpoint is partitioned for the shard count it was taken with.
-    if let Some(shards) = Handle::checkpointed_shards(&config).map_err(to_pyerr)? {
-        config.shards = shards;
-    }
+pub fn open_connection(py: Python<'_>, config: laminardb_engine::config::EngineConfig) -> PyResult<PyConnection> {
     let handle = blocking(py, move || {
         let frontend = laminardb_planner::SqlFrontend::new(config.shards)?;
         Handle::open(config, Box::new(frontend))

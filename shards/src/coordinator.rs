@@ -22,7 +22,6 @@ use parking_lot::RwLock;
 use laminardb_engine::catalog::{Catalog, SourceKind};
 use laminardb_engine::config::EngineConfig;
 use laminardb_engine::frontend::{Frontend, ObjectKind, QueryKind, ShardAccess, Statement};
-use laminardb_engine::partition::partition_batch;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::Emit;
 use laminardb_engine::catalog::TRANSIENT_PREFIX;
@@ -34,7 +33,7 @@ use crate::command::{reply_channel, Ack, AckToken, Command, PanicSite, Reply, Sh
 use crate::runtime::Outputs;
 use crate::shard::ShardWiring;
 use crate::sinks::SinkRunner;
-use crate::handle::Outcome;
+use crate::handle::{prepare_insert, Outcome};
 use crate::health::{catch, Health};
 use crate::shard;
 use crate::storage::{collect_garbage, shard_owner, CheckpointStats, Recovered, Storage, CONTROL_OWNER};
@@ -115,7 +114,7 @@ pub(crate) fn run(startup: Startup) {
     let spin_us = config.coord_spin_us;
     let control = storage.as_ref().map(|s| s.wal(CONTROL_OWNER));
     let root: Option<Arc<std::path::Path>> = storage.as_ref().map(|s| Arc::from(s.root.as_path()));
-    let checkpoint_every = config.checkpoint_interval_ms.filter(|_| root.is_some());
+    let checkpoint_every = config.checkpoint_interval_ms;
     let (frontend, shutdown_reply) = executor.run(async move {
         let mut connected = Vec::with_capacity(senders.len());
         for tx in senders {
@@ -329,7 +328,7 @@ impl Coordinator {
                 let _ = reply.send(self.execute(&sql, &params).await);
             }
             Command::Insert { source, parts, max_event_ms, born, reply } => {
-                self.insert(&source, parts, max_event_ms, born, reply).await;
+                self.insert(&source, parts, max_event_ms, Some(born), reply).await;
             }
             Command::Scan { source, shard, reply } => {
                 let Some(tx) = self.shards.get(shard) else {
@@ -708,7 +707,9 @@ impl Coordinator {
         Ok(out)
     }
 
-    async fn insert(&self, source: &str, parts: Vec<Vec<RecordBatch>>, max_event_ms: Option<i64>, born: Instant, reply: Reply<u64>) {
+    /// `born`: when the work entered the engine, for the latency histograms (`None` for
+    /// rows replayed from the WAL).
+    async fn insert(&self, source: &str, parts: Vec<Vec<RecordBatch>>, max_event_ms: Option<i64>, born: Option<Instant>, reply: Reply<u64>) {
         let (name, watermark): (Arc<str>, Option<i64>) = {
             let catalog = self.catalog.borrow();
             match catalog.source(source) {
@@ -732,19 +733,13 @@ impl Coordinator {
             }
         };
         let _dispatching = self.dispatch_lock.lock().await;
-        let ack = Ack::born_at(Some(born), &self.inflight, move |r| {
+        let ack = Ack::born_at(born, &self.inflight, move |r| {
             let _ = reply.send(r);
         });
-        self.dispatch(name, parts, watermark, &ack, self.logging.get()).await;
-    }
-
-    /// Sends an insert's rows to their shards (with the watermark they moved, if any);
-    /// `log`: each shard writes its rows to its WAL under one new lsn first.
-    /// The caller holds `dispatch_lock` (taken before its Ack, which a checkpoint waits for).
-    async fn dispatch(&self, name: Arc<str>, parts: Vec<Vec<RecordBatch>>, watermark: Option<i64>, ack: &AckToken, log: bool) {
         let watermark = watermark.and_then(|mark| self.bump_watermark(&name, mark));
+        // While logging, each shard writes its rows to its WAL under one new lsn first.
         let with_rows = parts.iter().filter(|p| !p.is_empty()).count();
-        let lsn = (log && with_rows > 0).then(|| self.take_lsn());
+        let lsn = (self.logging.get() && with_rows > 0).then(|| self.take_lsn());
         for (shard, batches) in parts.into_iter().enumerate() {
             if batches.is_empty() && watermark.is_none() {
                 continue;
@@ -826,7 +821,7 @@ impl Coordinator {
             id,
             lsn,
             shards: self.shards.len(),
-            created_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+            created_ms: laminardb_engine::stream::time::now_ms(),
             ddl: self.ddl_history.borrow().clone(),
             watermarks: self.watermarks.borrow().iter().map(|(k, v)| (k.clone(), *v)).collect(),
             counters,
@@ -877,7 +872,6 @@ impl Coordinator {
             }
         }
         self.last_checkpoint.set(manifest.id);
-        self.next_lsn.set(self.next_lsn.get().max(manifest.lsn + 1));
         Ok(())
     }
 
@@ -891,14 +885,11 @@ impl Coordinator {
         let started = Instant::now();
         let Recovered { groups, mut report, manifest, .. } = recovered;
         let logging = self.logging.replace(false);
-        let from = match &manifest {
-            Some(m) => {
-                self.restore(m).await.map_err(|e| Error::checkpoint(format!("loading checkpoint {}: {e}", m.id)))?;
-                m.lsn
-            }
-            None => 0,
-        };
-        for group in groups.into_iter().filter(|g| g[0].lsn() >= from) {
+        if let Some(m) = &manifest {
+            self.restore(m).await.map_err(|e| Error::checkpoint(format!("loading checkpoint {}: {e}", m.id)))?;
+        }
+        // `groups` holds only what follows the checkpoint (`Storage::read`).
+        for group in groups {
             report.records += group.len() as u64;
             let lsn = group[0].lsn();
             let step = match &group[0] {
@@ -929,27 +920,17 @@ impl Coordinator {
         Ok(report)
     }
 
+    /// Logged rows go in as an insert does (re-partitioned for the current shard count).
     async fn replay_insert(&self, source: &str, batches: Vec<RecordBatch>) -> Result<()> {
         let catalog = self.catalog.borrow().clone();
-        let def = catalog.source(source)?;
-        let mut parts = vec![Vec::new(); self.shards.len()];
-        for batch in &batches {
-            if batch.schema().fields() != def.schema.fields() {
-                return Err(Error::new(ErrorCode::SchemaMismatch, format!("logged rows no longer match '{source}'")));
-            }
-            for (shard, part) in partition_batch(batch, &def.partition_key, self.shards.len())?.into_iter().enumerate() {
-                parts[shard].extend(part);
-            }
+        let (parts, max_event_ms) = prepare_insert(catalog.source(source)?, &batches, self.shards.len())?;
+        let (reply, answer) = reply_channel();
+        self.insert(source, parts, max_event_ms, None, reply).await;
+        // Refused at once (the source is gone or changed), or answered later: not waited on.
+        match answer.try_recv() {
+            Ok(Err(e)) => Err(e),
+            _ => Ok(()),
         }
-        let watermark = def
-            .watermark
-            .as_ref()
-            .zip(crate::handle::max_event_ms(def, &batches)?)
-            .map(|(w, max)| max.saturating_sub(w.delay_ms));
-        let _dispatching = self.dispatch_lock.lock().await;
-        let ack = Ack::born_at(None, &self.inflight, |_| {});
-        self.dispatch(def.name.as_str().into(), parts, watermark, &ack, false).await;
-        Ok(())
     }
 
     async fn stats(&self, source: &str) -> Result<Vec<(u64, u64)>> {
@@ -993,12 +974,7 @@ impl ShardAccess for CoordinatorAccess {
     fn insert(&self, source: &str, batch: RecordBatch) -> Result<flume::Receiver<Result<u64>>> {
         let catalog = self.published.read().clone();
         let def = catalog.source(source)?;
-        let batch = laminardb_engine::ingest::cast_to_schema(&batch, &def.schema)?;
-        let parts = partition_batch(&batch, &def.partition_key, self.shards)?
-            .into_iter()
-            .map(|p| p.into_iter().collect())
-            .collect();
-        let max_event_ms = crate::handle::max_event_ms(def, &[batch])?;
+        let (parts, max_event_ms) = prepare_insert(def, &[batch], self.shards)?;
         let (reply, rx) = reply_channel();
         self.internal
             .send(Command::Insert { source: def.name.clone(), parts, max_event_ms, born: Instant::now(), reply })

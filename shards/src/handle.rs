@@ -24,6 +24,7 @@ use crate::command::{reply_channel, Command, PanicSite, Reply};
 use crate::coordinator::{self, Published, Startup};
 use crate::health::Health;
 pub use crate::storage::CheckpointStats;
+use crate::storage;
 use crate::runtime::Outputs;
 
 /// What one executed statement produced.
@@ -52,6 +53,7 @@ pub struct Handle {
 impl Handle {
     /// Starts the shards and the coordinator; returns once all are running.
     pub fn open(config: EngineConfig, frontend: Box<dyn Frontend>) -> Result<Handle> {
+        let config = storage::settle(config)?;
         let shards = config.shards.max(1);
         let config = EngineConfig { shards, ..config };
         let queue_capacity = config.queue_capacity();
@@ -62,7 +64,7 @@ impl Handle {
         let outputs: Outputs = Arc::default();
         let health = Arc::new(Health::default());
         let checkpoints: Arc<Mutex<CheckpointStats>> = Arc::default();
-        let checkpoint_enabled = config.checkpoint_interval_ms.is_some() && config.storage_dir.is_some();
+        let checkpoint_enabled = config.checkpoint_interval_ms.is_some();
         let (ready_tx, ready_rx) = flume::bounded(1);
         let startup = Startup {
             config,
@@ -111,13 +113,6 @@ impl Handle {
             checkpoints,
             checkpoint_enabled,
         })
-    }
-
-    /// The shard count a storage directory's checkpoint was taken with: state is
-    /// partitioned for it, so the database must reopen with as many shards.
-    pub fn checkpointed_shards(config: &EngineConfig) -> Result<Option<usize>> {
-        let Some(dir) = config.storage_dir.as_deref() else { return Ok(None) };
-        Ok(laminardb_engine::checkpoint::read_manifest(std::path::Path::new(dir))?.map(|m| m.shards))
     }
 
     /// Automatic checkpoints are configured (`checkpoint_interval_ms` with storage).
@@ -186,16 +181,7 @@ impl Handle {
         let born = std::time::Instant::now();
         let catalog = self.catalog();
         let def = catalog.source(source)?;
-        let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); self.shards];
-        let mut cast = Vec::with_capacity(batches.len());
-        for batch in batches {
-            let batch = cast_to_schema(batch, &def.schema)?;
-            for (shard, part) in partition_batch(&batch, &def.partition_key, self.shards)?.into_iter().enumerate() {
-                parts[shard].extend(part);
-            }
-            cast.push(batch);
-        }
-        let max_event_ms = max_event_ms(def, &cast)?;
+        let (parts, max_event_ms) = prepare_insert(def, batches, self.shards)?;
         self.call(|reply| Command::Insert { source: def.name.clone(), parts, max_event_ms, born, reply })
     }
 
@@ -282,17 +268,24 @@ fn recv_spinning<T>(rx: &flume::Receiver<T>, spin: std::time::Duration) -> Resul
     rx.recv()
 }
 
-/// The latest event time among `batches` (epoch ms), for a source with a watermark.
-pub(crate) fn max_event_ms(def: &SourceDef, batches: &[RecordBatch]) -> Result<Option<i64>> {
-    let Some(spec) = &def.watermark else { return Ok(None) };
-    let Ok(index) = def.schema.index_of(&spec.column) else { return Ok(None) };
+/// An insert's rows as the coordinator takes them (`Command::Insert`): each batch cast to
+/// the source's schema and split per shard, and the latest event time among them (epoch
+/// ms; `None` without a watermark). Callers, the query pool's `INSERT … SELECT` and WAL
+/// replay all prepare inserts here.
+pub(crate) fn prepare_insert(def: &SourceDef, batches: &[RecordBatch], shards: usize) -> Result<(Vec<Vec<RecordBatch>>, Option<i64>)> {
+    let event_time = def.watermark.as_ref().and_then(|spec| def.schema.index_of(&spec.column).ok());
+    let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); shards];
     let mut max = None;
     for batch in batches {
-        if let Some(m) = max_millis(batch.column(index))? {
-            max = Some(max.map_or(m, |cur: i64| cur.max(m)));
+        let batch = cast_to_schema(batch, &def.schema)?;
+        if let Some(index) = event_time {
+            max = max.max(max_millis(batch.column(index))?);
+        }
+        for (shard, part) in partition_batch(&batch, &def.partition_key, shards)?.into_iter().enumerate() {
+            parts[shard].extend(part);
         }
     }
-    Ok(max)
+    Ok((parts, max))
 }
 
 /// The affected-row count a DML result batch carries.
