@@ -8,7 +8,9 @@
 //! * [`Operators`]: one batch through a stream's filter/projection, a keyed aggregate and
 //!   window assignment — the shard's per-batch work.
 //!
-//! WAL append + flush joins when the WAL exists (issue 5).
+//! * WAL records (`benches/micro.rs`, `wal/*`): framing, checksum and Arrow IPC of one
+//!   append, and decoding it back. Disk writes and fsync are measured end to end by
+//!   `perf/workloads/durability.py`.
 
 use std::sync::Arc;
 

@@ -281,16 +281,10 @@ pub fn append_batches(group: Vec<Record>) -> Option<(String, Vec<RecordBatch>)> 
 /// What reopening a storage directory found and replayed.
 #[derive(Clone, Debug, Default)]
 pub struct RecoveryReport {
-    /// WAL records replayed (catalog changes, inserts' parts, watermarks).
-    pub records: u64,
     /// Rows replayed into sources.
     pub rows: u64,
-    /// Bytes of WAL read.
-    pub wal_bytes: u64,
     /// Torn or corrupt tails cut off, one line each.
     pub torn_tails: Vec<String>,
-    /// Inserts with some but not all shards' parts on disk: never acknowledged, left out.
-    pub incomplete_inserts: u64,
     /// Records that failed to replay (their error), e.g. rows for a source dropped since.
     pub errors: Vec<String>,
     pub millis: f64,

@@ -115,7 +115,8 @@ impl Handle {
         })
     }
 
-    /// Automatic checkpoints are configured (`checkpoint_interval_ms` with storage).
+    /// Automatic checkpoints are configured (`checkpoint_interval_ms`; without a storage
+    /// directory they go to a temporary one, see `storage::settle`).
     pub fn checkpoint_enabled(&self) -> bool {
         self.checkpoint_enabled
     }
