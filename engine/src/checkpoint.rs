@@ -6,6 +6,8 @@
 //! <storage_dir>/data/shard-<i>/rows-<id>-<n>.arrow   rows appended to one source or stream
 //!                                           on shard i since the previous checkpoint (IPC)
 //! <storage_dir>/data/shard-<i>/state-<id>.bin        shard i's operator state (rkyv)
+//! <storage_dir>/data/shard-<i>/channel-<id>.bin      exchange messages in flight into
+//!                                           shard i at the checkpoint (rkyv)
 //!                                           (each data file ends with its crc32 and "LDBC")
 //! ```
 //!
@@ -48,6 +50,15 @@ pub struct ShardFiles {
     pub state: Option<String>,
     /// Per source or stream, its row files, oldest first.
     pub rows: Vec<(String, Vec<String>)>,
+    /// Exchange messages in flight into this shard at the checkpoint (sent by a peer
+    /// before its snapshot, received after this shard's), applied after every shard's
+    /// state is loaded; `None` when there were none.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// Per source or stream, what this shard published of it up to the barrier: rows,
+    /// batches, late rows dropped.
+    #[serde(default)]
+    pub counters: Vec<(String, [u64; 3])>,
     /// Bytes this shard wrote for this checkpoint.
     pub bytes_written: u64,
 }
@@ -150,7 +161,7 @@ mod tests {
             lsn: 42,
             shards: 2,
             ddl: vec!["CREATE SOURCE t (id BIGINT)".into()],
-            shard_files: vec![ShardFiles { state: Some("data/shard-0/state-3.bin".into()), rows: vec![("t".into(), vec!["a".into()])], bytes_written: 9 }],
+            shard_files: vec![ShardFiles { state: Some("data/shard-0/state-3.bin".into()), rows: vec![("t".into(), vec!["a".into()])], channel: None, counters: vec![("t".into(), [1, 1, 0])], bytes_written: 9 }],
             ..Manifest::default()
         };
         write_manifest(&root, &m).unwrap();

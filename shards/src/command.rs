@@ -75,20 +75,31 @@ pub enum ShardCommand {
     Stats { source: Arc<str>, reply: Reply<(u64, u64)> },
     DropSource { source: Arc<str> },
     InjectPanic { reply: Reply<()> },
-    /// Write this shard's part of checkpoint `id` under `root`, then start a new WAL
-    /// segment (the old ones are deleted once the manifest is published). Sent while
-    /// nothing is in flight (see `Coordinator::checkpoint`).
+    /// The barrier of checkpoint `id`: sent to every shard at one point of the command
+    /// stream (every insert is before it on all its shards or after it on all). The shard
+    /// snapshots its rows and state, sends an [`Exchange::Marker`] to every peer, starts a
+    /// new WAL segment, and answers once every peer's marker has arrived, with the
+    /// exchange messages it received before them (see `ShardRuntime::begin_checkpoint`).
     Checkpoint { root: Arc<std::path::Path>, id: u64, reply: Reply<ShardFiles> },
-    /// Load this shard's part of a checkpoint, after the catalog was rebuilt.
+    /// Load this shard's part of a checkpoint, after the catalog was rebuilt. Its recorded
+    /// exchange messages wait for `ReplayChannel`.
     Restore { root: Arc<std::path::Path>, files: ShardFiles, reply: Reply<()> },
+    /// Apply the exchange messages the restored checkpoint recorded; sent once every
+    /// shard has restored its state, since they may route rows on to other shards.
+    ReplayChannel { ack: AckToken },
     Stop,
 }
 
 /// Shard-to-shard messages of the exchange: rows of a keyed aggregate travelling to the
-/// shard that owns their key, and the watermarks that follow them on the same channel.
+/// shard that owns their key, the watermarks that follow them on the same channel, and
+/// checkpoint markers. Each sender's messages arrive in the order it sent them.
 pub enum Exchange {
-    Data { stream: Arc<str>, branch: usize, batch: RecordBatch, ack: AckToken },
+    Data { stream: Arc<str>, branch: usize, from: usize, batch: RecordBatch, ack: AckToken },
     Watermark { stream: Arc<str>, branch: usize, from: usize, watermark: i64, ack: AckToken },
+    /// `from` has snapshotted for the checkpoint in progress: what it sends after this is
+    /// not in the checkpoint, what it sent before is in it (in its state or, if still in
+    /// flight at the receiver's snapshot, in the receiver's recorded channel state).
+    Marker { from: usize },
     Stop,
 }
 

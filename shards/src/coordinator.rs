@@ -254,16 +254,6 @@ fn start_checkpoint_timer(coord: Rc<Coordinator>, every_ms: u64) {
     .detach();
 }
 
-fn counters_of(output: &Output) -> [i64; 4] {
-    let c = &output.counters;
-    [
-        c.rows.load(Ordering::Relaxed) as i64,
-        c.batches.load(Ordering::Relaxed) as i64,
-        c.late_rows.load(Ordering::Relaxed) as i64,
-        c.watermark.load(Ordering::Relaxed),
-    ]
-}
-
 /// The next caller command: polled for up to `spin` first (a wake-up from sleep costs
 /// tens of microseconds), then awaited.
 async fn next_command(commands: &flume::Receiver<Command>, spin: std::time::Duration) -> Result<Command, flume::RecvError> {
@@ -771,10 +761,12 @@ impl Coordinator {
         writer.write(&frame, lsn).await
     }
 
-    /// Takes a checkpoint: stops sending inserts to the shards, waits until nothing is in
-    /// flight (so every shard and every exchange channel is past the same lsn: a
-    /// consistent cut), has every shard write its part, publishes the manifest, then
-    /// deletes the WAL segments and files it made obsolete. Returns the checkpoint's id.
+    /// Takes a checkpoint: under the dispatch lock (a few microseconds: no insert is half
+    /// sent), takes its lsn, puts its barrier into every shard's command stream and rolls
+    /// the control log; inserts then flow again while the shards snapshot at the barrier
+    /// and record the exchange messages still in flight to them (Chandy–Lamport: see
+    /// `ShardRuntime::begin_checkpoint`). Once every shard has answered, publishes the
+    /// manifest and deletes the WAL segments and files it made obsolete. Returns the id.
     async fn checkpoint(&self) -> Result<u64> {
         let root = self.root.clone().ok_or_else(|| {
             Error::checkpoint("checkpointing is disabled: open the database with a path or LaminarConfig(storage_dir=…)")
@@ -782,10 +774,6 @@ impl Coordinator {
         let _ddl = self.ddl_lock.lock().await;
         let started = Instant::now();
         let dispatching = self.dispatch_lock.lock().await;
-        self.drain().await;
-        if self.inflight.load(Ordering::Acquire) > 0 {
-            return Err(Error::checkpoint("inserts still in flight after 30 s; checkpoint abandoned"));
-        }
         let paused = Instant::now();
         let id = self.last_checkpoint.get() + 1;
         let lsn = self.take_lsn();
@@ -797,33 +785,55 @@ impl Coordinator {
                 .map_err(|_| Error::internal("a shard has stopped"))?;
             waits.push(rx);
         }
-        let mut shard_files = Vec::with_capacity(waits.len());
-        for rx in waits {
-            let files = rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped"))?;
-            shard_files.push(files.map_err(|e| Error::checkpoint(format!("checkpoint {id}: {e}")))?);
-        }
         if let Some(control) = self.control.lock().await.as_mut() {
             control.roll().await;
         }
+        // The sources' watermarks as of the barrier (later inserts may move them on).
+        let watermarks: Vec<(String, i64)> = self.watermarks.borrow().iter().map(|(k, v)| (k.clone(), *v)).collect();
         drop(dispatching);
         let pause = paused.elapsed();
+        // Every answer is awaited, failed or not, so no shard is still completing this
+        // checkpoint when the next one begins.
+        let mut shard_files = Vec::with_capacity(waits.len());
+        let mut failure = None;
+        for rx in waits {
+            match rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped")).and_then(|r| r) {
+                Ok(files) => shard_files.push(files),
+                Err(e) => {
+                    failure.get_or_insert(Error::checkpoint(format!("checkpoint {id}: {e}")));
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        // Counters as of the barrier: the sum of what each shard had published by then.
         let catalog = self.catalog.borrow().clone();
         let outputs = self.outputs.read();
-        let counters = catalog
+        let mut totals: HashMap<String, [i64; 4]> = catalog
             .sources
             .keys()
             .chain(catalog.streams.keys())
-            .filter_map(|name| outputs.get(name).map(|o| (name.clone(), counters_of(o))))
+            .filter_map(|name| outputs.get(name).map(|o| (name.clone(), [0, 0, 0, o.counters.watermark.load(Ordering::Relaxed)])))
             .collect();
         drop(outputs);
+        for files in &shard_files {
+            for (name, counts) in &files.counters {
+                if let Some(total) = totals.get_mut(name) {
+                    for (t, c) in total.iter_mut().zip(counts) {
+                        *t += *c as i64;
+                    }
+                }
+            }
+        }
         let manifest = Manifest {
             id,
             lsn,
             shards: self.shards.len(),
             created_ms: laminardb_engine::stream::time::now_ms(),
             ddl: self.ddl_history.borrow().clone(),
-            watermarks: self.watermarks.borrow().iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            counters,
+            watermarks,
+            counters: totals.into_iter().collect(),
             bytes_written: shard_files.iter().map(|f| f.bytes_written).sum(),
             shard_files,
         };
@@ -856,6 +866,12 @@ impl Coordinator {
         }
         for rx in waits {
             rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped"))??;
+        }
+        // Exchange messages that were in flight at the checkpoint, now that every shard
+        // they may route rows on to holds its state.
+        let ack = Ack::born_at(None, &self.inflight, |_| {});
+        for tx in self.shards.iter() {
+            tx.send(ShardCommand::ReplayChannel { ack: ack.clone() }).await.map_err(|_| Error::internal("a shard has stopped"))?;
         }
         for (source, mark) in &manifest.watermarks {
             self.watermarks.borrow_mut().insert(source.clone(), *mark);

@@ -21,7 +21,7 @@ use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, Result};
 
-use crate::command::{Ack, AckToken, Exchange};
+use crate::command::{Ack, AckToken, Exchange, Reply};
 use crate::store::LocalStore;
 
 /// Outputs of every source and stream by name, shared by the coordinator, the shards and
@@ -56,6 +56,52 @@ pub struct ShardRuntime {
     /// Something changed since the last checkpoint's state file, which is `state_file`.
     dirty: bool,
     state_file: Option<String>,
+    /// The checkpoint this shard has snapshotted and is completing, if any.
+    pending: Option<PendingCheckpoint>,
+    /// Exchange messages a restored checkpoint recorded, applied on `replay_channel`.
+    recorded: Vec<ChannelMsg>,
+    /// Rows and batches each source and stream published from this shard: its share of
+    /// their counters, exact at every checkpoint barrier.
+    published: HashMap<Arc<str>, [u64; 2]>,
+}
+
+fn tally(published: &mut HashMap<Arc<str>, [u64; 2]>, name: &Arc<str>, batch: &RecordBatch) {
+    if batch.num_rows() > 0 {
+        let [rows, batches] = published.entry(name.clone()).or_default();
+        *rows += batch.num_rows() as u64;
+        *batches += 1;
+    }
+}
+
+/// Checkpoint `id` after this shard's snapshot (Chandy–Lamport): the exchange messages
+/// each peer sent before its marker but that arrived after the snapshot are recorded —
+/// they are part of the cut but in nobody's state — until every peer's marker is in.
+/// Nothing waits meanwhile: the messages are applied as usual, and recorded too.
+struct PendingCheckpoint {
+    root: Arc<Path>,
+    id: u64,
+    files: Result<ShardFiles>,
+    /// Per shard: its marker has not arrived yet (never true for this shard itself).
+    awaiting: Vec<bool>,
+    /// The WAL has started its post-checkpoint segment.
+    rolled: bool,
+    channel: Vec<ChannelMsg>,
+    reply: Reply<ShardFiles>,
+}
+
+/// One recorded exchange message: rows (Arrow IPC) or a watermark.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct ChannelMsg {
+    stream: String,
+    branch: u64,
+    from: u64,
+    rows: Option<Vec<u8>>,
+    watermark: i64,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct ChannelState {
+    msgs: Vec<ChannelMsg>,
 }
 
 /// A shard's operator state in a checkpoint (rkyv).
@@ -90,13 +136,110 @@ impl ShardRuntime {
             background: Ack::background(),
             dirty: true,
             state_file: None,
+            pending: None,
+            recorded: Vec::new(),
+            published: HashMap::new(),
         }
+    }
+
+    /// The barrier of checkpoint `id` arrived on the command stream: snapshot now, tell
+    /// every peer, and record what still arrives from each peer until its marker. The
+    /// answer goes out once the WAL has rolled (`checkpoint_rolled`) and every marker is
+    /// in. Markers go out even when the snapshot failed, so no peer waits forever.
+    pub fn begin_checkpoint(&mut self, root: Arc<Path>, id: u64, reply: Reply<ShardFiles>) {
+        let files = crate::health::catch(&format!("shard {}", self.id), || self.snapshot(&root, id));
+        for (peer, tx) in self.exchange.iter().enumerate() {
+            if peer != self.id {
+                let _ = tx.send(Exchange::Marker { from: self.id });
+            }
+        }
+        let awaiting = (0..self.shards).map(|s| s != self.id).collect();
+        let pending = PendingCheckpoint { root, id, files, awaiting, rolled: false, channel: Vec::new(), reply };
+        if let Some(old) = self.pending.replace(pending) {
+            let _ = old.reply.send(Err(Error::checkpoint(format!("checkpoint {} overtaken by the next", old.id))));
+        }
+    }
+
+    /// The WAL now writes past the checkpoint's barrier.
+    pub fn checkpoint_rolled(&mut self) {
+        if let Some(p) = self.pending.as_mut() {
+            p.rolled = true;
+        }
+        self.finish_checkpoint();
+    }
+
+    fn finish_checkpoint(&mut self) {
+        let done = self.pending.as_ref().is_some_and(|p| p.rolled && !p.awaiting.contains(&true));
+        if !done {
+            return;
+        }
+        let Some(PendingCheckpoint { root, id, files, channel, reply, .. }) = self.pending.take() else { return };
+        let files = files.and_then(|mut files| {
+            if !channel.is_empty() {
+                let file = format!("data/shard-{}/channel-{id}.bin", self.id);
+                let state = ChannelState { msgs: channel };
+                let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&state)
+                    .map_err(|e| Error::internal(format!("saving exchange messages: {e}")))?;
+                checkpoint::write_checked(&root.join(&file), &bytes)?;
+                checkpoint::sync_dir(&checkpoint::shard_dir(&root, self.id))?;
+                files.bytes_written += bytes.len() as u64;
+                files.channel = Some(file);
+            }
+            Ok(files)
+        });
+        let _ = reply.send(files);
+    }
+
+    /// Records `msg` into the pending checkpoint if its sender's marker is still due.
+    fn record_channel(&mut self, msg: &Exchange) {
+        let Some(p) = self.pending.as_mut() else { return };
+        let (stream, branch, from, rows, watermark) = match msg {
+            Exchange::Data { stream, branch, from, batch, .. } => {
+                if !p.awaiting[*from] {
+                    return;
+                }
+                match ipc::to_bytes(&batch.schema(), std::slice::from_ref(batch)) {
+                    Ok(bytes) => (stream, *branch, *from, Some(bytes), i64::MIN),
+                    Err(e) => {
+                        p.files = Err(e);
+                        return;
+                    }
+                }
+            }
+            Exchange::Watermark { stream, branch, from, watermark, .. } => {
+                if !p.awaiting[*from] {
+                    return;
+                }
+                (stream, *branch, *from, None, *watermark)
+            }
+            Exchange::Marker { .. } | Exchange::Stop => return,
+        };
+        p.channel.push(ChannelMsg { stream: stream.to_string(), branch: branch as u64, from: from as u64, rows, watermark });
+    }
+
+    /// Applies the exchange messages the restored checkpoint recorded.
+    pub fn replay_channel(&mut self, ack: &AckToken) -> Result<()> {
+        for msg in std::mem::take(&mut self.recorded) {
+            let (stream, branch, from): (Arc<str>, _, _) = (Arc::from(msg.stream.as_str()), msg.branch as usize, msg.from as usize);
+            match msg.rows {
+                Some(bytes) => {
+                    for batch in ipc::read(&bytes)? {
+                        self.on_exchange(Exchange::Data { stream: stream.clone(), branch, from, batch, ack: ack.clone() });
+                    }
+                }
+                None => {
+                    let watermark = msg.watermark;
+                    self.on_exchange(Exchange::Watermark { stream, branch, from, watermark, ack: ack.clone() });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes what changed since the previous checkpoint under `root`: each source's and
     /// stream's new rows, and the operator state if anything moved. Returns the files
     /// that make up this shard's part of checkpoint `id`.
-    pub fn checkpoint(&mut self, root: &Path, id: u64) -> Result<ShardFiles> {
+    fn snapshot(&mut self, root: &Path, id: u64) -> Result<ShardFiles> {
         let dir = checkpoint::shard_dir(root, self.id);
         std::fs::create_dir_all(&dir).map_err(|e| wal::io_error(&dir, e))?;
         let mut files = ShardFiles::default();
@@ -125,6 +268,14 @@ impl ShardRuntime {
             self.dirty = false;
         }
         checkpoint::sync_dir(&dir)?;
+        files.counters = self
+            .published
+            .iter()
+            .map(|(name, &[rows, batches])| {
+                let late = self.streams.get(name).map_or(0, |t| t.late_reported);
+                (name.to_string(), [rows, batches, late])
+            })
+            .collect();
         files.state = self.state_file.clone();
         files.bytes_written = written;
         Ok(files)
@@ -182,6 +333,13 @@ impl ShardRuntime {
                 }
             }
         }
+        self.published = files.counters.iter().map(|(name, [rows, batches, _])| (Arc::from(name.as_str()), [*rows, *batches])).collect();
+        if let Some(file) = &files.channel {
+            let path = root.join(file);
+            let bytes = checkpoint::read_checked(&path)?;
+            let state: ChannelState = checkpoint::load_state(&bytes, &path.display().to_string())?;
+            self.recorded = state.msgs;
+        }
         self.state_file = files.state.clone();
         self.dirty = false;
         Ok(())
@@ -210,6 +368,7 @@ impl ShardRuntime {
             ack.add_rows(self.store.append(source, batch.clone())?);
             if let Some(output) = &output {
                 output.publish(&batch);
+                tally(&mut self.published, source, &batch);
             }
             self.feed(source, &batch, ack);
         }
@@ -218,6 +377,7 @@ impl ShardRuntime {
 
     pub fn drop_source(&mut self, source: &str) {
         self.dirty = true;
+        self.published.remove(source);
         self.store.drop_source(source);
         self.marks.remove(source);
     }
@@ -259,6 +419,7 @@ impl ShardRuntime {
             }
         }
         self.store.drop_source(name);
+        self.published.remove(name);
         self.marks.remove(name);
     }
 
@@ -323,7 +484,8 @@ impl ShardRuntime {
         if shard == self.id {
             self.keyed(name, branch, batch, ack);
         } else {
-            let _ = self.exchange[shard].send(Exchange::Data { stream: name.clone(), branch, batch, ack: ack.clone() });
+            let msg = Exchange::Data { stream: name.clone(), branch, from: self.id, batch, ack: ack.clone() };
+            let _ = self.exchange[shard].send(msg);
         }
     }
 
@@ -371,6 +533,7 @@ impl ShardRuntime {
     fn emit(&mut self, name: &Arc<str>, batch: RecordBatch, ack: &AckToken) {
         let Some(task) = self.streams.get(name) else { return };
         task.output.publish(&batch);
+        tally(&mut self.published, name, &batch);
         if let Some(born) = ack.born {
             task.output.record_latency(born);
         }
@@ -473,10 +636,17 @@ impl ShardRuntime {
 
     pub fn on_exchange(&mut self, msg: Exchange) {
         self.dirty = true;
+        self.record_channel(&msg);
         match msg {
-            Exchange::Data { stream, branch, batch, ack } => self.keyed(&stream, branch, batch, &ack),
+            Exchange::Data { stream, branch, batch, ack, .. } => self.keyed(&stream, branch, batch, &ack),
             Exchange::Watermark { stream, branch, from, watermark, ack } => {
                 self.aggregate_mark(&stream, branch, from, watermark, &ack)
+            }
+            Exchange::Marker { from } => {
+                if let Some(p) = self.pending.as_mut() {
+                    p.awaiting[from] = false;
+                }
+                self.finish_checkpoint();
             }
             Exchange::Stop => {}
         }

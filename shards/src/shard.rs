@@ -150,15 +150,20 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
                 let _ = reply.send(catch(&place, || panic!("injected panic (test hook)")));
             }
             ShardCommand::Checkpoint { root, id, reply } => {
-                let files = catch(&place, || rt.checkpoint(&root, id));
+                rt.begin_checkpoint(root, id, reply);
                 drop(rt);
                 if let Some(wal) = wal.as_mut() {
                     wal.roll().await;
                 }
-                let _ = reply.send(files);
+                runtime.borrow_mut().checkpoint_rolled();
             }
             ShardCommand::Restore { root, files, reply } => {
                 let _ = reply.send(catch(&place, || rt.restore(&root, &files)));
+            }
+            ShardCommand::ReplayChannel { ack } => {
+                if let Err(e) = catch(&place, || rt.replay_channel(&ack)) {
+                    ack.fail(e);
+                }
             }
             ShardCommand::Stop => break Ok(()),
         }

@@ -140,23 +140,18 @@ pub(crate) fn collect_garbage(root: &Path, manifest: &Manifest) {
     };
     let wal_dir = root.join("wal");
     for owner in std::fs::read_dir(&wal_dir).into_iter().flatten().flatten() {
-        let segments = wal::segments(&owner.path()).unwrap_or_default();
-        // A segment's records run up to the next segment's first lsn.
-        for pair in segments.windows(2) {
-            if pair[1].0 <= manifest.lsn {
-                remove(&pair[0].1);
-            }
-        }
-        if let Some((first, path)) = segments.last() {
-            if *first < manifest.lsn {
-                remove(path);
+        // Every owner rolls its log at the checkpoint's barrier, so a segment begun
+        // before the barrier holds nothing after it.
+        for (first, path) in wal::segments(&owner.path()).unwrap_or_default() {
+            if first < manifest.lsn {
+                remove(&path);
             }
         }
     }
     let named: std::collections::HashSet<PathBuf> = manifest
         .shard_files
         .iter()
-        .flat_map(|f| f.state.iter().chain(f.rows.iter().flat_map(|(_, files)| files.iter())))
+        .flat_map(|f| f.state.iter().chain(&f.channel).chain(f.rows.iter().flat_map(|(_, files)| files.iter())))
         .map(|f| root.join(f))
         .collect();
     for shard in std::fs::read_dir(root.join("data")).into_iter().flatten().flatten() {
