@@ -721,8 +721,9 @@ impl PyConnection {
         let handle = self.open()?;
         let per_shard = blocking(py, || handle.stats(table))?;
         let watermark = self.watermark_of(py, table)?;
-        let rows: u64 = per_shard.iter().map(|(r, _)| r).sum();
-        let bytes: u64 = per_shard.iter().map(|(_, b)| b).sum();
+        let rows: u64 = per_shard.iter().map(|s| s.rows).sum();
+        let bytes: u64 = per_shard.iter().map(|s| s.bytes).sum();
+        let spilled: u64 = per_shard.iter().map(|s| s.spilled_rows).sum();
         let dict = PyDict::new(py);
         dict.set_item("name", table)?;
         dict.set_item("total_events", rows)?;
@@ -732,7 +733,8 @@ impl PyConnection {
         dict.set_item("watermark", watermark)?;
         dict.set_item("utilization", 0.0)?;
         dict.set_item("memory_bytes", bytes)?;
-        dict.set_item("rows_per_shard", per_shard.iter().map(|(r, _)| *r).collect::<Vec<_>>())?;
+        dict.set_item("spilled_rows", spilled)?;
+        dict.set_item("rows_per_shard", per_shard.iter().map(|s| s.rows).collect::<Vec<_>>())?;
         Ok(dict)
     }
 

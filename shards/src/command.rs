@@ -17,6 +17,7 @@ use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, Result};
 
 use crate::handle::Outcome;
+use crate::store::RowStats;
 
 pub type Reply<T> = flume::Sender<Result<T>>;
 
@@ -38,7 +39,8 @@ pub enum Command {
     Insert { source: String, parts: Vec<Vec<RecordBatch>>, max_event_ms: Option<i64>, born: Instant, reply: Reply<u64> },
     Scan { source: String, shard: usize, reply: Reply<Vec<RecordBatch>> },
     /// Per-shard (rows, bytes) of a source.
-    Stats { source: String, reply: Reply<Vec<(u64, u64)>> },
+    /// Per shard: the source's retained rows.
+    Stats { source: String, reply: Reply<Vec<RowStats>> },
     Watermark { source: String, watermark_ms: i64, reply: Reply<i64> },
     InjectPanic { site: PanicSite, reply: Reply<()> },
     /// Answers once every accepted insert and watermark has passed through every stream.
@@ -72,7 +74,7 @@ pub enum ShardCommand {
     /// into the source's `Output::shard_watermark`.
     Generate { source: Arc<str>, config: Arc<NexmarkConfig>, delay_ms: i64 },
     Scan { source: Arc<str>, reply: Reply<Vec<RecordBatch>> },
-    Stats { source: Arc<str>, reply: Reply<(u64, u64)> },
+    Stats { source: Arc<str>, reply: Reply<RowStats> },
     DropSource { source: Arc<str> },
     InjectPanic { reply: Reply<()> },
     /// The barrier of checkpoint `id`: sent to every shard at one point of the command
@@ -100,8 +102,14 @@ pub enum Exchange {
     /// not in the checkpoint, what it sent before is in it (in its state or, if still in
     /// flight at the receiver's snapshot, in the receiver's recorded channel state).
     Marker { from: usize },
+    /// The spill thread wrote `batches` (the oldest sealed ones) of `name` to `path`;
+    /// `written`: how many rows, or why not.
+    Spilled { name: Arc<str>, epoch: u64, batches: usize, path: std::path::PathBuf, written: Result<u64> },
     Stop,
 }
+
+/// A spill for the spill thread, and where to report it done.
+pub type SpillRequest = (crate::store::SpillJob, flume::Sender<Exchange>);
 
 /// Tracks one piece of accepted work (an insert, a watermark) through every shard and
 /// exchange hop it causes: each message carries a clone, and when the last clone is

@@ -29,7 +29,7 @@ use laminardb_engine::checkpoint::{self, Manifest};
 use laminardb_engine::wal::{self, Record, RecoveryReport};
 use laminardb_engine::{Error, ErrorCode, Result};
 
-use crate::command::{reply_channel, Ack, AckToken, Command, PanicSite, Reply, ShardCommand};
+use crate::command::{reply_channel, Ack, AckToken, Command, Exchange, PanicSite, Reply, ShardCommand, SpillRequest};
 use crate::runtime::Outputs;
 use crate::shard::ShardWiring;
 use crate::sinks::SinkRunner;
@@ -37,6 +37,7 @@ use crate::handle::{prepare_insert, Outcome};
 use crate::health::{catch, Health};
 use crate::shard;
 use crate::storage::{collect_garbage, shard_owner, CheckpointStats, Recovered, Storage, CONTROL_OWNER};
+use crate::store::{write_spill, RowStats, SpillPolicy};
 use crate::wal::{WalSpec, WalWriter};
 
 pub(crate) type Published = Arc<RwLock<Arc<Catalog>>>;
@@ -80,6 +81,14 @@ pub(crate) fn run(startup: Startup) {
     let cores: Vec<usize> = core_affinity::get_core_ids()
         .map(|ids| ids.into_iter().map(|c| c.id).collect())
         .unwrap_or_default();
+    let (spill_dir, spill_thread, spill_jobs) = match start_spill_thread(storage.as_ref()) {
+        Ok(spill) => spill,
+        Err(e) => {
+            let _ = ready.send(Err(Error::new(ErrorCode::ConnectionFailed, format!("cannot start the spill thread: {e}"))));
+            return;
+        }
+    };
+    let spill_limit = (config.table_spill_threshold as u64).div_ceil(config.shards as u64).max(1);
     let mut senders = Vec::with_capacity(config.shards);
     let mut joins = Vec::with_capacity(config.shards);
     let (exchange_tx, exchange_rx): (Vec<_>, Vec<_>) = (0..config.shards).map(|_| flume::unbounded()).unzip();
@@ -87,7 +96,9 @@ pub(crate) fn run(startup: Startup) {
         let (tx, rx) = shared_channel::new_bounded(config.queue_capacity());
         let cpu = (config.pin_shards && !cores.is_empty()).then(|| cores[id % cores.len()]);
         let wal = storage.as_ref().map(|s| s.wal(&shard_owner(id)));
-        let wiring = ShardWiring { inbox: rx, outputs: outputs.clone(), exchange: exchange_tx.clone(), exchange_inbox, wal };
+        let policy = SpillPolicy { dir: spill_dir.join(format!("shard-{id}")), limit: spill_limit };
+        let spill = Some((policy, spill_jobs.clone()));
+        let wiring = ShardWiring { inbox: rx, outputs: outputs.clone(), exchange: exchange_tx.clone(), exchange_inbox, wal, spill };
         match shard::spawn(id, cpu, config.spin_us, wiring, health.clone()) {
             Ok(join) => {
                 senders.push(tx);
@@ -226,6 +237,10 @@ pub(crate) fn run(startup: Startup) {
             health.thread_died("shard", "its thread panicked".into());
         }
     }
+    // The shards held the other senders: the spill thread ends once its queue is empty.
+    drop(spill_jobs);
+    let _ = spill_thread.join();
+    let _ = std::fs::remove_dir_all(&spill_dir);
     if let Some(storage) = storage {
         let root = storage.root.clone();
         drop(storage);
@@ -236,6 +251,33 @@ pub(crate) fn run(startup: Startup) {
     if let Some(reply) = shutdown_reply {
         let _ = reply.send(Ok(()));
     }
+}
+
+/// The thread that writes spilled rows, off the shards' threads, and the directory it
+/// writes to: `spill/` in the storage directory, else a temporary one. Spill files are
+/// not part of durability (checkpoints and the WAL are): the directory is emptied at open
+/// and removed at close.
+fn start_spill_thread(
+    storage: Option<&Storage>,
+) -> std::io::Result<(std::path::PathBuf, std::thread::JoinHandle<()>, flume::Sender<SpillRequest>)> {
+    let dir = match storage {
+        Some(s) => s.root.join("spill"),
+        None => {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            std::env::temp_dir().join(format!("laminardb-spill-{}-{n}", std::process::id()))
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let (jobs, queue) = flume::unbounded::<SpillRequest>();
+    let thread = std::thread::Builder::new().name("laminar-spill".into()).spawn(move || {
+        for (job, reply) in queue {
+            let written = write_spill(&job);
+            let batches = job.batches.len();
+            let _ = reply.send(Exchange::Spilled { name: job.name, epoch: job.epoch, batches, path: job.path, written });
+        }
+    })?;
+    Ok((dir, thread, jobs))
 }
 
 /// Takes a checkpoint every `every_ms` until the database closes.
@@ -946,7 +988,7 @@ impl Coordinator {
         }
     }
 
-    async fn stats(&self, source: &str) -> Result<Vec<(u64, u64)>> {
+    async fn stats(&self, source: &str) -> Result<Vec<RowStats>> {
         let name: Arc<str> = self.catalog.borrow().source(source)?.name.as_str().into();
         let mut waits = Vec::with_capacity(self.shards.len());
         for tx in self.shards.iter() {

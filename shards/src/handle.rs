@@ -24,6 +24,7 @@ use crate::command::{reply_channel, Command, PanicSite, Reply};
 use crate::coordinator::{self, Published, Startup};
 use crate::health::Health;
 pub use crate::storage::CheckpointStats;
+pub use crate::store::RowStats;
 use crate::storage;
 use crate::runtime::Outputs;
 
@@ -197,7 +198,7 @@ impl Handle {
     }
 
     /// Per-shard (rows, bytes) retained for a source.
-    pub fn stats(&self, source: &str) -> Result<Vec<(u64, u64)>> {
+    pub fn stats(&self, source: &str) -> Result<Vec<RowStats>> {
         self.call(|reply| Command::Stats { source: source.to_string(), reply })
     }
 

@@ -21,8 +21,8 @@ use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, Result};
 
-use crate::command::{Ack, AckToken, Exchange, Reply};
-use crate::store::LocalStore;
+use crate::command::{Ack, AckToken, Exchange, Reply, SpillRequest};
+use crate::store::{LocalStore, SpillPolicy};
 
 /// Outputs of every source and stream by name, shared by the coordinator, the shards and
 /// the callers that subscribe.
@@ -63,6 +63,8 @@ pub struct ShardRuntime {
     /// Rows and batches each source and stream published from this shard: its share of
     /// their counters, exact at every checkpoint barrier.
     published: HashMap<Arc<str>, [u64; 2]>,
+    /// The spill thread, when retained rows spill to disk.
+    spill: Option<flume::Sender<SpillRequest>>,
 }
 
 fn tally(published: &mut HashMap<Arc<str>, [u64; 2]>, name: &Arc<str>, batch: &RecordBatch) {
@@ -122,12 +124,18 @@ struct TaskState {
 }
 
 impl ShardRuntime {
-    pub fn new(id: usize, outputs: Outputs, exchange: Vec<flume::Sender<Exchange>>) -> Self {
+    pub fn new(
+        id: usize,
+        outputs: Outputs,
+        exchange: Vec<flume::Sender<Exchange>>,
+        spill: Option<(SpillPolicy, flume::Sender<SpillRequest>)>,
+    ) -> Self {
         let shards = exchange.len();
+        let (policy, spill) = spill.unzip();
         ShardRuntime {
             id,
             shards,
-            store: LocalStore::default(),
+            store: LocalStore::new(policy),
             outputs,
             exchange,
             streams: HashMap::new(),
@@ -139,6 +147,7 @@ impl ShardRuntime {
             pending: None,
             recorded: Vec::new(),
             published: HashMap::new(),
+            spill,
         }
     }
 
@@ -212,7 +221,7 @@ impl ShardRuntime {
                 }
                 (stream, *branch, *from, None, *watermark)
             }
-            Exchange::Marker { .. } | Exchange::Stop => return,
+            Exchange::Marker { .. } | Exchange::Spilled { .. } | Exchange::Stop => return,
         };
         p.channel.push(ChannelMsg { stream: stream.to_string(), branch: branch as u64, from: from as u64, rows, watermark });
     }
@@ -245,7 +254,7 @@ impl ShardRuntime {
         let mut files = ShardFiles::default();
         let mut written = 0u64;
         for (n, name) in self.store.names().into_iter().enumerate() {
-            let new = self.store.unsaved(&name);
+            let new = self.store.unsaved(&name)?;
             let file = match new.first() {
                 Some(first) => {
                     let file = format!("data/shard-{}/rows-{id}-{n}.arrow", self.id);
@@ -308,7 +317,9 @@ impl ShardRuntime {
                 let path = root.join(file);
                 batches.extend(ipc::read(&checkpoint::read_checked(&path)?)?);
             }
-            self.store.restore(&Arc::from(name.as_str()), batches, row_files.clone())?;
+            let name = Arc::from(name.as_str());
+            self.store.restore(&name, batches, row_files.clone())?;
+            self.spill_if_due(&name);
         }
         if let Some(file) = &files.state {
             let path = root.join(file);
@@ -365,7 +376,7 @@ impl ShardRuntime {
             output.touch();
         }
         for batch in batches {
-            ack.add_rows(self.store.append(source, batch.clone())?);
+            ack.add_rows(self.retain(source, batch.clone())?);
             if let Some(output) = &output {
                 output.publish(&batch);
                 tally(&mut self.published, source, &batch);
@@ -373,6 +384,25 @@ impl ShardRuntime {
             self.feed(source, &batch, ack);
         }
         Ok(())
+    }
+
+    /// Keeps `batch` among `name`'s rows, handing the oldest to the spill thread when
+    /// too many are in memory.
+    fn retain(&mut self, name: &Arc<str>, batch: RecordBatch) -> Result<u64> {
+        let rows = self.store.append(name, batch)?;
+        self.spill_if_due(name);
+        Ok(rows)
+    }
+
+    fn spill_if_due(&mut self, name: &Arc<str>) {
+        let Some(spill) = &self.spill else { return };
+        if let Some(job) = self.store.spill_due(name) {
+            let (epoch, batches, path) = (job.epoch, job.batches.len(), job.path.clone());
+            if spill.send((job, self.exchange[self.id].clone())).is_err() {
+                let written = Err(Error::internal("the spill thread has stopped"));
+                let _ = self.store.spilled(name, epoch, batches, path, written);
+            }
+        }
     }
 
     pub fn drop_source(&mut self, source: &str) {
@@ -433,7 +463,7 @@ impl ShardRuntime {
                 }
             }
         }
-        Ok(self.store.scan(name))
+        self.store.scan(name)
     }
 
     /// Runs every stream reading `input` over `batch`.
@@ -538,8 +568,8 @@ impl ShardRuntime {
             task.output.record_latency(born);
         }
         if !task.plan.is_changelog() {
-            if let Err(e) = self.store.append(name, batch.clone()) {
-                task.output.record_error(&e.to_string());
+            if let Err(e) = self.retain(name, batch.clone()) {
+                self.record_error(name, &e);
             }
         }
         self.feed(name, &batch, ack);
@@ -635,12 +665,29 @@ impl ShardRuntime {
     }
 
     pub fn on_exchange(&mut self, msg: Exchange) {
-        self.dirty = true;
         self.record_channel(&msg);
         match msg {
-            Exchange::Data { stream, branch, batch, ack, .. } => self.keyed(&stream, branch, batch, &ack),
+            Exchange::Data { stream, branch, batch, ack, .. } => {
+                self.dirty = true;
+                self.keyed(&stream, branch, batch, &ack)
+            }
             Exchange::Watermark { stream, branch, from, watermark, ack } => {
+                self.dirty = true;
                 self.aggregate_mark(&stream, branch, from, watermark, &ack)
+            }
+            Exchange::Spilled { name, epoch, batches, path, written } => {
+                match self.store.spilled(&name, epoch, batches, path, written) {
+                    // What stays in memory may be due again.
+                    Ok(()) => self.spill_if_due(&name),
+                    Err(e) => {
+                        self.spill = None;
+                        let e = format!("spilling rows of '{name}' to disk failed: {e}; rows stay in memory from now on");
+                        match self.output(&name) {
+                            Some(output) => output.record_error(&e),
+                            None => log::warn!("{e}"),
+                        }
+                    }
+                }
             }
             Exchange::Marker { from } => {
                 if let Some(p) = self.pending.as_mut() {

@@ -15,7 +15,8 @@ use laminardb_engine::nexmark::{NexmarkConfig, END_OF_INPUT};
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::wal::{self, Record};
 
-use crate::command::{Ack, Exchange, ShardCommand};
+use crate::command::{Ack, Exchange, ShardCommand, SpillRequest};
+use crate::store::SpillPolicy;
 use crate::health::{catch, Health};
 use crate::runtime::{Outputs, ShardRuntime};
 use crate::wal::{WalSpec, WalWriter};
@@ -32,6 +33,8 @@ pub(crate) struct ShardWiring {
     pub exchange_inbox: flume::Receiver<Exchange>,
     /// This shard's WAL, when the database has a storage directory.
     pub wal: Option<WalSpec>,
+    /// Where and when retained rows spill, and the thread that writes them.
+    pub spill: Option<(SpillPolicy, flume::Sender<SpillRequest>)>,
 }
 
 pub(crate) fn spawn(
@@ -57,11 +60,11 @@ pub(crate) fn spawn(
 }
 
 async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
-    let ShardWiring { inbox, outputs, exchange, exchange_inbox, wal } = wiring;
+    let ShardWiring { inbox, outputs, exchange, exchange_inbox, wal, spill } = wiring;
     let mut wal = wal.map(WalSpec::writer);
     let inbox = inbox.connect().await;
     let own_exchange = exchange[id].clone();
-    let runtime = Rc::new(RefCell::new(ShardRuntime::new(id, outputs, exchange)));
+    let runtime = Rc::new(RefCell::new(ShardRuntime::new(id, outputs, exchange, spill)));
     let place = format!("shard {id}");
     // Not detached: it must finish inside this executor at shutdown.
     let peers = glommio::spawn_local({
@@ -129,7 +132,7 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
                 let _ = reply.send(catch(&place, || rt.scan(&source)));
             }
             ShardCommand::Stats { source, reply } => {
-                let _ = reply.send(Ok(rt.store().rows(&source)));
+                let _ = reply.send(Ok(rt.store().stats(&source)));
             }
             ShardCommand::DropSource { source } => {
                 if let Some((stop, _)) = generators.remove(&source) {

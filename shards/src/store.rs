@@ -1,12 +1,14 @@
-//! A shard's retained rows: its partition of every source, owned by one thread.
+//! A shard's retained rows: its partition of every source and stream, owned by one
+//! thread; beyond the spill limit the oldest move to files and are read back by scans.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::compute::concat_batches;
 
-use laminardb_engine::Result;
+use laminardb_engine::{ipc, wal, Result};
 
 /// Small appends (single-row inserts) are merged once this many accumulate, so scans
 /// stay vectorized however the rows arrived.
@@ -14,18 +16,66 @@ const SMALL_BATCHES_MAX: usize = 64;
 /// A batch with fewer rows than this counts as small.
 const SMALL_BATCH_ROWS: usize = 4096;
 
-#[derive(Default)]
+/// Retained rows of one source or stream on one shard, oldest first: files spilled to
+/// disk, then sealed batches in memory, then recent small appends.
 pub struct SourceRows {
+    spilled: Vec<SpillFile>,
     sealed: Vec<RecordBatch>,
     small: Vec<RecordBatch>,
+    /// The first `spilling` sealed batches are being written to disk (`SpillJob`).
+    spilling: usize,
+    /// Tells this incarnation of the name from a later one (drop + create) when a spill
+    /// finishes.
+    epoch: u64,
     pub rows: u64,
+    /// Bytes of the rows held in memory.
     pub bytes: u64,
+    spilled_rows: u64,
     /// Rows already in checkpoint files, and those files (oldest first).
     saved_rows: u64,
     files: Vec<String>,
 }
 
+/// Rows moved to disk: one Arrow IPC stream file.
+struct SpillFile {
+    path: PathBuf,
+    rows: u64,
+}
+
+/// Oldest in-memory rows of one source or stream, to be written to `path` by the spill
+/// thread; `Spilled` comes back over the shard's exchange inbox.
+pub struct SpillJob {
+    pub name: Arc<str>,
+    pub epoch: u64,
+    pub batches: Vec<RecordBatch>,
+    pub path: PathBuf,
+}
+
+/// What a store reports of one source or stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RowStats {
+    pub rows: u64,
+    /// Bytes of the rows in memory.
+    pub bytes: u64,
+    pub spilled_rows: u64,
+}
+
 impl SourceRows {
+    fn new(epoch: u64) -> Self {
+        SourceRows {
+            spilled: Vec::new(),
+            sealed: Vec::new(),
+            small: Vec::new(),
+            spilling: 0,
+            epoch,
+            rows: 0,
+            bytes: 0,
+            spilled_rows: 0,
+            saved_rows: 0,
+            files: Vec::new(),
+        }
+    }
+
     fn append(&mut self, batch: RecordBatch) -> Result<()> {
         self.rows += batch.num_rows() as u64;
         self.bytes += batch.get_array_memory_size() as u64;
@@ -42,50 +92,158 @@ impl SourceRows {
         Ok(())
     }
 
-    /// Every retained batch; cheap (reference-counted buffers, no row copies).
-    pub fn snapshot(&self) -> Vec<RecordBatch> {
-        self.sealed.iter().chain(self.small.iter()).cloned().collect()
+    /// Every retained row, oldest first: spilled files read back, then the batches in
+    /// memory (reference-counted, no row copies).
+    pub fn snapshot(&self) -> Result<Vec<RecordBatch>> {
+        self.batches_from(0)
     }
 
-    /// The rows no checkpoint holds yet (zero-copy slices).
-    fn unsaved(&self) -> Vec<RecordBatch> {
-        let mut skip = self.saved_rows as usize;
+    /// The retained rows after the first `skip`; spilled files wholly skipped are not read.
+    fn batches_from(&self, mut skip: u64) -> Result<Vec<RecordBatch>> {
         let mut out = Vec::new();
-        for batch in self.sealed.iter().chain(self.small.iter()) {
-            if skip >= batch.num_rows() {
-                skip -= batch.num_rows();
+        for file in &self.spilled {
+            if skip >= file.rows {
+                skip -= file.rows;
                 continue;
             }
-            out.push(batch.slice(skip, batch.num_rows() - skip));
-            skip = 0;
+            let bytes = std::fs::read(&file.path).map_err(|e| wal::io_error(&file.path, e))?;
+            for batch in ipc::read(&bytes)? {
+                take_after(&mut skip, batch, &mut out);
+            }
         }
-        out
+        for batch in self.sealed.iter().chain(self.small.iter()) {
+            take_after(&mut skip, batch.clone(), &mut out);
+        }
+        Ok(out)
     }
+
+    /// The rows no checkpoint holds yet (zero-copy slices of those in memory).
+    fn unsaved(&self) -> Result<Vec<RecordBatch>> {
+        self.batches_from(self.saved_rows)
+    }
+
+    /// Rows in memory that no spill is writing yet.
+    fn resident_rows(&self) -> u64 {
+        let spilling: u64 = self.sealed[..self.spilling].iter().map(|b| b.num_rows() as u64).sum();
+        self.rows - self.spilled_rows - spilling
+    }
+
+    fn remove_files(&self) {
+        for file in &self.spilled {
+            let _ = std::fs::remove_file(&file.path);
+        }
+    }
+}
+
+/// Skips `skip` rows (counting them down), keeping the rest of `batch`.
+fn take_after(skip: &mut u64, batch: RecordBatch, out: &mut Vec<RecordBatch>) {
+    let rows = batch.num_rows() as u64;
+    if *skip >= rows {
+        *skip -= rows;
+        return;
+    }
+    out.push(if *skip == 0 { batch } else { batch.slice(*skip as usize, (rows - *skip) as usize) });
+    *skip = 0;
+}
+
+/// Where and when a shard's retained rows spill to disk: beyond `limit` rows in memory
+/// per source or stream (the database's `table_spill_threshold` divided over its shards),
+/// the oldest sealed batches go to files under `dir` until half the limit is left.
+#[derive(Clone, Debug)]
+pub struct SpillPolicy {
+    pub dir: PathBuf,
+    pub limit: u64,
 }
 
 /// One shard's partition of every source. `Local*`: it never leaves its shard's thread.
 #[derive(Default)]
 pub struct LocalStore {
     sources: HashMap<Arc<str>, SourceRows>,
+    spill: Option<SpillPolicy>,
+    next_epoch: u64,
+    next_file: u64,
 }
 
 impl LocalStore {
+    pub fn new(spill: Option<SpillPolicy>) -> Self {
+        LocalStore { sources: HashMap::new(), spill, next_epoch: 0, next_file: 0 }
+    }
+
     pub fn append(&mut self, source: &Arc<str>, batch: RecordBatch) -> Result<u64> {
         let rows = batch.num_rows() as u64;
-        self.sources.entry(source.clone()).or_default().append(batch)?;
+        self.entry(source).append(batch)?;
         Ok(rows)
     }
 
-    pub fn scan(&self, source: &str) -> Vec<RecordBatch> {
-        self.sources.get(source).map(SourceRows::snapshot).unwrap_or_default()
+    fn entry(&mut self, name: &Arc<str>) -> &mut SourceRows {
+        if !self.sources.contains_key(name) {
+            self.next_epoch += 1;
+            self.sources.insert(name.clone(), SourceRows::new(self.next_epoch));
+        }
+        self.sources.get_mut(name).expect("inserted above")
+    }
+
+    /// The spill `name` is due for, if it holds more rows in memory than the policy
+    /// allows: its oldest sealed batches, marked as being written.
+    pub fn spill_due(&mut self, name: &Arc<str>) -> Option<SpillJob> {
+        let policy = self.spill.as_ref()?;
+        let rows = self.sources.get_mut(name)?;
+        let mut resident = rows.resident_rows();
+        if resident <= policy.limit {
+            return None;
+        }
+        // Small appends become candidates as they are (merged, they could only spill
+        // all at once).
+        rows.sealed.append(&mut rows.small);
+        let mut batches = Vec::new();
+        for batch in &rows.sealed[rows.spilling..] {
+            if resident <= policy.limit / 2 {
+                break;
+            }
+            resident -= batch.num_rows() as u64;
+            batches.push(batch.clone());
+        }
+        if batches.is_empty() {
+            return None;
+        }
+        rows.spilling += batches.len();
+        self.next_file += 1;
+        let path = policy.dir.join(format!("{}-{}.arrow", rows.epoch, self.next_file));
+        Some(SpillJob { name: name.clone(), epoch: rows.epoch, batches, path })
+    }
+
+    /// A spill job finished: on success its batches are replaced by the file. A file
+    /// whose source has gone since is deleted.
+    pub fn spilled(&mut self, name: &str, epoch: u64, batches: usize, path: PathBuf, written: Result<u64>) -> Result<()> {
+        let Some(rows) = self.sources.get_mut(name).filter(|r| r.epoch == epoch) else {
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        };
+        rows.spilling -= batches;
+        let count = written?;
+        let freed: u64 = rows.sealed.drain(..batches).map(|b| b.get_array_memory_size() as u64).sum();
+        rows.bytes -= freed.min(rows.bytes);
+        rows.spilled_rows += count;
+        rows.spilled.push(SpillFile { path, rows: count });
+        Ok(())
+    }
+
+    pub fn scan(&self, source: &str) -> Result<Vec<RecordBatch>> {
+        self.sources.get(source).map(SourceRows::snapshot).unwrap_or(Ok(Vec::new()))
     }
 
     pub fn drop_source(&mut self, source: &str) {
-        self.sources.remove(source);
+        if let Some(rows) = self.sources.remove(source) {
+            rows.remove_files();
+        }
     }
 
-    pub fn rows(&self, source: &str) -> (u64, u64) {
-        self.sources.get(source).map_or((0, 0), |s| (s.rows, s.bytes))
+    pub fn stats(&self, source: &str) -> RowStats {
+        self.sources.get(source).map_or(RowStats::default(), |s| RowStats {
+            rows: s.rows,
+            bytes: s.bytes,
+            spilled_rows: s.spilled_rows,
+        })
     }
 
     pub fn names(&self) -> Vec<Arc<str>> {
@@ -93,8 +251,8 @@ impl LocalStore {
     }
 
     /// Rows of `name` that no checkpoint holds yet.
-    pub fn unsaved(&self, name: &str) -> Vec<RecordBatch> {
-        self.sources.get(name).map(SourceRows::unsaved).unwrap_or_default()
+    pub fn unsaved(&self, name: &str) -> Result<Vec<RecordBatch>> {
+        self.sources.get(name).map(SourceRows::unsaved).unwrap_or(Ok(Vec::new()))
     }
 
     /// Every row of `name` is now in its checkpoint files, the last of them `file` (if
@@ -115,11 +273,30 @@ impl LocalStore {
         for batch in batches {
             self.append(name, batch)?;
         }
-        let rows = self.sources.entry(name.clone()).or_default();
+        let rows = self.entry(name);
         rows.saved_rows = rows.rows;
         rows.files = files;
         Ok(())
     }
+}
+
+impl Drop for LocalStore {
+    fn drop(&mut self) {
+        for rows in self.sources.values() {
+            rows.remove_files();
+        }
+    }
+}
+
+/// Writes one spill job's rows; returns how many.
+pub fn write_spill(job: &SpillJob) -> Result<u64> {
+    let Some(first) = job.batches.first() else { return Ok(0) };
+    let bytes = ipc::to_bytes(&first.schema(), &job.batches)?;
+    if let Some(dir) = job.path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| wal::io_error(dir, e))?;
+    }
+    std::fs::write(&job.path, bytes).map_err(|e| wal::io_error(&job.path, e))?;
+    Ok(job.batches.iter().map(|b| b.num_rows() as u64).sum())
 }
 
 #[cfg(test)]
@@ -138,13 +315,63 @@ mod tests {
         for i in 0..200 {
             store.append(&src, one_row(i)).unwrap();
         }
-        let batches = store.scan("t");
+        let batches = store.scan("t").unwrap();
         assert!(batches.len() <= 4 + SMALL_BATCHES_MAX, "{} batches", batches.len());
         let sum: i64 = batches
             .iter()
             .map(|b| b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().iter().sum::<i64>())
             .sum();
         assert_eq!(sum, (0..200).sum::<i64>());
-        assert_eq!(store.rows("t").0, 200);
+        assert_eq!(store.stats("t").rows, 200);
+    }
+    fn batch_of(from: i64, n: i64) -> RecordBatch {
+        RecordBatch::try_from_iter(vec![("v", Arc::new(Int64Array::from_iter_values(from..from + n)) as ArrayRef)]).unwrap()
+    }
+
+    fn values(batches: &[RecordBatch]) -> Vec<i64> {
+        batches.iter().flat_map(|b| b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec()).collect()
+    }
+
+    #[test]
+    fn rows_beyond_the_limit_spill_oldest_first_and_scans_and_checkpoints_read_them_back() {
+        let dir = std::env::temp_dir().join(format!("laminardb-spill-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut store = LocalStore::new(Some(SpillPolicy { dir: dir.clone(), limit: 20_000 }));
+        let src: Arc<str> = "t".into();
+        for i in 0..4 {
+            store.append(&src, batch_of(i * 5_000, 5_000)).unwrap();
+            assert!(store.spill_due(&src).is_none(), "20,000 rows fit");
+        }
+        store.mark_saved("t", Some("rows-1".into()));
+        store.append(&src, batch_of(20_000, 5_000)).unwrap();
+        // 25,000 in memory: the oldest go until half the limit is left.
+        let job = store.spill_due(&src).expect("over the limit");
+        assert_eq!(values(&job.batches), (0..15_000).collect::<Vec<_>>());
+        assert!(store.spill_due(&src).is_none(), "a spill is under way");
+        let written = write_spill(&job);
+        assert_eq!(written.as_ref().ok(), Some(&15_000));
+        // Until the spill is in, scans read the batches in memory.
+        assert_eq!(values(&store.scan("t").unwrap()), (0..25_000).collect::<Vec<_>>());
+        store.spilled("t", job.epoch, job.batches.len(), job.path.clone(), written).unwrap();
+        let stats = store.stats("t");
+        assert_eq!((stats.rows, stats.spilled_rows), (25_000, 15_000));
+        assert_eq!(values(&store.scan("t").unwrap()), (0..25_000).collect::<Vec<_>>());
+        assert_eq!(values(&store.unsaved("t").unwrap()), (20_000..25_000).collect::<Vec<_>>());
+        // A failed spill keeps the rows in memory.
+        for i in 5..8 {
+            store.append(&src, batch_of(i * 5_000, 5_000)).unwrap();
+        }
+        let job = store.spill_due(&src).expect("over the limit again");
+        let failed = store.spilled("t", job.epoch, job.batches.len(), job.path.clone(), Err(laminardb_engine::Error::internal("disk full")));
+        assert!(failed.is_err());
+        assert_eq!(values(&store.scan("t").unwrap()), (0..40_000).collect::<Vec<_>>());
+        // A spill that finishes after its source was dropped leaves no file behind.
+        let job = store.spill_due(&src).expect("due again");
+        write_spill(&job).unwrap();
+        store.drop_source("t");
+        store.spilled("t", job.epoch, job.batches.len(), job.path.clone(), Ok(1)).unwrap();
+        assert!(!job.path.exists());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "dropping a source deletes its spill files");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
