@@ -5,7 +5,9 @@
 //! <storage_dir>/MANIFEST                    crc32 (hex) \n JSON; replaced atomically (rename)
 //! <storage_dir>/data/shard-<i>/rows-<id>-<n>.arrow   rows appended to one source or stream
 //!                                           on shard i since the previous checkpoint (IPC)
-//! <storage_dir>/data/shard-<i>/state-<id>.bin        shard i's operator state (rkyv)
+//! <storage_dir>/data/shard-<i>/state-<id>.bin        shard i's input watermarks (rkyv)
+//! <storage_dir>/data/shard-<i>/stream-<id>-<n>.bin   one stream's operator state on
+//!                                           shard i (rkyv)
 //! <storage_dir>/data/shard-<i>/channel-<id>.bin      exchange messages in flight into
 //!                                           shard i at the checkpoint (rkyv)
 //!                                           (each data file ends with its crc32 and "LDBC")
@@ -13,8 +15,8 @@
 //!
 //! A checkpoint covers every WAL record with an lsn below `Manifest::lsn`: recovery loads
 //! the catalog (`ddl`), each shard's rows and state, then replays the WAL from `lsn` on.
-//! Row files are incremental: a checkpoint writes only rows added since the previous one,
-//! and a shard's state file is reused when nothing changed.
+//! Checkpoints are incremental: a checkpoint writes only rows added since the previous
+//! one, and a stream's state file is reused while the stream has not changed.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -46,8 +48,11 @@ pub struct Manifest {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ShardFiles {
-    /// Operator state; `None` when the shard has no streams.
+    /// The shard's input watermarks.
     pub state: Option<String>,
+    /// Per stream, its operator state on this shard (rewritten only when it changed).
+    #[serde(default)]
+    pub streams: Vec<(String, String)>,
     /// Per source or stream, its row files, oldest first.
     pub rows: Vec<(String, Vec<String>)>,
     /// Exchange messages in flight into this shard at the checkpoint (sent by a peer
@@ -161,7 +166,7 @@ mod tests {
             lsn: 42,
             shards: 2,
             ddl: vec!["CREATE SOURCE t (id BIGINT)".into()],
-            shard_files: vec![ShardFiles { state: Some("data/shard-0/state-3.bin".into()), rows: vec![("t".into(), vec!["a".into()])], channel: None, counters: vec![("t".into(), [1, 1, 0])], bytes_written: 9 }],
+            shard_files: vec![ShardFiles { state: Some("data/shard-0/state-3.bin".into()), streams: vec![("s".into(), "data/shard-0/stream-3-0.bin".into())], rows: vec![("t".into(), vec!["a".into()])], channel: None, counters: vec![("t".into(), [1, 1, 0])], bytes_written: 9 }],
             ..Manifest::default()
         };
         write_manifest(&root, &m).unwrap();

@@ -155,6 +155,32 @@ db.insert("e", {"k": [0], "v": [7]})
         assert records(db.query("SELECT k, n, t FROM s ORDER BY k"), "k", "n", "t") == expected
 
 
+def test_a_checkpoint_rewrites_only_the_state_that_changed(tmp_path):
+    """Rows are written once (each checkpoint only the new ones); a stream's state file is
+    reused while the stream has not changed."""
+    with reopen(tmp_path / "db", shards=1, checkpoint_interval_ms=3_600_000) as db:
+        db.execute("CREATE SOURCE a (k BIGINT, v BIGINT)")
+        db.execute("CREATE SOURCE b (k BIGINT, v BIGINT)")
+        db.execute("CREATE STREAM sa AS SELECT k, SUM(v) AS t FROM a GROUP BY k")
+        db.execute("CREATE STREAM sb AS SELECT k, SUM(v) AS t FROM b GROUP BY k")
+        db.insert("a", {"k": [1, 2], "v": [10, 20]})
+        db.insert("b", {"k": [1], "v": [5]})
+        assert db.checkpoint() == 1
+        first = dict(manifest(tmp_path / "db")["shard_files"][0]["streams"])
+        db.insert("a", {"k": [1], "v": [1]})
+        assert db.checkpoint() == 2
+        second = manifest(tmp_path / "db")
+        files = second["shard_files"][0]
+        streams = dict(files["streams"])
+        assert streams["sb"] == first["sb"]  # unchanged: reused
+        assert streams["sa"] != first["sa"] and "-2-" in streams["sa"]
+        rows = dict(files["rows"])
+        assert len(rows["a"]) == 2 and len(rows["b"]) == 1  # the new row went to a second file
+    with reopen(tmp_path / "db", shards=1) as db:
+        assert records(db.query("SELECT k, t FROM sa ORDER BY k"), "k", "t") == [(1, 11), (2, 20)]
+        assert records(db.query("SELECT k, t FROM sb ORDER BY k"), "k", "t") == [(1, 5)]
+
+
 def test_drops_and_watermark_calls_are_replayed(tmp_path):
     path = tmp_path / "db"
     with reopen(path) as db:

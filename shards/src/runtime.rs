@@ -38,6 +38,9 @@ struct StreamTask {
     /// This shard's output watermark of the stream.
     watermark: i64,
     late_reported: u64,
+    /// Changed since the last checkpoint's file of this task, which is `state_file`.
+    dirty: bool,
+    state_file: Option<String>,
 }
 
 pub struct ShardRuntime {
@@ -53,7 +56,7 @@ pub struct ShardRuntime {
     marks: HashMap<String, i64>,
     /// The token processing-time emissions carry (nobody waits for them).
     background: AckToken,
-    /// Something changed since the last checkpoint's state file, which is `state_file`.
+    /// `marks` changed since the last checkpoint's file of them, which is `state_file`.
     dirty: bool,
     state_file: Option<String>,
     /// The checkpoint this shard has snapshotted and is completing, if any.
@@ -65,6 +68,27 @@ pub struct ShardRuntime {
     published: HashMap<Arc<str>, [u64; 2]>,
     /// The spill thread, when retained rows spill to disk.
     spill: Option<flume::Sender<SpillRequest>>,
+}
+
+/// Writes `state` (rkyv) to `path` with a checksum; returns the bytes written.
+fn write_state<T>(path: &Path, state: &T) -> Result<u64>
+where
+    T: for<'a> rkyv::Serialize<rkyv::api::high::HighSerializer<rkyv::util::AlignedVec, rkyv::ser::allocator::ArenaHandle<'a>, rkyv::rancor::Error>>,
+{
+    let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(state)
+        .map_err(|e| Error::internal(format!("saving {}: {e}", path.display())))?;
+    checkpoint::write_checked(path, &bytes)?;
+    Ok(bytes.len() as u64)
+}
+
+fn read_state<T>(path: &Path) -> Result<T>
+where
+    T: rkyv::Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+{
+    let bytes = checkpoint::read_checked(path)?;
+    checkpoint::load_state(&bytes, &path.display().to_string())
 }
 
 fn tally(published: &mut HashMap<Arc<str>, [u64; 2]>, name: &Arc<str>, batch: &RecordBatch) {
@@ -106,16 +130,16 @@ struct ChannelState {
     msgs: Vec<ChannelMsg>,
 }
 
-/// A shard's operator state in a checkpoint (rkyv).
+/// A shard's input watermarks in a checkpoint (rkyv).
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct RuntimeState {
     marks: Vec<(String, i64)>,
-    streams: Vec<TaskState>,
 }
 
+/// One stream's operator state on one shard in a checkpoint (rkyv): its own file,
+/// rewritten only when the stream changed.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct TaskState {
-    name: String,
     marks: Vec<i64>,
     watermark: i64,
     late_reported: u64,
@@ -186,12 +210,8 @@ impl ShardRuntime {
         let files = files.and_then(|mut files| {
             if !channel.is_empty() {
                 let file = format!("data/shard-{}/channel-{id}.bin", self.id);
-                let state = ChannelState { msgs: channel };
-                let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&state)
-                    .map_err(|e| Error::internal(format!("saving exchange messages: {e}")))?;
-                checkpoint::write_checked(&root.join(&file), &bytes)?;
+                files.bytes_written += write_state(&root.join(&file), &ChannelState { msgs: channel })?;
                 checkpoint::sync_dir(&checkpoint::shard_dir(&root, self.id))?;
-                files.bytes_written += bytes.len() as u64;
                 files.channel = Some(file);
             }
             Ok(files)
@@ -270,11 +290,26 @@ impl ShardRuntime {
         }
         if self.dirty || self.state_file.is_none() {
             let file = format!("data/shard-{}/state-{id}.bin", self.id);
-            let bytes = self.save_state()?;
-            written += bytes.len() as u64;
-            checkpoint::write_checked(&root.join(&file), &bytes)?;
+            let state = RuntimeState { marks: self.marks.iter().map(|(k, v)| (k.clone(), *v)).collect() };
+            written += write_state(&root.join(&file), &state)?;
             self.state_file = Some(file);
             self.dirty = false;
+        }
+        for (n, (name, task)) in self.streams.iter_mut().enumerate() {
+            if task.dirty || task.state_file.is_none() {
+                let file = format!("data/shard-{}/stream-{id}-{n}.bin", self.id);
+                let state = TaskState {
+                    marks: task.marks.clone(),
+                    watermark: task.watermark,
+                    late_reported: task.late_reported,
+                    agg: task.op.as_ref().map(AggOperator::save).transpose()?,
+                    join: task.join.as_ref().map(JoinOperator::save).transpose()?,
+                };
+                written += write_state(&root.join(&file), &state)?;
+                task.state_file = Some(file);
+                task.dirty = false;
+            }
+            files.streams.extend(task.state_file.clone().map(|file| (name.to_string(), file)));
         }
         checkpoint::sync_dir(&dir)?;
         files.counters = self
@@ -288,23 +323,6 @@ impl ShardRuntime {
         files.state = self.state_file.clone();
         files.bytes_written = written;
         Ok(files)
-    }
-
-    fn save_state(&self) -> Result<Vec<u8>> {
-        let mut streams = Vec::with_capacity(self.streams.len());
-        for (name, task) in &self.streams {
-            streams.push(TaskState {
-                name: name.to_string(),
-                marks: task.marks.clone(),
-                watermark: task.watermark,
-                late_reported: task.late_reported,
-                agg: task.op.as_ref().map(AggOperator::save).transpose()?,
-                join: task.join.as_ref().map(JoinOperator::save).transpose()?,
-            });
-        }
-        let state = RuntimeState { marks: self.marks.iter().map(|(k, v)| (k.clone(), *v)).collect(), streams };
-        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&state).map_err(|e| Error::internal(format!("saving shard state: {e}")))?;
-        Ok(bytes.into_vec())
     }
 
     /// Loads this shard's part of a checkpoint; the streams it names exist already (the
@@ -322,34 +340,32 @@ impl ShardRuntime {
             self.spill_if_due(&name);
         }
         if let Some(file) = &files.state {
-            let path = root.join(file);
-            let bytes = checkpoint::read_checked(&path)?;
-            let state: RuntimeState = checkpoint::load_state(&bytes, &path.display().to_string())?;
+            let state: RuntimeState = read_state(&root.join(file))?;
             self.marks = state.marks.into_iter().collect();
-            for saved in state.streams {
-                let Some(task) = self.streams.get_mut(saved.name.as_str()) else { continue };
-                if saved.marks.len() == task.marks.len() {
-                    task.marks = saved.marks;
-                }
-                task.watermark = saved.watermark;
-                task.late_reported = saved.late_reported;
-                if let Some(bytes) = saved.agg {
-                    task.op = Some(AggOperator::restore(task.plan.clone(), &bytes)?);
-                }
-                if let Some(bytes) = saved.join {
-                    task.join = Some(JoinOperator::restore(task.plan.clone(), &bytes)?);
-                }
-                if task.watermark > i64::MIN {
-                    task.output.shard_watermark(self.id, self.shards, task.watermark);
-                }
+        }
+        for (name, file) in &files.streams {
+            let Some(task) = self.streams.get_mut(name.as_str()) else { continue };
+            let saved: TaskState = read_state(&root.join(file))?;
+            if saved.marks.len() == task.marks.len() {
+                task.marks = saved.marks;
             }
+            task.watermark = saved.watermark;
+            task.late_reported = saved.late_reported;
+            if let Some(bytes) = saved.agg {
+                task.op = Some(AggOperator::restore(task.plan.clone(), &bytes)?);
+            }
+            if let Some(bytes) = saved.join {
+                task.join = Some(JoinOperator::restore(task.plan.clone(), &bytes)?);
+            }
+            if task.watermark > i64::MIN {
+                task.output.shard_watermark(self.id, self.shards, task.watermark);
+            }
+            task.state_file = Some(file.clone());
+            task.dirty = false;
         }
         self.published = files.counters.iter().map(|(name, [rows, batches, _])| (Arc::from(name.as_str()), [*rows, *batches])).collect();
         if let Some(file) = &files.channel {
-            let path = root.join(file);
-            let bytes = checkpoint::read_checked(&path)?;
-            let state: ChannelState = checkpoint::load_state(&bytes, &path.display().to_string())?;
-            self.recorded = state.msgs;
+            self.recorded = read_state::<ChannelState>(&root.join(file))?.msgs;
         }
         self.state_file = files.state.clone();
         self.dirty = false;
@@ -370,7 +386,6 @@ impl ShardRuntime {
 
     /// Rows of a source (inserted or generated): stored, published, run through its readers.
     pub fn append(&mut self, source: &Arc<str>, batches: Vec<RecordBatch>, ack: &AckToken) -> Result<()> {
-        self.dirty = true;
         let output = self.output(source);
         if let Some(output) = &output {
             output.touch();
@@ -435,7 +450,7 @@ impl ShardRuntime {
                 readers.push(name.clone());
             }
         }
-        self.streams.insert(name, StreamTask { plan, output, op, join, marks, watermark: i64::MIN, late_reported: 0 });
+        self.streams.insert(name, StreamTask { plan, output, op, join, marks, watermark: i64::MIN, late_reported: 0, dirty: true, state_file: None });
         Ok(())
     }
 
@@ -522,6 +537,7 @@ impl ShardRuntime {
     /// Rows of branch `branch` this shard owns the keys of: into the aggregate or the join.
     fn keyed(&mut self, name: &Arc<str>, branch: usize, batch: RecordBatch, ack: &AckToken) {
         let Some(task) = self.streams.get_mut(name) else { return };
+        task.dirty = true;
         if let Some(join) = task.join.as_mut() {
             match join.apply(branch, &batch) {
                 Ok(Some(out)) => self.emit(name, out, ack),
@@ -607,6 +623,7 @@ impl ShardRuntime {
                     let _ = branch;
                     let Some(task) = self.streams.get_mut(&name) else { continue };
                     task.marks[b] = task.marks[b].max(watermark);
+                    task.dirty = true;
                     self.advance_stream(&name, ack);
                 }
             }
@@ -619,6 +636,7 @@ impl ShardRuntime {
         let Some(task) = self.streams.get_mut(name) else { return };
         let slot = b * shards + from;
         task.marks[slot] = task.marks[slot].max(watermark);
+        task.dirty = true;
         self.advance_stream(name, ack);
     }
 
@@ -649,8 +667,8 @@ impl ShardRuntime {
 
     /// An `EMIT EVERY` stream's period elapsed: emit its changes since the last tick.
     pub fn tick(&mut self, name: &Arc<str>) {
-        self.dirty = true;
         let Some(task) = self.streams.get_mut(name) else { return };
+        task.dirty = true;
         let Some(op) = task.op.as_mut() else { return };
         match op.tick() {
             Ok(out) => {
@@ -667,12 +685,8 @@ impl ShardRuntime {
     pub fn on_exchange(&mut self, msg: Exchange) {
         self.record_channel(&msg);
         match msg {
-            Exchange::Data { stream, branch, batch, ack, .. } => {
-                self.dirty = true;
-                self.keyed(&stream, branch, batch, &ack)
-            }
+            Exchange::Data { stream, branch, batch, ack, .. } => self.keyed(&stream, branch, batch, &ack),
             Exchange::Watermark { stream, branch, from, watermark, ack } => {
-                self.dirty = true;
                 self.aggregate_mark(&stream, branch, from, watermark, &ack)
             }
             Exchange::Spilled { name, epoch, batches, path, written } => {

@@ -151,7 +151,10 @@ pub(crate) fn collect_garbage(root: &Path, manifest: &Manifest) {
     let named: std::collections::HashSet<PathBuf> = manifest
         .shard_files
         .iter()
-        .flat_map(|f| f.state.iter().chain(&f.channel).chain(f.rows.iter().flat_map(|(_, files)| files.iter())))
+        .flat_map(|f| {
+            let rows = f.rows.iter().flat_map(|(_, files)| files.iter());
+            f.state.iter().chain(&f.channel).chain(f.streams.iter().map(|(_, file)| file)).chain(rows)
+        })
         .map(|f| root.join(f))
         .collect();
     for shard in std::fs::read_dir(root.join("data")).into_iter().flatten().flatten() {
