@@ -87,8 +87,8 @@ fn inserts_are_split_across_shards_and_all_stored() {
     assert!(matches!(db.execute("create", vec![]).unwrap().as_slice(), [Outcome::Ddl { .. }]));
     assert_eq!(db.insert("t", &[batch(1000)]).unwrap(), 1000);
     let per_shard = db.stats("t").unwrap();
-    assert_eq!(per_shard.iter().map(|(rows, _)| rows).sum::<u64>(), 1000);
-    assert!(per_shard.iter().filter(|(rows, _)| *rows > 0).count() >= 2, "{per_shard:?}");
+    assert_eq!(per_shard.iter().map(|s| s.rows).sum::<u64>(), 1000);
+    assert!(per_shard.iter().filter(|s| s.rows > 0).count() >= 2, "{per_shard:?}");
     assert_eq!(db.insert("nope", &[batch(1)]).unwrap_err().code, ErrorCode::TableNotFound);
     db.close().unwrap();
     assert_eq!(db.insert("t", &[batch(1)]).unwrap_err().code, ErrorCode::ConnectionClosed);
