@@ -163,7 +163,7 @@ def checkpoints(case: Case, ctx: Context, tmp: str, mb: int) -> None:
         full = time.perf_counter() - t
         m = db.metrics()
         case.metric("full checkpoint", full * 1e3, "ms", "lower")
-        case.metric("inserts paused", m.last_checkpoint_pause_ms, "ms", "lower")
+        case.metric("dispatch held (barrier)", m.last_checkpoint_pause_ms, "ms", "lower")
         case.metric("written", m.last_checkpoint_bytes / 2**20, "MiB", None)
         db.insert("events", table(keys * 4, 1_000, keys))
         t = time.perf_counter()
