@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import tempfile
 import time
 
 import laminardb
@@ -43,20 +44,20 @@ def check_all_rows(db):
 
 def test_rows_beyond_the_threshold_spill_to_disk_and_queries_still_see_every_row():
     cfg = laminardb.LaminarConfig(shards=2, table_spill_threshold=10_000)
-    before = set(glob.glob(f"/tmp/laminardb-spill-{os.getpid()}-*"))
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), f"laminardb-spill-{os.getpid()}-*")))
     with laminardb.open(":memory:", config=cfg) as db:
         fill(db)
         # Each shard keeps at most 5,000 rows of a source in memory: the rest is on disk.
         st = spilled(db, "t", N - 10_000)
         assert st["total_events"] == N
         assert N - 10_000 <= st["spilled_rows"] < N
-        dirs = set(glob.glob(f"/tmp/laminardb-spill-{os.getpid()}-*")) - before
+        dirs = set(glob.glob(os.path.join(tempfile.gettempdir(), f"laminardb-spill-{os.getpid()}-*"))) - before
         assert len(dirs) == 1 and glob.glob(os.path.join(dirs.pop(), "shard-*", "*.arrow"))
         check_all_rows(db)
         # Rows inserted after a spill are read with the spilled ones.
         db.insert("t", {"id": [N], "sym": ["S0"]})
         assert records(db.query("SELECT COUNT(*) AS n FROM t"), "n") == [(N + 1,)]
-    assert set(glob.glob(f"/tmp/laminardb-spill-{os.getpid()}-*")) == before, "the spill directory outlived close"
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), f"laminardb-spill-{os.getpid()}-*"))) == before, "the spill directory outlived close"
 
 
 def test_below_the_threshold_nothing_spills():
