@@ -38,7 +38,6 @@ pub enum Command {
     /// `born`: when the caller's insert call began (for the streams' latency histograms).
     Insert { source: String, parts: Vec<Vec<RecordBatch>>, max_event_ms: Option<i64>, born: Instant, reply: Reply<u64> },
     Scan { source: String, shard: usize, reply: Reply<Vec<RecordBatch>> },
-    /// Per-shard (rows, bytes) of a source.
     /// Per shard: the source's retained rows.
     Stats { source: String, reply: Reply<Vec<RowStats>> },
     Watermark { source: String, watermark_ms: i64, reply: Reply<i64> },

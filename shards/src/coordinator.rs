@@ -29,7 +29,7 @@ use laminardb_engine::checkpoint::{self, Manifest};
 use laminardb_engine::wal::{self, Record, RecoveryReport};
 use laminardb_engine::{Error, ErrorCode, Result};
 
-use crate::command::{reply_channel, Ack, AckToken, Command, Exchange, PanicSite, Reply, ShardCommand, SpillRequest};
+use crate::command::{reply_channel, Ack, AckToken, Command, PanicSite, Reply, ShardCommand};
 use crate::runtime::Outputs;
 use crate::shard::ShardWiring;
 use crate::sinks::SinkRunner;
@@ -37,7 +37,7 @@ use crate::handle::{prepare_insert, Outcome};
 use crate::health::{catch, Health};
 use crate::shard;
 use crate::storage::{collect_garbage, shard_owner, CheckpointStats, Recovered, Storage, CONTROL_OWNER};
-use crate::store::{write_spill, RowStats, SpillPolicy};
+use crate::store::{start_spill_thread, RowStats, SpillPolicy};
 use crate::wal::{WalSpec, WalWriter};
 
 pub(crate) type Published = Arc<RwLock<Arc<Catalog>>>;
@@ -81,7 +81,11 @@ pub(crate) fn run(startup: Startup) {
     let cores: Vec<usize> = core_affinity::get_core_ids()
         .map(|ids| ids.into_iter().map(|c| c.id).collect())
         .unwrap_or_default();
-    let (spill_dir, spill_thread, spill_jobs) = match start_spill_thread(storage.as_ref()) {
+    // Spill files are not part of durability (checkpoints and the WAL are): the directory
+    // is emptied at open and removed at close.
+    let spill_dir = storage.as_ref().map_or_else(|| crate::storage::temp_dir("laminardb-spill"), |s| s.root.join("spill"));
+    let _ = std::fs::remove_dir_all(&spill_dir);
+    let (spill_thread, spill_jobs) = match start_spill_thread() {
         Ok(spill) => spill,
         Err(e) => {
             let _ = ready.send(Err(Error::new(ErrorCode::ConnectionFailed, format!("cannot start the spill thread: {e}"))));
@@ -251,33 +255,6 @@ pub(crate) fn run(startup: Startup) {
     if let Some(reply) = shutdown_reply {
         let _ = reply.send(Ok(()));
     }
-}
-
-/// The thread that writes spilled rows, off the shards' threads, and the directory it
-/// writes to: `spill/` in the storage directory, else a temporary one. Spill files are
-/// not part of durability (checkpoints and the WAL are): the directory is emptied at open
-/// and removed at close.
-fn start_spill_thread(
-    storage: Option<&Storage>,
-) -> std::io::Result<(std::path::PathBuf, std::thread::JoinHandle<()>, flume::Sender<SpillRequest>)> {
-    let dir = match storage {
-        Some(s) => s.root.join("spill"),
-        None => {
-            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            std::env::temp_dir().join(format!("laminardb-spill-{}-{n}", std::process::id()))
-        }
-    };
-    let _ = std::fs::remove_dir_all(&dir);
-    let (jobs, queue) = flume::unbounded::<SpillRequest>();
-    let thread = std::thread::Builder::new().name("laminar-spill".into()).spawn(move || {
-        for (job, reply) in queue {
-            let written = write_spill(&job);
-            let batches = job.batches.len();
-            let _ = reply.send(Exchange::Spilled { name: job.name, epoch: job.epoch, batches, path: job.path, written });
-        }
-    })?;
-    Ok((dir, thread, jobs))
 }
 
 /// Takes a checkpoint every `every_ms` until the database closes.
@@ -514,14 +491,9 @@ impl Coordinator {
                 self.outputs.write().insert(name.clone(), output.clone());
                 let marks: Vec<(Arc<str>, i64)> =
                     self.watermarks.borrow().iter().map(|(k, v)| (Arc::from(k.as_str()), *v)).collect();
-                let mut added = Vec::with_capacity(self.shards.len());
-                for tx in self.shards.iter() {
-                    let (reply, rx) = reply_channel();
-                    tx.send(ShardCommand::AddStream { plan: plan.clone(), output: output.clone(), marks: marks.clone(), reply })
-                        .await
-                        .map_err(|_| Error::internal("a shard has stopped"))?;
-                    added.push(rx);
-                }
+                let added = self
+                    .ask_shards(|_, reply| ShardCommand::AddStream { plan: plan.clone(), output: output.clone(), marks: marks.clone(), reply })
+                    .await?;
                 for rx in added {
                     let result = rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped"))?;
                     if let Err(e) = result {
@@ -819,14 +791,7 @@ impl Coordinator {
         let paused = Instant::now();
         let id = self.last_checkpoint.get() + 1;
         let lsn = self.take_lsn();
-        let mut waits = Vec::with_capacity(self.shards.len());
-        for tx in self.shards.iter() {
-            let (reply, rx) = reply_channel();
-            tx.send(ShardCommand::Checkpoint { root: root.clone(), id, reply })
-                .await
-                .map_err(|_| Error::internal("a shard has stopped"))?;
-            waits.push(rx);
-        }
+        let waits = self.ask_shards(|_, reply| ShardCommand::Checkpoint { root: root.clone(), id, reply }).await?;
         if let Some(control) = self.control.lock().await.as_mut() {
             control.roll().await;
         }
@@ -836,19 +801,7 @@ impl Coordinator {
         let pause = paused.elapsed();
         // Every answer is awaited, failed or not, so no shard is still completing this
         // checkpoint when the next one begins.
-        let mut shard_files = Vec::with_capacity(waits.len());
-        let mut failure = None;
-        for rx in waits {
-            match rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped")).and_then(|r| r) {
-                Ok(files) => shard_files.push(files),
-                Err(e) => {
-                    failure.get_or_insert(Error::checkpoint(format!("checkpoint {id}: {e}")));
-                }
-            }
-        }
-        if let Some(e) = failure {
-            return Err(e);
-        }
+        let shard_files = answers(waits).await.map_err(|e| Error::checkpoint(format!("checkpoint {id}: {e}")))?;
         // Counters as of the barrier: the sum of what each shard had published by then.
         let catalog = self.catalog.borrow().clone();
         let outputs = self.outputs.read();
@@ -898,17 +851,9 @@ impl Coordinator {
         for sql in &manifest.ddl {
             self.execute(sql, &[]).await.map_err(|e| Error::checkpoint(format!("rebuilding the catalog: {sql}: {e}")))?;
         }
-        let mut waits = Vec::with_capacity(self.shards.len());
-        for (tx, files) in self.shards.iter().zip(&manifest.shard_files) {
-            let (reply, rx) = reply_channel();
-            tx.send(ShardCommand::Restore { root: root.clone(), files: files.clone(), reply })
-                .await
-                .map_err(|_| Error::internal("a shard has stopped"))?;
-            waits.push(rx);
-        }
-        for rx in waits {
-            rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped"))??;
-        }
+        let files = &manifest.shard_files;
+        answers(self.ask_shards(|shard, reply| ShardCommand::Restore { root: root.clone(), files: files[shard].clone(), reply }).await?)
+            .await?;
         // Exchange messages that were in flight at the checkpoint, now that every shard
         // they may route rows on to holds its state.
         let ack = Ack::born_at(None, &self.inflight, |_| {});
@@ -990,20 +935,36 @@ impl Coordinator {
 
     async fn stats(&self, source: &str) -> Result<Vec<RowStats>> {
         let name: Arc<str> = self.catalog.borrow().source(source)?.name.as_str().into();
+        answers(self.ask_shards(|_, reply| ShardCommand::Stats { source: name.clone(), reply }).await?).await
+    }
+
+    /// Sends every shard the command `make(shard, reply)` builds; the answers arrive on
+    /// the returned receivers, in shard order.
+    async fn ask_shards<T>(&self, mut make: impl FnMut(usize, Reply<T>) -> ShardCommand) -> Result<Vec<flume::Receiver<Result<T>>>> {
         let mut waits = Vec::with_capacity(self.shards.len());
-        for tx in self.shards.iter() {
+        for (shard, tx) in self.shards.iter().enumerate() {
             let (reply, rx) = reply_channel();
-            tx.send(ShardCommand::Stats { source: name.clone(), reply })
-                .await
-                .map_err(|_| Error::internal("a shard has stopped"))?;
+            tx.send(make(shard, reply)).await.map_err(|_| Error::internal("a shard has stopped"))?;
             waits.push(rx);
         }
-        let mut out = Vec::with_capacity(waits.len());
-        for rx in waits {
-            out.push(rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped"))??);
-        }
-        Ok(out)
+        Ok(waits)
     }
+}
+
+/// Every shard's answer, each awaited even after one failed (so no shard is still at the
+/// work when the caller goes on); the first failure, if any.
+async fn answers<T>(waits: Vec<flume::Receiver<Result<T>>>) -> Result<Vec<T>> {
+    let mut out = Vec::with_capacity(waits.len());
+    let mut failure = None;
+    for rx in waits {
+        match rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped")).and_then(|r| r) {
+            Ok(answer) => out.push(answer),
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    failure.map_or(Ok(out), Err)
 }
 
 /// The front end's window onto the shards, used from its query threads.

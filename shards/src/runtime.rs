@@ -22,7 +22,7 @@ use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, Result};
 
 use crate::command::{Ack, AckToken, Exchange, Reply, SpillRequest};
-use crate::store::{LocalStore, SpillPolicy};
+use crate::store::{LocalStore, SpillJob, SpillPolicy};
 
 /// Outputs of every source and stream by name, shared by the coordinator, the shards and
 /// the callers that subscribe.
@@ -66,7 +66,7 @@ pub struct ShardRuntime {
     /// Rows and batches each source and stream published from this shard: its share of
     /// their counters, exact at every checkpoint barrier.
     published: HashMap<Arc<str>, [u64; 2]>,
-    /// The spill thread, when retained rows spill to disk.
+    /// The spill thread, when retained rows spill to disk (`LocalStore` decides when).
     spill: Option<flume::Sender<SpillRequest>>,
 }
 
@@ -404,18 +404,41 @@ impl ShardRuntime {
     /// Keeps `batch` among `name`'s rows, handing the oldest to the spill thread when
     /// too many are in memory.
     fn retain(&mut self, name: &Arc<str>, batch: RecordBatch) -> Result<u64> {
-        let rows = self.store.append(name, batch)?;
-        self.spill_if_due(name);
+        let rows = batch.num_rows() as u64;
+        if let Some(job) = self.store.append(name, batch)? {
+            self.spill(job);
+        }
         Ok(rows)
     }
 
     fn spill_if_due(&mut self, name: &Arc<str>) {
-        let Some(spill) = &self.spill else { return };
         if let Some(job) = self.store.spill_due(name) {
-            let (epoch, batches, path) = (job.epoch, job.batches.len(), job.path.clone());
-            if spill.send((job, self.exchange[self.id].clone())).is_err() {
-                let written = Err(Error::internal("the spill thread has stopped"));
-                let _ = self.store.spilled(name, epoch, batches, path, written);
+            self.spill(job);
+        }
+    }
+
+    /// Hands `job` to the spill thread.
+    fn spill(&mut self, job: SpillJob) {
+        let (name, epoch, batches, path) = (job.name.clone(), job.epoch, job.batches.len(), job.path.clone());
+        let sent = self.spill.as_ref().is_some_and(|spill| spill.send((job, self.exchange[self.id].clone())).is_ok());
+        if !sent {
+            let written = Err(Error::internal("the spill thread has stopped"));
+            self.spilled(&name, epoch, batches, path, written);
+        }
+    }
+
+    /// A spill of `name` ended: on success what stays in memory may be due again; a
+    /// failure keeps the rows in memory and turns spilling off on this shard.
+    fn spilled(&mut self, name: &Arc<str>, epoch: u64, batches: usize, path: std::path::PathBuf, written: Result<u64>) {
+        match self.store.spilled(name, epoch, batches, path, written) {
+            Ok(()) => self.spill_if_due(name),
+            Err(e) => {
+                self.store.stop_spilling();
+                let e = format!("spilling rows of '{name}' to disk failed: {e}; rows stay in memory from now on");
+                match self.output(name) {
+                    Some(output) => output.record_error(&e),
+                    None => log::warn!("{e}"),
+                }
             }
         }
     }
@@ -428,7 +451,6 @@ impl ShardRuntime {
     }
 
     pub fn add_stream(&mut self, plan: Arc<StreamPlan>, output: Arc<Output>, marks: &[(Arc<str>, i64)]) -> Result<()> {
-        self.dirty = true;
         let ack = self.background.clone();
         for (source, mark) in marks {
             self.watermark(source, *mark, &ack);
@@ -593,12 +615,12 @@ impl ShardRuntime {
 
     /// `input`'s watermark on this shard is now `watermark`.
     pub fn watermark(&mut self, input: &str, watermark: i64, ack: &AckToken) {
-        self.dirty = true;
         let mark = self.marks.entry(input.to_string()).or_insert(i64::MIN);
         if watermark <= *mark {
             return;
         }
         *mark = watermark;
+        self.dirty = true;
         let Some(readers) = self.readers.get(input).cloned() else { return };
         for name in readers {
             let Some(task) = self.streams.get(&name) else { continue };
@@ -689,20 +711,7 @@ impl ShardRuntime {
             Exchange::Watermark { stream, branch, from, watermark, ack } => {
                 self.aggregate_mark(&stream, branch, from, watermark, &ack)
             }
-            Exchange::Spilled { name, epoch, batches, path, written } => {
-                match self.store.spilled(&name, epoch, batches, path, written) {
-                    // What stays in memory may be due again.
-                    Ok(()) => self.spill_if_due(&name),
-                    Err(e) => {
-                        self.spill = None;
-                        let e = format!("spilling rows of '{name}' to disk failed: {e}; rows stay in memory from now on");
-                        match self.output(&name) {
-                            Some(output) => output.record_error(&e),
-                            None => log::warn!("{e}"),
-                        }
-                    }
-                }
-            }
+            Exchange::Spilled { name, epoch, batches, path, written } => self.spilled(&name, epoch, batches, path, written),
             Exchange::Marker { from } => {
                 if let Some(p) = self.pending.as_mut() {
                     p.awaiting[from] = false;

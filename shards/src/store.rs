@@ -10,6 +10,8 @@ use arrow::compute::concat_batches;
 
 use laminardb_engine::{ipc, wal, Result};
 
+use crate::command::{Exchange, SpillRequest};
+
 /// Small appends (single-row inserts) are merged once this many accumulate, so scans
 /// stay vectorized however the rows arrived.
 const SMALL_BATCHES_MAX: usize = 64;
@@ -122,6 +124,33 @@ impl SourceRows {
         self.batches_from(self.saved_rows)
     }
 
+    /// The spill due under `policy`, if more rows are in memory than it allows: the
+    /// oldest batches down to half the limit, marked as being written.
+    fn spill_due(&mut self, name: &Arc<str>, policy: &SpillPolicy, next_file: &mut u64) -> Option<SpillJob> {
+        let mut resident = self.resident_rows();
+        if resident <= policy.limit {
+            return None;
+        }
+        // Small appends become candidates as they are (merged, they could only spill
+        // all at once).
+        self.sealed.append(&mut self.small);
+        let mut batches = Vec::new();
+        for batch in &self.sealed[self.spilling..] {
+            if resident <= policy.limit / 2 {
+                break;
+            }
+            resident -= batch.num_rows() as u64;
+            batches.push(batch.clone());
+        }
+        if batches.is_empty() {
+            return None;
+        }
+        self.spilling += batches.len();
+        *next_file += 1;
+        let path = policy.dir.join(format!("{}-{}.arrow", self.epoch, next_file));
+        Some(SpillJob { name: name.clone(), epoch: self.epoch, batches, path })
+    }
+
     /// Rows in memory that no spill is writing yet.
     fn resident_rows(&self) -> u64 {
         let spilling: u64 = self.sealed[..self.spilling].iter().map(|b| b.num_rows() as u64).sum();
@@ -155,8 +184,15 @@ pub struct SpillPolicy {
     pub limit: u64,
 }
 
+/// `name`'s rows, created empty (with the next epoch) if it has none yet.
+fn entry<'a>(sources: &'a mut HashMap<Arc<str>, SourceRows>, next_epoch: &mut u64, name: &Arc<str>) -> &'a mut SourceRows {
+    sources.entry(name.clone()).or_insert_with(|| {
+        *next_epoch += 1;
+        SourceRows::new(*next_epoch)
+    })
+}
+
 /// One shard's partition of every source. `Local*`: it never leaves its shard's thread.
-#[derive(Default)]
 pub struct LocalStore {
     sources: HashMap<Arc<str>, SourceRows>,
     spill: Option<SpillPolicy>,
@@ -169,47 +205,23 @@ impl LocalStore {
         LocalStore { sources: HashMap::new(), spill, next_epoch: 0, next_file: 0 }
     }
 
-    pub fn append(&mut self, source: &Arc<str>, batch: RecordBatch) -> Result<u64> {
-        let rows = batch.num_rows() as u64;
-        self.entry(source).append(batch)?;
-        Ok(rows)
+    /// Keeps `batch` among `name`'s rows; returns the spill that is now due, if any.
+    pub fn append(&mut self, name: &Arc<str>, batch: RecordBatch) -> Result<Option<SpillJob>> {
+        let LocalStore { sources, spill, next_epoch, next_file } = self;
+        let rows = entry(sources, next_epoch, name);
+        rows.append(batch)?;
+        Ok(spill.as_ref().and_then(|policy| rows.spill_due(name, policy, next_file)))
     }
 
-    fn entry(&mut self, name: &Arc<str>) -> &mut SourceRows {
-        if !self.sources.contains_key(name) {
-            self.next_epoch += 1;
-            self.sources.insert(name.clone(), SourceRows::new(self.next_epoch));
-        }
-        self.sources.get_mut(name).expect("inserted above")
-    }
-
-    /// The spill `name` is due for, if it holds more rows in memory than the policy
-    /// allows: its oldest sealed batches, marked as being written.
+    /// The spill `name` is due for, if any (see [`SourceRows::spill_due`]).
     pub fn spill_due(&mut self, name: &Arc<str>) -> Option<SpillJob> {
         let policy = self.spill.as_ref()?;
-        let rows = self.sources.get_mut(name)?;
-        let mut resident = rows.resident_rows();
-        if resident <= policy.limit {
-            return None;
-        }
-        // Small appends become candidates as they are (merged, they could only spill
-        // all at once).
-        rows.sealed.append(&mut rows.small);
-        let mut batches = Vec::new();
-        for batch in &rows.sealed[rows.spilling..] {
-            if resident <= policy.limit / 2 {
-                break;
-            }
-            resident -= batch.num_rows() as u64;
-            batches.push(batch.clone());
-        }
-        if batches.is_empty() {
-            return None;
-        }
-        rows.spilling += batches.len();
-        self.next_file += 1;
-        let path = policy.dir.join(format!("{}-{}.arrow", rows.epoch, self.next_file));
-        Some(SpillJob { name: name.clone(), epoch: rows.epoch, batches, path })
+        self.sources.get_mut(name)?.spill_due(name, policy, &mut self.next_file)
+    }
+
+    /// Spilling failed: from now on every row stays in memory.
+    pub fn stop_spilling(&mut self) {
+        self.spill = None;
     }
 
     /// A spill job finished: on success its batches are replaced by the file. A file
@@ -268,12 +280,13 @@ impl LocalStore {
         self.sources.get(name).map(|s| s.files.clone()).unwrap_or_default()
     }
 
-    /// Rows loaded from checkpoint `files`: retained as saved.
+    /// Rows loaded from checkpoint `files`: retained as saved (the caller asks
+    /// `spill_due` afterwards).
     pub fn restore(&mut self, name: &Arc<str>, batches: Vec<RecordBatch>, files: Vec<String>) -> Result<()> {
+        let rows = entry(&mut self.sources, &mut self.next_epoch, name);
         for batch in batches {
-            self.append(name, batch)?;
+            rows.append(batch)?;
         }
-        let rows = self.entry(name);
         rows.saved_rows = rows.rows;
         rows.files = files;
         Ok(())
@@ -288,8 +301,22 @@ impl Drop for LocalStore {
     }
 }
 
+/// Starts the thread that writes spill jobs, off the shards' reactors; each job's answer
+/// goes back to its shard as `Exchange::Spilled`. It ends once every sender is gone.
+pub(crate) fn start_spill_thread() -> std::io::Result<(std::thread::JoinHandle<()>, flume::Sender<SpillRequest>)> {
+    let (jobs, queue) = flume::unbounded::<SpillRequest>();
+    let thread = std::thread::Builder::new().name("laminar-spill".into()).spawn(move || {
+        for (job, reply) in queue {
+            let written = write_spill(&job);
+            let batches = job.batches.len();
+            let _ = reply.send(Exchange::Spilled { name: job.name, epoch: job.epoch, batches, path: job.path, written });
+        }
+    })?;
+    Ok((thread, jobs))
+}
+
 /// Writes one spill job's rows; returns how many.
-pub fn write_spill(job: &SpillJob) -> Result<u64> {
+fn write_spill(job: &SpillJob) -> Result<u64> {
     let Some(first) = job.batches.first() else { return Ok(0) };
     let bytes = ipc::to_bytes(&first.schema(), &job.batches)?;
     if let Some(dir) = job.path.parent() {
@@ -310,7 +337,7 @@ mod tests {
 
     #[test]
     fn single_row_appends_are_compacted_and_all_kept() {
-        let mut store = LocalStore::default();
+        let mut store = LocalStore::new(None);
         let src: Arc<str> = "t".into();
         for i in 0..200 {
             store.append(&src, one_row(i)).unwrap();
@@ -339,13 +366,11 @@ mod tests {
         let mut store = LocalStore::new(Some(SpillPolicy { dir: dir.clone(), limit: 20_000 }));
         let src: Arc<str> = "t".into();
         for i in 0..4 {
-            store.append(&src, batch_of(i * 5_000, 5_000)).unwrap();
-            assert!(store.spill_due(&src).is_none(), "20,000 rows fit");
+            assert!(store.append(&src, batch_of(i * 5_000, 5_000)).unwrap().is_none(), "20,000 rows fit");
         }
         store.mark_saved("t", Some("rows-1".into()));
-        store.append(&src, batch_of(20_000, 5_000)).unwrap();
         // 25,000 in memory: the oldest go until half the limit is left.
-        let job = store.spill_due(&src).expect("over the limit");
+        let job = store.append(&src, batch_of(20_000, 5_000)).unwrap().expect("over the limit");
         assert_eq!(values(&job.batches), (0..15_000).collect::<Vec<_>>());
         assert!(store.spill_due(&src).is_none(), "a spill is under way");
         let written = write_spill(&job);
@@ -358,10 +383,8 @@ mod tests {
         assert_eq!(values(&store.scan("t").unwrap()), (0..25_000).collect::<Vec<_>>());
         assert_eq!(values(&store.unsaved("t").unwrap()), (20_000..25_000).collect::<Vec<_>>());
         // A failed spill keeps the rows in memory.
-        for i in 5..8 {
-            store.append(&src, batch_of(i * 5_000, 5_000)).unwrap();
-        }
-        let job = store.spill_due(&src).expect("over the limit again");
+        let jobs: Vec<SpillJob> = (5..8).filter_map(|i| store.append(&src, batch_of(i * 5_000, 5_000)).unwrap()).collect();
+        let [job] = <[SpillJob; 1]>::try_from(jobs).ok().expect("one spill: when 25,000 rows are in memory again");
         let failed = store.spilled("t", job.epoch, job.batches.len(), job.path.clone(), Err(laminardb_engine::Error::internal("disk full")));
         assert!(failed.is_err());
         assert_eq!(values(&store.scan("t").unwrap()), (0..40_000).collect::<Vec<_>>());
