@@ -70,15 +70,13 @@ pub struct ShardRuntime {
     spill: Option<flume::Sender<SpillRequest>>,
 }
 
-/// Writes `state` (rkyv) to `path` with a checksum; returns the bytes written.
-fn write_state<T>(path: &Path, state: &T) -> Result<u64>
+/// `state` as rkyv bytes, for a checkpoint file.
+fn state_bytes<T>(state: &T) -> Result<Vec<u8>>
 where
     T: for<'a> rkyv::Serialize<rkyv::api::high::HighSerializer<rkyv::util::AlignedVec, rkyv::ser::allocator::ArenaHandle<'a>, rkyv::rancor::Error>>,
 {
-    let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(state)
-        .map_err(|e| Error::internal(format!("saving {}: {e}", path.display())))?;
-    checkpoint::write_checked(path, &bytes)?;
-    Ok(bytes.len() as u64)
+    let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(state).map_err(|e| Error::internal(format!("saving shard state: {e}")))?;
+    Ok(bytes.into_vec())
 }
 
 fn read_state<T>(path: &Path) -> Result<T>
@@ -210,8 +208,8 @@ impl ShardRuntime {
         let files = files.and_then(|mut files| {
             if !channel.is_empty() {
                 let file = format!("data/shard-{}/channel-{id}.bin", self.id);
-                files.bytes_written += write_state(&root.join(&file), &ChannelState { msgs: channel })?;
-                checkpoint::sync_dir(&checkpoint::shard_dir(&root, self.id))?;
+                let write = (root.join(&file), state_bytes(&ChannelState { msgs: channel })?);
+                files.bytes_written += checkpoint::write_all_checked(&checkpoint::shard_dir(&root, self.id), vec![write])?;
                 files.channel = Some(file);
             }
             Ok(files)
@@ -271,31 +269,27 @@ impl ShardRuntime {
     fn snapshot(&mut self, root: &Path, id: u64) -> Result<ShardFiles> {
         let dir = checkpoint::shard_dir(root, self.id);
         std::fs::create_dir_all(&dir).map_err(|e| wal::io_error(&dir, e))?;
-        let mut files = ShardFiles::default();
-        let mut written = 0u64;
+        let mut writes = Vec::new();
+        let mut new_rows = Vec::new();
         for (n, name) in self.store.names().into_iter().enumerate() {
             let new = self.store.unsaved(&name)?;
             let file = match new.first() {
                 Some(first) => {
                     let file = format!("data/shard-{}/rows-{id}-{n}.arrow", self.id);
-                    let bytes = ipc::to_bytes(&first.schema(), &new)?;
-                    written += bytes.len() as u64;
-                    checkpoint::write_checked(&root.join(&file), &bytes)?;
+                    writes.push((root.join(&file), ipc::to_bytes(&first.schema(), &new)?));
                     Some(file)
                 }
                 None => None,
             };
-            self.store.mark_saved(&name, file);
-            files.rows.push((name.to_string(), self.store.files(&name)));
+            new_rows.push((name, file));
         }
-        if self.dirty || self.state_file.is_none() {
-            let file = format!("data/shard-{}/state-{id}.bin", self.id);
+        let marks_file = (self.dirty || self.state_file.is_none()).then(|| format!("data/shard-{}/state-{id}.bin", self.id));
+        if let Some(file) = &marks_file {
             let state = RuntimeState { marks: self.marks.iter().map(|(k, v)| (k.clone(), *v)).collect() };
-            written += write_state(&root.join(&file), &state)?;
-            self.state_file = Some(file);
-            self.dirty = false;
+            writes.push((root.join(file), state_bytes(&state)?));
         }
-        for (n, (name, task)) in self.streams.iter_mut().enumerate() {
+        let mut new_streams = Vec::new();
+        for (n, (name, task)) in self.streams.iter().enumerate() {
             if task.dirty || task.state_file.is_none() {
                 let file = format!("data/shard-{}/stream-{id}-{n}.bin", self.id);
                 let state = TaskState {
@@ -305,13 +299,28 @@ impl ShardRuntime {
                     agg: task.op.as_ref().map(AggOperator::save).transpose()?,
                     join: task.join.as_ref().map(JoinOperator::save).transpose()?,
                 };
-                written += write_state(&root.join(&file), &state)?;
+                writes.push((root.join(&file), state_bytes(&state)?));
+                new_streams.push((name.clone(), file));
+            }
+        }
+        let bytes_written = checkpoint::write_all_checked(&dir, writes)?;
+        // Only now that every file is durable does this shard count it as saved.
+        let mut files = ShardFiles { bytes_written, ..ShardFiles::default() };
+        for (name, file) in new_rows {
+            self.store.mark_saved(&name, file);
+            files.rows.push((name.to_string(), self.store.files(&name)));
+        }
+        if marks_file.is_some() {
+            self.state_file = marks_file;
+            self.dirty = false;
+        }
+        for (name, file) in new_streams {
+            if let Some(task) = self.streams.get_mut(&name) {
                 task.state_file = Some(file);
                 task.dirty = false;
             }
-            files.streams.extend(task.state_file.clone().map(|file| (name.to_string(), file)));
         }
-        checkpoint::sync_dir(&dir)?;
+        files.streams = self.streams.iter().filter_map(|(name, t)| Some((name.to_string(), t.state_file.clone()?))).collect();
         files.counters = self
             .published
             .iter()
@@ -321,7 +330,6 @@ impl ShardRuntime {
             })
             .collect();
         files.state = self.state_file.clone();
-        files.bytes_written = written;
         Ok(files)
     }
 
