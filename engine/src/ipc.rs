@@ -3,8 +3,9 @@
 use std::io::Cursor;
 
 use arrow::array::RecordBatch;
+use arrow::buffer::Buffer;
 use arrow::datatypes::SchemaRef;
-use arrow::ipc::reader::StreamReader;
+use arrow::ipc::reader::{StreamDecoder, StreamReader};
 use arrow::ipc::writer::StreamWriter;
 
 use crate::Result;
@@ -28,4 +29,16 @@ pub fn to_bytes(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> 
 pub fn read(bytes: &[u8]) -> Result<Vec<RecordBatch>> {
     let reader = StreamReader::try_new(Cursor::new(bytes), None)?;
     Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
+/// The batches of one IPC stream held in `buffer`, without copying: their arrays are
+/// slices of it (e.g. a memory-mapped file).
+pub fn read_buffer(mut buffer: Buffer) -> Result<Vec<RecordBatch>> {
+    let mut decoder = StreamDecoder::new();
+    let mut out = Vec::new();
+    while let Some(batch) = decoder.decode(&mut buffer)? {
+        out.push(batch);
+    }
+    decoder.finish()?;
+    Ok(out)
 }

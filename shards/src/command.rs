@@ -102,8 +102,8 @@ pub enum Exchange {
     /// flight at the receiver's snapshot, in the receiver's recorded channel state).
     Marker { from: usize },
     /// The spill thread wrote `batches` (the oldest sealed ones) of `name` to `path`;
-    /// `written`: how many rows, or why not.
-    Spilled { name: Arc<str>, epoch: u64, batches: usize, path: std::path::PathBuf, written: Result<u64> },
+    /// `mapped`: the same rows read back from the memory-mapped file, or why not.
+    Spilled { name: Arc<str>, epoch: u64, batches: usize, path: std::path::PathBuf, mapped: Result<Vec<RecordBatch>> },
     Stop,
 }
 

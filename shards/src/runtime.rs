@@ -272,7 +272,7 @@ impl ShardRuntime {
         let mut writes = Vec::new();
         let mut new_rows = Vec::new();
         for (n, name) in self.store.names().into_iter().enumerate() {
-            let new = self.store.unsaved(&name)?;
+            let new = self.store.unsaved(&name);
             let file = match new.first() {
                 Some(first) => {
                     let file = format!("data/shard-{}/rows-{id}-{n}.arrow", self.id);
@@ -430,15 +430,15 @@ impl ShardRuntime {
         let (name, epoch, batches, path) = (job.name.clone(), job.epoch, job.batches.len(), job.path.clone());
         let sent = self.spill.as_ref().is_some_and(|spill| spill.send((job, self.exchange[self.id].clone())).is_ok());
         if !sent {
-            let written = Err(Error::internal("the spill thread has stopped"));
-            self.spilled(&name, epoch, batches, path, written);
+            let mapped = Err(Error::internal("the spill thread has stopped"));
+            self.spilled(&name, epoch, batches, path, mapped);
         }
     }
 
     /// A spill of `name` ended: on success what stays in memory may be due again; a
     /// failure keeps the rows in memory and turns spilling off on this shard.
-    fn spilled(&mut self, name: &Arc<str>, epoch: u64, batches: usize, path: std::path::PathBuf, written: Result<u64>) {
-        match self.store.spilled(name, epoch, batches, path, written) {
+    fn spilled(&mut self, name: &Arc<str>, epoch: u64, batches: usize, path: std::path::PathBuf, mapped: Result<Vec<RecordBatch>>) {
+        match self.store.spilled(name, epoch, batches, path, mapped) {
             Ok(()) => self.spill_if_due(name),
             Err(e) => {
                 self.store.stop_spilling();
@@ -508,7 +508,7 @@ impl ShardRuntime {
                 }
             }
         }
-        self.store.scan(name)
+        Ok(self.store.scan(name))
     }
 
     /// Runs every stream reading `input` over `batch`.
@@ -719,7 +719,7 @@ impl ShardRuntime {
             Exchange::Watermark { stream, branch, from, watermark, ack } => {
                 self.aggregate_mark(&stream, branch, from, watermark, &ack)
             }
-            Exchange::Spilled { name, epoch, batches, path, written } => self.spilled(&name, epoch, batches, path, written),
+            Exchange::Spilled { name, epoch, batches, path, mapped } => self.spilled(&name, epoch, batches, path, mapped),
             Exchange::Marker { from } => {
                 if let Some(p) = self.pending.as_mut() {
                     p.awaiting[from] = false;

@@ -1,14 +1,16 @@
 //! A shard's retained rows: its partition of every source and stream, owned by one
-//! thread; beyond the spill limit the oldest move to files and are read back by scans.
+//! thread; beyond the spill limit the oldest move to files, kept memory-mapped: the page
+//! cache holds them (the kernel may drop and re-read those pages), not the heap.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
+use arrow::buffer::Buffer;
 use arrow::compute::concat_batches;
 
-use laminardb_engine::{ipc, wal, Result};
+use laminardb_engine::{ipc, wal, Error, Result};
 
 use crate::command::{Exchange, SpillRequest};
 
@@ -38,10 +40,11 @@ pub struct SourceRows {
     files: Vec<String>,
 }
 
-/// Rows moved to disk: one Arrow IPC stream file.
+/// Rows moved to disk: one Arrow IPC stream file, and its batches read from its
+/// memory-mapped bytes without copying.
 struct SpillFile {
     path: PathBuf,
-    rows: u64,
+    batches: Vec<RecordBatch>,
 }
 
 /// Oldest in-memory rows of one source or stream, to be written to `path` by the spill
@@ -94,33 +97,29 @@ impl SourceRows {
         Ok(())
     }
 
-    /// Every retained row, oldest first: spilled files read back, then the batches in
-    /// memory (reference-counted, no row copies).
-    pub fn snapshot(&self) -> Result<Vec<RecordBatch>> {
+    /// Every retained row, oldest first (reference-counted, no row copies).
+    pub fn snapshot(&self) -> Vec<RecordBatch> {
         self.batches_from(0)
     }
 
-    /// The retained rows after the first `skip`; spilled files wholly skipped are not read.
-    fn batches_from(&self, mut skip: u64) -> Result<Vec<RecordBatch>> {
+    /// The retained rows after the first `skip`.
+    fn batches_from(&self, mut skip: u64) -> Vec<RecordBatch> {
+        let spilled = self.spilled.iter().flat_map(|f| f.batches.iter());
         let mut out = Vec::new();
-        for file in &self.spilled {
-            if skip >= file.rows {
-                skip -= file.rows;
+        for batch in spilled.chain(&self.sealed).chain(&self.small) {
+            let rows = batch.num_rows() as u64;
+            if skip >= rows {
+                skip -= rows;
                 continue;
             }
-            let bytes = std::fs::read(&file.path).map_err(|e| wal::io_error(&file.path, e))?;
-            for batch in ipc::read(&bytes)? {
-                take_after(&mut skip, batch, &mut out);
-            }
+            out.push(if skip == 0 { batch.clone() } else { batch.slice(skip as usize, (rows - skip) as usize) });
+            skip = 0;
         }
-        for batch in self.sealed.iter().chain(self.small.iter()) {
-            take_after(&mut skip, batch.clone(), &mut out);
-        }
-        Ok(out)
+        out
     }
 
-    /// The rows no checkpoint holds yet (zero-copy slices of those in memory).
-    fn unsaved(&self) -> Result<Vec<RecordBatch>> {
+    /// The rows no checkpoint holds yet (zero-copy slices).
+    fn unsaved(&self) -> Vec<RecordBatch> {
         self.batches_from(self.saved_rows)
     }
 
@@ -162,17 +161,6 @@ impl SourceRows {
             let _ = std::fs::remove_file(&file.path);
         }
     }
-}
-
-/// Skips `skip` rows (counting them down), keeping the rest of `batch`.
-fn take_after(skip: &mut u64, batch: RecordBatch, out: &mut Vec<RecordBatch>) {
-    let rows = batch.num_rows() as u64;
-    if *skip >= rows {
-        *skip -= rows;
-        return;
-    }
-    out.push(if *skip == 0 { batch } else { batch.slice(*skip as usize, (rows - *skip) as usize) });
-    *skip = 0;
 }
 
 /// Where and when a shard's retained rows spill to disk: beyond `limit` rows in memory
@@ -224,24 +212,24 @@ impl LocalStore {
         self.spill = None;
     }
 
-    /// A spill job finished: on success its batches are replaced by the file. A file
-    /// whose source has gone since is deleted.
-    pub fn spilled(&mut self, name: &str, epoch: u64, batches: usize, path: PathBuf, written: Result<u64>) -> Result<()> {
+    /// A spill job finished: on success its batches in memory are replaced by the
+    /// file's (`mapped`). A file whose source has gone since is deleted.
+    pub fn spilled(&mut self, name: &str, epoch: u64, batches: usize, path: PathBuf, mapped: Result<Vec<RecordBatch>>) -> Result<()> {
         let Some(rows) = self.sources.get_mut(name).filter(|r| r.epoch == epoch) else {
             let _ = std::fs::remove_file(&path);
             return Ok(());
         };
         rows.spilling -= batches;
-        let count = written?;
+        let mapped = mapped?;
         let freed: u64 = rows.sealed.drain(..batches).map(|b| b.get_array_memory_size() as u64).sum();
         rows.bytes -= freed.min(rows.bytes);
-        rows.spilled_rows += count;
-        rows.spilled.push(SpillFile { path, rows: count });
+        rows.spilled_rows += mapped.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+        rows.spilled.push(SpillFile { path, batches: mapped });
         Ok(())
     }
 
-    pub fn scan(&self, source: &str) -> Result<Vec<RecordBatch>> {
-        self.sources.get(source).map(SourceRows::snapshot).unwrap_or(Ok(Vec::new()))
+    pub fn scan(&self, source: &str) -> Vec<RecordBatch> {
+        self.sources.get(source).map(SourceRows::snapshot).unwrap_or_default()
     }
 
     pub fn drop_source(&mut self, source: &str) {
@@ -263,8 +251,8 @@ impl LocalStore {
     }
 
     /// Rows of `name` that no checkpoint holds yet.
-    pub fn unsaved(&self, name: &str) -> Result<Vec<RecordBatch>> {
-        self.sources.get(name).map(SourceRows::unsaved).unwrap_or(Ok(Vec::new()))
+    pub fn unsaved(&self, name: &str) -> Vec<RecordBatch> {
+        self.sources.get(name).map(SourceRows::unsaved).unwrap_or_default()
     }
 
     /// Every row of `name` is now in its checkpoint files, the last of them `file` (if
@@ -307,23 +295,36 @@ pub(crate) fn start_spill_thread() -> std::io::Result<(std::thread::JoinHandle<(
     let (jobs, queue) = flume::unbounded::<SpillRequest>();
     let thread = std::thread::Builder::new().name("laminar-spill".into()).spawn(move || {
         for (job, reply) in queue {
-            let written = write_spill(&job);
+            let mapped = write_spill(&job).and_then(|()| map_spill(&job.path));
             let batches = job.batches.len();
-            let _ = reply.send(Exchange::Spilled { name: job.name, epoch: job.epoch, batches, path: job.path, written });
+            let _ = reply.send(Exchange::Spilled { name: job.name, epoch: job.epoch, batches, path: job.path, mapped });
         }
     })?;
     Ok((thread, jobs))
 }
 
-/// Writes one spill job's rows; returns how many.
-fn write_spill(job: &SpillJob) -> Result<u64> {
-    let Some(first) = job.batches.first() else { return Ok(0) };
+/// Writes one spill job's rows to its file (not synced: spill files are not durable).
+fn write_spill(job: &SpillJob) -> Result<()> {
+    let Some(first) = job.batches.first() else { return Ok(()) };
     let bytes = ipc::to_bytes(&first.schema(), &job.batches)?;
     if let Some(dir) = job.path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| wal::io_error(dir, e))?;
     }
-    std::fs::write(&job.path, bytes).map_err(|e| wal::io_error(&job.path, e))?;
-    Ok(job.batches.iter().map(|b| b.num_rows() as u64).sum())
+    std::fs::write(&job.path, bytes).map_err(|e| wal::io_error(&job.path, e))
+}
+
+/// The batches of a spill file, memory-mapped: their arrays point into the mapping,
+/// which lives as long as any of them.
+fn map_spill(path: &Path) -> Result<Vec<RecordBatch>> {
+    let file = std::fs::File::open(path).map_err(|e| wal::io_error(path, e))?;
+    // SAFETY: spill files are written once, before this, and never modified while
+    // mapped (they are only deleted, which keeps the mapping valid).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| wal::io_error(path, e))?;
+    let ptr = std::ptr::NonNull::new(map.as_ptr() as *mut u8).ok_or_else(|| Error::internal("an empty spill file"))?;
+    let len = map.len();
+    // SAFETY: `ptr` is valid for `len` bytes as long as `map` lives; the buffer owns it.
+    let buffer = unsafe { Buffer::from_custom_allocation(ptr, len, Arc::new(map)) };
+    ipc::read_buffer(buffer)
 }
 
 #[cfg(test)]
@@ -342,7 +343,7 @@ mod tests {
         for i in 0..200 {
             store.append(&src, one_row(i)).unwrap();
         }
-        let batches = store.scan("t").unwrap();
+        let batches = store.scan("t");
         assert!(batches.len() <= 4 + SMALL_BATCHES_MAX, "{} batches", batches.len());
         let sum: i64 = batches
             .iter()
@@ -373,26 +374,30 @@ mod tests {
         let job = store.append(&src, batch_of(20_000, 5_000)).unwrap().expect("over the limit");
         assert_eq!(values(&job.batches), (0..15_000).collect::<Vec<_>>());
         assert!(store.spill_due(&src).is_none(), "a spill is under way");
-        let written = write_spill(&job);
-        assert_eq!(written.as_ref().ok(), Some(&15_000));
+        write_spill(&job).unwrap();
+        let mapped = map_spill(&job.path);
+        assert_eq!(mapped.as_ref().map(|b| values(b)).ok(), Some((0..15_000).collect::<Vec<_>>()));
         // Until the spill is in, scans read the batches in memory.
-        assert_eq!(values(&store.scan("t").unwrap()), (0..25_000).collect::<Vec<_>>());
-        store.spilled("t", job.epoch, job.batches.len(), job.path.clone(), written).unwrap();
+        assert_eq!(values(&store.scan("t")), (0..25_000).collect::<Vec<_>>());
+        let bytes = store.stats("t").bytes;
+        store.spilled("t", job.epoch, job.batches.len(), job.path.clone(), mapped).unwrap();
         let stats = store.stats("t");
         assert_eq!((stats.rows, stats.spilled_rows), (25_000, 15_000));
-        assert_eq!(values(&store.scan("t").unwrap()), (0..25_000).collect::<Vec<_>>());
-        assert_eq!(values(&store.unsaved("t").unwrap()), (20_000..25_000).collect::<Vec<_>>());
+        assert!(stats.bytes < bytes / 2, "the spilled batches' memory is released: {} of {bytes}", stats.bytes);
+        assert_eq!(values(&store.scan("t")), (0..25_000).collect::<Vec<_>>());
+        assert_eq!(values(&store.unsaved("t")), (20_000..25_000).collect::<Vec<_>>());
         // A failed spill keeps the rows in memory.
         let jobs: Vec<SpillJob> = (5..8).filter_map(|i| store.append(&src, batch_of(i * 5_000, 5_000)).unwrap()).collect();
         let [job] = <[SpillJob; 1]>::try_from(jobs).ok().expect("one spill: when 25,000 rows are in memory again");
         let failed = store.spilled("t", job.epoch, job.batches.len(), job.path.clone(), Err(laminardb_engine::Error::internal("disk full")));
         assert!(failed.is_err());
-        assert_eq!(values(&store.scan("t").unwrap()), (0..40_000).collect::<Vec<_>>());
+        assert_eq!(values(&store.scan("t")), (0..40_000).collect::<Vec<_>>());
         // A spill that finishes after its source was dropped leaves no file behind.
         let job = store.spill_due(&src).expect("due again");
         write_spill(&job).unwrap();
+        let mapped = map_spill(&job.path);
         store.drop_source("t");
-        store.spilled("t", job.epoch, job.batches.len(), job.path.clone(), Ok(1)).unwrap();
+        store.spilled("t", job.epoch, job.batches.len(), job.path.clone(), mapped).unwrap();
         assert!(!job.path.exists());
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "dropping a source deletes its spill files");
         let _ = std::fs::remove_dir_all(&dir);
