@@ -61,6 +61,9 @@ pub enum ShardCommand {
     Append { source: Arc<str>, batches: Vec<RecordBatch>, watermark: Option<i64>, log: Option<(u64, u16)>, ack: AckToken },
     /// The source's watermark moved (epoch ms); follows the appends that moved it.
     Watermark { source: Arc<str>, watermark: i64, ack: AckToken },
+    /// The coordinator declared the source idle (`idle: true`, see
+    /// `ShardRuntime::set_idle`) or active again, between the same two inserts on every shard.
+    Idle { source: Arc<str>, idle: bool, ack: AckToken },
     /// `marks`: every source's watermark, which shards may not have heard (see
     /// `Coordinator::bump_watermark`); applied before the stream is added. Answered once
     /// added: the coordinator sends nothing that could feed the stream until every shard

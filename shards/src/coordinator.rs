@@ -7,7 +7,7 @@
 //! separate so a query can always make progress while callers have filled theirs.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -130,6 +130,7 @@ pub(crate) fn run(startup: Startup) {
     let control = storage.as_ref().map(|s| s.wal(CONTROL_OWNER));
     let root: Option<Arc<std::path::Path>> = storage.as_ref().map(|s| Arc::from(s.root.as_path()));
     let checkpoint_every = config.checkpoint_interval_ms;
+    let idle_timeout_ms = config.idle_timeout_ms;
     let (frontend, shutdown_reply) = executor.run(async move {
         let mut connected = Vec::with_capacity(senders.len());
         for tx in senders {
@@ -150,6 +151,7 @@ pub(crate) fn run(startup: Startup) {
             sinks: RefCell::new(HashMap::new()),
             running: Cell::new(false),
             generators: RefCell::new(HashMap::new()),
+            idle: RefCell::new(HashSet::new()),
             logging: Cell::new(control.is_some()),
             control: futures::lock::Mutex::new(control.map(WalSpec::writer)),
             next_lsn: Cell::new(recovered.as_ref().map_or(1, |r| r.next_lsn)),
@@ -179,6 +181,7 @@ pub(crate) fn run(startup: Startup) {
         if let Some(every) = checkpoint_every {
             start_checkpoint_timer(coord.clone(), every);
         }
+        start_idle_timer(coord.clone(), idle_timeout_ms);
         let internal_tx = internal.0;
         // Not detached: at shutdown this loop must finish (and drop its pending receive)
         // inside the executor, or its waker would keep the executor's resources alive.
@@ -273,6 +276,22 @@ fn start_checkpoint_timer(coord: Rc<Coordinator>, every_ms: u64) {
     .detach();
 }
 
+/// Declares sources idle once they have had neither rows nor a watermark for
+/// `timeout_ms`, checking every half timeout, until the database closes.
+fn start_idle_timer(coord: Rc<Coordinator>, timeout_ms: u64) {
+    glommio::spawn_local(async move {
+        let every = std::time::Duration::from_millis((timeout_ms / 2).clamp(5, 1000));
+        loop {
+            glommio::timer::sleep(every).await;
+            if coord.stopping.get() {
+                return;
+            }
+            coord.declare_idle(timeout_ms).await;
+        }
+    })
+    .detach();
+}
+
 /// The next caller command: polled for up to `spin` first (a wake-up from sleep costs
 /// tens of microseconds), then awaited.
 async fn next_command(commands: &flume::Receiver<Command>, spin: std::time::Duration) -> Result<Command, flume::RecvError> {
@@ -305,6 +324,8 @@ struct Coordinator {
     running: Cell<bool>,
     /// Generator sources, and whether the shards have been told to generate them.
     generators: RefCell<HashMap<String, bool>>,
+    /// Sources declared idle (`start_idle_timer`), until their next rows or watermark.
+    idle: RefCell<HashSet<String>>,
     /// Accepted work goes to the WAL: there is a storage directory and no replay is
     /// running.
     logging: Cell<bool>,
@@ -378,6 +399,9 @@ impl Coordinator {
                         let _ = reply.send(r.map(|_| mark.load(Ordering::Acquire)));
                     }
                 });
+                if watermark_ms != i64::MIN {
+                    self.activate(&name.as_str().into(), &ack).await;
+                }
                 let mut now = self.advance_watermark(&name, watermark_ms, &ack).await;
                 // A generator source's watermark moves on the shards, into its output.
                 if let Some(output) = self.outputs.read().get(&name) {
@@ -739,6 +763,7 @@ impl Coordinator {
         let ack = Ack::born_at(born, &self.inflight, move |r| {
             let _ = reply.send(r);
         });
+        self.activate(&name, &ack).await;
         let watermark = watermark.and_then(|mark| self.bump_watermark(&name, mark));
         // While logging, each shard writes its rows to its WAL under one new lsn first.
         let with_rows = parts.iter().filter(|p| !p.is_empty()).count();
@@ -751,6 +776,58 @@ impl Coordinator {
             let cmd = ShardCommand::Append { source: name.clone(), batches, watermark, log, ack: ack.clone() };
             if self.shards[shard].send(cmd).await.is_err() {
                 ack.fail(Error::internal(format!("shard {shard} has stopped")));
+            }
+        }
+    }
+
+    /// Declares idle every source (fed by callers, feeding a watermark-driven stream) that
+    /// has had neither rows nor a watermark for `timeout_ms`: every shard hears it at one
+    /// point of its command stream, and stops holding streams back for it
+    /// (`ShardRuntime::set_idle`) until `activate`.
+    async fn declare_idle(&self, timeout_ms: u64) {
+        let timeout = i64::try_from(timeout_ms).unwrap_or(i64::MAX);
+        let quiet: Vec<Arc<str>> = {
+            let catalog = self.catalog.borrow().clone();
+            let outputs = self.outputs.read();
+            let (idle, generators) = (self.idle.borrow(), self.generators.borrow());
+            catalog
+                .sources
+                .keys()
+                .filter(|name| !idle.contains(*name) && !generators.contains_key(*name) && catalog.watermark_matters(name))
+                .filter(|name| outputs.get(*name).is_some_and(|output| output.idle_ms() > timeout))
+                .map(|name| name.as_str().into())
+                .collect()
+        };
+        if quiet.is_empty() {
+            return;
+        }
+        let _dispatching = self.dispatch_lock.lock().await;
+        let ack = Ack::new(&self.inflight, |_| {});
+        for name in quiet {
+            if self.idle.borrow_mut().insert(name.to_string()) {
+                log::debug!("source '{name}' is idle: streams reading it no longer wait for its watermark");
+                self.send_idle(&name, true, &ack).await;
+            }
+        }
+    }
+
+    /// `source` has rows or a watermark: if it was idle, every shard hears it is active
+    /// again before what follows. Called under the dispatch lock.
+    async fn activate(&self, source: &Arc<str>, ack: &AckToken) {
+        if self.idle.borrow().is_empty() || !self.idle.borrow_mut().remove(&**source) {
+            return;
+        }
+        if let Some(output) = self.outputs.read().get(&**source) {
+            output.touch();
+        }
+        self.send_idle(source, false, ack).await;
+    }
+
+    async fn send_idle(&self, source: &Arc<str>, idle: bool, ack: &AckToken) {
+        for tx in self.shards.iter() {
+            let cmd = ShardCommand::Idle { source: source.clone(), idle, ack: ack.clone() };
+            if tx.send(cmd).await.is_err() {
+                ack.fail(Error::internal("a shard has stopped"));
             }
         }
     }

@@ -3,7 +3,7 @@
 //! the other shards over the exchange. Everything here runs on the shard's own thread;
 //! processing is synchronous, so one command is fully handled before the next.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -54,6 +54,9 @@ pub struct ShardRuntime {
     readers: HashMap<String, Vec<Arc<str>>>,
     /// The watermark of every source and stream as this shard last saw it.
     marks: HashMap<String, i64>,
+    /// Inputs left out of the watermark alignment of the streams reading them: sources
+    /// the coordinator declared idle, and streams all of whose inputs are idle.
+    idle: HashSet<String>,
     /// The token processing-time emissions carry (nobody waits for them).
     background: AckToken,
     /// `marks` changed since the last checkpoint's file of them, which is `state_file`.
@@ -163,6 +166,7 @@ impl ShardRuntime {
             streams: HashMap::new(),
             readers: HashMap::new(),
             marks: HashMap::new(),
+            idle: HashSet::new(),
             background: Ack::background(),
             dirty: true,
             state_file: None,
@@ -456,6 +460,7 @@ impl ShardRuntime {
         self.published.remove(source);
         self.store.drop_source(source);
         self.marks.remove(source);
+        self.idle.remove(source);
     }
 
     pub fn add_stream(&mut self, plan: Arc<StreamPlan>, output: Arc<Output>, marks: &[(Arc<str>, i64)]) -> Result<()> {
@@ -474,6 +479,9 @@ impl ShardRuntime {
             })
             .collect();
         let name: Arc<str> = plan.name.as_str().into();
+        if plan.inputs().all(|input| self.idle.contains(input)) {
+            self.idle.insert(name.to_string());
+        }
         for input in plan.inputs() {
             let readers = self.readers.entry(input.to_string()).or_default();
             if !readers.contains(&name) {
@@ -496,6 +504,7 @@ impl ShardRuntime {
         self.store.drop_source(name);
         self.published.remove(name);
         self.marks.remove(name);
+        self.idle.remove(name);
     }
 
     /// Rows a query of `name` reads here: retained source or stream rows, or the current
@@ -670,11 +679,36 @@ impl ShardRuntime {
         self.advance_stream(name, ack);
     }
 
-    /// Moves the stream to the minimum of its input watermarks: closes windows and passes
-    /// the watermark on to its readers.
+    /// The coordinator declared `input` idle (no rows or watermarks for `idle_timeout_ms`)
+    /// or active again. An idle input stops holding back the watermark of the streams
+    /// reading it while another of their inputs is active; a stream all of whose inputs
+    /// are idle is idle itself to its readers, and its watermark stays. Rows of an input
+    /// that comes back behind a stream's watermark are late there (dropped and counted).
+    pub fn set_idle(&mut self, input: &str, idle: bool, ack: &AckToken) {
+        let changed = if idle { self.idle.insert(input.to_string()) } else { self.idle.remove(input) };
+        if !changed {
+            return;
+        }
+        let Some(readers) = self.readers.get(input).cloned() else { return };
+        for name in readers {
+            let Some(task) = self.streams.get(&name) else { continue };
+            let all_idle = task.plan.inputs().all(|i| self.idle.contains(i));
+            if all_idle != self.idle.contains(&*name) {
+                self.set_idle(&name, all_idle, ack);
+            }
+            self.advance_stream(&name, ack);
+        }
+    }
+
+    /// Moves the stream to the minimum of its active inputs' watermarks: closes windows
+    /// and passes the watermark on to its readers.
     fn advance_stream(&mut self, name: &Arc<str>, ack: &AckToken) {
         let Some(task) = self.streams.get_mut(name) else { return };
-        let mark = task.marks.iter().copied().min().unwrap_or(i64::MIN);
+        let per_branch = if task.plan.is_keyed() { self.shards } else { 1 };
+        let branches = &task.plan.branches;
+        let active = task.marks.iter().enumerate().filter(|(slot, _)| !self.idle.contains(&branches[slot / per_branch].input));
+        // Every input idle: the watermark holds.
+        let Some(mark) = active.map(|(_, &m)| m).min() else { return };
         if mark <= task.watermark {
             return;
         }

@@ -118,6 +118,14 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
                     ack.fail(e);
                 }
             }
+            ShardCommand::Idle { source, idle, ack } => {
+                if let Err(e) = catch(&place, || {
+                    rt.set_idle(&source, idle, &ack);
+                    Ok(())
+                }) {
+                    ack.fail(e);
+                }
+            }
             ShardCommand::AddStream { plan, output, marks, reply } => {
                 let _ = reply.send(catch(&place, || rt.add_stream(plan, output.clone(), &marks)));
             }

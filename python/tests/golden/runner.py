@@ -17,7 +17,7 @@ records are comments. Records:
 
     subscribe <stream>
 
-    expect <stream> [rowsort]
+    expect <stream> [rowsort] [within <ms>]
     ----
     <expected rows; none at all means "nothing was emitted">
 
@@ -30,6 +30,8 @@ records are comments. Records:
     <SQL>
 
     dropped <n>
+
+    config <LaminarConfig keyword>=<integer> ...
 
 `<code>` is a number (`400`) or a `laminardb.codes` name (`QUERY_FAILED`); the optional
 substring must occur, case-sensitively, in `str(error)`.
@@ -48,7 +50,12 @@ Details:
   The rows go in as one `conn.insert(source, pyarrow.Table)`.
 - `watermark` keeps one `conn.writer(source)` per source for the whole file.
 - `subscribe` on a stream already subscribed replaces (and cancels) the earlier subscription.
-- `expect` drains `try_next()` until it returns None; what it read is consumed.
+- `expect` drains `try_next()` until it returns None; what it read is consumed. With
+  `within <ms>` it first waits (`next_timeout`) until as many rows as expected have arrived
+  or `<ms>` have passed (the whole `<ms>` when it expects none): for output that processing
+  time releases or holds back (idle sources).
+- `config` sets LaminarConfig keywords for the file's connection (as well as `shards`); it
+  must come before every other record.
 - `statement` uses `conn.execute`, `query` uses `conn.query`.
 
 Every file runs on a fresh in-memory connection, started with `start()` before the first record.
@@ -71,6 +78,7 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -112,7 +120,7 @@ class CsvRow:
 
 @dataclasses.dataclass
 class Record:
-    kind: str  # statement | statement_error | query | query_error | insert | watermark | subscribe | expect | dropped
+    kind: str  # statement | statement_error | query | query_error | insert | watermark | subscribe | expect | dropped | config
     line: int
     directive: str
     sql: str = ""
@@ -123,6 +131,8 @@ class Record:
     error_substring: str = ""
     number: int = 0
     header: Optional[CsvRow] = None
+    within_ms: Optional[int] = None
+    settings: dict[str, int] = dataclasses.field(default_factory=dict)
     rows: list[CsvRow] = dataclasses.field(default_factory=list)
 
     def text(self) -> str:
@@ -247,12 +257,40 @@ def parse_text(text: str, path: Path) -> list[Record]:
         elif head == "expect":
             if len(words) < 2:
                 raise GoldenSyntaxError(path, lineno, "'expect' needs a stream name")
-            rowsort = _sort_flag(path, lineno, words[2:])
+            flags = words[2:]
+            within_ms = None
+            if len(flags) >= 2 and flags[-2] == "within":
+                if not re.fullmatch(r"\d+", flags[-1]):
+                    raise GoldenSyntaxError(path, lineno, "expected 'within <milliseconds>'")
+                within_ms = int(flags[-1])
+                flags = flags[:-2]
+            rowsort = _sort_flag(path, lineno, flags)
             if not body or body[0][1].strip() != RESULT_MARKER:
                 raise GoldenSyntaxError(path, lineno, "'expect <stream>' must be followed by a '----' line")
             records.append(
-                Record("expect", lineno, directive, name=words[1], rowsort=rowsort, expected=[t for _, t in body[1:]])
+                Record(
+                    "expect",
+                    lineno,
+                    directive,
+                    name=words[1],
+                    rowsort=rowsort,
+                    expected=[t for _, t in body[1:]],
+                    within_ms=within_ms,
+                )
             )
+        elif head == "config":
+            no_body()
+            if records:
+                raise GoldenSyntaxError(path, lineno, "'config' must come before every other record")
+            settings = {}
+            for word in words[1:]:
+                m = re.fullmatch(r"([a-z_]+)=(\d+)", word)
+                if m is None:
+                    raise GoldenSyntaxError(path, lineno, f"expected <keyword>=<integer>, got '{word}'")
+                settings[m.group(1)] = int(m.group(2))
+            if not settings:
+                raise GoldenSyntaxError(path, lineno, "'config' needs at least one <keyword>=<integer>")
+            records.append(Record("config", lineno, directive, settings=settings))
         elif head == "insert":
             if len(words) != 2:
                 raise GoldenSyntaxError(path, lineno, "expected 'insert <source>'")
@@ -528,6 +566,18 @@ class Runner:
             raise self.fail(r, f"no subscription to '{r.name}': add 'subscribe {r.name}' before this expect")
         rows: list[str] = []
         try:
+            if r.within_ms is not None:
+                deadline = time.monotonic() + r.within_ms / 1000
+                while (not r.expected or len(rows) < len(r.expected)) and (left := deadline - time.monotonic()) > 0:
+                    try:
+                        batch = sub.next_timeout(max(1, int(left * 1000)))
+                    except laminardb.LaminarError as e:
+                        if getattr(e, "code", None) != laminardb.codes.SUBSCRIPTION_TIMEOUT:
+                            raise
+                        break
+                    if batch is None:
+                        break
+                    rows.extend(format_rows(to_arrow_table(batch)))
             for _ in range(EXPECT_BATCHES_MAX):
                 batch = sub.try_next()
                 if batch is None:
@@ -540,6 +590,9 @@ class Runner:
         except Exception as e:
             raise self.fail(r, f"reading '{r.name}' failed: {_describe(e)}\nrows read before: {rows}") from None
         self.compare(r, rows)
+
+    def do_config(self, r: Record) -> None:
+        pass  # applied when the connection was opened (`run_file`)
 
     def do_dropped(self, r: Record) -> None:
         try:
@@ -579,18 +632,22 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}{f' [code {code}]' if code is not None else ''}: {e}"
 
 
-def open_connection(shards: Optional[int]) -> laminardb.Connection:
+def open_connection(shards: Optional[int], settings: Optional[dict[str, int]] = None) -> laminardb.Connection:
     """`shards=None` opens with the default configuration (all shards)."""
-    if shards is None:
+    settings = dict(settings or {})
+    if shards is not None:
+        settings["shards"] = shards
+    if not settings:
         return laminardb.open(":memory:")
-    return laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=shards))
+    return laminardb.open(":memory:", config=laminardb.LaminarConfig(**settings))
 
 
 def run_file(path: Path | str, shards: Optional[int] = None) -> None:
     """Runs one `.slt` file on a fresh connection; raises GoldenFailure or GoldenSyntaxError."""
     path = Path(path)
     records = parse_file(path)
-    conn = open_connection(shards)
+    settings = records[0].settings if records and records[0].kind == "config" else {}
+    conn = open_connection(shards, settings)
     runner = Runner(conn, path)
     try:
         conn.start()
