@@ -106,30 +106,51 @@ pub fn write_manifest(root: &Path, manifest: &Manifest) -> Result<()> {
 
 const TRAILER_MAGIC: &[u8; 4] = b"LDBC";
 
-/// Writes a checkpoint file: `bytes`, then their crc32 and a magic, synced.
-pub fn write_checked(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut out = Vec::with_capacity(bytes.len() + 8);
-    out.extend_from_slice(bytes);
-    out.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
-    out.extend_from_slice(TRAILER_MAGIC);
-    write_synced(path, &out)
-}
-
-/// Writes checkpoint files into `dir` as `write_checked` does, each on its own thread so
-/// that their syncs overlap (the file system commits them together instead of one after
-/// another), then syncs `dir`. Returns the bytes written (without trailers).
+/// Writes checkpoint files into `dir` (each: its bytes, then their crc32 and a magic),
+/// each on its own thread so that their syncs overlap (the file system commits them
+/// together instead of one after another), and syncs `dir` alongside once every file
+/// exists. Returns the bytes written (without trailers).
 pub fn write_all_checked(dir: &Path, files: Vec<(PathBuf, Vec<u8>)>) -> Result<u64> {
     let bytes = files.iter().map(|(_, b)| b.len() as u64).sum();
+    // Every file is created before the directory's sync starts, and only then synced.
+    let created = std::sync::Barrier::new(files.len() + 1);
     let results: Vec<Result<()>> = std::thread::scope(|scope| {
-        let writers: Vec<_> = files.iter().map(|(path, bytes)| scope.spawn(move || write_checked(path, bytes))).collect();
-        writers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(Error::internal("a checkpoint writer panicked")))).collect()
+        let created = &created;
+        let writers: Vec<_> = files
+            .iter()
+            .map(|(path, bytes)| {
+                scope.spawn(move || {
+                    let file = create_checked(path, bytes);
+                    created.wait();
+                    file.and_then(|f| f.sync_data().map_err(|e| io_error(path, e)))
+                })
+            })
+            .collect();
+        let directory = scope.spawn(move || {
+            created.wait();
+            sync_dir(dir)
+        });
+        writers
+            .into_iter()
+            .chain([directory])
+            .map(|w| w.join().unwrap_or_else(|_| Err(Error::internal("a checkpoint writer panicked"))))
+            .collect()
     });
     results.into_iter().collect::<Result<()>>()?;
-    sync_dir(dir)?;
     Ok(bytes)
 }
 
-/// Reads a file `write_checked` wrote; damage (any changed byte, a cut) is an error.
+/// Creates `path` holding `bytes`, then their crc32 and a magic; not yet synced.
+fn create_checked(path: &Path, bytes: &[u8]) -> Result<std::fs::File> {
+    let mut file = std::fs::File::create(path).map_err(|e| io_error(path, e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.write_all(&crc32fast::hash(bytes).to_le_bytes()))
+        .and_then(|()| file.write_all(TRAILER_MAGIC))
+        .map_err(|e| io_error(path, e))?;
+    Ok(file)
+}
+
+/// Reads a file `write_all_checked` wrote; damage (any changed byte, a cut) is an error.
 pub fn read_checked(path: &Path) -> Result<Vec<u8>> {
     let mut bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
     let damaged = || Error::checkpoint(format!("{}: checksum mismatch; the checkpoint file is damaged", path.display()));

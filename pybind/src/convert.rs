@@ -81,6 +81,11 @@ fn read_stream(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Vec<RecordBa
 }
 
 fn is_column_like(value: &Bound<'_, PyAny>) -> bool {
+    // Scalars answer first: this runs per value of every single-row insert, and `hasattr`
+    // on a number raises (and clears) an AttributeError.
+    if value.is_none() || value.is_instance_of::<PyFloat>() || value.is_instance_of::<PyInt>() || value.is_instance_of::<PyString>() {
+        return false;
+    }
     if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
         return true;
     }

@@ -130,7 +130,6 @@ pub(crate) fn run(startup: Startup) {
     let control = storage.as_ref().map(|s| s.wal(CONTROL_OWNER));
     let root: Option<Arc<std::path::Path>> = storage.as_ref().map(|s| Arc::from(s.root.as_path()));
     let checkpoint_every = config.checkpoint_interval_ms;
-    let idle_timeout_ms = config.idle_timeout_ms;
     let (frontend, shutdown_reply) = executor.run(async move {
         let mut connected = Vec::with_capacity(senders.len());
         for tx in senders {
@@ -152,6 +151,8 @@ pub(crate) fn run(startup: Startup) {
             running: Cell::new(false),
             generators: RefCell::new(HashMap::new()),
             idle: RefCell::new(HashSet::new()),
+            idle_timeout: std::time::Duration::from_millis(config.idle_timeout_ms),
+            next_idle_check: Cell::new(Instant::now()),
             logging: Cell::new(control.is_some()),
             control: futures::lock::Mutex::new(control.map(WalSpec::writer)),
             next_lsn: Cell::new(recovered.as_ref().map_or(1, |r| r.next_lsn)),
@@ -162,6 +163,8 @@ pub(crate) fn run(startup: Startup) {
             last_checkpoint: Cell::new(0),
             checkpoints: checkpoints.clone(),
             stopping: Cell::new(false),
+            gc: RefCell::new(None),
+            timers: RefCell::new(Vec::new()),
         });
         let report = match recovered {
             Some(recovered) => coord.recover(recovered).await,
@@ -181,7 +184,6 @@ pub(crate) fn run(startup: Startup) {
         if let Some(every) = checkpoint_every {
             start_checkpoint_timer(coord.clone(), every);
         }
-        start_idle_timer(coord.clone(), idle_timeout_ms);
         let internal_tx = internal.0;
         // Not detached: at shutdown this loop must finish (and drop its pending receive)
         // inside the executor, or its waker would keep the executor's resources alive.
@@ -220,6 +222,11 @@ pub(crate) fn run(startup: Startup) {
             if let Err(e) = coord.checkpoint().await {
                 log::warn!("checkpoint at close failed: {e}");
             }
+        }
+        coord.finish_gc().await;
+        let timers = coord.timers.take();
+        for timer in timers {
+            timer.cancel().await;
         }
         for (_, runner) in coord.sinks.borrow_mut().drain() {
             runner.stop();
@@ -262,7 +269,7 @@ pub(crate) fn run(startup: Startup) {
 
 /// Takes a checkpoint every `every_ms` until the database closes.
 fn start_checkpoint_timer(coord: Rc<Coordinator>, every_ms: u64) {
-    glommio::spawn_local(async move {
+    coord.clone().start_timer(async move {
         loop {
             glommio::timer::sleep(std::time::Duration::from_millis(every_ms.max(1))).await;
             if coord.stopping.get() {
@@ -272,24 +279,7 @@ fn start_checkpoint_timer(coord: Rc<Coordinator>, every_ms: u64) {
                 log::warn!("automatic checkpoint failed: {e}");
             }
         }
-    })
-    .detach();
-}
-
-/// Declares sources idle once they have had neither rows nor a watermark for
-/// `timeout_ms`, checking every half timeout, until the database closes.
-fn start_idle_timer(coord: Rc<Coordinator>, timeout_ms: u64) {
-    glommio::spawn_local(async move {
-        let every = std::time::Duration::from_millis((timeout_ms / 2).clamp(5, 1000));
-        loop {
-            glommio::timer::sleep(every).await;
-            if coord.stopping.get() {
-                return;
-            }
-            coord.declare_idle(timeout_ms).await;
-        }
-    })
-    .detach();
+    });
 }
 
 /// The next caller command: polled for up to `spin` first (a wake-up from sleep costs
@@ -324,8 +314,11 @@ struct Coordinator {
     running: Cell<bool>,
     /// Generator sources, and whether the shards have been told to generate them.
     generators: RefCell<HashMap<String, bool>>,
-    /// Sources declared idle (`start_idle_timer`), until their next rows or watermark.
+    /// Sources declared idle (`update_idleness`), until their next rows or watermark.
     idle: RefCell<HashSet<String>>,
+    idle_timeout: std::time::Duration,
+    /// When `update_idleness` next looks for idle sources.
+    next_idle_check: Cell<Instant>,
     /// Accepted work goes to the WAL: there is a storage directory and no replay is
     /// running.
     logging: Cell<bool>,
@@ -348,6 +341,12 @@ struct Coordinator {
     last_checkpoint: Cell<u64>,
     checkpoints: Arc<parking_lot::Mutex<CheckpointStats>>,
     stopping: Cell<bool>,
+    /// Deleting what the latest manifest made obsolete, off the checkpoint's path
+    /// (`spawn_gc`); finished before the next checkpoint writes files.
+    gc: RefCell<Option<std::thread::JoinHandle<()>>>,
+    /// Timer tasks (automatic checkpoints, idleness, `EMIT EVERY` ticks), cancelled at
+    /// shutdown: a task still sleeping when the executor ends would pin its resources.
+    timers: RefCell<Vec<glommio::Task<()>>>,
 }
 
 impl Coordinator {
@@ -400,7 +399,7 @@ impl Coordinator {
                     }
                 });
                 if watermark_ms != i64::MIN {
-                    self.activate(&name.as_str().into(), &ack).await;
+                    self.update_idleness(&name.as_str().into(), &ack).await;
                 }
                 let mut now = self.advance_watermark(&name, watermark_ms, &ack).await;
                 // A generator source's watermark moves on the shards, into its output.
@@ -592,7 +591,7 @@ impl Coordinator {
         let (published, shards) = (self.published.clone(), self.shards.clone());
         let name: Arc<str> = name.into();
         let version = published.read().stream(&name).map(|s| Arc::as_ptr(s) as usize).unwrap_or(0);
-        glommio::spawn_local(async move {
+        self.start_timer(async move {
             loop {
                 glommio::timer::sleep(std::time::Duration::from_millis(every_ms as u64)).await;
                 // Stop once the stream was dropped (or replaced by another of that name).
@@ -606,8 +605,7 @@ impl Coordinator {
                     }
                 }
             }
-        })
-        .detach();
+        });
     }
 
     async fn drop_sink(&self, name: &str) -> Result<()> {
@@ -763,7 +761,7 @@ impl Coordinator {
         let ack = Ack::born_at(born, &self.inflight, move |r| {
             let _ = reply.send(r);
         });
-        self.activate(&name, &ack).await;
+        self.update_idleness(&name, &ack).await;
         let watermark = watermark.and_then(|mark| self.bump_watermark(&name, mark));
         // While logging, each shard writes its rows to its WAL under one new lsn first.
         let with_rows = parts.iter().filter(|p| !p.is_empty()).count();
@@ -780,40 +778,36 @@ impl Coordinator {
         }
     }
 
-    /// Declares idle every source (fed by callers, feeding a watermark-driven stream) that
-    /// has had neither rows nor a watermark for `timeout_ms`: every shard hears it at one
-    /// point of its command stream, and stops holding streams back for it
-    /// (`ShardRuntime::set_idle`) until `activate`.
-    async fn declare_idle(&self, timeout_ms: u64) {
-        let timeout = i64::try_from(timeout_ms).unwrap_or(i64::MAX);
-        let quiet: Vec<Arc<str>> = {
-            let catalog = self.catalog.borrow().clone();
-            let outputs = self.outputs.read();
-            let (idle, generators) = (self.idle.borrow(), self.generators.borrow());
-            catalog
-                .sources
-                .keys()
-                .filter(|name| !idle.contains(*name) && !generators.contains_key(*name) && catalog.watermark_matters(name))
-                .filter(|name| outputs.get(*name).is_some_and(|output| output.idle_ms() > timeout))
-                .map(|name| name.as_str().into())
-                .collect()
-        };
-        if quiet.is_empty() {
-            return;
-        }
-        let _dispatching = self.dispatch_lock.lock().await;
-        let ack = Ack::new(&self.inflight, |_| {});
-        for name in quiet {
-            if self.idle.borrow_mut().insert(name.to_string()) {
+    /// `source` has rows or a watermark (called under the dispatch lock, before they are
+    /// sent). Every other caller-fed source feeding a watermark-driven stream that has had
+    /// neither for `idle_timeout_ms` is declared idle (looked for at most every half
+    /// timeout), and `source` active again if it was idle: every shard hears it at this
+    /// point of its command stream (`ShardRuntime::set_idle`). Idleness matters only while
+    /// another source is active, which is exactly when this runs, so no timer is needed.
+    async fn update_idleness(&self, source: &Arc<str>, ack: &AckToken) {
+        let now = Instant::now();
+        if now >= self.next_idle_check.get() {
+            self.next_idle_check.set(now + self.idle_timeout / 2);
+            let timeout = i64::try_from(self.idle_timeout.as_millis()).unwrap_or(i64::MAX);
+            let quiet: Vec<Arc<str>> = {
+                let catalog = self.catalog.borrow().clone();
+                let outputs = self.outputs.read();
+                let (idle, generators) = (self.idle.borrow(), self.generators.borrow());
+                catalog
+                    .sources
+                    .keys()
+                    .filter(|name| name.as_str() != &**source && !idle.contains(*name) && !generators.contains_key(*name))
+                    .filter(|name| catalog.watermark_matters(name))
+                    .filter(|name| outputs.get(*name).is_some_and(|output| output.idle_ms() > timeout))
+                    .map(|name| name.as_str().into())
+                    .collect()
+            };
+            for name in quiet {
+                self.idle.borrow_mut().insert(name.to_string());
                 log::debug!("source '{name}' is idle: streams reading it no longer wait for its watermark");
-                self.send_idle(&name, true, &ack).await;
+                self.send_idle(&name, true, ack).await;
             }
         }
-    }
-
-    /// `source` has rows or a watermark: if it was idle, every shard hears it is active
-    /// again before what follows. Called under the dispatch lock.
-    async fn activate(&self, source: &Arc<str>, ack: &AckToken) {
         if self.idle.borrow().is_empty() || !self.idle.borrow_mut().remove(&**source) {
             return;
         }
@@ -852,6 +846,31 @@ impl Coordinator {
         writer.write(&frame, lsn).await
     }
 
+    /// Runs `timer` on this executor until it returns or the database closes.
+    fn start_timer(&self, timer: impl std::future::Future<Output = ()> + 'static) {
+        self.timers.borrow_mut().push(glommio::spawn_local(timer));
+    }
+
+    /// Deletes, on a thread of its own, the WAL segments and data files `manifest` (just
+    /// published) made obsolete: unlinking takes long on this file system (discard), and
+    /// nothing waits for it. Failures only leave files behind.
+    fn spawn_gc(&self, root: Arc<std::path::Path>, manifest: Manifest) {
+        let spawned = std::thread::Builder::new().name("laminar-gc".into()).spawn(move || collect_garbage(&root, &manifest));
+        match spawned {
+            Ok(thread) => *self.gc.borrow_mut() = Some(thread),
+            Err(e) => log::warn!("cannot start the checkpoint's file collection: {e}"),
+        }
+    }
+
+    /// Waits for the collection `spawn_gc` started, if any.
+    async fn finish_gc(&self) {
+        let Some(thread) = self.gc.borrow_mut().take() else { return };
+        while !thread.is_finished() {
+            glommio::timer::sleep(std::time::Duration::from_micros(100)).await;
+        }
+        let _ = thread.join();
+    }
+
     /// Takes a checkpoint: under the dispatch lock (a few microseconds: no insert is half
     /// sent), takes its lsn, puts its barrier into every shard's command stream and rolls
     /// the control log; inserts then flow again while the shards snapshot at the barrier
@@ -864,6 +883,9 @@ impl Coordinator {
         })?;
         let _ddl = self.ddl_lock.lock().await;
         let started = Instant::now();
+        // The previous checkpoint's collection deletes data files its manifest does not
+        // name: it must be over before this one writes any.
+        self.finish_gc().await;
         let dispatching = self.dispatch_lock.lock().await;
         let paused = Instant::now();
         let id = self.last_checkpoint.get() + 1;
@@ -911,13 +933,14 @@ impl Coordinator {
         };
         checkpoint::write_manifest(&root, &manifest)?;
         self.last_checkpoint.set(id);
-        collect_garbage(&root, &manifest);
+        let bytes_written = manifest.bytes_written;
+        self.spawn_gc(root, manifest);
         let mut stats = self.checkpoints.lock();
         stats.count += 1;
         stats.last_id = id;
         stats.last_ms = started.elapsed().as_secs_f64() * 1e3;
         stats.last_pause_ms = pause.as_secs_f64() * 1e3;
-        stats.last_bytes = manifest.bytes_written;
+        stats.last_bytes = bytes_written;
         Ok(id)
     }
 
@@ -965,6 +988,10 @@ impl Coordinator {
         let logging = self.logging.replace(false);
         if let Some(m) = &manifest {
             self.restore(m).await.map_err(|e| Error::checkpoint(format!("loading checkpoint {}: {e}", m.id)))?;
+            // What a crash kept the last checkpoint's collection from deleting.
+            if let Some(root) = self.root.clone() {
+                self.spawn_gc(root, m.clone());
+            }
         }
         // `groups` holds only what follows the checkpoint (`Storage::read`).
         for group in groups {
