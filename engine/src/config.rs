@@ -51,7 +51,7 @@ impl Default for EngineConfig {
             checkpoint_interval_ms: None,
             table_spill_threshold: 1_000_000,
             pin_shards: true,
-            spin_us: default_spin_us(default_shards()),
+            spin_us: default_spin_us(),
             coord_spin_us: env_us("LAMINARDB_COORD_SPIN_US").unwrap_or(SPIN_AFTER_COMMAND_US),
             caller_spin_us: env_us("LAMINARDB_CALLER_SPIN_US").unwrap_or(SPIN_AFTER_COMMAND_US),
             idle_timeout_ms: 10_000,
@@ -61,27 +61,31 @@ impl Default for EngineConfig {
     }
 }
 
-/// The coordinator and a waiting caller poll this long before sleeping. Measured on 2
-/// cores (perf/README.md): halves the single-row round trip (~75 → ~40 µs p50) for at most
-/// this much CPU per command; shards spinning as well made it worse.
+/// The coordinator and a waiting caller poll this long (politely: `spin_pause`) before
+/// sleeping, for at most this much CPU per command (figures in perf/README.md).
 pub const SPIN_AFTER_COMMAND_US: u64 = 100;
+
+/// One iteration of a polling wait (a caller waiting for its reply, the coordinator for
+/// its next command): gives the core to any other runnable thread first. With more
+/// threads than cores (caller, coordinator and shards on 2 cores) a plain busy loop holds
+/// the core the awaited thread needs; yielding keeps the core awake (waking an idle vCPU
+/// is what costs tens of microseconds) without taking it from anyone.
+pub fn spin_pause() {
+    std::thread::yield_now();
+}
 
 fn env_us(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// Spinning pays only where a core is left over for the callers: with as many shards as
-/// cores, spinning shards would take the CPU the inserting threads need.
-pub fn default_spin_us(shards: usize) -> u64 {
-    if let Some(us) = env_us("LAMINARDB_SPIN_US") {
-        return us;
-    }
-    if shards < default_shards() {
-        50
-    } else {
-        0
-    }
+/// How long an idle shard polls before sleeping: 50 µs unless `LAMINARDB_SPIN_US` says
+/// otherwise. Shards poll politely (the reactor yields the core between polls, see
+/// `spin_pause`), so this costs no other thread its CPU time.
+pub fn default_spin_us() -> u64 {
+    env_us("LAMINARDB_SPIN_US").unwrap_or(SHARD_SPIN_US)
 }
+
+pub const SHARD_SPIN_US: u64 = 50;
 
 pub fn default_shards() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).max(1)

@@ -291,7 +291,7 @@ async fn next_command(commands: &flume::Receiver<Command>, spin: std::time::Dura
             match commands.try_recv() {
                 Ok(cmd) => return Ok(cmd),
                 Err(flume::TryRecvError::Disconnected) => return Err(flume::RecvError::Disconnected),
-                Err(flume::TryRecvError::Empty) if start.elapsed() < spin => std::hint::spin_loop(),
+                Err(flume::TryRecvError::Empty) if start.elapsed() < spin => laminardb_engine::config::spin_pause(),
                 Err(flume::TryRecvError::Empty) => break,
             }
         }

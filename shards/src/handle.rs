@@ -263,7 +263,7 @@ fn recv_spinning<T>(rx: &flume::Receiver<T>, spin: std::time::Duration) -> Resul
             match rx.try_recv() {
                 Ok(v) => return Ok(v),
                 Err(flume::TryRecvError::Disconnected) => return Err(flume::RecvError::Disconnected),
-                Err(flume::TryRecvError::Empty) => std::hint::spin_loop(),
+                Err(flume::TryRecvError::Empty) => laminardb_engine::config::spin_pause(),
             }
         }
     }

@@ -1495,6 +1495,9 @@ impl LocalExecutor {
                         break t.unwrap();
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
+                            // laminardb patch: poll politely, giving the core to any
+                            // other runnable thread between polls.
+                            std::thread::yield_now();
                             if pre_time.elapsed() > spin_before_park {
                                 this.parker
                                     .park()

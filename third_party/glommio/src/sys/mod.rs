@@ -306,6 +306,10 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // laminardb patch: pairs with the sleeper's fence (`membarrier::heavy`, a `SeqCst`
+        // fence): what was pushed before this is visible to an executor that set
+        // `should_notify`, or this sees the flag.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)
