@@ -112,32 +112,26 @@ const TRAILER_MAGIC: &[u8; 4] = b"LDBC";
 /// exists. Returns the bytes written (without trailers).
 pub fn write_all_checked(dir: &Path, files: Vec<(PathBuf, Vec<u8>)>) -> Result<u64> {
     let bytes = files.iter().map(|(_, b)| b.len() as u64).sum();
-    // Every file is created before the directory's sync starts, and only then synced.
-    let created = std::sync::Barrier::new(files.len() + 1);
-    let results: Vec<Result<()>> = std::thread::scope(|scope| {
-        let created = &created;
-        let writers: Vec<_> = files
-            .iter()
-            .map(|(path, bytes)| {
-                scope.spawn(move || {
-                    let file = create_checked(path, bytes);
-                    created.wait();
-                    file.and_then(|f| f.sync_data().map_err(|e| io_error(path, e)))
-                })
-            })
-            .collect();
-        let directory = scope.spawn(move || {
-            created.wait();
-            sync_dir(dir)
-        });
-        writers
-            .into_iter()
-            .chain([directory])
-            .map(|w| w.join().unwrap_or_else(|_| Err(Error::internal("a checkpoint writer panicked"))))
-            .collect()
-    });
-    results.into_iter().collect::<Result<()>>()?;
+    // First every file is created and written, then each is synced, with the directory
+    // (whose entries now all exist) synced alongside.
+    let created = on_threads(files.iter().map(|(path, bytes)| move || create_checked(path, bytes)))?;
+    let mut syncs: Vec<Box<dyn FnOnce() -> Result<()> + Send + '_>> = vec![Box::new(|| sync_dir(dir))];
+    for ((path, _), file) in files.iter().zip(created) {
+        syncs.push(Box::new(move || file.sync_data().map_err(|e| io_error(path, e))));
+    }
+    on_threads(syncs.into_iter())?;
     Ok(bytes)
+}
+
+/// Runs every job on a thread of its own; their results in order, or the first error.
+fn on_threads<T: Send, F: FnOnce() -> Result<T> + Send>(jobs: impl Iterator<Item = F>) -> Result<Vec<T>> {
+    std::thread::scope(|scope| {
+        let running: Vec<_> = jobs.map(|job| scope.spawn(job)).collect();
+        running
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|_| Err(Error::internal("a checkpoint writer panicked"))))
+            .collect()
+    })
 }
 
 /// Creates `path` holding `bytes`, then their crc32 and a magic; not yet synced.

@@ -344,7 +344,7 @@ struct Coordinator {
     /// Deleting what the latest manifest made obsolete, off the checkpoint's path
     /// (`spawn_gc`); finished before the next checkpoint writes files.
     gc: RefCell<Option<std::thread::JoinHandle<()>>>,
-    /// Timer tasks (automatic checkpoints, idleness, `EMIT EVERY` ticks), cancelled at
+    /// Timer tasks (automatic checkpoints, `EMIT EVERY` ticks), cancelled at
     /// shutdown: a task still sleeping when the executor ends would pin its resources.
     timers: RefCell<Vec<glommio::Task<()>>>,
 }

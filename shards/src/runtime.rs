@@ -706,7 +706,8 @@ impl ShardRuntime {
         let Some(task) = self.streams.get_mut(name) else { return };
         let per_branch = if task.plan.is_keyed() { self.shards } else { 1 };
         let branches = &task.plan.branches;
-        let active = task.marks.iter().enumerate().filter(|(slot, _)| !self.idle.contains(&branches[slot / per_branch].input));
+        let idle = &self.idle;
+        let active = task.marks.iter().enumerate().filter(|(slot, _)| idle.is_empty() || !idle.contains(&branches[slot / per_branch].input));
         // Every input idle: the watermark holds.
         let Some(mark) = active.map(|(_, &m)| m).min() else { return };
         if mark <= task.watermark {
