@@ -151,8 +151,11 @@ fn dict_to_batches(py: Python<'_>, dict: &Bound<'_, PyDict>, schema: &SchemaRef)
 fn rows_to_batch(py: Python<'_>, rows: &[Bound<'_, PyDict>], schema: &SchemaRef) -> PyResult<RecordBatch> {
     for row in rows {
         for key in row.keys() {
-            let name: String = key.extract().map_err(|_| PyTypeError::new_err("column names must be strings"))?;
-            target_field(schema, &name)?;
+            let key = key.cast_into::<PyString>().map_err(|_| PyTypeError::new_err("column names must be strings"))?;
+            let name = key.to_str()?;
+            if schema.index_of(name).is_err() {
+                return Err(unknown_column(schema, name));
+            }
         }
     }
     let mut fields = Vec::with_capacity(schema.fields().len());
@@ -186,10 +189,12 @@ fn rows_to_batch(py: Python<'_>, rows: &[Bound<'_, PyDict>], schema: &SchemaRef)
 }
 
 fn target_field(schema: &SchemaRef, name: &str) -> PyResult<Field> {
-    schema.field_with_name(name).map(|f| f.as_ref().clone()).map_err(|_| {
-        let cols: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-        to_pyerr(Error::batch_mismatch(format!("column '{name}' is not in the schema ({})", cols.join(", "))))
-    })
+    schema.field_with_name(name).map(|f| f.as_ref().clone()).map_err(|_| unknown_column(schema, name))
+}
+
+fn unknown_column(schema: &SchemaRef, name: &str) -> PyErr {
+    let cols: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    to_pyerr(Error::batch_mismatch(format!("column '{name}' is not in the schema ({})", cols.join(", "))))
 }
 
 fn mismatch(column: &str, e: PyErr) -> PyErr {

@@ -685,11 +685,14 @@ impl Coordinator {
     fn bump_watermark(&self, source: &str, mark: i64) -> Option<i64> {
         {
             let mut marks = self.watermarks.borrow_mut();
-            let current = marks.entry(source.to_string()).or_insert(i64::MIN);
-            if mark <= *current {
-                return None;
+            match marks.get_mut(source) {
+                Some(current) if mark <= *current => return None,
+                Some(current) => *current = mark,
+                None if mark == i64::MIN => return None,
+                None => {
+                    marks.insert(source.to_string(), mark);
+                }
             }
-            *current = mark;
         }
         let catalog = self.catalog.borrow().clone();
         let outputs = self.outputs.read();

@@ -53,19 +53,21 @@ pub(crate) fn spawn(
     builder
         .spawn(move || async move {
             let name = format!("shard {id}");
-            if let Err(why) = run(id, wiring).await {
+            if let Err(why) = run(id, wiring, std::time::Duration::from_micros(spin_us)).await {
                 health.thread_died(&name, why);
             }
         })
 }
 
-async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
+async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Result<(), String> {
     let ShardWiring { inbox, outputs, exchange, exchange_inbox, wal, spill } = wiring;
     let mut wal = wal.map(WalSpec::writer);
     let inbox = inbox.connect().await;
     let own_exchange = exchange[id].clone();
     let runtime = Rc::new(RefCell::new(ShardRuntime::new(id, outputs, exchange, spill)));
     let place = format!("shard {id}");
+    // The command loop's view of the exchange inbox: whether the peers task has work.
+    let exchange_waiting = exchange_inbox.clone();
     // Not detached: it must finish inside this executor at shutdown.
     let peers = glommio::spawn_local({
         let runtime = runtime.clone();
@@ -89,9 +91,12 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
     let result = loop {
         let cmd = match held.take() {
             Some(cmd) => cmd,
-            None => match inbox.recv().await {
+            None => match poll_commands(&inbox, &exchange_waiting, spin, generators.is_empty()) {
                 Some(cmd) => cmd,
-                None => break Err("coordinator channel closed without Stop".to_string()),
+                None => match inbox.recv().await {
+                    Some(cmd) => cmd,
+                    None => break Err("coordinator channel closed without Stop".to_string()),
+                },
             },
         };
         let cmd = match (cmd, wal.as_mut()) {
@@ -189,6 +194,32 @@ async fn run(id: usize, wiring: ShardWiring) -> Result<(), String> {
     let _ = own_exchange.send(Exchange::Stop);
     peers.await;
     result
+}
+
+/// The next command if one arrives within `spin`, polled by the command loop itself: a
+/// command found here runs at once, without a trip through the reactor (its I/O poll and
+/// preemption timer, then the task queue), which costs several microseconds per command.
+/// Gives the core away between polls (`spin_pause`), and gives up as soon as anything
+/// else wants this executor: an exchange message, or generator tasks (`alone` false).
+fn poll_commands(
+    inbox: &ConnectedReceiver<ShardCommand>,
+    exchange: &flume::Receiver<Exchange>,
+    spin: std::time::Duration,
+    alone: bool,
+) -> Option<ShardCommand> {
+    if !alone || spin.is_zero() {
+        return None;
+    }
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(cmd) = inbox.try_recv() {
+            return Some(cmd);
+        }
+        if !exchange.is_empty() || start.elapsed() >= spin {
+            return None;
+        }
+        laminardb_engine::config::spin_pause();
+    }
 }
 
 fn apply_append(rt: &mut ShardRuntime, append: ShardCommand, place: &str) {

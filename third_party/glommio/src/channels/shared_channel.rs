@@ -398,6 +398,15 @@ impl<T: Send + Sized> ConnectedReceiver<T> {
         waiter.await
     }
 
+    /// laminardb patch: an item if one is waiting, without registering a waker.
+    pub fn try_recv(&self) -> Option<T> {
+        let item = self.state.buffer.try_pop();
+        if item.is_some() {
+            self.notifier.notify(false);
+        }
+        item
+    }
+
     fn recv_one(&self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         self.do_recv_one(cx, false)
     }
