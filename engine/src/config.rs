@@ -61,7 +61,7 @@ impl Default for EngineConfig {
     }
 }
 
-/// The coordinator and a waiting caller poll this long (politely: `spin_pause`) before
+/// The coordinator and a waiting caller poll this long (politely: `poll_for`) before
 /// sleeping, for at most this much CPU per command (figures in perf/README.md).
 pub const SPIN_AFTER_COMMAND_US: u64 = 100;
 
@@ -70,8 +70,28 @@ pub const SPIN_AFTER_COMMAND_US: u64 = 100;
 /// threads than cores (caller, coordinator and shards on 2 cores) a plain busy loop holds
 /// the core the awaited thread needs; yielding keeps the core awake (waking an idle vCPU
 /// is what costs tens of microseconds) without taking it from anyone.
-pub fn spin_pause() {
+fn spin_pause() {
     std::thread::yield_now();
+}
+
+/// Polls `attempt` for up to `spin`, pausing politely (`spin_pause`) between attempts:
+/// its first `Some`, or `None` once `spin` has passed. The one polling loop of the
+/// engine: callers waiting for a reply, the coordinator for a command, a shard for a
+/// command.
+pub fn poll_for<T>(spin: std::time::Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
+    if spin.is_zero() {
+        return None;
+    }
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(found) = attempt() {
+            return Some(found);
+        }
+        if start.elapsed() >= spin {
+            return None;
+        }
+        spin_pause();
+    }
 }
 
 fn env_us(name: &str) -> Option<u64> {

@@ -285,18 +285,15 @@ fn start_checkpoint_timer(coord: Rc<Coordinator>, every_ms: u64) {
 /// The next caller command: polled for up to `spin` first (a wake-up from sleep costs
 /// tens of microseconds), then awaited.
 async fn next_command(commands: &flume::Receiver<Command>, spin: std::time::Duration) -> Result<Command, flume::RecvError> {
-    if !spin.is_zero() {
-        let start = std::time::Instant::now();
-        loop {
-            match commands.try_recv() {
-                Ok(cmd) => return Ok(cmd),
-                Err(flume::TryRecvError::Disconnected) => return Err(flume::RecvError::Disconnected),
-                Err(flume::TryRecvError::Empty) if start.elapsed() < spin => laminardb_engine::config::spin_pause(),
-                Err(flume::TryRecvError::Empty) => break,
-            }
-        }
+    let polled = laminardb_engine::config::poll_for(spin, || match commands.try_recv() {
+        Ok(cmd) => Some(Ok(cmd)),
+        Err(flume::TryRecvError::Disconnected) => Some(Err(flume::RecvError::Disconnected)),
+        Err(flume::TryRecvError::Empty) => None,
+    });
+    match polled {
+        Some(result) => result,
+        None => commands.recv_async().await,
     }
-    commands.recv_async().await
 }
 
 struct Coordinator {
@@ -669,12 +666,7 @@ impl Coordinator {
             return self.watermarks.borrow().get(source).copied().unwrap_or(i64::MIN);
         };
         let name: Arc<str> = source.into();
-        for tx in self.shards.iter() {
-            let cmd = ShardCommand::Watermark { source: name.clone(), watermark: current, ack: ack.clone() };
-            if tx.send(cmd).await.is_err() {
-                ack.fail(Error::internal("a shard has stopped"));
-            }
-        }
+        self.tell_shards(ack, || ShardCommand::Watermark { source: name.clone(), watermark: current, ack: ack.clone() }).await;
         current
     }
 
@@ -821,9 +813,14 @@ impl Coordinator {
     }
 
     async fn send_idle(&self, source: &Arc<str>, idle: bool, ack: &AckToken) {
+        self.tell_shards(ack, || ShardCommand::Idle { source: source.clone(), idle, ack: ack.clone() }).await;
+    }
+
+    /// Sends every shard the command `make` builds, as part of the work `ack` tracks (a
+    /// stopped shard fails it); nothing is answered but the ack.
+    async fn tell_shards(&self, ack: &AckToken, make: impl Fn() -> ShardCommand) {
         for tx in self.shards.iter() {
-            let cmd = ShardCommand::Idle { source: source.clone(), idle, ack: ack.clone() };
-            if tx.send(cmd).await.is_err() {
+            if tx.send(make()).await.is_err() {
                 ack.fail(Error::internal("a shard has stopped"));
             }
         }

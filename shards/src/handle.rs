@@ -13,7 +13,7 @@ use parking_lot::{Mutex, RwLock};
 use laminardb_engine::catalog::{Catalog, SourceDef};
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::time::max_millis;
-use laminardb_engine::config::EngineConfig;
+use laminardb_engine::config::{poll_for, EngineConfig};
 use laminardb_engine::frontend::{Frontend, QueryHandle, QueryKind};
 use laminardb_engine::ingest::cast_to_schema;
 use laminardb_engine::partition::partition_batch;
@@ -257,17 +257,12 @@ impl Drop for Handle {
 /// Polls `rx` for up to `spin` before blocking: a sleeping thread takes tens of
 /// microseconds to wake.
 fn recv_spinning<T>(rx: &flume::Receiver<T>, spin: std::time::Duration) -> Result<T, flume::RecvError> {
-    if !spin.is_zero() {
-        let start = std::time::Instant::now();
-        while start.elapsed() < spin {
-            match rx.try_recv() {
-                Ok(v) => return Ok(v),
-                Err(flume::TryRecvError::Disconnected) => return Err(flume::RecvError::Disconnected),
-                Err(flume::TryRecvError::Empty) => laminardb_engine::config::spin_pause(),
-            }
-        }
-    }
-    rx.recv()
+    let polled = poll_for(spin, || match rx.try_recv() {
+        Ok(v) => Some(Ok(v)),
+        Err(flume::TryRecvError::Disconnected) => Some(Err(flume::RecvError::Disconnected)),
+        Err(flume::TryRecvError::Empty) => None,
+    });
+    polled.unwrap_or_else(|| rx.recv())
 }
 
 /// An insert's rows as the coordinator takes them (`Command::Insert`): each batch cast to

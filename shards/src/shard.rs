@@ -11,11 +11,12 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 
+use laminardb_engine::config::poll_for;
 use laminardb_engine::nexmark::{NexmarkConfig, END_OF_INPUT};
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::wal::{self, Record};
 
-use crate::command::{Ack, Exchange, ShardCommand, SpillRequest};
+use crate::command::{Ack, AckToken, Exchange, ShardCommand, SpillRequest};
 use crate::store::SpillPolicy;
 use crate::health::{catch, Health};
 use crate::runtime::{Outputs, ShardRuntime};
@@ -115,22 +116,14 @@ async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Resul
         let mut rt = runtime.borrow_mut();
         match cmd {
             append @ ShardCommand::Append { .. } => apply_append(&mut rt, append, &place),
-            ShardCommand::Watermark { source, watermark, ack } => {
-                if let Err(e) = catch(&place, || {
-                    rt.watermark(&source, watermark, &ack);
-                    Ok(())
-                }) {
-                    ack.fail(e);
-                }
-            }
-            ShardCommand::Idle { source, idle, ack } => {
-                if let Err(e) = catch(&place, || {
-                    rt.set_idle(&source, idle, &ack);
-                    Ok(())
-                }) {
-                    ack.fail(e);
-                }
-            }
+            ShardCommand::Watermark { source, watermark, ack } => acked(&place, &ack, || {
+                rt.watermark(&source, watermark, &ack);
+                Ok(())
+            }),
+            ShardCommand::Idle { source, idle, ack } => acked(&place, &ack, || {
+                rt.set_idle(&source, idle, &ack);
+                Ok(())
+            }),
             ShardCommand::AddStream { plan, output, marks, reply } => {
                 let _ = reply.send(catch(&place, || rt.add_stream(plan, output.clone(), &marks)));
             }
@@ -176,11 +169,7 @@ async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Resul
             ShardCommand::Restore { root, files, reply } => {
                 let _ = reply.send(catch(&place, || rt.restore(&root, &files)));
             }
-            ShardCommand::ReplayChannel { ack } => {
-                if let Err(e) = catch(&place, || rt.replay_channel(&ack)) {
-                    ack.fail(e);
-                }
-            }
+            ShardCommand::ReplayChannel { ack } => acked(&place, &ack, || rt.replay_channel(&ack)),
             ShardCommand::Stop => break Ok(()),
         }
     };
@@ -199,7 +188,7 @@ async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Resul
 /// The next command if one arrives within `spin`, polled by the command loop itself: a
 /// command found here runs at once, without a trip through the reactor (its I/O poll and
 /// preemption timer, then the task queue), which costs several microseconds per command.
-/// Gives the core away between polls (`spin_pause`), and gives up as soon as anything
+/// Polls politely (`poll_for`), and gives up as soon as anything
 /// else wants this executor: an exchange message, or generator tasks (`alone` false).
 fn poll_commands(
     inbox: &ConnectedReceiver<ShardCommand>,
@@ -207,30 +196,31 @@ fn poll_commands(
     spin: std::time::Duration,
     alone: bool,
 ) -> Option<ShardCommand> {
-    if !alone || spin.is_zero() {
+    if !alone {
         return None;
     }
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(cmd) = inbox.try_recv() {
-            return Some(cmd);
-        }
-        if !exchange.is_empty() || start.elapsed() >= spin {
-            return None;
-        }
-        laminardb_engine::config::spin_pause();
-    }
+    // `Some(None)`: the exchange has work, stop polling.
+    let polled = poll_for(spin, || match inbox.try_recv() {
+        Some(cmd) => Some(Some(cmd)),
+        None => (!exchange.is_empty()).then_some(None),
+    });
+    polled.flatten()
 }
 
 fn apply_append(rt: &mut ShardRuntime, append: ShardCommand, place: &str) {
     let ShardCommand::Append { source, batches, watermark, ack, .. } = append else { return };
-    if let Err(e) = catch(place, || {
+    acked(place, &ack, || {
         rt.append(&source, batches, &ack)?;
         if let Some(mark) = watermark {
             rt.watermark(&source, mark, &ack);
         }
         Ok(())
-    }) {
+    });
+}
+
+/// Runs `work` (panics caught); a failure fails the work `ack` tracks, so its caller hears.
+fn acked(place: &str, ack: &AckToken, work: impl FnOnce() -> laminardb_engine::Result<()>) {
+    if let Err(e) = catch(place, work) {
         ack.fail(e);
     }
 }

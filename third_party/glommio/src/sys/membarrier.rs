@@ -25,13 +25,15 @@ enum Strategy {
 }
 
 lazy_static! {
-    /// laminardb patch: always `SeqCst` fences. The heavy barrier runs every time an
-    /// executor goes to sleep, and `membarrier`/`mprotect` interrupt every CPU running a
-    /// thread of the process (an IPI each, costly on a VM): measured as the largest cost of
-    /// a single-row round trip. The producer side fences in `SleepNotifier::notify`.
+    /// The right strategy to use on the current machine.
     static ref STRATEGY: Strategy = {
-        let _ = (syscall::is_supported, mprotect::is_supported);
-        Strategy::Fallback
+        if syscall::is_supported() {
+            Strategy::Membarrier
+        } else if mprotect::is_supported() {
+            Strategy::Mprotect
+        } else {
+            Strategy::Fallback
+        }
     };
 }
 
