@@ -123,16 +123,14 @@ impl SubCore {
 
     /// Waits for a batch until `deadline` (forever if `None`), GIL released.
     fn wait(&self, py: Python<'_>, deadline: Option<Instant>) -> PyResult<Wait> {
-        // A batch already waiting is taken without giving up the GIL.
-        if !self.cancel.is_cancelled() && *self.state.lock() == State::Active {
-            if let Ok(b) = self.sub.batches.try_recv() {
-                return Ok(Wait::Batch(b));
-            }
-        }
         loop {
             self.check_cancelled()?;
             if *self.state.lock() == State::Cancelled {
                 return Ok(Wait::Ended);
+            }
+            // A batch already waiting is taken without giving up the GIL.
+            if let Ok(b) = self.sub.batches.try_recv() {
+                return Ok(Wait::Batch(b));
             }
             let slice = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(POLL),

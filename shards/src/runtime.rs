@@ -92,11 +92,21 @@ where
     checkpoint::load_state(&bytes, &path.display().to_string())
 }
 
+/// Counts `batch` into this shard's share of `name`'s counters (runs per published batch:
+/// the name is cloned only the first time).
 fn tally(published: &mut HashMap<Arc<str>, [u64; 2]>, name: &Arc<str>, batch: &RecordBatch) {
-    if batch.num_rows() > 0 {
-        let [rows, batches] = published.entry(name.clone()).or_default();
-        *rows += batch.num_rows() as u64;
-        *batches += 1;
+    if batch.num_rows() == 0 {
+        return;
+    }
+    let rows = batch.num_rows() as u64;
+    match published.get_mut(name) {
+        Some([total, batches]) => {
+            *total += rows;
+            *batches += 1;
+        }
+        None => {
+            published.insert(name.clone(), [rows, 1]);
+        }
     }
 }
 
@@ -446,11 +456,7 @@ impl ShardRuntime {
             Ok(()) => self.spill_if_due(name),
             Err(e) => {
                 self.store.stop_spilling();
-                let e = format!("spilling rows of '{name}' to disk failed: {e}; rows stay in memory from now on");
-                match self.output(name) {
-                    Some(output) => output.record_error(&e),
-                    None => log::warn!("{e}"),
-                }
+                self.record_error(name, &format!("spilling rows of '{name}' to disk failed: {e}; rows stay in memory from now on"));
             }
         }
     }
@@ -588,9 +594,12 @@ impl ShardRuntime {
         }
     }
 
-    fn record_error(&self, name: &str, e: &Error) {
-        if let Some(task) = self.streams.get(name) {
-            task.output.record_error(&e.to_string());
+    /// Counts an error against `name`'s metrics (`errors`, `last_error`; logged), a
+    /// stream's or a source's; only logged once `name` is gone.
+    fn record_error(&self, name: &str, e: &dyn std::fmt::Display) {
+        match self.streams.get(name).map(|t| t.output.clone()).or_else(|| self.output(name)) {
+            Some(output) => output.record_error(&e.to_string()),
+            None => log::warn!("'{name}': {e}"),
         }
     }
 
