@@ -11,6 +11,9 @@ const BATCH_ROWS: usize = 8192;
 fn hops(c: &mut Criterion) {
     let engine = Engine::open(1).expect("engine opens");
     c.bench_function("hop/caller_to_coordinator_and_back", |b| b.iter(|| engine.round_trip().expect("answer")));
+    // One single-row insert, answered once the shard has stored it and run both streams.
+    let row = one_passing_row();
+    c.bench_function("hop/insert_one_row", |b| b.iter(|| engine.handle.insert("trades", std::slice::from_ref(&row)).expect("stored")));
     let hop = ChannelHop::start();
     c.bench_function("hop/exchange_channel_round_trip", |b| b.iter(|| hop.hop(black_box(1))));
 }
@@ -22,6 +25,10 @@ fn operators(c: &mut Criterion) {
     let mut group = c.benchmark_group("operator");
     group.throughput(Throughput::Elements(BATCH_ROWS as u64));
     group.bench_function("filter_project_8192", |b| b.iter(|| ops.filter(black_box(&batch)).expect("filter")));
+    let one = one_passing_row();
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("filter_project_1", |b| b.iter(|| ops.filter(black_box(&one)).expect("filter")));
+    group.throughput(Throughput::Elements(BATCH_ROWS as u64));
     group.bench_function("keyed_tumble_aggregate_8192", |b| {
         b.iter_batched(|| batch.clone(), |batch| ops.aggregate(&batch).expect("aggregate"), BatchSize::SmallInput)
     });
@@ -54,6 +61,11 @@ fn wal(c: &mut Criterion) {
         group.bench_function(format!("decode_append_{rows}"), |b| b.iter(|| decode_all(black_box(&frame)).0.len()));
     }
     group.finish();
+}
+
+/// One trade that passes the `hot` stream's filter (price 99).
+fn one_passing_row() -> arrow::array::RecordBatch {
+    trades(100, 1, 100).slice(98, 1)
 }
 
 criterion_group!(benches, hops, operators, wal);

@@ -3,6 +3,9 @@
 //! The coordinator owns the one mutable [`Catalog`]; after each change it publishes an
 //! immutable `Arc<Catalog>` snapshot that planners and the Python layer read without
 //! talking to any shard.
+//!
+//! Names are looked up as written: unquoted SQL identifiers are folded to lower case by
+//! the parser before they reach here, quoted ones keep their case.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -104,12 +107,12 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn stream(&self, name: &str) -> Result<&Arc<StreamDef>> {
-        self.streams.get(&normalize(name)).ok_or_else(|| Error::table_not_found(name))
+        self.streams.get(name).ok_or_else(|| Error::table_not_found(name))
     }
 
     /// The schema a query sees for a source or stream.
     pub fn table_schema(&self, name: &str) -> Result<SchemaRef> {
-        match self.sources.get(&normalize(name)) {
+        match self.sources.get(name) {
             Some(def) => Ok(def.schema.clone()),
             None => Ok(self.stream(name)?.table_schema.clone()),
         }
@@ -156,7 +159,7 @@ impl Catalog {
     }
 
     pub fn drop_sink(&mut self, name: &str) -> Result<Arc<SinkDef>> {
-        let def = self.sinks.remove(&normalize(name)).ok_or_else(|| Error::table_not_found(name))?;
+        let def = self.sinks.remove(name).ok_or_else(|| Error::table_not_found(name))?;
         self.version += 1;
         Ok(def)
     }
@@ -192,12 +195,11 @@ impl Catalog {
     }
 
     pub fn source(&self, name: &str) -> Result<&Arc<SourceDef>> {
-        self.sources.get(&normalize(name)).ok_or_else(|| Error::table_not_found(name))
+        self.sources.get(name).ok_or_else(|| Error::table_not_found(name))
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        let name = normalize(name);
-        self.sources.contains_key(&name) || self.streams.contains_key(&name) || self.sinks.contains_key(&name)
+        self.sources.contains_key(name) || self.streams.contains_key(name) || self.sinks.contains_key(name)
     }
 
     pub fn add_source(&mut self, def: SourceDef) -> Result<()> {
@@ -210,17 +212,12 @@ impl Catalog {
     }
 
     pub fn drop_source(&mut self, name: &str) -> Result<Arc<SourceDef>> {
-        if let Some(def) = self.sources.get(&normalize(name)) {
+        if let Some(def) = self.sources.get(name) {
             self.check_unused(&def.name.clone())?;
         }
-        let removed = self.sources.remove(&normalize(name)).ok_or_else(|| Error::table_not_found(name))?;
+        let removed = self.sources.remove(name).ok_or_else(|| Error::table_not_found(name))?;
         self.version += 1;
         Ok(removed)
     }
 }
 
-/// Object names are case-sensitive as written when quoted; unquoted SQL identifiers are
-/// folded to lower case by the parser before they reach here, so a plain identity is right.
-pub fn normalize(name: &str) -> String {
-    name.to_string()
-}

@@ -17,6 +17,9 @@ use crate::error::{Error, Result};
 /// Casts `batch` to `target`: columns by name, missing nullable columns filled with nulls,
 /// unknown columns rejected.
 pub fn cast_to_schema(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch> {
+    if Arc::ptr_eq(&batch.schema(), target) {
+        return Ok(batch.clone());
+    }
     if batch.schema().fields() == target.fields() {
         return Ok(RecordBatch::try_new_with_options(
             target.clone(),

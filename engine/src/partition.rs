@@ -25,6 +25,12 @@ pub fn partition_batch(
     }
     if key.is_empty() {
         let per = rows.div_ceil(shards);
+        if per == rows {
+            // One shard takes every row (a single-row insert): no slicing.
+            let mut parts = vec![None; shards];
+            parts[0] = (rows > 0).then(|| batch.clone());
+            return Ok(parts);
+        }
         return Ok((0..shards)
             .map(|s| {
                 let start = (s * per).min(rows);
@@ -103,5 +109,9 @@ mod tests {
         let parts = partition_batch(&batch(10), &[], 3).unwrap();
         let sizes: Vec<usize> = parts.iter().map(|p| p.as_ref().map_or(0, |b| b.num_rows())).collect();
         assert_eq!(sizes, vec![4, 4, 2]);
+        // A single row goes whole to the first shard.
+        let parts = partition_batch(&batch(1), &[], 3).unwrap();
+        let sizes: Vec<usize> = parts.iter().map(|p| p.as_ref().map_or(0, |b| b.num_rows())).collect();
+        assert_eq!(sizes, vec![1, 0, 0]);
     }
 }

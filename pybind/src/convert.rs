@@ -101,11 +101,11 @@ fn dict_to_batches(py: Python<'_>, dict: &Bound<'_, PyDict>, schema: &SchemaRef)
     if dict.is_empty() {
         return Err(PyTypeError::new_err("cannot insert an empty dict"));
     }
-    let columnar: Vec<bool> = dict.values().iter().map(|v| is_column_like(&v)).collect();
-    if columnar.iter().all(|c| !c) {
+    let columnar = dict.iter().filter(|(_, v)| is_column_like(v)).count();
+    if columnar == 0 {
         return Ok(vec![rows_to_batch(py, std::slice::from_ref(dict), schema)?]);
     }
-    if !columnar.iter().all(|c| *c) {
+    if columnar != dict.len() {
         return Err(to_pyerr(Error::batch_mismatch(
             "a dict insert must hold either one value per column (a row) or a list per column",
         )));
@@ -147,45 +147,46 @@ fn dict_to_batches(py: Python<'_>, dict: &Bound<'_, PyDict>, schema: &SchemaRef)
 }
 
 /// Row dicts → one batch with the declared types (columns absent from every row are left
-/// for the cast to fill with nulls).
+/// for the cast to fill with nulls). Each row's keys are matched to the schema once, as
+/// they are iterated (no lookup string is built per column).
 fn rows_to_batch(py: Python<'_>, rows: &[Bound<'_, PyDict>], schema: &SchemaRef) -> PyResult<RecordBatch> {
-    for row in rows {
-        for key in row.keys() {
+    let none = py.None().into_bound(py);
+    let mut columns: Vec<Vec<Bound<'_, PyAny>>> = schema.fields().iter().map(|_| Vec::with_capacity(rows.len())).collect();
+    let mut present = vec![false; columns.len()];
+    for (r, row) in rows.iter().enumerate() {
+        for (key, value) in row.iter() {
             let key = key.cast_into::<PyString>().map_err(|_| PyTypeError::new_err("column names must be strings"))?;
             let name = key.to_str()?;
-            if schema.index_of(name).is_err() {
-                return Err(unknown_column(schema, name));
-            }
+            let i = schema.index_of(name).map_err(|_| unknown_column(schema, name))?;
+            // Rows before this one without the column hold None in it.
+            columns[i].resize(r, none.clone());
+            columns[i].push(value);
+            present[i] = true;
         }
     }
-    let mut fields = Vec::with_capacity(schema.fields().len());
-    let mut arrays = Vec::with_capacity(schema.fields().len());
-    let none = py.None().into_bound(py);
-    for field in schema.fields() {
-        let mut present = false;
-        let mut values = Vec::with_capacity(rows.len());
-        for row in rows {
-            match row.get_item(field.name())? {
-                Some(v) => {
-                    present = true;
-                    values.push(v);
-                }
-                None => values.push(none.clone()),
-            }
-        }
+    let mut fields = Vec::with_capacity(columns.len());
+    let mut arrays = Vec::with_capacity(columns.len());
+    let mut declared = true;
+    for ((field, mut values), present) in schema.fields().iter().zip(columns).zip(present) {
         if !present {
+            declared = false;
             continue;
         }
+        values.resize(rows.len(), none.clone());
         let array = build_array(py, field, &values)?;
-        fields.push(Field::new(field.name(), array.data_type().clone(), true));
+        declared &= array.data_type() == field.data_type() && (field.is_nullable() || array.null_count() == 0);
+        fields.push((field.name(), array.data_type().clone()));
         arrays.push(array);
     }
-    RecordBatch::try_new_with_options(
-        Arc::new(Schema::new(fields)),
-        arrays,
-        &RecordBatchOptions::new().with_row_count(Some(rows.len())),
-    )
-    .map_err(|e| to_pyerr(Error::batch_mismatch(e.to_string())))
+    // Every column built as declared: the batch takes the source's own schema, which the
+    // engine's cast then passes through untouched.
+    let schema = if declared {
+        schema.clone()
+    } else {
+        Arc::new(Schema::new(fields.into_iter().map(|(name, ty)| Field::new(name, ty, true)).collect::<Vec<_>>()))
+    };
+    RecordBatch::try_new_with_options(schema, arrays, &RecordBatchOptions::new().with_row_count(Some(rows.len())))
+        .map_err(|e| to_pyerr(Error::batch_mismatch(e.to_string())))
 }
 
 fn target_field(schema: &SchemaRef, name: &str) -> PyResult<Field> {
@@ -217,9 +218,18 @@ fn build_array(py: Python<'_>, field: &Field, values: &[Bound<'_, PyAny>]) -> Py
     Ok(array.into_inner().0)
 }
 
+/// Builds one array from `values`, sized for them: a builder's default capacity (1,024
+/// values) would stay allocated in every retained single-row batch, 20 KB a row.
 macro_rules! build_with {
-    ($builder:ty, $values:expr, $extract:expr) => {{
-        let mut b = <$builder>::new();
+    ($builder:ty, $values:expr, $extract:expr) => {
+        build_with!($builder, <$builder>::with_capacity($values.len()), $values, $extract)
+    };
+    // Variable-width values: `values.len()` items, their bytes grown as they come.
+    (bytes $builder:ty, $values:expr, $extract:expr) => {
+        build_with!($builder, <$builder>::with_capacity($values.len(), 0), $values, $extract)
+    };
+    ($builder:ty, $new:expr, $values:expr, $extract:expr) => {{
+        let mut b: $builder = $new;
         for v in $values {
             if v.is_none() {
                 b.append_null();
@@ -253,6 +263,11 @@ fn float(v: &Bound<'_, PyAny>) -> Option<f64> {
     }
 }
 
+/// A Python str's text, borrowed (no copy before the builder's).
+fn text<'a>(v: &'a Bound<'_, PyAny>) -> Option<&'a str> {
+    v.cast::<PyString>().ok()?.to_str().ok()
+}
+
 /// Epoch milliseconds from a Python int, in the column's unit.
 fn epoch_ms_in(unit: TimeUnit) -> impl Fn(&Bound<'_, PyAny>) -> Option<i64> {
     move |v| {
@@ -281,13 +296,9 @@ fn build_native(ty: &DataType, values: &[Bound<'_, PyAny>]) -> Option<ArrayRef> 
         DataType::UInt64 => build_with!(UInt64Builder, values, uint::<u64>),
         DataType::Float32 => build_with!(Float32Builder, values, |v| float(v).map(|f| f as f32)),
         DataType::Float64 => build_with!(Float64Builder, values, float),
-        DataType::Utf8 => build_with!(StringBuilder, values, |v: &Bound<'_, PyAny>| {
-            v.cast::<PyString>().ok().and_then(|s| s.to_str().ok().map(str::to_owned))
-        }),
-        DataType::LargeUtf8 => build_with!(LargeStringBuilder, values, |v: &Bound<'_, PyAny>| {
-            v.cast::<PyString>().ok().and_then(|s| s.to_str().ok().map(str::to_owned))
-        }),
-        DataType::Binary => build_with!(BinaryBuilder, values, |v: &Bound<'_, PyAny>| {
+        DataType::Utf8 => build_with!(bytes StringBuilder, values, text),
+        DataType::LargeUtf8 => build_with!(bytes LargeStringBuilder, values, text),
+        DataType::Binary => build_with!(bytes BinaryBuilder, values, |v: &Bound<'_, PyAny>| {
             v.cast::<PyBytes>().ok().map(|b| b.as_bytes().to_vec())
         }),
         DataType::Timestamp(unit, tz) => {

@@ -151,6 +151,7 @@ pub(crate) fn run(startup: Startup) {
             running: Cell::new(false),
             generators: RefCell::new(HashMap::new()),
             idle: RefCell::new(HashSet::new()),
+            flows: RefCell::default(),
             idle_timeout: std::time::Duration::from_millis(config.idle_timeout_ms),
             next_idle_check: Cell::new(Instant::now()),
             logging: Cell::new(control.is_some()),
@@ -296,6 +297,14 @@ async fn next_command(commands: &flume::Receiver<Command>, spin: std::time::Dura
     }
 }
 
+/// Where a source's watermark goes (`Coordinator::flow`).
+struct Flow {
+    /// A window downstream can close on it: the shards must hear it.
+    matters: bool,
+    /// Every stream downstream, whose watermark metric follows it otherwise.
+    streams: Vec<String>,
+}
+
 struct Coordinator {
     shards: Rc<Vec<ConnectedSender<ShardCommand>>>,
     catalog: RefCell<Arc<Catalog>>,
@@ -316,6 +325,9 @@ struct Coordinator {
     idle_timeout: std::time::Duration,
     /// When `update_idleness` next looks for idle sources.
     next_idle_check: Cell<Instant>,
+    /// Where each source's watermark goes, worked out from the catalog on the first insert
+    /// after a catalog change (`flow`).
+    flows: RefCell<HashMap<String, Rc<Flow>>>,
     /// Accepted work goes to the WAL: there is a storage directory and no replay is
     /// running.
     logging: Cell<bool>,
@@ -686,20 +698,35 @@ impl Coordinator {
                 }
             }
         }
-        let catalog = self.catalog.borrow().clone();
+        let flow = self.flow(source);
         let outputs = self.outputs.read();
         if let Some(output) = outputs.get(source) {
             output.counters.watermark.fetch_max(mark, Ordering::Relaxed);
         }
-        if catalog.watermark_matters(source) {
+        if flow.matters {
             return Some(mark);
         }
-        for stream in catalog.downstream(source) {
-            if let Some(output) = outputs.get(&stream.name) {
+        for stream in &flow.streams {
+            if let Some(output) = outputs.get(stream) {
                 output.counters.watermark.fetch_max(mark, Ordering::Relaxed);
             }
         }
         None
+    }
+
+    /// Where `source`'s watermark goes under the current catalog (cached per catalog:
+    /// every insert that moves a watermark asks).
+    fn flow(&self, source: &str) -> Rc<Flow> {
+        if let Some(flow) = self.flows.borrow().get(source) {
+            return flow.clone();
+        }
+        let catalog = self.catalog.borrow().clone();
+        let flow = Rc::new(Flow {
+            matters: catalog.watermark_matters(source),
+            streams: catalog.downstream(source).iter().map(|s| s.name.clone()).collect(),
+        });
+        self.flows.borrow_mut().insert(source.to_string(), flow.clone());
+        flow
     }
 
     async fn drop_source(&self, name: &str) -> Result<()> {
@@ -723,6 +750,7 @@ impl Coordinator {
         let out = change(&mut next)?;
         let next = Arc::new(next);
         *self.catalog.borrow_mut() = next.clone();
+        self.flows.borrow_mut().clear();
         *self.published.write() = next;
         Ok(out)
     }

@@ -91,7 +91,9 @@ impl SourceRows {
         self.small.push(batch);
         if self.small.len() >= SMALL_BATCHES_MAX {
             let merged = concat_batches(&self.small[0].schema(), &self.small)?;
-            self.small.clear();
+            // The small batches' buffers are freed: count the merged batch instead.
+            let freed: u64 = self.small.drain(..).map(|b| b.get_array_memory_size() as u64).sum();
+            self.bytes = self.bytes - freed.min(self.bytes) + merged.get_array_memory_size() as u64;
             self.sealed.push(merged);
         }
         Ok(())
@@ -351,6 +353,9 @@ mod tests {
             .sum();
         assert_eq!(sum, (0..200).sum::<i64>());
         assert_eq!(store.stats("t").rows, 200);
+        // The memory counted is that of the batches kept, not of the appends merged away.
+        let held: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+        assert_eq!(store.stats("t").bytes, held as u64);
     }
     fn batch_of(from: i64, n: i64) -> RecordBatch {
         RecordBatch::try_from_iter(vec![("v", Arc::new(Int64Array::from_iter_values(from..from + n)) as ArrayRef)]).unwrap()

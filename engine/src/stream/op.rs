@@ -22,7 +22,13 @@ pub fn eval_branch(filter: Option<&PhysExpr>, exprs: &[PhysExpr], schema: &Schem
             let mask = mask
                 .as_boolean_opt()
                 .ok_or_else(|| Error::query(format!("WHERE must be boolean, not {}", mask.data_type())))?;
-            filter_record_batch(batch, mask)?
+            // Every row passing (a single row that passes, say) needs no copy; none
+            // passing, no projection.
+            match mask.true_count() {
+                0 => return Ok(RecordBatch::new_empty(schema.clone())),
+                n if n == batch.num_rows() => batch.clone(),
+                _ => filter_record_batch(batch, mask)?,
+            }
         }
         None => batch.clone(),
     };
@@ -581,6 +587,29 @@ mod tests {
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::DataType;
     use datafusion::physical_expr::expressions::Column;
+
+    /// `SELECT v + 1 AS w FROM t WHERE v > 10` over `[v: Int64]`: every row passing (taken
+    /// as is), some (filtered) and none (the output's empty batch).
+    #[test]
+    fn filter_then_project_whether_all_some_or_no_rows_pass() {
+        use datafusion::logical_expr::Operator;
+        use datafusion::physical_expr::expressions::{binary, lit};
+        let input = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
+        let v: PhysExpr = Arc::new(Column::new("v", 0));
+        let filter = binary(v.clone(), Operator::Gt, lit(10i64), &input).unwrap();
+        let plus_one = binary(v, Operator::Plus, lit(1i64), &input).unwrap();
+        let out = Arc::new(Schema::new(vec![Field::new("w", DataType::Int64, true)]));
+        let run = |values: Vec<i64>| {
+            let batch = RecordBatch::try_new(input.clone(), vec![Arc::new(Int64Array::from(values))]).unwrap();
+            let got = eval_branch(Some(&filter), std::slice::from_ref(&plus_one), &out, &batch).unwrap();
+            assert_eq!(got.schema(), out);
+            got.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec()
+        };
+        assert_eq!(run(vec![11, 20]), vec![12, 21]);
+        assert_eq!(run(vec![11]), vec![12]);
+        assert_eq!(run(vec![5, 11, 7, 30]), vec![12, 31]);
+        assert_eq!(run(vec![1, 2]), Vec::<i64>::new());
+    }
 
     /// `SELECT k, window_start, window_end, COUNT(*), SUM(v) … GROUP BY k, <window>` over
     /// branch rows `[k: Utf8, ts: Int64, v: Int64]`.
