@@ -268,6 +268,11 @@ fn text<'a>(v: &'a Bound<'_, PyAny>) -> Option<&'a str> {
     v.cast::<PyString>().ok()?.to_str().ok()
 }
 
+/// A Python bytes object's contents, borrowed.
+fn bytes<'a>(v: &'a Bound<'_, PyAny>) -> Option<&'a [u8]> {
+    Some(v.cast::<PyBytes>().ok()?.as_bytes())
+}
+
 /// Epoch milliseconds from a Python int, in the column's unit.
 fn epoch_ms_in(unit: TimeUnit) -> impl Fn(&Bound<'_, PyAny>) -> Option<i64> {
     move |v| {
@@ -298,9 +303,7 @@ fn build_native(ty: &DataType, values: &[Bound<'_, PyAny>]) -> Option<ArrayRef> 
         DataType::Float64 => build_with!(Float64Builder, values, float),
         DataType::Utf8 => build_with!(bytes StringBuilder, values, text),
         DataType::LargeUtf8 => build_with!(bytes LargeStringBuilder, values, text),
-        DataType::Binary => build_with!(bytes BinaryBuilder, values, |v: &Bound<'_, PyAny>| {
-            v.cast::<PyBytes>().ok().map(|b| b.as_bytes().to_vec())
-        }),
+        DataType::Binary => build_with!(bytes BinaryBuilder, values, bytes),
         DataType::Timestamp(unit, tz) => {
             let f = epoch_ms_in(*unit);
             let array: ArrayRef = match unit {

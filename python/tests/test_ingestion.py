@@ -169,6 +169,18 @@ def test_all_formats_accumulate(events):
     assert events.stats("events")["total_events"] == 14
 
 
+def test_row_dicts_in_any_key_order_with_missing_columns_and_bytes(db):
+    db.create_table("blobs", {"id": "int64", "name": "string", "blob": "bytes"})
+    db.insert("blobs", {"blob": b"\x00\xff", "id": 1, "name": "a"})
+    db.insert("blobs", [{"name": "b", "id": 2}, {"id": 3, "blob": b"xyz"}, {"blob": None, "name": None, "id": 4}])
+    assert db.query("SELECT id, name, blob FROM blobs ORDER BY id").fetchall() == [
+        (1, "a", b"\x00\xff"),
+        (2, "b", None),
+        (3, None, b"xyz"),
+        (4, None, None),
+    ]
+
+
 def test_single_row_inserts_hold_only_their_rows_in_memory(events):
     # A dict row is built into arrays sized for it: a builder's default capacity (1,024
     # values, ~16 KB here) held by every retained row would be ~16 MB for these rows.
