@@ -297,8 +297,10 @@ async fn next_command(commands: &flume::Receiver<Command>, spin: std::time::Dura
     }
 }
 
-/// Where a source's watermark goes (`Coordinator::flow`).
+/// A source as inserts reach it, and where its watermark goes (`Coordinator::flow`).
 struct Flow {
+    /// The source's name, shared by every command its inserts send to the shards.
+    name: Arc<str>,
     /// A window downstream can close on it: the shards must hear it.
     matters: bool,
     /// Every stream downstream, whose watermark metric follows it otherwise.
@@ -325,8 +327,8 @@ struct Coordinator {
     idle_timeout: std::time::Duration,
     /// When `update_idleness` next looks for idle sources.
     next_idle_check: Cell<Instant>,
-    /// Where each source's watermark goes, worked out from the catalog on the first insert
-    /// after a catalog change (`flow`).
+    /// Each source's name and where its watermark goes, worked out from the catalog on the
+    /// first insert after a catalog change (`flow`).
     flows: RefCell<HashMap<String, Rc<Flow>>>,
     /// Accepted work goes to the WAL: there is a storage directory and no replay is
     /// running.
@@ -714,14 +716,15 @@ impl Coordinator {
         None
     }
 
-    /// Where `source`'s watermark goes under the current catalog (cached per catalog:
-    /// every insert that moves a watermark asks).
+    /// `source` as inserts reach it under the current catalog (cached per catalog: every
+    /// insert asks).
     fn flow(&self, source: &str) -> Rc<Flow> {
         if let Some(flow) = self.flows.borrow().get(source) {
             return flow.clone();
         }
         let catalog = self.catalog.borrow().clone();
         let flow = Rc::new(Flow {
+            name: source.into(),
             matters: catalog.watermark_matters(source),
             streams: catalog.downstream(source).iter().map(|s| s.name.clone()).collect(),
         });
@@ -765,7 +768,7 @@ impl Coordinator {
                 // with another schema since then must not receive those rows.
                 Ok(def) if parts.iter().flatten().all(|b| b.schema().fields() == def.schema.fields()) => {
                     let mark = def.watermark.as_ref().zip(max_event_ms).map(|(w, max)| max.saturating_sub(w.delay_ms));
-                    (def.name.as_str().into(), mark)
+                    (self.flow(&def.name).name.clone(), mark)
                 }
                 Ok(_) => {
                     let _ = reply.send(Err(Error::new(

@@ -4,6 +4,7 @@
 //! processing is synchronous, so one command is fully handled before the next.
 
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -50,8 +51,8 @@ pub struct ShardRuntime {
     outputs: Outputs,
     exchange: Vec<flume::Sender<Exchange>>,
     streams: HashMap<Arc<str>, StreamTask>,
-    /// Input name → streams reading it.
-    readers: HashMap<String, Vec<Arc<str>>>,
+    /// Input name → streams reading it (shared: every batch walks it, streams change rarely).
+    readers: HashMap<String, Rc<[Arc<str>]>>,
     /// The watermark of every source and stream as this shard last saw it.
     marks: HashMap<String, i64>,
     /// Inputs left out of the watermark alignment of the streams reading them: sources
@@ -489,9 +490,9 @@ impl ShardRuntime {
             self.idle.insert(name.to_string());
         }
         for input in plan.inputs() {
-            let readers = self.readers.entry(input.to_string()).or_default();
+            let readers = self.readers.entry(input.to_string()).or_insert_with(|| Rc::from([]));
             if !readers.contains(&name) {
-                readers.push(name.clone());
+                *readers = readers.iter().cloned().chain([name.clone()]).collect();
             }
         }
         self.streams.insert(name, StreamTask { plan, output, op, join, marks, watermark: i64::MIN, late_reported: 0, dirty: true, state_file: None });
@@ -503,7 +504,7 @@ impl ShardRuntime {
         if let Some(task) = self.streams.remove(name) {
             for input in task.plan.inputs() {
                 if let Some(readers) = self.readers.get_mut(input) {
-                    readers.retain(|r| &**r != name);
+                    *readers = readers.iter().filter(|r| &***r != name).cloned().collect();
                 }
             }
         }
@@ -529,7 +530,7 @@ impl ShardRuntime {
     /// Runs every stream reading `input` over `batch`.
     fn feed(&mut self, input: &str, batch: &RecordBatch, ack: &AckToken) {
         let Some(readers) = self.readers.get(input).cloned() else { return };
-        for name in readers {
+        for name in readers.iter().cloned() {
             let Some(task) = self.streams.get(&name) else { continue };
             let (plan, output) = (task.plan.clone(), task.output.clone());
             for (b, branch) in plan.branches.iter().enumerate().filter(|(_, b)| b.input == input) {
@@ -648,7 +649,7 @@ impl ShardRuntime {
         *mark = watermark;
         self.dirty = true;
         let Some(readers) = self.readers.get(input).cloned() else { return };
-        for name in readers {
+        for name in readers.iter().cloned() {
             let Some(task) = self.streams.get(&name) else { continue };
             let plan = task.plan.clone();
             for (b, branch) in plan.branches.iter().enumerate().filter(|(_, b)| b.input == input) {
@@ -699,7 +700,7 @@ impl ShardRuntime {
             return;
         }
         let Some(readers) = self.readers.get(input).cloned() else { return };
-        for name in readers {
+        for name in readers.iter().cloned() {
             let Some(task) = self.streams.get(&name) else { continue };
             let all_idle = task.plan.inputs().all(|i| self.idle.contains(i));
             if all_idle != self.idle.contains(&*name) {
