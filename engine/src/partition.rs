@@ -25,17 +25,12 @@ pub fn partition_batch(
     }
     if key.is_empty() {
         let per = rows.div_ceil(shards);
-        if per == rows {
-            // One shard takes every row (a single-row insert): no slicing.
-            let mut parts = vec![None; shards];
-            parts[0] = (rows > 0).then(|| batch.clone());
-            return Ok(parts);
-        }
         return Ok((0..shards)
             .map(|s| {
                 let start = (s * per).min(rows);
                 let len = per.min(rows - start);
-                (len > 0).then(|| batch.slice(start, len))
+                // A shard taking every row (a single-row insert) shares the batch as is.
+                (len > 0).then(|| if len == rows { batch.clone() } else { batch.slice(start, len) })
             })
             .collect());
     }

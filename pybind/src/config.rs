@@ -33,7 +33,6 @@ impl PyLaminarConfig {
         Ok(PyLaminarConfig {
             inner: EngineConfig {
                 shards: shards.unwrap_or_else(default_shards),
-                spin_us: laminardb_engine::config::default_spin_us(),
                 buffer_size,
                 storage_dir,
                 checkpoint_interval_ms,

@@ -33,7 +33,7 @@ use crate::command::{reply_channel, Ack, AckToken, Command, PanicSite, Reply, Sh
 use crate::runtime::Outputs;
 use crate::shard::ShardWiring;
 use crate::sinks::SinkRunner;
-use crate::handle::{prepare_insert, Outcome};
+use crate::handle::{prepare_insert, try_take, Outcome};
 use crate::health::{catch, Health};
 use crate::shard;
 use crate::storage::{collect_garbage, shard_owner, CheckpointStats, Recovered, Storage, CONTROL_OWNER};
@@ -286,12 +286,7 @@ fn start_checkpoint_timer(coord: Rc<Coordinator>, every_ms: u64) {
 /// The next caller command: polled for up to `spin` first (a wake-up from sleep costs
 /// tens of microseconds), then awaited.
 async fn next_command(commands: &flume::Receiver<Command>, spin: std::time::Duration) -> Result<Command, flume::RecvError> {
-    let polled = laminardb_engine::config::poll_for(spin, || match commands.try_recv() {
-        Ok(cmd) => Some(Ok(cmd)),
-        Err(flume::TryRecvError::Disconnected) => Some(Err(flume::RecvError::Disconnected)),
-        Err(flume::TryRecvError::Empty) => None,
-    });
-    match polled {
+    match laminardb_engine::config::poll_for(spin, || try_take(commands)) {
         Some(result) => result,
         None => commands.recv_async().await,
     }
@@ -410,7 +405,7 @@ impl Coordinator {
                     }
                 });
                 if watermark_ms != i64::MIN {
-                    self.update_idleness(&name.as_str().into(), &ack).await;
+                    self.update_idleness(&self.flow(&name).name, &ack).await;
                 }
                 let mut now = self.advance_watermark(&name, watermark_ms, &ack).await;
                 // A generator source's watermark moves on the shards, into its output.
@@ -679,7 +674,7 @@ impl Coordinator {
         let Some(current) = self.bump_watermark(source, mark) else {
             return self.watermarks.borrow().get(source).copied().unwrap_or(i64::MIN);
         };
-        let name: Arc<str> = source.into();
+        let name = self.flow(source).name.clone();
         self.tell_shards(ack, || ShardCommand::Watermark { source: name.clone(), watermark: current, ack: ack.clone() }).await;
         current
     }
@@ -823,7 +818,7 @@ impl Coordinator {
                     .sources
                     .keys()
                     .filter(|name| name.as_str() != &**source && !idle.contains(*name) && !generators.contains_key(*name))
-                    .filter(|name| catalog.watermark_matters(name))
+                    .filter(|name| self.flow(name).matters)
                     .filter(|name| outputs.get(*name).is_some_and(|output| output.idle_ms() > timeout))
                     .map(|name| name.as_str().into())
                     .collect()

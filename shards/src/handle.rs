@@ -257,12 +257,17 @@ impl Drop for Handle {
 /// Polls `rx` for up to `spin` before blocking: a sleeping thread takes tens of
 /// microseconds to wake.
 fn recv_spinning<T>(rx: &flume::Receiver<T>, spin: std::time::Duration) -> Result<T, flume::RecvError> {
-    let polled = poll_for(spin, || match rx.try_recv() {
+    poll_for(spin, || try_take(rx)).unwrap_or_else(|| rx.recv())
+}
+
+/// What is waiting in `rx`: an item, the end of the channel, or (`None`) nothing yet. The
+/// attempt of every poll of a flume queue (`recv_spinning`, the coordinator's commands).
+pub(crate) fn try_take<T>(rx: &flume::Receiver<T>) -> Option<Result<T, flume::RecvError>> {
+    match rx.try_recv() {
         Ok(v) => Some(Ok(v)),
         Err(flume::TryRecvError::Disconnected) => Some(Err(flume::RecvError::Disconnected)),
         Err(flume::TryRecvError::Empty) => None,
-    });
-    polled.unwrap_or_else(|| rx.recv())
+    }
 }
 
 /// An insert's rows as the coordinator takes them (`Command::Insert`): each batch cast to
