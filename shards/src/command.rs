@@ -123,8 +123,16 @@ pub struct Ack {
     pub born: Option<Instant>,
     rows: AtomicU64,
     error: Mutex<Option<Error>>,
-    reply: Mutex<Option<Box<dyn FnOnce(Result<u64>) + Send>>>,
+    answer: Mutex<Option<Answer>>,
     inflight: Arc<AtomicUsize>,
+}
+
+/// Who hears when the work is done.
+enum Answer {
+    /// A caller waiting for the row count (an insert): its reply channel as is, without a
+    /// boxed closure around it (one allocation fewer per insert).
+    Rows(Reply<u64>),
+    Call(Box<dyn FnOnce(Result<u64>) + Send>),
 }
 
 pub type AckToken = Arc<Ack>;
@@ -140,12 +148,21 @@ impl Ack {
     }
 
     pub fn born_at(born: Option<Instant>, inflight: &Arc<AtomicUsize>, reply: impl FnOnce(Result<u64>) + Send + 'static) -> AckToken {
+        Ack::answering(born, inflight, Answer::Call(Box::new(reply)))
+    }
+
+    /// Work whose caller waits on `reply` for the number of rows it stored.
+    pub fn replying(born: Option<Instant>, inflight: &Arc<AtomicUsize>, reply: Reply<u64>) -> AckToken {
+        Ack::answering(born, inflight, Answer::Rows(reply))
+    }
+
+    fn answering(born: Option<Instant>, inflight: &Arc<AtomicUsize>, answer: Answer) -> AckToken {
         inflight.fetch_add(1, Ordering::AcqRel);
         Arc::new(Ack {
             born,
             rows: AtomicU64::new(0),
             error: Mutex::new(None),
-            reply: Mutex::new(Some(Box::new(reply))),
+            answer: Mutex::new(Some(answer)),
             inflight: inflight.clone(),
         })
     }
@@ -161,11 +178,17 @@ impl Ack {
 
 impl Drop for Ack {
     fn drop(&mut self) {
-        if let Some(reply) = self.reply.lock().take() {
-            reply(match self.error.lock().take() {
+        if let Some(answer) = self.answer.lock().take() {
+            let result = match self.error.lock().take() {
                 Some(e) => Err(e),
                 None => Ok(self.rows.load(Ordering::Relaxed)),
-            });
+            };
+            match answer {
+                Answer::Rows(reply) => {
+                    let _ = reply.send(result);
+                }
+                Answer::Call(call) => call(result),
+            }
         }
         self.inflight.fetch_sub(1, Ordering::AcqRel);
     }

@@ -779,9 +779,7 @@ impl Coordinator {
             }
         };
         let _dispatching = self.dispatch_lock.lock().await;
-        let ack = Ack::born_at(born, &self.inflight, move |r| {
-            let _ = reply.send(r);
-        });
+        let ack = Ack::replying(born, &self.inflight, reply);
         self.update_idleness(&name, &ack).await;
         let watermark = watermark.and_then(|mark| self.bump_watermark(&name, mark));
         // While logging, each shard writes its rows to its WAL under one new lsn first.

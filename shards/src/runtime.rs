@@ -642,11 +642,17 @@ impl ShardRuntime {
 
     /// `input`'s watermark on this shard is now `watermark`.
     pub fn watermark(&mut self, input: &str, watermark: i64, ack: &AckToken) {
-        let mark = self.marks.entry(input.to_string()).or_insert(i64::MIN);
-        if watermark <= *mark {
-            return;
+        // Looked up before inserting: every insert that moves a watermark comes here.
+        match self.marks.get_mut(input) {
+            Some(mark) if watermark <= *mark => return,
+            Some(mark) => *mark = watermark,
+            None => {
+                self.marks.insert(input.to_string(), watermark);
+                if watermark == i64::MIN {
+                    return;
+                }
+            }
         }
-        *mark = watermark;
         self.dirty = true;
         let Some(readers) = self.readers.get(input).cloned() else { return };
         for name in readers.iter().cloned() {
