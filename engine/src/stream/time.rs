@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, Int64Array, PrimitiveArray};
-use arrow::compute::cast;
 use arrow::buffer::{NullBuffer, ScalarBuffer};
+use arrow::compute::cast;
 use arrow::datatypes::{
     ArrowPrimitiveType, DataType, Date64Type, Int64Type, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
     TimestampSecondType,
@@ -26,7 +26,7 @@ pub fn is_event_time(data_type: &DataType) -> bool {
     )
 }
 
-/// Event times as epoch milliseconds (nulls stay null). Millisecond timestamps and
+/// Event times as epoch milliseconds (nulls stay null). Millisecond timestamps, DATE64 and
 /// BIGINT columns share their values buffer: no copy.
 pub fn to_millis(array: &ArrayRef) -> Result<Int64Array> {
     let out = match array.data_type() {
@@ -107,6 +107,7 @@ pub fn from_millis(millis: Vec<i64>, data_type: &DataType) -> Result<ArrayRef> {
 }
 
 /// The largest non-null event time of `array`, in epoch milliseconds.
+///
 /// Every insert into a source with a watermark asks, so timestamps are not converted
 /// row by row: the conversion keeps the order of values, and only the largest is converted.
 pub fn max_millis(array: &ArrayRef) -> Result<Option<i64>> {
