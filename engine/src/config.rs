@@ -62,8 +62,12 @@ impl Default for EngineConfig {
 }
 
 /// The coordinator and a waiting caller poll this long (politely: `poll_for`) before
-/// sleeping, for at most this much CPU per command (figures in perf/README.md).
-pub const SPIN_AFTER_COMMAND_US: u64 = 100;
+/// sleeping, for at most this much CPU per command. Long enough to cover the work a caller
+/// does between two inserts (the harness converts each received batch with pyarrow): a
+/// thread that fell asleep in between costs the next round trip a wake-up of tens of µs.
+/// 200 µs instead of 100 (and 50 for shards) cut the harness's round trip p90 from 90–146
+/// to 26–38 µs on session 8's machine (figures in perf/README.md).
+pub const SPIN_AFTER_COMMAND_US: u64 = 200;
 
 /// One iteration of a polling wait (a caller waiting for its reply, the coordinator for
 /// its next command): gives the core to any other runnable thread first. With more
@@ -98,14 +102,14 @@ fn env_us(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// How long an idle shard polls before sleeping: 50 µs unless `LAMINARDB_SPIN_US` says
+/// How long an idle shard polls before sleeping: 200 µs unless `LAMINARDB_SPIN_US` says
 /// otherwise. Shards poll politely (the reactor yields the core between polls, see
 /// `spin_pause`), so this costs no other thread its CPU time.
 pub fn default_spin_us() -> u64 {
     env_us("LAMINARDB_SPIN_US").unwrap_or(SHARD_SPIN_US)
 }
 
-pub const SHARD_SPIN_US: u64 = 50;
+pub const SHARD_SPIN_US: u64 = SPIN_AFTER_COMMAND_US;
 
 pub fn default_shards() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).max(1)
