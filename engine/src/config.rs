@@ -65,8 +65,8 @@ impl Default for EngineConfig {
 /// sleeping, for at most this much CPU per command. Long enough to cover the work a caller
 /// does between two inserts (the harness converts each received batch with pyarrow): a
 /// thread that fell asleep in between costs the next round trip a wake-up of tens of µs.
-/// 200 µs instead of 100 (and 50 for shards) cut the harness's round trip p90 from 90–146
-/// to 26–38 µs on session 8's machine (figures in perf/README.md).
+/// 200 µs instead of 100 (and 50 for shards) cut the harness's round trip p90 from 90–177
+/// to 26–43 µs on session 8's machine (figures in perf/README.md).
 pub const SPIN_AFTER_COMMAND_US: u64 = 200;
 
 /// One iteration of a polling wait (a caller waiting for its reply, the coordinator for
