@@ -72,8 +72,8 @@ impl Values {
 
 /// Calls `f(group, value)` for every pair `(rows[i], groups[i])` whose input value is not
 /// null, the value read as `f64`. The array's type and whether it has nulls are looked at
-/// once per batch instead of once per row (the per-row `match` of `is_valid` and `float`
-/// was most of the accumulators' time).
+/// once per batch instead of once per row (`Acc::update` with a per-row `match` in
+/// `is_valid` and `float` led the OHLC workload's profile).
 fn each_float(values: &Values, rows: &[u32], groups: &[u32], mut f: impl FnMut(usize, f64)) {
     let pairs = rows.iter().map(|&r| r as usize).zip(groups.iter().map(|&g| g as usize));
     match values {
@@ -296,7 +296,7 @@ impl Acc {
                     }
                 };
                 match values {
-                    // Only rows that are taken build their value.
+                    // Null-free floats: the value is read without the per-row type and null check.
                     Values::Float(a) if a.null_count() == 0 => {
                         let v = a.values();
                         pairs.for_each(|(r, g)| fold(r, g, &|r| Scalar::Float(v[r])));
