@@ -9,9 +9,12 @@ caller work on a 2-core VM), as the harness's row check does.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import laminardb
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from workloads.common import open_filtered  # noqa: E402
 
 WARMUP = 1_000
 
@@ -22,10 +25,7 @@ def main() -> None:
     args.add_argument("--via", choices=["db", "writer"], default="db")
     args.add_argument("--gap", action="store_true", help="pyarrow conversion of each batch between round trips")
     opts = args.parse_args()
-    db = laminardb.open(":memory:")
-    db.execute("CREATE SOURCE trades (symbol VARCHAR, price DOUBLE, ts BIGINT, WATERMARK FOR ts AS ts - INTERVAL '0' SECOND)")
-    db.execute("CREATE STREAM hot AS SELECT symbol, price, ts FROM trades WHERE price > 0")
-    db.start()
+    db = open_filtered(None)  # the latency workload's source and filter stream
     sub = db.subscribe_stream("hot")
     writer = db.writer("trades")
     clock = time.perf_counter_ns

@@ -164,10 +164,9 @@ fn rows_to_batch(py: Python<'_>, rows: &[Bound<'_, PyDict>], schema: &SchemaRef)
             present[i] = true;
         }
     }
-    let mut fields = Vec::with_capacity(columns.len());
     let mut arrays = Vec::with_capacity(columns.len());
     let mut declared = true;
-    for ((field, mut values), present) in schema.fields().iter().zip(columns).zip(present) {
+    for ((field, mut values), &present) in schema.fields().iter().zip(columns).zip(&present) {
         if !present {
             declared = false;
             continue;
@@ -175,15 +174,15 @@ fn rows_to_batch(py: Python<'_>, rows: &[Bound<'_, PyDict>], schema: &SchemaRef)
         values.resize(rows.len(), none.clone());
         let array = build_array(py, field, &values)?;
         declared &= array.data_type() == field.data_type() && (field.is_nullable() || array.null_count() == 0);
-        fields.push((field.name(), array.data_type().clone()));
         arrays.push(array);
     }
     // Every column built as declared: the batch takes the source's own schema, which the
-    // engine's cast then passes through untouched.
+    // engine's cast then passes through untouched. Otherwise the present columns as built.
     let schema = if declared {
         schema.clone()
     } else {
-        Arc::new(Schema::new(fields.into_iter().map(|(name, ty)| Field::new(name, ty, true)).collect::<Vec<_>>()))
+        let present = schema.fields().iter().zip(&present).filter(|(_, &p)| p).map(|(f, _)| f);
+        Arc::new(Schema::new(present.zip(&arrays).map(|(f, a)| Field::new(f.name(), a.data_type().clone(), true)).collect::<Vec<_>>()))
     };
     RecordBatch::try_new_with_options(schema, arrays, &RecordBatchOptions::new().with_row_count(Some(rows.len())))
         .map_err(|e| to_pyerr(Error::batch_mismatch(e.to_string())))

@@ -404,10 +404,11 @@ impl Coordinator {
                         let _ = reply.send(r.map(|_| mark.load(Ordering::Acquire)));
                     }
                 });
+                let flow = self.flow(&name);
                 if watermark_ms != i64::MIN {
-                    self.update_idleness(&self.flow(&name).name, &ack).await;
+                    self.update_idleness(&flow.name, &ack).await;
                 }
-                let mut now = self.advance_watermark(&name, watermark_ms, &ack).await;
+                let mut now = self.advance_watermark(&flow, watermark_ms, &ack).await;
                 // A generator source's watermark moves on the shards, into its output.
                 if let Some(output) = self.outputs.read().get(&name) {
                     now = now.max(output.counters.watermark.load(Ordering::Relaxed));
@@ -670,20 +671,20 @@ impl Coordinator {
 
     /// Moves `source`'s watermark to `mark` if that is later, telling every shard (after the
     /// rows already sent to it). Returns the source's watermark.
-    async fn advance_watermark(&self, source: &str, mark: i64, ack: &AckToken) -> i64 {
+    async fn advance_watermark(&self, source: &Flow, mark: i64, ack: &AckToken) -> i64 {
         let Some(current) = self.bump_watermark(source, mark) else {
-            return self.watermarks.borrow().get(source).copied().unwrap_or(i64::MIN);
+            return self.watermarks.borrow().get(&*source.name).copied().unwrap_or(i64::MIN);
         };
-        let name = self.flow(source).name.clone();
-        self.tell_shards(ack, || ShardCommand::Watermark { source: name.clone(), watermark: current, ack: ack.clone() }).await;
+        self.tell_shards(ack, || ShardCommand::Watermark { source: source.name.clone(), watermark: current, ack: ack.clone() }).await;
         current
     }
 
-    /// Moves `source`'s watermark forward to `mark`. Returns `Some(mark)` if it moved and a
+    /// Moves the watermark of `flow`'s source forward to `mark`. Returns `Some(mark)` if it moved and a
     /// window downstream may care, so the shards must hear it; otherwise (no windowed
     /// stream downstream) only the metrics of the streams it feeds move, and the shards
     /// catch up when a stream is added (`AddStream::marks`).
-    fn bump_watermark(&self, source: &str, mark: i64) -> Option<i64> {
+    fn bump_watermark(&self, flow: &Flow, mark: i64) -> Option<i64> {
+        let source = &*flow.name;
         {
             let mut marks = self.watermarks.borrow_mut();
             match marks.get_mut(source) {
@@ -695,7 +696,6 @@ impl Coordinator {
                 }
             }
         }
-        let flow = self.flow(source);
         let outputs = self.outputs.read();
         if let Some(output) = outputs.get(source) {
             output.counters.watermark.fetch_max(mark, Ordering::Relaxed);
@@ -756,14 +756,14 @@ impl Coordinator {
     /// `born`: when the work entered the engine, for the latency histograms (`None` for
     /// rows replayed from the WAL).
     async fn insert(&self, source: &str, parts: Vec<Vec<RecordBatch>>, max_event_ms: Option<i64>, born: Option<Instant>, reply: Reply<u64>) {
-        let (name, watermark): (Arc<str>, Option<i64>) = {
+        let (flow, watermark) = {
             let catalog = self.catalog.borrow();
             match catalog.source(source) {
                 // The caller cast against a catalog snapshot; a source dropped and re-created
                 // with another schema since then must not receive those rows.
                 Ok(def) if parts.iter().flatten().all(|b| b.schema().fields() == def.schema.fields()) => {
                     let mark = def.watermark.as_ref().zip(max_event_ms).map(|(w, max)| max.saturating_sub(w.delay_ms));
-                    (self.flow(&def.name).name.clone(), mark)
+                    (self.flow(&def.name), mark)
                 }
                 Ok(_) => {
                     let _ = reply.send(Err(Error::new(
@@ -780,8 +780,8 @@ impl Coordinator {
         };
         let _dispatching = self.dispatch_lock.lock().await;
         let ack = Ack::replying(born, &self.inflight, reply);
-        self.update_idleness(&name, &ack).await;
-        let watermark = watermark.and_then(|mark| self.bump_watermark(&name, mark));
+        self.update_idleness(&flow.name, &ack).await;
+        let watermark = watermark.and_then(|mark| self.bump_watermark(&flow, mark));
         // While logging, each shard writes its rows to its WAL under one new lsn first.
         let with_rows = parts.iter().filter(|p| !p.is_empty()).count();
         let lsn = (self.logging.get() && with_rows > 0).then(|| self.take_lsn());
@@ -790,7 +790,7 @@ impl Coordinator {
                 continue;
             }
             let log = lsn.filter(|_| !batches.is_empty()).map(|lsn| (lsn, with_rows as u16));
-            let cmd = ShardCommand::Append { source: name.clone(), batches, watermark, log, ack: ack.clone() };
+            let cmd = ShardCommand::Append { source: flow.name.clone(), batches, watermark, log, ack: ack.clone() };
             if self.shards[shard].send(cmd).await.is_err() {
                 ack.fail(Error::internal(format!("shard {shard} has stopped")));
             }
@@ -1024,7 +1024,7 @@ impl Coordinator {
                 Record::Ddl { sql, .. } => self.execute(sql, &[]).await.map(drop),
                 Record::Watermark { source, watermark, .. } => {
                     let ack = Ack::born_at(None, &self.inflight, |_| {});
-                    self.advance_watermark(source, *watermark, &ack).await;
+                    self.advance_watermark(&self.flow(source), *watermark, &ack).await;
                     Ok(())
                 }
                 Record::Append { .. } => match wal::append_batches(group) {

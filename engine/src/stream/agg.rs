@@ -286,22 +286,30 @@ impl Acc {
                 }
             }
             Acc::FirstLast { first, time, value, seen } => {
-                let first = *first;
-                let mut fold = |r: usize, g: usize, scalar: &dyn Fn(usize) -> Scalar| {
+                // Row `r` (at event time `t`) replaces group `g`'s value: the earliest for
+                // FIRST, the latest (ties: the later row) for LAST.
+                let mut takes = |r: usize, g: usize| {
                     let t = times[r];
-                    if !seen[g] || if first { t < time[g] } else { t >= time[g] } {
+                    let take = !seen[g] || if *first { t < time[g] } else { t >= time[g] };
+                    if take {
                         time[g] = t;
-                        value[g] = scalar(r);
                         seen[g] = true;
                     }
+                    take
                 };
                 match values {
                     // Null-free floats: the value is read without the per-row type and null check.
                     Values::Float(a) if a.null_count() == 0 => {
                         let v = a.values();
-                        pairs.for_each(|(r, g)| fold(r, g, &|r| Scalar::Float(v[r])));
+                        for (r, g) in pairs.filter(|&(r, g)| takes(r, g)) {
+                            value[g] = Scalar::Float(v[r]);
+                        }
                     }
-                    _ => pairs.for_each(|(r, g)| fold(r, g, &|r| values.scalar(r))),
+                    _ => {
+                        for (r, g) in pairs.filter(|&(r, g)| takes(r, g)) {
+                            value[g] = values.scalar(r);
+                        }
+                    }
                 }
             }
             Acc::Distinct(sets) => {
