@@ -10,8 +10,8 @@ use arrow::ipc::writer::StreamWriter;
 
 use crate::Result;
 
-/// Appends `batches` (all of `schema`) to `out` as one IPC stream.
-pub fn write(schema: &SchemaRef, batches: &[RecordBatch], out: &mut Vec<u8>) -> Result<()> {
+/// Writes `batches` (all of `schema`) to `out` as one IPC stream.
+pub fn write(schema: &SchemaRef, batches: &[RecordBatch], out: impl std::io::Write) -> Result<()> {
     let mut writer = StreamWriter::try_new(out, schema)?;
     for batch in batches {
         writer.write(batch)?;

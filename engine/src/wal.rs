@@ -63,7 +63,7 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) -> Result<()> {
             head(out, *lsn, *parts, KIND_APPEND);
             name(out, source);
             let schema = batches.first().map(|b| b.schema()).ok_or_else(|| Error::internal("an empty WAL append"))?;
-            crate::ipc::write(&schema, batches, out)?;
+            crate::ipc::write(&schema, batches, &mut *out)?;
         }
         Record::Ddl { lsn, sql } => {
             head(out, *lsn, 1, KIND_DDL);

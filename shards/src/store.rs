@@ -305,14 +305,17 @@ pub(crate) fn start_spill_thread() -> std::io::Result<(std::thread::JoinHandle<(
     Ok((thread, jobs))
 }
 
-/// Writes one spill job's rows to its file (not synced: spill files are not durable).
+/// Writes one spill job's rows to its file (not synced: spill files are not durable),
+/// streamed: large buffers go to the file as they are, not through one growing `Vec`.
 fn write_spill(job: &SpillJob) -> Result<()> {
     let Some(first) = job.batches.first() else { return Ok(()) };
-    let bytes = ipc::to_bytes(&first.schema(), &job.batches)?;
     if let Some(dir) = job.path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| wal::io_error(dir, e))?;
     }
-    std::fs::write(&job.path, bytes).map_err(|e| wal::io_error(&job.path, e))
+    let file = std::fs::File::create(&job.path).map_err(|e| wal::io_error(&job.path, e))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
+    ipc::write(&first.schema(), &job.batches, &mut out)?;
+    std::io::Write::flush(&mut out).map_err(|e| wal::io_error(&job.path, e))
 }
 
 /// The batches of a spill file, memory-mapped: their arrays point into the mapping,

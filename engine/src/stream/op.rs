@@ -6,8 +6,10 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, StringArray};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::row::{RowConverter, SortField};
+use datafusion::common::hash_utils::{create_hashes, RandomState};
+use hashbrown::HashTable;
 
 use super::agg::{Acc, Values};
 use super::time::{from_millis, to_millis};
@@ -97,8 +99,12 @@ struct AggState {
 pub struct AggOperator {
     plan: Arc<StreamPlan>,
     converter: RowConverter,
-    /// `(start, end, key)` → group, for tumbling, hopping, cumulating and unwindowed groups.
-    index: HashMap<Box<[u8]>, u32, ahash::RandomState>,
+    /// `(start, end, key)` → group, for tumbling, hopping, cumulating and unwindowed
+    /// groups. The table holds group ids; a group's hash is `hashes[g]`, made from its
+    /// key's hash (DataFusion's, computed a batch at a time) and its window.
+    index: HashTable<u32>,
+    hashes: Vec<u64>,
+    key_hasher: KeyHasher,
     /// Key → its open sessions.
     sessions: HashMap<Box<[u8]>, Vec<u32>, ahash::RandomState>,
     groups: Vec<Group>,
@@ -109,7 +115,6 @@ pub struct AggOperator {
     watermark: i64,
     /// Arrival order, the "time" of FIRST/LAST without a window.
     arrivals: i64,
-    scratch: Vec<u8>,
     pub late_rows: u64,
     /// `EMIT EVERY`: groups changed since the last tick, and each group's last emitted row.
     dirty: Vec<u32>,
@@ -125,10 +130,14 @@ impl AggOperator {
         let key_fields = plan.branches[0].schema.fields()[..agg.keys].iter().map(|f| SortField::new(f.data_type().clone()));
         let converter = RowConverter::new(key_fields.collect())?;
         let accs = agg.calls.iter().map(Acc::new).collect::<Result<Vec<_>>>()?;
+        let key_types: Vec<DataType> = plan.branches[0].schema.fields()[..agg.keys].iter().map(|f| f.data_type().clone()).collect();
+        let key_hasher = KeyHasher::new(&key_types)?;
         Ok(AggOperator {
             plan,
             converter,
-            index: HashMap::default(),
+            index: HashTable::new(),
+            hashes: Vec::new(),
+            key_hasher,
             sessions: HashMap::default(),
             groups: Vec::new(),
             free: Vec::new(),
@@ -136,7 +145,6 @@ impl AggOperator {
             accs,
             watermark: i64::MIN,
             arrivals: 0,
-            scratch: Vec::new(),
             late_rows: 0,
             dirty: Vec::new(),
             last_rows: HashMap::new(),
@@ -186,7 +194,7 @@ impl AggOperator {
         self.dirty.retain(|&d| d != g);
         let group = &mut self.groups[g as usize];
         group.live = false;
-        let (start, end, key) = (group.start, group.end, group.key.clone());
+        let (end, key) = (group.end, group.key.clone());
         self.closing.remove(&(end, g));
         if matches!(self.agg().window, Some(WindowKind::Session { .. })) {
             if let Some(open) = self.sessions.get_mut(&key) {
@@ -196,11 +204,10 @@ impl AggOperator {
                 }
             }
         } else {
-            self.scratch.clear();
-            self.scratch.extend_from_slice(&start.to_be_bytes());
-            self.scratch.extend_from_slice(&end.to_be_bytes());
-            self.scratch.extend_from_slice(&key);
-            self.index.remove(&self.scratch[..]);
+            let hash = self.hashes[g as usize];
+            if let Ok(entry) = self.index.find_entry(hash, |&x| x == g) {
+                entry.remove();
+            }
         }
         self.free.push(g);
     }
@@ -219,6 +226,7 @@ impl AggOperator {
         let (keys, window) = (self.agg().keys, self.agg().window);
         // Without keys every row is in the one global group (empty key).
         let rows = if keys > 0 { Some(self.converter.convert_columns(&batch.columns()[..keys])?) } else { None };
+        let key_hashes = if keys > 0 { self.key_hasher.hash(&batch.columns()[..keys], n)? } else { vec![0; n] };
         let times: Vec<i64> = match window {
             Some(_) => {
                 let t = to_millis(batch.column(keys))?;
@@ -238,7 +246,7 @@ impl AggOperator {
             let key: &[u8] = row.as_ref().map_or(&[], |r| r.as_ref());
             match window {
                 None => {
-                    let g = self.lookup(key, i64::MIN, i64::MAX);
+                    let g = self.lookup(key, key_hashes[i], i64::MIN, i64::MAX);
                     pair_rows.push(i as u32);
                     pair_groups.push(g);
                 }
@@ -258,7 +266,7 @@ impl AggOperator {
                         if end.saturating_add(lateness) <= self.watermark {
                             continue;
                         }
-                        let g = self.lookup(key, start, end);
+                        let g = self.lookup(key, key_hashes[i], start, end);
                         pair_rows.push(i as u32);
                         pair_groups.push(g);
                         placed = true;
@@ -339,18 +347,29 @@ impl AggOperator {
         Ok(out)
     }
 
-    fn lookup(&mut self, key: &[u8], start: i64, end: i64) -> u32 {
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&start.to_be_bytes());
-        self.scratch.extend_from_slice(&end.to_be_bytes());
-        self.scratch.extend_from_slice(key);
-        if let Some(&g) = self.index.get(&self.scratch[..]) {
+    /// The group of `key` (whose hash is `key_hash`) in window `[start, end)`, made if new.
+    fn lookup(&mut self, key: &[u8], key_hash: u64, start: i64, end: i64) -> u32 {
+        let hash = window_hash(key_hash, start, end);
+        let groups = &self.groups;
+        let same = |&g: &u32| {
+            let group = &groups[g as usize];
+            group.start == start && group.end == end && *group.key == *key
+        };
+        if let Some(&g) = self.index.find(hash, same) {
             return g;
         }
-        let full: Box<[u8]> = self.scratch[..].into();
         let g = self.new_group(key, start, end);
-        self.index.insert(full, g);
+        self.index_group(g, hash);
         g
+    }
+
+    fn index_group(&mut self, g: u32, hash: u64) {
+        if self.hashes.len() < self.groups.len() {
+            self.hashes.resize(self.groups.len(), 0);
+        }
+        self.hashes[g as usize] = hash;
+        let hashes = &self.hashes;
+        self.index.insert_unique(hash, g, |&g| hashes[g as usize]);
     }
 
     /// The session `ts` joins (merging sessions it bridges), or `None` when it is too late.
@@ -466,6 +485,42 @@ impl AggOperator {
         Ok(out)
     }
 
+    /// What a checkpoint stores for an indexed group: `start`, `end` (big-endian), key.
+    fn index_key(&self, g: u32) -> Vec<u8> {
+        let group = &self.groups[g as usize];
+        [&group.start.to_be_bytes()[..], &group.end.to_be_bytes()[..], &group.key[..]].concat()
+    }
+
+    /// The key columns of `groups`, in the declared types (the row format gives a
+    /// dictionary back as its values).
+    fn key_columns(&self, groups: impl Iterator<Item = usize>) -> Result<Vec<ArrayRef>> {
+        let parser = self.converter.parser();
+        let columns = self.converter.convert_rows(groups.map(|g| parser.parse(&self.groups[g].key)))?;
+        let fields = self.plan.branches[0].schema.fields();
+        let cast = |(c, f): (ArrayRef, &Arc<Field>)| {
+            if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) }
+        };
+        Ok(columns.into_iter().zip(fields.iter()).map(cast).collect::<std::result::Result<Vec<_>, _>>()?)
+    }
+
+    /// Puts restored groups back into the index, hashing their keys as `apply` does: the
+    /// key columns rebuilt from the stored rows, in the declared types.
+    fn rebuild_index(&mut self, indexed: &[u32]) -> Result<()> {
+        let keys = self.agg().keys;
+        let key_hashes = if keys == 0 || indexed.is_empty() {
+            vec![0; indexed.len()]
+        } else {
+            let columns = self.key_columns(indexed.iter().map(|&g| g as usize))?;
+            self.key_hasher.hash(&columns, indexed.len())?
+        };
+        for (&g, key_hash) in indexed.iter().zip(key_hashes) {
+            let group = &self.groups[g as usize];
+            let hash = window_hash(key_hash, group.start, group.end);
+            self.index_group(g, hash);
+        }
+        Ok(())
+    }
+
     /// The current row of every live group (the state `SELECT … FROM stream` reads for a
     /// changelog stream), without the change column.
     /// The whole state, for a checkpoint (rkyv; emitted rows kept for `EMIT EVERY` as
@@ -476,7 +531,7 @@ impl AggOperator {
             last_rows.push((*g, crate::ipc::to_bytes(&row.schema(), std::slice::from_ref(row))?));
         }
         let state = AggState {
-            index: self.index.iter().map(|(k, g)| (k.to_vec(), *g)).collect(),
+            index: self.index.iter().map(|&g| (self.index_key(g), g)).collect(),
             sessions: self.sessions.iter().map(|(k, s)| (k.to_vec(), s.clone())).collect(),
             groups: self.groups.clone(),
             free: self.free.clone(),
@@ -500,7 +555,6 @@ impl AggOperator {
         if state.accs.len() != op.accs.len() {
             return Err(Error::internal("restoring aggregate state: the stream's aggregates changed"));
         }
-        op.index = state.index.into_iter().map(|(k, g)| (k.into_boxed_slice(), g)).collect();
         op.sessions = state.sessions.into_iter().map(|(k, s)| (k.into_boxed_slice(), s)).collect();
         op.groups = state.groups;
         op.free = state.free;
@@ -516,6 +570,8 @@ impl AggOperator {
             }
         }
         op.net = state.net;
+        let indexed: Vec<u32> = state.index.iter().map(|&(_, g)| g).collect();
+        op.rebuild_index(&indexed)?;
         Ok(op)
     }
 
@@ -528,12 +584,7 @@ impl AggOperator {
     fn finish(&self, groups: &[usize]) -> Result<RecordBatch> {
         let agg = self.agg();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(agg.agg_schema.fields().len());
-        let parser = self.converter.parser();
-        let keys = if agg.keys > 0 {
-            self.converter.convert_rows(groups.iter().map(|&g| parser.parse(&self.groups[g].key)))?
-        } else {
-            vec![]
-        };
+        let keys = if agg.keys > 0 { self.key_columns(groups.iter().copied())? } else { vec![] };
         for col in &agg.layout {
             columns.push(match *col {
                 GroupCol::Key(k) => keys[k].clone(),
@@ -580,6 +631,39 @@ fn with_ops<'a>(schema: &SchemaRef, batch: RecordBatch, op: impl Fn(usize) -> &'
     )?)
 }
 
+/// Group hashes must not follow the partitioning's: a shard holds the keys whose
+/// partition hash falls in its range.
+const GROUP_SEED: u64 = 0x2545_f491_4f6c_dd1d;
+
+/// Hashes group keys a batch at a time (DataFusion's hash of the key columns).
+struct KeyHasher(RandomState);
+
+impl KeyHasher {
+    /// Fails for a key type DataFusion cannot hash.
+    fn new(types: &[DataType]) -> Result<KeyHasher> {
+        let state = RandomState::with_seed(GROUP_SEED);
+        let empty: Vec<ArrayRef> = types.iter().map(arrow::array::new_empty_array).collect();
+        create_hashes(&empty, &state, &mut [])
+            .map_err(|e| Error::unsupported(format!("GROUP BY over these key types ({types:?}): {e}")))?;
+        Ok(KeyHasher(state))
+    }
+
+    /// One hash per row of `columns`.
+    fn hash(&self, columns: &[ArrayRef], rows: usize) -> Result<Vec<u64>> {
+        let mut hashes = vec![0; rows];
+        create_hashes(columns, &self.0, &mut hashes)?;
+        Ok(hashes)
+    }
+}
+
+/// The index hash of a group: its key's hash mixed with its window (a folded multiply,
+/// so that windows of one key spread over the table).
+fn window_hash(key_hash: u64, start: i64, end: i64) -> u64 {
+    let x = key_hash ^ (start as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (end as u64).rotate_left(32);
+    let m = x as u128 * 0xa076_1d64_78bd_642f_u128;
+    (m as u64) ^ ((m >> 64) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -614,12 +698,17 @@ mod tests {
     /// `SELECT k, window_start, window_end, COUNT(*), SUM(v) … GROUP BY k, <window>` over
     /// branch rows `[k: Utf8, ts: Int64, v: Int64]`.
     fn plan(window: Option<WindowKind>, emit: Emit, lateness_ms: i64) -> Arc<StreamPlan> {
+        plan_keyed(window, emit, lateness_ms, DataType::Utf8)
+    }
+
+    /// [`plan`] with `k` of type `key_type`.
+    fn plan_keyed(window: Option<WindowKind>, emit: Emit, lateness_ms: i64, key_type: DataType) -> Arc<StreamPlan> {
         let branch_schema = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Utf8, true),
+            Field::new("k", key_type.clone(), true),
             Field::new("ts", DataType::Int64, true),
             Field::new("v", DataType::Int64, true),
         ]));
-        let mut agg_fields = vec![Field::new("k", DataType::Utf8, true)];
+        let mut agg_fields = vec![Field::new("k", key_type, true)];
         let mut layout = vec![GroupCol::Key(0)];
         if window.is_some() {
             agg_fields.push(Field::new("window_start", DataType::Int64, true));
@@ -762,5 +851,55 @@ mod tests {
                 assert_eq!(run(&mut original), run(&mut restored), "{window:?} {emit:?}");
             }
         }
+    }
+
+    /// Many groups (the index grows and rehashes), windows closing and their groups
+    /// reused: every group's count is exact and nothing is left behind.
+    #[test]
+    fn ten_thousand_keys_over_three_windows_each_count_exactly() {
+        let mut op = AggOperator::new(plan(Some(WindowKind::Tumble { size: 1000 }), Emit::AfterWatermark, 0)).unwrap();
+        let keys: Vec<String> = (0..10_000).map(|i| format!("k{i}")).collect();
+        for window in 0..3i64 {
+            // Each key twice in its window, in two batches, with values 1 and 2.
+            for v in [1, 2] {
+                let k: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let ts = vec![window * 1000 + v * 100; k.len()];
+                op.apply(&rows(&k, &ts, &vec![v; k.len()])).unwrap();
+            }
+            assert_eq!(op.group_count(), 10_000);
+            let out = op.advance(window * 1000 + 1000).unwrap();
+            let got = text(&out);
+            assert_eq!(got.len(), 10_000);
+            let (start, end) = (window * 1000, window * 1000 + 1000);
+            assert!(got.iter().all(|r| r.ends_with(&format!(",{start},{end},2,3"))), "{:?}", &got[..3]);
+            assert_eq!(op.group_count(), 0);
+        }
+    }
+
+    /// A restored operator finds the groups of still-open windows whatever the key's type:
+    /// a dictionary key comes back from its stored rows as plain text and is hashed as
+    /// the dictionary column of a new batch is.
+    #[test]
+    fn restored_groups_of_a_dictionary_key_are_found_again() {
+        use arrow::array::DictionaryArray;
+        use arrow::datatypes::Int32Type;
+        let key_type = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+        let p = plan_keyed(Some(WindowKind::Tumble { size: 1000 }), Emit::AfterWatermark, 0, key_type);
+        let batch = |k: &[&str], ts: &[i64], v: &[i64]| {
+            let k: DictionaryArray<Int32Type> = k.iter().copied().collect();
+            RecordBatch::try_from_iter(vec![
+                ("k", Arc::new(k) as ArrayRef),
+                ("ts", Arc::new(Int64Array::from(ts.to_vec())) as ArrayRef),
+                ("v", Arc::new(Int64Array::from(v.to_vec())) as ArrayRef),
+            ])
+            .unwrap()
+        };
+        let mut original = AggOperator::new(p.clone()).unwrap();
+        original.apply(&batch(&["a", "b", "a"], &[0, 100, 200], &[1, 2, 3])).unwrap();
+        original.advance(500).unwrap();
+        let mut restored = AggOperator::restore(p, &original.save().unwrap()).unwrap();
+        restored.apply(&batch(&["b", "a"], &[300, 400], &[4, 5])).unwrap();
+        assert_eq!(restored.group_count(), 2, "the restored groups are found, not made again");
+        assert_eq!(text(&restored.advance(1000).unwrap()), vec!["a,0,1000,3,9", "b,0,1000,2,6"]);
     }
 }
