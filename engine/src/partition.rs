@@ -3,9 +3,9 @@
 //! The hash is DataFusion's (the same one its repartitioning uses), so a group key lands
 //! on the same shard whether it arrives by insert or by a later cross-shard exchange.
 
-use arrow::array::{RecordBatch, UInt32Array};
+use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
 use arrow::compute::take_record_batch;
-use datafusion::common::hash_utils::create_hashes;
+use datafusion::common::hash_utils::{create_hashes, RandomState};
 
 use crate::error::Result;
 
@@ -34,25 +34,44 @@ pub fn partition_batch(
             })
             .collect());
     }
-    let cols: Vec<_> = key.iter().map(|&i| batch.column(i).clone()).collect();
-    let state = datafusion::common::hash_utils::RandomState::with_seed(PARTITION_SEED);
-    let mut hashes = vec![0u64; rows];
-    create_hashes(&cols, &state, &mut hashes)?;
+    let parts = partition_by_key(batch, key, shards)?;
+    Ok(parts.into_iter().map(|part| part.map(|(rows, _)| rows)).collect())
+}
+
+/// Splits `batch` by the hash of its `key` columns (not empty), keeping each part's
+/// rows' key hashes beside it: an aggregate finds its groups by the same hash
+/// (`key_hashes`), so the owner need not hash them again.
+pub fn partition_by_key(batch: &RecordBatch, key: &[usize], shards: usize) -> Result<Vec<Option<(RecordBatch, Vec<u64>)>>> {
+    let rows = batch.num_rows();
+    let cols: Vec<ArrayRef> = key.iter().map(|&i| batch.column(i).clone()).collect();
+    let hashes = key_hashes(&cols, rows)?;
     let mut idx: Vec<Vec<u32>> = vec![Vec::with_capacity(rows / shards + 1); shards];
     for (row, h) in hashes.iter().enumerate() {
         idx[shard_of(*h, shards)].push(row as u32);
+    }
+    if let Some(all) = idx.iter().position(|rows_of_shard| rows_of_shard.len() == rows) {
+        let mut parts: Vec<_> = (0..shards).map(|_| None).collect();
+        parts[all] = Some((batch.clone(), hashes));
+        return Ok(parts);
     }
     idx.into_iter()
         .map(|rows_of_shard| {
             if rows_of_shard.is_empty() {
                 return Ok(None);
             }
-            if rows_of_shard.len() == rows {
-                return Ok(Some(batch.clone()));
-            }
-            Ok(Some(take_record_batch(batch, &UInt32Array::from(rows_of_shard))?))
+            let part_hashes = rows_of_shard.iter().map(|&r| hashes[r as usize]).collect();
+            Ok(Some((take_record_batch(batch, &UInt32Array::from(rows_of_shard))?, part_hashes)))
         })
         .collect()
+}
+
+/// One hash per row of the key `columns` (DataFusion's, with a fixed seed): what decides
+/// a key's shard, and what an aggregate indexes its groups by.
+pub fn key_hashes(columns: &[ArrayRef], rows: usize) -> Result<Vec<u64>> {
+    let state = RandomState::with_seed(PARTITION_SEED);
+    let mut hashes = vec![0u64; rows];
+    create_hashes(columns, &state, &mut hashes)?;
+    Ok(hashes)
 }
 
 /// Maps a hash onto a shard without the bias of a plain modulo on low bits.
@@ -97,6 +116,25 @@ mod tests {
                 assert_eq!(*owner.entry(v.to_string()).or_insert(s), s, "key {v} split");
             }
         }
+    }
+
+    #[test]
+    fn each_part_carries_the_key_hashes_of_its_own_rows() {
+        let b = batch(1000);
+        let parts = partition_by_key(&b, &[0], 3).unwrap();
+        let mut total = 0;
+        for (shard, (rows, hashes)) in parts.into_iter().enumerate().filter_map(|(s, p)| p.map(|p| (s, p))) {
+            assert_eq!(hashes, key_hashes(&[rows.column(0).clone()], rows.num_rows()).unwrap());
+            assert!(hashes.iter().all(|&h| shard_of(h, 3) == shard));
+            total += rows.num_rows();
+        }
+        assert_eq!(total, 1000);
+        // Every row on one shard: the batch and its hashes go there whole.
+        let one = batch(1);
+        let parts = partition_by_key(&one, &[0], 3).unwrap();
+        let whole: Vec<_> = parts.iter().flatten().collect();
+        assert_eq!(whole.len(), 1);
+        assert_eq!(whole[0].1, key_hashes(&[one.column(0).clone()], 1).unwrap());
     }
 
     #[test]

@@ -98,7 +98,8 @@ pub enum ShardCommand {
 /// shard that owns their key, the watermarks that follow them on the same channel, and
 /// checkpoint markers. Each sender's messages arrive in the order it sent them.
 pub enum Exchange {
-    Data { stream: Arc<str>, branch: usize, from: usize, batch: RecordBatch, ack: AckToken },
+    /// `hashes`: the rows' key hashes (`partition::key_hashes`), for the owner's aggregate.
+    Data { stream: Arc<str>, branch: usize, from: usize, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: AckToken },
     Watermark { stream: Arc<str>, branch: usize, from: usize, watermark: i64, ack: AckToken },
     /// `from` has snapshotted for the checkpoint in progress: what it sends after this is
     /// not in the checkpoint, what it sent before is in it (in its state or, if still in

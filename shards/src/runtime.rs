@@ -14,7 +14,7 @@ use parking_lot::RwLock;
 use std::path::Path;
 
 use laminardb_engine::checkpoint::{self, ShardFiles};
-use laminardb_engine::partition::partition_batch;
+use laminardb_engine::partition::partition_by_key;
 use laminardb_engine::{ipc, wal};
 use laminardb_engine::stream::join::JoinOperator;
 use laminardb_engine::stream::op::{eval_branch, AggOperator};
@@ -266,7 +266,7 @@ impl ShardRuntime {
             match msg.rows {
                 Some(bytes) => {
                     for batch in ipc::read(&bytes)? {
-                        self.on_exchange(Exchange::Data { stream: stream.clone(), branch, from, batch, ack: ack.clone() });
+                        self.on_exchange(Exchange::Data { stream: stream.clone(), branch, from, batch, hashes: None, ack: ack.clone() });
                     }
                 }
                 None => {
@@ -552,18 +552,18 @@ impl ShardRuntime {
     }
 
     /// Sends each row of a keyed operator's input (branch `branch`) to the shard owning its
-    /// key.
+    /// key. Each part goes with its rows' key hashes, which the owner's aggregate reuses.
     fn route(&mut self, name: &Arc<str>, branch: usize, batch: RecordBatch, keys: usize, ack: &AckToken) {
         if self.shards == 1 || keys == 0 {
             // Without keys every row belongs to the single global group, on shard 0.
-            return self.deliver(0, name, branch, batch, ack);
+            return self.deliver(0, name, branch, batch, None, ack);
         }
         let key: Vec<usize> = (0..keys).collect();
-        match partition_batch(&batch, &key, self.shards) {
+        match partition_by_key(&batch, &key, self.shards) {
             Ok(parts) => {
                 for (shard, part) in parts.into_iter().enumerate() {
-                    if let Some(part) = part {
-                        self.deliver(shard, name, branch, part, ack);
+                    if let Some((part, hashes)) = part {
+                        self.deliver(shard, name, branch, part, Some(hashes), ack);
                     }
                 }
             }
@@ -571,17 +571,18 @@ impl ShardRuntime {
         }
     }
 
-    fn deliver(&mut self, shard: usize, name: &Arc<str>, branch: usize, batch: RecordBatch, ack: &AckToken) {
+    fn deliver(&mut self, shard: usize, name: &Arc<str>, branch: usize, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: &AckToken) {
         if shard == self.id {
-            self.keyed(name, branch, batch, ack);
+            self.keyed(name, branch, batch, hashes, ack);
         } else {
-            let msg = Exchange::Data { stream: name.clone(), branch, from: self.id, batch, ack: ack.clone() };
+            let msg = Exchange::Data { stream: name.clone(), branch, from: self.id, batch, hashes, ack: ack.clone() };
             let _ = self.exchange[shard].send(msg);
         }
     }
 
     /// Rows of branch `branch` this shard owns the keys of: into the aggregate or the join.
-    fn keyed(&mut self, name: &Arc<str>, branch: usize, batch: RecordBatch, ack: &AckToken) {
+    /// `hashes`: their key hashes, if known (`partition::key_hashes`).
+    fn keyed(&mut self, name: &Arc<str>, branch: usize, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: &AckToken) {
         let Some(task) = self.streams.get_mut(name) else { return };
         task.dirty = true;
         if let Some(join) = task.join.as_mut() {
@@ -591,7 +592,7 @@ impl ShardRuntime {
                 Err(e) => self.record_error(name, &e),
             }
         } else {
-            self.aggregate(name, batch, ack);
+            self.aggregate(name, batch, hashes, ack);
         }
     }
 
@@ -605,10 +606,10 @@ impl ShardRuntime {
     }
 
     /// Folds rows this shard owns into the stream's aggregate state.
-    fn aggregate(&mut self, name: &Arc<str>, batch: RecordBatch, ack: &AckToken) {
+    fn aggregate(&mut self, name: &Arc<str>, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: &AckToken) {
         let Some(task) = self.streams.get_mut(name) else { return };
         let Some(op) = task.op.as_mut() else { return };
-        let result = op.apply(&batch);
+        let result = op.apply_hashed(&batch, hashes);
         let late = op.late_rows;
         if late > task.late_reported {
             task.output.counters.late_rows.fetch_add(late - task.late_reported, Ordering::Relaxed);
@@ -766,7 +767,7 @@ impl ShardRuntime {
     pub fn on_exchange(&mut self, msg: Exchange) {
         self.record_channel(&msg);
         match msg {
-            Exchange::Data { stream, branch, batch, ack, .. } => self.keyed(&stream, branch, batch, &ack),
+            Exchange::Data { stream, branch, batch, hashes, ack, .. } => self.keyed(&stream, branch, batch, hashes, &ack),
             Exchange::Watermark { stream, branch, from, watermark, ack } => {
                 self.aggregate_mark(&stream, branch, from, watermark, &ack)
             }

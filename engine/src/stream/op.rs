@@ -8,13 +8,13 @@ use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBa
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::row::{RowConverter, SortField};
-use datafusion::common::hash_utils::{create_hashes, RandomState};
 use hashbrown::HashTable;
 
 use super::agg::{Acc, Values};
 use super::time::{from_millis, to_millis};
 use super::{AggPlan, Emit, GroupCol, PhysExpr, StreamPlan, WindowKind, OP_DELETE, OP_INSERT, OP_RETRACT, OP_UPDATE};
 use crate::error::{Error, Result};
+use crate::partition;
 
 /// Filter then project one input batch.
 pub fn eval_branch(filter: Option<&PhysExpr>, exprs: &[PhysExpr], schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatch> {
@@ -101,10 +101,9 @@ pub struct AggOperator {
     converter: RowConverter,
     /// `(start, end, key)` → group, for tumbling, hopping, cumulating and unwindowed
     /// groups. The table holds group ids; a group's hash is `hashes[g]`, made from its
-    /// key's hash (DataFusion's, computed a batch at a time) and its window.
+    /// key's hash (the partitioning's, computed a batch at a time) and its window.
     index: HashTable<u32>,
     hashes: Vec<u64>,
-    key_hasher: KeyHasher,
     /// Key → its open sessions.
     sessions: HashMap<Box<[u8]>, Vec<u32>, ahash::RandomState>,
     groups: Vec<Group>,
@@ -131,13 +130,12 @@ impl AggOperator {
         let converter = RowConverter::new(key_fields.collect())?;
         let accs = agg.calls.iter().map(Acc::new).collect::<Result<Vec<_>>>()?;
         let key_types: Vec<DataType> = plan.branches[0].schema.fields()[..agg.keys].iter().map(|f| f.data_type().clone()).collect();
-        let key_hasher = KeyHasher::new(&key_types)?;
+        check_hashable(&key_types)?;
         Ok(AggOperator {
             plan,
             converter,
             index: HashTable::new(),
             hashes: Vec::new(),
-            key_hasher,
             sessions: HashMap::default(),
             groups: Vec::new(),
             free: Vec::new(),
@@ -219,6 +217,12 @@ impl AggOperator {
     /// Folds a batch of branch output into the state. Returns what to emit now: the
     /// changes, in changelog mode; nothing in append mode (windows emit on close).
     pub fn apply(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>> {
+        self.apply_hashed(batch, None)
+    }
+
+    /// `apply`, given the rows' key hashes if the batch was partitioned by key on its way
+    /// here (`partition::partition_by_key`); computed here otherwise.
+    pub fn apply_hashed(&mut self, batch: &RecordBatch, key_hashes: Option<Vec<u64>>) -> Result<Vec<RecordBatch>> {
         let n = batch.num_rows();
         if n == 0 {
             return Ok(vec![]);
@@ -226,7 +230,11 @@ impl AggOperator {
         let (keys, window) = (self.agg().keys, self.agg().window);
         // Without keys every row is in the one global group (empty key).
         let rows = if keys > 0 { Some(self.converter.convert_columns(&batch.columns()[..keys])?) } else { None };
-        let key_hashes = if keys > 0 { self.key_hasher.hash(&batch.columns()[..keys], n)? } else { vec![0; n] };
+        let key_hashes = match key_hashes {
+            Some(given) if keys > 0 && given.len() == n => given,
+            _ if keys > 0 => partition::key_hashes(&batch.columns()[..keys], n)?,
+            _ => vec![0; n],
+        };
         let times: Vec<i64> = match window {
             Some(_) => {
                 let t = to_millis(batch.column(keys))?;
@@ -511,7 +519,7 @@ impl AggOperator {
             vec![0; indexed.len()]
         } else {
             let columns = self.key_columns(indexed.iter().map(|&g| g as usize))?;
-            self.key_hasher.hash(&columns, indexed.len())?
+            partition::key_hashes(&columns, indexed.len())?
         };
         for (&g, key_hash) in indexed.iter().zip(key_hashes) {
             let group = &self.groups[g as usize];
@@ -631,29 +639,15 @@ fn with_ops<'a>(schema: &SchemaRef, batch: RecordBatch, op: impl Fn(usize) -> &'
     )?)
 }
 
-/// Group hashes must not follow the partitioning's: a shard holds the keys whose
-/// partition hash falls in its range.
-const GROUP_SEED: u64 = 0x2545_f491_4f6c_dd1d;
-
-/// Hashes group keys a batch at a time (DataFusion's hash of the key columns).
-struct KeyHasher(RandomState);
-
-impl KeyHasher {
-    /// Fails for a key type DataFusion cannot hash.
-    fn new(types: &[DataType]) -> Result<KeyHasher> {
-        let state = RandomState::with_seed(GROUP_SEED);
-        let empty: Vec<ArrayRef> = types.iter().map(arrow::array::new_empty_array).collect();
-        create_hashes(&empty, &state, &mut [])
-            .map_err(|e| Error::unsupported(format!("GROUP BY over these key types ({types:?}): {e}")))?;
-        Ok(KeyHasher(state))
-    }
-
-    /// One hash per row of `columns`.
-    fn hash(&self, columns: &[ArrayRef], rows: usize) -> Result<Vec<u64>> {
-        let mut hashes = vec![0; rows];
-        create_hashes(columns, &self.0, &mut hashes)?;
-        Ok(hashes)
-    }
+/// Fails for group key types DataFusion cannot hash. Groups are found by the
+/// partitioning's hash of their key (`partition::key_hashes`, which rows routed by key
+/// arrive with). A shard holds only the keys whose hash falls in its range, so those
+/// hashes are not spread over all values: `window_hash` mixes them before they index
+/// anything.
+fn check_hashable(types: &[DataType]) -> Result<()> {
+    let empty: Vec<ArrayRef> = types.iter().map(arrow::array::new_empty_array).collect();
+    partition::key_hashes(&empty, 0).map_err(|e| Error::unsupported(format!("GROUP BY over these key types ({types:?}): {e}")))?;
+    Ok(())
 }
 
 /// The index hash of a group: its key's hash mixed with its window (a folded multiply,
