@@ -76,6 +76,50 @@ def test_tumble_ohlc_bars_emitted_when_windows_close(shard_db, et):
     ]
 
 
+def test_single_row_inserts_each_moving_the_watermark_lose_no_row(shard_db):
+    """Every row its own insert and its own watermark step: with several shards each row
+    may go to another shard than its watermark, and must arrive there first."""
+    db = shard_db
+    setup(
+        db,
+        "CREATE SOURCE trades (ts BIGINT, sym VARCHAR, px DOUBLE, qty BIGINT, WATERMARK FOR ts)",
+        "CREATE STREAM bars AS SELECT sym, COUNT(*) AS n, SUM(qty) AS vol "
+        "FROM trades GROUP BY sym, TUMBLE(ts, INTERVAL '1' SECOND)",
+    )
+    sub = db.subscribe_stream("bars")
+    expected: dict[tuple, list[int]] = {}
+    for i in range(400):
+        ts, sym = 1_000 + i * 50, f"S{i % 8}"
+        db.insert("trades", {"ts": ts, "sym": sym, "px": 1.0, "qty": i})
+        counts = expected.setdefault((sym, ts // 1000 * 1000), [0, 0])
+        counts[0] += 1
+        counts[1] += i
+    db.insert("trades", {"ts": 100_000, "sym": "END", "px": 1.0, "qty": 0})  # closes them all
+    got = {(s, w): [n, v] for s, w, n, v in poll_rows(sub, ("sym", "window_start", "n", "vol"), len(expected))}
+    assert got == expected
+    assert db.metrics().total_events_dropped == 0
+
+
+def test_an_insert_whose_watermark_closes_its_own_rows_windows_counts_every_row(shard_db):
+    """One large insert whose last row moves the watermark past every other row's window:
+    each shard passes that watermark on only after the rows it routed to the others (each
+    part well over a thousand rows), and they take them in that order."""
+    db = shard_db
+    setup(
+        db,
+        "CREATE SOURCE trades (ts BIGINT, sym VARCHAR, px DOUBLE, qty BIGINT, WATERMARK FOR ts)",
+        "CREATE STREAM bars AS SELECT sym, COUNT(*) AS n FROM trades "
+        "GROUP BY sym, TUMBLE(ts, INTERVAL '1' SECOND)",
+    )
+    sub = db.subscribe_stream("bars")
+    rows = [{"ts": 1_000 + i % 1000, "sym": f"S{i % 50}", "px": 1.0, "qty": 1} for i in range(20_000)]
+    rows.append({"ts": 9_000, "sym": "LAST", "px": 1.0, "qty": 1})
+    db.insert("trades", rows)
+    got = dict(poll_rows(sub, ("sym", "n"), 50))
+    assert got == {f"S{k}": 400 for k in range(50)}
+    assert db.metrics().total_events_dropped == 0
+
+
 def test_window_bounds_have_the_event_time_type(db, et):
     setup(
         db,
