@@ -34,35 +34,53 @@ pub fn partition_batch(
             })
             .collect());
     }
-    let parts = partition_by_key(batch, key, shards)?;
-    Ok(parts.into_iter().map(|part| part.map(|(rows, _)| rows)).collect())
+    let (_, owned) = owners(batch, key, shards)?;
+    owned.into_iter().map(|rows_of_shard| take_part(batch, rows_of_shard)).collect()
 }
 
 /// Splits `batch` by the hash of its `key` columns (not empty), keeping each part's
 /// rows' key hashes beside it: an aggregate finds its groups by the same hash
 /// (`key_hashes`), so the owner need not hash them again.
 pub fn partition_by_key(batch: &RecordBatch, key: &[usize], shards: usize) -> Result<Vec<Option<(RecordBatch, Vec<u64>)>>> {
-    let rows = batch.num_rows();
-    let cols: Vec<ArrayRef> = key.iter().map(|&i| batch.column(i).clone()).collect();
-    let hashes = key_hashes(&cols, rows)?;
-    let mut idx: Vec<Vec<u32>> = vec![Vec::with_capacity(rows / shards + 1); shards];
-    for (row, h) in hashes.iter().enumerate() {
-        idx[shard_of(*h, shards)].push(row as u32);
-    }
-    if let Some(all) = idx.iter().position(|rows_of_shard| rows_of_shard.len() == rows) {
-        let mut parts: Vec<_> = (0..shards).map(|_| None).collect();
-        parts[all] = Some((batch.clone(), hashes));
-        return Ok(parts);
-    }
-    idx.into_iter()
+    let (mut hashes, owned) = owners(batch, key, shards)?;
+    owned
+        .into_iter()
         .map(|rows_of_shard| {
             if rows_of_shard.is_empty() {
                 return Ok(None);
             }
-            let part_hashes = rows_of_shard.iter().map(|&r| hashes[r as usize]).collect();
-            Ok(Some((take_record_batch(batch, &UInt32Array::from(rows_of_shard))?, part_hashes)))
+            // A shard taking every row takes the hashes as they are.
+            let part_hashes = if rows_of_shard.len() == hashes.len() {
+                std::mem::take(&mut hashes)
+            } else {
+                rows_of_shard.iter().map(|&r| hashes[r as usize]).collect()
+            };
+            Ok(take_part(batch, rows_of_shard)?.map(|part| (part, part_hashes)))
         })
         .collect()
+}
+
+/// The key hash of every row of `batch`, and the rows each shard owns.
+fn owners(batch: &RecordBatch, key: &[usize], shards: usize) -> Result<(Vec<u64>, Vec<Vec<u32>>)> {
+    let rows = batch.num_rows();
+    let cols: Vec<ArrayRef> = key.iter().map(|&i| batch.column(i).clone()).collect();
+    let hashes = key_hashes(&cols, rows)?;
+    let mut owned: Vec<Vec<u32>> = vec![Vec::with_capacity(rows / shards + 1); shards];
+    for (row, h) in hashes.iter().enumerate() {
+        owned[shard_of(*h, shards)].push(row as u32);
+    }
+    Ok((hashes, owned))
+}
+
+/// The rows of `batch` one shard owns (`None` if none); all of them share the batch as is.
+fn take_part(batch: &RecordBatch, rows_of_shard: Vec<u32>) -> Result<Option<RecordBatch>> {
+    if rows_of_shard.is_empty() {
+        return Ok(None);
+    }
+    if rows_of_shard.len() == batch.num_rows() {
+        return Ok(Some(batch.clone()));
+    }
+    Ok(Some(take_record_batch(batch, &UInt32Array::from(rows_of_shard))?))
 }
 
 /// One hash per row of the key `columns` (DataFusion's, with a fixed seed): what decides

@@ -79,10 +79,7 @@ async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Resul
                 if matches!(msg, Exchange::Stop) {
                     break;
                 }
-                let _ = catch(&place, || {
-                    runtime.borrow_mut().on_exchange(msg);
-                    Ok(())
-                });
+                take_exchange(&runtime, &place, msg);
             }
         }
     });
@@ -97,10 +94,7 @@ async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Resul
                 Some(Polled::Command(cmd)) => cmd,
                 Some(Polled::Exchange(msg)) => {
                     let large = matches!(&msg, Exchange::Data { batch, .. } if batch.num_rows() > LARGE_ROWS);
-                    let _ = catch(&place, || {
-                        runtime.borrow_mut().on_exchange(msg);
-                        Ok(())
-                    });
+                    take_exchange(&runtime, &place, msg);
                     if large {
                         futures_lite::future::yield_now().await;
                     }
@@ -233,6 +227,15 @@ fn poll_commands(
         // `Stop` is this shard's own, sent only after the loop has ended.
         None => exchange.try_recv().ok().map(Polled::Exchange),
     })
+}
+
+/// A message from another shard or the spill thread, taken by the peers task or the
+/// command loop (panics caught: a failure is counted against its stream, not fatal).
+fn take_exchange(runtime: &RefCell<ShardRuntime>, place: &str, msg: Exchange) {
+    let _ = catch(place, || {
+        runtime.borrow_mut().on_exchange(msg);
+        Ok(())
+    });
 }
 
 fn apply_append(rt: &mut ShardRuntime, append: ShardCommand, place: &str) {

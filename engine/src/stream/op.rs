@@ -231,9 +231,12 @@ impl AggOperator {
         // Without keys every row is in the one global group (empty key).
         let rows = if keys > 0 { Some(self.converter.convert_columns(&batch.columns()[..keys])?) } else { None };
         let key_hashes = match key_hashes {
-            Some(given) if keys > 0 && given.len() == n => given,
-            _ if keys > 0 => partition::key_hashes(&batch.columns()[..keys], n)?,
-            _ => vec![0; n],
+            _ if keys == 0 => vec![0; n],
+            Some(given) => {
+                debug_assert_eq!(given.len(), n, "one key hash per row");
+                given
+            }
+            None => partition::key_hashes(&batch.columns()[..keys], n)?,
         };
         let times: Vec<i64> = match window {
             Some(_) => {
