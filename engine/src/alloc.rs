@@ -3,12 +3,15 @@
 //!
 //! Small blocks are most of what a single-row insert allocates, and many are freed on
 //! another thread than the one that made them (a caller's batch is retained on a shard,
-//! a shard's output dropped by the caller). glibc's malloc grows the shards' heaps a page
-//! at a time for the rows they retain, and a first touch of a page costs tens of
-//! microseconds on a VM: mimalloc cut the single-row round trip's p99 by about a third
-//! (perf/README.md). Large blocks (Arrow arrays of bulk batches, IPC encodings) stay with
-//! glibc, which grows them in place with `mremap` where mimalloc copies: with mimalloc for
-//! everything, OHLC bulk throughput was ~5 % lower.
+//! a shard's output dropped by the caller). With glibc's malloc the shards faulted in the
+//! pages of the rows they retain one at a time, during inserts, and a first touch of a
+//! page costs tens of microseconds on a VM. mimalloc commits its arenas eagerly on Linux
+//! (`MIMALLOC_ARENA_EAGER_COMMIT`, default on): the process holds ~22 MB more resident
+//! memory from the start, and the single-row round trip's p99 fell by about a third
+//! (perf/README.md; with `MIMALLOC_ARENA_EAGER_COMMIT=0` both the page faults and the p99
+//! are back where glibc had them). Large blocks (Arrow arrays of bulk batches, IPC
+//! encodings) stay with glibc, which grows them in place with `mremap` where mimalloc
+//! copies: with mimalloc for everything, OHLC bulk throughput was ~5 % lower.
 //!
 //! Which allocator owns a block follows from its size alone: `dealloc` and `realloc` are
 //! given the layout it was allocated with.
