@@ -111,6 +111,16 @@ pub enum Exchange {
     Stop,
 }
 
+impl Exchange {
+    /// The shard that sent it (`None`: the spill thread's, or this shard's own `Stop`).
+    pub fn sender(&self) -> Option<usize> {
+        match self {
+            Exchange::Data { from, .. } | Exchange::Watermark { from, .. } | Exchange::Marker { from } => Some(*from),
+            Exchange::Spilled { .. } | Exchange::Stop => None,
+        }
+    }
+}
+
 /// A spill for the spill thread, and where to report it done.
 pub type SpillRequest = (crate::store::SpillJob, flume::Sender<Exchange>);
 

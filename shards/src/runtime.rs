@@ -65,6 +65,11 @@ pub struct ShardRuntime {
     state_file: Option<String>,
     /// The checkpoint this shard has snapshotted and is completing, if any.
     pending: Option<PendingCheckpoint>,
+    /// Per peer: `Some` once its marker of the next checkpoint came in before this shard
+    /// reached its own barrier (its command stream is behind its exchange inbox). What
+    /// that peer sends after its marker is past its cut, so it waits here, unapplied,
+    /// until this shard has snapshotted (`begin_checkpoint`).
+    early: Vec<Option<Vec<Exchange>>>,
     /// Exchange messages a restored checkpoint recorded, applied on `replay_channel`.
     recorded: Vec<ChannelMsg>,
     /// Rows and batches each source and stream published from this shard: its share of
@@ -114,7 +119,8 @@ fn tally(published: &mut HashMap<Arc<str>, [u64; 2]>, name: &Arc<str>, batch: &R
 /// Checkpoint `id` after this shard's snapshot (Chandy–Lamport): the exchange messages
 /// each peer sent before its marker but that arrived after the snapshot are recorded —
 /// they are part of the cut but in nobody's state — until every peer's marker is in.
-/// Nothing waits meanwhile: the messages are applied as usual, and recorded too.
+/// Nothing waits meanwhile: the messages are applied as usual, and recorded too. A marker
+/// that arrives before this shard's own barrier is held for it (`ShardRuntime::early`).
 struct PendingCheckpoint {
     root: Arc<Path>,
     id: u64,
@@ -182,6 +188,7 @@ impl ShardRuntime {
             dirty: true,
             state_file: None,
             pending: None,
+            early: (0..shards).map(|_| None).collect(),
             recorded: Vec::new(),
             published: HashMap::new(),
             spill,
@@ -199,10 +206,15 @@ impl ShardRuntime {
                 let _ = tx.send(Exchange::Marker { from: self.id });
             }
         }
-        let awaiting = (0..self.shards).map(|s| s != self.id).collect();
+        let awaiting = (0..self.shards).map(|s| s != self.id && self.early[s].is_none()).collect();
         let pending = PendingCheckpoint { root, id, files, awaiting, rolled: false, channel: Vec::new(), reply };
         if let Some(old) = self.pending.replace(pending) {
             let _ = old.reply.send(Err(Error::checkpoint(format!("checkpoint {} overtaken by the next", old.id))));
+        }
+        // Peers whose marker came first: what they sent after it is past both snapshots.
+        let held: Vec<Vec<Exchange>> = self.early.iter_mut().filter_map(Option::take).collect();
+        for msg in held.into_iter().flatten() {
+            self.on_exchange(msg);
         }
     }
 
@@ -765,6 +777,10 @@ impl ShardRuntime {
     }
 
     pub fn on_exchange(&mut self, msg: Exchange) {
+        if let Some(held) = msg.sender().and_then(|from| self.early[from].as_mut()) {
+            held.push(msg);
+            return;
+        }
         self.record_channel(&msg);
         match msg {
             Exchange::Data { stream, branch, batch, hashes, ack, .. } => self.keyed(&stream, branch, batch, hashes, &ack),
@@ -772,13 +788,74 @@ impl ShardRuntime {
                 self.aggregate_mark(&stream, branch, from, watermark, &ack)
             }
             Exchange::Spilled { name, epoch, batches, path, mapped } => self.spilled(&name, epoch, batches, path, mapped),
-            Exchange::Marker { from } => {
-                if let Some(p) = self.pending.as_mut() {
+            Exchange::Marker { from } => match self.pending.as_mut() {
+                Some(p) if p.awaiting[from] => {
                     p.awaiting[from] = false;
+                    self.finish_checkpoint();
                 }
-                self.finish_checkpoint();
-            }
+                // Before this shard's own barrier: hold what `from` sends next.
+                _ => self.early[from] = Some(Vec::new()),
+            },
             Exchange::Stop => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+
+    fn shard(id: usize, peers: &[flume::Sender<Exchange>]) -> ShardRuntime {
+        ShardRuntime::new(id, Outputs::default(), peers.to_vec(), None)
+    }
+
+    fn data(from: usize) -> Exchange {
+        let batch = RecordBatch::try_from_iter([("v", Arc::new(Int64Array::from(vec![1])) as _)]).unwrap();
+        Exchange::Data { stream: "s".into(), branch: 0, from, batch, hashes: None, ack: Ack::background() }
+    }
+
+    /// Shard 1's marker arrives at shard 0 before shard 0's own barrier (its command
+    /// stream was behind): the checkpoint still completes, and what shard 1 sent after its
+    /// marker waits until shard 0 has snapshotted, and is not recorded as in flight.
+    #[test]
+    fn a_marker_before_the_barrier_is_kept_and_what_follows_it_waits_for_the_snapshot() {
+        let (tx0, _rx0) = flume::unbounded();
+        let (tx1, rx1) = flume::unbounded();
+        let mut rt = shard(0, &[tx0, tx1]);
+        let root: Arc<Path> = std::env::temp_dir().join(format!("laminar-early-marker-{}", std::process::id())).into();
+
+        rt.on_exchange(Exchange::Marker { from: 1 });
+        rt.on_exchange(data(1));
+        assert_eq!(rt.early[1].as_ref().map(Vec::len), Some(1), "held until the barrier");
+
+        let (reply, answer) = crate::command::reply_channel();
+        rt.begin_checkpoint(root.clone(), 1, reply);
+        assert!(matches!(rx1.try_recv(), Ok(Exchange::Marker { from: 0 })));
+        assert!(rt.early.iter().all(Option::is_none), "applied after the snapshot");
+        rt.checkpoint_rolled();
+        let files = answer.try_recv().expect("answered without another marker").expect("checkpoint written");
+        assert_eq!(files.channel, None, "nothing recorded in flight");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// The usual order: the barrier first, then a message the peer sent before its marker
+    /// (recorded: it is in nobody's snapshot), then the marker, which completes it.
+    #[test]
+    fn a_message_before_the_peers_marker_is_recorded() {
+        let (tx0, _rx0) = flume::unbounded();
+        let (tx1, _rx1) = flume::unbounded();
+        let mut rt = shard(0, &[tx0, tx1]);
+        let root: Arc<Path> = std::env::temp_dir().join(format!("laminar-late-marker-{}", std::process::id())).into();
+
+        let (reply, answer) = crate::command::reply_channel();
+        rt.begin_checkpoint(root.clone(), 1, reply);
+        rt.checkpoint_rolled();
+        rt.on_exchange(data(1));
+        assert!(answer.try_recv().is_err(), "waits for shard 1's marker");
+        rt.on_exchange(Exchange::Marker { from: 1 });
+        let files = answer.try_recv().expect("answered").expect("checkpoint written");
+        assert!(files.channel.is_some(), "the in-flight batch is recorded");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -75,7 +75,7 @@ async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Resul
         let runtime = runtime.clone();
         let place = place.clone();
         async move {
-            while let Ok(msg) = exchange_inbox.recv_async().await {
+            while let Ok(msg) = (SharedRecv { rx: &exchange_inbox, fut: None }).await {
                 if matches!(msg, Exchange::Stop) {
                     break;
                 }
@@ -189,6 +189,28 @@ async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Resul
     let _ = own_exchange.send(Exchange::Stop);
     peers.await;
     result
+}
+
+/// `rx.recv_async()` for a queue the command loop also takes from (`try_recv`), with a new
+/// flume future on every poll. When the loop took the message whose send woke this task,
+/// flume's own future finds the queue empty and only then puts its waker back (flume
+/// 0.11, `RecvFut::poll_inner`): a message sent in between wakes nobody, and waits for
+/// the next one. A new future looks at the queue and registers under one lock.
+struct SharedRecv<'a, T> {
+    rx: &'a flume::Receiver<T>,
+    fut: Option<flume::r#async::RecvFut<'a, T>>,
+}
+
+impl<T> std::future::Future for SharedRecv<'_, T> {
+    type Output = Result<T, flume::RecvError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let mut fresh = self.rx.recv_async();
+        let polled = std::pin::Pin::new(&mut fresh).poll(cx);
+        // Registered before the old future (and its waker) goes.
+        self.fut = polled.is_pending().then_some(fresh);
+        polled
+    }
 }
 
 /// After an exchange batch of more rows than this, the command loop goes through the
