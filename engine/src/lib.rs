@@ -10,6 +10,7 @@
 //! This crate has no glommio and no PyO3: it must stay usable from any thread and in any
 //! test without a reactor or an interpreter.
 
+pub mod alloc;
 pub mod catalog;
 pub mod checkpoint;
 pub mod config;

@@ -18,6 +18,10 @@ mod writer;
 
 use pyo3::prelude::*;
 
+/// mimalloc for small blocks, glibc for large ones: see `laminardb_engine::alloc`.
+#[global_allocator]
+static ALLOCATOR: laminardb_engine::alloc::Split = laminardb_engine::alloc::Split;
+
 use laminardb_engine::{Error, ErrorCode};
 
 use crate::config::PyLaminarConfig;
