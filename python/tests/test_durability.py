@@ -121,13 +121,9 @@ def manifest(path):
     return json.loads(body)
 
 
-def test_rows_crossing_the_exchange_at_a_checkpoint_are_recorded_and_applied(tmp_path):
-    """Checkpoints taken while keyed rows travel between the shards (3 threads inserting)
-    record the rows still in flight to a shard when it snapshotted (the channel state of
-    the cut); after a crash, recovery applies them before the WAL tail: each group's
-    count and sum equal those of the recovered rows, as if nothing had happened."""
-    path = tmp_path / "db"
-    crash_after(path, """
+# Child-script prologue: a keyed aggregate `s` over source `e`, and three threads inserting
+# 64 keys per call until `stop` is set (keyed rows cross the exchange all the time).
+KEYED_FEED = """
 import json, threading
 db.execute("CREATE SOURCE e (k BIGINT, v BIGINT)")
 db.execute("CREATE STREAM s AS SELECT k, COUNT(*) AS n, SUM(v) AS t FROM e GROUP BY k")
@@ -140,6 +136,23 @@ def feed(base):
 threads = [threading.Thread(target=feed, args=(b * 1_000_000,)) for b in range(3)]
 for t in threads:
     t.start()
+"""
+
+
+def assert_keyed_state_matches_rows(db):
+    """Every group of `s` equals what the recovered rows of `e` give: nothing lost, nothing twice."""
+    expected = records(db.query("SELECT k, COUNT(*) AS n, SUM(v) AS t FROM e GROUP BY k ORDER BY k"), "k", "n", "t")
+    assert len(expected) == 64
+    assert records(db.query("SELECT k, n, t FROM s ORDER BY k"), "k", "n", "t") == expected
+
+
+def test_rows_crossing_the_exchange_at_a_checkpoint_are_recorded_and_applied(tmp_path):
+    """Checkpoints taken while keyed rows travel between the shards (3 threads inserting)
+    record the rows still in flight to a shard when it snapshotted (the channel state of
+    the cut); after a crash, recovery applies them before the WAL tail: each group's
+    count and sum equal those of the recovered rows, as if nothing had happened."""
+    path = tmp_path / "db"
+    crash_after(path, KEYED_FEED + """
 def recorded():
     body = open(os.path.join(sys.argv[1], "MANIFEST")).read().split("\\n", 1)[1]
     return any(f.get("channel") for f in json.loads(body)["shard_files"])
@@ -155,9 +168,7 @@ db.insert("e", {"k": [0], "v": [7]})
     assert any(f.get("channel") for f in manifest(path)["shard_files"]), "no checkpoint caught rows in flight"
     with reopen(path) as db:
         assert db.metrics().recovered_rows > 0  # the tail after the checkpoint
-        expected = records(db.query("SELECT k, COUNT(*) AS n, SUM(v) AS t FROM e GROUP BY k ORDER BY k"), "k", "n", "t")
-        assert len(expected) == 64
-        assert records(db.query("SELECT k, n, t FROM s ORDER BY k"), "k", "n", "t") == expected
+        assert_keyed_state_matches_rows(db)
 
 
 def test_checkpoints_taken_while_keyed_rows_flow_all_complete(tmp_path):
@@ -166,19 +177,7 @@ def test_checkpoints_taken_while_keyed_rows_flow_all_complete(tmp_path):
     its own snapshot, and the checkpoint completes. Before that was so, one of these
     checkpoints waited forever now and then. After the crash every row counts once."""
     path = tmp_path / "db"
-    crash_after(path, """
-import threading
-db.execute("CREATE SOURCE e (k BIGINT, v BIGINT)")
-db.execute("CREATE STREAM s AS SELECT k, COUNT(*) AS n, SUM(v) AS t FROM e GROUP BY k")
-stop = threading.Event()
-def feed(base):
-    i = 0
-    while not stop.is_set():
-        db.insert("e", {"k": list(range(64)), "v": [base + i] * 64})
-        i += 1
-threads = [threading.Thread(target=feed, args=(b * 1_000_000,)) for b in range(3)]
-for t in threads:
-    t.start()
+    crash_after(path, KEYED_FEED + """
 for i in range(200):
     assert db.checkpoint() == i + 1
 stop.set()
@@ -186,9 +185,7 @@ for t in threads:
     t.join()
 """, checkpoint_ms=3_600_000, timeout=60)
     with reopen(path) as db:
-        expected = records(db.query("SELECT k, COUNT(*) AS n, SUM(v) AS t FROM e GROUP BY k ORDER BY k"), "k", "n", "t")
-        assert len(expected) == 64
-        assert records(db.query("SELECT k, n, t FROM s ORDER BY k"), "k", "n", "t") == expected
+        assert_keyed_state_matches_rows(db)
 
 
 def test_a_checkpoint_rewrites_only_the_state_that_changed(tmp_path):

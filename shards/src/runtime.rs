@@ -806,8 +806,12 @@ mod tests {
     use super::*;
     use arrow::array::Int64Array;
 
-    fn shard(id: usize, peers: &[flume::Sender<Exchange>]) -> ShardRuntime {
-        ShardRuntime::new(id, Outputs::default(), peers.to_vec(), None)
+    /// Shard 0 of two, the receiving end of shard 1's exchange inbox, and a checkpoint root.
+    fn shard_zero_of_two(test: &str) -> (ShardRuntime, flume::Receiver<Exchange>, Arc<Path>) {
+        let (tx0, _) = flume::unbounded();
+        let (tx1, rx1) = flume::unbounded();
+        let root = std::env::temp_dir().join(format!("laminar-{test}-{}", std::process::id()));
+        (ShardRuntime::new(0, Outputs::default(), vec![tx0, tx1], None), rx1, root.into())
     }
 
     fn data(from: usize) -> Exchange {
@@ -820,10 +824,7 @@ mod tests {
     /// marker waits until shard 0 has snapshotted, and is not recorded as in flight.
     #[test]
     fn a_marker_before_the_barrier_is_kept_and_what_follows_it_waits_for_the_snapshot() {
-        let (tx0, _rx0) = flume::unbounded();
-        let (tx1, rx1) = flume::unbounded();
-        let mut rt = shard(0, &[tx0, tx1]);
-        let root: Arc<Path> = std::env::temp_dir().join(format!("laminar-early-marker-{}", std::process::id())).into();
+        let (mut rt, rx1, root) = shard_zero_of_two("early-marker");
 
         rt.on_exchange(Exchange::Marker { from: 1 });
         rt.on_exchange(data(1));
@@ -843,10 +844,7 @@ mod tests {
     /// (recorded: it is in nobody's snapshot), then the marker, which completes it.
     #[test]
     fn a_message_before_the_peers_marker_is_recorded() {
-        let (tx0, _rx0) = flume::unbounded();
-        let (tx1, _rx1) = flume::unbounded();
-        let mut rt = shard(0, &[tx0, tx1]);
-        let root: Arc<Path> = std::env::temp_dir().join(format!("laminar-late-marker-{}", std::process::id())).into();
+        let (mut rt, _rx1, root) = shard_zero_of_two("late-marker");
 
         let (reply, answer) = crate::command::reply_channel();
         rt.begin_checkpoint(root.clone(), 1, reply);
