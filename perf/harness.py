@@ -35,6 +35,11 @@ UPSTREAM_PYTHON = ROOT / ".venv-upstream/bin/python"
 OURS_BUDGET_S = 600.0  # a bound for hangs, far above a healthy run
 UPSTREAM_BUDGET_S = 30.0  # a slow competitor gets this much per workload run
 GRACE_S = 30.0  # start-up and data generation beyond the budget before a run is killed
+# Set for both implementations' runs. The workloads do no BLAS work, but after numpy's first
+# call into OpenBLAS its helper thread busy-waits for more, holding one of two cores while
+# the engine is timed: the 1 M-row Arrow insert took ~8.5 ms instead of ~3 ms in about
+# half the runs on session 13's machine, never with this set.
+RUN_ENV = {"OPENBLAS_NUM_THREADS": "1"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,8 @@ def run_workload(python: str, workload: str, quick: bool, budget: float, shards:
         stdout, error = "", f"missing interpreter {python} (tools/perf-setup makes it)"
     else:
         try:
-            proc = subprocess.run(cmd, cwd=PERF, capture_output=True, text=True, timeout=budget + GRACE_S)
+            env = {**os.environ, **RUN_ENV}
+            proc = subprocess.run(cmd, cwd=PERF, env=env, capture_output=True, text=True, timeout=budget + GRACE_S)
             stdout = proc.stdout
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or ["no stderr"])[-1]
@@ -168,7 +174,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     doc = {
         "command": command_line(argv),
         "machine": machine(),
-        "options": {"quick": args.quick, "rounds": args.rounds, "budget_s": {OURS: OURS_BUDGET_S, UPSTREAM: UPSTREAM_BUDGET_S}},
+        "options": {"quick": args.quick, "rounds": args.rounds, "budget_s": {OURS: OURS_BUDGET_S, UPSTREAM: UPSTREAM_BUDGET_S}, "env": RUN_ENV},
         "pythons": {OURS: os.path.relpath(ours, ROOT), UPSTREAM: os.path.relpath(UPSTREAM_PYTHON, ROOT)},
         "workloads": [{"name": w.name, "pending": w.pending} for w in selected],
         "runs": runs,

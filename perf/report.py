@@ -147,6 +147,7 @@ def header(doc: dict[str, Any]) -> list[str]:
         f"| upstream | laminardb {version(doc, UPSTREAM)}, `{doc['pythons'][UPSTREAM]}` |",
         f"| method | {options['rounds']} round{'s' if options['rounds'] != 1 else ''}, alternating laminardb / upstream, each workload run in a fresh "
         "process; medians over the runs whose checks passed |",
+        f"| environment | {' '.join(f'`{k}={v}`' for k, v in options.get('env', {}).items()) or 'inherited'} (both implementations) |",
         f"| time bounds | a workload run may take {options['budget_s'][OURS]:g} s (laminardb), "
         f"{options['budget_s'][UPSTREAM]:g} s (upstream) |",
         "",
