@@ -18,8 +18,8 @@
 //! With them, the thread that first touched a 2 MB page of an arena zeroed all of it, and
 //! on a VM whose host had not yet backed that memory this took milliseconds: a shard
 //! stalled mid-insert, and a 1 M-row insert through a filter stream took ~8 ms instead of
-//! ~3 ms in about one run in four. Without them: no such run in ten, 14 MB less resident
-//! memory, OHLC throughput and the round trip unchanged (perf/README.md, session 13).
+//! ~3 ms in 7 of 42 runs. Without them: none of 40, 14 MB less resident memory, OHLC
+//! throughput and the round trip unchanged (perf/README.md, "Session 13's machine").
 //!
 //! Which allocator owns a block follows from its size alone: `dealloc` and `realloc` are
 //! given the layout it was allocated with.
