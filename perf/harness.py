@@ -37,8 +37,7 @@ UPSTREAM_BUDGET_S = 30.0  # a slow competitor gets this much per workload run
 GRACE_S = 30.0  # start-up and data generation beyond the budget before a run is killed
 # Set for both implementations' runs. The workloads do no BLAS work, but OpenBLAS's helper
 # thread busy-waits after numpy's calls into it, holding one of two cores while the engine
-# is timed: on session 13's machine the 1 M-row Arrow insert took ~8.5 ms instead of ~3 ms
-# in 6 of 12 runs without this, 0 of 6 with it (perf/README.md, "Session 13's machine").
+# is timed (perf/README.md, "Session 13's machine").
 RUN_ENV = {"OPENBLAS_NUM_THREADS": "1"}
 
 

@@ -14,12 +14,9 @@
 //! copies: with mimalloc for everything, OHLC bulk throughput was ~5 % lower.
 //!
 //! mimalloc is built without transparent huge pages (the `no_thp` feature: it does not
-//! `madvise(MADV_HUGEPAGE)` its arenas, and leaves the process's own THP setting alone).
-//! With them, the thread that first touched a 2 MB page of an arena zeroed all of it, and
-//! on a VM whose host had not yet backed that memory this took milliseconds: a shard
-//! stalled mid-insert, and a 1 M-row insert through a filter stream took ~8 ms instead of
-//! ~3 ms in 7 of 42 runs. Without them: none of 40, 14 MB less resident memory, OHLC
-//! throughput and the round trip unchanged (perf/README.md, "Session 13's machine").
+//! `madvise(MADV_HUGEPAGE)` its arenas, and leaves the process's own THP setting alone):
+//! the thread that first touches a 2 MB page zeroes all of it, which on a VM stalled a
+//! shard mid-insert for milliseconds (measured in perf/README.md, "Session 13's machine").
 //!
 //! Which allocator owns a block follows from its size alone: `dealloc` and `realloc` are
 //! given the layout it was allocated with.
