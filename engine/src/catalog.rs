@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::{Error, Result};
 use crate::nexmark::NexmarkConfig;
@@ -147,6 +147,7 @@ impl Catalog {
     }
 
     pub fn add_sink(&mut self, def: SinkDef) -> Result<()> {
+        check_name("sink", &def.name)?;
         if self.contains(&def.name) {
             return Err(Error::table_exists(&def.name));
         }
@@ -165,6 +166,8 @@ impl Catalog {
     }
 
     pub fn add_stream(&mut self, def: StreamDef) -> Result<()> {
+        check_name("stream", &def.name)?;
+        check_exportable(&format!("stream '{}'", def.name), &def.table_schema)?;
         if self.contains(&def.name) {
             return Err(Error::table_exists(&def.name));
         }
@@ -203,6 +206,8 @@ impl Catalog {
     }
 
     pub fn add_source(&mut self, def: SourceDef) -> Result<()> {
+        check_name("source", &def.name)?;
+        check_columns(&def.name, &def.schema)?;
         if self.contains(&def.name) {
             return Err(Error::table_exists(&def.name));
         }
@@ -221,3 +226,81 @@ impl Catalog {
     }
 }
 
+
+/// An object name must be nonempty and free of control characters (a NUL cannot cross
+/// Arrow's C interface or a C string, and none can be typed back reliably).
+pub fn check_name(kind: &str, name: &str) -> Result<()> {
+    if name.trim().is_empty() {
+        return Err(Error::invalid_schema(format!("a {kind} needs a nonempty name")));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(Error::invalid_schema(format!(
+            "the {kind} name {name:?} contains the control character U+{:04X}",
+            c as u32
+        )));
+    }
+    Ok(())
+}
+
+/// A source's columns: nonempty names, each once, that Arrow can export.
+pub fn check_columns(source: &str, schema: &Schema) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for field in schema.fields() {
+        if field.name().is_empty() {
+            return Err(Error::invalid_schema(format!("'{source}' has a column without a name")));
+        }
+        if !seen.insert(field.name().as_str()) {
+            return Err(Error::invalid_schema(format!("'{source}' has two columns named '{}'", field.name())));
+        }
+    }
+    check_exportable(&format!("'{source}'"), schema)
+}
+
+/// Refuses a schema with a NUL character in a field name, at any nesting depth: Arrow's
+/// C data interface (how results reach pyarrow) carries names as C strings, and exporting
+/// one would abort the process.
+pub fn check_exportable(what: &str, schema: &Schema) -> Result<()> {
+    fn nul_in(field: &Field) -> Option<String> {
+        if field.name().contains('\0') {
+            return Some(field.name().clone());
+        }
+        match field.data_type() {
+            DataType::Struct(children) => children.iter().find_map(|c| nul_in(c)),
+            DataType::List(child) | DataType::LargeList(child) | DataType::FixedSizeList(child, _)
+            | DataType::Map(child, _) | DataType::ListView(child) | DataType::LargeListView(child) => nul_in(child),
+            DataType::Union(fields, _) => fields.iter().find_map(|(_, c)| nul_in(c)),
+            DataType::Dictionary(_, value) => nul_in(&Field::new("value", (**value).clone(), true)),
+            _ => None,
+        }
+    }
+    match schema.fields().iter().find_map(|f| nul_in(f)) {
+        Some(name) => Err(Error::invalid_schema(format!(
+            "{what} has a column named {name:?}: a NUL character cannot be part of a column name"
+        ))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn empty_control_and_duplicate_names_are_refused() {
+        assert!(check_name("source", "").is_err());
+        assert!(check_name("source", "  ").is_err());
+        let err = check_name("source", "a\0b").unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::InvalidSchema);
+        assert!(err.message.contains("U+0000"), "{}", err.message);
+        check_name("source", "Trades").unwrap();
+        let dup = Schema::new(vec![Field::new("a", DataType::Int64, true), Field::new("a", DataType::Utf8, true)]);
+        assert!(check_columns("s", &dup).unwrap_err().message.contains("two columns named 'a'"));
+        let nested = Schema::new(vec![Field::new(
+            "s",
+            DataType::Struct(vec![Field::new("x\0y", DataType::Int64, true)].into()),
+            true,
+        )]);
+        assert!(check_exportable("q", &nested).unwrap_err().message.contains("NUL"));
+        check_columns("s", &Schema::new(vec![Field::new("A", DataType::Int64, true), Field::new("a", DataType::Int64, true)])).unwrap();
+    }
+}

@@ -1,5 +1,15 @@
 //! Engine configuration, as `LaminarConfig` exposes it to Python plus the shard count.
 
+/// The stack of every engine thread that plans or evaluates SQL (coordinator, shards, the
+/// query pool). Planning and expression evaluation recurse over the statement's tree,
+/// whose depth `laminardb_planner::limits` bounds; a debug build needs ~8 KiB per level,
+/// so this leaves a wide margin at that bound. Only the touched part is ever backed by
+/// memory.
+pub const ENGINE_STACK_BYTES: usize = 64 << 20;
+
+/// One day: any real feed's clock skew, far below a unit mistake's jump.
+pub const DEFAULT_MAX_EVENT_AHEAD_MS: u64 = 86_400_000;
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Number of shard reactors; one per available core by default.
@@ -27,6 +37,11 @@ pub struct EngineConfig {
     /// write (survives power loss). Off: after the direct write alone (survives the
     /// process being killed, not the machine losing power), several times faster.
     pub wal_fsync: bool,
+    /// A row whose event time is more than this far ahead of the wall clock does not move
+    /// its source's watermark (it is kept, and counted); `None`: no bound. One row with a
+    /// microsecond timestamp in a millisecond column would otherwise move the watermark
+    /// ~50,000 years ahead and make every later row late.
+    pub max_event_ahead_ms: Option<u64>,
     /// The storage directory is a temporary one (checkpoints configured on an in-memory
     /// database): deleted when the database closes.
     pub ephemeral_storage: bool,
@@ -56,6 +71,7 @@ impl Default for EngineConfig {
             caller_spin_us: env_us("LAMINARDB_CALLER_SPIN_US").unwrap_or(SPIN_AFTER_COMMAND_US),
             idle_timeout_ms: 10_000,
             wal_fsync: true,
+            max_event_ahead_ms: Some(DEFAULT_MAX_EVENT_AHEAD_MS),
             ephemeral_storage: false,
         }
     }

@@ -156,12 +156,17 @@ pub fn read_csv(text: &str, target: &SchemaRef) -> Result<Vec<RecordBatch>> {
     let reading = Arc::new(arrow::datatypes::Schema::new(
         names.iter().map(|n| arrow::datatypes::Field::new(n, DataType::Utf8, true)).collect::<Vec<_>>(),
     ));
-    let reader = arrow::csv::ReaderBuilder::new(reading)
+    let reader = arrow::csv::ReaderBuilder::new(reading.clone())
         .with_header(true)
         .with_null_regex(regex_empty())
         .build(std::io::Cursor::new(text.as_bytes()))
         .map_err(|e| bad(&e))?;
     let batches: Vec<RecordBatch> = reader.collect::<std::result::Result<_, _>>().map_err(|e| bad(&e))?;
+    if batches.is_empty() {
+        // A header alone still has to name the source's columns (text that is no CSV at
+        // all reads as a header without rows).
+        cast_to_schema(&RecordBatch::new_empty(reading), target)?;
+    }
     batches.iter().map(|b| cast_to_schema(b, target)).collect()
 }
 

@@ -8,6 +8,7 @@
 pub mod adhoc;
 pub mod ddl;
 pub mod interval;
+pub mod limits;
 pub mod sink;
 pub mod split;
 pub mod stream;
@@ -43,6 +44,7 @@ impl SqlFrontend {
             .worker_threads(query_threads.max(1))
             .max_blocking_threads(query_threads.max(1))
             .thread_name("laminar-query")
+            .thread_stack_size(laminardb_engine::config::ENGINE_STACK_BYTES)
             .enable_time()
             .build()
             .map_err(|e| Error::internal(format!("cannot start the query pool: {e}")))?;
@@ -96,6 +98,8 @@ impl Frontend for SqlFrontend {
         access: Arc<dyn ShardAccess>,
     ) -> Result<Statement> {
         let tokens = split::tokenize(statement)?;
+        limits::check_depth(&tokens)?;
+        limits::check_unsupported(&tokens)?;
         if let Some(create) = sink::plan_create_sink(catalog, statement, &tokens, &self.runtime()?.handle().clone())? {
             return Ok(create);
         }
@@ -110,6 +114,7 @@ impl Frontend for SqlFrontend {
         self.sync_tables(catalog, &access)?;
         let runtime = self.runtime()?.handle().clone();
         if let Some(windowed) = adhoc::plan_windowed_query(catalog, statement, access.clone(), &runtime)? {
+            exportable(&windowed.schema())?;
             return Ok(Statement::Query(Box::new(windowed)));
         }
         let options = SQLOptions::new().with_allow_ddl(false).with_allow_statements(false);
@@ -120,6 +125,7 @@ impl Frontend for SqlFrontend {
         if !params.is_empty() {
             df = df.with_param_values(ParamValues::List(params.iter().cloned().map(Into::into).collect()))?;
         }
+        exportable(df.schema().as_arrow())?;
         let kind = match df.logical_plan() {
             LogicalPlan::Dml(_) => QueryKind::RowsAffected,
             LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) | LogicalPlan::DescribeTable(_) => QueryKind::Metadata,
@@ -133,6 +139,12 @@ impl Frontend for SqlFrontend {
             rt.shutdown_timeout(Duration::from_secs(5));
         }
     }
+}
+
+/// A result Arrow's C interface cannot carry (a NUL in a column name) is refused before it
+/// runs, as a query error.
+fn exportable(schema: &arrow::datatypes::Schema) -> Result<()> {
+    laminardb_engine::catalog::check_exportable("the result", schema).map_err(|e| Error::query(e.message))
 }
 
 struct DataFusionQuery {

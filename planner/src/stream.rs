@@ -348,11 +348,17 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
     let emit = match (ddl.emit, &lowered.agg) {
         (None, Some(agg)) if agg.window.is_some() => Emit::AfterWatermark,
         (None, _) => Emit::Changes,
-        (Some(Emit::AfterWatermark | Emit::OnWindowClose), Some(agg)) if agg.window.is_none() => {
+        (Some(Emit::AfterWatermark | Emit::OnWindowClose), agg) if agg.as_ref().is_none_or(|a| a.window.is_none()) => {
             return Err(Error::query("EMIT AFTER WATERMARK / ON WINDOW CLOSE / FINAL need a window in GROUP BY"))
         }
         (Some(e), _) => e,
     };
+    if ddl.lateness_ms < 0 {
+        return Err(Error::query(format!("ALLOW LATENESS must not be negative (got {} ms)", ddl.lateness_ms)));
+    }
+    if ddl.lateness_ms > 0 && lowered.agg.as_ref().is_none_or(|a| a.window.is_none()) {
+        return Err(Error::query("ALLOW LATENESS needs a window in GROUP BY (only windows wait for late rows)"));
+    }
     let select_schema = nullable(lowered.schema.as_ref());
     if matches!(emit, Emit::Every(_)) && lowered.agg.is_none() {
         return Err(Error::query("EMIT EVERY needs a GROUP BY aggregation"));

@@ -13,7 +13,7 @@ pub struct PyLaminarConfig {
 #[pymethods]
 impl PyLaminarConfig {
     #[new]
-    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true))]
+    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true, max_event_ahead_ms=Some(laminardb_engine::config::DEFAULT_MAX_EVENT_AHEAD_MS)))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         buffer_size: usize,
@@ -23,6 +23,7 @@ impl PyLaminarConfig {
         shards: Option<usize>,
         idle_timeout_ms: u64,
         wal_fsync: bool,
+        max_event_ahead_ms: Option<u64>,
     ) -> PyResult<Self> {
         if buffer_size == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err("buffer_size must be positive"));
@@ -39,6 +40,7 @@ impl PyLaminarConfig {
                 table_spill_threshold,
                 idle_timeout_ms,
                 wal_fsync,
+                max_event_ahead_ms,
                 ..EngineConfig::default()
             },
         })
@@ -78,9 +80,18 @@ impl PyLaminarConfig {
         self.inner.wal_fsync
     }
 
+    /// A row whose event time is more than this far ahead of the wall clock (a unit
+    /// mistake, a corrupt clock) is stored and flows through the streams but does not move
+    /// its source's watermark; counted in `source_metrics(name).future_events`. `None`:
+    /// no bound.
+    #[getter]
+    fn max_event_ahead_ms(&self) -> Option<u64> {
+        self.inner.max_event_ahead_ms
+    }
+
     fn __repr__(&self) -> String {
         format!(
-            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={})",
+            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={}, max_event_ahead_ms={})",
             self.inner.buffer_size,
             self.inner.storage_dir.as_ref().map_or("None".to_string(), |d| format!("'{d}'")),
             self.inner.checkpoint_interval_ms.map_or("None".to_string(), |v| v.to_string()),
@@ -88,6 +99,7 @@ impl PyLaminarConfig {
             self.inner.shards,
             self.inner.idle_timeout_ms,
             if self.inner.wal_fsync { "True" } else { "False" },
+            self.inner.max_event_ahead_ms.map_or("None".to_string(), |v| v.to_string()),
         )
     }
 }

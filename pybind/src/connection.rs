@@ -226,7 +226,7 @@ impl PyConnection {
     /// every stream and reached its subscribers.
     fn shutdown(&self, py: Python<'_>) -> PyResult<()> {
         let handle = self.open()?;
-        blocking(py, || handle.drain())?;
+        blocking(py, || handle.stop_pipeline())?;
         // Subscribers read what is queued, then see the end.
         for output in handle.outputs() {
             output.close();
@@ -255,7 +255,7 @@ impl PyConnection {
             total_events_ingested: sum(false, &|o| o.counters.rows.load(Ordering::Relaxed)),
             total_events_emitted: sum(true, &|o| o.counters.rows.load(Ordering::Relaxed))
                 + outputs.iter().filter(|o| catalog.sinks.contains_key(&o.name)).map(|o| o.counters.rows.load(Ordering::Relaxed)).sum::<u64>(),
-            total_events_dropped: sum(true, &|o| o.counters.late_rows.load(Ordering::Relaxed)),
+            total_events_dropped: sum(true, &|o| o.dropped_rows()),
             total_cycles: sum(false, &|o| o.counters.batches.load(Ordering::Relaxed)),
             total_batches: sum(true, &|o| o.counters.batches.load(Ordering::Relaxed))
                 + sum(false, &|o| o.counters.batches.load(Ordering::Relaxed)),
@@ -345,11 +345,12 @@ impl PyConnection {
         Ok(self.state.events.load(Ordering::Relaxed))
     }
 
-    /// Late rows dropped by windowed streams, summed over every stream.
+    /// Rows dropped by streams (late for their windows, or rejected by a failing
+    /// expression), summed over every stream.
     #[getter]
     fn total_events_dropped(&self) -> PyResult<u64> {
         let handle = self.open()?;
-        Ok(handle.outputs().iter().map(|o| o.counters.late_rows.load(Ordering::Relaxed)).sum())
+        Ok(handle.outputs().iter().map(|o| o.dropped_rows()).sum())
     }
 
     #[getter]

@@ -66,6 +66,9 @@ pub struct PySourceMetrics {
     pub utilization: f64,
     /// Rows of this source that the windowed streams reading it dropped as too late.
     pub late_events: u64,
+    /// Rows stored with an event time too far ahead of the clock to move the watermark
+    /// (`LaminarConfig.max_event_ahead_ms`).
+    pub future_events: u64,
 }
 
 #[pymethods]
@@ -92,6 +95,8 @@ pub struct PyStreamMetrics {
     pub lagged_batches: u64,
     pub subscribers: usize,
     pub errors: u64,
+    /// Input rows the stream's expressions failed on (rejected; the rest went on).
+    pub rejected_rows: u64,
     pub last_error: Option<String>,
     /// End-to-end engine latency of the stream's output (from the insert call entering
     /// the engine to the batch reaching the subscriber queues), in microseconds; `None`
@@ -127,6 +132,7 @@ pub fn source_metrics(output: &Output, watermark: i64, capacity: usize, catalog:
         watermark,
         utilization: 0.0,
         late_events: late,
+        future_events: output.counters.future_rows.load(Ordering::Relaxed),
     }
 }
 
@@ -147,6 +153,7 @@ pub fn stream_metrics(output: &Output, sql: Option<String>) -> PyStreamMetrics {
         lagged_batches: lagged,
         subscribers: output.subscriber_count(),
         errors: c.errors.load(Ordering::Relaxed),
+        rejected_rows: c.rejected_rows.load(Ordering::Relaxed),
         last_error: c.last_error.lock().clone(),
         latency_p50_us: timed(latency.p50_us),
         latency_p99_us: timed(latency.p99_us),

@@ -93,7 +93,8 @@ def test_config_defaults():
     assert isinstance(cfg.shards, int) and cfg.shards >= 1
     assert repr(cfg) == (
         "LaminarConfig(buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, "
-        f"table_spill_threshold=1000000, shards={cfg.shards}, idle_timeout_ms=10000, wal_fsync=True)"
+        f"table_spill_threshold=1000000, shards={cfg.shards}, idle_timeout_ms=10000, wal_fsync=True, "
+        "max_event_ahead_ms=86400000)"
     )
     assert cfg.idle_timeout_ms == 10_000
     assert cfg.wal_fsync is True

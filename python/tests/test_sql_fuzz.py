@@ -150,3 +150,13 @@ def test_mutated_ad_hoc_queries_are_answered_or_refused_with_a_code(path: Path):
     finally:
         runner.close()
         db.close()
+
+
+def test_fuzzed_statements_in_child_processes_never_crash_or_hang():
+    """A small run of sql_fuzz_harness.py (depth, size and token mutations, in children):
+    `python python/tests/sql_fuzz_harness.py --count 2800` is the full one."""
+    import sql_fuzz_harness
+
+    count = int(os.environ.get("LAMINARDB_FUZZ_CHILD_STATEMENTS", "120"))
+    failures = sql_fuzz_harness.run(count, seed=7, per_child=60, timeout_s=240, log=lambda _: None)
+    assert failures == []

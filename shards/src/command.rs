@@ -43,7 +43,9 @@ pub enum Command {
     Watermark { source: String, watermark_ms: i64, reply: Reply<i64> },
     InjectPanic { site: PanicSite, reply: Reply<()> },
     /// Answers once every accepted insert and watermark has passed through every stream.
-    Drain { reply: Reply<()> },
+    /// Answered once everything accepted has passed through every stream; with `stop`,
+    /// the pipeline then refuses rows and watermarks (`shutdown()`).
+    Drain { reply: Reply<()>, stop: bool },
     /// The pipeline starts: generator sources begin producing.
     Start { reply: Reply<()> },
     /// Take a checkpoint now; answered with its id.

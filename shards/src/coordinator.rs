@@ -33,7 +33,7 @@ use crate::command::{reply_channel, Ack, AckToken, Command, PanicSite, Reply, Sh
 use crate::runtime::Outputs;
 use crate::shard::ShardWiring;
 use crate::sinks::SinkRunner;
-use crate::handle::{prepare_insert, try_take, Outcome};
+use crate::handle::{count_future_rows, prepare_insert, try_take, Outcome, Prepared};
 use crate::health::{catch, Health};
 use crate::shard;
 use crate::storage::{collect_garbage, shard_owner, CheckpointStats, Recovered, Storage, CONTROL_OWNER};
@@ -130,13 +130,20 @@ pub(crate) fn run(startup: Startup) {
     let control = storage.as_ref().map(|s| s.wal(CONTROL_OWNER));
     let root: Option<Arc<std::path::Path>> = storage.as_ref().map(|s| Arc::from(s.root.as_path()));
     let checkpoint_every = config.checkpoint_interval_ms;
+    let max_event_ahead_ms = config.max_event_ahead_ms;
     let (frontend, shutdown_reply) = executor.run(async move {
         let mut connected = Vec::with_capacity(senders.len());
         for tx in senders {
             connected.push(tx.connect().await);
         }
         let access: Arc<dyn ShardAccess> =
-            Arc::new(CoordinatorAccess { internal: internal.0.clone(), published: published.clone(), shards });
+            Arc::new(CoordinatorAccess {
+                internal: internal.0.clone(),
+                published: published.clone(),
+                shards,
+                outputs: outputs.clone(),
+                max_event_ahead_ms,
+            });
         let initial = published.read().clone();
         let coord = Rc::new(Coordinator {
             shards: Rc::new(connected),
@@ -149,10 +156,12 @@ pub(crate) fn run(startup: Startup) {
             inflight: Arc::new(AtomicUsize::new(0)),
             sinks: RefCell::new(HashMap::new()),
             running: Cell::new(false),
+            stopped: Cell::new(false),
             generators: RefCell::new(HashMap::new()),
             idle: RefCell::new(HashSet::new()),
             flows: RefCell::default(),
             idle_timeout: std::time::Duration::from_millis(config.idle_timeout_ms),
+            max_event_ahead_ms,
             next_idle_check: Cell::new(Instant::now()),
             logging: Cell::new(control.is_some()),
             control: futures::lock::Mutex::new(control.map(WalSpec::writer)),
@@ -315,11 +324,15 @@ struct Coordinator {
     sinks: RefCell<HashMap<String, SinkRunner>>,
     /// `start()` was called: generator sources produce from creation on.
     running: Cell<bool>,
+    /// `shutdown()` stopped the pipeline: rows, watermarks and `start()` are refused.
+    stopped: Cell<bool>,
     /// Generator sources, and whether the shards have been told to generate them.
     generators: RefCell<HashMap<String, bool>>,
     /// Sources declared idle (`update_idleness`), until their next rows or watermark.
     idle: RefCell<HashSet<String>>,
     idle_timeout: std::time::Duration,
+    /// `EngineConfig::max_event_ahead_ms`, for the inserts the coordinator prepares itself.
+    max_event_ahead_ms: Option<u64>,
     /// When `update_idleness` next looks for idle sources.
     next_idle_check: Cell<Instant>,
     /// Each source's name and where its watermark goes, worked out from the catalog on the
@@ -355,11 +368,24 @@ struct Coordinator {
     timers: RefCell<Vec<glommio::Task<()>>>,
 }
 
+fn stopped_error() -> Error {
+    Error::new(
+        ErrorCode::Shutdown,
+        "the pipeline was shut down: it takes no more rows or watermarks (open the database again to go on)",
+    )
+}
+
 impl Coordinator {
     async fn handle(&self, cmd: Command) {
         match cmd {
             Command::Execute { sql, params, reply } => {
                 let _ = reply.send(self.execute(&sql, &params).await);
+            }
+            Command::Insert { reply, .. } if self.stopped.get() => {
+                let _ = reply.send(Err(stopped_error()));
+            }
+            Command::Watermark { reply, .. } if self.stopped.get() => {
+                let _ = reply.send(Err(stopped_error()));
             }
             Command::Insert { source, parts, max_event_ms, born, reply } => {
                 self.insert(&source, parts, max_event_ms, Some(born), reply).await;
@@ -423,12 +449,19 @@ impl Coordinator {
                     let _ = self.shards[0].send(ShardCommand::InjectPanic { reply }).await;
                 }
             },
-            Command::Drain { reply } => {
+            Command::Drain { reply, stop } => {
                 self.drain().await;
+                if stop {
+                    self.stopped.set(true);
+                    self.running.set(false);
+                }
                 let _ = reply.send(Ok(()));
             }
             Command::Checkpoint { reply } => {
                 let _ = reply.send(self.checkpoint().await);
+            }
+            Command::Start { reply } if self.stopped.get() => {
+                let _ = reply.send(Err(stopped_error()));
             }
             Command::Start { reply } => {
                 self.running.set(true);
@@ -1051,7 +1084,9 @@ impl Coordinator {
     /// Logged rows go in as an insert does (re-partitioned for the current shard count).
     async fn replay_insert(&self, source: &str, batches: Vec<RecordBatch>) -> Result<()> {
         let catalog = self.catalog.borrow().clone();
-        let (parts, max_event_ms) = prepare_insert(catalog.source(source)?, &batches, self.shards.len())?;
+        let Prepared { parts, max_event_ms, future_rows } =
+            prepare_insert(catalog.source(source)?, &batches, self.shards.len(), self.max_event_ahead_ms)?;
+        count_future_rows(&self.outputs, source, future_rows, self.max_event_ahead_ms);
         let (reply, answer) = reply_channel();
         self.insert(source, parts, max_event_ms, None, reply).await;
         // Refused at once (the source is gone or changed), or answered later: not waited on.
@@ -1100,6 +1135,8 @@ struct CoordinatorAccess {
     internal: flume::Sender<Command>,
     published: Published,
     shards: usize,
+    outputs: Outputs,
+    max_event_ahead_ms: Option<u64>,
 }
 
 impl ShardAccess for CoordinatorAccess {
@@ -1118,7 +1155,8 @@ impl ShardAccess for CoordinatorAccess {
     fn insert(&self, source: &str, batch: RecordBatch) -> Result<flume::Receiver<Result<u64>>> {
         let catalog = self.published.read().clone();
         let def = catalog.source(source)?;
-        let (parts, max_event_ms) = prepare_insert(def, &[batch], self.shards)?;
+        let Prepared { parts, max_event_ms, future_rows } = prepare_insert(def, &[batch], self.shards, self.max_event_ahead_ms)?;
+        count_future_rows(&self.outputs, &def.name, future_rows, self.max_event_ahead_ms);
         let (reply, rx) = reply_channel();
         self.internal
             .send(Command::Insert { source: def.name.clone(), parts, max_event_ms, born: Instant::now(), reply })

@@ -12,7 +12,7 @@ use parking_lot::{Mutex, RwLock};
 
 use laminardb_engine::catalog::{Catalog, SourceDef};
 use laminardb_engine::stream::output::Output;
-use laminardb_engine::stream::time::max_millis;
+use laminardb_engine::stream::time::{max_millis, max_millis_below, now_ms};
 use laminardb_engine::config::{poll_for, EngineConfig};
 use laminardb_engine::frontend::{Frontend, QueryHandle, QueryKind};
 use laminardb_engine::ingest::cast_to_schema;
@@ -49,6 +49,7 @@ pub struct Handle {
     recovery: RecoveryReport,
     checkpoints: Arc<Mutex<CheckpointStats>>,
     checkpoint_enabled: bool,
+    max_event_ahead_ms: Option<u64>,
 }
 
 impl Handle {
@@ -60,6 +61,7 @@ impl Handle {
         let queue_capacity = config.queue_capacity();
         let caller_spin = std::time::Duration::from_micros(config.caller_spin_us);
         let idle_timeout_ms = config.idle_timeout_ms;
+        let max_event_ahead_ms = config.max_event_ahead_ms;
         let (commands_tx, commands_rx) = flume::bounded(queue_capacity);
         let published: Published = Arc::new(RwLock::new(Arc::new(Catalog::default())));
         let outputs: Outputs = Arc::default();
@@ -80,6 +82,7 @@ impl Handle {
         };
         let coordinator = std::thread::Builder::new()
             .name("laminar-coordinator".into())
+            .stack_size(laminardb_engine::config::ENGINE_STACK_BYTES)
             .spawn({
                 let health = health.clone();
                 move || {
@@ -113,6 +116,7 @@ impl Handle {
             recovery,
             checkpoints,
             checkpoint_enabled,
+            max_event_ahead_ms,
         })
     }
 
@@ -183,8 +187,10 @@ impl Handle {
         let born = std::time::Instant::now();
         let catalog = self.catalog();
         let def = catalog.source(source)?;
-        let (parts, max_event_ms) = prepare_insert(def, batches, self.shards)?;
-        self.call(|reply| Command::Insert { source: def.name.clone(), parts, max_event_ms, born, reply })
+        let Prepared { parts, max_event_ms, future_rows } = prepare_insert(def, batches, self.shards, self.max_event_ahead_ms)?;
+        let rows = self.call(|reply| Command::Insert { source: def.name.clone(), parts, max_event_ms, born, reply })?;
+        count_future_rows(&self.outputs, &def.name, future_rows, self.max_event_ahead_ms);
+        Ok(rows)
     }
 
     /// Every source's and stream's output (for their counters).
@@ -208,7 +214,13 @@ impl Handle {
 
     /// Returns once everything accepted so far has passed through every stream.
     pub fn drain(&self) -> Result<()> {
-        self.call(|reply| Command::Drain { reply })
+        self.call(|reply| Command::Drain { reply, stop: false })
+    }
+
+    /// Drains, then stops the pipeline: later inserts and watermark calls (and `start()`)
+    /// fail with `Shutdown` (901) instead of feeding streams whose outputs are closed.
+    pub fn stop_pipeline(&self) -> Result<()> {
+        self.call(|reply| Command::Drain { reply, stop: true })
     }
 
     /// Starts the pipeline: generator sources begin producing.
@@ -274,20 +286,57 @@ pub(crate) fn try_take<T>(rx: &flume::Receiver<T>) -> Option<Result<T, flume::Re
 /// the source's schema and split per shard, and the latest event time among them (epoch
 /// ms; `None` without a watermark). Callers, the query pool's `INSERT … SELECT` and WAL
 /// replay all prepare inserts here.
-pub(crate) fn prepare_insert(def: &SourceDef, batches: &[RecordBatch], shards: usize) -> Result<(Vec<Vec<RecordBatch>>, Option<i64>)> {
+/// An insert cast, split by shard, with the event time that may move its source's
+/// watermark.
+pub(crate) struct Prepared {
+    pub parts: Vec<Vec<RecordBatch>>,
+    /// The largest event time among the rows, leaving out those more than the configured
+    /// bound ahead of the wall clock.
+    pub max_event_ms: Option<i64>,
+    /// Rows left out of `max_event_ms` for being that far ahead.
+    pub future_rows: u64,
+}
+
+pub(crate) fn prepare_insert(def: &SourceDef, batches: &[RecordBatch], shards: usize, max_ahead_ms: Option<u64>) -> Result<Prepared> {
     let event_time = def.watermark.as_ref().and_then(|spec| def.schema.index_of(&spec.column).ok());
+    let limit = max_ahead_ms.map(|ahead| now_ms().saturating_add(i64::try_from(ahead).unwrap_or(i64::MAX)));
     let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); shards];
-    let mut max = None;
+    let (mut max, mut future_rows) = (None, 0);
     for batch in batches {
         let batch = cast_to_schema(batch, &def.schema)?;
         if let Some(index) = event_time {
-            max = max.max(max_millis(batch.column(index))?);
+            let column = batch.column(index);
+            match (max_millis(column)?, limit) {
+                (Some(m), Some(limit)) if m > limit => {
+                    let (below, above) = max_millis_below(column, limit)?;
+                    max = max.max(below);
+                    future_rows += above;
+                }
+                (m, _) => max = max.max(m),
+            }
         }
         for (shard, part) in partition_batch(&batch, &def.partition_key, shards)?.into_iter().enumerate() {
             parts[shard].extend(part);
         }
     }
-    Ok((parts, max))
+    Ok(Prepared { parts, max_event_ms: max, future_rows })
+}
+
+/// Counts rows an insert stored whose event time was too far ahead to move the
+/// watermark; the first time for a source, says so in the log.
+pub(crate) fn count_future_rows(outputs: &Outputs, source: &str, rows: u64, max_ahead_ms: Option<u64>) {
+    if rows == 0 {
+        return;
+    }
+    if let Some(output) = outputs.read().get(source) {
+        if output.counters.future_rows.fetch_add(rows, std::sync::atomic::Ordering::Relaxed) == 0 {
+            log::warn!(
+                "'{source}': {rows} row(s) with an event time more than {} ms ahead of the clock: stored, \
+                 but they do not move the watermark (a timestamp in the wrong unit?)",
+                max_ahead_ms.unwrap_or(0)
+            );
+        }
+    }
 }
 
 /// The affected-row count a DML result batch carries.

@@ -17,7 +17,8 @@ use laminardb_engine::checkpoint::{self, ShardFiles};
 use laminardb_engine::partition::partition_by_key;
 use laminardb_engine::{ipc, wal};
 use laminardb_engine::stream::join::JoinOperator;
-use laminardb_engine::stream::op::{eval_branch, AggOperator};
+use laminardb_engine::stream::isolate::{eval_isolating, Rejected};
+use laminardb_engine::stream::op::AggOperator;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, Result};
@@ -100,6 +101,15 @@ where
 
 /// Counts `batch` into this shard's share of `name`'s counters (runs per published batch:
 /// the name is cloned only the first time).
+/// Counts and reports the rows of an input batch a stream's expressions failed on; the
+/// batch's other rows have gone on through the stream.
+fn reject(output: &Output, input: &str, rows: usize, rejected: Rejected) {
+    let n = rejected.rows.len();
+    output.counters.rejected_rows.fetch_add(n as u64, Ordering::Relaxed);
+    let first = rejected.rows.first().map_or(String::new(), |r| format!(" (the first at row {r} of the batch)"));
+    output.record_error(&format!("{n} of {rows} rows of '{input}' rejected{first}: {}", rejected.error.message));
+}
+
 fn tally(published: &mut HashMap<Arc<str>, [u64; 2]>, name: &Arc<str>, batch: &RecordBatch) {
     if batch.num_rows() == 0 {
         return;
@@ -546,10 +556,18 @@ impl ShardRuntime {
             let Some(task) = self.streams.get(&name) else { continue };
             let (plan, output) = (task.plan.clone(), task.output.clone());
             for (b, branch) in plan.branches.iter().enumerate().filter(|(_, b)| b.input == input) {
-                let out = match eval_branch(branch.filter.as_ref(), &branch.exprs, &branch.schema, batch) {
-                    Ok(out) if out.num_rows() == 0 => continue,
-                    Ok(out) => out,
+                let out = match eval_isolating(branch.filter.as_ref(), &branch.exprs, &branch.schema, batch) {
+                    Ok((out, rejected)) => {
+                        if let Some(rejected) = rejected {
+                            reject(&output, input, batch.num_rows(), rejected);
+                        }
+                        if out.num_rows() == 0 {
+                            continue;
+                        }
+                        out
+                    }
                     Err(e) => {
+                        output.counters.rejected_rows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
                         output.record_error(&e.to_string());
                         continue;
                     }

@@ -46,7 +46,10 @@ pub(crate) fn spawn(
     health: Arc<Health>,
 ) -> glommio::Result<ExecutorJoinHandle<()>, ()> {
     let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
-    let mut builder = LocalExecutorBuilder::new(placement).name(&format!("laminar-shard-{id}")).io_memory(SHARD_IO_MEMORY_BYTES);
+    let mut builder = LocalExecutorBuilder::new(placement)
+        .name(&format!("laminar-shard-{id}"))
+        .io_memory(SHARD_IO_MEMORY_BYTES)
+        .stack_size(laminardb_engine::config::ENGINE_STACK_BYTES);
     if spin_us > 0 {
         // glommio spins only on pinned executors.
         builder = builder.spin_before_park(std::time::Duration::from_micros(spin_us));

@@ -14,6 +14,7 @@
 //! its serialized form: planning is deterministic for a given catalog.
 
 pub mod agg;
+pub mod isolate;
 pub mod join;
 pub mod op;
 pub mod output;

@@ -60,8 +60,14 @@ pub struct OutputCounters {
     pub late_rows: AtomicU64,
     /// The stream's watermark (epoch ms), as its operators last reported it.
     pub watermark: std::sync::atomic::AtomicI64,
-    /// Rows a stream's expressions failed on (a division by zero, a failed cast).
+    /// A source's rows whose event time was too far ahead of the clock to move its
+    /// watermark (`EngineConfig::max_event_ahead_ms`); stored all the same.
+    pub future_rows: AtomicU64,
+    /// Errors the stream met (each counted once, however many rows it concerned).
     pub errors: AtomicU64,
+    /// Input rows the stream's expressions failed on (a division by zero, a failed cast):
+    /// rejected, while the batch's other rows went on.
+    pub rejected_rows: AtomicU64,
     pub last_error: parking_lot::Mutex<Option<String>>,
     /// End-to-end latency of the stream's emissions: from the insert (or watermark) call
     /// that caused each batch entering the engine to the batch being handed to the
@@ -77,7 +83,9 @@ impl Default for OutputCounters {
             lagged_batches: AtomicU64::new(0),
             late_rows: AtomicU64::new(0),
             watermark: std::sync::atomic::AtomicI64::new(i64::MIN),
+            future_rows: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            rejected_rows: AtomicU64::new(0),
             last_error: parking_lot::Mutex::new(None),
             latency: parking_lot::Mutex::new(
                 Histogram::new_with_bounds(1, LATENCY_MAX_NS, 3).expect("valid histogram bounds"),
@@ -188,6 +196,12 @@ impl Output {
         let mut subscribers = self.subscribers.write();
         self.closed.store(true, Ordering::Release);
         subscribers.clear();
+    }
+
+    /// Input rows this stream dropped: too late for their windows, or rejected by its
+    /// expressions (`total_events_dropped` sums this over streams).
+    pub fn dropped_rows(&self) -> u64 {
+        self.counters.late_rows.load(Ordering::Relaxed) + self.counters.rejected_rows.load(Ordering::Relaxed)
     }
 
     pub fn record_error(&self, message: &str) {

@@ -120,6 +120,21 @@ pub fn max_millis(array: &ArrayRef) -> Result<Option<i64>> {
     })
 }
 
+/// The largest event time at or below `limit` and how many are above it (nulls count
+/// for neither). Only called when [`max_millis`] is above `limit`.
+pub fn max_millis_below(array: &ArrayRef, limit: i64) -> Result<(Option<i64>, u64)> {
+    let ms = to_millis(array)?;
+    let (mut max, mut above) = (None::<i64>, 0u64);
+    for v in ms.iter().flatten() {
+        if v > limit {
+            above += 1;
+        } else {
+            max = max.max(Some(v));
+        }
+    }
+    Ok((max, above))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +178,12 @@ mod tests {
         assert_eq!(ms.values().as_ptr(), bigint.as_primitive::<Int64Type>().values().as_ptr());
         let nulls: ArrayRef = Arc::new(Int64Array::from(vec![None, None]));
         assert_eq!(max_millis(&nulls).unwrap(), None);
+    }
+
+    #[test]
+    fn the_largest_time_below_a_limit_skips_and_counts_the_rest() {
+        let a: ArrayRef = Arc::new(TimestampMicrosecondArray::from(vec![Some(1_000), None, Some(9_000_000), Some(2_000)]));
+        assert_eq!(max_millis_below(&a, 5).unwrap(), (Some(2), 1));
+        assert_eq!(max_millis_below(&a, 0).unwrap(), (None, 3));
     }
 }

@@ -13,6 +13,11 @@ pub enum WindowKind {
 }
 
 impl WindowKind {
+    /// Most windows one row may belong to (HOP: size / slide, CUMULATE: size / step): each
+    /// is a group to update, so a tiny slide under a long size would make one row cost
+    /// gigabytes.
+    pub const MAX_WINDOWS_PER_ROW: i64 = 10_000;
+
     pub fn validate(self) -> Result<Self, String> {
         let positive = |v: i64, what: &str| if v > 0 { Ok(()) } else { Err(format!("window {what} must be positive")) };
         match self {
@@ -20,6 +25,7 @@ impl WindowKind {
             WindowKind::Hop { slide, size } => {
                 positive(slide, "slide")?;
                 positive(size, "size")?;
+                per_row("HOP", "slide", slide, size)?;
             }
             WindowKind::Cumulate { step, size } => {
                 positive(step, "step")?;
@@ -27,6 +33,7 @@ impl WindowKind {
                 if size % step != 0 {
                     return Err("CUMULATE size must be a multiple of its step".into());
                 }
+                per_row("CUMULATE", "step", step, size)?;
             }
             WindowKind::Session { gap } => positive(gap, "gap")?,
         }
@@ -64,6 +71,18 @@ impl WindowKind {
             WindowKind::Session { gap } => out.push((ts, ts + gap)),
         }
     }
+}
+
+fn per_row(window: &str, what: &str, every: i64, size: i64) -> Result<(), String> {
+    let windows = (size + every - 1) / every;
+    if windows > WindowKind::MAX_WINDOWS_PER_ROW {
+        return Err(format!(
+            "{window} with a {what} of {every} ms and a size of {size} ms puts every row into {windows} windows; \
+             at most {} are supported (use a larger {what} or a smaller size)",
+            WindowKind::MAX_WINDOWS_PER_ROW
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -104,5 +123,15 @@ mod tests {
             vec![(0, 2000), (0, 3000)]
         );
         assert!(WindowKind::Cumulate { step: 1000, size: 2500 }.validate().is_err());
+    }
+
+    #[test]
+    fn a_row_may_belong_to_at_most_ten_thousand_windows() {
+        let day = 86_400_000;
+        let err = WindowKind::Hop { slide: 1, size: 10 * day }.validate().unwrap_err();
+        assert!(err.contains("864000000 windows"), "{err}");
+        assert!(WindowKind::Cumulate { step: 1, size: day }.validate().is_err());
+        WindowKind::Hop { slide: 1, size: 10_000 }.validate().unwrap();
+        assert!(WindowKind::Hop { slide: 1, size: 10_001 }.validate().is_err());
     }
 }

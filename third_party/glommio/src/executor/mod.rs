@@ -455,6 +455,8 @@ pub struct LocalExecutorBuilder {
     /// The placement policy for the [`LocalExecutor`] to create
     placement: Placement,
     /// Spin for duration before parking a reactor
+    /// The executor thread's stack size (`None`: the platform's default).
+    stack_size: Option<usize>,
     spin_before_park: Option<Duration>,
     /// A name for the thread-to-be (if any), for identification in panic
     /// messages
@@ -491,6 +493,7 @@ impl LocalExecutorBuilder {
     pub fn new(placement: Placement) -> LocalExecutorBuilder {
         LocalExecutorBuilder {
             placement: placement.clone(),
+            stack_size: None,
             spin_before_park: None,
             name: String::from(DEFAULT_EXECUTOR_NAME),
             io_memory: DEFAULT_IO_MEMORY,
@@ -500,6 +503,13 @@ impl LocalExecutorBuilder {
             blocking_thread_pool_placement: PoolPlacement::from(placement),
             detect_stalls: None,
         }
+    }
+
+    /// The stack size, in bytes, of the thread [`LocalExecutorBuilder::spawn`] starts.
+    #[must_use = "The builder must be built to be useful"]
+    pub fn stack_size(mut self, bytes: usize) -> LocalExecutorBuilder {
+        self.stack_size = Some(bytes);
+        self
     }
 
     /// Spin for duration before parking a reactor
@@ -691,8 +701,11 @@ impl LocalExecutorBuilder {
         let record_io_latencies = self.record_io_latencies;
         let blocking_thread_pool_placement = self.blocking_thread_pool_placement;
 
-        Builder::new()
-            .name(name)
+        let mut builder = Builder::new().name(name);
+        if let Some(bytes) = self.stack_size {
+            builder = builder.stack_size(bytes);
+        }
+        builder
             .spawn(move || {
                 let mut le = LocalExecutor::new(
                     notifier,
