@@ -116,7 +116,7 @@ def test_config_custom_properties_and_repr():
     assert repr(cfg) == (
         "LaminarConfig(buffer_size=1024, storage_dir='/tmp/laminar_data', "
         "checkpoint_interval_ms=5000, table_spill_threshold=10000000, shards=1, idle_timeout_ms=10000, "
-        "wal_fsync=True)"
+        "wal_fsync=True, max_event_ahead_ms=86400000)"
     )
 
 
