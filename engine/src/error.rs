@@ -201,10 +201,24 @@ impl From<datafusion::error::DataFusionError> for Error {
                 err.message = format!("{ctx}: {}", err.message);
                 err
             }
-            D::Shared(inner) => Error::query(inner.to_string()),
+            D::Shared(inner) => Error::query(readable(&inner.to_string())),
             D::Internal(msg) => Error::internal(msg),
-            other => Error::query(other.strip_backtrace()),
+            other => Error::query(readable(&other.strip_backtrace())),
         }
+    }
+}
+
+/// Some DataFusion messages end in a Rust debug dump of a syntax node
+/// (`… non-string expr: Value(ValueWithSpan { value: Null, span: … })`): the message is
+/// cut where the dump starts, which keeps what it says and drops what no user can read.
+fn readable(message: &str) -> String {
+    static DUMP: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let dump = DUMP.get_or_init(|| {
+        regex::Regex::new(r"\b[A-Z][A-Za-z0-9]*(\([A-Z][A-Za-z0-9]*)? \{ [a-z_][a-z0-9_]*: ").expect("valid regex")
+    });
+    match dump.find(message) {
+        Some(m) => format!("{} (in the statement)", message[..m.start()].trim_end().trim_end_matches(':')),
+        None => message.to_string(),
     }
 }
 
@@ -236,6 +250,19 @@ mod tests {
         assert_eq!(pairs.len(), 18);
         assert!(pairs.contains(&(302, "BATCH_SCHEMA_MISMATCH")));
         assert!(pairs.contains(&(901, "SHUTDOWN")));
+    }
+
+    #[test]
+    fn debug_dumps_are_cut_from_datafusion_messages() {
+        let df = datafusion::error::DataFusionError::NotImplemented(
+            "Dot access not supported for non-string expr: Value(ValueWithSpan { value: Null, span: Span(Location(1,2)..Location(1,6)) })".into(),
+        );
+        assert_eq!(
+            Error::from(df).message,
+            "This feature is not implemented: Dot access not supported for non-string expr (in the statement)"
+        );
+        let plain = datafusion::error::DataFusionError::Plan("No field named x. Valid fields are t.a.".into());
+        assert_eq!(Error::from(plain).message, "Error during planning: No field named x. Valid fields are t.a.");
     }
 
     #[test]

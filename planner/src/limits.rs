@@ -233,4 +233,108 @@ mod tests {
         assert!(bound(")))") >= 1);
         assert!(bound("((((") >= 4);
     }
+
+    /// A random expression: chains of binary operators, unary operators, function calls,
+    /// CASE, IN lists, BETWEEN and parentheses, nested up to `depth` groups.
+    fn next(rng: &mut u64, n: u64) -> u64 {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng % n
+    }
+
+    fn expr(rng: &mut u64, depth: u32, out: &mut String) {
+        let long = next(rng, 4) == 0;
+        let links = 1 + next(rng, if long { 300 } else { 4 });
+        for i in 0..links {
+            // Deep and long at once would grow without bound: past a size, only leaves.
+            let depth = if out.len() > 4_000 { 0 } else { depth };
+            if i > 0 {
+                out.push_str([" + ", " * ", " OR ", " AND ", " = ", " < ", " || ", " - "][next(rng, 8) as usize]);
+            }
+            match if depth == 0 { 0 } else { next(rng, 8) } {
+                0 => out.push_str(["a", "1", "'s'", "2.5", "NULL", "b"][next(rng, 6) as usize]),
+                1 => {
+                    out.push('(');
+                    expr(rng, depth - 1, out);
+                    out.push(')');
+                }
+                2 => {
+                    out.push_str("abs(");
+                    expr(rng, depth - 1, out);
+                    out.push(')');
+                }
+                3 => {
+                    out.push_str("NOT ");
+                    expr(rng, depth - 1, out);
+                }
+                4 => {
+                    out.push_str("CASE WHEN ");
+                    expr(rng, depth - 1, out);
+                    out.push_str(" THEN ");
+                    expr(rng, depth - 1, out);
+                    out.push_str(" ELSE 0 END");
+                }
+                5 => {
+                    out.push_str("a IN (1, 2, ");
+                    expr(rng, depth - 1, out);
+                    out.push(')');
+                }
+                6 => {
+                    out.push_str("a BETWEEN 1 AND ");
+                    expr(rng, depth - 1, out);
+                }
+                _ => {
+                    out.push('-');
+                    expr(rng, depth - 1, out);
+                }
+            }
+        }
+    }
+
+    struct Depth {
+        now: usize,
+        max: usize,
+    }
+
+    impl datafusion::sql::sqlparser::ast::Visitor for Depth {
+        type Break = ();
+        fn pre_visit_expr(&mut self, _: &datafusion::sql::sqlparser::ast::Expr) -> std::ops::ControlFlow<()> {
+            self.now += 1;
+            self.max = self.max.max(self.now);
+            std::ops::ControlFlow::Continue(())
+        }
+        fn post_visit_expr(&mut self, _: &datafusion::sql::sqlparser::ast::Expr) -> std::ops::ControlFlow<()> {
+            self.now -= 1;
+            std::ops::ControlFlow::Continue(())
+        }
+    }
+
+    /// The bound is sound: for random expressions sqlparser parses, the parsed tree is
+    /// never deeper than what the tokens promised.
+    #[test]
+    fn the_bound_is_never_below_the_parsed_depth() {
+        use datafusion::sql::sqlparser::ast::Visit;
+        use datafusion::sql::sqlparser::dialect::GenericDialect;
+        use datafusion::sql::sqlparser::parser::Parser;
+        let run = || {
+            let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+            let mut checked = 0;
+            for case in 0..200 {
+                let mut e = String::new();
+                expr(&mut rng, 6, &mut e);
+                let sql = format!("SELECT {e} FROM t WHERE {e}");
+                let Ok(statements) = Parser::new(&GenericDialect {}).try_with_sql(&sql).and_then(|mut p| p.parse_statements())
+                else {
+                    continue;
+                };
+                let mut depth = Depth { now: 0, max: 0 };
+                let _ = statements.visit(&mut depth);
+                assert!(bound(&sql) >= depth.max, "case {case}: bound {} < parsed depth {} for {sql}", bound(&sql), depth.max);
+                checked += 1;
+            }
+            assert!(checked > 150, "only {checked} cases parsed");
+        };
+        std::thread::Builder::new().stack_size(256 << 20).spawn(run).unwrap().join().unwrap();
+    }
 }

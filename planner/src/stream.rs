@@ -724,7 +724,22 @@ fn lower_aggregate(
     let mut exprs: Vec<PhysExpr> = Vec::new();
     let mut fields: Vec<Field> = Vec::new();
     let mut layout = Vec::new();
-    for (i, g) in a.group_expr.iter().enumerate() {
+    // `GROUP BY k, k` groups by k once: DataFusion's output schema holds each key once.
+    let mut group_expr: Vec<&DfExpr> = Vec::with_capacity(a.group_expr.len());
+    for g in &a.group_expr {
+        if !group_expr.contains(&g) {
+            group_expr.push(g);
+        }
+    }
+    if group_expr.len() + a.aggr_expr.len() != a.schema.fields().len() {
+        return Err(Error::unsupported(format!(
+            "this GROUP BY in a stream ({} keys, {} aggregates, {} output columns)",
+            group_expr.len(),
+            a.aggr_expr.len(),
+            a.schema.fields().len()
+        )));
+    }
+    for (i, g) in group_expr.into_iter().enumerate() {
         if let DfExpr::GroupingSet(_) = g {
             return Err(Error::unsupported("GROUPING SETS / ROLLUP / CUBE in a stream"));
         }
@@ -766,7 +781,7 @@ fn lower_aggregate(
                 af.func.name().to_uppercase()
             )));
         }
-        let out_type = a.schema.field(a.group_expr.len() + i).data_type().clone();
+        let out_type = a.schema.field(a.schema.fields().len() - a.aggr_expr.len() + i).data_type().clone();
         let (arg, domain) = match af.params.args.as_slice() {
             [] => (None, Domain::Int),
             [DfExpr::Literal(v, _)] if kind == AggKind::Count && !v.is_null() => (None, Domain::Int),

@@ -249,3 +249,16 @@ def test_the_bound_on_future_event_times_can_be_lifted():
     finally:
         db.close()
     assert laminardb.LaminarConfig().max_event_ahead_ms == 86_400_000
+
+
+def test_a_repeated_group_key_groups_once(sharded_db):
+    """Found by sql_fuzz_harness.py (seed 1): `GROUP BY k, k` panicked in the planner (900)."""
+    db = sharded_db
+    db.execute("CREATE SOURCE g (ts BIGINT, k VARCHAR, WATERMARK FOR ts)")
+    db.execute("CREATE STREAM a AS SELECT k, COUNT(*) AS n FROM g GROUP BY k, k")
+    db.execute(
+        "CREATE STREAM b AS SELECT k, window_start, COUNT(*) AS n FROM g GROUP BY k, k, TUMBLE(ts, INTERVAL '1' SECOND)"
+    )
+    db.insert("g", [{"ts": 10, "k": "x"}, {"ts": 20, "k": "x"}, {"ts": 30, "k": "y"}, {"ts": 5000, "k": "y"}])
+    assert db.query("SELECT k, n FROM a ORDER BY k").fetchall() == [("x", 2), ("y", 2)]
+    assert db.query("SELECT k, window_start, n FROM b ORDER BY k").fetchall() == [("x", 0, 2), ("y", 0, 1)]
