@@ -123,6 +123,7 @@ fn text_reading_schema(target: &SchemaRef) -> SchemaRef {
 
 /// Parses a JSON array of objects or newline-delimited objects into batches cast to `target`.
 pub fn read_json(text: &str, target: &SchemaRef) -> Result<Vec<RecordBatch>> {
+    check_json_depth(text, JSON_DEPTH_MAX)?;
     let reading = text_reading_schema(target);
     let bad = |e: &dyn std::fmt::Display| Error::batch_mismatch(format!("invalid JSON input: {e}"));
     let trimmed = text.trim_start();
@@ -146,6 +147,42 @@ pub fn read_json(text: &str, target: &SchemaRef) -> Result<Vec<RecordBatch>> {
             .map_err(|e| bad(&e))?
     };
     batches.iter().map(|b| cast_to_schema(b, target)).collect()
+}
+
+/// How deeply JSON input may nest arrays and objects. The decoders recurse per level (one
+/// of them without a limit, on the caller's thread), and a row of a table is one object
+/// whose values may nest a few levels for LIST/STRUCT columns.
+pub const JSON_DEPTH_MAX: usize = 64;
+
+/// Refuses JSON text nesting `[`/`{` deeper than `max`, in one pass over the bytes
+/// (brackets inside strings do not count).
+pub fn check_json_depth(text: &str, max: usize) -> Result<()> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Err(Error::batch_mismatch(format!(
+                        "invalid JSON input: nested deeper than {max} levels of arrays and objects"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Parses CSV with a header row; columns are matched by the header's names.
@@ -256,5 +293,19 @@ mod tests {
         assert_eq!(err.code, crate::ErrorCode::BatchSchemaMismatch);
         let extra = RecordBatch::try_from_iter(vec![("nope", Arc::new(Int64Array::from(vec![1])) as ArrayRef)]).unwrap();
         assert_eq!(cast_to_schema(&extra, &target()).unwrap_err().code, crate::ErrorCode::BatchSchemaMismatch);
+    }
+}
+
+#[cfg(test)]
+mod json_depth_tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_counted_outside_strings_only() {
+        check_json_depth(r#"[{"a": 1, "s": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}]"#, 4).unwrap();
+        check_json_depth(r#"[{"s": "\\\"[[[["}]"#, 2).unwrap();
+        assert!(check_json_depth(&"{\"a\":".repeat(100), 64).is_err());
+        assert!(check_json_depth("[[[", 2).is_err());
+        check_json_depth("[[]]", 2).unwrap();
     }
 }

@@ -120,6 +120,7 @@ fn dict_to_batches(py: Python<'_>, dict: &Bound<'_, PyDict>, schema: &SchemaRef)
             let values: Vec<Bound<'_, PyAny>> = column.try_iter()?.collect::<PyResult<_>>()?;
             build_array(py, &field, &values)?
         } else {
+            check_nesting(&name, std::slice::from_ref(&column))?;
             let pyarrow = py.import("pyarrow")?;
             let array: PyArray = pyarrow.call_method1("array", (column,)).map_err(|e| mismatch(&name, e))?.extract()?;
             array.into_inner().0
@@ -197,6 +198,34 @@ fn unknown_column(schema: &SchemaRef, name: &str) -> PyErr {
     to_pyerr(Error::batch_mismatch(format!("column '{name}' is not in the schema ({})", cols.join(", "))))
 }
 
+/// How deeply a value handed to pyarrow's inference may nest lists, tuples and dicts:
+/// pyarrow recurses once per level on the caller's stack and crashes the interpreter
+/// somewhere past ten thousand.
+const PY_NESTING_MAX: usize = 64;
+
+/// Refuses values nested deeper than [`PY_NESTING_MAX`] (walked without recursion).
+fn check_nesting(column: &str, values: &[Bound<'_, PyAny>]) -> PyResult<()> {
+    let mut stack: Vec<(Bound<'_, PyAny>, usize)> = values.iter().map(|v| (v.clone(), 1)).collect();
+    while let Some((value, depth)) = stack.pop() {
+        let children: Vec<Bound<'_, PyAny>> = if let Ok(list) = value.cast::<PyList>() {
+            list.iter().collect()
+        } else if let Ok(tuple) = value.cast::<PyTuple>() {
+            tuple.iter().collect()
+        } else if let Ok(dict) = value.cast::<PyDict>() {
+            dict.values().iter().collect()
+        } else {
+            continue;
+        };
+        if depth > PY_NESTING_MAX {
+            return Err(to_pyerr(Error::batch_mismatch(format!(
+                "column '{column}': a value nests lists, tuples or dicts deeper than {PY_NESTING_MAX} levels"
+            ))));
+        }
+        stack.extend(children.into_iter().map(|c| (c, depth + 1)));
+    }
+    Ok(())
+}
+
 fn mismatch(column: &str, e: PyErr) -> PyErr {
     to_pyerr(Error::batch_mismatch(format!("column '{column}': {e}")))
 }
@@ -208,6 +237,7 @@ fn build_array(py: Python<'_>, field: &Field, values: &[Bound<'_, PyAny>]) -> Py
     if let Some(array) = build_native(field.data_type(), values) {
         return Ok(array);
     }
+    check_nesting(field.name(), values)?;
     let pyarrow = py.import("pyarrow")?;
     let list = PyList::new(py, values)?;
     let array: PyArray = pyarrow

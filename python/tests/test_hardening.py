@@ -262,3 +262,28 @@ def test_a_repeated_group_key_groups_once(sharded_db):
     db.insert("g", [{"ts": 10, "k": "x"}, {"ts": 20, "k": "x"}, {"ts": 30, "k": "y"}, {"ts": 5000, "k": "y"}])
     assert db.query("SELECT k, n FROM a ORDER BY k").fetchall() == [("x", 2), ("y", 2)]
     assert db.query("SELECT k, window_start, n FROM b ORDER BY k").fetchall() == [("x", 0, 2), ("y", 0, 1)]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "db.insert_json('t', '{\"a\":' * 200000 + '1' + '}' * 200000)",
+        "db.insert_json('t', '[' * 200000)",
+        "db.insert_json('t', '[{\"a\": 1, \"s\": ' + '[' * 100000 + ']' * 100000 + '}]')",
+        "x = []\nfor _ in range(100000): x = [x]\ndb.insert('t', {'a': [1], 's': [x]})",
+        "x = {}\nfor _ in range(100000): x = {'k': x}\ndb.insert('t', [{'a': 1, 's': x}])",
+    ],
+    ids=["json-objects", "json-arrays", "json-value", "python-lists", "python-dicts"],
+)
+def test_deeply_nested_input_is_refused_not_fatal(case):
+    body = (
+        "db.execute('DROP SOURCE t')\n"
+        "db.execute('CREATE SOURCE t (a BIGINT, s VARCHAR)')\n"
+        "def go():\n" + textwrap.indent(case, "    ") + "\n"
+        "attempt('insert', go)\n"
+        "attempt('count', lambda: db.query('SELECT COUNT(*) AS n FROM t').to_dicts()['n'])\n"
+    )
+    out = run_child(body)
+    assert out["insert"][:2] == ["IngestionError", laminardb.codes.BATCH_SCHEMA_MISMATCH], out["insert"]
+    assert "deeper than" in out["insert"][2] or "recursion limit" in out["insert"][2]
+    assert out["count"] == ["ok", [0]]
