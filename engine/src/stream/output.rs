@@ -22,6 +22,37 @@ struct Subscriber {
     /// A receiver kept by the publisher to drop the oldest batch of a full queue.
     evict: flume::Receiver<RecordBatch>,
     lag: Arc<Lag>,
+    notify: Arc<Notify>,
+}
+
+/// Wakes a reader that waits without a thread blocked on its queue (asyncio): a one-shot
+/// callback the reader arms, run by whoever makes the queue ready, i.e. the publisher
+/// after queueing a batch (on a shard thread: the callback must be cheap and must not
+/// block) or whoever ends the queue. Unarmed, it costs a publish one atomic load.
+#[derive(Default)]
+pub struct Notify {
+    armed: AtomicBool,
+    slot: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Notify {
+    /// Runs the armed callback, if any, once.
+    fn fire(&self) {
+        // Pairs with the fence in `Subscription::notify_when_ready`: either the reader
+        // sees the batch queued before this, or this sees the callback armed.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.armed.load(Ordering::SeqCst) {
+            return;
+        }
+        let callback = {
+            let mut slot = self.slot.lock();
+            self.armed.store(false, Ordering::SeqCst);
+            slot.take()
+        };
+        if let Some(callback) = callback {
+            callback();
+        }
+    }
 }
 
 /// What a slow subscriber lost.
@@ -38,11 +69,26 @@ pub struct Subscription {
     pub lag: Arc<Lag>,
     pub output: Arc<Output>,
     id: u64,
+    notify: Arc<Notify>,
 }
 
 impl Subscription {
     pub fn cancel(&self) {
         self.output.unsubscribe(self.id);
+    }
+
+    /// Runs `callback` once, as soon as the queue holds a batch or has ended (at once if
+    /// it already does). Arming again replaces a callback that has not run yet.
+    pub fn notify_when_ready(&self, callback: Box<dyn FnOnce() + Send>) {
+        {
+            let mut slot = self.notify.slot.lock();
+            *slot = Some(callback);
+            self.notify.armed.store(true, Ordering::SeqCst);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.batches.is_empty() || self.batches.is_disconnected() {
+            self.notify.fire();
+        }
     }
 }
 
@@ -131,15 +177,20 @@ impl Output {
         let (tx, rx) = flume::bounded(capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let lag = Arc::new(Lag::default());
+        let notify = Arc::new(Notify::default());
         let mut subscribers = self.subscribers.write();
         if !self.closed.load(Ordering::Acquire) {
-            subscribers.push(Subscriber { id, tx, evict: rx.clone(), lag: lag.clone() });
+            subscribers.push(Subscriber { id, tx, evict: rx.clone(), lag: lag.clone(), notify: notify.clone() });
         }
-        Subscription { batches: rx, lag, output: self.clone(), id }
+        Subscription { batches: rx, lag, output: self.clone(), id, notify }
     }
 
     fn unsubscribe(&self, id: u64) {
-        self.subscribers.write().retain(|s| s.id != id);
+        let mut subscribers = self.subscribers.write();
+        let Some(at) = subscribers.iter().position(|s| s.id == id) else { return };
+        let gone = subscribers.swap_remove(at);
+        drop(subscribers);
+        end_queues(vec![gone]);
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -167,7 +218,10 @@ impl Output {
             let mut item = batch.clone();
             loop {
                 match s.tx.try_send(item) {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        s.notify.fire();
+                        break;
+                    }
                     Err(flume::TrySendError::Full(back)) => {
                         item = back;
                         if let Ok(old) = s.evict.try_recv() {
@@ -187,7 +241,9 @@ impl Output {
     pub fn close(&self) {
         let mut subscribers = self.subscribers.write();
         self.closed.store(true, Ordering::Release);
-        subscribers.clear();
+        let gone = std::mem::take(&mut *subscribers);
+        drop(subscribers);
+        end_queues(gone);
     }
 
     pub fn record_error(&self, message: &str) {
@@ -245,6 +301,16 @@ impl Output {
     }
 }
 
+/// Drops the senders of removed subscribers (their queues end once drained), then wakes
+/// their readers, who find the end.
+fn end_queues(gone: Vec<Subscriber>) {
+    for s in gone {
+        let notify = s.notify.clone();
+        drop(s);
+        notify.fire();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +340,45 @@ mod tests {
         out.close();
         assert!(a.batches.recv().is_ok());
         assert!(a.batches.recv().is_err(), "closed output ends the subscription after its queue");
+    }
+
+    fn counter() -> (Arc<AtomicU64>, Box<dyn Fn() -> Box<dyn FnOnce() + Send>>) {
+        let fired = Arc::new(AtomicU64::new(0));
+        let f = fired.clone();
+        (fired, Box::new(move || {
+            let f = f.clone();
+            Box::new(move || {
+                f.fetch_add(1, Ordering::SeqCst);
+            })
+        }))
+    }
+
+    #[test]
+    fn an_armed_notifier_fires_once_on_a_batch_or_the_end() {
+        let out = Output::new("s", batch(0).schema());
+        let sub = out.subscribe(4);
+        let (fired, callback) = counter();
+        sub.notify_when_ready(callback());
+        assert_eq!(fired.load(Ordering::SeqCst), 0, "an empty queue does not fire");
+        out.publish(&batch(1));
+        out.publish(&batch(2));
+        assert_eq!(fired.load(Ordering::SeqCst), 1, "fires once per arming");
+        sub.notify_when_ready(callback());
+        assert_eq!(fired.load(Ordering::SeqCst), 2, "a queue already holding a batch fires at once");
+        sub.batches.drain().for_each(drop);
+        sub.notify_when_ready(callback());
+        sub.notify_when_ready(callback());
+        sub.cancel();
+        assert_eq!(fired.load(Ordering::SeqCst), 3, "cancelling fires the one armed callback (re-arming replaced the first)");
+        assert!(sub.batches.is_disconnected());
+
+        let other = out.subscribe(4);
+        other.notify_when_ready(callback());
+        out.close();
+        assert_eq!(fired.load(Ordering::SeqCst), 4, "closing the output fires");
+        let late = out.subscribe(4);
+        late.notify_when_ready(callback());
+        assert_eq!(fired.load(Ordering::SeqCst), 5, "a subscription to a closed output is ready at once");
     }
 
     #[test]
