@@ -30,6 +30,9 @@ pub struct EngineConfig {
     /// The storage directory is a temporary one (checkpoints configured on an in-memory
     /// database): deleted when the database closes.
     pub ephemeral_storage: bool,
+    /// Bytes a subscriber's queue may hold before its oldest batches are dropped (and
+    /// counted as lagged), besides the bound in batches.
+    pub subscriber_queue_bytes: u64,
 }
 
 impl EngineConfig {
@@ -57,6 +60,7 @@ impl Default for EngineConfig {
             idle_timeout_ms: 10_000,
             wal_fsync: true,
             ephemeral_storage: false,
+            subscriber_queue_bytes: crate::stream::output::SUBSCRIBER_BYTES_MAX,
         }
     }
 }

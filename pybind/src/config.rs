@@ -13,7 +13,7 @@ pub struct PyLaminarConfig {
 #[pymethods]
 impl PyLaminarConfig {
     #[new]
-    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true))]
+    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true, subscriber_queue_bytes=laminardb_engine::stream::output::SUBSCRIBER_BYTES_MAX))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         buffer_size: usize,
@@ -23,6 +23,7 @@ impl PyLaminarConfig {
         shards: Option<usize>,
         idle_timeout_ms: u64,
         wal_fsync: bool,
+        subscriber_queue_bytes: u64,
     ) -> PyResult<Self> {
         if buffer_size == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err("buffer_size must be positive"));
@@ -39,6 +40,7 @@ impl PyLaminarConfig {
                 table_spill_threshold,
                 idle_timeout_ms,
                 wal_fsync,
+                subscriber_queue_bytes,
                 ..EngineConfig::default()
             },
         })
@@ -78,9 +80,16 @@ impl PyLaminarConfig {
         self.inner.wal_fsync
     }
 
+    /// Bytes a subscriber's queue may hold before its oldest batches are dropped (counted
+    /// in `lagged_batches`); a single larger batch is still delivered.
+    #[getter]
+    fn subscriber_queue_bytes(&self) -> u64 {
+        self.inner.subscriber_queue_bytes
+    }
+
     fn __repr__(&self) -> String {
         format!(
-            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={})",
+            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={}, subscriber_queue_bytes={})",
             self.inner.buffer_size,
             self.inner.storage_dir.as_ref().map_or("None".to_string(), |d| format!("'{d}'")),
             self.inner.checkpoint_interval_ms.map_or("None".to_string(), |v| v.to_string()),
@@ -88,6 +97,7 @@ impl PyLaminarConfig {
             self.inner.shards,
             self.inner.idle_timeout_ms,
             if self.inner.wal_fsync { "True" } else { "False" },
+            self.inner.subscriber_queue_bytes,
         )
     }
 }

@@ -530,7 +530,7 @@ impl PyConnection {
     fn subscribe_stream(&self, name: &str) -> PyResult<PyStreamSubscription> {
         let handle = self.open()?;
         let output = handle.output(name).py()?;
-        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX);
+        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX, handle.subscriber_queue_bytes());
         Ok(PyStreamSubscription::new(SubCore::new(sub, None), output.name.clone()))
     }
 
@@ -543,7 +543,7 @@ impl PyConnection {
         let ddl = format!("CREATE STREAM \"{name}\" AS {sql}");
         blocking(py, || handle.execute(&ddl, vec![]))?;
         let output = handle.output(&name).py()?;
-        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX);
+        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX, handle.subscriber_queue_bytes());
         let weak = Arc::downgrade(&handle);
         let drop_stream = move || {
             if let Some(handle) = weak.upgrade() {

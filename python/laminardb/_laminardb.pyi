@@ -52,6 +52,7 @@ class LaminarConfig:
         shards: Optional[int] = None,
         idle_timeout_ms: int = 10_000,
         wal_fsync: bool = True,
+        subscriber_queue_bytes: int = 67108864,
     ) -> None: ...
     @property
     def buffer_size(self) -> int: ...
@@ -67,6 +68,8 @@ class LaminarConfig:
     def idle_timeout_ms(self) -> int: ...
     @property
     def wal_fsync(self) -> bool: ...
+    @property
+    def subscriber_queue_bytes(self) -> int: ...
 
 class QueryResult:
     @property

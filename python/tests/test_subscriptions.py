@@ -361,6 +361,25 @@ def test_callback_on_error_receives_the_error(ticks):
     assert data == []
 
 
+def test_a_subscriber_queue_is_bounded_in_bytes():
+    # Queues were bounded in batches only: 4,096 big batches could pile up unread.
+    config = laminardb.LaminarConfig(shards=1, subscriber_queue_bytes=1 << 20)
+    with laminardb.open(":memory:", config=config) as db:
+        db.execute("CREATE SOURCE big (v BIGINT)")
+        sub = db.subscribe_stream("big")
+        for i in range(4):  # 100,000 BIGINTs = 800,000 bytes each: one fits in 1 MiB
+            db.insert("big", pa.table({"v": pa.array(range(i * 100_000, (i + 1) * 100_000), pa.int64())}))
+        assert sub.lagged_batches == 3
+        kept = sub.try_next()
+        assert kept.num_rows == 100_000
+        assert kept.to_arrow().column("v")[0].as_py() == 300_000
+        assert sub.try_next() is None
+        db.insert("big", [{"v": 1}])  # the reader caught up: nothing more is lost
+        db.insert("big", [{"v": 2}])
+        assert [b.fetchall() for b in drain(sub)] == [[(1,)], [(2,)]]
+        assert sub.lagged_batches == 3
+
+
 # =========================================================================== asyncio
 
 
