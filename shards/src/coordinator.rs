@@ -82,9 +82,23 @@ pub(crate) fn run(startup: Startup) {
         .map(|ids| ids.into_iter().map(|c| c.id).collect())
         .unwrap_or_default();
     // Spill files are not part of durability (checkpoints and the WAL are): the directory
-    // is emptied at open and removed at close.
-    let spill_dir = storage.as_ref().map_or_else(|| crate::storage::temp_dir("laminardb-spill"), |s| s.root.join("spill"));
-    let _ = std::fs::remove_dir_all(&spill_dir);
+    // is emptied at open and removed at close. Without storage it is a temporary one,
+    // locked while open; those of killed processes are removed here.
+    crate::tempdirs::clean_orphans(&std::env::temp_dir());
+    let (spill_dir, spill_temp) = match &storage {
+        Some(s) => {
+            let dir = s.root.join("spill");
+            let _ = std::fs::remove_dir_all(&dir);
+            (dir, None)
+        }
+        None => match crate::tempdirs::LockedDir::create(crate::tempdirs::SPILL_PREFIX) {
+            Ok(temp) => (temp.path.clone(), Some(temp)),
+            Err(e) => {
+                let _ = ready.send(Err(Error::new(ErrorCode::ConnectionFailed, format!("cannot create a spill directory: {e}"))));
+                return;
+            }
+        },
+    };
     let (spill_thread, spill_jobs) = match start_spill_thread() {
         Ok(spill) => spill,
         Err(e) => {
@@ -256,6 +270,7 @@ pub(crate) fn run(startup: Startup) {
     drop(spill_jobs);
     let _ = spill_thread.join();
     let _ = std::fs::remove_dir_all(&spill_dir);
+    drop(spill_temp);
     if let Some(storage) = storage {
         let root = storage.root.clone();
         drop(storage);
