@@ -734,6 +734,7 @@ impl PyConnection {
         dict.set_item("utilization", 0.0)?;
         dict.set_item("memory_bytes", bytes)?;
         dict.set_item("spilled_rows", spilled)?;
+        dict.set_item("expired_rows", per_shard.iter().map(|s| s.expired_rows).sum::<u64>())?;
         dict.set_item("rows_per_shard", per_shard.iter().map(|s| s.rows).collect::<Vec<_>>())?;
         Ok(dict)
     }
