@@ -57,6 +57,11 @@ impl SourceDef {
     /// else none — rows are then dealt out in contiguous slices, which costs the inserting
     /// caller nothing; keyed operators move rows to their key's shard over the exchange,
     /// in parallel on the shards.
+    /// The source's retention (`Retention::from_options`).
+    pub fn retention(&self) -> Result<Retention> {
+        Retention::from_options(&self.options)
+    }
+
     pub fn choose_partition_key(&mut self) -> Result<()> {
         if let Some(list) = self.options.get("partition_key").cloned() {
             let mut idx = Vec::new();
@@ -71,6 +76,60 @@ impl SourceDef {
         self.partition_key = self.primary_key.clone();
         Ok(())
     }
+}
+
+/// How long a source keeps its rows (`WITH (retention = '1 hour', retention_rows = '…')`);
+/// without either, every row is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Rows whose event time is older than the source's watermark minus this (ms) go.
+    pub time_ms: Option<i64>,
+    /// At most this many rows are kept, the newest.
+    pub rows: Option<u64>,
+}
+
+impl Retention {
+    pub fn is_some(&self) -> bool {
+        self.time_ms.is_some() || self.rows.is_some()
+    }
+
+    /// Reads the `retention` and `retention_rows` options.
+    pub fn from_options(options: &BTreeMap<String, String>) -> Result<Retention> {
+        let time_ms = match options.get("retention") {
+            None => None,
+            Some(v) => Some(parse_duration_ms(v).ok_or_else(|| {
+                Error::invalid_schema(format!(
+                    "retention = '{v}' is not a duration: write e.g. '1 hour', '30 minutes', '10 seconds', '500 ms'"
+                ))
+            })?),
+        };
+        let rows = match options.get("retention_rows") {
+            None => None,
+            Some(v) => match v.replace('_', "").parse::<u64>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => return Err(Error::invalid_schema(format!("retention_rows = '{v}' is not a positive integer"))),
+            },
+        };
+        Ok(Retention { time_ms, rows })
+    }
+}
+
+/// `<n> <unit>` (or `<n><unit>`) as milliseconds; units from ms to days, singular, plural
+/// or abbreviated. `None` for anything else, a zero or a negative duration.
+pub fn parse_duration_ms(text: &str) -> Option<i64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '_').unwrap_or(text.len());
+    let n: i64 = text[..split].replace('_', "").parse().ok()?;
+    let unit = text[split..].trim().to_ascii_lowercase();
+    let ms: i64 = match unit.as_str() {
+        "ms" | "millisecond" | "milliseconds" => 1,
+        "s" | "sec" | "secs" | "second" | "seconds" => 1_000,
+        "m" | "min" | "mins" | "minute" | "minutes" => 60_000,
+        "h" | "hr" | "hrs" | "hour" | "hours" => 3_600_000,
+        "d" | "day" | "days" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(ms).filter(|&ms| ms > 0)
 }
 
 /// A continuous query (`CREATE STREAM` / `CREATE MATERIALIZED VIEW`).
@@ -302,5 +361,30 @@ mod name_tests {
         )]);
         assert!(check_exportable("q", &nested).unwrap_err().message.contains("NUL"));
         check_columns("s", &Schema::new(vec![Field::new("A", DataType::Int64, true), Field::new("a", DataType::Int64, true)])).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_row_counts_of_retention() {
+        assert_eq!(parse_duration_ms("1 hour"), Some(3_600_000));
+        assert_eq!(parse_duration_ms("30 minutes"), Some(1_800_000));
+        assert_eq!(parse_duration_ms("10s"), Some(10_000));
+        assert_eq!(parse_duration_ms(" 500 ms "), Some(500));
+        assert_eq!(parse_duration_ms("2 DAYS"), Some(172_800_000));
+        for bad in ["", "hour", "1", "0 s", "-1 s", "1.5 h", "1 fortnight", "99999999999999999 d"] {
+            assert_eq!(parse_duration_ms(bad), None, "{bad}");
+        }
+        let opts = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(Retention::from_options(&opts(&[])).unwrap(), Retention::default());
+        let r = Retention::from_options(&opts(&[("retention", "1 minute"), ("retention_rows", "1_000")])).unwrap();
+        assert_eq!(r, Retention { time_ms: Some(60_000), rows: Some(1000) });
+        let e = Retention::from_options(&opts(&[("retention_rows", "0")])).unwrap_err();
+        assert_eq!(e.code, crate::ErrorCode::InvalidSchema);
+        assert!(e.message.contains("retention_rows = '0'"), "{}", e.message);
+        assert!(Retention::from_options(&opts(&[("retention", "soon")])).is_err());
     }
 }

@@ -45,6 +45,9 @@ pub struct EngineConfig {
     /// The storage directory is a temporary one (checkpoints configured on an in-memory
     /// database): deleted when the database closes.
     pub ephemeral_storage: bool,
+    /// Bytes a subscriber's queue may hold before its oldest batches are dropped (and
+    /// counted as lagged), besides the bound in batches.
+    pub subscriber_queue_bytes: u64,
 }
 
 impl EngineConfig {
@@ -73,6 +76,7 @@ impl Default for EngineConfig {
             wal_fsync: true,
             max_event_ahead_ms: Some(DEFAULT_MAX_EVENT_AHEAD_MS),
             ephemeral_storage: false,
+            subscriber_queue_bytes: crate::stream::output::SUBSCRIBER_BYTES_MAX,
         }
     }
 }

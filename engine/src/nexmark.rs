@@ -130,7 +130,7 @@ const OPTIONS: [&str; 5] = ["connector", "table", "events", "rate", "base_time_m
 impl NexmarkConfig {
     pub fn from_options(options: &BTreeMap<String, String>) -> Result<NexmarkConfig> {
         for key in options.keys() {
-            if !OPTIONS.contains(&key.as_str()) && !key.starts_with("watermark") && key != "partition_key" {
+            if !OPTIONS.contains(&key.as_str()) && !key.starts_with("watermark") && !key.starts_with("retention") && key != "partition_key" {
                 return Err(Error::connector(format!(
                     "nexmark source option '{key}' is not one of {}",
                     OPTIONS.join(", ")

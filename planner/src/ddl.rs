@@ -186,6 +186,22 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
             return Err(Error::invalid_schema("a watermark delay cannot be negative"));
         }
     }
+    if generator.is_none() {
+        if let Some(key) = options.keys().find(|k| !SOURCE_OPTIONS.contains(&k.as_str())) {
+            return Err(Error::invalid_schema(format!(
+                "unknown option '{key}' in WITH: a source takes {}",
+                SOURCE_OPTIONS.join(", ")
+            )));
+        }
+    }
+    let retention = laminardb_engine::catalog::Retention::from_options(&options)?;
+    if retention.time_ms.is_some() && watermark.is_none() {
+        return Err(Error::invalid_schema(format!(
+            "retention = '{}' drops rows by event time, so '{name}' needs a watermark \
+             (WATERMARK FOR col or watermark_column); or keep a number of rows with retention_rows",
+            options["retention"]
+        )));
+    }
     let mut def = SourceDef {
         name,
         kind,
@@ -302,6 +318,9 @@ fn watermark_delay(column: &str, expr: &Expr) -> Result<i64> {
     }
 }
 
+/// The WITH keys of a source that is not generated (a generator checks its own).
+const SOURCE_OPTIONS: [&str; 5] = ["partition_key", "watermark_column", "watermark_delay_ms", "retention", "retention_rows"];
+
 fn with_options(options: &CreateTableOptions) -> Result<BTreeMap<String, String>> {
     let list = match options {
         CreateTableOptions::None => return Ok(BTreeMap::new()),
@@ -399,6 +418,22 @@ mod tests {
         assert!(plan("CREATE SOURCE s (ts VARCHAR, WATERMARK FOR ts)").is_err());
         assert!(plan("CREATE SOURCE s (ts BIGINT, WATERMARK FOR nope)").is_err());
         assert!(plan("CREATE SOURCE s (ts BIGINT, WATERMARK FOR ts AS ts * 2)").is_err());
+    }
+
+    #[test]
+    fn retention_options_are_checked_and_unknown_options_refused() {
+        let def = source("CREATE SOURCE s (ts BIGINT, v DOUBLE, WATERMARK FOR ts) WITH (retention = '1 hour', retention_rows = '500')");
+        let r = def.retention().unwrap();
+        assert_eq!((r.time_ms, r.rows), (Some(3_600_000), Some(500)));
+        assert_eq!(source("CREATE SOURCE s (v DOUBLE) WITH (retention_rows = '10')").retention().unwrap().rows, Some(10));
+        let err = plan("CREATE SOURCE s (ts BIGINT, v DOUBLE) WITH (retention = '1 hour')").err().unwrap();
+        assert_eq!(err.code, laminardb_engine::ErrorCode::InvalidSchema);
+        assert!(err.message.contains("needs a watermark"), "{err}");
+        let err = plan("CREATE SOURCE s (ts BIGINT, WATERMARK FOR ts) WITH (retention = 'forever')").err().unwrap();
+        assert!(err.message.contains("retention = 'forever' is not a duration"), "{err}");
+        let err = plan("CREATE SOURCE s (v DOUBLE) WITH (retension_rows = '10')").err().unwrap();
+        assert_eq!(err.code, laminardb_engine::ErrorCode::InvalidSchema);
+        assert!(err.message.contains("unknown option 'retension_rows'"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub struct PyLaminarConfig {
 #[pymethods]
 impl PyLaminarConfig {
     #[new]
-    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true, max_event_ahead_ms=Some(laminardb_engine::config::DEFAULT_MAX_EVENT_AHEAD_MS)))]
+    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true, max_event_ahead_ms=Some(laminardb_engine::config::DEFAULT_MAX_EVENT_AHEAD_MS), subscriber_queue_bytes=laminardb_engine::stream::output::SUBSCRIBER_BYTES_MAX))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         buffer_size: usize,
@@ -24,6 +24,7 @@ impl PyLaminarConfig {
         idle_timeout_ms: u64,
         wal_fsync: bool,
         max_event_ahead_ms: Option<u64>,
+        subscriber_queue_bytes: u64,
     ) -> PyResult<Self> {
         if buffer_size == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err("buffer_size must be positive"));
@@ -41,6 +42,7 @@ impl PyLaminarConfig {
                 idle_timeout_ms,
                 wal_fsync,
                 max_event_ahead_ms,
+                subscriber_queue_bytes,
                 ..EngineConfig::default()
             },
         })
@@ -88,10 +90,16 @@ impl PyLaminarConfig {
     fn max_event_ahead_ms(&self) -> Option<u64> {
         self.inner.max_event_ahead_ms
     }
+    /// Bytes a subscriber's queue may hold before its oldest batches are dropped (counted
+    /// in `lagged_batches`); a single larger batch is still delivered.
+    #[getter]
+    fn subscriber_queue_bytes(&self) -> u64 {
+        self.inner.subscriber_queue_bytes
+    }
 
     fn __repr__(&self) -> String {
         format!(
-            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={}, max_event_ahead_ms={})",
+            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={}, max_event_ahead_ms={}, subscriber_queue_bytes={})",
             self.inner.buffer_size,
             self.inner.storage_dir.as_ref().map_or("None".to_string(), |d| format!("'{d}'")),
             self.inner.checkpoint_interval_ms.map_or("None".to_string(), |v| v.to_string()),
@@ -100,6 +108,7 @@ impl PyLaminarConfig {
             self.inner.idle_timeout_ms,
             if self.inner.wal_fsync { "True" } else { "False" },
             self.inner.max_event_ahead_ms.map_or("None".to_string(), |v| v.to_string()),
+            self.inner.subscriber_queue_bytes,
         )
     }
 }

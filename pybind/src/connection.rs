@@ -531,7 +531,7 @@ impl PyConnection {
     fn subscribe_stream(&self, name: &str) -> PyResult<PyStreamSubscription> {
         let handle = self.open()?;
         let output = handle.output(name).py()?;
-        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX);
+        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX, handle.subscriber_queue_bytes());
         Ok(PyStreamSubscription::new(SubCore::new(sub, None), output.name.clone()))
     }
 
@@ -544,7 +544,7 @@ impl PyConnection {
         let ddl = format!("CREATE STREAM \"{name}\" AS {sql}");
         blocking(py, || handle.execute(&ddl, vec![]))?;
         let output = handle.output(&name).py()?;
-        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX);
+        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX, handle.subscriber_queue_bytes());
         let weak = Arc::downgrade(&handle);
         let drop_stream = move || {
             if let Some(handle) = weak.upgrade() {
@@ -735,6 +735,7 @@ impl PyConnection {
         dict.set_item("utilization", 0.0)?;
         dict.set_item("memory_bytes", bytes)?;
         dict.set_item("spilled_rows", spilled)?;
+        dict.set_item("expired_rows", per_shard.iter().map(|s| s.expired_rows).sum::<u64>())?;
         dict.set_item("rows_per_shard", per_shard.iter().map(|s| s.rows).collect::<Vec<_>>())?;
         Ok(dict)
     }

@@ -73,6 +73,7 @@ fn _laminardb(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(open, m)?)?;
     m.add_function(wrap_pyfunction!(connect, m)?)?;
+    m.add_function(wrap_pyfunction!(subscription::_stop_async_waiter, m)?)?;
     m.add_class::<PyConnection>()?;
     m.add_class::<PyLaminarConfig>()?;
     m.add_class::<writer::PyWriter>()?;

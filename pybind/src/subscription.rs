@@ -44,6 +44,8 @@ pub struct SubCore {
     listed: Option<Arc<AtomicBool>>,
     /// Runs once when the subscription ends (drops a hidden stream).
     on_end: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Identifies this subscription to the asyncio waiter thread.
+    wait_id: u64,
 }
 
 enum Wait {
@@ -62,6 +64,10 @@ impl SubCore {
             cancel: CancelFlag::default(),
             listed: None,
             on_end: Mutex::new(on_end),
+            wait_id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
         }
     }
 
@@ -197,6 +203,131 @@ impl SubCore {
     fn lagged_batches(&self) -> u64 {
         self.sub.lag.batches.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// Calls `wake()` (from the waiter thread, with the GIL) once this subscription has a
+    /// batch, has ended, or was cancelled by `cancel_query`; at once if it already has. No
+    /// thread waits on the queue meanwhile: the engine's notifier tells the waiter.
+    fn wait_async(&self, wake: Py<PyAny>) {
+        let waiter = waiter::get();
+        waiter.register(self.wait_id, wake, self.cancel.clone());
+        self.sub.notify_when_ready(waiter.notifier(self.wait_id));
+    }
+}
+
+/// The one thread that wakes every asyncio subscription: an armed subscription's
+/// notifier sends its id here (cheap, from the publishing shard), and this thread calls
+/// the registered `wake()`, which hands the event loop a `call_soon_threadsafe`. So async
+/// waiting holds no thread of the application's executor, however many subscriptions
+/// wait. A `cancel_query` flag has no notifier: registrations listed in `queries()` are
+/// looked at every 50 ms.
+mod waiter {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+
+    use laminardb_engine::frontend::CancelFlag;
+    use parking_lot::Mutex;
+    use pyo3::prelude::*;
+
+    use super::POLL;
+
+    enum Msg {
+        Register(u64, Py<PyAny>, CancelFlag),
+        Ready(u64),
+        Stop,
+    }
+
+    pub struct Waiter {
+        /// The running thread's queue; `None` until first used and after `stop`.
+        tx: Mutex<Option<(flume::Sender<Msg>, std::thread::JoinHandle<()>)>>,
+    }
+
+    pub fn get() -> &'static Waiter {
+        static WAITER: OnceLock<Waiter> = OnceLock::new();
+        WAITER.get_or_init(|| Waiter { tx: Mutex::new(None) })
+    }
+
+    impl Waiter {
+        fn sender(&self) -> Option<flume::Sender<Msg>> {
+            let mut tx = self.tx.lock();
+            if tx.is_none() {
+                let (send, recv) = flume::unbounded();
+                let thread = std::thread::Builder::new().name("laminardb-async".into()).spawn(move || run(recv)).ok()?;
+                *tx = Some((send, thread));
+            }
+            tx.as_ref().map(|(s, _)| s.clone())
+        }
+
+        pub fn register(&self, id: u64, wake: Py<PyAny>, cancel: CancelFlag) {
+            if let Some(tx) = self.sender() {
+                let _ = tx.send(Msg::Register(id, wake, cancel));
+            }
+        }
+
+        /// The callback a subscription's notifier runs: never blocks (unbounded queue).
+        pub fn notifier(&self, id: u64) -> Box<dyn FnOnce() + Send> {
+            let tx = self.sender();
+            Box::new(move || {
+                if let Some(tx) = tx {
+                    let _ = tx.send(Msg::Ready(id));
+                }
+            })
+        }
+
+        /// Stops the thread (at interpreter exit, before finalization); pending
+        /// registrations are dropped. A later registration starts it again.
+        pub fn stop(&self) {
+            let running = self.tx.lock().take();
+            if let Some((tx, thread)) = running {
+                let _ = tx.send(Msg::Stop);
+                drop(tx);
+                let _ = thread.join();
+            }
+        }
+    }
+
+    fn run(queue: flume::Receiver<Msg>) {
+        let mut waiting: HashMap<u64, (Py<PyAny>, CancelFlag)> = HashMap::new();
+        loop {
+            let msg = if waiting.is_empty() {
+                queue.recv().ok()
+            } else {
+                match queue.recv_timeout(POLL) {
+                    Ok(msg) => Some(msg),
+                    Err(flume::RecvTimeoutError::Timeout) => None,
+                    Err(flume::RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            let mut ready = Vec::new();
+            match msg {
+                Some(Msg::Register(id, wake, cancel)) => {
+                    // Replaces an earlier registration of the same subscription (that
+                    // waiter was given up: its future cancelled or timed out).
+                    waiting.insert(id, (wake, cancel));
+                }
+                Some(Msg::Ready(id)) => ready.extend(waiting.remove(&id)),
+                Some(Msg::Stop) => return,
+                None if waiting.is_empty() => return,
+                None => {}
+            }
+            let cancelled: Vec<u64> = waiting.iter().filter(|(_, (_, c))| c.is_cancelled()).map(|(id, _)| *id).collect();
+            ready.extend(cancelled.into_iter().filter_map(|id| waiting.remove(&id)));
+            if ready.is_empty() {
+                continue;
+            }
+            // A closed event loop raises from call_soon_threadsafe: nobody waits any more.
+            let _ = Python::try_attach(|py| {
+                for (wake, _) in ready.drain(..) {
+                    let _ = wake.call0(py);
+                }
+            });
+        }
+    }
+}
+
+/// Stops the asyncio waiter thread (called at interpreter exit).
+#[pyfunction]
+pub fn _stop_async_waiter(py: Python<'_>) {
+    py.detach(|| waiter::get().stop());
 }
 
 impl Drop for SubCore {
@@ -245,6 +376,12 @@ macro_rules! subscription_class {
 
             fn cancel(&self) {
                 self.core.end(State::Cancelled);
+            }
+
+            /// For the asyncio helpers: `wake()` is called once this subscription has a
+            /// batch or has ended (see `SubCore::wait_async`).
+            fn _wait_async(&self, wake: Py<PyAny>) {
+                self.core.wait_async(wake);
             }
 
             fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {

@@ -1,14 +1,17 @@
 """asyncio and callback front ends over the blocking subscriptions.
 
-An async subscription waits for data in the event loop's default executor, in short
-slices, so the loop keeps running other tasks and a cancelled task stops promptly. A
-callback subscription runs a daemon thread that calls `on_data` for every batch.
+An async subscription waits on an asyncio future that the engine resolves (one engine
+thread, `laminardb-async`, wakes every async subscription through
+`loop.call_soon_threadsafe` when its queue gets a batch or ends), so waiting holds no
+thread of the application's executor and a cancelled task stops at once. A callback
+subscription runs a daemon thread that calls `on_data` for every batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import threading
 import traceback
 import weakref
@@ -25,6 +28,21 @@ _running: "weakref.WeakSet[Any]" = weakref.WeakSet()
 def _stop_all() -> None:
     for runner in list(_running):
         runner._shutdown()
+    from laminardb import _laminardb
+
+    _laminardb._stop_async_waiter()
+
+
+def _resolve(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _ready(sub: Any, loop: asyncio.AbstractEventLoop) -> "asyncio.Future[None]":
+    """A future of `loop` resolved once `sub` has a batch or has ended."""
+    fut = loop.create_future()
+    sub._wait_async(functools.partial(loop.call_soon_threadsafe, _resolve, fut))
+    return fut
 
 
 def follow(sub: Any, on_batch: Callable[[Any], None], name: str) -> threading.Thread:
@@ -62,9 +80,7 @@ class _AsyncBase:
                 return batch
             if not self._sub.is_active:
                 raise StopAsyncIteration
-            batch = await loop.run_in_executor(None, self._sub._poll, _SLICE_MS)
-            if batch is not None:
-                return batch
+            await _ready(self._sub, loop)
 
     async def next_timeout(self, timeout: float) -> Any:
         """The next batch within `timeout` seconds; SubscriptionError (502) if none came."""
@@ -83,10 +99,10 @@ class _AsyncBase:
                 err = SubscriptionError(f"Subscription timeout (502): no data within {int(timeout * 1000)} ms")
                 err.code = 502
                 raise err
-            wait_ms = max(1, min(_SLICE_MS, int(left * 1000)))
-            batch = await loop.run_in_executor(None, self._sub._poll, wait_ms)
-            if batch is not None:
-                return batch
+            try:
+                await asyncio.wait_for(_ready(self._sub, loop), left)
+            except asyncio.TimeoutError:
+                pass
 
 
 class AsyncSubscription(_AsyncBase):

@@ -94,9 +94,10 @@ def test_config_defaults():
     assert repr(cfg) == (
         "LaminarConfig(buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, "
         f"table_spill_threshold=1000000, shards={cfg.shards}, idle_timeout_ms=10000, wal_fsync=True, "
-        "max_event_ahead_ms=86400000)"
+        "max_event_ahead_ms=86400000, subscriber_queue_bytes=67108864)"
     )
     assert cfg.idle_timeout_ms == 10_000
+    assert cfg.subscriber_queue_bytes == 64 << 20
     assert cfg.wal_fsync is True
 
 
@@ -116,7 +117,7 @@ def test_config_custom_properties_and_repr():
     assert repr(cfg) == (
         "LaminarConfig(buffer_size=1024, storage_dir='/tmp/laminar_data', "
         "checkpoint_interval_ms=5000, table_spill_threshold=10000000, shards=1, idle_timeout_ms=10000, "
-        "wal_fsync=True, max_event_ahead_ms=86400000)"
+        "wal_fsync=True, max_event_ahead_ms=86400000, subscriber_queue_bytes=67108864)"
     )
 
 

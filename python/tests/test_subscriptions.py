@@ -361,6 +361,25 @@ def test_callback_on_error_receives_the_error(ticks):
     assert data == []
 
 
+def test_a_subscriber_queue_is_bounded_in_bytes():
+    # Queues were bounded in batches only: 4,096 big batches could pile up unread.
+    config = laminardb.LaminarConfig(shards=1, subscriber_queue_bytes=1 << 20)
+    with laminardb.open(":memory:", config=config) as db:
+        db.execute("CREATE SOURCE big (v BIGINT)")
+        sub = db.subscribe_stream("big")
+        for i in range(4):  # 100,000 BIGINTs = 800,000 bytes each: one fits in 1 MiB
+            db.insert("big", pa.table({"v": pa.array(range(i * 100_000, (i + 1) * 100_000), pa.int64())}))
+        assert sub.lagged_batches == 3
+        kept = sub.try_next()
+        assert kept.num_rows == 100_000
+        assert kept.to_arrow().column("v")[0].as_py() == 300_000
+        assert sub.try_next() is None
+        db.insert("big", [{"v": 1}])  # the reader caught up: nothing more is lost
+        db.insert("big", [{"v": 2}])
+        assert [b.fetchall() for b in drain(sub)] == [[(1,)], [(2,)]]
+        assert sub.lagged_batches == 3
+
+
 # =========================================================================== asyncio
 
 
@@ -465,6 +484,70 @@ async def test_async_subscription_ends_after_shutdown(ticks):
     assert rows_of(batches) == [(1, "A", 150.0), (2, "B", 250.0)]
     assert asub.is_active is False
     assert repr(asub) == "AsyncStreamSubscription(finished)"
+
+
+async def test_fifty_idle_async_subscriptions_hold_no_executor_thread(ticks):
+    # Before the engine woke async waiters itself, each waiting subscription held a thread
+    # of the default executor in 50 ms slices: with 50 of them, a run_in_executor call and
+    # a delivery each took hundreds of milliseconds.
+    loop = asyncio.get_running_loop()
+    idle = [await ticks.subscribe_stream_async("totals") for _ in range(50)]
+    waiting = [asyncio.ensure_future(s.__anext__()) for s in idle]
+    hi = await ticks.subscribe_stream_async("hi")
+    consumer = asyncio.ensure_future(hi.__anext__())
+    await asyncio.sleep(0.2)  # every waiter is parked
+    assert not any(w.done() for w in waiting) and not consumer.done()
+
+    start = loop.time()
+    assert await asyncio.wait_for(loop.run_in_executor(None, lambda: 7), 5) == 7
+    executor_ms = (loop.time() - start) * 1000
+
+    start = loop.time()
+    await loop.run_in_executor(None, put, ticks, (1, "A", 150.0))
+    batch = await asyncio.wait_for(consumer, 5)
+    delivery_ms = (loop.time() - start) * 1000
+    assert batch.fetchall() == [(1, "A", 150.0)]
+    assert executor_ms < 100, f"run_in_executor waited {executor_ms:.0f} ms behind idle subscriptions"
+    assert delivery_ms < 100, f"delivery took {delivery_ms:.0f} ms"
+
+    # every idle waiter woke for the changelog row of `totals` too
+    got = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert all(sorted(b.fetchall()) == [("A", 150.0, "+I")] for b in got)
+    # a cancelled task stops at once, and cancelling a subscription ends its waiter
+    w = asyncio.ensure_future(idle[0].__anext__())
+    await asyncio.sleep(0.01)
+    w.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await w
+    w = asyncio.ensure_future(idle[1].__anext__())
+    await asyncio.sleep(0.01)
+    start = loop.time()
+    idle[1].cancel()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(w, 5)
+    assert (loop.time() - start) * 1000 < 100
+    for s in idle + [hi]:
+        s.cancel()
+
+
+async def test_async_next_timeout_and_cancel_query_wake_promptly(ticks):
+    loop = asyncio.get_running_loop()
+    asub = await ticks.subscribe_async(HI_SQL)
+    start = loop.time()
+    with pytest.raises(laminardb.SubscriptionError) as e:
+        await asub.next_timeout(0.05)
+    assert e.value.code == 502
+    assert 0.04 <= loop.time() - start < 1.0
+    put(ticks, (1, "A", 150.0))
+    assert (await asub.next_timeout(5)).fetchall() == [(1, "A", 150.0)]
+
+    waiting = asyncio.ensure_future(asub.__anext__())
+    await asyncio.sleep(0.01)
+    (query_id,) = [q.id for q in ticks.queries() if q.sql == HI_SQL and q.active]
+    ticks.cancel_query(query_id)
+    with pytest.raises(laminardb.LaminarError) as e:
+        await asyncio.wait_for(waiting, 5)
+    assert e.value.code == codes.QUERY_CANCELLED
 
 
 # =========================================================================== MaterializedView

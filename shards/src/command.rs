@@ -17,7 +17,7 @@ use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, Result};
 
 use crate::handle::Outcome;
-use crate::store::RowStats;
+use crate::store::{RetainPolicy, RowStats};
 
 pub type Reply<T> = flume::Sender<Result<T>>;
 
@@ -80,6 +80,9 @@ pub enum ShardCommand {
     Scan { source: Arc<str>, reply: Reply<Vec<RecordBatch>> },
     Stats { source: Arc<str>, reply: Reply<RowStats> },
     DropSource { source: Arc<str> },
+    /// The source keeps only what `policy` retains (its `rows` is the whole source's
+    /// `retention_rows`; each shard keeps its share).
+    Retain { source: Arc<str>, policy: RetainPolicy },
     InjectPanic { reply: Reply<()> },
     /// The barrier of checkpoint `id`: sent to every shard at one point of the command
     /// stream (every insert is before it on all its shards or after it on all). The shard

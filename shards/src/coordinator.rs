@@ -37,7 +37,7 @@ use crate::handle::{count_future_rows, prepare_insert, try_take, Outcome, Prepar
 use crate::health::{catch, Health};
 use crate::shard;
 use crate::storage::{collect_garbage, shard_owner, CheckpointStats, Recovered, Storage, CONTROL_OWNER};
-use crate::store::{start_spill_thread, RowStats, SpillPolicy};
+use crate::store::{start_spill_thread, RetainPolicy, RowStats, SpillPolicy};
 use crate::wal::{WalSpec, WalWriter};
 
 pub(crate) type Published = Arc<RwLock<Arc<Catalog>>>;
@@ -54,6 +54,22 @@ pub(crate) struct Startup {
     pub checkpoints: Arc<parking_lot::Mutex<CheckpointStats>>,
     /// Answered once running, with what recovery from the storage directory found.
     pub ready: flume::Sender<Result<RecoveryReport>>,
+}
+
+/// What the shards keep of `def`'s rows (`None`: everything).
+fn retain_policy(def: &laminardb_engine::catalog::SourceDef) -> Result<Option<RetainPolicy>> {
+    let retention = def.retention()?;
+    if !retention.is_some() {
+        return Ok(None);
+    }
+    let time = match (retention.time_ms, &def.watermark) {
+        (None, _) => None,
+        (Some(span), Some(w)) => Some((def.schema.index_of(&w.column).map_err(|_| Error::invalid_schema(format!("watermark column '{}' is not a column", w.column)))?, span)),
+        (Some(_), None) => {
+            return Err(Error::invalid_schema(format!("retention by time needs a watermark on '{}'", def.name)))
+        }
+    };
+    Ok(Some(RetainPolicy { time, rows: retention.rows }))
 }
 
 /// The coordinator thread's body. Returns once shut down and every shard has stopped.
@@ -82,9 +98,23 @@ pub(crate) fn run(startup: Startup) {
         .map(|ids| ids.into_iter().map(|c| c.id).collect())
         .unwrap_or_default();
     // Spill files are not part of durability (checkpoints and the WAL are): the directory
-    // is emptied at open and removed at close.
-    let spill_dir = storage.as_ref().map_or_else(|| crate::storage::temp_dir("laminardb-spill"), |s| s.root.join("spill"));
-    let _ = std::fs::remove_dir_all(&spill_dir);
+    // is emptied at open and removed at close. Without storage it is a temporary one,
+    // locked while open; those of killed processes are removed here.
+    crate::tempdirs::clean_orphans(&std::env::temp_dir());
+    let (spill_dir, spill_temp) = match &storage {
+        Some(s) => {
+            let dir = s.root.join("spill");
+            let _ = std::fs::remove_dir_all(&dir);
+            (dir, None)
+        }
+        None => match crate::tempdirs::LockedDir::create(crate::tempdirs::SPILL_PREFIX) {
+            Ok(temp) => (temp.path.clone(), Some(temp)),
+            Err(e) => {
+                let _ = ready.send(Err(Error::new(ErrorCode::ConnectionFailed, format!("cannot create a spill directory: {e}"))));
+                return;
+            }
+        },
+    };
     let (spill_thread, spill_jobs) = match start_spill_thread() {
         Ok(spill) => spill,
         Err(e) => {
@@ -265,6 +295,7 @@ pub(crate) fn run(startup: Startup) {
     drop(spill_jobs);
     let _ = spill_thread.join();
     let _ = std::fs::remove_dir_all(&spill_dir);
+    drop(spill_temp);
     if let Some(storage) = storage {
         let root = storage.root.clone();
         drop(storage);
@@ -307,6 +338,8 @@ struct Flow {
     name: Arc<str>,
     /// A window downstream can close on it: the shards must hear it.
     matters: bool,
+    /// The source drops rows by event time (`retention`): the shards must hear it too.
+    retains: bool,
     /// Every stream downstream, whose watermark metric follows it otherwise.
     streams: Vec<String>,
 }
@@ -525,8 +558,17 @@ impl Coordinator {
                 }
                 let schema = def.schema.clone();
                 let generated = def.generator.is_some();
+                let retention = retain_policy(&def)?;
                 self.update_catalog(|c| c.add_source(def))?;
                 self.outputs.write().insert(name.clone(), Output::new(name.clone(), schema));
+                if let Some(policy) = retention {
+                    let source: Arc<str> = name.as_str().into();
+                    for tx in self.shards.iter() {
+                        tx.send(ShardCommand::Retain { source: source.clone(), policy })
+                            .await
+                            .map_err(|_| Error::internal("a shard has stopped"))?;
+                    }
+                }
                 if generated {
                     self.generators.borrow_mut().insert(name.clone(), false);
                     if self.running.get() {
@@ -733,7 +775,7 @@ impl Coordinator {
         if let Some(output) = outputs.get(source) {
             output.counters.watermark.fetch_max(mark, Ordering::Relaxed);
         }
-        if flow.matters {
+        if flow.matters || flow.retains {
             return Some(mark);
         }
         for stream in &flow.streams {
@@ -754,6 +796,7 @@ impl Coordinator {
         let flow = Rc::new(Flow {
             name: source.into(),
             matters: catalog.watermark_matters(source),
+            retains: catalog.sources.get(source).is_some_and(|s| s.retention().is_ok_and(|r| r.time_ms.is_some())),
             streams: catalog.downstream(source).iter().map(|s| s.name.clone()).collect(),
         });
         self.flows.borrow_mut().insert(source.to_string(), flow.clone());

@@ -46,6 +46,7 @@ pub struct Handle {
     closed: AtomicBool,
     caller_spin: std::time::Duration,
     idle_timeout_ms: u64,
+    subscriber_queue_bytes: u64,
     recovery: RecoveryReport,
     checkpoints: Arc<Mutex<CheckpointStats>>,
     checkpoint_enabled: bool,
@@ -62,6 +63,7 @@ impl Handle {
         let caller_spin = std::time::Duration::from_micros(config.caller_spin_us);
         let idle_timeout_ms = config.idle_timeout_ms;
         let max_event_ahead_ms = config.max_event_ahead_ms;
+        let subscriber_queue_bytes = config.subscriber_queue_bytes;
         let (commands_tx, commands_rx) = flume::bounded(queue_capacity);
         let published: Published = Arc::new(RwLock::new(Arc::new(Catalog::default())));
         let outputs: Outputs = Arc::default();
@@ -113,6 +115,7 @@ impl Handle {
             closed: AtomicBool::new(false),
             caller_spin,
             idle_timeout_ms,
+            subscriber_queue_bytes,
             recovery,
             checkpoints,
             checkpoint_enabled,
@@ -142,6 +145,11 @@ impl Handle {
     /// After this long without rows or watermarks a source counts as idle.
     pub fn idle_timeout_ms(&self) -> u64 {
         self.idle_timeout_ms
+    }
+
+    /// Bytes a subscriber's queue holds at most (`EngineConfig::subscriber_queue_bytes`).
+    pub fn subscriber_queue_bytes(&self) -> u64 {
+        self.subscriber_queue_bytes
     }
 
     /// Capacity, in commands, of the queue into the coordinator.

@@ -27,6 +27,7 @@ pub mod runtime;
 mod shard;
 mod sinks;
 mod storage;
+mod tempdirs;
 pub mod store;
 mod wal;
 

@@ -24,7 +24,7 @@ use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, Result};
 
 use crate::command::{Ack, AckToken, Exchange, Reply, SpillRequest};
-use crate::store::{LocalStore, SpillJob, SpillPolicy};
+use crate::store::{LocalStore, RetainPolicy, SpillJob, SpillPolicy};
 
 /// Outputs of every source and stream by name, shared by the coordinator, the shards and
 /// the callers that subscribe.
@@ -376,17 +376,24 @@ impl ShardRuntime {
     pub fn restore(&mut self, root: &Path, files: &ShardFiles) -> Result<()> {
         for (name, row_files) in &files.rows {
             let mut batches = Vec::new();
+            let mut counted = Vec::with_capacity(row_files.len());
             for file in row_files {
                 let path = root.join(file);
-                batches.extend(ipc::read(&checkpoint::read_checked(&path)?)?);
+                let read = ipc::read(&checkpoint::read_checked(&path)?)?;
+                counted.push((file.clone(), read.iter().map(|b| b.num_rows() as u64).sum()));
+                batches.extend(read);
             }
             let name = Arc::from(name.as_str());
-            self.store.restore(&name, batches, row_files.clone())?;
+            self.store.restore(&name, batches, counted)?;
             self.spill_if_due(&name);
         }
         if let Some(file) = &files.state {
             let state: RuntimeState = read_state(&root.join(file))?;
             self.marks = state.marks.into_iter().collect();
+            // What a retention had dropped before the checkpoint stays dropped.
+            for (name, mark) in &self.marks {
+                self.store.expire(name, *mark);
+            }
         }
         for (name, file) in &files.streams {
             let Some(task) = self.streams.get_mut(name.as_str()) else { continue };
@@ -481,6 +488,16 @@ impl ShardRuntime {
                 self.store.stop_spilling();
                 self.record_error(name, &format!("spilling rows of '{name}' to disk failed: {e}; rows stay in memory from now on"));
             }
+        }
+    }
+
+    /// `source` keeps only what `policy` retains, `policy.rows` being the whole source's
+    /// count (this shard keeps its `RetainPolicy::share`).
+    pub fn set_retention(&mut self, source: &Arc<str>, policy: RetainPolicy) {
+        let rows = policy.rows.map(|n| RetainPolicy::share(n, self.id, self.shards));
+        self.store.set_retention(source, RetainPolicy { rows, ..policy });
+        if let Some(&mark) = self.marks.get(&**source) {
+            self.store.expire(source, mark);
         }
     }
 
@@ -685,6 +702,7 @@ impl ShardRuntime {
             }
         }
         self.dirty = true;
+        self.store.expire(input, watermark);
         let Some(readers) = self.readers.get(input).cloned() else { return };
         for name in readers.iter().cloned() {
             let Some(task) = self.streams.get(&name) else { continue };

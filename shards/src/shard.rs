@@ -149,6 +149,7 @@ async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Resul
             ShardCommand::Stats { source, reply } => {
                 let _ = reply.send(Ok(rt.store().stats(&source)));
             }
+            ShardCommand::Retain { source, policy } => rt.set_retention(&source, policy),
             ShardCommand::DropSource { source } => {
                 if let Some((stop, _)) = generators.remove(&source) {
                     stop.set(true);

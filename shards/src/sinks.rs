@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use laminardb_engine::catalog::SinkDef;
 use laminardb_engine::sink;
-use laminardb_engine::stream::output::{Output, Subscription, SUBSCRIBER_BATCHES_MAX};
+use laminardb_engine::stream::output::{Output, Subscription, SUBSCRIBER_BATCHES_MAX, SUBSCRIBER_BYTES_MAX};
 use laminardb_engine::{Error, ErrorCode, Result};
 
 pub(crate) struct SinkRunner {
@@ -18,7 +18,7 @@ pub(crate) struct SinkRunner {
 impl SinkRunner {
     pub fn start(def: &SinkDef, input: &Arc<Output>, counters: Arc<Output>) -> Result<SinkRunner> {
         let mut connector = sink::open(&def.connector, &def.options)?;
-        let subscription = input.subscribe(SUBSCRIBER_BATCHES_MAX);
+        let subscription = input.subscribe(SUBSCRIBER_BATCHES_MAX, SUBSCRIBER_BYTES_MAX);
         let batches = subscription.batches.clone();
         let thread = std::thread::Builder::new()
             .name(format!("laminar-sink-{}", def.name))

@@ -41,21 +41,15 @@ pub(crate) struct Recovered {
     pub report: RecoveryReport,
 }
 
-/// A directory name under the system's temporary directory that no other database of
-/// this process uses: `<prefix>-<pid>-<n>`.
-pub(crate) fn temp_dir(prefix: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()))
-}
-
 /// Settings that follow from the storage directory, settled before anything starts:
 /// checkpoints without a directory get a temporary one (deleted at close; nothing in it
 /// outlives the database, so its WAL skips `fdatasync`), and a directory holding a
 /// checkpoint reopens with the shard count the checkpoint's keyed state is partitioned for.
 pub(crate) fn settle(mut config: EngineConfig) -> Result<EngineConfig> {
     if config.storage_dir.is_none() && config.checkpoint_interval_ms.is_some() {
-        let dir = temp_dir("laminardb");
+        // Its LOCK is held while open (`Storage::open`); a killed process's is removed
+        // by the next open (`tempdirs::clean_orphans`).
+        let dir = crate::tempdirs::temp_dir(crate::tempdirs::EPHEMERAL_PREFIX);
         config.storage_dir = Some(dir.to_string_lossy().into_owned());
         config.ephemeral_storage = true;
         config.wal_fsync = false;

@@ -1,15 +1,23 @@
 //! A shard's retained rows: its partition of every source and stream, owned by one
 //! thread; beyond the spill limit the oldest move to files, kept memory-mapped: the page
 //! cache holds them (the kernel may drop and re-read those pages), not the heap.
+//!
+//! A source with a retention (`RetainPolicy`) loses its oldest rows: beyond its share of
+//! `retention_rows` as rows arrive, and those older than its watermark minus
+//! `retention` as the watermark moves. Rows go in arrival order, whole batches where they
+//! can, the boundary batch sliced (no copy); a spill file goes once all its rows have,
+//! and a checkpoint file leaves the source's list (so the next checkpoint's collection
+//! deletes it) once all of its rows have.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{Array, RecordBatch};
 use arrow::buffer::Buffer;
 use arrow::compute::concat_batches;
 
+use laminardb_engine::stream::time::to_millis;
 use laminardb_engine::{ipc, wal, Error, Result};
 
 use crate::command::{Exchange, SpillRequest};
@@ -35,9 +43,35 @@ pub struct SourceRows {
     /// Bytes of the rows held in memory.
     pub bytes: u64,
     spilled_rows: u64,
-    /// Rows already in checkpoint files, and those files (oldest first).
+    /// Rows already in checkpoint files, and those files (oldest first) with their row
+    /// counts; the files' first rows may have expired since (`saved_rows` counts only
+    /// the retained ones).
     saved_rows: u64,
     files: Vec<String>,
+    file_rows: Vec<u64>,
+    retention: Option<RetainPolicy>,
+    /// The latest watermark the time retention was applied at.
+    mark: i64,
+    /// Rows dropped by the retention since the database opened.
+    expired_rows: u64,
+}
+
+/// What one source keeps on one shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetainPolicy {
+    /// The event-time column and how far behind the watermark rows are kept (ms).
+    pub time: Option<(usize, i64)>,
+    /// This shard's share of the source's `retention_rows`.
+    pub rows: Option<u64>,
+}
+
+impl RetainPolicy {
+    /// Shard `shard` of `shards` keeps `rows / shards` rows, the first `rows % shards`
+    /// shards one more: together never more than `rows`.
+    pub fn share(rows: u64, shard: usize, shards: usize) -> u64 {
+        let shards = shards.max(1) as u64;
+        rows / shards + u64::from((shard as u64) < rows % shards)
+    }
 }
 
 /// Rows moved to disk: one Arrow IPC stream file, and its batches read from its
@@ -63,6 +97,8 @@ pub struct RowStats {
     /// Bytes of the rows in memory.
     pub bytes: u64,
     pub spilled_rows: u64,
+    /// Rows the source's retention dropped since the database opened.
+    pub expired_rows: u64,
 }
 
 impl SourceRows {
@@ -78,7 +114,82 @@ impl SourceRows {
             spilled_rows: 0,
             saved_rows: 0,
             files: Vec::new(),
+            file_rows: Vec::new(),
+            retention: None,
+            mark: i64::MIN,
+            expired_rows: 0,
         }
+    }
+
+    /// Drops rows beyond the row retention; returns how many.
+    fn expire_rows(&mut self) -> u64 {
+        match self.retention.and_then(|r| r.rows) {
+            Some(keep) if self.rows > keep => self.drop_oldest(self.rows - keep),
+            _ => 0,
+        }
+    }
+
+    /// Drops the rows older than `watermark` minus the time retention, from the oldest
+    /// on up to the first row that is not; returns how many.
+    fn expire_time(&mut self, watermark: i64) -> u64 {
+        let Some((column, span)) = self.retention.and_then(|r| r.time) else { return 0 };
+        self.mark = self.mark.max(watermark);
+        let watermark = self.mark;
+        if watermark == i64::MIN {
+            return 0;
+        }
+        let cutoff = watermark.saturating_sub(span);
+        let mut expired = 0u64;
+        let spilled = self.spilled.iter().flat_map(|f| f.batches.iter());
+        for batch in spilled.chain(&self.sealed).chain(&self.small) {
+            let Some(times) = batch.columns().get(column) else { break };
+            // The common case, a batch not yet expiring, is decided by its first row.
+            let first = match to_millis(&times.slice(0, times.len().min(1))) {
+                Ok(ms) if ms.len() == 1 && ms.is_valid(0) => ms.value(0),
+                _ => break,
+            };
+            if first >= cutoff {
+                break;
+            }
+            let Ok(ms) = to_millis(times) else { break };
+            let old = (0..ms.len()).take_while(|&i| ms.is_valid(i) && ms.value(i) < cutoff).count();
+            expired += old as u64;
+            if old < ms.len() {
+                break;
+            }
+        }
+        self.drop_oldest(expired)
+    }
+
+    /// Drops the oldest `n` rows (fewer if some are being spilled: those wait for their
+    /// file); returns how many went.
+    fn drop_oldest(&mut self, n: u64) -> u64 {
+        let mut left = n;
+        while left > 0 && !self.spilled.is_empty() {
+            let file = &mut self.spilled[0];
+            let gone = drop_front(&mut file.batches, left, &mut 0);
+            left -= gone;
+            self.spilled_rows -= gone.min(self.spilled_rows);
+            if file.batches.is_empty() {
+                let _ = std::fs::remove_file(&file.path);
+                self.spilled.remove(0);
+            }
+        }
+        if left > 0 && self.spilling == 0 {
+            left -= drop_front(&mut self.sealed, left, &mut self.bytes);
+            left -= drop_front(&mut self.small, left, &mut self.bytes);
+        }
+        let dropped = n - left;
+        self.rows -= dropped;
+        self.expired_rows += dropped;
+        // The dropped rows were the oldest: those saved come first.
+        self.saved_rows -= dropped.min(self.saved_rows);
+        let mut expired_in_files = self.file_rows.iter().sum::<u64>().saturating_sub(self.saved_rows);
+        while self.file_rows.first().is_some_and(|&rows| rows <= expired_in_files) {
+            expired_in_files -= self.file_rows.remove(0);
+            self.files.remove(0);
+        }
+        dropped
     }
 
     fn append(&mut self, batch: RecordBatch) -> Result<()> {
@@ -165,6 +276,32 @@ impl SourceRows {
     }
 }
 
+/// Drops up to `n` rows from the front of `batches` (whole batches, then a slice of the
+/// next), taking the memory of whole batches off `bytes`; returns how many went.
+fn drop_front(batches: &mut Vec<RecordBatch>, n: u64, bytes: &mut u64) -> u64 {
+    let mut left = n;
+    let mut whole = 0;
+    for batch in batches.iter() {
+        let rows = batch.num_rows() as u64;
+        if rows > left {
+            break;
+        }
+        left -= rows;
+        whole += 1;
+    }
+    for batch in batches.drain(..whole) {
+        *bytes -= (batch.get_array_memory_size() as u64).min(*bytes);
+    }
+    if left > 0 {
+        if let Some(first) = batches.first_mut() {
+            let rows = first.num_rows();
+            *first = first.slice(left as usize, rows - left as usize);
+            left = 0;
+        }
+    }
+    n - left
+}
+
 /// Where and when a shard's retained rows spill to disk: beyond `limit` rows in memory
 /// per source or stream (the database's `table_spill_threshold` divided over its shards),
 /// the oldest sealed batches go to files under `dir` until half the limit is left.
@@ -200,7 +337,26 @@ impl LocalStore {
         let LocalStore { sources, spill, next_epoch, next_file } = self;
         let rows = entry(sources, next_epoch, name);
         rows.append(batch)?;
+        if rows.retention.is_some() {
+            rows.expire_rows();
+        }
         Ok(spill.as_ref().and_then(|policy| rows.spill_due(name, policy, next_file)))
+    }
+
+    /// `name` keeps only what `policy` retains from now on.
+    pub fn set_retention(&mut self, name: &Arc<str>, policy: RetainPolicy) {
+        let rows = entry(&mut self.sources, &mut self.next_epoch, name);
+        rows.retention = Some(policy);
+        rows.expire_rows();
+    }
+
+    /// `name`'s watermark on this shard is now `watermark`: rows older than its time
+    /// retention go (nothing happens for a source without one, or for a stream).
+    pub fn expire(&mut self, name: &str, watermark: i64) -> u64 {
+        match self.sources.get_mut(name) {
+            Some(rows) if rows.retention.is_some() => rows.expire_time(watermark) + rows.expire_rows(),
+            _ => 0,
+        }
     }
 
     /// The spill `name` is due for, if any (see [`SourceRows::spill_due`]).
@@ -227,6 +383,11 @@ impl LocalStore {
         rows.bytes -= freed.min(rows.bytes);
         rows.spilled_rows += mapped.iter().map(|b| b.num_rows() as u64).sum::<u64>();
         rows.spilled.push(SpillFile { path, batches: mapped });
+        // Retention stops at batches being spilled: it catches up now.
+        if rows.retention.is_some() {
+            rows.expire_time(rows.mark);
+            rows.expire_rows();
+        }
         Ok(())
     }
 
@@ -245,6 +406,7 @@ impl LocalStore {
             rows: s.rows,
             bytes: s.bytes,
             spilled_rows: s.spilled_rows,
+            expired_rows: s.expired_rows,
         })
     }
 
@@ -261,8 +423,11 @@ impl LocalStore {
     /// there were new rows).
     pub fn mark_saved(&mut self, name: &str, file: Option<String>) {
         if let Some(rows) = self.sources.get_mut(name) {
+            if let Some(file) = file {
+                rows.files.push(file);
+                rows.file_rows.push(rows.rows - rows.saved_rows);
+            }
             rows.saved_rows = rows.rows;
-            rows.files.extend(file);
         }
     }
 
@@ -270,15 +435,16 @@ impl LocalStore {
         self.sources.get(name).map(|s| s.files.clone()).unwrap_or_default()
     }
 
-    /// Rows loaded from checkpoint `files`: retained as saved (the caller asks
-    /// `spill_due` afterwards).
-    pub fn restore(&mut self, name: &Arc<str>, batches: Vec<RecordBatch>, files: Vec<String>) -> Result<()> {
+    /// Rows loaded from checkpoint `files` (each with its row count): retained as saved
+    /// (the caller asks `spill_due` afterwards, and `expire` once the watermarks are in).
+    pub fn restore(&mut self, name: &Arc<str>, batches: Vec<RecordBatch>, files: Vec<(String, u64)>) -> Result<()> {
         let rows = entry(&mut self.sources, &mut self.next_epoch, name);
         for batch in batches {
             rows.append(batch)?;
         }
         rows.saved_rows = rows.rows;
-        rows.files = files;
+        (rows.files, rows.file_rows) = files.into_iter().unzip();
+        rows.expire_rows();
         Ok(())
     }
 }
@@ -366,6 +532,68 @@ mod tests {
 
     fn values(batches: &[RecordBatch]) -> Vec<i64> {
         batches.iter().flat_map(|b| b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec()).collect()
+    }
+
+    fn timed(from: i64, n: i64) -> RecordBatch {
+        RecordBatch::try_from_iter(vec![("ts", Arc::new(Int64Array::from_iter_values((from..from + n).map(|t| t * 10))) as ArrayRef)])
+            .unwrap()
+    }
+
+    #[test]
+    fn retention_drops_the_oldest_rows_whole_batches_first_then_a_slice() {
+        let mut store = LocalStore::new(None);
+        let src: Arc<str> = "t".into();
+        store.set_retention(&src, RetainPolicy { time: Some((0, 100)), rows: Some(250) });
+        for i in 0..3 {
+            store.append(&src, timed(i * 100, 100)).unwrap(); // ts 0..2990 step 10
+        }
+        store.mark_saved("t", Some("rows-1".into()));
+        assert_eq!(store.stats("t").rows, 250, "the row retention keeps the newest 250");
+        assert_eq!(store.stats("t").expired_rows, 50);
+        assert_eq!(values(&store.scan("t"))[0], 500);
+        // watermark 2,000: rows before 1,900 go (whole first batch, a slice of the second)
+        assert_eq!(store.expire("t", 2_000), 140);
+        let kept = values(&store.scan("t"));
+        assert_eq!(kept, (190..300).map(|t| t * 10).collect::<Vec<_>>());
+        assert_eq!(store.stats("t").expired_rows, 190);
+        assert_eq!(store.expire("t", 1_500), 0, "a watermark does not move back");
+        assert_eq!(store.files("t"), vec!["rows-1".to_string()], "the file still holds retained rows");
+        store.append(&src, timed(300, 250)).unwrap();
+        assert_eq!(store.files("t"), Vec::<String>::new(), "every row of the file has expired: it leaves the list");
+        assert_eq!(values(&store.scan("t")), (300..550).map(|t| t * 10).collect::<Vec<_>>());
+        assert_eq!(values(&store.unsaved("t")).len(), 250);
+        assert_eq!(store.expire("other", 1 << 40), 0, "no retention, nothing dropped");
+        assert_eq!(RetainPolicy::share(10, 0, 3) + RetainPolicy::share(10, 1, 3) + RetainPolicy::share(10, 2, 3), 10);
+        assert_eq!((RetainPolicy::share(10, 0, 3), RetainPolicy::share(10, 2, 3)), (4, 3));
+    }
+
+    #[test]
+    fn retention_deletes_spill_files_once_all_their_rows_have_expired() {
+        let dir = std::env::temp_dir().join(format!("laminardb-retention-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut store = LocalStore::new(Some(SpillPolicy { dir: dir.clone(), limit: 1_000 }));
+        let src: Arc<str> = "t".into();
+        store.set_retention(&src, RetainPolicy { time: None, rows: Some(2_500) });
+        let mut jobs = Vec::new();
+        for i in 0..3 {
+            jobs.extend(store.append(&src, batch_of(i * 1_000, 1_000)).unwrap());
+        }
+        let [job] = <[SpillJob; 1]>::try_from(jobs).ok().expect("one spill");
+        assert_eq!(values(&job.batches), (0..2_000).collect::<Vec<_>>());
+        store.append(&src, batch_of(3_000, 1_000)).unwrap();
+        assert_eq!(store.stats("t").rows, 4_000, "rows being spilled wait for their file");
+        write_spill(&job).unwrap();
+        let mapped = map_spill(&job.path);
+        store.spilled("t", job.epoch, job.batches.len(), job.path.clone(), mapped).unwrap();
+        let stats = store.stats("t");
+        assert_eq!((stats.rows, stats.expired_rows), (2_500, 1_500), "caught up once the spill is in");
+        assert_eq!(values(&store.scan("t")), (1_500..4_000).collect::<Vec<_>>());
+        assert!(job.path.exists(), "the file still holds rows 1,500..2,000");
+        store.append(&src, batch_of(4_000, 500)).unwrap();
+        assert!(!job.path.exists(), "a spill file whose rows have all expired is deleted");
+        assert_eq!(store.stats("t").spilled_rows, 0);
+        assert_eq!(values(&store.scan("t")), (2_000..4_500).collect::<Vec<_>>());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Where a source's or stream's batches go when they are emitted: every subscriber's
-//! bounded queue. Publishing never blocks the shard that emits: a subscriber whose queue
-//! is full loses its oldest batch, which is counted (`lagged_batches`) for it and for the
-//! stream, so a slow reader costs bounded memory and shows up in the metrics.
+//! queue, bounded in batches and in bytes. Publishing never blocks the shard that emits: a
+//! subscriber whose queue is full loses its oldest batches, which are counted
+//! (`lagged_batches`) for it and for the stream, so a slow reader costs bounded memory and
+//! shows up in the metrics.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,13 +16,127 @@ use super::time::now_ms;
 
 /// Batches a subscriber may have waiting before its oldest is dropped.
 pub const SUBSCRIBER_BATCHES_MAX: usize = 4096;
+/// Bytes a subscriber may have waiting before its oldest batches are dropped (the
+/// default of `LaminarConfig(subscriber_queue_bytes=…)`; sinks use it too). A batch larger
+/// than this on its own is still delivered, alone.
+pub const SUBSCRIBER_BYTES_MAX: u64 = 64 << 20;
+
+/// A queued batch and the bytes it was counted as.
+type Queued = (RecordBatch, u64);
+
+/// The bytes of `batch`'s rows: a slice of a larger batch counts its part of the
+/// buffers, not all of them (inserts reach the shards as zero-copy slices).
+pub fn batch_bytes(batch: &RecordBatch) -> u64 {
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            let data = c.to_data();
+            data.get_slice_memory_size().unwrap_or_else(|_| c.get_array_memory_size()) as u64
+        })
+        .sum()
+}
 
 struct Subscriber {
     id: u64,
-    tx: flume::Sender<RecordBatch>,
+    tx: flume::Sender<Queued>,
     /// A receiver kept by the publisher to drop the oldest batch of a full queue.
-    evict: flume::Receiver<RecordBatch>,
+    evict: flume::Receiver<Queued>,
     lag: Arc<Lag>,
+    notify: Arc<Notify>,
+    /// Bytes queued (shared with the reader, who takes off what it receives).
+    bytes: Arc<AtomicU64>,
+    max_bytes: u64,
+}
+
+impl Subscriber {
+    /// Drops the oldest queued batch, counting it as lost; false if the queue was empty.
+    fn evict_oldest(&self, counters: &OutputCounters) -> bool {
+        let Ok((old, bytes)) = self.evict.try_recv() else { return false };
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.lag.batches.fetch_add(1, Ordering::Relaxed);
+        self.lag.rows.fetch_add(old.num_rows() as u64, Ordering::Relaxed);
+        counters.lagged_batches.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+/// The reading end of a subscriber's queue (cloneable; every clone reads the one queue).
+#[derive(Clone)]
+pub struct Queue {
+    rx: flume::Receiver<Queued>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Queue {
+    fn took(&self, (batch, bytes): Queued) -> RecordBatch {
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        batch
+    }
+
+    pub fn try_recv(&self) -> Result<RecordBatch, flume::TryRecvError> {
+        self.rx.try_recv().map(|q| self.took(q))
+    }
+
+    pub fn recv(&self) -> Result<RecordBatch, flume::RecvError> {
+        self.rx.recv().map(|q| self.took(q))
+    }
+
+    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Result<RecordBatch, flume::RecvTimeoutError> {
+        self.rx.recv_timeout(timeout).map(|q| self.took(q))
+    }
+
+    /// Every batch until the queue ends.
+    pub fn iter(&self) -> impl Iterator<Item = RecordBatch> + '_ {
+        std::iter::from_fn(|| self.recv().ok())
+    }
+
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    pub fn is_disconnected(&self) -> bool {
+        self.rx.is_disconnected()
+    }
+
+    /// Bytes waiting in the queue.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Wakes a reader that waits without a thread blocked on its queue (asyncio): a one-shot
+/// callback the reader arms, run by whoever makes the queue ready, i.e. the publisher
+/// after queueing a batch (on a shard thread: the callback must be cheap and must not
+/// block) or whoever ends the queue. Unarmed, it costs a publish one atomic load.
+#[derive(Default)]
+pub struct Notify {
+    armed: AtomicBool,
+    slot: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Notify {
+    /// Runs the armed callback, if any, once.
+    fn fire(&self) {
+        // Pairs with the fence in `Subscription::notify_when_ready`: either the reader
+        // sees the batch queued before this, or this sees the callback armed.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.armed.load(Ordering::SeqCst) {
+            return;
+        }
+        let callback = {
+            let mut slot = self.slot.lock();
+            self.armed.store(false, Ordering::SeqCst);
+            slot.take()
+        };
+        if let Some(callback) = callback {
+            callback();
+        }
+    }
 }
 
 /// What a slow subscriber lost.
@@ -34,15 +149,30 @@ pub struct Lag {
 /// The receiving end of one subscription. The queue ends (after what it holds) when the
 /// subscription is cancelled or its output closed.
 pub struct Subscription {
-    pub batches: flume::Receiver<RecordBatch>,
+    pub batches: Queue,
     pub lag: Arc<Lag>,
     pub output: Arc<Output>,
     id: u64,
+    notify: Arc<Notify>,
 }
 
 impl Subscription {
     pub fn cancel(&self) {
         self.output.unsubscribe(self.id);
+    }
+
+    /// Runs `callback` once, as soon as the queue holds a batch or has ended (at once if
+    /// it already does). Arming again replaces a callback that has not run yet.
+    pub fn notify_when_ready(&self, callback: Box<dyn FnOnce() + Send>) {
+        {
+            let mut slot = self.notify.slot.lock();
+            *slot = Some(callback);
+            self.notify.armed.store(true, Ordering::SeqCst);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.batches.is_empty() || self.batches.is_disconnected() {
+            self.notify.fire();
+        }
     }
 }
 
@@ -135,19 +265,35 @@ impl Output {
         })
     }
 
-    pub fn subscribe(self: &Arc<Self>, capacity: usize) -> Subscription {
+    /// A new subscriber queue holding at most `capacity` batches and `max_bytes` bytes
+    /// (`batch_bytes`; beyond either its oldest batches are dropped and counted).
+    pub fn subscribe(self: &Arc<Self>, capacity: usize, max_bytes: u64) -> Subscription {
         let (tx, rx) = flume::bounded(capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let lag = Arc::new(Lag::default());
+        let notify = Arc::new(Notify::default());
+        let bytes = Arc::new(AtomicU64::new(0));
         let mut subscribers = self.subscribers.write();
         if !self.closed.load(Ordering::Acquire) {
-            subscribers.push(Subscriber { id, tx, evict: rx.clone(), lag: lag.clone() });
+            subscribers.push(Subscriber {
+                id,
+                tx,
+                evict: rx.clone(),
+                lag: lag.clone(),
+                notify: notify.clone(),
+                bytes: bytes.clone(),
+                max_bytes,
+            });
         }
-        Subscription { batches: rx, lag, output: self.clone(), id }
+        Subscription { batches: Queue { rx, bytes }, lag, output: self.clone(), id, notify }
     }
 
     fn unsubscribe(&self, id: u64) {
-        self.subscribers.write().retain(|s| s.id != id);
+        let mut subscribers = self.subscribers.write();
+        let Some(at) = subscribers.iter().position(|s| s.id == id) else { return };
+        let gone = subscribers.swap_remove(at);
+        drop(subscribers);
+        end_queues(vec![gone]);
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -171,20 +317,31 @@ impl Output {
         self.counters.rows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         let subscribers = self.subscribers.read();
+        if subscribers.is_empty() {
+            return;
+        }
+        let bytes = batch_bytes(batch);
         for s in subscribers.iter() {
-            let mut item = batch.clone();
+            // Room in bytes first: the oldest batches go until this one fits (or the
+            // queue is empty: a batch over the bound on its own is still delivered).
+            while s.bytes.load(Ordering::Relaxed).saturating_add(bytes) > s.max_bytes && s.evict_oldest(&self.counters) {}
+            // Counted before it is queued: the reader takes it off once received.
+            s.bytes.fetch_add(bytes, Ordering::Relaxed);
+            let mut item = (batch.clone(), bytes);
             loop {
                 match s.tx.try_send(item) {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        s.notify.fire();
+                        break;
+                    }
                     Err(flume::TrySendError::Full(back)) => {
                         item = back;
-                        if let Ok(old) = s.evict.try_recv() {
-                            s.lag.batches.fetch_add(1, Ordering::Relaxed);
-                            s.lag.rows.fetch_add(old.num_rows() as u64, Ordering::Relaxed);
-                            self.counters.lagged_batches.fetch_add(1, Ordering::Relaxed);
-                        }
+                        s.evict_oldest(&self.counters);
                     }
-                    Err(flume::TrySendError::Disconnected(_)) => break,
+                    Err(flume::TrySendError::Disconnected(_)) => {
+                        s.bytes.fetch_sub(bytes, Ordering::Relaxed);
+                        break;
+                    }
                 }
             }
         }
@@ -195,7 +352,9 @@ impl Output {
     pub fn close(&self) {
         let mut subscribers = self.subscribers.write();
         self.closed.store(true, Ordering::Release);
-        subscribers.clear();
+        let gone = std::mem::take(&mut *subscribers);
+        drop(subscribers);
+        end_queues(gone);
     }
 
     /// Input rows this stream dropped: too late for their windows, or rejected by its
@@ -259,6 +418,16 @@ impl Output {
     }
 }
 
+/// Drops the senders of removed subscribers (their queues end once drained), then wakes
+/// their readers, who find the end.
+fn end_queues(gone: Vec<Subscriber>) {
+    for s in gone {
+        let notify = s.notify.clone();
+        drop(s);
+        notify.fire();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,8 +442,8 @@ mod tests {
     #[test]
     fn every_subscriber_gets_every_batch_and_a_full_queue_drops_its_oldest() {
         let out = Output::new("s", batch(0).schema());
-        let a = out.subscribe(2);
-        let b = out.subscribe(8);
+        let a = out.subscribe(2, SUBSCRIBER_BYTES_MAX);
+        let b = out.subscribe(8, SUBSCRIBER_BYTES_MAX);
         for v in 0..3 {
             out.publish(&batch(v));
         }
@@ -288,6 +457,81 @@ mod tests {
         out.close();
         assert!(a.batches.recv().is_ok());
         assert!(a.batches.recv().is_err(), "closed output ends the subscription after its queue");
+    }
+
+    fn counter() -> (Arc<AtomicU64>, Box<dyn Fn() -> Box<dyn FnOnce() + Send>>) {
+        let fired = Arc::new(AtomicU64::new(0));
+        let f = fired.clone();
+        (fired, Box::new(move || {
+            let f = f.clone();
+            Box::new(move || {
+                f.fetch_add(1, Ordering::SeqCst);
+            })
+        }))
+    }
+
+    #[test]
+    fn an_armed_notifier_fires_once_on_a_batch_or_the_end() {
+        let out = Output::new("s", batch(0).schema());
+        let sub = out.subscribe(4, SUBSCRIBER_BYTES_MAX);
+        let (fired, callback) = counter();
+        sub.notify_when_ready(callback());
+        assert_eq!(fired.load(Ordering::SeqCst), 0, "an empty queue does not fire");
+        out.publish(&batch(1));
+        out.publish(&batch(2));
+        assert_eq!(fired.load(Ordering::SeqCst), 1, "fires once per arming");
+        sub.notify_when_ready(callback());
+        assert_eq!(fired.load(Ordering::SeqCst), 2, "a queue already holding a batch fires at once");
+        while sub.batches.try_recv().is_ok() {}
+        sub.notify_when_ready(callback());
+        sub.notify_when_ready(callback());
+        sub.cancel();
+        assert_eq!(fired.load(Ordering::SeqCst), 3, "cancelling fires the one armed callback (re-arming replaced the first)");
+        assert!(sub.batches.is_disconnected());
+
+        let other = out.subscribe(4, SUBSCRIBER_BYTES_MAX);
+        other.notify_when_ready(callback());
+        out.close();
+        assert_eq!(fired.load(Ordering::SeqCst), 4, "closing the output fires");
+        let late = out.subscribe(4, SUBSCRIBER_BYTES_MAX);
+        late.notify_when_ready(callback());
+        assert_eq!(fired.load(Ordering::SeqCst), 5, "a subscription to a closed output is ready at once");
+    }
+
+    fn rows(n: usize) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..n as i64))]).unwrap()
+    }
+
+    #[test]
+    fn a_queue_over_its_byte_bound_drops_its_oldest_batches() {
+        let big = rows(1000); // 8,000 bytes
+        assert_eq!(batch_bytes(&big), 8000);
+        assert_eq!(batch_bytes(&big.slice(100, 10)), 80, "a slice counts its own rows");
+        let out = Output::new("s", big.schema());
+        let sub = out.subscribe(SUBSCRIBER_BATCHES_MAX, 20_000);
+        let roomy = out.subscribe(SUBSCRIBER_BATCHES_MAX, SUBSCRIBER_BYTES_MAX);
+        for _ in 0..5 {
+            out.publish(&big);
+        }
+        assert_eq!(sub.batches.len(), 2, "two 8,000-byte batches fit in 20,000 bytes");
+        assert_eq!(sub.batches.bytes(), 16_000);
+        assert_eq!(sub.lag.batches.load(Ordering::Relaxed), 3);
+        assert_eq!(sub.lag.rows.load(Ordering::Relaxed), 3000);
+        assert_eq!(out.counters.lagged_batches.load(Ordering::Relaxed), 3);
+        assert_eq!(roomy.batches.len(), 5);
+        assert_eq!(roomy.lag.batches.load(Ordering::Relaxed), 0);
+        sub.batches.recv().unwrap();
+        assert_eq!(sub.batches.bytes(), 8000, "what the reader takes is taken off");
+        out.publish(&big.slice(0, 100));
+        assert_eq!((sub.batches.len(), sub.batches.bytes()), (2, 8800), "a small batch fits beside");
+
+        let huge = rows(10_000);
+        out.publish(&huge);
+        assert_eq!(sub.batches.len(), 1, "a batch over the bound alone is delivered alone");
+        assert_eq!(sub.batches.recv().unwrap().num_rows(), 10_000);
+        assert_eq!(sub.lag.batches.load(Ordering::Relaxed), 5);
+        assert_eq!(sub.batches.bytes(), 0);
     }
 
     #[test]
