@@ -68,7 +68,9 @@ impl Default for EngineConfig {
             storage_dir: None,
             checkpoint_interval_ms: None,
             table_spill_threshold: 1_000_000,
-            pin_shards: true,
+            // `LAMINARDB_PIN_SHARDS=0` leaves shard threads to the scheduler (perf/neighbour.py
+            // measures both with busy neighbours on the host).
+            pin_shards: env_us("LAMINARDB_PIN_SHARDS").is_none_or(|v| v != 0),
             spin_us: default_spin_us(),
             coord_spin_us: env_us("LAMINARDB_COORD_SPIN_US").unwrap_or(SPIN_AFTER_COMMAND_US),
             caller_spin_us: env_us("LAMINARDB_CALLER_SPIN_US").unwrap_or(SPIN_AFTER_COMMAND_US),
