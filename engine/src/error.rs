@@ -212,6 +212,13 @@ impl From<datafusion::error::DataFusionError> for Error {
 /// (`… non-string expr: Value(ValueWithSpan { value: Null, span: … })`): the message is
 /// cut where the dump starts, which keeps what it says and drops what no user can read.
 fn readable(message: &str) -> String {
+    // `SQL error: ParserError("…")`: the parser's own text, without its debug wrapping.
+    static WRAPPED: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let wrapped = WRAPPED.get_or_init(|| {
+        regex::Regex::new(r#"\b(?:ParserError|TokenizerError)\("(.*)"\)"#).expect("valid regex")
+    });
+    let message = wrapped.replace_all(message, "$1");
+    let message = message.as_ref();
     static DUMP: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     let dump = DUMP.get_or_init(|| {
         regex::Regex::new(r"\b[A-Z][A-Za-z0-9]*(\([A-Z][A-Za-z0-9]*)? \{ [a-z_][a-z0-9_]*: ").expect("valid regex")
@@ -261,6 +268,8 @@ mod tests {
             Error::from(df).message,
             "This feature is not implemented: Dot access not supported for non-string expr (in the statement)"
         );
+        let wrapped = datafusion::error::DataFusionError::Plan(r#"SQL error: ParserError("Expected: end of statement")"#.into());
+        assert_eq!(Error::from(wrapped).message, "Error during planning: SQL error: Expected: end of statement");
         let plain = datafusion::error::DataFusionError::Plan("No field named x. Valid fields are t.a.".into());
         assert_eq!(Error::from(plain).message, "Error during planning: No field named x. Valid fields are t.a.");
     }

@@ -19,8 +19,21 @@ use laminardb_engine::{Error, Result};
 /// bounds how long one statement can keep the coordinator.
 pub const MAX_SQL_DEPTH: usize = 1000;
 
-/// Refuses a statement whose tree could be deeper than [`MAX_SQL_DEPTH`].
+/// Most parenthesized groups one inside another (sqlparser itself stops at 50).
+pub const MAX_GROUP_NESTING: usize = 32;
+
+/// Most calls of [`BACKTRACKING`] constructs one inside another: sqlparser tries each of
+/// them more than one way, so its time doubles with every level (18 nested CASTs took
+/// seconds, 30 would take hours).
+pub const MAX_BACKTRACKING_NESTING: usize = 10;
+
+/// Constructs whose parse time grows exponentially with their nesting (measured).
+const BACKTRACKING: [&str; 8] = ["CAST", "TRY_CAST", "SAFE_CAST", "POSITION", "CONVERT", "TRY_CONVERT", "OVERLAY", "ROW"];
+
+/// Refuses a statement whose tree could be deeper than [`MAX_SQL_DEPTH`], or whose
+/// groups nest deeper than the parser handles in reasonable time.
 pub fn check_depth(tokens: &[Token]) -> Result<()> {
+    check_nesting(tokens)?;
     let depth = nesting_bound(tokens);
     if depth > MAX_SQL_DEPTH {
         return Err(Error::parse(format!(
@@ -38,6 +51,47 @@ pub fn check_unsupported(tokens: &[Token]) -> Result<()> {
     let sampled = tokens.iter().any(|t| matches!(t, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("TABLESAMPLE")));
     if sampled {
         return Err(Error::unsupported("TABLESAMPLE (sampling is not implemented; every row would be returned)"));
+    }
+    Ok(())
+}
+
+/// Group nesting, in all and of [`BACKTRACKING`] calls.
+fn check_nesting(tokens: &[Token]) -> Result<()> {
+    // Per open group: whether it is the argument list of a backtracking construct.
+    let mut open: Vec<bool> = Vec::new();
+    let mut backtracking = 0usize;
+    let mut previous_word: Option<&Word> = None;
+    for token in tokens {
+        match token {
+            Token::LParen | Token::LBracket | Token::LBrace => {
+                let call = previous_word
+                    .is_some_and(|w| w.quote_style.is_none() && BACKTRACKING.iter().any(|k| w.value.eq_ignore_ascii_case(k)));
+                open.push(call);
+                backtracking += usize::from(call);
+                if open.len() > MAX_GROUP_NESTING {
+                    return Err(Error::parse(format!(
+                        "the statement nests parentheses more than {MAX_GROUP_NESTING} deep"
+                    )));
+                }
+                if backtracking > MAX_BACKTRACKING_NESTING {
+                    return Err(Error::parse(format!(
+                        "the statement nests CAST, CONVERT, POSITION, OVERLAY or ROW more than \
+                         {MAX_BACKTRACKING_NESTING} deep"
+                    )));
+                }
+            }
+            Token::RParen | Token::RBracket | Token::RBrace => {
+                if open.pop() == Some(true) {
+                    backtracking -= 1;
+                }
+            }
+            _ => {}
+        }
+        match token {
+            Token::Word(w) => previous_word = Some(w),
+            Token::Whitespace(_) => {}
+            _ => previous_word = None,
+        }
     }
     Ok(())
 }
@@ -213,8 +267,8 @@ mod tests {
 
     #[test]
     fn groups_add_a_level_each() {
-        let nested = format!("SELECT {}1{} FROM t", "abs(".repeat(40), ")".repeat(40));
-        assert_eq!(bound(&nested), 41);
+        let nested = format!("SELECT {}1{} FROM t", "abs(".repeat(30), ")".repeat(30));
+        assert_eq!(bound(&nested), 31);
         // Strings and quoted names are never operators.
         assert!(bound("SELECT 'a + b + c + d' AS \"AND\" FROM t") < 3);
     }
@@ -226,6 +280,18 @@ mod tests {
         assert_eq!(err.code, laminardb_engine::ErrorCode::SqlParseError);
         assert!(err.message.contains("nests too deeply"), "{}", err.message);
         check_depth(&tokenize(&format!("SELECT {} FROM t", vec!["a"; 300].join(" + "))).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn nested_groups_and_nested_casts_are_capped() {
+        let check = |sql: String| check_depth(&tokenize(&sql).unwrap());
+        check(format!("SELECT {}1{} FROM t", "(".repeat(32), ")".repeat(32))).unwrap();
+        assert!(check(format!("SELECT {}1{} FROM t", "(".repeat(33), ")".repeat(33))).is_err());
+        check(format!("SELECT {}a{} FROM t", "CAST(".repeat(10), " AS INT)".repeat(10))).unwrap();
+        let err = check(format!("SELECT {}a FROM t", "cast (".repeat(11))).unwrap_err();
+        assert!(err.message.contains("CAST"), "{}", err.message);
+        // Parentheses inside a CAST that are not calls do not count as CASTs.
+        check(format!("SELECT CAST({}a{} AS INT) FROM t", "(".repeat(20), ")".repeat(20))).unwrap();
     }
 
     #[test]

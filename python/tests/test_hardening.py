@@ -287,3 +287,21 @@ def test_deeply_nested_input_is_refused_not_fatal(case):
     assert out["insert"][:2] == ["IngestionError", laminardb.codes.BATCH_SCHEMA_MISMATCH], out["insert"]
     assert "deeper than" in out["insert"][2] or "recursion limit" in out["insert"][2]
     assert out["count"] == ["ok", [0]]
+
+
+def test_nested_casts_are_refused_before_the_parser_backtracks(db):
+    """Found by sql_fuzz_harness.py (seed 2): sqlparser's time doubles with each nested CAST
+    it cannot parse; 375 unclosed ones hung the coordinator."""
+    db.execute("CREATE SOURCE web (ts BIGINT, ms BIGINT)")
+    for sql in (
+        "SELECT " + "CAST ( " * 375 + "ms AS DOUBLE ) FROM web",
+        "CREATE STREAM s AS SELECT " + "CAST ( " * 30 + "ms AS DOUBLE ) FROM web",
+        "SELECT " + "ROW ( " * 20 + "ms" + " )" * 20 + " FROM web",
+        "SELECT " + "(" * 40 + "ms" + ")" * 40 + " FROM web",
+    ):
+        with pytest.raises(laminardb.QueryError) as e:
+            db.execute(sql)
+        assert e.value.code == laminardb.codes.SQL_PARSE_ERROR
+    db.insert("web", {"ts": 1, "ms": 2})
+    nested = "SELECT " + "CAST(" * 10 + "ms" + " AS DOUBLE)" * 10 + " AS x FROM web"
+    assert db.query(nested).to_dicts() == {"x": [2.0]}
