@@ -534,6 +534,10 @@ impl ShardRuntime {
                 if let Some(op) = &task.op {
                     let mut rows = self.store.scan(name);
                     rows.push(op.snapshot()?);
+                    // The global group of an aggregate without keys lives on shard 0.
+                    if self.id == 0 {
+                        rows.extend(op.empty_global_row()?);
+                    }
                     return Ok(rows);
                 }
             }

@@ -702,6 +702,19 @@ impl AggOperator {
         Ok(op)
     }
 
+    /// A global aggregate (no keys, no window) that holds no row yet reads as SQL's one
+    /// row over no input (COUNT 0, SUM NULL, through HAVING), as the same query ad hoc
+    /// does; `None` otherwise. Its one group lives on shard 0, so only shard 0 asks.
+    pub fn empty_global_row(&self) -> Result<Option<RecordBatch>> {
+        let agg = self.agg();
+        if agg.keys > 0 || agg.window.is_some() || self.group_count() > 0 {
+            return Ok(None);
+        }
+        let mut empty = AggOperator::new(self.plan.clone())?;
+        let g = empty.new_group(&[], i64::MIN, i64::MAX);
+        Ok(Some(empty.finish(&[g as usize])?))
+    }
+
     pub fn snapshot(&self) -> Result<RecordBatch> {
         let live: Vec<usize> = (0..self.groups.len()).filter(|&g| self.groups[g].live).collect();
         self.finish(&live)
@@ -999,6 +1012,32 @@ mod tests {
         assert_eq!(text(&op.take_closed()), vec!["a,0,1000,2,3"]);
         assert_eq!(text(&[op.snapshot().unwrap()]), vec!["b,1000,2000,1,4"]);
         assert!(op.take_closed().is_empty(), "handed over once");
+    }
+
+    /// A global aggregate with no row yet reads as one row over no input, as ad hoc;
+    /// one with rows, or a keyed one, has no such row.
+    #[test]
+    fn a_global_aggregate_without_rows_reads_as_one_row_over_no_input() {
+        let mut p = plan(None, Emit::Changes, 0);
+        let global = Arc::get_mut(&mut p).unwrap();
+        let agg = global.agg.as_mut().unwrap();
+        agg.keys = 0;
+        agg.layout.clear();
+        let fields: Vec<Field> = agg.agg_schema.fields()[1..].iter().map(|f| f.as_ref().clone()).collect();
+        agg.agg_schema = Arc::new(Schema::new(fields.clone()));
+        agg.output = fields.iter().enumerate().map(|(i, f)| Arc::new(Column::new(f.name(), i)) as PhysExpr).collect();
+        let mut out_fields = fields;
+        out_fields.push(Field::new(super::super::OP_COLUMN, DataType::Utf8, false));
+        global.schema = Arc::new(Schema::new(out_fields));
+        global.branches[0].schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
+        agg.calls[1].arg = Some(0);
+        let mut op = AggOperator::new(p).unwrap();
+        assert_eq!(text(&[op.empty_global_row().unwrap().unwrap()]), vec!["0,"]);
+        let batch = RecordBatch::try_from_iter(vec![("v", Arc::new(Int64Array::from(vec![4])) as ArrayRef)]).unwrap();
+        op.apply(&batch).unwrap();
+        assert!(op.empty_global_row().unwrap().is_none());
+        let keyed = AggOperator::new(plan(None, Emit::Changes, 0)).unwrap();
+        assert!(keyed.empty_global_row().unwrap().is_none());
     }
 
     /// A SUM of BIGINT leaving the range fails the batch whole: nothing of it stays (no
