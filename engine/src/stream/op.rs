@@ -1014,6 +1014,18 @@ mod tests {
         assert!(op.take_closed().is_empty(), "handed over once");
     }
 
+    /// Two sessions whose SUMs together leave the BIGINT range cannot merge: the bridging
+    /// batch fails before anything merges, and both sessions stay as they were.
+    #[test]
+    fn sessions_whose_sums_would_overflow_do_not_merge() {
+        let mut op = AggOperator::new(plan(Some(WindowKind::Session { gap: 100 }), Emit::AfterWatermark, 0)).unwrap();
+        op.apply(&rows(&["a", "a"], &[0, 150], &[i64::MAX - 1, 5])).unwrap();
+        let err = op.apply(&rows(&["b", "a"], &[0, 90], &[1, 0])).unwrap_err();
+        assert!(err.to_string().contains("SUM overflowed the BIGINT range"), "{err}");
+        assert_eq!(op.group_count(), 2, "no merge, and b's new session is gone");
+        assert_eq!(text(&op.advance(i64::MAX).unwrap()), vec![format!("a,0,100,1,{}", i64::MAX - 1), "a,150,250,1,5".to_string()]);
+    }
+
     /// A global aggregate with no row yet reads as one row over no input, as ad hoc;
     /// one with rows, or a keyed one, has no such row.
     #[test]
