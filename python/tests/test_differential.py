@@ -2,8 +2,9 @@
 
 Each case is built from one seed: a small random schema (some names quoted and mixed-case),
 random rows (NULLs, NaN, ±0.0, negative numbers) and a random stream query from a grammar
-covering projection and filter expressions, GROUP BY with every aggregate streams support,
-TUMBLE / HOP / SESSION / CUMULATE windows and every EMIT mode. The rows go in ascending
+covering projection and filter expressions (and UNION ALL), GROUP BY (columns, a DOUBLE,
+expressions, or none) with every aggregate streams support, TUMBLE / HOP / SESSION /
+CUMULATE windows, every EMIT mode, and inner equi-joins with a second source. The rows go in ascending
 event-time chunks (shuffled inside each chunk, so sessions merge and out-of-order rows
 occur without any row being late), then a final watermark closes every window. Then:
 
@@ -163,6 +164,8 @@ class Query:
     # the stream's state it is one row even over no rows; its changelog starts with the
     # first row it reads.
     global_where: str | None = None
+    # A join reads a second source of the same columns, named so.
+    join_table: str | None = None
 
 
 AGGS_FLOAT_TOL = {"SUM", "AVG", "STDDEV", "STDDEV_POP", "VAR", "VAR_POP"}
@@ -213,8 +216,21 @@ def alias(rng: random.Random, i: int) -> str:
 
 
 def make_query(rng: random.Random, s: Schema) -> Query:
-    shape = rng.choice(["project", "group", "window", "window", "window"])
+    shape = rng.choice(["project", "group", "window", "window", "window", "join"])
     where = f" WHERE {predicate(rng, s)}" if rng.random() < 0.4 else ""
+    if shape == "join":
+        # An inner equi-join of the source with a second one of the same columns.
+        other = f'"{s.table}R"'
+        key = rng.choice(["key_s", "key_i", "x"])
+        on = f"l.{s.c(key)} = r.{s.c(key)}"
+        if rng.random() < 0.3:
+            on += f" AND l.{s.c('n')} <= r.{s.c('n')}"
+        picks = [f"l.{s.c(key)}", f"l.{s.c('x')}", f"r.{s.c('n')}", f"r.{s.c('ts')}", f"l.{s.c('key_s')}"]
+        items = [f"{e} AS {alias(rng, i)}" for i, e in enumerate(rng.sample(picks, rng.randint(1, 4)))]
+        select = f"SELECT {', '.join(items)} FROM {s.table_ref} l JOIN {other} r ON {on}"
+        q = Query(select, "", False, [False] * len(items))
+        q.join_table = f"{s.table}R"
+        return q
     if shape == "project":
         items = []
         for i in range(rng.randint(1, 4)):
@@ -319,8 +335,11 @@ def run_case(db, seed: int, case: int) -> str | None:
     stream = f"diff{case}"
     cols = ", ".join(f"{c.ref} {c.sql_type}" for c in s.cols.values())
     db.execute(f"CREATE SOURCE {s.table_ref} ({cols}, WATERMARK FOR {s.c('ts')})")
+    other_rows = make_rows(rng, s) if q.join_table else []
+    if q.join_table:
+        db.execute(f'CREATE SOURCE "{q.join_table}" ({cols}, WATERMARK FOR {s.c("ts")})')
     ddl = f"CREATE STREAM {stream} AS {q.select}{q.suffix}"
-    context = f"seed {seed}: {ddl}\nrows: {rows}"
+    context = f"seed {seed}: {ddl}\nrows: {rows}" + (f"\n{q.join_table} rows: {other_rows}" if q.join_table else "")
     try:
         db.execute(ddl)
     except laminardb.LaminarError as e:
@@ -336,6 +355,13 @@ def run_case(db, seed: int, case: int) -> str | None:
         db.insert(s.table, chunk)
         got_sub += received(sub)
         i = j
+    # The join's right side after the left, in two parts around more left rows' arrival:
+    # each pair is emitted when its later row arrives, from either side.
+    half = len(other_rows) // 2
+    for part in (other_rows[:half], other_rows[half:]):
+        if part:
+            db.insert(q.join_table, part)
+            got_sub += received(sub)
     db.writer(s.table).watermark(FINAL_WATERMARK)
     want = [tuple(r) for r in db.query(q.select).fetchall()]
     sub_want = want
@@ -360,6 +386,8 @@ def run_case(db, seed: int, case: int) -> str | None:
         problems.append(f"subscriber {'(folded) ' if q.changelog else ''}{sorted(sub_rows, key=repr)}")
     db.execute(f"DROP STREAM {stream}")
     db.execute(f"DROP SOURCE {s.table_ref}")
+    if q.join_table:
+        db.execute(f'DROP SOURCE "{q.join_table}"')
     if problems:
         return f"{context}\nad hoc {sorted(want, key=repr)}\n" + "\n".join(problems)
     return None
