@@ -205,3 +205,29 @@ def test_a_global_aggregate_over_no_rows_reads_as_one_row(sharded_db):
     assert drain(sub) == []  # its changelog starts with the first row it reads
     db.insert("t", [{"x": 150.0}, {"x": 200.0}])
     assert db.query("SELECT n, s FROM g").fetchall() == [(2, 350.0)]
+
+
+def test_closed_changelog_windows_survive_a_restart(tmp_path):
+    """The final rows of closed windows are the stream's retained rows: checkpointed
+    with them (here at close) and queryable after reopening."""
+    cfg = laminardb.LaminarConfig(shards=2, checkpoint_interval_ms=3_600_000)
+    want = [("A", 0, 1000, 1), ("A", 1000, 2000, 4), ("B", 0, 1000, 2), ("B", 2000, 3000, 5)]
+    db = laminardb.open(str(tmp_path / "db"), config=cfg)
+    setup(
+        db,
+        "CREATE SOURCE trades (sym VARCHAR, ts BIGINT, qty BIGINT, WATERMARK FOR ts)",
+        "CREATE STREAM vol AS SELECT sym, window_start, window_end, SUM(qty) AS q FROM trades "
+        "GROUP BY sym, TUMBLE(ts, 1000) EMIT CHANGES",
+    )
+    db.insert("trades", [{"sym": "A", "ts": 100, "qty": 1}, {"sym": "B", "ts": 200, "qty": 2}])
+    db.insert("trades", [{"sym": "A", "ts": 1500, "qty": 4}])
+    db.checkpoint()
+    db.insert("trades", [{"sym": "B", "ts": 2100, "qty": 5}])
+    assert sorted(db.query("SELECT * FROM vol").fetchall()) == want
+    db.close()
+    db = laminardb.open(str(tmp_path / "db"), config=cfg)
+    try:
+        db.start()
+        assert sorted(db.query("SELECT * FROM vol").fetchall()) == want
+    finally:
+        db.close()
