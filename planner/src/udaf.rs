@@ -6,16 +6,17 @@
 //! * `min` / `max` of floats order NaN and ±0.0 as IEEE 754's total order does (NaN above
 //!   every number, -0.0 below 0.0). DataFusion's own kernels do so without `GROUP BY`,
 //!   but its grouped accumulator compares with `<`/`>`, so a grouped MAX over {NaN, 1.0}
-//!   depended on the rows' order; for floats the grouped path is switched off, and
-//!   DataFusion runs its per-group accumulator, which uses the total order.
+//!   depended on the rows' order. DOUBLE gets a grouped accumulator of its own
+//!   (`TotalOrderGroups`); REAL and HALF use DataFusion's per-group accumulator, whose
+//!   kernels use the total order.
 //!
 //! Every other call (other types, `DISTINCT`, window frames of the other types) goes to
 //! DataFusion's function unchanged.
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array};
-use arrow::datatypes::{DataType, FieldRef, Int64Type};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array};
+use arrow::datatypes::{DataType, FieldRef, Float64Type, Int64Type};
 use datafusion::common::{DataFusionError, Result as DfResult, ScalarValue};
 use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::expr::AggregateFunctionParams;
@@ -61,6 +62,10 @@ impl Agreeing {
 
     fn float_min_max(&self, args: &AccumulatorArgs) -> bool {
         self.kind == Kind::MinMax && args.return_type().is_floating()
+    }
+
+    fn is_min(&self) -> bool {
+        self.inner.name().eq_ignore_ascii_case("min")
     }
 }
 
@@ -111,7 +116,7 @@ impl AggregateUDFImpl for Agreeing {
         self.inner.accumulator(args)
     }
     fn groups_accumulator_supported(&self, args: AccumulatorArgs) -> bool {
-        if self.checked_sum(&args) {
+        if self.checked_sum(&args) || (self.float_min_max(&args) && args.return_type() == &DataType::Float64) {
             return true;
         }
         !self.float_min_max(&args) && self.inner.groups_accumulator_supported(args)
@@ -119,6 +124,9 @@ impl AggregateUDFImpl for Agreeing {
     fn create_groups_accumulator(&self, args: AccumulatorArgs) -> DfResult<Box<dyn GroupsAccumulator>> {
         if self.checked_sum(&args) {
             return Ok(Box::new(CheckedGroupSums { sums: Vec::new(), seen: Vec::new() }));
+        }
+        if self.float_min_max(&args) && args.return_type() == &DataType::Float64 {
+            return Ok(Box::new(TotalOrderGroups { min: self.is_min(), values: Vec::new(), seen: Vec::new() }));
         }
         self.inner.create_groups_accumulator(args)
     }
@@ -225,5 +233,58 @@ impl GroupsAccumulator for CheckedGroupSums {
     }
     fn size(&self) -> usize {
         self.sums.capacity() * 8 + self.seen.capacity()
+    }
+}
+
+/// MIN or MAX of DOUBLE for many groups, in IEEE 754's total order (as the streams'
+/// `Acc::MinMaxFloat` and DataFusion's ungrouped kernels).
+#[derive(Debug)]
+struct TotalOrderGroups {
+    min: bool,
+    values: Vec<f64>,
+    seen: Vec<bool>,
+}
+
+impl TotalOrderGroups {
+    fn fold(&mut self, values: &ArrayRef, groups: &[usize], filter: Option<&BooleanArray>, total: usize) -> DfResult<()> {
+        self.values.resize(total, 0.0);
+        self.seen.resize(total, false);
+        let values = values.as_primitive::<Float64Type>();
+        for (i, &g) in groups.iter().enumerate() {
+            if values.is_null(i) || filter.is_some_and(|f| !f.is_valid(i) || !f.value(i)) {
+                continue;
+            }
+            let v = values.value(i);
+            let order = v.total_cmp(&self.values[g]);
+            if !self.seen[g] || (self.min && order.is_lt()) || (!self.min && order.is_gt()) {
+                self.values[g] = v;
+                self.seen[g] = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, emit_to: EmitTo) -> ArrayRef {
+        let values = emit_to.take_needed(&mut self.values);
+        let seen = emit_to.take_needed(&mut self.seen);
+        Arc::new(values.into_iter().zip(seen).map(|(v, seen)| seen.then_some(v)).collect::<Float64Array>())
+    }
+}
+
+impl GroupsAccumulator for TotalOrderGroups {
+    fn update_batch(&mut self, values: &[ArrayRef], groups: &[usize], filter: Option<&BooleanArray>, total: usize) -> DfResult<()> {
+        self.fold(&values[0], groups, filter, total)
+    }
+    fn merge_batch(&mut self, values: &[ArrayRef], groups: &[usize], filter: Option<&BooleanArray>, total: usize) -> DfResult<()> {
+        self.fold(&values[0], groups, filter, total)
+    }
+    fn evaluate(&mut self, emit_to: EmitTo) -> DfResult<ArrayRef> {
+        Ok(self.take(emit_to))
+    }
+    fn state(&mut self, emit_to: EmitTo) -> DfResult<Vec<ArrayRef>> {
+        Ok(vec![self.take(emit_to)])
+    }
+    fn size(&self) -> usize {
+        self.values.capacity() * 8 + self.seen.capacity()
     }
 }

@@ -111,6 +111,12 @@ def test_min_max_and_distinct_of_nan_and_signed_zero_agree_with_ad_hoc(sharded_d
     ]
     assert canon(db.query(select).fetchall()) == want
     assert canon(db.query("SELECT k, hi, lo, d FROM s").fetchall()) == want
+    # Ad hoc with FILTER (the grouped accumulators' row filter).
+    filtered = db.query(
+        "SELECT k, MAX(v) FILTER (WHERE k <> 'a') AS m, MIN(v) FILTER (WHERE v <> 1.0) AS lo FROM t "
+        "WHERE k IN ('a', 'z') GROUP BY k"
+    ).fetchall()
+    assert sorted((k, repr(m), repr(lo)) for k, m, lo in filtered) == [("a", "None", "nan"), ("z", "0.0", "-0.0")]
     # Without GROUP BY, DataFusion's own kernels already agreed.
     assert [tuple(map(repr, r)) for r in db.query("SELECT MAX(v), MIN(v) FROM t WHERE k = 'z'").fetchall()] == [("0.0", "-0.0")]
 
