@@ -13,6 +13,7 @@ pub mod sink;
 pub mod split;
 pub mod stream;
 pub mod table;
+pub mod udaf;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,7 +53,9 @@ impl SqlFrontend {
             .with_target_partitions(query_threads.max(1))
             .with_information_schema(true)
             .with_default_catalog_and_schema("laminar", "public");
-        Ok(SqlFrontend { runtime: Some(runtime), ctx: SessionContext::new_with_config(config), registered: None })
+        let ctx = SessionContext::new_with_config(config);
+        udaf::register(&ctx);
+        Ok(SqlFrontend { runtime: Some(runtime), ctx, registered: None })
     }
 
     fn runtime(&self) -> Result<&tokio::runtime::Runtime> {
@@ -131,7 +134,16 @@ impl Frontend for SqlFrontend {
             LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) | LogicalPlan::DescribeTable(_) => QueryKind::Metadata,
             _ => QueryKind::Rows,
         };
-        Ok(Statement::Query(Box::new(DataFusionQuery { df, kind, runtime })))
+        // The schema the rows will have: the plan's after type coercion (before it, a
+        // `CASE WHEN … THEN 3 ELSE px END` claims BIGINT while its rows are DOUBLE).
+        let state = self.ctx.state();
+        let analyzed = datafusion::optimizer::Analyzer::new().execute_and_check(
+            df.logical_plan().clone(),
+            state.config_options(),
+            |_, _| {},
+        )?;
+        let schema = Arc::new(analyzed.schema().as_arrow().clone());
+        Ok(Statement::Query(Box::new(DataFusionQuery { df, kind, runtime, schema })))
     }
 
     fn shutdown(&mut self) {
@@ -151,11 +163,12 @@ struct DataFusionQuery {
     df: DataFrame,
     kind: QueryKind,
     runtime: tokio::runtime::Handle,
+    schema: SchemaRef,
 }
 
 impl PreparedQuery for DataFusionQuery {
     fn schema(&self) -> SchemaRef {
-        Arc::new(self.df.schema().as_arrow().clone())
+        self.schema.clone()
     }
 
     fn kind(&self) -> QueryKind {

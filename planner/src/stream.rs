@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::common::DFSchema;
+use datafusion::common::{DFSchema, TableReference};
 use datafusion::datasource::empty::EmptyTable;
 use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::expr::AggregateFunction;
@@ -227,9 +227,12 @@ fn window_call(e: &Expr) -> Result<Option<WindowCall>> {
     if args.len() != arity {
         return Err(Error::parse(format!("{} takes {arity} arguments", name.to_uppercase())));
     }
+    // Resolved as DataFusion resolves identifiers: a quoted name exactly, an unquoted
+    // one lowercased.
+    let name_of = |id: &Ident| if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() };
     let column = match args[0] {
-        Expr::Identifier(id) => id.value.clone(),
-        Expr::CompoundIdentifier(ids) => ids.last().map(|i| i.value.clone()).unwrap_or_default(),
+        Expr::Identifier(id) => name_of(id),
+        Expr::CompoundIdentifier(ids) => ids.last().map(name_of).unwrap_or_default(),
         other => return Err(Error::unsupported(format!("window over the expression {other}: name a column"))),
     };
     let d = |i: usize| duration_ms(args[i]);
@@ -418,7 +421,9 @@ fn planning_context(catalog: &Catalog, window_column: Option<&str>) -> Result<Se
                 schema = Arc::new(Schema::new(fields));
             }
         }
-        ctx.register_table(name.as_str(), Arc::new(EmptyTable::new(schema)))?;
+        // By its exact name, as the ad-hoc catalog registers it: a name given as a string
+        // would be parsed as SQL, and a quoted mixed-case name ("Trades") lowercased.
+        ctx.register_table(TableReference::bare(name.as_str()), Arc::new(EmptyTable::new(schema)))?;
     }
     Ok(ctx)
 }

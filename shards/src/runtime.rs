@@ -554,12 +554,18 @@ impl ShardRuntime {
     }
 
     /// Rows a query of `name` reads here: retained source or stream rows, or the current
-    /// per-group rows of a changelog stream.
+    /// per-group rows of a changelog stream and the final rows of its closed windows.
     pub fn scan(&self, name: &str) -> Result<Vec<RecordBatch>> {
         if let Some(task) = self.streams.get(name) {
             if task.plan.is_changelog() {
                 if let Some(op) = &task.op {
-                    return Ok(vec![op.snapshot()?]);
+                    let mut rows = self.store.scan(name);
+                    rows.push(op.snapshot()?);
+                    // The global group of an aggregate without keys lives on shard 0.
+                    if self.id == 0 {
+                        rows.extend(op.empty_global_row()?);
+                    }
+                    return Ok(rows);
                 }
             }
         }
@@ -780,10 +786,18 @@ impl ShardRuntime {
         }
         task.watermark = mark;
         task.output.shard_watermark(self.id, self.shards, mark);
-        let emitted = match task.op.as_mut() {
-            Some(op) => op.advance(mark),
-            None => Ok(vec![]),
+        let (emitted, closed) = match task.op.as_mut() {
+            Some(op) => (op.advance(mark), op.take_closed()),
+            None => (Ok(vec![]), vec![]),
         };
+        // A changelog stream's closed windows leave its operator's state; their final rows
+        // stay queryable as its retained rows (spilled, checkpointed like an append
+        // stream's).
+        for rows in closed {
+            if let Err(e) = self.retain(name, rows) {
+                self.record_error(name, &e);
+            }
+        }
         match emitted {
             Ok(out) => {
                 for b in out {

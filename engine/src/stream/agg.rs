@@ -112,7 +112,9 @@ fn distinct_key(s: Scalar) -> Option<DistinctKey> {
     match s {
         Scalar::Null => None,
         Scalar::Int(v) => Some(DistinctKey::Int(v)),
-        Scalar::Float(v) => Some(DistinctKey::Float(if v == 0.0 { 0 } else { v.to_bits() })),
+        // DataFusion's COUNT(DISTINCT) tells floats apart by their bits: -0.0 and 0.0 are
+        // two values, NaN one.
+        Scalar::Float(v) => Some(DistinctKey::Float(v.to_bits())),
         Scalar::Str(v) => Some(DistinctKey::Str(v)),
     }
 }
@@ -124,6 +126,51 @@ fn scalar_less(a: &Scalar, b: &Scalar) -> bool {
         (Scalar::Str(x), Scalar::Str(y)) => x < y,
         _ => false,
     }
+}
+
+/// Whether `v` replaces `cur` as the MIN (`min`) or MAX: in IEEE 754's total order, as
+/// DataFusion's MIN/MAX kernels compare floats (NaN above every number, -0.0 below 0.0),
+/// so the result does not depend on the order rows arrive in.
+fn float_better(min: bool, v: f64, cur: f64) -> bool {
+    let order = v.total_cmp(&cur);
+    if min { order.is_lt() } else { order.is_gt() }
+}
+
+/// Adds `sign × a[r]` to `sum[g]` for every `(r, g, sign)` whose value is not null,
+/// checked: when a sum would leave the BIGINT range, what this call added is taken back
+/// and it fails (DataFusion fails such a SUM ad hoc too; a wrapped sum would be a wrong
+/// number).
+fn checked_sums(sum: &mut [i64], seen: &mut [bool], a: &Int64Array, triples: impl Iterator<Item = (usize, usize, i64)> + Clone) -> Result<()> {
+    let mut newly_seen = Vec::new();
+    let mut done = 0usize;
+    let mut failed = None;
+    for (r, g, s) in triples.clone() {
+        if a.is_valid(r) {
+            let v = a.value(r);
+            match s.checked_mul(v).and_then(|d| sum[g].checked_add(d)) {
+                Some(x) => sum[g] = x,
+                None => {
+                    failed = Some(v);
+                    break;
+                }
+            }
+            if !seen[g] {
+                seen[g] = true;
+                newly_seen.push(g);
+            }
+        }
+        done += 1;
+    }
+    let Some(v) = failed else { return Ok(()) };
+    for (r, g, s) in triples.take(done) {
+        if a.is_valid(r) {
+            sum[g] = sum[g].wrapping_sub(s.wrapping_mul(a.value(r)));
+        }
+    }
+    for g in newly_seen {
+        seen[g] = false;
+    }
+    Err(Error::query(format!("SUM overflowed the BIGINT range (adding {v}); cast the argument to DOUBLE or DECIMAL to sum larger values")))
 }
 
 /// The state of one aggregate over every group (serialized as is into checkpoints).
@@ -224,8 +271,9 @@ impl Acc {
     }
 
     /// Folds input row `rows[i]` into group `groups[i]`, for every `i`; `times` holds each
-    /// input row's event time (or arrival order) for FIRST/LAST.
-    pub fn update(&mut self, values: &Values, rows: &[u32], groups: &[u32], times: &[i64]) {
+    /// input row's event time (or arrival order) for FIRST/LAST. Fails only for a SUM of
+    /// integers leaving the BIGINT range, and then leaves the state as it was.
+    pub fn update(&mut self, values: &Values, rows: &[u32], groups: &[u32], times: &[i64]) -> Result<()> {
         let pairs = rows.iter().map(|&r| r as usize).zip(groups.iter().map(|&g| g as usize));
         match self {
             Acc::Count(count) => match values {
@@ -238,10 +286,8 @@ impl Acc {
             },
             Acc::SumInt { sum, seen } => {
                 if let Values::Int(a) = values {
-                    for (r, g) in pairs.filter(|&(r, _)| a.is_valid(r)) {
-                        sum[g] = sum[g].wrapping_add(a.value(r));
-                        seen[g] = true;
-                    }
+                    let signs = std::iter::repeat(1);
+                    checked_sums(sum, seen, a, rows.iter().zip(groups).zip(signs).map(|((&r, &g), s)| (r as usize, g as usize, s)))?;
                 }
             }
             Acc::SumFloat { sum, seen } => each_float(values, rows, groups, |g, v| {
@@ -266,7 +312,7 @@ impl Acc {
             Acc::MinMaxFloat { min, value, seen } => {
                 let min = *min;
                 each_float(values, rows, groups, |g, v| {
-                    if !seen[g] || (min && v < value[g]) || (!min && v > value[g]) {
+                    if !seen[g] || float_better(min, v, value[g]) {
                         value[g] = v;
                         seen[g] = true;
                     }
@@ -326,6 +372,7 @@ impl Acc {
                 m2[g] += delta * (x - mean[g]);
             }),
         }
+        Ok(())
     }
 
     /// Adds (`signs[r] = 1`) or takes back (`-1`) input row `rows[i]` in group `groups[i]`:
@@ -340,10 +387,8 @@ impl Acc {
             }
             Acc::SumInt { sum, seen } => {
                 if let Values::Int(a) = values {
-                    for (r, g) in pairs.filter(|&(r, _)| a.is_valid(r)) {
-                        sum[g] = sum[g].wrapping_add(signs[r].wrapping_mul(a.value(r)));
-                        seen[g] = true;
-                    }
+                    let triples = rows.iter().zip(groups).map(|(&r, &g)| (r as usize, g as usize, signs[r as usize]));
+                    checked_sums(sum, seen, a, triples)?;
                 }
             }
             Acc::SumFloat { sum, seen } => {
@@ -363,7 +408,43 @@ impl Acc {
         Ok(())
     }
 
-    /// Folds group `src` into group `dst` (session windows merging).
+    /// Whether folding group `src` into `dst` would take a SUM of integers out of the
+    /// BIGINT range (checked before sessions merge, so that a merge never fails halfway).
+    pub fn merge_overflows(&self, dst: usize, src: usize) -> bool {
+        matches!(self, Acc::SumInt { sum, .. } if sum[dst].checked_add(sum[src]).is_none())
+    }
+
+    /// Takes back what `update` folded in for a SUM of integers (the other aggregates
+    /// cannot, and are updated only after every SUM succeeded; see `AggOperator::apply`).
+    /// `signs` as given to `update_signed`, if it was that; `seen_before` what
+    /// `seen_flags(groups)` said before the update.
+    pub fn revert(&mut self, values: &Values, rows: &[u32], groups: &[u32], signs: Option<&[i64]>, seen_before: &[bool]) {
+        if let (Acc::SumInt { sum, seen }, Values::Int(a)) = (self, values) {
+            for (r, g) in rows.iter().zip(groups).map(|(&r, &g)| (r as usize, g as usize)).filter(|&(r, _)| a.is_valid(r)) {
+                let sign = signs.map_or(1, |s| s[r]);
+                sum[g] = sum[g].wrapping_sub(sign.wrapping_mul(a.value(r)));
+            }
+            for (&g, &was) in groups.iter().zip(seen_before) {
+                seen[g as usize] = was;
+            }
+        }
+    }
+
+    /// For a SUM of integers, whether each of `groups` has seen a value (for `revert`).
+    pub fn seen_flags(&self, groups: &[u32]) -> Vec<bool> {
+        match self {
+            Acc::SumInt { seen, .. } => groups.iter().map(|&g| seen[g as usize]).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether `update` can fail (and so runs, and is reverted, before the others).
+    pub fn fallible(&self) -> bool {
+        matches!(self, Acc::SumInt { .. })
+    }
+
+    /// Folds group `src` into group `dst` (session windows merging; `merge_overflows`
+    /// was checked first).
     pub fn merge(&mut self, dst: usize, src: usize) {
         match self {
             Acc::Count(c) => c[dst] += c[src],
@@ -386,7 +467,7 @@ impl Acc {
                 }
             }
             Acc::MinMaxFloat { min, value, seen } => {
-                if seen[src] && (!seen[dst] || (*min && value[src] < value[dst]) || (!*min && value[src] > value[dst])) {
+                if seen[src] && (!seen[dst] || float_better(*min, value[src], value[dst])) {
                     value[dst] = value[src];
                     seen[dst] = true;
                 }
@@ -504,7 +585,7 @@ mod tests {
         let vals = Values::of(Some(&arr), Domain::Float).unwrap();
         let rows: Vec<u32> = (0..values.len() as u32).collect();
         let times: Vec<i64> = (0..values.len() as i64).collect();
-        acc.update(&vals, &rows, &groups, &times);
+        acc.update(&vals, &rows, &groups, &times).unwrap();
         let out = acc.evaluate(&[0, 1], &DataType::Float64).unwrap();
         out.as_primitive::<Float64Type>().iter().collect()
     }
@@ -532,7 +613,7 @@ mod tests {
         let fold = |kind| {
             let mut acc = Acc::new(&call(kind, Domain::Float)).unwrap();
             acc.resize(2);
-            acc.update(&vals, &rows, &groups, &times);
+            acc.update(&vals, &rows, &groups, &times).unwrap();
             let out = acc.evaluate(&[0, 1], &DataType::Float64).unwrap();
             out.as_primitive::<Float64Type>().iter().collect::<Vec<_>>()
         };
@@ -544,7 +625,7 @@ mod tests {
         assert_eq!(fold(AggKind::Last), vec![Some(1.0), Some(5.0)]);
         let mut star = Acc::new(&AggCall { kind: AggKind::Count, arg: None, domain: Domain::Int, out_type: DataType::Int64 }).unwrap();
         star.resize(2);
-        star.update(&Values::Star, &rows, &groups, &times);
+        star.update(&Values::Star, &rows, &groups, &times).unwrap();
         let counts = star.evaluate(&[0, 1], &DataType::Int64).unwrap();
         assert_eq!(counts.as_primitive::<Int64Type>().values().to_vec(), vec![3, 1]);
     }
@@ -564,7 +645,7 @@ mod tests {
         acc.resize(2);
         let arr: ArrayRef = Arc::new(Float64Array::from(v));
         let vals = Values::of(Some(&arr), Domain::Float).unwrap();
-        acc.update(&vals, &(0..8).collect::<Vec<_>>(), &split, &[0; 8]);
+        acc.update(&vals, &(0..8).collect::<Vec<_>>(), &split, &[0; 8]).unwrap();
         acc.merge(0, 1);
         let merged = acc.evaluate(&[0], &DataType::Float64).unwrap();
         assert!((merged.as_primitive::<Float64Type>().value(0) - 4.0).abs() < 1e-12);

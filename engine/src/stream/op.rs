@@ -121,6 +121,15 @@ pub struct AggOperator {
     /// Over a changelog input: each group's rows added minus rows taken back. A group
     /// whose count returns to zero is deleted (`-D`).
     net: Vec<i64>,
+    /// Groups made by the batch being applied (freed again if it is refused).
+    fresh: Vec<u32>,
+    /// Changelog mode, sessions: the rows emitted for sessions the batch being applied
+    /// changed, saved before the change, with the change type that takes each back.
+    stashed: Vec<(u32, RecordBatch, &'static str)>,
+    /// Changelog modes: the final rows of windows that closed (past their lateness)
+    /// since `take_closed`; they leave the state but stay queryable (the runtime keeps
+    /// them with the stream's retained rows).
+    closed: Vec<RecordBatch>,
 }
 
 impl AggOperator {
@@ -147,6 +156,9 @@ impl AggOperator {
             dirty: Vec::new(),
             last_rows: HashMap::new(),
             net: Vec::new(),
+            fresh: Vec::new(),
+            stashed: Vec::new(),
+            closed: Vec::new(),
         })
     }
 
@@ -184,6 +196,7 @@ impl AggOperator {
         if self.agg().window.is_some() {
             self.closing.insert((end, g));
         }
+        self.fresh.push(g);
         g
     }
 
@@ -252,41 +265,51 @@ impl AggOperator {
         let (mut pair_rows, mut pair_groups) = (Vec::with_capacity(n), Vec::with_capacity(n));
         let mut assigned = Vec::new();
         let lateness = self.lateness();
-        for i in 0..n {
-            let row = rows.as_ref().map(|r| r.row(i));
-            let key: &[u8] = row.as_ref().map_or(&[], |r| r.as_ref());
-            match window {
-                None => {
-                    let g = self.lookup(key, key_hashes[i], i64::MIN, i64::MAX);
-                    pair_rows.push(i as u32);
-                    pair_groups.push(g);
-                }
-                Some(_) if times[i] == i64::MIN => self.late_rows += 1, // no event time: cannot be windowed
-                Some(WindowKind::Session { gap }) => match self.session(key, times[i], gap, lateness) {
-                    Some(g) => {
+        let late_before = self.late_rows;
+        self.fresh.clear();
+        self.stashed.clear();
+        let assigned_ok = (|| -> Result<()> {
+            for i in 0..n {
+                let row = rows.as_ref().map(|r| r.row(i));
+                let key: &[u8] = row.as_ref().map_or(&[], |r| r.as_ref());
+                match window {
+                    None => {
+                        let g = self.lookup(key, key_hashes[i], i64::MIN, i64::MAX);
                         pair_rows.push(i as u32);
                         pair_groups.push(g);
                     }
-                    None => self.late_rows += 1,
-                },
-                Some(kind) => {
-                    assigned.clear();
-                    kind.assign(times[i], &mut assigned);
-                    let mut placed = false;
-                    for &(start, end) in &assigned {
-                        if end.saturating_add(lateness) <= self.watermark {
-                            continue;
+                    Some(_) if times[i] == i64::MIN => self.late_rows += 1, // no event time: cannot be windowed
+                    Some(WindowKind::Session { gap }) => match self.session(key, times[i], gap, lateness, &mut pair_groups)? {
+                        Some(g) => {
+                            pair_rows.push(i as u32);
+                            pair_groups.push(g);
                         }
-                        let g = self.lookup(key, key_hashes[i], start, end);
-                        pair_rows.push(i as u32);
-                        pair_groups.push(g);
-                        placed = true;
-                    }
-                    if !placed {
-                        self.late_rows += 1;
+                        None => self.late_rows += 1,
+                    },
+                    Some(kind) => {
+                        assigned.clear();
+                        kind.assign(times[i], &mut assigned);
+                        let mut placed = false;
+                        for &(start, end) in &assigned {
+                            if end.saturating_add(lateness) <= self.watermark {
+                                continue;
+                            }
+                            let g = self.lookup(key, key_hashes[i], start, end);
+                            pair_rows.push(i as u32);
+                            pair_groups.push(g);
+                            placed = true;
+                        }
+                        if !placed {
+                            self.late_rows += 1;
+                        }
                     }
                 }
             }
+            Ok(())
+        })();
+        if let Err(e) = assigned_ok {
+            self.reject(late_before);
+            return Err(e);
         }
         let changelog = self.plan.emit == Emit::Changes;
         // Only changelog modes need the set of changed groups (append mode emits on close).
@@ -296,19 +319,45 @@ impl AggOperator {
             touched.sort_unstable();
             touched.dedup();
         }
+        // The rows to take back: those of groups emitted before this batch, as they were
+        // then. Sessions this batch extended or merged were saved before they changed
+        // (`stashed`); every other group is unchanged so far.
         let before = if changelog {
-            let old: Vec<usize> = touched.iter().filter(|&&g| self.groups[g as usize].emitted).map(|&g| g as usize).collect();
-            Some((self.finish(&old)?, old))
+            let stashed = std::mem::take(&mut self.stashed);
+            let old: Vec<usize> = touched
+                .iter()
+                .filter(|&&g| self.groups[g as usize].emitted && !stashed.iter().any(|s| s.0 == g))
+                .map(|&g| g as usize)
+                .collect();
+            Some((self.finish(&old)?, old, stashed))
         } else {
             None
         };
         let agg = self.plan.agg.as_ref().expect("checked in new");
         let signs = agg.retract.map(|col| change_signs(batch.column(col))).transpose()?;
-        for (acc, call) in self.accs.iter_mut().zip(&agg.calls) {
-            let values = Values::of(call.arg.map(|c| batch.column(c)), call.domain)?;
+        let values = agg.calls.iter().map(|call| Values::of(call.arg.map(|c| batch.column(c)), call.domain)).collect::<Result<Vec<_>>>()?;
+        // A SUM of integers can overflow: those run first, and if one fails, those done
+        // are taken back and the batch is refused whole (nothing of it stays).
+        let fallible: Vec<usize> = (0..self.accs.len()).filter(|&i| self.accs[i].fallible()).collect();
+        let saved: Vec<Vec<bool>> =
+            if fallible.len() > 1 { fallible.iter().map(|&i| self.accs[i].seen_flags(&pair_groups)).collect() } else { vec![] };
+        for (k, &i) in fallible.iter().enumerate() {
+            let result = match &signs {
+                Some(signs) => self.accs[i].update_signed(&values[i], &pair_rows, &pair_groups, signs),
+                None => self.accs[i].update(&values[i], &pair_rows, &pair_groups, &times),
+            };
+            if let Err(e) = result {
+                for (j, &done) in fallible[..k].iter().enumerate() {
+                    self.accs[done].revert(&values[done], &pair_rows, &pair_groups, signs.as_deref(), &saved[j]);
+                }
+                self.reject(late_before);
+                return Err(e);
+            }
+        }
+        for i in (0..self.accs.len()).filter(|i| !fallible.contains(i)) {
             match &signs {
-                Some(signs) => acc.update_signed(&values, &pair_rows, &pair_groups, signs)?,
-                None => acc.update(&values, &pair_rows, &pair_groups, &times),
+                Some(signs) => self.accs[i].update_signed(&values[i], &pair_rows, &pair_groups, signs)?,
+                None => self.accs[i].update(&values[i], &pair_rows, &pair_groups, &times)?,
             }
         }
         // Groups a changelog input has emptied: their row is deleted, the group freed.
@@ -330,7 +379,10 @@ impl AggOperator {
                 }
             }
         }
-        if let Some((before, old)) = before {
+        if let Some((before, old, stashed)) = before {
+            for (_, row, op) in stashed {
+                out.push(with_ops(&self.plan.schema, row, |_| op)?);
+            }
             let had: Vec<bool> = touched.iter().map(|&g| self.groups[g as usize].emitted).collect();
             let now: Vec<usize> = touched.iter().map(|&g| g as usize).collect();
             let after = self.finish(&now)?;
@@ -356,6 +408,29 @@ impl AggOperator {
         }
         out.retain(|b| b.num_rows() > 0);
         Ok(out)
+    }
+
+    /// A batch was refused: the groups it made are freed again and its late rows are not
+    /// counted. (Sessions it already extended or merged stay so: see `session`.)
+    fn reject(&mut self, late_before: u64) {
+        self.late_rows = late_before;
+        self.stashed.clear();
+        for g in std::mem::take(&mut self.fresh) {
+            if self.groups[g as usize].live {
+                self.free_group(g);
+            }
+        }
+    }
+
+    /// In changelog mode, keeps the row emitted for session `g` before this batch changes
+    /// it (`op` is how it is taken back), once per batch.
+    fn stash(&mut self, g: u32, op: &'static str) -> Result<()> {
+        if self.plan.emit != Emit::Changes || !self.groups[g as usize].emitted || self.stashed.iter().any(|s| s.0 == g) {
+            return Ok(());
+        }
+        let row = self.finish(&[g as usize])?;
+        self.stashed.push((g, row, op));
+        Ok(())
     }
 
     /// The group of `key` (whose hash is `key_hash`) in window `[start, end)`, made if new.
@@ -384,18 +459,22 @@ impl AggOperator {
     }
 
     /// The session `ts` joins (merging sessions it bridges), or `None` when it is too late.
-    fn session(&mut self, key: &[u8], ts: i64, gap: i64, lateness: i64) -> Option<u32> {
+    /// `pair_groups` (this batch's rows' groups so far) follows the merges. In changelog
+    /// mode the rows emitted for the sessions it changes are kept first (`stash`), so that
+    /// what is taken back is what was emitted: the old bounds and aggregates, and both
+    /// sessions of a merge (the absorbed one as `-D`).
+    fn session(&mut self, key: &[u8], ts: i64, gap: i64, lateness: i64, pair_groups: &mut [u32]) -> Result<Option<u32>> {
         let (lo, hi) = (ts, ts.saturating_add(gap));
         let open = self.sessions.get(key).cloned().unwrap_or_default();
         let mut hits: Vec<u32> =
             open.into_iter().filter(|&g| self.groups[g as usize].start < hi && lo < self.groups[g as usize].end).collect();
         if hits.is_empty() {
             if hi.saturating_add(lateness) <= self.watermark {
-                return None;
+                return Ok(None);
             }
             let g = self.new_group(key, lo, hi);
             self.sessions.entry(key.into()).or_default().push(g);
-            return Some(g);
+            return Ok(Some(g));
         }
         hits.sort_by_key(|&g| self.groups[g as usize].start);
         let keep = hits[0];
@@ -405,8 +484,30 @@ impl AggOperator {
             end = end.max(self.groups[g as usize].end);
         }
         for &g in &hits[1..] {
+            if self.accs.iter().any(|acc| acc.merge_overflows(keep as usize, g as usize)) {
+                return Err(Error::query("SUM overflowed the BIGINT range (merging two sessions); cast the argument to DOUBLE or DECIMAL to sum larger values"));
+            }
+        }
+        let group = &self.groups[keep as usize];
+        if (group.start, group.end) != (start, end) || hits.len() > 1 {
+            self.stash(keep, OP_RETRACT)?;
+        }
+        for &g in &hits[1..] {
+            self.stash(g, OP_DELETE)?;
             for acc in &mut self.accs {
                 acc.merge(keep as usize, g as usize);
+            }
+            // `EMIT EVERY`: the absorbed session's last emitted row is taken back with the
+            // kept one's at the next tick.
+            if let Some(old) = self.last_rows.remove(&g) {
+                let rows = match self.last_rows.remove(&keep) {
+                    Some(mine) => arrow::compute::concat_batches(&mine.schema(), &[mine, old])?,
+                    None => old,
+                };
+                self.last_rows.insert(keep, rows);
+            }
+            for p in pair_groups.iter_mut().filter(|p| **p == g) {
+                *p = keep;
             }
             self.free_group(g);
         }
@@ -415,7 +516,7 @@ impl AggOperator {
         group.start = start;
         group.end = end;
         self.closing.insert((end, keep));
-        Some(keep)
+        Ok(Some(keep))
     }
 
     /// `EMIT EVERY`: the changes since the last tick — for each changed group a `-U` of the
@@ -489,11 +590,26 @@ impl AggOperator {
             self.dirty.retain(|g| !pending.contains(g));
             out.extend(self.emit_changes(&pending)?);
         }
+        if self.plan.is_changelog() && !expired.is_empty() {
+            // The final rows of closed windows stay queryable once their state is gone.
+            let done: Vec<usize> = expired.iter().map(|&g| g as usize).collect();
+            let rows = self.finish(&done)?;
+            if rows.num_rows() > 0 {
+                self.closed.push(rows);
+            }
+        }
         for g in expired {
             self.free_group(g);
         }
         out.retain(|b| b.num_rows() > 0);
         Ok(out)
+    }
+
+    /// The final rows of the windows closed since the last call (changelog modes), on the
+    /// stream's table schema: the runtime keeps them with the stream's retained rows right
+    /// after `advance`, so a checkpoint never finds any here.
+    pub fn take_closed(&mut self) -> Vec<RecordBatch> {
+        std::mem::take(&mut self.closed)
     }
 
     /// What a checkpoint stores for an indexed group: `start`, `end` (big-endian), key.
@@ -584,6 +700,19 @@ impl AggOperator {
         let indexed: Vec<u32> = state.index.iter().map(|&(_, g)| g).collect();
         op.rebuild_index(&indexed)?;
         Ok(op)
+    }
+
+    /// A global aggregate (no keys, no window) that holds no row yet reads as SQL's one
+    /// row over no input (COUNT 0, SUM NULL, through HAVING), as the same query ad hoc
+    /// does; `None` otherwise. Its one group lives on shard 0, so only shard 0 asks.
+    pub fn empty_global_row(&self) -> Result<Option<RecordBatch>> {
+        let agg = self.agg();
+        if agg.keys > 0 || agg.window.is_some() || self.group_count() > 0 {
+            return Ok(None);
+        }
+        let mut empty = AggOperator::new(self.plan.clone())?;
+        let g = empty.new_group(&[], i64::MIN, i64::MAX);
+        Ok(Some(empty.finish(&[g as usize])?))
     }
 
     pub fn snapshot(&self) -> Result<RecordBatch> {
@@ -718,7 +847,7 @@ mod tests {
         let output: Vec<PhysExpr> =
             agg_fields.iter().enumerate().map(|(i, f)| Arc::new(Column::new(f.name(), i)) as PhysExpr).collect();
         let mut out_fields = agg_fields.clone();
-        if emit == Emit::Changes {
+        if matches!(emit, Emit::Changes | Emit::Every(_)) {
             out_fields.push(Field::new(super::super::OP_COLUMN, DataType::Utf8, false));
         }
         let calls = vec![
@@ -796,6 +925,148 @@ mod tests {
         op.apply(&rows(&["a"], &[80], &[4])).unwrap(); // within 100 of both
         assert_eq!(op.group_count(), 1);
         assert_eq!(text(&op.advance(i64::MAX).unwrap()), vec!["a,0,250,3,7"]);
+    }
+
+    /// Every emitted row folded into the current state: `+I`/`+U` add a row, `-U`/`-D`
+    /// take back one equal row, which must be there.
+    fn fold(batches: &[RecordBatch]) -> Vec<String> {
+        let mut state: Vec<String> = Vec::new();
+        for b in batches {
+            for r in 0..b.num_rows() {
+                let cells: Vec<String> =
+                    b.columns().iter().map(|c| arrow::util::display::array_value_to_string(c, r).unwrap()).collect();
+                let (row, op) = (cells[..cells.len() - 1].join(","), cells[cells.len() - 1].clone());
+                if op.starts_with('+') {
+                    state.push(row);
+                } else {
+                    let at = state.iter().position(|s| *s == row).unwrap_or_else(|| panic!("{op} of {row}, never emitted: {state:?}"));
+                    state.remove(at);
+                }
+            }
+        }
+        state.sort();
+        state
+    }
+
+    /// A row extending an emitted session takes back the row emitted before, with its
+    /// old bounds and aggregates (it used to carry the new bounds, leaving the old row
+    /// standing downstream); a row bridging two sessions takes back both.
+    #[test]
+    fn session_changes_retract_exactly_the_rows_emitted_before() {
+        let mut op = AggOperator::new(plan(Some(WindowKind::Session { gap: 100 }), Emit::Changes, 0)).unwrap();
+        let mut all = Vec::new();
+        let first = op.apply(&rows(&["a", "a"], &[0, 150], &[1, 2])).unwrap();
+        assert_eq!(text(&first), vec!["a,0,100,1,1,+I", "a,150,250,1,2,+I"]);
+        all.extend(first);
+        // Extends [150, 250) to [150, 300).
+        let extend = op.apply(&rows(&["a"], &[200], &[3])).unwrap();
+        assert_eq!(text(&extend), vec!["a,150,250,1,2,-U", "a,150,300,2,5,+U"]);
+        all.extend(extend);
+        // Bridges [0, 100) and [150, 300): both rows are taken back, one merged row added.
+        let bridge = op.apply(&rows(&["a"], &[90], &[4])).unwrap();
+        assert_eq!(text(&bridge), vec!["a,0,100,1,1,-U", "a,0,300,4,10,+U", "a,150,300,2,5,-D"]);
+        all.extend(bridge);
+        assert_eq!(fold(&all), vec!["a,0,300,4,10"]);
+        assert_eq!(text(&[op.snapshot().unwrap()]), vec!["a,0,300,4,10"]);
+    }
+
+    /// In one batch: a row opens a session, a later row extends it, another bridges it
+    /// with an emitted one. Every row counts once, in the merged session.
+    #[test]
+    fn rows_of_a_session_merged_later_in_the_same_batch_are_kept() {
+        for emit in [Emit::Changes, Emit::AfterWatermark] {
+            let mut op = AggOperator::new(plan(Some(WindowKind::Session { gap: 100 }), emit, 0)).unwrap();
+            let mut all = op.apply(&rows(&["a"], &[0], &[1])).unwrap();
+            // 200 opens a session, 150 extends it back, 90 bridges it with [0, 100).
+            all.extend(op.apply(&rows(&["a", "a", "a"], &[200, 150, 90], &[2, 3, 4])).unwrap());
+            assert_eq!(op.group_count(), 1, "{emit:?}");
+            all.extend(op.advance(i64::MAX).unwrap());
+            match emit {
+                Emit::Changes => assert_eq!(fold(&all), vec!["a,0,300,4,10"]),
+                _ => assert_eq!(text(&all), vec!["a,0,300,4,10"]),
+            }
+        }
+    }
+
+    /// `EMIT EVERY`: a tick after two emitted sessions merged takes both back.
+    #[test]
+    fn emit_every_takes_back_both_rows_of_merged_sessions() {
+        let mut op = AggOperator::new(plan(Some(WindowKind::Session { gap: 100 }), Emit::Every(1000), 0)).unwrap();
+        op.apply(&rows(&["a", "a"], &[0, 150], &[1, 2])).unwrap();
+        let mut all = op.tick().unwrap();
+        op.apply(&rows(&["a"], &[90], &[4])).unwrap();
+        let tick = op.tick().unwrap();
+        assert_eq!(text(&tick), vec!["a,0,100,1,1,-U", "a,0,250,3,7,+U", "a,150,250,1,2,-U"]);
+        all.extend(tick);
+        assert_eq!(fold(&all), vec!["a,0,250,3,7"]);
+    }
+
+    /// Changelog windows that close leave the state, and their final rows come out of
+    /// `take_closed` (to be kept queryable); open ones stay in the snapshot.
+    #[test]
+    fn closed_changelog_windows_hand_over_their_final_rows() {
+        let mut op = AggOperator::new(plan(Some(WindowKind::Tumble { size: 1000 }), Emit::Changes, 0)).unwrap();
+        op.apply(&rows(&["a", "a", "b"], &[100, 900, 1500], &[1, 2, 4])).unwrap();
+        assert!(op.take_closed().is_empty());
+        op.advance(1000).unwrap();
+        assert_eq!(text(&op.take_closed()), vec!["a,0,1000,2,3"]);
+        assert_eq!(text(&[op.snapshot().unwrap()]), vec!["b,1000,2000,1,4"]);
+        assert!(op.take_closed().is_empty(), "handed over once");
+    }
+
+    /// Two sessions whose SUMs together leave the BIGINT range cannot merge: the bridging
+    /// batch fails before anything merges, and both sessions stay as they were.
+    #[test]
+    fn sessions_whose_sums_would_overflow_do_not_merge() {
+        let mut op = AggOperator::new(plan(Some(WindowKind::Session { gap: 100 }), Emit::AfterWatermark, 0)).unwrap();
+        op.apply(&rows(&["a", "a"], &[0, 150], &[i64::MAX - 1, 5])).unwrap();
+        let err = op.apply(&rows(&["b", "a"], &[0, 90], &[1, 0])).unwrap_err();
+        assert!(err.to_string().contains("SUM overflowed the BIGINT range"), "{err}");
+        assert_eq!(op.group_count(), 2, "no merge, and b's new session is gone");
+        assert_eq!(text(&op.advance(i64::MAX).unwrap()), vec![format!("a,0,100,1,{}", i64::MAX - 1), "a,150,250,1,5".to_string()]);
+    }
+
+    /// A global aggregate with no row yet reads as one row over no input, as ad hoc;
+    /// one with rows, or a keyed one, has no such row.
+    #[test]
+    fn a_global_aggregate_without_rows_reads_as_one_row_over_no_input() {
+        let mut p = plan(None, Emit::Changes, 0);
+        let global = Arc::get_mut(&mut p).unwrap();
+        let agg = global.agg.as_mut().unwrap();
+        agg.keys = 0;
+        agg.layout.clear();
+        let fields: Vec<Field> = agg.agg_schema.fields()[1..].iter().map(|f| f.as_ref().clone()).collect();
+        agg.agg_schema = Arc::new(Schema::new(fields.clone()));
+        agg.output = fields.iter().enumerate().map(|(i, f)| Arc::new(Column::new(f.name(), i)) as PhysExpr).collect();
+        let mut out_fields = fields;
+        out_fields.push(Field::new(super::super::OP_COLUMN, DataType::Utf8, false));
+        global.schema = Arc::new(Schema::new(out_fields));
+        global.branches[0].schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
+        agg.calls[1].arg = Some(0);
+        let mut op = AggOperator::new(p).unwrap();
+        assert_eq!(text(&[op.empty_global_row().unwrap().unwrap()]), vec!["0,"]);
+        let batch = RecordBatch::try_from_iter(vec![("v", Arc::new(Int64Array::from(vec![4])) as ArrayRef)]).unwrap();
+        op.apply(&batch).unwrap();
+        assert!(op.empty_global_row().unwrap().is_none());
+        let keyed = AggOperator::new(plan(None, Emit::Changes, 0)).unwrap();
+        assert!(keyed.empty_global_row().unwrap().is_none());
+    }
+
+    /// A SUM of BIGINT leaving the range fails the batch whole: nothing of it stays (no
+    /// group made, no other aggregate updated), and the state goes on from before it.
+    #[test]
+    fn an_overflowing_sum_refuses_the_batch_and_keeps_the_state() {
+        for emit in [Emit::Changes, Emit::AfterWatermark] {
+            let mut op = AggOperator::new(plan(Some(WindowKind::Tumble { size: 1000 }), emit, 0)).unwrap();
+            op.apply(&rows(&["a"], &[0], &[i64::MAX - 1])).unwrap();
+            let err = op.apply(&rows(&["b", "a", "c"], &[0, 10, 20], &[5, 2, 6])).unwrap_err();
+            assert!(err.to_string().contains("SUM overflowed the BIGINT range"), "{err}");
+            assert_eq!(op.group_count(), 1, "the refused batch's groups are gone");
+            op.apply(&rows(&["a", "b"], &[10, 10], &[1, 5])).unwrap();
+            let out = op.advance(i64::MAX).unwrap();
+            let got = if emit == Emit::Changes { text(&op.take_closed()) } else { text(&out) };
+            assert_eq!(got, vec![format!("a,0,1000,2,{}", i64::MAX), "b,0,1000,1,5".to_string()], "{emit:?}");
+        }
     }
 
     #[test]
