@@ -27,9 +27,21 @@ pub struct EngineConfig {
     /// write (survives power loss). Off: after the direct write alone (survives the
     /// process being killed, not the machine losing power), several times faster.
     pub wal_fsync: bool,
+    /// What opening does when the storage directory holds damage, not just a torn tail.
+    pub recovery: Recovery,
     /// The storage directory is a temporary one (checkpoints configured on an in-memory
     /// database): deleted when the database closes.
     pub ephemeral_storage: bool,
+}
+
+/// How opening treats a damaged storage directory (`LaminarConfig(recovery=…)`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Recovery {
+    /// Refuse to open (`CheckpointError` naming the file); nothing on disk changes.
+    #[default]
+    Strict,
+    /// Cut the log at the damage, keep everything before it, report what was lost.
+    Truncate,
 }
 
 impl EngineConfig {
@@ -56,6 +68,7 @@ impl Default for EngineConfig {
             caller_spin_us: env_us("LAMINARDB_CALLER_SPIN_US").unwrap_or(SPIN_AFTER_COMMAND_US),
             idle_timeout_ms: 10_000,
             wal_fsync: true,
+            recovery: Recovery::Strict,
             ephemeral_storage: false,
         }
     }

@@ -2,7 +2,7 @@
 
 use pyo3::prelude::*;
 
-use laminardb_engine::config::{default_shards, EngineConfig};
+use laminardb_engine::config::{default_shards, EngineConfig, Recovery};
 
 #[pyclass(name = "LaminarConfig", module = "laminardb", frozen, from_py_object)]
 #[derive(Clone)]
@@ -13,7 +13,7 @@ pub struct PyLaminarConfig {
 #[pymethods]
 impl PyLaminarConfig {
     #[new]
-    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true))]
+    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true, recovery="strict"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         buffer_size: usize,
@@ -23,6 +23,7 @@ impl PyLaminarConfig {
         shards: Option<usize>,
         idle_timeout_ms: u64,
         wal_fsync: bool,
+        recovery: &str,
     ) -> PyResult<Self> {
         if buffer_size == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err("buffer_size must be positive"));
@@ -30,6 +31,15 @@ impl PyLaminarConfig {
         if shards == Some(0) {
             return Err(pyo3::exceptions::PyValueError::new_err("shards must be positive"));
         }
+        let recovery = match recovery {
+            "strict" => Recovery::Strict,
+            "truncate" => Recovery::Truncate,
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "recovery must be 'strict' or 'truncate', not {other:?}"
+                )))
+            }
+        };
         Ok(PyLaminarConfig {
             inner: EngineConfig {
                 shards: shards.unwrap_or_else(default_shards),
@@ -39,6 +49,7 @@ impl PyLaminarConfig {
                 table_spill_threshold,
                 idle_timeout_ms,
                 wal_fsync,
+                recovery,
                 ..EngineConfig::default()
             },
         })
@@ -78,9 +89,20 @@ impl PyLaminarConfig {
         self.inner.wal_fsync
     }
 
+    /// What opening does with a damaged storage directory: 'strict' refuses
+    /// (`CheckpointError` naming the file); 'truncate' cuts the log at the damage, keeps
+    /// everything before it and reports what was lost (`metrics().wal_damage_cut`).
+    #[getter]
+    fn recovery(&self) -> &'static str {
+        match self.inner.recovery {
+            Recovery::Strict => "strict",
+            Recovery::Truncate => "truncate",
+        }
+    }
+
     fn __repr__(&self) -> String {
         format!(
-            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={})",
+            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={}, recovery='{}')",
             self.inner.buffer_size,
             self.inner.storage_dir.as_ref().map_or("None".to_string(), |d| format!("'{d}'")),
             self.inner.checkpoint_interval_ms.map_or("None".to_string(), |v| v.to_string()),
@@ -88,6 +110,7 @@ impl PyLaminarConfig {
             self.inner.shards,
             self.inner.idle_timeout_ms,
             if self.inner.wal_fsync { "True" } else { "False" },
+            self.recovery(),
         )
     }
 }
