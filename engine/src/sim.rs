@@ -14,18 +14,16 @@
 //! `cargo test -p laminardb-engine sim` runs 150 seeds; `LAMINARDB_SIM_SEEDS=10000` runs
 //! more, `LAMINARDB_SIM_SEED=n` one seed again (each failure prints its seed).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::io;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch};
-use parking_lot::Mutex;
 
 use crate::checkpoint::{self, Manifest, ShardFiles};
 use crate::config::Recovery;
 use crate::recovery::{self, Recovered};
-use crate::vfs::Vfs;
+use crate::vfs::{MemVfs, Vfs};
 use crate::wal::{segment_path, Claim, Frontier, LogWriter, Record, Resume, SECTOR};
 
 /// xorshift64*: small, fast, and the same on every machine.
@@ -46,160 +44,6 @@ impl Rng {
     }
     pub fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
-    }
-}
-
-#[derive(Default)]
-struct Inode {
-    data: Vec<u8>,
-    durable: Vec<u8>,
-}
-
-#[derive(Default)]
-struct FsState {
-    inodes: Vec<Inode>,
-    names: BTreeMap<PathBuf, usize>,
-    durable_names: BTreeMap<PathBuf, usize>,
-    dirs: BTreeSet<PathBuf>,
-}
-
-/// A file system in memory that keeps only what was synced across a crash.
-#[derive(Default)]
-pub struct SimVfs {
-    state: Mutex<FsState>,
-}
-
-fn not_found(path: &Path) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("{}: no such file", path.display()))
-}
-
-impl SimVfs {
-    /// The machine stops: directory entries fall back to their last synced state, and
-    /// each file keeps, sector by sector, either what was synced or what was written.
-    pub fn crash(&self, rng: &mut Rng) {
-        let mut st = self.state.lock();
-        st.names = st.durable_names.clone();
-        for inode in &mut st.inodes {
-            if inode.data == inode.durable {
-                continue;
-            }
-            let len = if rng.chance(50) { inode.data.len() } else { inode.durable.len() };
-            let mut out = vec![0u8; len];
-            for sector in (0..len).step_by(SECTOR) {
-                let end = (sector + SECTOR).min(len);
-                let from: &[u8] = if rng.chance(50) { &inode.data } else { &inode.durable };
-                for (i, b) in out[sector..end].iter_mut().enumerate() {
-                    *b = from.get(sector + i).copied().unwrap_or(0);
-                }
-            }
-            inode.data = out.clone();
-            inode.durable = out;
-        }
-    }
-
-    /// Every file that exists durably, in a stable order.
-    pub fn files(&self) -> Vec<PathBuf> {
-        self.state.lock().durable_names.keys().cloned().collect()
-    }
-
-    /// Changes a durable file in place, as a failing disk or a person would.
-    pub fn damage(&self, path: &Path, change: impl FnOnce(&mut Vec<u8>)) {
-        let mut st = self.state.lock();
-        if let Some(&ino) = st.names.get(path) {
-            let inode = &mut st.inodes[ino];
-            change(&mut inode.data);
-            inode.durable = inode.data.clone();
-        }
-    }
-
-    pub fn delete(&self, path: &Path) {
-        let mut st = self.state.lock();
-        st.names.remove(path);
-        st.durable_names.remove(path);
-    }
-
-    fn with_file<T>(&self, path: &Path, f: impl FnOnce(&mut Inode) -> T) -> io::Result<T> {
-        let mut st = self.state.lock();
-        let ino = *st.names.get(path).ok_or_else(|| not_found(path))?;
-        Ok(f(&mut st.inodes[ino]))
-    }
-}
-
-impl Vfs for SimVfs {
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        self.with_file(path, |i| i.data.clone())
-    }
-    fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
-        let st = self.state.lock();
-        if !st.dirs.contains(dir) {
-            return Err(not_found(dir));
-        }
-        let files = st.names.keys().filter(|p| p.parent() == Some(dir));
-        let dirs = st.dirs.iter().filter(|p| p.parent() == Some(dir));
-        Ok(files.chain(dirs).cloned().collect())
-    }
-    fn is_dir(&self, path: &Path) -> bool {
-        self.state.lock().dirs.contains(path)
-    }
-    fn exists(&self, path: &Path) -> bool {
-        let st = self.state.lock();
-        st.names.contains_key(path) || st.dirs.contains(path)
-    }
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        let mut st = self.state.lock();
-        for d in dir.ancestors() {
-            st.dirs.insert(d.to_path_buf());
-        }
-        Ok(())
-    }
-    fn write_new(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let mut st = self.state.lock();
-        if !path.parent().is_some_and(|d| st.dirs.contains(d)) {
-            return Err(not_found(path));
-        }
-        match st.names.get(path).copied() {
-            Some(ino) => st.inodes[ino].data = bytes.to_vec(),
-            None => {
-                st.inodes.push(Inode { data: bytes.to_vec(), durable: Vec::new() });
-                let ino = st.inodes.len() - 1;
-                st.names.insert(path.to_path_buf(), ino);
-            }
-        }
-        Ok(())
-    }
-    fn write_at(&self, path: &Path, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        self.with_file(path, |i| {
-            let end = offset as usize + bytes.len();
-            if i.data.len() < end {
-                i.data.resize(end, 0);
-            }
-            i.data[offset as usize..end].copy_from_slice(bytes);
-        })
-    }
-    fn sync(&self, path: &Path) -> io::Result<()> {
-        self.with_file(path, |i| i.durable = i.data.clone())
-    }
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        let mut st = self.state.lock();
-        st.durable_names.retain(|p, _| p.parent() != Some(dir));
-        let now: Vec<(PathBuf, usize)> = st.names.iter().filter(|(p, _)| p.parent() == Some(dir)).map(|(p, i)| (p.clone(), *i)).collect();
-        st.durable_names.extend(now);
-        Ok(())
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let mut st = self.state.lock();
-        let ino = st.names.remove(from).ok_or_else(|| not_found(from))?;
-        st.names.insert(to.to_path_buf(), ino);
-        Ok(())
-    }
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        self.state.lock().names.remove(path).map(drop).ok_or_else(|| not_found(path))
-    }
-    fn set_len(&self, path: &Path, len: u64) -> io::Result<()> {
-        self.with_file(path, |i| {
-            i.data.resize(len as usize, 0);
-            i.durable = i.data.clone();
-        })
     }
 }
 
@@ -229,7 +73,7 @@ struct Process {
 struct Sim {
     seed: u64,
     rng: Rng,
-    vfs: SimVfs,
+    vfs: MemVfs,
     root: PathBuf,
     shards: usize,
     p: Process,
@@ -280,7 +124,7 @@ impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = Rng::new(seed);
         let shards = 1 + rng.below(3) as usize;
-        let vfs = SimVfs::default();
+        let vfs = MemVfs::default();
         let root = PathBuf::from("/db");
         vfs.create_dir_all(&root.join("wal")).unwrap();
         let p = Process::start(shards, 1, &HashMap::new(), Resume::default(), None);
@@ -541,7 +385,8 @@ impl Sim {
 
     /// The process dies; the machine keeps what was synced; a new process recovers.
     fn recover(&mut self) -> bool {
-        self.vfs.crash(&mut self.rng);
+        let rng = &mut self.rng;
+        self.vfs.crash(|| rng.chance(50));
         self.trace(|| format!("crash; files: {:?}", self.vfs.files()));
         self.recoveries += 1;
         let damaged = std::mem::take(&mut self.damaged);

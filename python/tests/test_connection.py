@@ -93,7 +93,8 @@ def test_config_defaults():
     assert isinstance(cfg.shards, int) and cfg.shards >= 1
     assert repr(cfg) == (
         "LaminarConfig(buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, "
-        f"table_spill_threshold=1000000, shards={cfg.shards}, idle_timeout_ms=10000, wal_fsync=True)"
+        f"table_spill_threshold=1000000, shards={cfg.shards}, idle_timeout_ms=10000, wal_fsync=True, "
+        "recovery='strict')"
     )
     assert cfg.idle_timeout_ms == 10_000
     assert cfg.wal_fsync is True
@@ -115,7 +116,7 @@ def test_config_custom_properties_and_repr():
     assert repr(cfg) == (
         "LaminarConfig(buffer_size=1024, storage_dir='/tmp/laminar_data', "
         "checkpoint_interval_ms=5000, table_spill_threshold=10000000, shards=1, idle_timeout_ms=10000, "
-        "wal_fsync=True)"
+        "wal_fsync=True, recovery='strict')"
     )
 
 

@@ -1027,7 +1027,7 @@ impl Coordinator {
         let Recovered { groups, mut report, manifest, checkpoint_now, .. } = recovered;
         let logging = self.logging.replace(false);
         if let Some(m) = &manifest {
-            self.restore(m).await.map_err(|e| Error::checkpoint(format!("loading checkpoint {}: {e}", m.id)))?;
+            self.restore(m).await.map_err(|e| Error::checkpoint(format!("loading checkpoint {}: {}", m.id, e.message)))?;
             // What a crash kept the last checkpoint's collection from deleting.
             if let Some(root) = self.root.clone() {
                 self.spawn_gc(root, m.clone());
