@@ -315,6 +315,8 @@ fn scan_owner(name: String, dir: PathBuf, segments: Vec<(u64, PathBuf, Vec<u8>)>
             };
         }
         if let Some((keep, why, torn)) = problem {
+            // A segment left with a header alone would later read as an emptied one.
+            let keep = if records_here == 0 { 0 } else { keep };
             let later = segments.by_ref().map(|(_, (_, p, _))| p).collect();
             scan.cut = Some(Cut { first, path, keep, later, why, torn });
             scan.cut_bytes = bytes;
@@ -352,7 +354,14 @@ fn missing_manifest_checks(vfs: &dyn Vfs, root: &Path, scans: &[OwnerScan], fata
     // A database that never logged anything writes only these at its first checkpoint.
     let harmless = |p: &PathBuf| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n == "state-1.bin");
     if let Some(file) = files.iter().find(|p| !harmless(p)) {
-        fatal.push(format!("{}: missing, yet data/ holds checkpoint files ({})", manifest.display(), file.display()));
+        // The owners whose logs do not show they are whole from their start.
+        let unsure: Vec<String> = scans
+            .iter()
+            .filter(|s| s.first_prev_segment != Some(0))
+            .map(|s| s.cut.as_ref().map_or_else(|| s.dir.display().to_string(), |c| c.path.display().to_string()))
+            .collect();
+        let unsure = if unsure.is_empty() { String::new() } else { format!(", and the WAL does not show it is whole: {}", unsure.join(", ")) };
+        fatal.push(format!("{}: missing, yet data/ holds checkpoint files ({}){unsure}", manifest.display(), file.display()));
     }
 }
 
