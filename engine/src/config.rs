@@ -42,12 +42,24 @@ pub struct EngineConfig {
     /// microsecond timestamp in a millisecond column would otherwise move the watermark
     /// ~50,000 years ahead and make every later row late.
     pub max_event_ahead_ms: Option<u64>,
+    /// What opening does when the storage directory holds damage, not just a torn tail.
+    pub recovery: Recovery,
     /// The storage directory is a temporary one (checkpoints configured on an in-memory
     /// database): deleted when the database closes.
     pub ephemeral_storage: bool,
     /// Bytes a subscriber's queue may hold before its oldest batches are dropped (and
     /// counted as lagged), besides the bound in batches.
     pub subscriber_queue_bytes: u64,
+}
+
+/// How opening treats a damaged storage directory (`LaminarConfig(recovery=…)`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Recovery {
+    /// Refuse to open (`CheckpointError` naming the file); nothing on disk changes.
+    #[default]
+    Strict,
+    /// Cut the log at the damage, keep everything before it, report what was lost.
+    Truncate,
 }
 
 impl EngineConfig {
@@ -77,6 +89,7 @@ impl Default for EngineConfig {
             idle_timeout_ms: 10_000,
             wal_fsync: true,
             max_event_ahead_ms: Some(DEFAULT_MAX_EVENT_AHEAD_MS),
+            recovery: Recovery::Strict,
             ephemeral_storage: false,
             subscriber_queue_bytes: crate::stream::output::SUBSCRIBER_BYTES_MAX,
         }

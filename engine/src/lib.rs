@@ -20,9 +20,13 @@ pub mod ingest;
 pub mod ipc;
 pub mod nexmark;
 pub mod partition;
+pub mod recovery;
+#[cfg(test)]
+mod sim;
 pub mod sink;
 pub mod stream;
 pub mod types;
+pub mod vfs;
 pub mod wal;
 
 pub use error::{Error, ErrorCode, Result};

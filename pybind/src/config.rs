@@ -2,7 +2,7 @@
 
 use pyo3::prelude::*;
 
-use laminardb_engine::config::{default_shards, EngineConfig};
+use laminardb_engine::config::{default_shards, EngineConfig, Recovery};
 
 #[pyclass(name = "LaminarConfig", module = "laminardb", frozen, from_py_object)]
 #[derive(Clone)]
@@ -13,7 +13,7 @@ pub struct PyLaminarConfig {
 #[pymethods]
 impl PyLaminarConfig {
     #[new]
-    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true, max_event_ahead_ms=Some(laminardb_engine::config::DEFAULT_MAX_EVENT_AHEAD_MS), subscriber_queue_bytes=laminardb_engine::stream::output::SUBSCRIBER_BYTES_MAX))]
+    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true, max_event_ahead_ms=Some(laminardb_engine::config::DEFAULT_MAX_EVENT_AHEAD_MS), subscriber_queue_bytes=laminardb_engine::stream::output::SUBSCRIBER_BYTES_MAX, recovery="strict"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         buffer_size: usize,
@@ -25,6 +25,7 @@ impl PyLaminarConfig {
         wal_fsync: bool,
         max_event_ahead_ms: Option<u64>,
         subscriber_queue_bytes: u64,
+        recovery: &str,
     ) -> PyResult<Self> {
         if buffer_size == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err("buffer_size must be positive"));
@@ -32,6 +33,15 @@ impl PyLaminarConfig {
         if shards == Some(0) {
             return Err(pyo3::exceptions::PyValueError::new_err("shards must be positive"));
         }
+        let recovery = match recovery {
+            "strict" => Recovery::Strict,
+            "truncate" => Recovery::Truncate,
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "recovery must be 'strict' or 'truncate', not {other:?}"
+                )))
+            }
+        };
         Ok(PyLaminarConfig {
             inner: EngineConfig {
                 shards: shards.unwrap_or_else(default_shards),
@@ -43,6 +53,7 @@ impl PyLaminarConfig {
                 wal_fsync,
                 max_event_ahead_ms,
                 subscriber_queue_bytes,
+                recovery,
                 ..EngineConfig::default()
             },
         })
@@ -96,10 +107,20 @@ impl PyLaminarConfig {
     fn subscriber_queue_bytes(&self) -> u64 {
         self.inner.subscriber_queue_bytes
     }
+    /// What opening does with a damaged storage directory: 'strict' refuses
+    /// (`CheckpointError` naming the file); 'truncate' cuts the log at the damage, keeps
+    /// everything before it and reports what was lost (`metrics().wal_damage_cut`).
+    #[getter]
+    fn recovery(&self) -> &'static str {
+        match self.inner.recovery {
+            Recovery::Strict => "strict",
+            Recovery::Truncate => "truncate",
+        }
+    }
 
     fn __repr__(&self) -> String {
         format!(
-            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={}, max_event_ahead_ms={}, subscriber_queue_bytes={})",
+            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={}, max_event_ahead_ms={}, subscriber_queue_bytes={}, recovery='{}')",
             self.inner.buffer_size,
             self.inner.storage_dir.as_ref().map_or("None".to_string(), |d| format!("'{d}'")),
             self.inner.checkpoint_interval_ms.map_or("None".to_string(), |v| v.to_string()),
@@ -109,6 +130,7 @@ impl PyLaminarConfig {
             if self.inner.wal_fsync { "True" } else { "False" },
             self.inner.max_event_ahead_ms.map_or("None".to_string(), |v| v.to_string()),
             self.inner.subscriber_queue_bytes,
+            self.recovery(),
         )
     }
 }

@@ -267,6 +267,8 @@ impl PyConnection {
             pipeline_watermark: self.pipeline_watermark()?,
             recovered_rows: handle.recovery().rows,
             wal_torn_tails: handle.recovery().torn_tails.len() as u64,
+            wal_damage_cut: handle.recovery().damage.len() as u64,
+            wal_rows_dropped: handle.recovery().dropped_rows,
             recovery_ms: handle.recovery().millis,
             checkpoints: checkpoints.count,
             last_checkpoint_id: checkpoints.last_id,
@@ -767,9 +769,9 @@ pub fn open_connection(py: Python<'_>, config: laminardb_engine::config::EngineC
     })?;
     // What recovery cut off or could not replay goes to Python's logging.
     let recovery = handle.recovery();
-    if !recovery.torn_tails.is_empty() || !recovery.errors.is_empty() {
+    if !recovery.torn_tails.is_empty() || !recovery.damage.is_empty() || !recovery.errors.is_empty() {
         let logger = py.import("logging")?.call_method1("getLogger", ("laminardb",))?;
-        for line in recovery.torn_tails.iter().chain(&recovery.errors) {
+        for line in recovery.torn_tails.iter().chain(&recovery.damage).chain(&recovery.errors) {
             logger.call_method1("warning", (format!("recovery: {line}"),))?;
         }
     }

@@ -28,6 +28,10 @@ pub struct PyPipelineMetrics {
     pub recovered_rows: u64,
     /// Torn or corrupt WAL tails found (and cut off) when this connection opened.
     pub wal_torn_tails: u64,
+    /// Damaged places cut when this connection opened with `recovery='truncate'`, and
+    /// rows of intact records dropped with them (each also logged).
+    pub wal_damage_cut: u64,
+    pub wal_rows_dropped: u64,
     /// How long opening spent loading the checkpoint and replaying the WAL, in ms.
     pub recovery_ms: f64,
     /// Checkpoints this connection took, the last one's id, duration, the part of it

@@ -8,11 +8,21 @@ exactly once, no id twice, and the aggregate stream equals the sums over the rec
 
     python python/tests/crash_harness.py --runs 100          # seeds 0..99
     python python/tests/crash_harness.py --seed 17 -v        # one seed again
+
+With --damage, each run kills the writer once, then damages one WAL or checkpoint file at
+random (cuts it, zeroes a range, flips a byte, or deletes it) and reopens: the open must
+either bring back every acknowledged row exactly once or refuse with a message naming the
+damaged file. A loss the open reports (a torn tail cut from the damaged file, logged and
+counted) is counted apart: when the damage hit only the last writes of an owner's newest
+segment and no later write proves them acknowledged, no log can tell it from a crash.
+
+    python python/tests/crash_harness.py --damage --runs 100
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import random
 import signal
@@ -133,14 +143,131 @@ def run_seed(seed: int, generations: int = 3, threads: int = 3, max_kill_s: floa
     return out
 
 
+@dataclass
+class DamageOutcome:
+    seed: int
+    damage: str = ""
+    acked: int = 0
+    outcome: str = ""  # "recovered", "refused", "short-reported", or a failure
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("recovered", "refused", "short-reported")
+
+
+def _damage(path: str, rng: random.Random) -> tuple[str, str]:
+    """Damages one WAL segment, checkpoint file or the MANIFEST; returns (file, what)."""
+    files = sorted(glob.glob(os.path.join(path, "wal", "*", "*.wal"))
+                   + glob.glob(os.path.join(path, "data", "shard-*", "*"))
+                   + glob.glob(os.path.join(path, "MANIFEST")))
+    victim = rng.choice(files)
+    size = os.path.getsize(victim)
+    op = rng.choice(["truncate", "zero", "flip", "delete"])
+    if op == "delete" or size == 0:
+        os.remove(victim)
+        return victim, "deleted"
+    with open(victim, "r+b") as f:
+        data = bytearray(f.read())
+        if op == "truncate":
+            at = rng.randrange(size)
+            f.truncate(at)
+            return victim, f"cut to {at} of {size} bytes"
+        if op == "zero":
+            at, n = rng.randrange(size), rng.randint(1, 2048)
+            data[at:at + n] = bytes(len(data[at:at + n]))
+            what = f"zeroed {len(data[at:at + n])} bytes at {at}"
+        else:
+            at = rng.randrange(size)
+            data[at] ^= rng.randint(1, 255)
+            what = f"flipped byte {at} of {size}"
+        f.seek(0)
+        f.write(data)
+    return victim, what
+
+
+def run_damage_seed(seed: int, threads: int = 3, max_kill_s: float = 0.6, directory: str | None = None) -> DamageOutcome:
+    import logging
+
+    import laminardb
+
+    rng = random.Random(seed)
+    checkpoint_ms = rng.randint(20, 200) if seed % 2 else 0
+    out = DamageOutcome(seed)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        path = os.path.join(tmp, "db")
+        acked = _generation(path, 0, threads, rng.uniform(0.05, max_kill_s), True, checkpoint_ms)
+        out.acked = len(acked)
+        victim, what = _damage(path, rng)
+        rel = os.path.relpath(victim, path)
+        out.damage = f"{rel}: {what}"
+        warnings: list[str] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                warnings.append(record.getMessage())
+
+        logger = logging.getLogger("laminardb")
+        handler = Keep(logging.WARNING)
+        logger.addHandler(handler)
+        try:
+            db = laminardb.open(path, config=laminardb.LaminarConfig(shards=2))
+        except laminardb.LaminarError as e:
+            message = str(e)
+            owner_dir = os.path.dirname(victim)
+            named = (os.path.basename(victim) in message
+                     or (victim.endswith(".wal") and owner_dir in message)
+                     or (victim.endswith("MANIFEST") and "MANIFEST" in message))
+            out.outcome = "refused" if named else "refused-unnamed"
+            out.detail = message[:300]
+            return out
+        finally:
+            logger.removeHandler(handler)
+        try:
+            got = db.query("SELECT id, COUNT(*) AS c FROM events GROUP BY id").to_dicts() if "events" in db.list_tables() else {"id": [], "c": []}
+            seen = dict(zip(got["id"], got["c"]))
+            lost = sorted(i for i in acked if i not in seen)
+            dup = sorted(i for i, c in seen.items() if c != 1)
+            if dup:
+                out.outcome, out.detail = "duplicated", f"{dup[:10]}"
+            elif not lost:
+                out.outcome = "recovered"
+            elif any(os.path.basename(victim) in w for w in warnings):
+                out.outcome, out.detail = "short-reported", f"{len(lost)} lost; {warnings[:2]}"
+            else:
+                out.outcome, out.detail = "short-silent", f"{len(lost)} lost: {lost[:10]}; warnings {warnings[:2]}"
+        finally:
+            db.close()
+    return out
+
+
+def main_damage(args: argparse.Namespace) -> int:
+    seeds = [args.seed] if args.seed is not None else list(range(args.runs))
+    counts: dict[str, int] = {}
+    failed = 0
+    started = time.time()
+    for seed in seeds:
+        o = run_damage_seed(seed)
+        counts[o.outcome] = counts.get(o.outcome, 0) + 1
+        failed += not o.ok
+        if not o.ok or args.v:
+            print(f"seed {seed}: acked={o.acked} damage=[{o.damage}] -> {o.outcome} {o.detail}")
+    print(f"{len(seeds)} damage runs: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+          + f"; {failed} failed, {time.time() - started:.0f} s")
+    return 1 if failed else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=None, help="run this one seed")
     ap.add_argument("--generations", type=int, default=3)
     ap.add_argument("--no-fsync", action="store_true", help="relaxed WAL mode (wal_fsync=False)")
+    ap.add_argument("--damage", action="store_true", help="damage a file after the kill, then reopen")
     ap.add_argument("-v", action="store_true")
     args = ap.parse_args()
+    if args.damage:
+        return main_damage(args)
     seeds = [args.seed] if args.seed is not None else list(range(args.runs))
     failed = 0
     total_acked = 0

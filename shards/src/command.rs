@@ -14,6 +14,7 @@ use laminardb_engine::checkpoint::ShardFiles;
 use laminardb_engine::nexmark::NexmarkConfig;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::StreamPlan;
+use laminardb_engine::wal::{Claim, Frontier};
 use laminardb_engine::{Error, Result};
 
 use crate::handle::Outcome;
@@ -60,7 +61,7 @@ pub enum ShardCommand {
     /// watermark, the new watermark, applied after the rows: one message per shard.
     /// `log`: the insert's (lsn, parts) when the rows go to this shard's WAL first (see
     /// `laminardb_engine::wal`); `None` without storage, and for rows replayed from the WAL.
-    Append { source: Arc<str>, batches: Vec<RecordBatch>, watermark: Option<i64>, log: Option<(u64, u16)>, ack: AckToken },
+    Append { source: Arc<str>, batches: Vec<RecordBatch>, watermark: Option<i64>, log: Option<(u64, u16, Claim)>, ack: AckToken },
     /// The source's watermark moved (epoch ms); follows the appends that moved it.
     Watermark { source: Arc<str>, watermark: i64, ack: AckToken },
     /// The coordinator declared the source idle (`idle: true`, see
@@ -141,6 +142,8 @@ pub struct Ack {
     error: Mutex<Option<Error>>,
     answer: Mutex<Option<Answer>>,
     inflight: Arc<AtomicUsize>,
+    /// The logged work's lsn, released from the acknowledged frontier when it succeeds.
+    logged: Mutex<Option<(u64, Arc<Frontier>)>>,
 }
 
 /// Who hears when the work is done.
@@ -180,6 +183,7 @@ impl Ack {
             error: Mutex::new(None),
             answer: Mutex::new(Some(answer)),
             inflight: inflight.clone(),
+            logged: Mutex::new(None),
         })
     }
 
@@ -190,11 +194,21 @@ impl Ack {
     pub fn fail(&self, e: Error) {
         self.error.lock().get_or_insert(e);
     }
+
+    /// The work was logged under `lsn`: once it succeeds everywhere, `frontier` hears it.
+    pub fn logged(&self, lsn: u64, frontier: Arc<Frontier>) {
+        *self.logged.lock() = Some((lsn, frontier));
+    }
 }
 
 impl Drop for Ack {
     fn drop(&mut self) {
         // The last clone: nobody else can hold the locks.
+        if let Some((lsn, frontier)) = self.logged.get_mut().take() {
+            if self.error.get_mut().is_none() {
+                frontier.done(lsn);
+            }
+        }
         if let Some(answer) = self.answer.get_mut().take() {
             let result = match self.error.get_mut().take() {
                 Some(e) => Err(e),

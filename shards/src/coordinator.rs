@@ -36,7 +36,10 @@ use crate::sinks::SinkRunner;
 use crate::handle::{count_future_rows, prepare_insert, try_take, Outcome, Prepared};
 use crate::health::{catch, Health};
 use crate::shard;
-use crate::storage::{collect_garbage, shard_owner, CheckpointStats, Recovered, Storage, CONTROL_OWNER};
+use crate::storage::{shard_owner, CheckpointStats, Storage, CONTROL_OWNER};
+use laminardb_engine::checkpoint::collect_garbage;
+use laminardb_engine::recovery::Recovered;
+use laminardb_engine::wal::Frontier;
 use crate::store::{start_spill_thread, RetainPolicy, RowStats, SpillPolicy};
 use crate::wal::{WalSpec, WalWriter};
 
@@ -76,8 +79,8 @@ fn retain_policy(def: &laminardb_engine::catalog::SourceDef) -> Result<Option<Re
 pub(crate) fn run(startup: Startup) {
     let Startup { config, frontend, commands, internal, published, outputs, health, checkpoints, ready } = startup;
     // Locked before anything starts, released when this function returns.
-    let (storage, recovered) = match Storage::open(&config).and_then(|s| {
-        let recovered = s.as_ref().map(Storage::read).transpose()?;
+    let (storage, recovered) = match Storage::open(&config).and_then(|mut s| {
+        let recovered = s.as_mut().map(Storage::read).transpose()?;
         if let Some(manifest) = recovered.as_ref().and_then(|r| r.manifest.as_ref()) {
             if manifest.shards != config.shards {
                 return Err(Error::new(
@@ -196,6 +199,7 @@ pub(crate) fn run(startup: Startup) {
             logging: Cell::new(control.is_some()),
             control: futures::lock::Mutex::new(control.map(WalSpec::writer)),
             next_lsn: Cell::new(recovered.as_ref().map_or(1, |r| r.next_lsn)),
+            frontier: Arc::new(Frontier::new(recovered.as_ref().map_or(1, |r| r.next_lsn))),
             root,
             ddl_history: RefCell::new(Vec::new()),
             ddl_lock: futures::lock::Mutex::new(()),
@@ -379,6 +383,9 @@ struct Coordinator {
     control: futures::lock::Mutex<Option<WalWriter>>,
     /// The next log sequence number: one per logged command, across all WAL owners.
     next_lsn: Cell<u64>,
+    /// The lsns taken and not yet acknowledged: every logged record carries what it
+    /// proves was acknowledged before it (`wal::Frontier`, checked by recovery).
+    frontier: Arc<Frontier>,
     /// The storage directory, if any.
     root: Option<Arc<std::path::Path>>,
     /// Every catalog change so far, as SQL: the catalog part of a checkpoint.
@@ -861,11 +868,15 @@ impl Coordinator {
         // While logging, each shard writes its rows to its WAL under one new lsn first.
         let with_rows = parts.iter().filter(|p| !p.is_empty()).count();
         let lsn = (self.logging.get() && with_rows > 0).then(|| self.take_lsn());
+        let claim = lsn.map(|lsn| {
+            ack.logged(lsn, self.frontier.clone());
+            self.frontier.claim()
+        });
         for (shard, batches) in parts.into_iter().enumerate() {
             if batches.is_empty() && watermark.is_none() {
                 continue;
             }
-            let log = lsn.filter(|_| !batches.is_empty()).map(|lsn| (lsn, with_rows as u16));
+            let log = lsn.zip(claim).filter(|_| !batches.is_empty()).map(|(lsn, claim)| (lsn, with_rows as u16, claim));
             let cmd = ShardCommand::Append { source: flow.name.clone(), batches, watermark, log, ack: ack.clone() };
             if self.shards[shard].send(cmd).await.is_err() {
                 ack.fail(Error::internal(format!("shard {shard} has stopped")));
@@ -926,9 +937,11 @@ impl Coordinator {
         }
     }
 
+    /// The next lsn, taken: it stays in the acknowledged frontier until its work is done.
     fn take_lsn(&self) -> u64 {
         let lsn = self.next_lsn.get();
         self.next_lsn.set(lsn + 1);
+        self.frontier.begin(lsn);
         lsn
     }
 
@@ -941,9 +954,10 @@ impl Coordinator {
         let mut control = self.control.lock().await;
         let Some(writer) = control.as_mut() else { return Ok(()) };
         let lsn = self.take_lsn();
-        let mut frame = Vec::new();
-        wal::encode(&record(lsn), &mut frame)?;
-        writer.write(&frame, lsn).await
+        let claim = self.frontier.claim();
+        writer.write(&[(&record(lsn), claim)], "the coordinator").await?;
+        self.frontier.done(lsn);
+        Ok(())
     }
 
     /// Runs `timer` on this executor until it returns or the database closes.
@@ -989,7 +1003,9 @@ impl Coordinator {
         let dispatching = self.dispatch_lock.lock().await;
         let paused = Instant::now();
         let id = self.last_checkpoint.get() + 1;
-        let lsn = self.take_lsn();
+        // Every record below the next lsn is before the barrier (the lsn is not taken:
+        // lsns stay dense, so recovery can tell a lost record from an unused number).
+        let lsn = self.next_lsn.get();
         let waits = self.ask_shards(|_, reply| ShardCommand::Checkpoint { root: root.clone(), id, reply }).await?;
         if let Some(control) = self.control.lock().await.as_mut() {
             control.roll().await;
@@ -1084,10 +1100,10 @@ impl Coordinator {
     /// going on would serve a database missing what the checkpoint held.
     async fn recover(&self, recovered: Recovered) -> Result<RecoveryReport> {
         let started = Instant::now();
-        let Recovered { groups, mut report, manifest, .. } = recovered;
+        let Recovered { groups, mut report, manifest, checkpoint_now, .. } = recovered;
         let logging = self.logging.replace(false);
         if let Some(m) = &manifest {
-            self.restore(m).await.map_err(|e| Error::checkpoint(format!("loading checkpoint {}: {e}", m.id)))?;
+            self.restore(m).await.map_err(|e| Error::checkpoint(format!("loading checkpoint {}: {}", m.id, e.message)))?;
             // What a crash kept the last checkpoint's collection from deleting.
             if let Some(root) = self.root.clone() {
                 self.spawn_gc(root, m.clone());
@@ -1117,8 +1133,13 @@ impl Coordinator {
         }
         self.drain().await;
         self.logging.set(logging);
+        if checkpoint_now {
+            // Damage was cut (recovery='truncate'): a checkpoint now puts it behind the
+            // database, so the next open neither finds nor cuts it again.
+            self.checkpoint().await.map_err(|e| Error::checkpoint(format!("the checkpoint after cutting damage failed: {e}")))?;
+        }
         report.millis = started.elapsed().as_secs_f64() * 1e3;
-        for line in report.torn_tails.iter().chain(&report.errors) {
+        for line in report.torn_tails.iter().chain(&report.damage).chain(&report.errors) {
             log::warn!("recovery: {line}");
         }
         Ok(report)

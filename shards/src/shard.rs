@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicUsize;
 use laminardb_engine::config::poll_for;
 use laminardb_engine::nexmark::{NexmarkConfig, END_OF_INPUT};
 use laminardb_engine::stream::output::Output;
-use laminardb_engine::wal::{self, Record};
+use laminardb_engine::wal::Record;
 
 use crate::command::{Ack, AckToken, Exchange, ShardCommand, SpillRequest};
 use crate::store::SpillPolicy;
@@ -301,24 +301,16 @@ async fn gather_appends(first: ShardCommand, inbox: &ConnectedReceiver<ShardComm
 /// write fails, every append of the group fails (its caller gets the error) and none is
 /// applied: nothing is visible that is not durable.
 async fn log_appends(wal: &mut WalWriter, group: Vec<ShardCommand>, place: &str) -> Vec<ShardCommand> {
-    let mut frames = Vec::new();
-    let mut first_lsn = None;
-    let encoded = catch(place, || {
-        for append in &group {
-            let ShardCommand::Append { source, batches, log: Some((lsn, parts)), .. } = append else { continue };
-            if batches.is_empty() {
-                continue;
-            }
-            first_lsn.get_or_insert(*lsn);
-            let record = Record::Append { lsn: *lsn, parts: *parts, source: source.to_string(), batches: batches.clone() };
-            wal::encode(&record, &mut frames)?;
+    let mut records = Vec::with_capacity(group.len());
+    for append in &group {
+        let ShardCommand::Append { source, batches, log: Some((lsn, parts, claim)), .. } = append else { continue };
+        if batches.is_empty() {
+            continue;
         }
-        Ok(())
-    });
-    let written = match encoded {
-        Ok(()) => wal.write(&frames, first_lsn.unwrap_or(0)).await,
-        Err(e) => Err(e),
-    };
+        records.push((Record::Append { lsn: *lsn, parts: *parts, source: source.to_string(), batches: batches.clone() }, *claim));
+    }
+    let claimed: Vec<(&Record, _)> = records.iter().map(|(r, c)| (r, *c)).collect();
+    let written = wal.write(&claimed, place).await;
     match written {
         Ok(()) => group,
         Err(e) => {

@@ -11,9 +11,11 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use laminardb_engine::checkpoint::{self, Manifest};
-use laminardb_engine::config::EngineConfig;
-use laminardb_engine::wal::{self, io_error, Record, RecoveryReport};
+use laminardb_engine::checkpoint;
+use laminardb_engine::config::{EngineConfig, Recovery};
+use laminardb_engine::recovery::{self, Recovered};
+use laminardb_engine::vfs::OsVfs;
+use laminardb_engine::wal::Resume;
 use laminardb_engine::{Error, ErrorCode, Result};
 
 use crate::wal::{Sync, WalSpec};
@@ -28,17 +30,12 @@ pub(crate) struct Storage {
     pub root: PathBuf,
     pub wal_dir: PathBuf,
     pub sync: Sync,
+    pub recovery: Recovery,
+    /// Where recovery left each owner's log, for its writer.
+    pub resume: std::collections::HashMap<String, Resume>,
+    pub resume_default: Resume,
     /// Held (flock'ed) for the connection's life; closing the file releases the lock.
     _lock: std::fs::File,
-}
-
-/// The WAL as read at open: complete record groups in lsn order, and what was found.
-pub(crate) struct Recovered {
-    /// The latest checkpoint; only WAL records from its lsn on are replayed after it.
-    pub manifest: Option<Manifest>,
-    pub groups: Vec<Vec<Record>>,
-    pub next_lsn: u64,
-    pub report: RecoveryReport,
 }
 
 /// Settings that follow from the storage directory, settled before anything starts:
@@ -55,7 +52,8 @@ pub(crate) fn settle(mut config: EngineConfig) -> Result<EngineConfig> {
         config.wal_fsync = false;
     }
     if let Some(dir) = config.storage_dir.as_deref() {
-        if let Some(manifest) = checkpoint::read_manifest(Path::new(dir))? {
+        // A damaged manifest is reported by recovery, which names it.
+        if let Ok(Some(manifest)) = checkpoint::read_manifest(Path::new(dir)) {
             config.shards = manifest.shards;
         }
     }
@@ -81,42 +79,29 @@ impl Storage {
         }
         lock.set_len(0).and_then(|()| write!(lock, "{}", std::process::id())).map_err(failed)?;
         let sync = if config.wal_fsync { Sync::Data } else { Sync::Write };
-        Ok(Some(Storage { root: root.to_path_buf(), wal_dir: root.join("wal"), sync, _lock: lock }))
+        Ok(Some(Storage {
+            root: root.to_path_buf(),
+            wal_dir: root.join("wal"),
+            sync,
+            recovery: config.recovery,
+            resume: Default::default(),
+            resume_default: Resume::default(),
+            _lock: lock,
+        }))
     }
 
     pub fn wal(&self, owner: &str) -> WalSpec {
-        WalSpec { dir: self.wal_dir.clone(), owner: owner.to_string(), sync: self.sync }
+        let resume = self.resume.get(owner).copied().unwrap_or(self.resume_default);
+        WalSpec { dir: self.wal_dir.clone(), owner: owner.to_string(), sync: self.sync, resume }
     }
 
-    /// Reads every owner's segments (torn tails truncated) and merges them by lsn.
-    pub fn read(&self) -> Result<Recovered> {
-        let mut report = RecoveryReport::default();
-        let mut records = Vec::new();
-        let mut next_lsn = 1;
-        let owners = match std::fs::read_dir(&self.wal_dir) {
-            Ok(entries) => entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io_error(&self.wal_dir, e)),
-        };
-        for owner in owners {
-            for (first, _) in wal::segments(&owner)? {
-                next_lsn = next_lsn.max(first + 1);
-            }
-            let log = wal::recover_owner(&owner)?;
-            report.torn_tails.extend(log.torn);
-            records.extend(log.records);
-        }
-        if let Some(max) = records.iter().map(Record::lsn).max() {
-            next_lsn = next_lsn.max(max + 1);
-        }
-        let manifest = checkpoint::read_manifest(&self.root)?;
-        if let Some(m) = &manifest {
-            next_lsn = next_lsn.max(m.lsn + 1);
-            records.retain(|r| r.lsn() >= m.lsn);
-        }
-        // Inserts with some but not all parts on disk were never acknowledged: left out.
-        let (groups, _incomplete) = wal::merge(records);
-        Ok(Recovered { manifest, groups, next_lsn, report })
+    /// Reads the checkpoint and every owner's segments: torn tails are cut, damage
+    /// refuses the open (or is cut, with `Recovery::Truncate`); see `engine::recovery`.
+    pub fn read(&mut self) -> Result<Recovered> {
+        let recovered = recovery::recover(&OsVfs, &self.root, self.recovery)?;
+        self.resume = recovered.resume.clone();
+        self.resume_default = recovered.resume_default;
+        Ok(recovered)
     }
 }
 
@@ -129,39 +114,4 @@ pub struct CheckpointStats {
     pub last_ms: f64,
     pub last_pause_ms: f64,
     pub last_bytes: u64,
-}
-
-/// After `manifest` is published: deletes WAL segments it covers (every record below its
-/// lsn; writers started new segments at the checkpoint) and data files it does not name.
-/// Failures only leave files behind.
-pub(crate) fn collect_garbage(root: &Path, manifest: &Manifest) {
-    let remove = |path: &Path| {
-        let _ = std::fs::remove_file(path);
-    };
-    let wal_dir = root.join("wal");
-    for owner in std::fs::read_dir(&wal_dir).into_iter().flatten().flatten() {
-        // Every owner rolls its log at the checkpoint's barrier, so a segment begun
-        // before the barrier holds nothing after it.
-        for (first, path) in wal::segments(&owner.path()).unwrap_or_default() {
-            if first < manifest.lsn {
-                remove(&path);
-            }
-        }
-    }
-    let named: std::collections::HashSet<PathBuf> = manifest
-        .shard_files
-        .iter()
-        .flat_map(|f| {
-            let rows = f.rows.iter().flat_map(|(_, files)| files.iter());
-            f.state.iter().chain(&f.channel).chain(f.streams.iter().map(|(_, file)| file)).chain(rows)
-        })
-        .map(|f| root.join(f))
-        .collect();
-    for shard in std::fs::read_dir(root.join("data")).into_iter().flatten().flatten() {
-        for file in std::fs::read_dir(shard.path()).into_iter().flatten().flatten() {
-            if !named.contains(&file.path()) {
-                remove(&file.path());
-            }
-        }
-    }
 }

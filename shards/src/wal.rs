@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use glommio::io::{DmaFile, OpenOptions};
 
-use laminardb_engine::wal::{io_error, segment_path, PAGE, SEGMENT_BYTES};
+use laminardb_engine::wal::{io_error, segment_path, Claim, LogWriter, Record, Resume};
 use laminardb_engine::{Error, Result};
 
 /// When a flush counts as durable.
@@ -30,73 +30,76 @@ pub(crate) struct WalSpec {
     pub dir: PathBuf,
     pub owner: String,
     pub sync: Sync,
+    /// Where recovery left the owner's log: the chains continue from there.
+    pub resume: Resume,
 }
 
 impl WalSpec {
     /// The writer; it must stay on the calling thread (glommio files are thread-local).
     pub fn writer(self) -> WalWriter {
-        WalWriter { spec: self, segment: None, bytes: 0, flushes: 0 }
+        let log = LogWriter::new(self.resume);
+        WalWriter { spec: self, log, file: None, bytes: 0, flushes: 0 }
     }
 }
 
+/// An owner's writer: the format's state (`LogWriter`: chains, segment headers, the
+/// partial last page) and the open segment file.
 pub(crate) struct WalWriter {
     spec: WalSpec,
-    segment: Option<Segment>,
+    log: LogWriter,
+    file: Option<DmaFile>,
     /// Bytes written and synced by this writer (metrics and tests).
     pub bytes: u64,
     pub flushes: u64,
 }
 
-struct Segment {
-    file: DmaFile,
-    /// File offset of `tail[0]`: always a page boundary.
-    page_pos: u64,
-    /// The written bytes of the last, partial page (fewer than `PAGE`).
-    tail: Vec<u8>,
-}
-
 impl WalWriter {
-    /// Writes `frames` (whole encoded frames whose first record has `first_lsn`) and
-    /// returns once they are durable per `Sync`.
-    pub async fn write(&mut self, frames: &[u8], first_lsn: u64) -> Result<()> {
-        if frames.is_empty() {
+    /// Writes `records` (lsns ascending, each with the acknowledged range it was sent
+    /// with) in one flush and returns once they are durable per `Sync`. After a failed
+    /// flush the owner writes nothing more: what reached the disk is unknown.
+    pub async fn write(&mut self, records: &[(&Record, Claim)], place: &str) -> Result<()> {
+        if records.is_empty() {
             return Ok(());
         }
-        let full = self.segment.as_ref().is_some_and(|s| s.page_pos + s.tail.len() as u64 >= SEGMENT_BYTES);
-        if full {
-            if let Some(old) = self.segment.take() {
-                old.file.close().await.map_err(|e| Error::internal(format!("closing a WAL segment: {e}")))?;
+        let log = &mut self.log;
+        let flush = crate::health::catch(place, || log.encode(records.iter().map(|(r, c)| (*r, *c))))?;
+        match self.flush(&flush).await {
+            Ok(()) => {
+                self.log.written(&flush);
+                self.bytes += flush.frames.len() as u64;
+                self.flushes += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.log.failed(&e.message);
+                Err(e)
             }
         }
-        if self.segment.is_none() {
-            self.segment = Some(self.open_segment(first_lsn).await?);
+    }
+
+    async fn flush(&mut self, flush: &laminardb_engine::wal::Flush) -> Result<()> {
+        if let Some(first) = flush.opens {
+            if let Some(old) = self.file.take() {
+                old.close().await.map_err(|e| Error::internal(format!("closing a WAL segment: {e}")))?;
+            }
+            self.file = Some(self.open_segment(first).await?);
         }
-        let segment = self.segment.as_mut().expect("opened above");
         let owner = &self.spec.owner;
-        let total = segment.tail.len() + frames.len();
-        let padded = total.next_multiple_of(PAGE);
-        let mut buf = segment.file.alloc_dma_buffer(padded);
-        let bytes = buf.as_bytes_mut();
-        bytes[..segment.tail.len()].copy_from_slice(&segment.tail);
-        bytes[segment.tail.len()..total].copy_from_slice(frames);
-        bytes[total..].fill(0);
-        let whole = total / PAGE * PAGE;
-        let next_tail = bytes[whole..total].to_vec();
-        let written = segment.file.write_at(buf, segment.page_pos).await.map_err(|e| failed(owner, "writing", e))?;
-        if written != padded {
-            return Err(Error::internal(format!("WAL {owner}: short write ({written} of {padded} bytes)")));
+        let file = self.file.as_ref().ok_or_else(|| Error::internal(format!("WAL {owner}: no open segment")))?;
+        let (offset, len) = self.log.extent(flush);
+        let mut buf = file.alloc_dma_buffer(len);
+        self.log.fill(flush, buf.as_bytes_mut());
+        let written = file.write_at(buf, offset).await.map_err(|e| failed(owner, "writing", e))?;
+        if written != len {
+            return Err(Error::internal(format!("WAL {owner}: short write ({written} of {len} bytes)")));
         }
         if self.spec.sync == Sync::Data {
-            segment.file.fdatasync().await.map_err(|e| failed(owner, "syncing", e))?;
+            file.fdatasync().await.map_err(|e| failed(owner, "syncing", e))?;
         }
-        segment.page_pos += whole as u64;
-        segment.tail = next_tail;
-        self.bytes += frames.len() as u64;
-        self.flushes += 1;
         Ok(())
     }
 
-    async fn open_segment(&self, first_lsn: u64) -> Result<Segment> {
+    async fn open_segment(&self, first_lsn: u64) -> Result<DmaFile> {
         let path = segment_path(&self.spec.dir, &self.spec.owner, first_lsn);
         let parent = path.parent().expect("segment paths have a parent");
         std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
@@ -109,19 +112,20 @@ impl WalWriter {
             .map_err(|e| Error::internal(format!("{}: {e}", path.display())))?;
         // The new file's directory entry must be durable too.
         std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| io_error(parent, e))?;
-        Ok(Segment { file, page_pos: 0, tail: Vec::new() })
+        Ok(file)
     }
 
     /// Ends the current segment: the next write starts a new one, named by its first lsn.
     pub async fn roll(&mut self) {
-        if let Some(segment) = self.segment.take() {
-            let _ = segment.file.close().await;
+        self.log.roll();
+        if let Some(file) = self.file.take() {
+            let _ = file.close().await;
         }
     }
 
     pub async fn close(mut self) {
-        if let Some(segment) = self.segment.take() {
-            let _ = segment.file.close().await;
+        if let Some(file) = self.file.take() {
+            let _ = file.close().await;
         }
     }
 }
@@ -133,7 +137,7 @@ fn failed(owner: &str, what: &str, e: glommio::GlommioError<()>) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use laminardb_engine::wal::{decode_all, encode, segments, Record, Tail};
+    use laminardb_engine::wal::{decode_all, segments, Record, Tail, PAGE};
 
     /// Flushes of every size, crossing and ending inside pages, then a roll: reading the
     /// segments back gives every record once, in order, and a clean end.
@@ -141,7 +145,7 @@ mod tests {
     fn flushes_rewrite_the_partial_page_and_lose_nothing() {
         let dir = std::env::temp_dir().join(format!("laminardb-walwriter-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let spec = WalSpec { dir: dir.clone(), owner: "shard-0".into(), sync: Sync::Write };
+        let spec = WalSpec { dir: dir.clone(), owner: "shard-0".into(), sync: Sync::Write, resume: Resume::default() };
         let records: Vec<Record> =
             (1..=300u64).map(|lsn| Record::Ddl { lsn, sql: "x".repeat((lsn as usize * 37) % 5000) }).collect();
         let written = records.clone();
@@ -153,11 +157,8 @@ mod tests {
                 let mut rolled = false;
                 while at < written.len() {
                     let group = &written[at..(at + n).min(written.len())];
-                    let mut frames = Vec::new();
-                    for r in group {
-                        encode(r, &mut frames).unwrap();
-                    }
-                    wal.write(&frames, group[0].lsn()).await.unwrap();
+                    let claimed: Vec<(&Record, Claim)> = group.iter().map(|r| (r, Claim { start: 1, acked: r.lsn() })).collect();
+                    wal.write(&claimed, "test").await.unwrap();
                     if !rolled && at >= 150 {
                         wal.roll().await;
                         rolled = true;
