@@ -141,26 +141,28 @@ def wide(rng: random.Random) -> str:
     return "SELECT " + "'" + "z" * n * 10 + "' AS s"
 
 
-def mutate(sql: str, rng: random.Random) -> str:
+def mutate(sql: str, rng: random.Random, wild: bool = True) -> str:
+    """One to three token edits (one or two when not `wild`): drop, double, swap with a
+    neighbour, replace by a keyword, operator or literal; `wild` adds odd literals and runs
+    of a token pair repeated hundreds of times (which deepen any operator chain)."""
     tokens = TOKEN.findall(sql)
-    for _ in range(rng.randint(1, 3)):
+    for _ in range(rng.randint(1, 3 if wild else 2)):
         if not tokens:
             break
         i = rng.randrange(len(tokens))
-        kind = rng.randrange(6)
+        kind = rng.randrange(6 if wild else 4)
         if kind == 0:
             del tokens[i]
         elif kind == 1:
             tokens.insert(i, tokens[i])
         elif kind == 2 and i + 1 < len(tokens):
             tokens[i], tokens[i + 1] = tokens[i + 1], tokens[i]
-        elif kind == 3:
-            tokens[i] = rng.choice(ODD_LITERALS)
         elif kind == 4:
-            # Repeat a token with its neighbour many times: deepens any operator chain.
             tokens[i:i] = tokens[i : i + 2] * rng.choice([50, 400, 1500])
-        else:
+        elif kind == 5 or not wild:
             tokens[i] = rng.choice(VOCABULARY)
+        else:
+            tokens[i] = rng.choice(ODD_LITERALS)
     return " ".join(tokens)
 
 

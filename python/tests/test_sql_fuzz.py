@@ -21,19 +21,10 @@ import pytest
 
 import laminardb
 from golden.runner import GoldenFailure, Runner, parse_file
+import sql_fuzz_harness
 
 GOLDEN = Path(__file__).parent / "golden"
 MUTANTS = int(os.environ.get("LAMINARDB_FUZZ_MUTANTS", "20"))
-TOKEN = re.compile(r"'(?:[^']|'')*'|\"[^\"]*\"|[A-Za-z_][A-Za-z_0-9]*|\d+(?:\.\d+)?|<=|>=|<>|!=|\|\||::|\S")
-VOCABULARY = (
-    "SELECT FROM WHERE GROUP BY HAVING ORDER LIMIT AS ON JOIN LEFT UNION ALL DISTINCT AND OR NOT "
-    "NULL TRUE CASE WHEN THEN ELSE END CAST INTERVAL TUMBLE HOP SESSION CUMULATE EMIT WINDOW CLOSE "
-    "UPDATE CHANGES EVERY FINAL AFTER WATERMARK ALLOW LATENESS COUNT SUM AVG MIN MAX FIRST_VALUE "
-    "LAST_VALUE STDDEV ts window_start window_end ( ) , * + - / % = < > <= >= <> . 0 1 -1 "
-    "2147483648 1e308 '' 'x' '1' SECOND MINUTE BIGINT DOUBLE VARCHAR TIMESTAMP"
-).split()
-
-
 def statements(path: Path) -> tuple[list[str], list[str]]:
     """The file's CREATE SOURCE/TABLE statements, and its stream statements."""
     sources, streams = [], []
@@ -49,21 +40,7 @@ def statements(path: Path) -> tuple[list[str], list[str]]:
 
 
 def mutate(sql: str, rng: random.Random) -> str:
-    tokens = TOKEN.findall(sql)
-    for _ in range(rng.randint(1, 2)):
-        if not tokens:
-            break
-        i = rng.randrange(len(tokens))
-        kind = rng.randrange(4)
-        if kind == 0:
-            del tokens[i]
-        elif kind == 1:
-            tokens.insert(i, tokens[i])
-        elif kind == 2 and i + 1 < len(tokens):
-            tokens[i], tokens[i + 1] = tokens[i + 1], tokens[i]
-        else:
-            tokens[i] = rng.choice(VOCABULARY)
-    return " ".join(tokens)
+    return sql_fuzz_harness.mutate(sql, rng, wild=False)
 
 
 FILES = sorted(p for p in GOLDEN.glob("*.slt") if statements(p)[1])
@@ -155,8 +132,6 @@ def test_mutated_ad_hoc_queries_are_answered_or_refused_with_a_code(path: Path):
 def test_fuzzed_statements_in_child_processes_never_crash_or_hang():
     """A small run of sql_fuzz_harness.py (depth, size and token mutations, in children):
     `python python/tests/sql_fuzz_harness.py --count 2800` is the full one."""
-    import sql_fuzz_harness
-
     count = int(os.environ.get("LAMINARDB_FUZZ_CHILD_STATEMENTS", "120"))
     failures = sql_fuzz_harness.run(count, seed=7, per_child=60, timeout_s=240, log=lambda _: None)
     assert failures == []
