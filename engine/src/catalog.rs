@@ -341,7 +341,7 @@ pub fn check_exportable(what: &str, schema: &Schema) -> Result<()> {
 }
 
 #[cfg(test)]
-mod name_tests {
+mod tests {
     use super::*;
 
     #[test]
@@ -362,11 +362,6 @@ mod name_tests {
         assert!(check_exportable("q", &nested).unwrap_err().message.contains("NUL"));
         check_columns("s", &Schema::new(vec![Field::new("A", DataType::Int64, true), Field::new("a", DataType::Int64, true)])).unwrap();
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
     fn durations_and_row_counts_of_retention() {

@@ -286,13 +286,8 @@ mod tests {
         let body = serde_json::to_string(&m).unwrap();
         let good = format!("{:08x}\n{body}", crc32fast::hash(body.as_bytes())).into_bytes();
         assert_eq!(parse_manifest(&good).unwrap(), m);
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = crate::sim::Rng::new(0x9e37_79b9_7f4a_7c15);
+        let mut next = move || rng.next();
         for round in 0..2000 {
             let mut bytes = if round % 5 == 0 { (0..next() % 300).map(|_| next() as u8).collect() } else { good.clone() };
             if !bytes.is_empty() && round % 5 != 0 {

@@ -307,7 +307,10 @@ pub(crate) struct Prepared {
 
 pub(crate) fn prepare_insert(def: &SourceDef, batches: &[RecordBatch], shards: usize, max_ahead_ms: Option<u64>) -> Result<Prepared> {
     let event_time = def.watermark.as_ref().and_then(|spec| def.schema.index_of(&spec.column).ok());
-    let limit = max_ahead_ms.map(|ahead| now_ms().saturating_add(i64::try_from(ahead).unwrap_or(i64::MAX)));
+    // Read the clock only for a source with event time (not on every insert).
+    let limit = event_time
+        .and(max_ahead_ms)
+        .map(|ahead| now_ms().saturating_add(i64::try_from(ahead).unwrap_or(i64::MAX)));
     let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); shards];
     let (mut max, mut future_rows) = (None, 0);
     for batch in batches {
