@@ -318,22 +318,11 @@ mod tests {
             if i > 0 {
                 out.push_str([" + ", " * ", " OR ", " AND ", " = ", " < ", " || ", " - "][next(rng, 8) as usize]);
             }
+            // Each kind but a leaf (0) and CASE (4) wraps one subexpression.
+            const WRAPS: [(&str, &str); 8] =
+                [("", ""), ("(", ")"), ("abs(", ")"), ("NOT ", ""), ("", ""), ("a IN (1, 2, ", ")"), ("a BETWEEN 1 AND ", ""), ("-", "")];
             match if depth == 0 { 0 } else { next(rng, 8) } {
                 0 => out.push_str(["a", "1", "'s'", "2.5", "NULL", "b"][next(rng, 6) as usize]),
-                1 => {
-                    out.push('(');
-                    expr(rng, depth - 1, out);
-                    out.push(')');
-                }
-                2 => {
-                    out.push_str("abs(");
-                    expr(rng, depth - 1, out);
-                    out.push(')');
-                }
-                3 => {
-                    out.push_str("NOT ");
-                    expr(rng, depth - 1, out);
-                }
                 4 => {
                     out.push_str("CASE WHEN ");
                     expr(rng, depth - 1, out);
@@ -341,18 +330,11 @@ mod tests {
                     expr(rng, depth - 1, out);
                     out.push_str(" ELSE 0 END");
                 }
-                5 => {
-                    out.push_str("a IN (1, 2, ");
+                kind => {
+                    let (open, close) = WRAPS[kind as usize];
+                    out.push_str(open);
                     expr(rng, depth - 1, out);
-                    out.push(')');
-                }
-                6 => {
-                    out.push_str("a BETWEEN 1 AND ");
-                    expr(rng, depth - 1, out);
-                }
-                _ => {
-                    out.push('-');
-                    expr(rng, depth - 1, out);
+                    out.push_str(close);
                 }
             }
         }
