@@ -3,9 +3,13 @@ in alternating runs, each run a fresh subprocess (`python -m workloads NAME` fro
 whose cases are read from its JSON lines. Writes perf/results/latest.json (every run and
 the medians), perf/RESULTS.md and the plots in perf/results/.
 
-    tools/perf run [--quick] [--rounds N] [--only w1,w2] [--ours PYTHON] [--no-build]
+    tools/perf run [--quick] [--rounds N] [--only w1,w2] [--ours PYTHON] [--baseline PYTHON] [--no-build]
     tools/perf report     # RESULTS.md and the plots again, from perf/results/latest.json
 
+--baseline runs every run of ours (shard sweeps and ours-only workloads too) again under
+another interpreter's laminardb right after it, as "baseline": e.g. the previous build, to
+compare two builds in one noisy run (`tools/perf run --no-build --baseline .venv-prev/bin/python`).
+Nothing is built for it: the baseline is whatever that interpreter has installed.
 Medians count only runs whose checks passed; a run that fails its checks is "wrong".
 """
 
@@ -25,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import report
-from report import OURS, UPSTREAM
+from report import BASELINE, OURS, UPSTREAM
 
 ROOT = Path(__file__).resolve().parent.parent
 PERF = ROOT / "perf"
@@ -100,12 +104,16 @@ def run_workload(python: str, workload: str, quick: bool, budget: float, shards:
     }
 
 
-def jobs(workload: Workload, ours: str) -> list[tuple[str, str, float, Optional[int]]]:
-    """One round of a workload: (impl, python, budget, shards), alternating implementations."""
-    out: list[tuple[str, str, float, Optional[int]]] = [(OURS, ours, OURS_BUDGET_S, None)]
-    if workload.upstream:
-        out.append((UPSTREAM, str(UPSTREAM_PYTHON), UPSTREAM_BUDGET_S, None))
-    out += [(OURS, ours, OURS_BUDGET_S, k) for k in workload.shard_sweep]
+def jobs(workload: Workload, ours: str, baseline: Optional[str]) -> list[tuple[str, str, float, Optional[int]]]:
+    """One round of a workload: (impl, python, budget, shards), alternating implementations;
+    each run of ours followed by the same run of the baseline, if any."""
+    out: list[tuple[str, str, float, Optional[int]]] = []
+    for shards in (None, *workload.shard_sweep):
+        out.append((OURS, ours, OURS_BUDGET_S, shards))
+        if baseline:
+            out.append((BASELINE, baseline, OURS_BUDGET_S, shards))
+        if shards is None and workload.upstream:
+            out.append((UPSTREAM, str(UPSTREAM_PYTHON), UPSTREAM_BUDGET_S, None))
     return out
 
 
@@ -159,22 +167,30 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     ours = os.path.abspath(args.ours)  # not resolve(): a venv's python is a symlink
     if not Path(ours).exists():
         sys.exit(f"no interpreter at {args.ours}: run tools/perf without --no-build, or pass --ours")
+    baseline = os.path.abspath(args.baseline) if args.baseline else None
+    if baseline and not Path(baseline).exists():
+        sys.exit(f"no interpreter at {args.baseline} (--baseline)")
     runs: list[dict[str, Any]] = []
     for r in range(1, args.rounds + 1):
         for workload in selected:
             if workload.pending:
                 continue
-            for impl, python, budget, shards in jobs(workload, ours):
+            for impl, python, budget, shards in jobs(workload, ours, baseline):
                 result = run_workload(python, workload.name, args.quick, budget, shards)
                 result.update(round=r, workload=workload.name, impl=impl)
                 runs.append(result)
                 label = f"{workload.name}" + (f" [{result['variant']}]" if result["variant"] else "")
                 print(f"round {r}/{args.rounds}  {label:<20} {impl:<10} {result['seconds']:7.1f} s  {describe(result)}", flush=True)
+    budgets = {OURS: OURS_BUDGET_S, UPSTREAM: UPSTREAM_BUDGET_S}
+    pythons = {OURS: os.path.relpath(ours, ROOT), UPSTREAM: os.path.relpath(UPSTREAM_PYTHON, ROOT)}
+    if baseline:
+        budgets[BASELINE] = OURS_BUDGET_S
+        pythons[BASELINE] = os.path.relpath(baseline, ROOT)
     doc = {
         "command": command_line(argv),
         "machine": machine(),
-        "options": {"quick": args.quick, "rounds": args.rounds, "budget_s": {OURS: OURS_BUDGET_S, UPSTREAM: UPSTREAM_BUDGET_S}, "env": RUN_ENV},
-        "pythons": {OURS: os.path.relpath(ours, ROOT), UPSTREAM: os.path.relpath(UPSTREAM_PYTHON, ROOT)},
+        "options": {"quick": args.quick, "rounds": args.rounds, "budget_s": budgets, "env": RUN_ENV},
+        "pythons": pythons,
         "workloads": [{"name": w.name, "pending": w.pending} for w in selected],
         "runs": runs,
     }
@@ -205,6 +221,7 @@ def main() -> None:
         help="comma-separated workloads: " + ",".join(w.name for w in WORKLOADS),
     )
     run_ap.add_argument("--ours", default=str(ROOT / ".venv-perf/bin/python"), help="python with this build")
+    run_ap.add_argument("--baseline", help="python with another build of ours, run after each run of ours (nothing is built)")
     sub.add_parser("report", help="rewrite RESULTS.md and the plots from perf/results/latest.json")
     args = ap.parse_args(argv)
     if args.command == "report":

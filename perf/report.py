@@ -20,8 +20,9 @@ from hdrh.histogram import HdrHistogram  # noqa: E402
 
 OURS = "laminardb"
 UPSTREAM = "upstream"
-IMPLS = [OURS, UPSTREAM]
-COLORS = {OURS: "tab:blue", UPSTREAM: "tab:orange"}
+BASELINE = "baseline"  # another build of ours (tools/perf run --baseline PYTHON)
+IMPLS = [OURS, BASELINE, UPSTREAM]
+COLORS = {OURS: "tab:blue", BASELINE: "tab:green", UPSTREAM: "tab:orange"}
 STYLES = ["-", "--", ":", "-."]
 PERCENTILE_TICKS = [(50, "50%"), (90, "90%"), (99, "99%"), (99.9, "99.9%"), (99.99, "99.99%")]
 # Statuses whose detail says it all ("no output in 5 s"); others show the status, detail in the notes.
@@ -107,13 +108,13 @@ def cell(impl: Optional[dict[str, Any]], metric: dict[str, Any]) -> str:
     return text if impl["ok"] == impl["runs"] else f"{text} ({impl['ok']} of {impl['runs']} ok)"
 
 
-def ratio(summary: Summary, metric: dict[str, Any]) -> str:
-    medians = [summary["impls"].get(i, {}).get("medians", {}).get(metric["name"]) for i in IMPLS]
-    ours, theirs = medians
+def ratio(summary: Summary, metric: dict[str, Any], other: str = UPSTREAM) -> str:
+    ours, theirs = [summary["impls"].get(i, {}).get("medians", {}).get(metric["name"]) for i in (OURS, other)]
     if metric["better"] is None or not ours or not theirs:
         return ""
     speedup = theirs / ours if metric["better"] == "lower" else ours / theirs
-    return f"{speedup:,.1f}× faster" if speedup >= 1 else f"{1 / speedup:,.1f}× slower"
+    digits = 2 if other == BASELINE else 1  # two builds of ours differ by percents
+    return f"{speedup:,.{digits}f}× faster" if speedup >= 1 else f"{1 / speedup:,.{digits}f}× slower"
 
 
 def version(doc: dict[str, Any], impl: str) -> str:
@@ -127,6 +128,7 @@ def header(doc: dict[str, Any]) -> list[str]:
     m = doc["machine"]
     options = doc["options"]
     ours_python = doc["pythons"][OURS]
+    baseline = BASELINE in doc["pythons"]
     lines = [
         "# Benchmark results",
         "",
@@ -144,11 +146,17 @@ def header(doc: dict[str, Any]) -> list[str]:
         f"| machine | {m['nproc']} cores (nproc), {m['cpu']}, {m['memory']}, Linux {m['kernel']} |",
         f"| git | {m['git']} |",
         f"| laminardb | {version(doc, OURS)}, `{ours_python}` |",
+    ]
+    if baseline:
+        lines.append(f"| baseline | laminardb {version(doc, BASELINE)}, `{doc['pythons'][BASELINE]}` |")
+    lines += [
         f"| upstream | laminardb {version(doc, UPSTREAM)}, `{doc['pythons'][UPSTREAM]}` |",
-        f"| method | {options['rounds']} round{'s' if options['rounds'] != 1 else ''}, alternating laminardb / upstream, each workload run in a fresh "
+        f"| method | {options['rounds']} round{'s' if options['rounds'] != 1 else ''}, alternating laminardb / "
+        f"{'baseline / ' if baseline else ''}upstream, each workload run in a fresh "
         "process; medians over the runs whose checks passed |",
-        f"| environment | {' '.join(f'`{k}={v}`' for k, v in options.get('env', {}).items()) or 'inherited'} (both implementations) |",
-        f"| time bounds | a workload run may take {options['budget_s'][OURS]:g} s (laminardb), "
+        f"| environment | {' '.join(f'`{k}={v}`' for k, v in options.get('env', {}).items()) or 'inherited'} "
+        f"({'every implementation' if baseline else 'both implementations'}) |",
+        f"| time bounds | a workload run may take {options['budget_s'][OURS]:g} s (laminardb{' and baseline' if baseline else ''}), "
         f"{options['budget_s'][UPSTREAM]:g} s (upstream) |",
         "",
     ]
@@ -168,16 +176,20 @@ def workload_section(doc: dict[str, Any], name: str, pending: Optional[str], plo
     statuses = {f["detail"] for s in summaries for i in s["impls"].values() for f in i["failures"] if f["status"] == "pending"}
     if summaries and all(i["ok"] == 0 for s in summaries for i in s["impls"].values()) and len(statuses) == 1:
         return lines + [f"{statuses.pop()} — no numbers.", ""]
+    # The baseline's columns only when it ran (tools/perf run --baseline).
+    impls = IMPLS if BASELINE in doc["pythons"] else [OURS, UPSTREAM]
+    others = [i for i in impls if i != OURS]
+    titles = {OURS: "laminardb", BASELINE: "baseline", UPSTREAM: f"upstream {version(doc, UPSTREAM)}"}
     lines += [
-        f"| case | metric | laminardb | upstream {version(doc, UPSTREAM)} | laminardb vs upstream |",
-        "|---|---|--:|--:|--:|",
+        f"| case | metric | {' | '.join(titles[i] for i in impls)} | {' | '.join(f'laminardb vs {i}' for i in others)} |",
+        "|---|---|" + "--:|" * (len(impls) + len(others)),
     ]
     notes = []
     for s in summaries:
         label = s["case"] + (f" ({s['variant']})" if s["variant"] else "")
         for metric in s["metrics"] or [{"name": "", "unit": "", "better": None}]:
-            cells = [cell(s["impls"].get(i), metric) for i in IMPLS]
-            lines.append(f"| {label} | {metric['name']} | {cells[0]} | {cells[1]} | {ratio(s, metric)} |")
+            cells = [cell(s["impls"].get(i), metric) for i in impls] + [ratio(s, metric, i) for i in others]
+            lines.append(f"| {label} | {metric['name']} | {' | '.join(cells)} |")
         for impl, result in s["impls"].items():
             for f in result["failures"]:
                 notes.append(f"- {impl}, {label}: **{f['status']}** in {f['count']} of {result['runs']} runs: {f['detail']}")
@@ -250,31 +262,38 @@ SHARD_PLOTS = {"market": ("bulk", "rows/s"), "nexmark": ("q1", "events/s")}
 
 
 def plot_shards(doc: dict[str, Any], workload: str, path: Path) -> bool:
-    """Throughput of this build against its shard count, from every passing run of the
-    workload's plotted case (SHARD_PLOTS); False if there is nothing to compare."""
+    """Throughput of this build (and dashed, the baseline's) against its shard count, from
+    every passing run of the workload's plotted case (SHARD_PLOTS); False if there is nothing
+    to compare."""
     if workload not in SHARD_PLOTS:
         return False
     case_name, unit = SHARD_PLOTS[workload]
     series = (unit, f"{unit} per core")
-    points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    points: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in doc["runs"]:
-        if run["workload"] != workload or run["impl"] != OURS:
+        if run["workload"] != workload or run["impl"] not in (OURS, BASELINE):
             continue
         for case in run["cases"]:
             m = case["metrics"]
             if case["status"] == "ok" and case["name"] == case_name and unit in m and "shards" in m:
                 shards = int(m["shards"]["value"])
                 for name in series:
-                    points[name][shards].append(m[name]["value"] / 1e6)
-    if len(points[unit]) < 2:
+                    points[(run["impl"], name)][shards].append(m[name]["value"] / 1e6)
+    if len(points[(OURS, unit)]) < 2:
         return False
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, marker in zip(series, ("o", "s")):
-        counts = sorted(points[name])
-        ax.plot(counts, [statistics.median(points[name][k]) for k in counts], marker=marker, label=f"{name} (median)")
-        for k in counts:
-            ax.scatter([k] * len(points[name][k]), points[name][k], color="gray", s=10, alpha=0.6)
-    ax.set_xticks(sorted(points[unit]))
+    for impl, linestyle in ((OURS, "-"), (BASELINE, "--")):
+        for color, name, marker in zip(("C0", "C1"), series, ("o", "s")):
+            runs = points.get((impl, name), {})
+            counts = sorted(runs)
+            if not counts:
+                continue
+            label = f"{name} (median)" if impl == OURS else f"baseline {name} (median)"
+            medians = [statistics.median(runs[k]) for k in counts]
+            ax.plot(counts, medians, color=color, linestyle=linestyle, marker=marker, label=label)
+            for k in counts:
+                ax.scatter([k] * len(runs[k]), runs[k], color="gray", s=10, alpha=0.6)
+    ax.set_xticks(sorted(points[(OURS, unit)]))
     ax.set_xlabel("shards (LaminarConfig(shards=N))")
     ax.set_ylabel(f"M {unit}")
     ax.set_ylim(bottom=0)
