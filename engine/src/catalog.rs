@@ -202,7 +202,7 @@ impl Catalog {
     /// Whether a watermark of `name` can close a window somewhere downstream (else it
     /// only updates metrics, and the shards need not hear of it).
     pub fn watermark_matters(&self, name: &str) -> bool {
-        self.downstream(name).iter().any(|s| s.plan.agg.as_ref().is_some_and(|a| a.window.is_some()))
+        self.downstream(name).iter().any(|s| s.plan.uses_watermarks())
     }
 
     pub fn add_sink(&mut self, def: SinkDef) -> Result<()> {

@@ -14,6 +14,7 @@ pub mod alloc;
 pub mod catalog;
 pub mod checkpoint;
 pub mod config;
+pub mod dataflow;
 pub mod error;
 pub mod frontend;
 pub mod ingest;

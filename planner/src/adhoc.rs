@@ -16,7 +16,7 @@ use futures::StreamExt;
 
 use laminardb_engine::catalog::Catalog;
 use laminardb_engine::frontend::{CancelFlag, PreparedQuery, QueryHandle, QueryKind, ShardAccess, QUERY_BATCHES_MAX};
-use laminardb_engine::stream::op::{eval_branch, AggOperator};
+use laminardb_engine::dataflow::LocalRun;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, ErrorCode, Result};
 
@@ -59,20 +59,28 @@ pub struct WindowedQuery {
 
 impl WindowedQuery {
     async fn run(plan: Arc<StreamPlan>, access: Arc<dyn ShardAccess>, cancel: CancelFlag) -> Result<Vec<RecordBatch>> {
-        let mut op = AggOperator::new(plan.clone())?;
-        for branch in &plan.branches {
+        let mut inputs: Vec<(String, Vec<RecordBatch>)> = Vec::new();
+        for input in plan.inputs() {
+            if inputs.iter().any(|(name, _)| name == input) {
+                continue;
+            }
+            let mut rows = Vec::new();
             for shard in 0..access.shards() {
-                let batches = access.scan(&branch.input, shard)?.recv_async().await.map_err(|_| Error::shutdown())??;
-                for batch in batches {
-                    if cancel.is_cancelled() {
-                        return Err(Error::new(ErrorCode::QueryCancelled, "the query was cancelled"));
-                    }
-                    let pre = eval_branch(branch.filter.as_ref(), &branch.exprs, &branch.schema, &batch)?;
-                    op.apply(&pre)?;
+                rows.extend(access.scan(input, shard)?.recv_async().await.map_err(|_| Error::shutdown())??);
+            }
+            inputs.push((input.to_string(), rows));
+        }
+        // The stream's operators, as one shard over every row.
+        let mut run = LocalRun::new(&plan.dag)?;
+        for (input, rows) in &inputs {
+            for batch in rows {
+                if cancel.is_cancelled() {
+                    return Err(Error::new(ErrorCode::QueryCancelled, "the query was cancelled"));
                 }
+                run.push(input, batch)?;
             }
         }
-        op.advance(i64::MAX)
+        run.finish()
     }
 }
 

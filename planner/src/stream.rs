@@ -4,10 +4,12 @@
 //! `ALLOW LATENESS …` are cut off at token level, and the window call in `GROUP BY`
 //! (`TUMBLE(ts, …)`, `HOP`, `SESSION`, `CUMULATE`) is replaced by the two columns it
 //! defines, `window_start` and `window_end`, which the planning table carries. DataFusion
-//! then plans and type-checks the query; its logical plan is lowered into branches (filter
-//! + projection), the aggregate (group keys, window, aggregate calls) and the final
-//! `HAVING` + `SELECT` list, every expression compiled to a DataFusion physical expression.
-//! Plan shapes that cannot run incrementally are rejected by name.
+//! then plans and type-checks the query; its logical plan is lowered into a DAG of
+//! operators (`laminardb_engine::dataflow`): map nodes (filter + projection) over each
+//! input, a join's node, an aggregate's node (group keys, window, aggregate calls and the
+//! final `HAVING` + `SELECT` list), with an exchange by key in front of the keyed ones;
+//! every expression compiled to a DataFusion physical expression. Plan shapes that cannot
+//! run incrementally are rejected by name.
 
 use std::sync::Arc;
 
@@ -36,8 +38,9 @@ use datafusion::sql::sqlparser::tokenizer::Token;
 use laminardb_engine::catalog::{Catalog, StreamDef};
 use laminardb_engine::stream::op::nullable;
 use laminardb_engine::stream::time::is_event_time;
+use laminardb_engine::dataflow::{Dag, Port, Route, Upstream};
 use laminardb_engine::stream::{
-    AggCall, AggKind, AggPlan, Branch, Domain, Emit, GroupCol, JoinPlan, PhysExpr, StreamPlan, WindowKind, OP_COLUMN,
+    AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, WindowKind, OP_COLUMN,
 };
 use laminardb_engine::{Error, Result};
 
@@ -191,6 +194,10 @@ pub fn parse_create_stream(tokens: &[Token]) -> Result<Option<CreateStream>> {
 struct WindowCall {
     kind: WindowKind,
     column: String,
+    /// The qualifier written before the column (`t` in `TUMBLE(t.ts, …)`), if any.
+    qualifier: Option<String>,
+    /// The catalog table that qualifier names.
+    table: Option<String>,
 }
 
 fn function_args(f: &datafusion::sql::sqlparser::ast::Function) -> Result<Vec<&Expr>> {
@@ -230,9 +237,11 @@ fn window_call(e: &Expr) -> Result<Option<WindowCall>> {
     // Resolved as DataFusion resolves identifiers: a quoted name exactly, an unquoted
     // one lowercased.
     let name_of = |id: &Ident| if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() };
-    let column = match args[0] {
-        Expr::Identifier(id) => name_of(id),
-        Expr::CompoundIdentifier(ids) => ids.last().map(name_of).unwrap_or_default(),
+    let (column, qualifier) = match args[0] {
+        Expr::Identifier(id) => (name_of(id), None),
+        Expr::CompoundIdentifier(ids) if ids.len() >= 2 => {
+            (name_of(&ids[ids.len() - 1]), Some(name_of(&ids[ids.len() - 2])))
+        }
         other => return Err(Error::unsupported(format!("window over the expression {other}: name a column"))),
     };
     let d = |i: usize| duration_ms(args[i]);
@@ -242,7 +251,7 @@ fn window_call(e: &Expr) -> Result<Option<WindowCall>> {
         "cumulate" => WindowKind::Cumulate { step: d(1)?, size: d(2)? },
         _ => WindowKind::Session { gap: d(1)? },
     };
-    Ok(Some(WindowCall { kind: kind.validate().map_err(Error::parse)?, column }))
+    Ok(Some(WindowCall { kind: kind.validate().map_err(Error::parse)?, column, qualifier, table: None }))
 }
 
 /// Whether any `SELECT` of `body` has a window call in its `GROUP BY`.
@@ -291,9 +300,9 @@ fn rewrite_set(body: &mut SetExpr, windows: &mut Vec<Option<WindowCall>>) -> Res
                 for e in exprs.drain(..) {
                     match window_call(&e)? {
                         Some(w) if found.is_none() => {
+                            out.push(window_column(&w, WINDOW_START));
+                            out.push(window_column(&w, WINDOW_END));
                             found = Some(w);
-                            out.push(Expr::Identifier(Ident::new(WINDOW_START)));
-                            out.push(Expr::Identifier(Ident::new(WINDOW_END)));
                         }
                         Some(_) => return Err(Error::unsupported("two windows in one GROUP BY")),
                         None => out.push(e),
@@ -301,17 +310,24 @@ fn rewrite_set(body: &mut SetExpr, windows: &mut Vec<Option<WindowCall>>) -> Res
                 }
                 *exprs = out;
             }
-            if found.is_some() {
+            if let Some(w) = &mut found {
                 // The output of a windowed query always carries its window's bounds.
                 for column in [WINDOW_START, WINDOW_END] {
                     let named = select.projection.iter().any(|item| match item {
                         SelectItem::UnnamedExpr(Expr::Identifier(id)) => id.value.eq_ignore_ascii_case(column),
+                        SelectItem::UnnamedExpr(Expr::CompoundIdentifier(ids)) => {
+                            ids.last().is_some_and(|id| id.value.eq_ignore_ascii_case(column))
+                        }
                         SelectItem::ExprWithAlias { alias, .. } => alias.value.eq_ignore_ascii_case(column),
                         _ => false,
                     });
                     if !named {
-                        select.projection.push(SelectItem::UnnamedExpr(Expr::Identifier(Ident::new(column))));
+                        select.projection.push(SelectItem::UnnamedExpr(window_column(w, column)));
                     }
+                }
+                // The table the qualifier names, so only it carries the window's columns.
+                if let Some(q) = &w.qualifier {
+                    w.table = Some(table_of(&select.from, q).unwrap_or_else(|| q.clone()));
                 }
             }
             windows.push(found);
@@ -329,6 +345,31 @@ fn rewrite_set(body: &mut SetExpr, windows: &mut Vec<Option<WindowCall>>) -> Res
     }
 }
 
+/// `window_start` / `window_end`, qualified as the window's column is.
+fn window_column(w: &WindowCall, column: &str) -> Expr {
+    match &w.qualifier {
+        Some(q) => Expr::CompoundIdentifier(vec![Ident::with_quote('"', q.as_str()), Ident::new(column)]),
+        None => Expr::Identifier(Ident::new(column)),
+    }
+}
+
+/// The catalog table that `qualifier` (an alias or a table name) names in `from`.
+fn table_of(from: &[datafusion::sql::sqlparser::ast::TableWithJoins], qualifier: &str) -> Option<String> {
+    use datafusion::sql::sqlparser::ast::TableFactor;
+    let factors = from.iter().flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)));
+    let name_of = |id: &Ident| if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() };
+    for factor in factors {
+        if let TableFactor::Table { name, alias, .. } = factor {
+            let table = name.0.last().and_then(|p| p.as_ident()).map(name_of)?;
+            let called = alias.as_ref().map(|a| name_of(&a.name)).unwrap_or_else(|| table.clone());
+            if called == qualifier {
+                return Some(table);
+            }
+        }
+    }
+    None
+}
+
 /// Plans a continuous query over `catalog`.
 pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &tokio::runtime::Handle) -> Result<StreamDef> {
     let (rewritten, windows) = rewrite_windows(&ddl.query)?;
@@ -339,37 +380,30 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
         }
         _ => None,
     };
-    let ctx = planning_context(catalog, window.map(|w| w.column.as_str()))?;
+    let ctx = planning_context(catalog, window)?;
     let plan = {
         let ctx = ctx.clone();
         let rewritten = rewritten.clone();
         runtime.block_on(async move { ctx.state().create_logical_plan(&rewritten).await })?
     };
     let plan = Analyzer::new().execute_and_check(plan, ctx.state().config_options(), |_, _| {})?;
-    let props = ExecutionProps::new();
-    let lowered = lower(&plan, window, &props, catalog)?;
-    let emit = match (ddl.emit, &lowered.agg) {
-        (None, Some(agg)) if agg.window.is_some() => Emit::AfterWatermark,
-        (None, _) => Emit::Changes,
-        (Some(Emit::AfterWatermark | Emit::OnWindowClose), agg) if agg.as_ref().is_none_or(|a| a.window.is_none()) => {
-            return Err(Error::query("EMIT AFTER WATERMARK / ON WINDOW CLOSE / FINAL need a window in GROUP BY"))
-        }
-        (Some(e), _) => e,
-    };
     if ddl.lateness_ms < 0 {
         return Err(Error::query(format!("ALLOW LATENESS must not be negative (got {} ms)", ddl.lateness_ms)));
     }
-    if ddl.lateness_ms > 0 && lowered.agg.as_ref().is_none_or(|a| a.window.is_none()) {
+    let mut lowering = Lowering { props: ExecutionProps::new(), catalog, emit: ddl.emit, lateness_ms: ddl.lateness_ms, dag: Dag::default(), aggregate: None };
+    let select_schema = nullable(lowering.lower(&plan, window)?.as_ref());
+    match (lowering.aggregate, ddl.emit) {
+        (None, Some(Emit::AfterWatermark | Emit::OnWindowClose)) | (Some(false), Some(Emit::AfterWatermark | Emit::OnWindowClose)) => {
+            return Err(Error::query("EMIT AFTER WATERMARK / ON WINDOW CLOSE / FINAL need a window in GROUP BY"))
+        }
+        (None, Some(Emit::Every(_))) => return Err(Error::query("EMIT EVERY needs a GROUP BY aggregation")),
+        _ => {}
+    }
+    if ddl.lateness_ms > 0 && lowering.aggregate != Some(true) {
         return Err(Error::query("ALLOW LATENESS needs a window in GROUP BY (only windows wait for late rows)"));
     }
-    let select_schema = nullable(lowered.schema.as_ref());
-    if matches!(emit, Emit::Every(_)) && lowered.agg.is_none() {
-        return Err(Error::query("EMIT EVERY needs a GROUP BY aggregation"));
-    }
-    if lowered.agg.as_ref().is_some_and(|a| a.retract.is_some()) && emit != Emit::Changes {
-        return Err(Error::unsupported("EMIT other than CHANGES for an aggregate over a changelog stream"));
-    }
-    let changelog = lowered.agg.is_some() && matches!(emit, Emit::Changes | Emit::Every(_));
+    let dag = lowering.dag;
+    let changelog = dag.outputs().iter().any(|&n| dag.nodes[n].spec.changelog());
     let schema = if changelog {
         let mut fields: Vec<Field> = select_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(Field::new(OP_COLUMN, DataType::Utf8, false));
@@ -377,23 +411,14 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
     } else {
         select_schema.clone()
     };
-    let plan = StreamPlan {
-        name: ddl.name.clone(),
-        sql: sql.to_string(),
-        branches: lowered.branches,
-        agg: lowered.agg,
-        join: lowered.join,
-        schema,
-        emit,
-        lateness_ms: ddl.lateness_ms,
-        materialized: ddl.materialized,
-    };
+    let plan = StreamPlan { name: ddl.name.clone(), sql: sql.to_string(), dag, schema, materialized: ddl.materialized };
     Ok(StreamDef { name: ddl.name.clone(), sql: sql.to_string(), plan: Arc::new(plan), table_schema: select_schema })
 }
 
 /// A scratch context whose tables are the catalog's sources and streams, never scanned;
-/// `window_table_column` adds `window_start`/`window_end` typed as that column.
-fn planning_context(catalog: &Catalog, window_column: Option<&str>) -> Result<SessionContext> {
+/// the tables with the window's column (the one its qualifier names, if it has one) get
+/// `window_start`/`window_end` typed as that column.
+fn planning_context(catalog: &Catalog, window: Option<&WindowCall>) -> Result<SessionContext> {
     let ctx = SessionContext::new();
     let names = catalog.sources.keys().chain(catalog.streams.keys());
     for name in names {
@@ -404,6 +429,7 @@ fn planning_context(catalog: &Catalog, window_column: Option<&str>) -> Result<Se
                 schema = stream.plan.schema.clone();
             }
         }
+        let window_column = window.filter(|w| w.table.as_ref().is_none_or(|t| t == name)).map(|w| w.column.as_str());
         if let Some(col) = window_column {
             if let Ok(field) = schema.field_with_name(col) {
                 if !is_event_time(field.data_type()) {
@@ -439,14 +465,6 @@ fn not_changelog(catalog: &Catalog, input: &str) -> Result<()> {
     }
 }
 
-struct Lowered {
-    branches: Vec<Branch>,
-    agg: Option<AggPlan>,
-    join: Option<JoinPlan>,
-    /// The SELECT list's schema.
-    schema: SchemaRef,
-}
-
 /// Simplifies (as DataFusion's optimizer would: some functions, like COALESCE, exist only
 /// in simplified form) and compiles an expression.
 fn physical(e: &DfExpr, schema: &DFSchema, props: &ExecutionProps) -> Result<PhysExpr> {
@@ -458,8 +476,8 @@ fn physical(e: &DfExpr, schema: &DFSchema, props: &ExecutionProps) -> Result<Phy
 fn plan_name(plan: &LogicalPlan) -> String {
     match plan {
         LogicalPlan::Join(_) => {
-            "a JOIN under GROUP BY or UNION (a join is its own stream: CREATE STREAM j AS SELECT … FROM a JOIN b ON …, \
-             then aggregate over j)"
+            "a JOIN over another JOIN's result (create the inner join as a stream: CREATE STREAM j AS SELECT … \
+             FROM a JOIN b ON …, then join j)"
                 .into()
         }
         LogicalPlan::Sort(_) => "ORDER BY".into(),
@@ -492,8 +510,7 @@ fn scan_chain<'a>(mut plan: &'a LogicalPlan, filters: &mut Vec<(&'a DfExpr, &'a 
     }
 }
 
-fn combine_filters(filters: &[(&DfExpr, &DFSchema)], props: &ExecutionProps, catalog: &Catalog) -> Result<Option<PhysExpr>> {
-    let _ = catalog;
+fn combine_filters(filters: &[(&DfExpr, &DFSchema)], props: &ExecutionProps) -> Result<Option<PhysExpr>> {
     let Some(&(first, schema)) = filters.first() else { return Ok(None) };
     // All filters of one chain evaluate against the scanned table's columns.
     let mut e = first.clone();
@@ -503,72 +520,189 @@ fn combine_filters(filters: &[(&DfExpr, &DFSchema)], props: &ExecutionProps, cat
     Ok(Some(physical(&e, schema, props)?))
 }
 
-fn lower(plan: &LogicalPlan, window: Option<&WindowCall>, props: &ExecutionProps, catalog: &Catalog) -> Result<Lowered> {
-    match plan {
-        LogicalPlan::Union(u) => {
-            let mut branches = Vec::new();
-            for input in &u.inputs {
-                let part = lower(input, None, props, catalog)?;
-                if part.agg.is_some() {
-                    return Err(Error::unsupported("GROUP BY inside UNION ALL branches"));
-                }
-                if part.join.is_some() {
-                    return Err(Error::unsupported(
-                        "a JOIN inside UNION ALL branches (create the join as a stream and union that)",
-                    ));
-                }
-                for mut b in part.branches {
+/// Builds a stream's DAG from its logical plan.
+struct Lowering<'a> {
+    props: ExecutionProps,
+    catalog: &'a Catalog,
+    emit: Option<Emit>,
+    lateness_ms: i64,
+    dag: Dag,
+    /// `Some(windowed)` once an aggregate is planned.
+    aggregate: Option<bool>,
+}
+
+fn port(from: Upstream, route: Route) -> Port {
+    Port { from, route }
+}
+
+impl Lowering<'_> {
+    fn physical(&self, e: &DfExpr, schema: &DFSchema) -> Result<PhysExpr> {
+        physical(e, schema, &self.props)
+    }
+
+    fn map(&mut self, from: Upstream, filter: Option<PhysExpr>, exprs: Vec<PhysExpr>, schema: SchemaRef) -> usize {
+        self.dag.add(Arc::new(MapPlan { filter, exprs, schema }), vec![port(from, Route::Forward)])
+    }
+
+    /// Adds the nodes of `plan`; the nodes nobody reads carry its rows. Returns the
+    /// schema of its rows.
+    fn lower(&mut self, plan: &LogicalPlan, window: Option<&WindowCall>) -> Result<SchemaRef> {
+        match plan {
+            LogicalPlan::Union(u) => {
+                let schema = nullable(plan.schema().as_arrow());
+                for input in &u.inputs {
                     // Every branch emits in the union's schema.
-                    b.schema = nullable(plan.schema().as_arrow());
-                    branches.push(b);
+                    self.lower_map(input, Some(schema.clone()))?;
                 }
+                Ok(Arc::new(plan.schema().as_arrow().clone()))
             }
-            Ok(Lowered { branches, agg: None, join: None, schema: Arc::new(plan.schema().as_arrow().clone()) })
-        }
-        LogicalPlan::SubqueryAlias(a) => lower(&a.input, window, props, catalog),
-        LogicalPlan::Projection(p) => {
-            let out_schema = Arc::new(p.schema.as_arrow().clone());
-            // HAVING sits between the projection and the aggregate.
-            let (having, below) = match p.input.as_ref() {
-                LogicalPlan::Filter(f) if matches!(f.input.as_ref(), LogicalPlan::Aggregate(_)) => {
-                    (Some(&f.predicate), f.input.as_ref())
+            LogicalPlan::SubqueryAlias(a) => self.lower(&a.input, window),
+            LogicalPlan::Projection(p) => {
+                let out_schema = Arc::new(p.schema.as_arrow().clone());
+                // HAVING sits between the projection and the aggregate.
+                let (having, below) = match p.input.as_ref() {
+                    LogicalPlan::Filter(f) if matches!(f.input.as_ref(), LogicalPlan::Aggregate(_)) => {
+                        (Some(&f.predicate), f.input.as_ref())
+                    }
+                    other => (None, other),
+                };
+                if let LogicalPlan::Aggregate(a) = below {
+                    let having = having.map(|h| self.physical(h, a.schema.as_ref())).transpose()?;
+                    let output = p.expr.iter().map(|e| self.physical(e, a.schema.as_ref())).collect::<Result<Vec<_>>>()?;
+                    self.lower_aggregate(a, window, having, output, &out_schema)?;
+                    return Ok(out_schema);
                 }
-                other => (None, other),
-            };
-            if let Some((join, filter)) = join_below(&p.input) {
                 if window.is_some() {
                     return Err(Error::unsupported("a window without GROUP BY aggregation"));
                 }
-                let (branches, join) = lower_join(join, filter, p, props)?;
-                for b in &branches {
-                    not_changelog(catalog, &b.input)?;
+                if let Some((join, filter)) = join_below(&p.input) {
+                    let output = p.expr.iter().map(|e| self.physical(e, p.input.schema().as_ref())).collect::<Result<Vec<_>>>()?;
+                    self.lower_join(join, filter, output, nullable(&out_schema))?;
+                    return Ok(out_schema);
                 }
-                return Ok(Lowered { branches, agg: None, join: Some(join), schema: out_schema });
+                self.lower_map(plan, None)?;
+                Ok(out_schema)
             }
-            if let LogicalPlan::Aggregate(a) = below {
-                let having = having.map(|h| physical(h, a.schema.as_ref(), props)).transpose()?;
-                let output = p.expr.iter().map(|e| physical(e, a.schema.as_ref(), props)).collect::<Result<Vec<_>>>()?;
-                let (branch, agg) = lower_aggregate(a, window, having, output, props, catalog)?;
-                return Ok(Lowered { branches: vec![branch], agg: Some(agg), join: None, schema: out_schema });
-            }
-            let mut filters = Vec::new();
-            let input = scan_chain(&p.input, &mut filters)?;
-            not_changelog(catalog, &input)?;
-            let filter = combine_filters(&filters, props, catalog)?;
-            let exprs = p.expr.iter().map(|e| physical(e, p.input.schema().as_ref(), props)).collect::<Result<Vec<_>>>()?;
-            if window.is_some() {
-                return Err(Error::unsupported("a window without GROUP BY aggregation"));
-            }
-            Ok(Lowered {
-                branches: vec![Branch { input, filter, exprs, schema: nullable(&out_schema) }],
-                agg: None,
-                join: None,
-                schema: out_schema,
-            })
+            other => Err(unsupported(other)),
         }
-        other => Err(unsupported(other)),
     }
-}
+
+    /// A projection over a chain of filters over a source or stream: one map node
+    /// (emitting in `schema`, if given, else the projection's own).
+    fn lower_map(&mut self, plan: &LogicalPlan, schema: Option<SchemaRef>) -> Result<usize> {
+        let p = match plan {
+            LogicalPlan::SubqueryAlias(a) => return self.lower_map(&a.input, schema),
+            LogicalPlan::Projection(p) => p,
+            other => return Err(unsupported(other)),
+        };
+        let below = match p.input.as_ref() {
+            LogicalPlan::Filter(f) if matches!(f.input.as_ref(), LogicalPlan::Aggregate(_)) => f.input.as_ref(),
+            other => other,
+        };
+        if schema.is_some() {
+            if matches!(below, LogicalPlan::Aggregate(_)) {
+                return Err(Error::unsupported("GROUP BY inside UNION ALL branches"));
+            }
+            if join_below(&p.input).is_some() {
+                return Err(Error::unsupported("a JOIN inside UNION ALL branches (create the join as a stream and union that)"));
+            }
+        }
+        let mut filters = Vec::new();
+        let input = scan_chain(&p.input, &mut filters)?;
+        not_changelog(self.catalog, &input)?;
+        let filter = combine_filters(&filters, &self.props)?;
+        let exprs = p.expr.iter().map(|e| self.physical(e, p.input.schema().as_ref())).collect::<Result<Vec<_>>>()?;
+        let schema = schema.unwrap_or_else(|| nullable(p.schema.as_arrow()));
+        Ok(self.map(Upstream::Input(input), filter, exprs, schema))
+    }
+
+    /// An inner equi-join: each side a map node `[keys…, input columns…]` (filters that
+    /// touch one side only run there, before the exchange), then the join node, where the
+    /// other conditions and `output` (over the joined row) run. Returns the join node.
+    fn lower_join(&mut self, j: &Join, filter: Option<&DfExpr>, output: Vec<PhysExpr>, schema: SchemaRef) -> Result<usize> {
+        let props = &self.props.clone();
+        if j.join_type != JoinType::Inner {
+            let kind = j.join_type.to_string().to_uppercase();
+            return Err(Error::unsupported(format!("{kind} JOIN in a stream (only INNER JOIN)")));
+        }
+        if j.null_equality == NullEquality::NullEqualsNull {
+            return Err(Error::unsupported("IS NOT DISTINCT FROM as a join condition in a stream"));
+        }
+        let schemas = [j.left.schema().as_ref(), j.right.schema().as_ref()];
+        let mut pairs: Vec<(DfExpr, DfExpr)> = j.on.clone();
+        let mut side_filters: [Vec<PhysExpr>; 2] = [Vec::new(), Vec::new()];
+        let mut residual = Vec::new();
+        let conjuncts = j.filter.iter().chain(filter).flat_map(|e| split_conjunction(e).into_iter().cloned());
+        for c in conjuncts {
+            if let DfExpr::BinaryExpr(b) = &c {
+                if b.op == Operator::Eq {
+                    match (side_of(&b.left, schemas[0], schemas[1]), side_of(&b.right, schemas[0], schemas[1])) {
+                        (Some(0), Some(1)) => {
+                            pairs.push((*b.left.clone(), *b.right.clone()));
+                            continue;
+                        }
+                        (Some(1), Some(0)) => {
+                            pairs.push((*b.right.clone(), *b.left.clone()));
+                            continue;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            match side_of(&c, schemas[0], schemas[1]) {
+                Some(side) => side_filters[side].push(physical(&c, schemas[side], props)?),
+                None => residual.push(c),
+            }
+        }
+        if pairs.is_empty() {
+            return Err(Error::unsupported(
+                "a JOIN without an equality between its two sides in a stream (cross joins keep every pair)",
+            ));
+        }
+        let mut exprs: [Vec<PhysExpr>; 2] = [Vec::new(), Vec::new()];
+        let mut fields: [Vec<Field>; 2] = [Vec::new(), Vec::new()];
+        for (i, (l, r)) in pairs.iter().enumerate() {
+            let (lt, rt) = (l.get_type(schemas[0])?, r.get_type(schemas[1])?);
+            let common = if lt == rt {
+                lt
+            } else {
+                comparison_coercion(&lt, &rt).ok_or_else(|| {
+                    Error::query(format!("cannot compare {lt} with {rt} in the join condition {l} = {r}"))
+                })?
+            };
+            for (side, e) in [l, r].into_iter().enumerate() {
+                let e = if e.get_type(schemas[side])? == common { e.clone() } else { e.clone().cast_to(&common, schemas[side])? };
+                exprs[side].push(physical(&e, schemas[side], props)?);
+                fields[side].push(Field::new(format!("key{i}"), common.clone(), true));
+            }
+        }
+        let mut ports = Vec::with_capacity(2);
+        let key_types: Vec<DataType> = fields[0].iter().map(|f| f.data_type().clone()).collect();
+        for (side, plan) in [&j.left, &j.right].into_iter().enumerate() {
+            let mut filters = Vec::new();
+            let input = scan_chain(plan, &mut filters)?;
+            not_changelog(self.catalog, &input)?;
+            let mut conditions: Vec<PhysExpr> = filters
+                .iter()
+                .map(|(f, schema)| physical(f, schema, props))
+                .collect::<Result<_>>()?;
+            conditions.append(&mut side_filters[side]);
+            for (k, field) in schemas[side].fields().iter().enumerate() {
+                exprs[side].push(Arc::new(PhysColumn::new(field.name(), k)));
+                fields[side].push(Field::new(field.name(), field.data_type().clone(), true));
+            }
+            let schema = Arc::new(Schema::new(std::mem::take(&mut fields[side])));
+            let map = self.map(Upstream::Input(input), and_all(conditions), std::mem::take(&mut exprs[side]), schema);
+            ports.push(port(Upstream::Node(map), Route::Key(pairs.len())));
+        }
+        let joined = j.schema.as_ref();
+        let residual = match residual.into_iter().reduce(|a, b| a.and(b)) {
+            Some(e) => Some(physical(&e, joined, &self.props)?),
+            None => None,
+        };
+        let join = JoinPlan { keys: pairs.len(), key_types, residual, joined_schema: nullable(joined.as_arrow()), output, schema };
+        Ok(self.dag.add(Arc::new(join), ports))
+    }
 
 /// The join under a projection, with the `WHERE` filter between them if any.
 fn join_below(input: &LogicalPlan) -> Option<(&Join, Option<&DfExpr>)> {
@@ -603,95 +737,6 @@ fn and_all(mut exprs: Vec<PhysExpr>) -> Option<PhysExpr> {
     Some(exprs.into_iter().fold(first, |acc, e| Arc::new(BinaryExpr::new(e, Operator::And, acc)) as PhysExpr))
 }
 
-/// An inner equi-join: each side a branch `[keys…, input columns…]` (filters that touch
-/// one side only run in its branch, before the exchange); the other conditions and the
-/// `SELECT` list run over the joined rows.
-fn lower_join(j: &Join, filter: Option<&DfExpr>, p: &Projection, props: &ExecutionProps) -> Result<(Vec<Branch>, JoinPlan)> {
-    if j.join_type != JoinType::Inner {
-        let kind = j.join_type.to_string().to_uppercase();
-        return Err(Error::unsupported(format!("{kind} JOIN in a stream (only INNER JOIN)")));
-    }
-    if j.null_equality == NullEquality::NullEqualsNull {
-        return Err(Error::unsupported("IS NOT DISTINCT FROM as a join condition in a stream"));
-    }
-    let schemas = [j.left.schema().as_ref(), j.right.schema().as_ref()];
-    let mut pairs: Vec<(DfExpr, DfExpr)> = j.on.clone();
-    let mut side_filters: [Vec<PhysExpr>; 2] = [Vec::new(), Vec::new()];
-    let mut residual = Vec::new();
-    let conjuncts = j.filter.iter().chain(filter).flat_map(|e| split_conjunction(e).into_iter().cloned());
-    for c in conjuncts {
-        if let DfExpr::BinaryExpr(b) = &c {
-            if b.op == Operator::Eq {
-                match (side_of(&b.left, schemas[0], schemas[1]), side_of(&b.right, schemas[0], schemas[1])) {
-                    (Some(0), Some(1)) => {
-                        pairs.push((*b.left.clone(), *b.right.clone()));
-                        continue;
-                    }
-                    (Some(1), Some(0)) => {
-                        pairs.push((*b.right.clone(), *b.left.clone()));
-                        continue;
-                    }
-                    _ => {}
-                }
-            }
-        }
-        match side_of(&c, schemas[0], schemas[1]) {
-            Some(side) => side_filters[side].push(physical(&c, schemas[side], props)?),
-            None => residual.push(c),
-        }
-    }
-    if pairs.is_empty() {
-        return Err(Error::unsupported(
-            "a JOIN without an equality between its two sides in a stream (cross joins keep every pair)",
-        ));
-    }
-    let mut exprs: [Vec<PhysExpr>; 2] = [Vec::new(), Vec::new()];
-    let mut fields: [Vec<Field>; 2] = [Vec::new(), Vec::new()];
-    for (i, (l, r)) in pairs.iter().enumerate() {
-        let (lt, rt) = (l.get_type(schemas[0])?, r.get_type(schemas[1])?);
-        let common = if lt == rt {
-            lt
-        } else {
-            comparison_coercion(&lt, &rt).ok_or_else(|| {
-                Error::query(format!("cannot compare {lt} with {rt} in the join condition {l} = {r}"))
-            })?
-        };
-        for (side, e) in [l, r].into_iter().enumerate() {
-            let e = if e.get_type(schemas[side])? == common { e.clone() } else { e.clone().cast_to(&common, schemas[side])? };
-            exprs[side].push(physical(&e, schemas[side], props)?);
-            fields[side].push(Field::new(format!("key{i}"), common.clone(), true));
-        }
-    }
-    let mut branches = Vec::with_capacity(2);
-    for (side, plan) in [&j.left, &j.right].into_iter().enumerate() {
-        let mut filters = Vec::new();
-        let input = scan_chain(plan, &mut filters)?;
-        let mut conditions: Vec<PhysExpr> = filters
-            .iter()
-            .map(|(f, schema)| physical(f, schema, props))
-            .collect::<Result<_>>()?;
-        conditions.append(&mut side_filters[side]);
-        for (k, field) in schemas[side].fields().iter().enumerate() {
-            exprs[side].push(Arc::new(PhysColumn::new(field.name(), k)));
-            fields[side].push(Field::new(field.name(), field.data_type().clone(), true));
-        }
-        branches.push(Branch {
-            input,
-            filter: and_all(conditions),
-            exprs: std::mem::take(&mut exprs[side]),
-            schema: Arc::new(Schema::new(std::mem::take(&mut fields[side]))),
-        });
-    }
-    let joined = j.schema.as_ref();
-    let residual = match residual.into_iter().reduce(|a, b| a.and(b)) {
-        Some(e) => Some(physical(&e, joined, props)?),
-        None => None,
-    };
-    let output = p.expr.iter().map(|e| physical(e, p.input.schema().as_ref(), props)).collect::<Result<Vec<_>>>()?;
-    let join = JoinPlan { keys: pairs.len(), residual, joined_schema: nullable(joined.as_arrow()), output };
-    Ok((branches, join))
-}
-
 fn agg_kind(af: &AggregateFunction) -> Result<AggKind> {
     let name = af.func.name().to_ascii_lowercase();
     let distinct = af.params.distinct;
@@ -713,122 +758,167 @@ fn agg_kind(af: &AggregateFunction) -> Result<AggKind> {
     })
 }
 
-fn lower_aggregate(
-    a: &datafusion::logical_expr::Aggregate,
-    window: Option<&WindowCall>,
-    having: Option<PhysExpr>,
-    output: Vec<PhysExpr>,
-    props: &ExecutionProps,
-    catalog: &Catalog,
-) -> Result<(Branch, AggPlan)> {
-    let mut filters = Vec::new();
-    let input = scan_chain(&a.input, &mut filters)?;
-    let filter = combine_filters(&filters, props, catalog)?;
-    let in_schema = a.input.schema().as_ref();
-    let changelog = catalog.streams.get(&input).is_some_and(|s| s.plan.is_changelog());
-    let mut exprs: Vec<PhysExpr> = Vec::new();
-    let mut fields: Vec<Field> = Vec::new();
-    let mut layout = Vec::new();
-    // `GROUP BY k, k` groups by k once: DataFusion's output schema holds each key once.
-    let mut group_expr: Vec<&DfExpr> = Vec::with_capacity(a.group_expr.len());
-    for g in &a.group_expr {
-        if !group_expr.contains(&g) {
-            group_expr.push(g);
-        }
-    }
-    if group_expr.len() + a.aggr_expr.len() != a.schema.fields().len() {
-        return Err(Error::unsupported(format!(
-            "this GROUP BY in a stream ({} keys, {} aggregates, {} output columns)",
-            group_expr.len(),
-            a.aggr_expr.len(),
-            a.schema.fields().len()
-        )));
-    }
-    for (i, g) in group_expr.into_iter().enumerate() {
-        if let DfExpr::GroupingSet(_) = g {
-            return Err(Error::unsupported("GROUPING SETS / ROLLUP / CUBE in a stream"));
-        }
-        match g {
-            DfExpr::Column(c) if c.name == WINDOW_START && window.is_some() => layout.push(GroupCol::WindowStart),
-            DfExpr::Column(c) if c.name == WINDOW_END && window.is_some() => layout.push(GroupCol::WindowEnd),
-            _ => {
-                let (_, field) = a.schema.qualified_field(i);
-                layout.push(GroupCol::Key(exprs.len()));
-                exprs.push(physical(g, in_schema, props)?);
-                fields.push(Field::new(format!("key{}", exprs.len() - 1), field.data_type().clone(), true));
+impl Lowering<'_> {
+    /// A map node `[keys…, event time?, arguments…, change type?]` over the aggregate's
+    /// input (a source or stream, or a join), then the aggregate node behind an exchange by
+    /// key. Returns the aggregate node.
+    fn lower_aggregate(
+        &mut self,
+        a: &datafusion::logical_expr::Aggregate,
+        window: Option<&WindowCall>,
+        having: Option<PhysExpr>,
+        output: Vec<PhysExpr>,
+        out_schema: &SchemaRef,
+    ) -> Result<usize> {
+        let props = &self.props.clone();
+        let catalog = self.catalog;
+        let in_schema = a.input.schema().as_ref();
+        let (upstream, filter, input) = match join_below(&a.input) {
+            Some((j, on)) => {
+                // The join emits every column of the joined row; the map below picks.
+                let joined = j.schema.as_arrow();
+                let all = joined.fields().iter().enumerate().map(|(k, f)| Arc::new(PhysColumn::new(f.name(), k)) as PhysExpr).collect();
+                let node = self.lower_join(j, on, all, nullable(joined))?;
+                (Upstream::Node(node), None, "the join".to_string())
+            }
+            None => {
+                let mut filters = Vec::new();
+                let input = scan_chain(&a.input, &mut filters)?;
+                (Upstream::Input(input.clone()), combine_filters(&filters, props)?, input)
+            }
+        };
+        let changelog = catalog.streams.get(&input).is_some_and(|s| s.plan.is_changelog());
+        let mut exprs: Vec<PhysExpr> = Vec::new();
+        let mut fields: Vec<Field> = Vec::new();
+        let mut layout = Vec::new();
+        // `GROUP BY k, k` groups by k once: DataFusion's output schema holds each key once.
+        let mut group_expr: Vec<&DfExpr> = Vec::with_capacity(a.group_expr.len());
+        for g in &a.group_expr {
+            if !group_expr.contains(&g) {
+                group_expr.push(g);
             }
         }
-    }
-    let keys = exprs.len();
-    let mut window_type = DataType::Int64;
-    if let Some(w) = window {
-        let col = DfExpr::Column(in_schema.qualified_field_with_unqualified_name(&w.column)?.into());
-        window_type = in_schema.field_with_unqualified_name(&w.column)?.data_type().clone();
-        exprs.push(physical(&col, in_schema, props)?);
-        fields.push(Field::new("event_time", window_type.clone(), true));
-    }
-    let mut calls = Vec::new();
-    for (i, e) in a.aggr_expr.iter().enumerate() {
-        let inner = match e {
-            DfExpr::Alias(alias) => alias.expr.as_ref(),
-            other => other,
-        };
-        let DfExpr::AggregateFunction(af) = inner else {
-            return Err(Error::unsupported(format!("the aggregate expression {e} in a stream")));
-        };
-        if af.params.filter.is_some() {
-            return Err(Error::unsupported("aggregate FILTER (WHERE …) in a stream"));
-        }
-        let kind = agg_kind(af)?;
-        if !af.params.order_by.is_empty() {
+        if group_expr.len() + a.aggr_expr.len() != a.schema.fields().len() {
             return Err(Error::unsupported(format!(
-                "ORDER BY inside {}() in a stream: streams order FIRST_VALUE/LAST_VALUE by event time",
-                af.func.name().to_uppercase()
+                "this GROUP BY in a stream ({} keys, {} aggregates, {} output columns)",
+                group_expr.len(),
+                a.aggr_expr.len(),
+                a.schema.fields().len()
             )));
         }
-        let out_type = a.schema.field(a.schema.fields().len() - a.aggr_expr.len() + i).data_type().clone();
-        let (arg, domain) = match af.params.args.as_slice() {
-            [] => (None, Domain::Int),
-            [DfExpr::Literal(v, _)] if kind == AggKind::Count && !v.is_null() => (None, Domain::Int),
-            [arg] => {
-                let t = arg.get_type(in_schema)?;
-                let domain = Domain::of(&t)
-                    .ok_or_else(|| Error::unsupported(format!("{kind:?} over {t} values in a stream")))?;
-                exprs.push(physical(arg, in_schema, props)?);
-                fields.push(Field::new(format!("arg{i}"), t, true));
-                (Some(exprs.len() - 1), domain)
+        for (i, g) in group_expr.into_iter().enumerate() {
+            if let DfExpr::GroupingSet(_) = g {
+                return Err(Error::unsupported("GROUPING SETS / ROLLUP / CUBE in a stream"));
             }
-            _ => return Err(Error::unsupported(format!("{}() with several arguments in a stream", af.func.name()))),
+            match g {
+                DfExpr::Column(c) if c.name == WINDOW_START && window.is_some() => layout.push(GroupCol::WindowStart),
+                DfExpr::Column(c) if c.name == WINDOW_END && window.is_some() => layout.push(GroupCol::WindowEnd),
+                _ => {
+                    let (_, field) = a.schema.qualified_field(i);
+                    layout.push(GroupCol::Key(exprs.len()));
+                    exprs.push(physical(g, in_schema, props)?);
+                    fields.push(Field::new(format!("key{}", exprs.len() - 1), field.data_type().clone(), true));
+                }
+            }
+        }
+        let keys = exprs.len();
+        let mut window_type = DataType::Int64;
+        if let Some(w) = window {
+            let (qualifier, field) = match &w.qualifier {
+                Some(q) => in_schema.qualified_field_with_name(Some(&TableReference::bare(q.as_str())), &w.column)?,
+                None => in_schema.qualified_field_with_unqualified_name(&w.column)?,
+            };
+            window_type = field.data_type().clone();
+            let col = DfExpr::Column((qualifier, field).into());
+            exprs.push(physical(&col, in_schema, props)?);
+            fields.push(Field::new("event_time", window_type.clone(), true));
+        }
+        let mut calls = Vec::new();
+        for (i, e) in a.aggr_expr.iter().enumerate() {
+            let inner = match e {
+                DfExpr::Alias(alias) => alias.expr.as_ref(),
+                other => other,
+            };
+            let DfExpr::AggregateFunction(af) = inner else {
+                return Err(Error::unsupported(format!("the aggregate expression {e} in a stream")));
+            };
+            if af.params.filter.is_some() {
+                return Err(Error::unsupported("aggregate FILTER (WHERE …) in a stream"));
+            }
+            let kind = agg_kind(af)?;
+            if !af.params.order_by.is_empty() {
+                return Err(Error::unsupported(format!(
+                    "ORDER BY inside {}() in a stream: streams order FIRST_VALUE/LAST_VALUE by event time",
+                    af.func.name().to_uppercase()
+                )));
+            }
+            let out_type = a.schema.field(a.schema.fields().len() - a.aggr_expr.len() + i).data_type().clone();
+            let (arg, domain) = match af.params.args.as_slice() {
+                [] => (None, Domain::Int),
+                [DfExpr::Literal(v, _)] if kind == AggKind::Count && !v.is_null() => (None, Domain::Int),
+                [arg] => {
+                    let t = arg.get_type(in_schema)?;
+                    let domain = Domain::of(&t)
+                        .ok_or_else(|| Error::unsupported(format!("{kind:?} over {t} values in a stream")))?;
+                    exprs.push(physical(arg, in_schema, props)?);
+                    fields.push(Field::new(format!("arg{i}"), t, true));
+                    (Some(exprs.len() - 1), domain)
+                }
+                _ => return Err(Error::unsupported(format!("{}() with several arguments in a stream", af.func.name()))),
+            };
+            calls.push(AggCall { kind, arg, domain, out_type });
+        }
+        let mut retract = None;
+        if changelog {
+            if let Some(call) = calls.iter().find(|c| !matches!(c.kind, AggKind::Count | AggKind::Sum | AggKind::Avg)) {
+                return Err(Error::unsupported(format!(
+                    "{:?} over the changelog stream '{input}': only COUNT, SUM and AVG can take back a retracted row",
+                    call.kind
+                )));
+            }
+            if window.is_some() {
+                return Err(Error::unsupported(format!("a window over the changelog stream '{input}'")));
+            }
+            let op = DfExpr::Column(in_schema.qualified_field_with_unqualified_name(OP_COLUMN)?.into());
+            exprs.push(physical(&op, in_schema, props)?);
+            fields.push(Field::new(OP_COLUMN, DataType::Utf8, true));
+            retract = Some(exprs.len() - 1);
+        }
+        let windowed = window.is_some();
+        let emit = match self.emit {
+            None if windowed => Emit::AfterWatermark,
+            None => Emit::Changes,
+            Some(Emit::AfterWatermark | Emit::OnWindowClose) if !windowed => {
+                return Err(Error::query("EMIT AFTER WATERMARK / ON WINDOW CLOSE / FINAL need a window in GROUP BY"))
+            }
+            Some(e) => e,
         };
-        calls.push(AggCall { kind, arg, domain, out_type });
-    }
-    let mut retract = None;
-    if changelog {
-        if let Some(call) = calls.iter().find(|c| !matches!(c.kind, AggKind::Count | AggKind::Sum | AggKind::Avg)) {
-            return Err(Error::unsupported(format!(
-                "{:?} over the changelog stream '{input}': only COUNT, SUM and AVG can take back a retracted row",
-                call.kind
-            )));
+        if retract.is_some() && emit != Emit::Changes {
+            return Err(Error::unsupported("EMIT other than CHANGES for an aggregate over a changelog stream"));
         }
-        if window.is_some() {
-            return Err(Error::unsupported(format!("a window over the changelog stream '{input}'")));
+        let mut out_fields: Vec<Field> = nullable(out_schema).fields().iter().map(|f| f.as_ref().clone()).collect();
+        if matches!(emit, Emit::Changes | Emit::Every(_)) {
+            out_fields.push(Field::new(OP_COLUMN, DataType::Utf8, false));
         }
-        let op = DfExpr::Column(in_schema.qualified_field_with_unqualified_name(OP_COLUMN)?.into());
-        exprs.push(physical(&op, in_schema, props)?);
-        fields.push(Field::new(OP_COLUMN, DataType::Utf8, true));
-        retract = Some(exprs.len() - 1);
+        let keys_exchange = if keys == 0 { Route::Single } else { Route::Key(keys) };
+        let input_schema = Arc::new(Schema::new(fields));
+        let map = self.map(upstream, filter, exprs, input_schema.clone());
+        let agg = AggPlan {
+            input: input_schema,
+            keys,
+            window: window.map(|w| w.kind),
+            window_type,
+            calls,
+            agg_schema: nullable(a.schema.as_arrow()),
+            layout,
+            having,
+            output,
+            retract,
+            emit,
+            lateness_ms: self.lateness_ms,
+            schema: Arc::new(Schema::new(out_fields)),
+        };
+        self.aggregate = Some(windowed);
+        Ok(self.dag.add(Arc::new(agg), vec![port(Upstream::Node(map), keys_exchange)]))
     }
-    let branch = Branch { input, filter, exprs, schema: Arc::new(Schema::new(fields)) };
-    let agg = AggPlan {
-        keys,
-        window: window.map(|w| w.kind),
-        window_type,
-        calls,
-        agg_schema: nullable(a.schema.as_arrow()),
-        layout,
-        having,
-        output,
-        retract,
-    };
-    Ok((branch, agg))
 }

@@ -11,6 +11,7 @@ pub use datafusion::common::ScalarValue;
 use parking_lot::Mutex;
 
 use laminardb_engine::checkpoint::ShardFiles;
+use laminardb_engine::dataflow::Watermark;
 use laminardb_engine::nexmark::NexmarkConfig;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::StreamPlan;
@@ -100,13 +101,14 @@ pub enum ShardCommand {
     Stop,
 }
 
-/// Shard-to-shard messages of the exchange: rows of a keyed aggregate travelling to the
+/// Shard-to-shard messages of the exchange: rows for a keyed operator travelling to the
 /// shard that owns their key, the watermarks that follow them on the same channel, and
 /// checkpoint markers. Each sender's messages arrive in the order it sent them.
 pub enum Exchange {
     /// `hashes`: the rows' key hashes (`partition::key_hashes`), for the owner's aggregate.
-    Data { stream: Arc<str>, branch: usize, from: usize, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: AckToken },
-    Watermark { stream: Arc<str>, branch: usize, from: usize, watermark: i64, ack: AckToken },
+    /// Rows for port `port` of operator `node` of `stream`.
+    Data { stream: Arc<str>, node: usize, port: usize, from: usize, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: AckToken },
+    Watermark { stream: Arc<str>, node: usize, port: usize, from: usize, watermark: Watermark, ack: AckToken },
     /// `from` has snapshotted for the checkpoint in progress: what it sends after this is
     /// not in the checkpoint, what it sent before is in it (in its state or, if still in
     /// flight at the receiver's snapshot, in the receiver's recorded channel state).

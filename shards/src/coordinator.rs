@@ -23,7 +23,6 @@ use laminardb_engine::catalog::{Catalog, SourceKind};
 use laminardb_engine::config::EngineConfig;
 use laminardb_engine::frontend::{Frontend, ObjectKind, QueryKind, ShardAccess, Statement};
 use laminardb_engine::stream::output::Output;
-use laminardb_engine::stream::Emit;
 use laminardb_engine::catalog::TRANSIENT_PREFIX;
 use laminardb_engine::checkpoint::{self, Manifest};
 use laminardb_engine::wal::{self, Record, RecoveryReport};
@@ -596,7 +595,7 @@ impl Coordinator {
                 }
                 let plan = def.plan.clone();
                 self.update_catalog(|c| c.add_stream(def))?;
-                if let Emit::Every(ms) = plan.emit {
+                if let Some(ms) = plan.tick_ms() {
                     self.start_ticker(&name, ms);
                 }
                 let output = Output::new(name.clone(), plan.schema.clone());

@@ -16,9 +16,8 @@ use std::path::Path;
 use laminardb_engine::checkpoint::{self, ShardFiles};
 use laminardb_engine::partition::partition_by_key;
 use laminardb_engine::{ipc, wal};
-use laminardb_engine::stream::join::JoinOperator;
-use laminardb_engine::stream::isolate::{eval_isolating, Rejected};
-use laminardb_engine::stream::op::AggOperator;
+use laminardb_engine::dataflow::{Alignment, Collector, Operator, Route, Upstream, Watermark, WatermarkHolder};
+use laminardb_engine::stream::isolate::Rejected;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, Result};
@@ -30,19 +29,99 @@ use crate::store::{LocalStore, RetainPolicy, SpillJob, SpillPolicy};
 /// the callers that subscribe.
 pub type Outputs = Arc<RwLock<HashMap<String, Arc<Output>>>>;
 
+/// One operator of a stream on this shard, wired as its plan's DAG says.
+struct NodeRt {
+    op: Box<dyn Operator>,
+    /// Its input watermarks: a slot per local port, a slot per sending shard per port
+    /// behind an exchange.
+    marks: WatermarkHolder,
+    /// The first slot of each port.
+    first_slot: Vec<usize>,
+    /// Each port's route.
+    routes: Vec<Route>,
+    /// The catalog inputs each port depends on (idle when all of them are).
+    port_inputs: Vec<Vec<String>>,
+    /// What each port reads, for messages about its rows.
+    port_names: Vec<String>,
+    /// The nodes reading this one, with their port; none: its rows are the stream's.
+    readers: Rc<[(usize, usize)]>,
+    /// Late rows of this operator already counted in the stream's metrics.
+    late_reported: u64,
+}
+
 struct StreamTask {
     plan: Arc<StreamPlan>,
     output: Arc<Output>,
-    op: Option<AggOperator>,
-    join: Option<JoinOperator>,
-    /// Input watermarks: per branch, and for an aggregate per branch × sending shard.
-    marks: Vec<i64>,
+    nodes: Vec<NodeRt>,
+    /// The nodes whose rows are the stream's output.
+    outputs: Vec<usize>,
+    /// Where each catalog input enters: `(input, node, port)`.
+    entries: Rc<[(Box<str>, usize, usize)]>,
     /// This shard's output watermark of the stream.
-    watermark: i64,
-    late_reported: u64,
+    watermark: Option<Watermark>,
     /// Changed since the last checkpoint's file of this task, which is `state_file`.
     dirty: bool,
     state_file: Option<String>,
+}
+
+impl StreamTask {
+    /// The operators of `plan` for one of `shards` shards, their input watermarks set
+    /// from `mark` of each catalog input (every shard has the same).
+    fn new(plan: Arc<StreamPlan>, output: Arc<Output>, shards: usize, mark: impl Fn(&str) -> Option<Watermark>) -> Result<StreamTask> {
+        let dag = &plan.dag;
+        let mut nodes: Vec<NodeRt> = Vec::with_capacity(dag.nodes.len());
+        let mut entries = Vec::new();
+        for (n, node) in dag.nodes.iter().enumerate() {
+            let (first_slot, slots) = dag.slots(n, shards);
+            let mut marks = WatermarkHolder::new(slots);
+            let mut port_inputs = Vec::new();
+            let mut port_names = Vec::new();
+            for (p, port) in node.ports.iter().enumerate() {
+                let start = match &port.from {
+                    Upstream::Input(name) => {
+                        entries.push((Box::from(name.as_str()), n, p));
+                        port_inputs.push(vec![name.clone()]);
+                        port_names.push(name.clone());
+                        mark(name)
+                    }
+                    Upstream::Node(m) => {
+                        port_inputs.push(dag.depends_on(*m).into_iter().map(String::from).collect());
+                        port_names.push(format!("the {} operator", dag.nodes[*m].spec.name()));
+                        nodes[*m].marks.merged()
+                    }
+                };
+                let width = if port.route.crosses_shards() { shards } else { 1 };
+                if let Some(start) = start {
+                    for slot in first_slot[p]..first_slot[p] + width {
+                        marks.update(slot, start);
+                    }
+                }
+            }
+            nodes.push(NodeRt {
+                op: Arc::clone(&node.spec).build()?,
+                marks,
+                first_slot,
+                routes: node.ports.iter().map(|p| p.route).collect(),
+                port_inputs,
+                port_names,
+                readers: dag.readers(n).into(),
+                late_reported: 0,
+            });
+        }
+        let outputs = dag.outputs();
+        Ok(StreamTask { plan, output, nodes, outputs, entries: entries.into(), watermark: None, dirty: true, state_file: None })
+    }
+
+    /// Late rows counted so far, over every operator.
+    fn late_reported(&self) -> u64 {
+        self.nodes.iter().map(|n| n.late_reported).sum()
+    }
+
+    /// The node whose ports cross shards, the one state a checkpoint of the pre-DAG
+    /// format kept (an aggregate or a join).
+    fn keyed_node(&self) -> Option<usize> {
+        self.nodes.iter().position(|n| n.routes.iter().any(|r| r.crosses_shards()))
+    }
 }
 
 pub struct ShardRuntime {
@@ -55,7 +134,7 @@ pub struct ShardRuntime {
     /// Input name → streams reading it (shared: every batch walks it, streams change rarely).
     readers: HashMap<String, Rc<[Arc<str>]>>,
     /// The watermark of every source and stream as this shard last saw it.
-    marks: HashMap<String, i64>,
+    marks: HashMap<String, Watermark>,
     /// Inputs left out of the watermark alignment of the streams reading them: sources
     /// the coordinator declared idle, and streams all of whose inputs are idle.
     idle: HashSet<String>,
@@ -66,11 +145,8 @@ pub struct ShardRuntime {
     state_file: Option<String>,
     /// The checkpoint this shard has snapshotted and is completing, if any.
     pending: Option<PendingCheckpoint>,
-    /// Per peer: `Some` once its marker of the next checkpoint came in before this shard
-    /// reached its own barrier (its command stream is behind its exchange inbox). What
-    /// that peer sends after its marker is past its cut, so it waits here, unapplied,
-    /// until this shard has snapshotted (`begin_checkpoint`).
-    early: Vec<Option<Vec<Exchange>>>,
+    /// The exchange inbox's barrier alignment (what peers sent across the cut).
+    align: Alignment<Exchange>,
     /// Exchange messages a restored checkpoint recorded, applied on `replay_channel`.
     recorded: Vec<ChannelMsg>,
     /// Rows and batches each source and stream published from this shard: its share of
@@ -99,8 +175,6 @@ where
     checkpoint::load_state(&bytes, &path.display().to_string())
 }
 
-/// Counts `batch` into this shard's share of `name`'s counters (runs per published batch:
-/// the name is cloned only the first time).
 /// Counts and reports the rows of an input batch a stream's expressions failed on; the
 /// batch's other rows have gone on through the stream.
 fn reject(output: &Output, input: &str, rows: usize, rejected: Rejected) {
@@ -110,6 +184,8 @@ fn reject(output: &Output, input: &str, rows: usize, rejected: Rejected) {
     output.record_error(&format!("{n} of {rows} rows of '{input}' rejected{first}: {}", rejected.error.message));
 }
 
+/// Counts `batch` into this shard's share of `name`'s counters (runs per published batch:
+/// the name is cloned only the first time).
 fn tally(published: &mut HashMap<Arc<str>, [u64; 2]>, name: &Arc<str>, batch: &RecordBatch) {
     if batch.num_rows() == 0 {
         return;
@@ -126,28 +202,26 @@ fn tally(published: &mut HashMap<Arc<str>, [u64; 2]>, name: &Arc<str>, batch: &R
     }
 }
 
-/// Checkpoint `id` after this shard's snapshot (Chandy–Lamport): the exchange messages
-/// each peer sent before its marker but that arrived after the snapshot are recorded —
-/// they are part of the cut but in nobody's state — until every peer's marker is in.
-/// Nothing waits meanwhile: the messages are applied as usual, and recorded too. A marker
-/// that arrives before this shard's own barrier is held for it (`ShardRuntime::early`).
+/// Checkpoint `id` after this shard's snapshot (Chandy–Lamport, `Alignment`): the
+/// exchange messages each peer sent before its marker but that arrived after the
+/// snapshot are recorded until every peer's marker is in.
 struct PendingCheckpoint {
     root: Arc<Path>,
     id: u64,
     files: Result<ShardFiles>,
-    /// Per shard: its marker has not arrived yet (never true for this shard itself).
-    awaiting: Vec<bool>,
     /// The WAL has started its post-checkpoint segment.
     rolled: bool,
     channel: Vec<ChannelMsg>,
     reply: Reply<ShardFiles>,
 }
 
-/// One recorded exchange message: rows (Arrow IPC) or a watermark.
+/// One recorded exchange message: rows (Arrow IPC) or a watermark, for `port` of
+/// `node` of `stream`.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct ChannelMsg {
     stream: String,
-    branch: u64,
+    node: u64,
+    port: u64,
     from: u64,
     rows: Option<Vec<u8>>,
     watermark: i64,
@@ -158,16 +232,50 @@ struct ChannelState {
     msgs: Vec<ChannelMsg>,
 }
 
-/// A shard's input watermarks in a checkpoint (rkyv).
+/// A recorded message of a checkpoint written before streams were DAGs (`channel-*`
+/// files): `branch` was the port of the stream's one keyed operator.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct ChannelMsgV1 {
+    stream: String,
+    branch: u64,
+    from: u64,
+    rows: Option<Vec<u8>>,
+    watermark: i64,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct ChannelStateV1 {
+    msgs: Vec<ChannelMsgV1>,
+}
+
+/// A shard's input watermarks in a checkpoint (rkyv; `i64::MIN`: none).
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct RuntimeState {
     marks: Vec<(String, i64)>,
 }
 
-/// One stream's operator state on one shard in a checkpoint (rkyv): its own file,
-/// rewritten only when the stream changed.
+/// One stream's operators on one shard in a checkpoint (rkyv, `task-*` files): its own
+/// file, rewritten only when the stream changed.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct TaskState {
+    nodes: Vec<NodeState>,
+    watermark: i64,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct NodeState {
+    /// Input watermark slots (`Watermark::encode`) and their merge.
+    marks: Vec<i64>,
+    merged: i64,
+    late_reported: u64,
+    state: Option<Vec<u8>>,
+}
+
+/// A stream's state as checkpoints before DAGs kept it (`stream-*` files): the input
+/// marks of its keyed operator (per branch × shard), or of its branches, and that
+/// operator's state.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct TaskStateV1 {
     marks: Vec<i64>,
     watermark: i64,
     late_reported: u64,
@@ -198,7 +306,7 @@ impl ShardRuntime {
             dirty: true,
             state_file: None,
             pending: None,
-            early: (0..shards).map(|_| None).collect(),
+            align: Alignment::new(id, shards),
             recorded: Vec::new(),
             published: HashMap::new(),
             spill,
@@ -216,14 +324,13 @@ impl ShardRuntime {
                 let _ = tx.send(Exchange::Marker { from: self.id });
             }
         }
-        let awaiting = (0..self.shards).map(|s| s != self.id && self.early[s].is_none()).collect();
-        let pending = PendingCheckpoint { root, id, files, awaiting, rolled: false, channel: Vec::new(), reply };
+        let held = self.align.begin();
+        let pending = PendingCheckpoint { root, id, files, rolled: false, channel: Vec::new(), reply };
         if let Some(old) = self.pending.replace(pending) {
             let _ = old.reply.send(Err(Error::checkpoint(format!("checkpoint {} overtaken by the next", old.id))));
         }
         // Peers whose marker came first: what they sent after it is past both snapshots.
-        let held: Vec<Vec<Exchange>> = self.early.iter_mut().filter_map(Option::take).collect();
-        for msg in held.into_iter().flatten() {
+        for msg in held {
             self.on_exchange(msg);
         }
     }
@@ -237,14 +344,15 @@ impl ShardRuntime {
     }
 
     fn finish_checkpoint(&mut self) {
-        let done = self.pending.as_ref().is_some_and(|p| p.rolled && !p.awaiting.contains(&true));
+        let done = self.pending.as_ref().is_some_and(|p| p.rolled) && self.align.aligned();
         if !done {
             return;
         }
+        self.align.finish();
         let Some(PendingCheckpoint { root, id, files, channel, reply, .. }) = self.pending.take() else { return };
         let files = files.and_then(|mut files| {
             if !channel.is_empty() {
-                let file = format!("data/shard-{}/channel-{id}.bin", self.id);
+                let file = format!("data/shard-{}/exchange-{id}.bin", self.id);
                 let write = (root.join(&file), state_bytes(&ChannelState { msgs: channel })?);
                 files.bytes_written += checkpoint::write_all_checked(&checkpoint::shard_dir(&root, self.id), vec![write])?;
                 files.channel = Some(file);
@@ -257,43 +365,45 @@ impl ShardRuntime {
     /// Records `msg` into the pending checkpoint if its sender's marker is still due.
     fn record_channel(&mut self, msg: &Exchange) {
         let Some(p) = self.pending.as_mut() else { return };
-        let (stream, branch, from, rows, watermark) = match msg {
-            Exchange::Data { stream, branch, from, batch, .. } => {
-                if !p.awaiting[*from] {
+        let (stream, node, port, from, rows, watermark) = match msg {
+            Exchange::Data { stream, node, port, from, batch, .. } => {
+                if !self.align.records(*from) {
                     return;
                 }
                 match ipc::to_bytes(&batch.schema(), std::slice::from_ref(batch)) {
-                    Ok(bytes) => (stream, *branch, *from, Some(bytes), i64::MIN),
+                    Ok(bytes) => (stream, *node, *port, *from, Some(bytes), i64::MIN),
                     Err(e) => {
                         p.files = Err(e);
                         return;
                     }
                 }
             }
-            Exchange::Watermark { stream, branch, from, watermark, .. } => {
-                if !p.awaiting[*from] {
+            Exchange::Watermark { stream, node, port, from, watermark, .. } => {
+                if !self.align.records(*from) {
                     return;
                 }
-                (stream, *branch, *from, None, *watermark)
+                (stream, *node, *port, *from, None, watermark.ms())
             }
             Exchange::Marker { .. } | Exchange::Spilled { .. } | Exchange::Stop => return,
         };
-        p.channel.push(ChannelMsg { stream: stream.to_string(), branch: branch as u64, from: from as u64, rows, watermark });
+        let (node, port, from) = (node as u64, port as u64, from as u64);
+        p.channel.push(ChannelMsg { stream: stream.to_string(), node, port, from, rows, watermark });
     }
 
     /// Applies the exchange messages the restored checkpoint recorded.
     pub fn replay_channel(&mut self, ack: &AckToken) -> Result<()> {
         for msg in std::mem::take(&mut self.recorded) {
-            let (stream, branch, from): (Arc<str>, _, _) = (Arc::from(msg.stream.as_str()), msg.branch as usize, msg.from as usize);
+            let stream: Arc<str> = Arc::from(msg.stream.as_str());
+            let (node, port, from) = (msg.node as usize, msg.port as usize, msg.from as usize);
             match msg.rows {
                 Some(bytes) => {
                     for batch in ipc::read(&bytes)? {
-                        self.on_exchange(Exchange::Data { stream: stream.clone(), branch, from, batch, hashes: None, ack: ack.clone() });
+                        self.on_exchange(Exchange::Data { stream: stream.clone(), node, port, from, batch, hashes: None, ack: ack.clone() });
                     }
                 }
                 None => {
-                    let watermark = msg.watermark;
-                    self.on_exchange(Exchange::Watermark { stream, branch, from, watermark, ack: ack.clone() });
+                    let watermark = Watermark::new(msg.watermark);
+                    self.on_exchange(Exchange::Watermark { stream: stream.clone(), node, port, from, watermark, ack: ack.clone() });
                 }
             }
         }
@@ -322,20 +432,26 @@ impl ShardRuntime {
         }
         let marks_file = (self.dirty || self.state_file.is_none()).then(|| format!("data/shard-{}/state-{id}.bin", self.id));
         if let Some(file) = &marks_file {
-            let state = RuntimeState { marks: self.marks.iter().map(|(k, v)| (k.clone(), *v)).collect() };
+            let state = RuntimeState { marks: self.marks.iter().map(|(k, v)| (k.clone(), v.ms())).collect() };
             writes.push((root.join(file), state_bytes(&state)?));
         }
         let mut new_streams = Vec::new();
         for (n, (name, task)) in self.streams.iter().enumerate() {
             if task.dirty || task.state_file.is_none() {
-                let file = format!("data/shard-{}/stream-{id}-{n}.bin", self.id);
-                let state = TaskState {
-                    marks: task.marks.clone(),
-                    watermark: task.watermark,
-                    late_reported: task.late_reported,
-                    agg: task.op.as_ref().map(AggOperator::save).transpose()?,
-                    join: task.join.as_ref().map(JoinOperator::save).transpose()?,
-                };
+                let file = format!("data/shard-{}/task-{id}-{n}.bin", self.id);
+                let nodes = task
+                    .nodes
+                    .iter()
+                    .map(|node| {
+                        Ok(NodeState {
+                            marks: node.marks.encoded(),
+                            merged: Watermark::encode(node.marks.merged()),
+                            late_reported: node.late_reported,
+                            state: node.op.save()?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let state = TaskState { nodes, watermark: Watermark::encode(task.watermark) };
                 writes.push((root.join(&file), state_bytes(&state)?));
                 new_streams.push((name.clone(), file));
             }
@@ -362,7 +478,7 @@ impl ShardRuntime {
             .published
             .iter()
             .map(|(name, &[rows, batches])| {
-                let late = self.streams.get(name).map_or(0, |t| t.late_reported);
+                let late = self.streams.get(name).map_or(0, StreamTask::late_reported);
                 (name.to_string(), [rows, batches, late])
             })
             .collect();
@@ -389,35 +505,50 @@ impl ShardRuntime {
         }
         if let Some(file) = &files.state {
             let state: RuntimeState = read_state(&root.join(file))?;
-            self.marks = state.marks.into_iter().collect();
+            self.marks = state.marks.into_iter().filter_map(|(k, v)| Some((k, Watermark::decode(v)?))).collect();
             // What a retention had dropped before the checkpoint stays dropped.
             for (name, mark) in &self.marks {
-                self.store.expire(name, *mark);
+                self.store.expire(name, mark.ms());
             }
         }
         for (name, file) in &files.streams {
             let Some(task) = self.streams.get_mut(name.as_str()) else { continue };
-            let saved: TaskState = read_state(&root.join(file))?;
-            if saved.marks.len() == task.marks.len() {
-                task.marks = saved.marks;
+            let path = root.join(file);
+            if file.contains("/stream-") {
+                restore_v1(task, read_state(&path)?, &self.marks)?;
+            } else {
+                let saved: TaskState = read_state(&path)?;
+                if saved.nodes.len() != task.nodes.len() {
+                    return Err(Error::checkpoint(format!("{}: the stream '{name}' has {} operators, not {}", path.display(), task.nodes.len(), saved.nodes.len())));
+                }
+                for (node, state) in task.nodes.iter_mut().zip(saved.nodes) {
+                    node.marks.restore(&state.marks, state.merged);
+                    node.late_reported = state.late_reported;
+                    if let Some(bytes) = state.state {
+                        node.op.restore(&bytes)?;
+                    }
+                }
+                task.watermark = Watermark::decode(saved.watermark);
             }
-            task.watermark = saved.watermark;
-            task.late_reported = saved.late_reported;
-            if let Some(bytes) = saved.agg {
-                task.op = Some(AggOperator::restore(task.plan.clone(), &bytes)?);
-            }
-            if let Some(bytes) = saved.join {
-                task.join = Some(JoinOperator::restore(task.plan.clone(), &bytes)?);
-            }
-            if task.watermark > i64::MIN {
-                task.output.shard_watermark(self.id, self.shards, task.watermark);
+            if let Some(mark) = task.watermark {
+                task.output.shard_watermark(self.id, self.shards, mark.ms());
             }
             task.state_file = Some(file.clone());
             task.dirty = false;
         }
         self.published = files.counters.iter().map(|(name, [rows, batches, _])| (Arc::from(name.as_str()), [*rows, *batches])).collect();
         if let Some(file) = &files.channel {
-            self.recorded = read_state::<ChannelState>(&root.join(file))?.msgs;
+            let path = root.join(file);
+            self.recorded = if file.contains("/channel-") {
+                let old: ChannelStateV1 = read_state(&path)?;
+                let keyed = |stream: &str| self.streams.get(stream).and_then(StreamTask::keyed_node).unwrap_or(0) as u64;
+                old.msgs
+                    .into_iter()
+                    .map(|m| ChannelMsg { node: keyed(&m.stream), port: m.branch, stream: m.stream, from: m.from, rows: m.rows, watermark: m.watermark })
+                    .collect()
+            } else {
+                read_state::<ChannelState>(&path)?.msgs
+            };
         }
         self.state_file = files.state.clone();
         self.dirty = false;
@@ -497,7 +628,7 @@ impl ShardRuntime {
         let rows = policy.rows.map(|n| RetainPolicy::share(n, self.id, self.shards));
         self.store.set_retention(source, RetainPolicy { rows, ..policy });
         if let Some(&mark) = self.marks.get(&**source) {
-            self.store.expire(source, mark);
+            self.store.expire(source, mark.ms());
         }
     }
 
@@ -512,29 +643,24 @@ impl ShardRuntime {
     pub fn add_stream(&mut self, plan: Arc<StreamPlan>, output: Arc<Output>, marks: &[(Arc<str>, i64)]) -> Result<()> {
         let ack = self.background.clone();
         for (source, mark) in marks {
-            self.watermark(source, *mark, &ack);
+            if let Some(mark) = Watermark::decode(*mark) {
+                self.watermark(source, mark, &ack);
+            }
         }
-        let op = if plan.agg.is_some() { Some(AggOperator::new(plan.clone())?) } else { None };
-        let join = if plan.join.is_some() { Some(JoinOperator::new(plan.clone())?) } else { None };
-        let keyed = plan.is_keyed();
-        let slots = if keyed { plan.branches.len() * self.shards } else { plan.branches.len() };
-        let marks = (0..slots)
-            .map(|slot| {
-                let branch = if keyed { slot / self.shards } else { slot };
-                self.marks.get(&plan.branches[branch].input).copied().unwrap_or(i64::MIN)
-            })
-            .collect();
-        let name: Arc<str> = plan.name.as_str().into();
-        if plan.inputs().all(|input| self.idle.contains(input)) {
+        let task = StreamTask::new(plan, output, self.shards, |input| self.marks.get(input).copied())?;
+        let name: Arc<str> = task.plan.name.as_str().into();
+        if task.plan.inputs().all(|input| self.idle.contains(input)) {
             self.idle.insert(name.to_string());
         }
-        for input in plan.inputs() {
+        for input in task.plan.inputs() {
             let readers = self.readers.entry(input.to_string()).or_insert_with(|| Rc::from([]));
             if !readers.contains(&name) {
                 *readers = readers.iter().cloned().chain([name.clone()]).collect();
             }
         }
-        self.streams.insert(name, StreamTask { plan, output, op, join, marks, watermark: i64::MIN, late_reported: 0, dirty: true, state_file: None });
+        self.streams.insert(name.clone(), task);
+        // Ports reading idle inputs leave them out from the start.
+        self.refresh_idle(&name, &ack);
         Ok(())
     }
 
@@ -553,99 +679,111 @@ impl ShardRuntime {
         self.idle.remove(name);
     }
 
-    /// Rows a query of `name` reads here: retained source or stream rows, or the current
-    /// per-group rows of a changelog stream and the final rows of its closed windows.
+    /// Rows a query of `name` reads here: retained source or stream rows, and the current
+    /// result its operators keep as state (a changelog stream's groups).
     pub fn scan(&self, name: &str) -> Result<Vec<RecordBatch>> {
+        let mut rows = self.store.scan(name);
         if let Some(task) = self.streams.get(name) {
-            if task.plan.is_changelog() {
-                if let Some(op) = &task.op {
-                    let mut rows = self.store.scan(name);
-                    rows.push(op.snapshot()?);
-                    // The global group of an aggregate without keys lives on shard 0.
-                    if self.id == 0 {
-                        rows.extend(op.empty_global_row()?);
-                    }
-                    return Ok(rows);
-                }
+            for &n in &task.outputs {
+                // What belongs to no key (a global aggregate's group) lives on shard 0.
+                rows.extend(task.nodes[n].op.scan(self.id == 0)?.unwrap_or_default());
             }
         }
-        Ok(self.store.scan(name))
+        Ok(rows)
     }
 
     /// Runs every stream reading `input` over `batch`.
     fn feed(&mut self, input: &str, batch: &RecordBatch, ack: &AckToken) {
         let Some(readers) = self.readers.get(input).cloned() else { return };
-        for name in readers.iter().cloned() {
-            let Some(task) = self.streams.get(&name) else { continue };
-            let (plan, output) = (task.plan.clone(), task.output.clone());
-            for (b, branch) in plan.branches.iter().enumerate().filter(|(_, b)| b.input == input) {
-                let out = match eval_isolating(branch.filter.as_ref(), &branch.exprs, &branch.schema, batch) {
-                    Ok((out, rejected)) => {
-                        if let Some(rejected) = rejected {
-                            reject(&output, input, batch.num_rows(), rejected);
-                        }
-                        if out.num_rows() == 0 {
-                            continue;
-                        }
-                        out
-                    }
-                    Err(e) => {
-                        output.counters.rejected_rows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-                        output.record_error(&e.to_string());
-                        continue;
-                    }
-                };
-                if plan.is_keyed() {
-                    self.route(&name, b, out, plan.key_columns(), ack);
-                } else {
-                    self.emit(&name, out, ack);
+        for name in readers.iter() {
+            let Some(task) = self.streams.get(name) else { continue };
+            for (entry, n, p) in task.entries.clone().iter() {
+                if &**entry == input {
+                    self.send(name, *n, *p, batch.clone(), ack);
                 }
             }
         }
     }
 
-    /// Sends each row of a keyed operator's input (branch `branch`) to the shard owning its
-    /// key. Each part goes with its rows' key hashes, which the owner's aggregate reuses.
-    fn route(&mut self, name: &Arc<str>, branch: usize, batch: RecordBatch, keys: usize, ack: &AckToken) {
-        if self.shards == 1 || keys == 0 {
+    /// Rows for port `p` of node `n`: to the shard its route names.
+    fn send(&mut self, name: &Arc<str>, n: usize, p: usize, batch: RecordBatch, ack: &AckToken) {
+        let Some(route) = self.streams.get(name).and_then(|t| t.nodes.get(n)?.routes.get(p).copied()) else { return };
+        match route {
+            Route::Forward => self.process(name, n, p, batch, None, ack),
             // Without keys every row belongs to the single global group, on shard 0.
-            return self.deliver(0, name, branch, batch, None, ack);
-        }
-        let key: Vec<usize> = (0..keys).collect();
-        match partition_by_key(&batch, &key, self.shards) {
-            Ok(parts) => {
-                for (shard, part) in parts.into_iter().enumerate() {
-                    if let Some((part, hashes)) = part {
-                        self.deliver(shard, name, branch, part, Some(hashes), ack);
+            Route::Single => self.deliver(0, name, n, p, batch, None, ack),
+            Route::Key(_) if self.shards == 1 => self.process(name, n, p, batch, None, ack),
+            Route::Key(keys) => {
+                let key: Vec<usize> = (0..keys).collect();
+                match partition_by_key(&batch, &key, self.shards) {
+                    Ok(parts) => {
+                        for (shard, part) in parts.into_iter().enumerate() {
+                            if let Some((part, hashes)) = part {
+                                self.deliver(shard, name, n, p, part, Some(hashes), ack);
+                            }
+                        }
                     }
+                    Err(e) => self.record_error(name, &e),
                 }
             }
-            Err(e) => self.record_error(name, &e),
         }
     }
 
-    fn deliver(&mut self, shard: usize, name: &Arc<str>, branch: usize, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: &AckToken) {
+    /// Rows for port `p` of node `n` on `shard`, with their key hashes if known
+    /// (`partition::key_hashes`), which the owner's aggregate reuses.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(&mut self, shard: usize, name: &Arc<str>, n: usize, p: usize, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: &AckToken) {
         if shard == self.id {
-            self.keyed(name, branch, batch, hashes, ack);
+            self.process(name, n, p, batch, hashes, ack);
         } else {
-            let msg = Exchange::Data { stream: name.clone(), branch, from: self.id, batch, hashes, ack: ack.clone() };
+            let msg = Exchange::Data { stream: name.clone(), node: n, port: p, from: self.id, batch, hashes, ack: ack.clone() };
             let _ = self.exchange[shard].send(msg);
         }
     }
 
-    /// Rows of branch `branch` this shard owns the keys of: into the aggregate or the join.
-    /// `hashes`: their key hashes, if known (`partition::key_hashes`).
-    fn keyed(&mut self, name: &Arc<str>, branch: usize, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: &AckToken) {
+    /// Node `n` of stream `name` processes rows of its port `p`.
+    fn process(&mut self, name: &Arc<str>, n: usize, p: usize, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: &AckToken) {
         let Some(task) = self.streams.get_mut(name) else { return };
+        // A message for a stream dropped and created again with other operators.
+        let Some(node) = task.nodes.get_mut(n).filter(|node| p < node.routes.len()) else { return };
         task.dirty = true;
-        if let Some(join) = task.join.as_mut() {
-            match join.apply(branch, &batch) {
-                Ok(Some(out)) => self.emit(name, out, ack),
-                Ok(None) => {}
-                Err(e) => self.record_error(name, &e),
+        let mut out = Collector::default();
+        let result = node.op.process(p, &batch, hashes, &mut out);
+        let late = node.op.late_rows();
+        if late > node.late_reported {
+            task.output.counters.late_rows.fetch_add(late - node.late_reported, Ordering::Relaxed);
+            node.late_reported = late;
+        }
+        if let Some(rejected) = out.rejected.take() {
+            reject(&task.output, &node.port_names[p], batch.num_rows(), rejected);
+        }
+        if let Err(e) = result {
+            return self.record_error(name, &e);
+        }
+        self.drain(name, n, out, ack);
+    }
+
+    /// What node `n` emitted: retired rows kept, rows on to its readers or, from an
+    /// output node, the stream's output.
+    fn drain(&mut self, name: &Arc<str>, n: usize, out: Collector, ack: &AckToken) {
+        for rows in out.retired {
+            if let Err(e) = self.retain(name, rows) {
+                self.record_error(name, &e);
             }
-        } else {
-            self.aggregate(name, batch, hashes, ack);
+        }
+        if out.rows.is_empty() {
+            return;
+        }
+        let Some(task) = self.streams.get(name) else { return };
+        let readers = task.nodes[n].readers.clone();
+        for batch in out.rows {
+            if readers.is_empty() {
+                self.emit(name, batch, ack);
+            } else {
+                for &(m, p) in readers.iter() {
+                    self.send(name, m, p, batch.clone(), ack);
+                }
+            }
         }
     }
 
@@ -655,26 +793,6 @@ impl ShardRuntime {
         match self.streams.get(name).map(|t| t.output.clone()).or_else(|| self.output(name)) {
             Some(output) => output.record_error(&e.to_string()),
             None => log::warn!("'{name}': {e}"),
-        }
-    }
-
-    /// Folds rows this shard owns into the stream's aggregate state.
-    fn aggregate(&mut self, name: &Arc<str>, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: &AckToken) {
-        let Some(task) = self.streams.get_mut(name) else { return };
-        let Some(op) = task.op.as_mut() else { return };
-        let result = op.apply_hashed(&batch, hashes);
-        let late = op.late_rows;
-        if late > task.late_reported {
-            task.output.counters.late_rows.fetch_add(late - task.late_reported, Ordering::Relaxed);
-            task.late_reported = late;
-        }
-        match result {
-            Ok(out) => {
-                for b in out {
-                    self.emit(name, b, ack);
-                }
-            }
-            Err(e) => self.record_error(name, &e),
         }
     }
 
@@ -694,60 +812,87 @@ impl ShardRuntime {
         self.feed(name, &batch, ack);
     }
 
-    /// `input`'s watermark on this shard is now `watermark`.
-    pub fn watermark(&mut self, input: &str, watermark: i64, ack: &AckToken) {
+    /// `input`'s watermark on this shard is now `mark`.
+    pub fn watermark(&mut self, input: &str, mark: Watermark, ack: &AckToken) {
         // Looked up before inserting: every insert that moves a watermark comes here.
         match self.marks.get_mut(input) {
-            Some(mark) if watermark <= *mark => return,
-            Some(mark) => *mark = watermark,
+            Some(current) if mark <= *current => return,
+            Some(current) => *current = mark,
             None => {
-                self.marks.insert(input.to_string(), watermark);
-                if watermark == i64::MIN {
-                    return;
-                }
+                self.marks.insert(input.to_string(), mark);
             }
         }
         self.dirty = true;
-        self.store.expire(input, watermark);
+        self.store.expire(input, mark.ms());
         let Some(readers) = self.readers.get(input).cloned() else { return };
-        for name in readers.iter().cloned() {
-            let Some(task) = self.streams.get(&name) else { continue };
-            let plan = task.plan.clone();
-            for (b, branch) in plan.branches.iter().enumerate().filter(|(_, b)| b.input == input) {
-                if plan.is_keyed() {
-                    for shard in 0..self.shards {
-                        if shard == self.id {
-                            self.aggregate_mark(&name, b, shard, watermark, ack);
-                        } else {
-                            let msg = Exchange::Watermark {
-                                stream: name.clone(),
-                                branch: b,
-                                from: self.id,
-                                watermark,
-                                ack: ack.clone(),
-                            };
-                            let _ = self.exchange[shard].send(msg);
-                        }
-                    }
-                } else {
-                    let _ = branch;
-                    let Some(task) = self.streams.get_mut(&name) else { continue };
-                    task.marks[b] = task.marks[b].max(watermark);
-                    task.dirty = true;
-                    self.advance_stream(&name, ack);
+        for name in readers.iter() {
+            let Some(task) = self.streams.get(name) else { continue };
+            for (entry, n, p) in task.entries.clone().iter() {
+                if &**entry == input {
+                    self.send_mark(name, *n, *p, mark, ack);
                 }
             }
         }
     }
 
-    /// A watermark from `from` for branch `b` of a keyed stream.
-    fn aggregate_mark(&mut self, name: &Arc<str>, b: usize, from: usize, watermark: i64, ack: &AckToken) {
-        let shards = self.shards;
+    /// The watermark of what port `p` of node `n` reads is now `mark` on this shard:
+    /// locally, or to every shard behind an exchange (after the rows it follows).
+    fn send_mark(&mut self, name: &Arc<str>, n: usize, p: usize, mark: Watermark, ack: &AckToken) {
+        let Some(node) = self.streams.get(name).and_then(|t| t.nodes.get(n)) else { return };
+        let Some((route, first)) = node.routes.get(p).map(|&r| (r, node.first_slot[p])) else { return };
+        if !route.crosses_shards() {
+            return self.mark_slot(name, n, first, mark, ack);
+        }
+        for shard in 0..self.shards {
+            if shard == self.id {
+                self.mark_slot(name, n, first + shard, mark, ack);
+            } else {
+                let msg = Exchange::Watermark { stream: name.clone(), node: n, port: p, from: self.id, watermark: mark, ack: ack.clone() };
+                let _ = self.exchange[shard].send(msg);
+            }
+        }
+    }
+
+    /// Watermark slot `slot` of node `n` reached `mark`.
+    fn mark_slot(&mut self, name: &Arc<str>, n: usize, slot: usize, mark: Watermark, ack: &AckToken) {
         let Some(task) = self.streams.get_mut(name) else { return };
-        let slot = b * shards + from;
-        task.marks[slot] = task.marks[slot].max(watermark);
+        let Some(node) = task.nodes.get_mut(n).filter(|node| slot < node.marks.len()) else { return };
         task.dirty = true;
-        self.advance_stream(name, ack);
+        if let Some(merged) = node.marks.update(slot, mark) {
+            self.node_advanced(name, n, merged, ack);
+        }
+    }
+
+    /// Node `n`'s merged input watermark moved to `mark`: it acts on it (closes windows),
+    /// then the watermark goes on to its readers or the stream's output.
+    fn node_advanced(&mut self, name: &Arc<str>, n: usize, mark: Watermark, ack: &AckToken) {
+        let Some(task) = self.streams.get_mut(name) else { return };
+        let mut out = Collector::default();
+        let result = task.nodes[n].op.on_watermark(mark, &mut out);
+        let readers = task.nodes[n].readers.clone();
+        if let Err(e) = result {
+            self.record_error(name, &e);
+        }
+        self.drain(name, n, out, ack);
+        if readers.is_empty() {
+            return self.advance_output(name, ack);
+        }
+        for &(m, p) in readers.iter() {
+            self.send_mark(name, m, p, mark, ack);
+        }
+    }
+
+    /// The stream's watermark on this shard: the minimum of its output nodes'. Passed on
+    /// to the streams reading it when it moves.
+    fn advance_output(&mut self, name: &Arc<str>, ack: &AckToken) {
+        let Some(task) = self.streams.get_mut(name) else { return };
+        let Some(mark) = task.outputs.iter().map(|&o| task.nodes[o].marks.merged()).min().flatten() else { return };
+        if task.watermark.is_some_and(|w| w >= mark) {
+            return;
+        }
+        task.watermark = Some(mark);
+        task.output.shard_watermark(self.id, self.shards, mark.ms());
+        self.watermark(name, mark, ack);
     }
 
     /// The coordinator declared `input` idle (no rows or watermarks for `idle_timeout_ms`)
@@ -761,94 +906,105 @@ impl ShardRuntime {
             return;
         }
         let Some(readers) = self.readers.get(input).cloned() else { return };
-        for name in readers.iter().cloned() {
-            let Some(task) = self.streams.get(&name) else { continue };
+        for name in readers.iter() {
+            let Some(task) = self.streams.get(name) else { continue };
             let all_idle = task.plan.inputs().all(|i| self.idle.contains(i));
-            if all_idle != self.idle.contains(&*name) {
-                self.set_idle(&name, all_idle, ack);
+            if all_idle != self.idle.contains(&**name) {
+                self.set_idle(name, all_idle, ack);
             }
-            self.advance_stream(&name, ack);
+            self.refresh_idle(name, ack);
         }
     }
 
-    /// Moves the stream to the minimum of its active inputs' watermarks: closes windows
-    /// and passes the watermark on to its readers.
-    fn advance_stream(&mut self, name: &Arc<str>, ack: &AckToken) {
-        let Some(task) = self.streams.get_mut(name) else { return };
-        let per_branch = if task.plan.is_keyed() { self.shards } else { 1 };
-        let branches = &task.plan.branches;
-        let idle = &self.idle;
-        let active = task.marks.iter().enumerate().filter(|(slot, _)| idle.is_empty() || !idle.contains(&branches[slot / per_branch].input));
-        // Every input idle: the watermark holds.
-        let Some(mark) = active.map(|(_, &m)| m).min() else { return };
-        if mark <= task.watermark {
-            return;
-        }
-        task.watermark = mark;
-        task.output.shard_watermark(self.id, self.shards, mark);
-        let (emitted, closed) = match task.op.as_mut() {
-            Some(op) => (op.advance(mark), op.take_closed()),
-            None => (Ok(vec![]), vec![]),
-        };
-        // A changelog stream's closed windows leave its operator's state; their final rows
-        // stay queryable as its retained rows (spilled, checkpointed like an append
-        // stream's).
-        for rows in closed {
-            if let Err(e) = self.retain(name, rows) {
-                self.record_error(name, &e);
-            }
-        }
-        match emitted {
-            Ok(out) => {
-                for b in out {
-                    self.emit(name, b, ack);
+    /// Marks every watermark slot of `name`'s operators idle or not, by whether every
+    /// catalog input its port depends on is idle; acts on the merges that move.
+    fn refresh_idle(&mut self, name: &Arc<str>, ack: &AckToken) {
+        let Some(nodes) = self.streams.get(name).map(|t| t.nodes.len()) else { return };
+        for n in 0..nodes {
+            let Some(task) = self.streams.get_mut(name) else { return };
+            let node = &mut task.nodes[n];
+            let mut moved = None;
+            for (p, inputs) in node.port_inputs.iter().enumerate() {
+                let idle = inputs.iter().all(|i| self.idle.contains(i));
+                let width = if node.routes[p].crosses_shards() { self.shards } else { 1 };
+                for slot in node.first_slot[p]..node.first_slot[p] + width {
+                    moved = node.marks.set_idle(slot, idle).or(moved);
                 }
             }
-            Err(e) => self.record_error(name, &e),
+            if let Some(mark) = moved {
+                self.node_advanced(name, n, mark, ack);
+            }
         }
-        self.watermark(name, mark, ack);
     }
 
-    /// An `EMIT EVERY` stream's period elapsed: emit its changes since the last tick.
+    /// An `EMIT EVERY` stream's period elapsed: its timed operators emit.
     pub fn tick(&mut self, name: &Arc<str>) {
         let Some(task) = self.streams.get_mut(name) else { return };
         task.dirty = true;
-        let Some(op) = task.op.as_mut() else { return };
-        match op.tick() {
-            Ok(out) => {
-                // Ticks are not inserts: nobody waits on them.
-                let ack = self.background.clone();
-                for b in out {
-                    self.emit(name, b, &ack);
-                }
+        let timed: Vec<usize> = (0..task.nodes.len()).filter(|&n| task.plan.dag.nodes[n].spec.tick_ms().is_some()).collect();
+        // Ticks are not inserts: nobody waits on them.
+        let ack = self.background.clone();
+        for n in timed {
+            let Some(task) = self.streams.get_mut(name) else { return };
+            let mut out = Collector::default();
+            if let Err(e) = task.nodes[n].op.on_tick(&mut out) {
+                self.record_error(name, &e);
             }
-            Err(e) => self.record_error(name, &e),
+            self.drain(name, n, out, &ack);
         }
     }
 
     pub fn on_exchange(&mut self, msg: Exchange) {
-        if let Some(held) = msg.sender().and_then(|from| self.early[from].as_mut()) {
-            held.push(msg);
-            return;
+        if let Some(from) = msg.sender() {
+            if self.align.holds(from) {
+                return self.align.hold(from, msg);
+            }
         }
         self.record_channel(&msg);
         match msg {
-            Exchange::Data { stream, branch, batch, hashes, ack, .. } => self.keyed(&stream, branch, batch, hashes, &ack),
-            Exchange::Watermark { stream, branch, from, watermark, ack } => {
-                self.aggregate_mark(&stream, branch, from, watermark, &ack)
+            Exchange::Data { stream, node, port, batch, hashes, ack, .. } => self.process(&stream, node, port, batch, hashes, &ack),
+            Exchange::Watermark { stream, node, port, from, watermark, ack } => {
+                let first = self.streams.get(&stream).and_then(|t| t.nodes.get(node)?.first_slot.get(port).copied());
+                let Some(slot) = first.map(|f| f + from) else { return };
+                self.mark_slot(&stream, node, slot, watermark, &ack)
             }
             Exchange::Spilled { name, epoch, batches, path, mapped } => self.spilled(&name, epoch, batches, path, mapped),
-            Exchange::Marker { from } => match self.pending.as_mut() {
-                Some(p) if p.awaiting[from] => {
-                    p.awaiting[from] = false;
+            Exchange::Marker { from } => {
+                if self.align.marker(from) {
                     self.finish_checkpoint();
                 }
-                // Before this shard's own barrier: hold what `from` sends next.
-                _ => self.early[from] = Some(Vec::new()),
-            },
+            }
             Exchange::Stop => {}
         }
     }
+}
+
+/// Loads a stream's state from a checkpoint written before streams were DAGs: the
+/// keyed operator (aggregate or join) got the marks per branch × shard and the state;
+/// without one, map node `b` got branch `b`'s mark. Map nodes in front of a keyed one
+/// start from the shard's input marks.
+fn restore_v1(task: &mut StreamTask, saved: TaskStateV1, marks: &HashMap<String, Watermark>) -> Result<()> {
+    let watermark = saved.watermark;
+    match task.keyed_node() {
+        Some(k) => {
+            task.nodes[k].marks.restore(&saved.marks, watermark);
+            task.nodes[k].late_reported = saved.late_reported;
+            if let Some(bytes) = saved.agg.or(saved.join) {
+                task.nodes[k].op.restore(&bytes)?;
+            }
+            for node in task.nodes.iter_mut().take(k) {
+                let mark = node.port_inputs[0].first().and_then(|i| marks.get(i)).copied();
+                node.marks.restore(&[Watermark::encode(mark)], Watermark::encode(mark));
+            }
+        }
+        None => {
+            for (node, &mark) in task.nodes.iter_mut().zip(&saved.marks) {
+                node.marks.restore(&[mark], mark);
+            }
+        }
+    }
+    task.watermark = Watermark::decode(watermark);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -866,7 +1022,7 @@ mod tests {
 
     fn data(from: usize) -> Exchange {
         let batch = RecordBatch::try_from_iter([("v", Arc::new(Int64Array::from(vec![1])) as _)]).unwrap();
-        Exchange::Data { stream: "s".into(), branch: 0, from, batch, hashes: None, ack: Ack::background() }
+        Exchange::Data { stream: "s".into(), node: 0, port: 0, from, batch, hashes: None, ack: Ack::background() }
     }
 
     /// Shard 1's marker arrives at shard 0 before shard 0's own barrier (its command
@@ -878,12 +1034,12 @@ mod tests {
 
         rt.on_exchange(Exchange::Marker { from: 1 });
         rt.on_exchange(data(1));
-        assert_eq!(rt.early[1].as_ref().map(Vec::len), Some(1), "held until the barrier");
+        assert!(rt.align.holds(1), "held until the barrier");
 
         let (reply, answer) = crate::command::reply_channel();
         rt.begin_checkpoint(root.clone(), 1, reply);
         assert!(matches!(rx1.try_recv(), Ok(Exchange::Marker { from: 0 })));
-        assert!(rt.early.iter().all(Option::is_none), "applied after the snapshot");
+        assert!(!rt.align.holds(1), "applied after the snapshot");
         rt.checkpoint_rolled();
         let files = answer.try_recv().expect("answered without another marker").expect("checkpoint written");
         assert_eq!(files.channel, None, "nothing recorded in flight");

@@ -12,6 +12,7 @@ use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 
 use laminardb_engine::config::poll_for;
+use laminardb_engine::dataflow::Watermark;
 use laminardb_engine::nexmark::{NexmarkConfig, END_OF_INPUT};
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::wal::Record;
@@ -126,7 +127,7 @@ async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Resul
         match cmd {
             append @ ShardCommand::Append { .. } => apply_append(&mut rt, append, &place),
             ShardCommand::Watermark { source, watermark, ack } => acked(&place, &ack, || {
-                rt.watermark(&source, watermark, &ack);
+                rt.watermark(&source, Watermark::new(watermark), &ack);
                 Ok(())
             }),
             ShardCommand::Idle { source, idle, ack } => acked(&place, &ack, || {
@@ -269,7 +270,7 @@ fn apply_append(rt: &mut ShardRuntime, append: ShardCommand, place: &str) {
     acked(place, &ack, || {
         rt.append(&source, batches, &ack)?;
         if let Some(mark) = watermark {
-            rt.watermark(&source, mark, &ack);
+            rt.watermark(&source, Watermark::new(mark), &ack);
         }
         Ok(())
     });
@@ -356,7 +357,7 @@ impl Generator {
                     rt.append(&self.source, vec![batch], &ack)?;
                 }
                 let mark = self.config.chunk_end_time_ms(chunk).saturating_sub(self.delay_ms);
-                rt.watermark(&self.source, mark, &ack);
+                rt.watermark(&self.source, Watermark::new(mark), &ack);
                 Ok(mark)
             });
             match step {
@@ -375,7 +376,7 @@ impl Generator {
         }
         if !self.stop.get() {
             let ack = Ack::born_at(Some(std::time::Instant::now()), &unwaited, |_| {});
-            runtime.borrow_mut().watermark(&self.source, END_OF_INPUT, &ack);
+            runtime.borrow_mut().watermark(&self.source, Watermark::new(END_OF_INPUT), &ack);
             self.reached(END_OF_INPUT, output.as_deref());
         }
     }

@@ -19,7 +19,8 @@ use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, Rows, SortField};
 
 use super::op::eval_branch;
-use super::{JoinPlan, StreamPlan};
+use super::JoinPlan;
+use crate::dataflow::{Collector, Operator, OperatorSpec};
 use crate::error::{Error, Result};
 
 const NONE: u32 = u32::MAX;
@@ -150,24 +151,20 @@ struct SideState {
 }
 
 pub struct JoinOperator {
-    plan: Arc<StreamPlan>,
+    plan: Arc<JoinPlan>,
     converter: RowConverter,
     sides: [Side; 2],
 }
 
 impl JoinOperator {
-    pub fn new(plan: Arc<StreamPlan>) -> Result<JoinOperator> {
-        let join = plan.join.as_ref().ok_or_else(|| Error::internal("JoinOperator for a stream without a join"))?;
-        if plan.branches.len() != 2 {
-            return Err(Error::internal("a join reads exactly two branches"));
-        }
-        let fields = plan.branches[0].schema.fields()[..join.keys].iter().map(|f| SortField::new(f.data_type().clone()));
+    pub fn new(plan: Arc<JoinPlan>) -> Result<JoinOperator> {
+        let fields = plan.key_types.iter().map(|t| SortField::new(t.clone()));
         let converter = RowConverter::new(fields.collect())?;
         Ok(JoinOperator { plan, converter, sides: [Side::default(), Side::default()] })
     }
 
     fn join(&self) -> &JoinPlan {
-        self.plan.join.as_ref().expect("checked in new")
+        &self.plan
     }
 
     /// Both sides' rows and indexes, for a checkpoint.
@@ -177,7 +174,7 @@ impl JoinOperator {
         Ok(bytes.into_vec())
     }
 
-    pub fn restore(plan: Arc<StreamPlan>, bytes: &[u8]) -> Result<JoinOperator> {
+    pub fn restore(plan: Arc<JoinPlan>, bytes: &[u8]) -> Result<JoinOperator> {
         let mut op = JoinOperator::new(plan)?;
         let [left, right]: [SideState; 2] = crate::checkpoint::load_state(bytes, "join state")?;
         op.sides = [Side::restore(left)?, Side::restore(right)?];
@@ -242,8 +239,38 @@ impl JoinOperator {
     /// Residual condition, then the `SELECT` list: a branch's filter and projection.
     fn finish(&self, joined: RecordBatch) -> Result<Option<RecordBatch>> {
         let join = self.join();
-        let out = eval_branch(join.residual.as_ref(), &join.output, &self.plan.schema, &joined)?;
+        let out = eval_branch(join.residual.as_ref(), &join.output, &join.schema, &joined)?;
         Ok((out.num_rows() > 0).then_some(out))
+    }
+}
+
+impl OperatorSpec for JoinPlan {
+    fn name(&self) -> &'static str {
+        "join"
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn build(self: Arc<Self>) -> Result<Box<dyn Operator>> {
+        Ok(Box::new(JoinOperator::new(self)?))
+    }
+}
+
+impl Operator for JoinOperator {
+    fn process(&mut self, port: usize, batch: &RecordBatch, _hashes: Option<Vec<u64>>, out: &mut Collector) -> Result<()> {
+        out.rows.extend(self.apply(port, batch)?);
+        Ok(())
+    }
+
+    fn save(&self) -> Result<Option<Vec<u8>>> {
+        JoinOperator::save(self).map(Some)
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<()> {
+        *self = JoinOperator::restore(self.plan.clone(), bytes)?;
+        Ok(())
     }
 }
 
@@ -251,7 +278,6 @@ impl JoinOperator {
 mod tests {
     use super::*;
     use arrow::array::AsArray;
-    use crate::stream::{Branch, Emit};
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
     use datafusion::physical_expr::expressions::{col, BinaryExpr};
@@ -259,14 +285,7 @@ mod tests {
 
     /// left (k, a) ⋈ right (k, b) on k, keeping rows with a < b when `residual`, and
     /// selecting k, a, b.
-    fn plan(residual: bool) -> Arc<StreamPlan> {
-        let side = |v: &str| {
-            Arc::new(Schema::new(vec![
-                Field::new("key0", DataType::Utf8, true),
-                Field::new("k", DataType::Utf8, true),
-                Field::new(v, DataType::Int64, true),
-            ]))
-        };
+    fn plan(residual: bool) -> Arc<JoinPlan> {
         let joined = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Utf8, true),
             Field::new("a", DataType::Int64, true),
@@ -282,18 +301,7 @@ mod tests {
             Field::new("a", DataType::Int64, true),
             Field::new("b", DataType::Int64, true),
         ]));
-        let branch = |input: &str, v: &str| Branch { input: input.into(), filter: None, exprs: vec![], schema: side(v) };
-        Arc::new(StreamPlan {
-            name: "j".into(),
-            sql: String::new(),
-            branches: vec![branch("l", "a"), branch("r", "b")],
-            agg: None,
-            join: Some(JoinPlan { keys: 1, residual: cond, joined_schema: joined, output }),
-            schema: out_schema,
-            emit: Emit::Changes,
-            lateness_ms: 0,
-            materialized: false,
-        })
+        Arc::new(JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: cond, joined_schema: joined, output, schema: out_schema })
     }
 
     fn rows(keys: &[Option<&str>], v: &[i64]) -> RecordBatch {

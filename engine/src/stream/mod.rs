@@ -1,21 +1,20 @@
 //! Continuous queries: the plan a `CREATE STREAM` compiles to, and the operators that run
 //! it incrementally on the shards.
 //!
-//! A [`StreamPlan`] has one [`Branch`] per input (several for `UNION ALL`). A branch is
-//! stateless — filter, then projection — and runs on the shard where its input rows
-//! already are. A plan without aggregation emits the branch output directly. A plan with
-//! an [`AggPlan`] sends the branch output (`[keys…, event time?, aggregate args…]`) over
-//! the cross-shard exchange to the shard that owns each group key, where one
-//! [`op::AggOperator`] per shard keeps the vectorized per-group state and emits as the
-//! [`Emit`] mode says. Expressions are DataFusion physical expressions, so any scalar
-//! expression DataFusion can evaluate works in a stream.
+//! A [`StreamPlan`] is a [`Dag`] of operators (`crate::dataflow`): stateless
+//! [`MapPlan`]s (filter, then projection) that run where their rows are, and keyed
+//! operators — [`AggPlan`] ([`op::AggOperator`]: vectorized per-group state, emitting as
+//! the [`Emit`] mode says) and [`JoinPlan`] ([`join::JoinOperator`]) — that read their
+//! input over an exchange by key. Expressions are DataFusion physical expressions, so any
+//! scalar expression DataFusion can evaluate works in a stream.
 //!
-//! The plan itself is rebuilt from the `CREATE STREAM` text (kept in the catalog), which is
-//! its serialized form: planning is deterministic for a given catalog.
+//! The plan is rebuilt from the `CREATE STREAM` text (kept in the catalog), which is its
+//! serialized form: planning is deterministic for a given catalog.
 
 pub mod agg;
 pub mod isolate;
 pub mod join;
+pub mod map;
 pub mod op;
 pub mod output;
 pub mod time;
@@ -25,6 +24,8 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::physical_expr::PhysicalExpr;
+
+use crate::dataflow::Dag;
 
 pub use window::WindowKind;
 
@@ -54,10 +55,9 @@ pub enum Emit {
     Every(i64),
 }
 
-/// A stateless input stage: optional filter, then the projection.
-pub struct Branch {
-    /// The source or stream this branch reads.
-    pub input: String,
+/// A stateless stage: optional filter, then the projection (a [`map::MapOperator`]).
+#[derive(Clone, Debug)]
+pub struct MapPlan {
     pub filter: Option<PhysExpr>,
     pub exprs: Vec<PhysExpr>,
     pub schema: SchemaRef,
@@ -131,8 +131,12 @@ pub struct AggCall {
     pub out_type: DataType,
 }
 
+#[derive(Clone, Debug)]
 pub struct AggPlan {
-    /// Number of group keys: the first columns of every branch's output.
+    /// The rows it reads: group keys first, then the event time (with a window), then
+    /// the aggregates' arguments.
+    pub input: SchemaRef,
+    /// Number of group keys: the first columns of the input.
     pub keys: usize,
     /// The window, whose event time is branch column `keys`.
     pub window: Option<WindowKind>,
@@ -145,19 +149,33 @@ pub struct AggPlan {
     pub having: Option<PhysExpr>,
     /// The `SELECT` list over `agg_schema`.
     pub output: Vec<PhysExpr>,
-    /// Reading a changelog stream: the branch column holding each row's change type
+    /// Reading a changelog stream: the input column holding each row's change type
     /// (`+I`/`+U` add the row, `-U`/`-D` take it back). Only COUNT, SUM and AVG run so.
     pub retract: Option<usize>,
+    pub emit: Emit,
+    pub lateness_ms: i64,
+    /// What it emits: the `SELECT` list's schema, plus [`OP_COLUMN`] for a changelog.
+    pub schema: SchemaRef,
 }
 
-/// An inner equi-join of two append-only inputs: branch 0 (left) and branch 1 (right)
-/// each output `[keys…, every input column…]`; rows travel to the shard owning their key,
+impl AggPlan {
+    /// Emits a changelog (`EMIT CHANGES`, `EMIT EVERY`) rather than final rows.
+    pub fn is_changelog(&self) -> bool {
+        matches!(self.emit, Emit::Changes | Emit::Every(_))
+    }
+}
+
+/// An inner equi-join of two append-only inputs: port 0 (left) and port 1 (right) each
+/// read `[keys…, every input column…]`; rows travel to the shard owning their key,
 /// where one [`join::JoinOperator`] keeps both sides' rows and emits each matching pair
 /// once, when the later of the two arrives.
+#[derive(Clone, Debug)]
 pub struct JoinPlan {
-    /// Number of equi-join keys: the first columns of both branches' outputs, of the same
-    /// types on both sides (so they hash alike).
+    /// Number of equi-join keys: the first columns of both inputs, of the same types on
+    /// both sides (so they hash alike).
     pub keys: usize,
+    /// The keys' types.
+    pub key_types: Vec<DataType>,
     /// Conditions beyond the key equalities, over the joined row (left input columns, then
     /// right input columns: DataFusion's join schema).
     pub residual: Option<PhysExpr>,
@@ -165,44 +183,40 @@ pub struct JoinPlan {
     pub joined_schema: SchemaRef,
     /// The `SELECT` list over the joined row.
     pub output: Vec<PhysExpr>,
+    /// What it emits.
+    pub schema: SchemaRef,
 }
 
+/// A continuous query: its operators and what its subscribers receive.
 pub struct StreamPlan {
     pub name: String,
     pub sql: String,
-    pub branches: Vec<Branch>,
-    pub agg: Option<AggPlan>,
-    pub join: Option<JoinPlan>,
+    pub dag: Dag,
     /// What subscribers receive; a changelog stream ends with the [`OP_COLUMN`].
     pub schema: SchemaRef,
-    pub emit: Emit,
-    pub lateness_ms: i64,
     /// A `MATERIALIZED VIEW` rather than a `STREAM` (same execution).
     pub materialized: bool,
 }
 
 impl StreamPlan {
+    /// Its rows are a changelog (updates and retractions), not appends.
     pub fn is_changelog(&self) -> bool {
-        self.agg.is_some() && matches!(self.emit, Emit::Changes | Emit::Every(_))
+        self.dag.outputs().iter().any(|&n| self.dag.nodes[n].spec.changelog())
     }
 
-    /// Rows travel over the exchange to the shard owning their key (an aggregate or a join).
-    pub fn is_keyed(&self) -> bool {
-        self.agg.is_some() || self.join.is_some()
-    }
-
-    /// Number of leading key columns of every branch's output (0 without keys).
-    pub fn key_columns(&self) -> usize {
-        match (&self.agg, &self.join) {
-            (Some(agg), _) => agg.keys,
-            (None, Some(join)) => join.keys,
-            (None, None) => 0,
-        }
-    }
-
-    /// Names this stream reads, in branch order (duplicates kept).
+    /// Names this stream reads, in port order (duplicates kept).
     pub fn inputs(&self) -> impl Iterator<Item = &str> {
-        self.branches.iter().map(|b| b.input.as_str())
+        self.dag.inputs()
+    }
+
+    /// Some operator acts on watermarks (closes windows): its inputs' watermarks matter.
+    pub fn uses_watermarks(&self) -> bool {
+        self.dag.nodes.iter().any(|n| n.spec.uses_watermarks())
+    }
+
+    /// The processing-time period of an operator that emits on a timer (`EMIT EVERY`).
+    pub fn tick_ms(&self) -> Option<i64> {
+        self.dag.nodes.iter().find_map(|n| n.spec.tick_ms())
     }
 }
 
@@ -210,10 +224,7 @@ impl std::fmt::Debug for StreamPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamPlan")
             .field("name", &self.name)
-            .field("inputs", &self.inputs().collect::<Vec<_>>())
-            .field("aggregate", &self.agg.is_some())
-            .field("join", &self.join.is_some())
-            .field("emit", &self.emit)
+            .field("nodes", &self.dag.nodes.iter().map(|n| n.spec.name()).collect::<Vec<_>>())
             .finish()
     }
 }

@@ -12,7 +12,8 @@ use hashbrown::HashTable;
 
 use super::agg::{Acc, Values};
 use super::time::{from_millis, to_millis};
-use super::{AggPlan, Emit, GroupCol, PhysExpr, StreamPlan, WindowKind, OP_DELETE, OP_INSERT, OP_RETRACT, OP_UPDATE};
+use super::{AggPlan, Emit, GroupCol, PhysExpr, WindowKind, OP_DELETE, OP_INSERT, OP_RETRACT, OP_UPDATE};
+use crate::dataflow::{Collector, Operator, OperatorSpec, Watermark};
 use crate::error::{Error, Result};
 use crate::partition;
 
@@ -97,7 +98,7 @@ struct AggState {
 /// Keyed aggregation, optionally over windows, on one shard: every group whose key this
 /// shard owns.
 pub struct AggOperator {
-    plan: Arc<StreamPlan>,
+    plan: Arc<AggPlan>,
     converter: RowConverter,
     /// `(start, end, key)` → group, for tumbling, hopping, cumulating and unwindowed
     /// groups. The table holds group ids; a group's hash is `hashes[g]`, made from its
@@ -133,12 +134,12 @@ pub struct AggOperator {
 }
 
 impl AggOperator {
-    pub fn new(plan: Arc<StreamPlan>) -> Result<AggOperator> {
-        let agg = plan.agg.as_ref().ok_or_else(|| Error::internal("AggOperator for a stream without GROUP BY"))?;
-        let key_fields = plan.branches[0].schema.fields()[..agg.keys].iter().map(|f| SortField::new(f.data_type().clone()));
+    pub fn new(plan: Arc<AggPlan>) -> Result<AggOperator> {
+        let agg = &plan;
+        let key_fields = plan.input.fields()[..agg.keys].iter().map(|f| SortField::new(f.data_type().clone()));
         let converter = RowConverter::new(key_fields.collect())?;
         let accs = agg.calls.iter().map(Acc::new).collect::<Result<Vec<_>>>()?;
-        let key_types: Vec<DataType> = plan.branches[0].schema.fields()[..agg.keys].iter().map(|f| f.data_type().clone()).collect();
+        let key_types: Vec<DataType> = plan.input.fields()[..agg.keys].iter().map(|f| f.data_type().clone()).collect();
         check_hashable(&key_types)?;
         Ok(AggOperator {
             plan,
@@ -163,7 +164,7 @@ impl AggOperator {
     }
 
     fn agg(&self) -> &AggPlan {
-        self.plan.agg.as_ref().expect("checked in new")
+        &self.plan
     }
 
     pub fn watermark(&self) -> i64 {
@@ -333,7 +334,7 @@ impl AggOperator {
         } else {
             None
         };
-        let agg = self.plan.agg.as_ref().expect("checked in new");
+        let agg = &self.plan;
         let signs = agg.retract.map(|col| change_signs(batch.column(col))).transpose()?;
         let values = agg.calls.iter().map(|call| Values::of(call.arg.map(|c| batch.column(c)), call.domain)).collect::<Result<Vec<_>>>()?;
         // A SUM of integers can overflow: those run first, and if one fails, those done
@@ -623,7 +624,7 @@ impl AggOperator {
     fn key_columns(&self, groups: impl Iterator<Item = usize>) -> Result<Vec<ArrayRef>> {
         let parser = self.converter.parser();
         let columns = self.converter.convert_rows(groups.map(|g| parser.parse(&self.groups[g].key)))?;
-        let fields = self.plan.branches[0].schema.fields();
+        let fields = self.plan.input.fields();
         let cast = |(c, f): (ArrayRef, &Arc<Field>)| {
             if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) }
         };
@@ -676,7 +677,7 @@ impl AggOperator {
     }
 
     /// The operator of `plan` with the state `save` wrote.
-    pub fn restore(plan: Arc<StreamPlan>, bytes: &[u8]) -> Result<AggOperator> {
+    pub fn restore(plan: Arc<AggPlan>, bytes: &[u8]) -> Result<AggOperator> {
         let mut op = AggOperator::new(plan)?;
         let state: AggState = crate::checkpoint::load_state(bytes, "aggregate state")?;
         if state.accs.len() != op.accs.len() {
@@ -790,10 +791,85 @@ fn window_hash(key_hash: u64, start: i64, end: i64) -> u64 {
     (m as u64) ^ ((m >> 64) as u64)
 }
 
+impl OperatorSpec for AggPlan {
+    fn name(&self) -> &'static str {
+        "aggregate"
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn build(self: Arc<Self>) -> Result<Box<dyn Operator>> {
+        Ok(Box::new(AggOperator::new(self)?))
+    }
+
+    fn changelog(&self) -> bool {
+        self.is_changelog()
+    }
+
+    fn uses_watermarks(&self) -> bool {
+        self.window.is_some()
+    }
+
+    fn tick_ms(&self) -> Option<i64> {
+        match self.emit {
+            Emit::Every(ms) => Some(ms),
+            _ => None,
+        }
+    }
+}
+
+impl Operator for AggOperator {
+    fn process(&mut self, _port: usize, batch: &RecordBatch, hashes: Option<Vec<u64>>, out: &mut Collector) -> Result<()> {
+        out.rows.extend(self.apply_hashed(batch, hashes)?);
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, mark: Watermark, out: &mut Collector) -> Result<()> {
+        let emitted = self.advance(mark.ms());
+        // A changelog's closed windows leave the state; their final rows stay queryable
+        // as the stream's retained rows.
+        out.retired.extend(self.take_closed());
+        out.rows.extend(emitted?);
+        Ok(())
+    }
+
+    fn on_tick(&mut self, out: &mut Collector) -> Result<()> {
+        out.rows.extend(self.tick()?);
+        Ok(())
+    }
+
+    fn save(&self) -> Result<Option<Vec<u8>>> {
+        AggOperator::save(self).map(Some)
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<()> {
+        *self = AggOperator::restore(self.plan.clone(), bytes)?;
+        Ok(())
+    }
+
+    fn scan(&self, global: bool) -> Result<Option<Vec<RecordBatch>>> {
+        if !self.plan.is_changelog() {
+            return Ok(None);
+        }
+        let mut rows = vec![self.snapshot()?];
+        // The global group of an aggregate without keys lives on one shard.
+        if global {
+            rows.extend(self.empty_global_row()?);
+        }
+        Ok(Some(rows))
+    }
+
+    fn late_rows(&self) -> u64 {
+        self.late_rows
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::{AggCall, AggKind, Branch, Domain};
+    use crate::stream::{AggCall, AggKind, Domain};
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::DataType;
     use datafusion::physical_expr::expressions::Column;
@@ -823,12 +899,12 @@ mod tests {
 
     /// `SELECT k, window_start, window_end, COUNT(*), SUM(v) … GROUP BY k, <window>` over
     /// branch rows `[k: Utf8, ts: Int64, v: Int64]`.
-    fn plan(window: Option<WindowKind>, emit: Emit, lateness_ms: i64) -> Arc<StreamPlan> {
+    fn plan(window: Option<WindowKind>, emit: Emit, lateness_ms: i64) -> Arc<AggPlan> {
         plan_keyed(window, emit, lateness_ms, DataType::Utf8)
     }
 
     /// [`plan`] with `k` of type `key_type`.
-    fn plan_keyed(window: Option<WindowKind>, emit: Emit, lateness_ms: i64, key_type: DataType) -> Arc<StreamPlan> {
+    fn plan_keyed(window: Option<WindowKind>, emit: Emit, lateness_ms: i64, key_type: DataType) -> Arc<AggPlan> {
         let branch_schema = Arc::new(Schema::new(vec![
             Field::new("k", key_type.clone(), true),
             Field::new("ts", DataType::Int64, true),
@@ -854,26 +930,20 @@ mod tests {
             AggCall { kind: AggKind::Count, arg: None, domain: Domain::Int, out_type: DataType::Int64 },
             AggCall { kind: AggKind::Sum, arg: Some(2), domain: Domain::Int, out_type: DataType::Int64 },
         ];
-        Arc::new(StreamPlan {
-            name: "s".into(),
-            sql: String::new(),
-            branches: vec![Branch { input: "t".into(), filter: None, exprs: vec![], schema: branch_schema }],
-            agg: Some(AggPlan {
-                keys: 1,
-                window,
-                window_type: DataType::Int64,
-                calls,
-                agg_schema,
-                layout,
-                having: None,
-                output,
-                retract: None,
-            }),
-            join: None,
-            schema: Arc::new(Schema::new(out_fields)),
+        Arc::new(AggPlan {
+            input: branch_schema,
+            keys: 1,
+            window,
+            window_type: DataType::Int64,
+            calls,
+            agg_schema,
+            layout,
+            having: None,
+            output,
+            retract: None,
             emit,
             lateness_ms,
-            materialized: false,
+            schema: Arc::new(Schema::new(out_fields)),
         })
     }
 
@@ -1031,8 +1101,7 @@ mod tests {
     #[test]
     fn a_global_aggregate_without_rows_reads_as_one_row_over_no_input() {
         let mut p = plan(None, Emit::Changes, 0);
-        let global = Arc::get_mut(&mut p).unwrap();
-        let agg = global.agg.as_mut().unwrap();
+        let agg = Arc::get_mut(&mut p).unwrap();
         agg.keys = 0;
         agg.layout.clear();
         let fields: Vec<Field> = agg.agg_schema.fields()[1..].iter().map(|f| f.as_ref().clone()).collect();
@@ -1040,8 +1109,8 @@ mod tests {
         agg.output = fields.iter().enumerate().map(|(i, f)| Arc::new(Column::new(f.name(), i)) as PhysExpr).collect();
         let mut out_fields = fields;
         out_fields.push(Field::new(super::super::OP_COLUMN, DataType::Utf8, false));
-        global.schema = Arc::new(Schema::new(out_fields));
-        global.branches[0].schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
+        agg.schema = Arc::new(Schema::new(out_fields));
+        agg.input = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
         agg.calls[1].arg = Some(0);
         let mut op = AggOperator::new(p).unwrap();
         assert_eq!(text(&[op.empty_global_row().unwrap().unwrap()]), vec!["0,"]);
