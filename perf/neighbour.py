@@ -4,10 +4,10 @@ host's cores, as an embedding application's own threads or another program would
 Runs perf/roundtrip.py with 0, 1 and 2 neighbours (each `python -c 'while True: pass'`,
 pinned to core 0, then cores 0 and 1), once per engine setting, alternating, and prints the
 percentiles side by side. Settings are environment variables of the engine
-(`LAMINARDB_PIN_SHARDS=0` leaves shards unpinned; the spin variables of the README).
+(`LAMINARDB_PIN_SHARDS=0` never pins shards; the spin variables of the README).
 
     .venv-perf/bin/python perf/neighbour.py [--rounds 3] [--samples 5000] \\
-        [--setting pinned=] [--setting unpinned=LAMINARDB_PIN_SHARDS=0]
+        [--setting default=] [--setting unpinned=LAMINARDB_PIN_SHARDS=0]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> None:
     args.add_argument("--samples", type=int, default=5000)
     args.add_argument("--setting", action="append", default=None, help="name=VAR=value[,VAR=value]")
     opts = args.parse_args()
-    settings = opts.setting or ["pinned=", "unpinned=LAMINARDB_PIN_SHARDS=0"]
+    settings = opts.setting or ["default=", "unpinned=LAMINARDB_PIN_SHARDS=0"]
     parsed = []
     for s in settings:
         name, _, rest = s.partition("=")

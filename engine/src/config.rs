@@ -19,7 +19,11 @@ pub struct EngineConfig {
     pub storage_dir: Option<String>,
     pub checkpoint_interval_ms: Option<u64>,
     pub table_spill_threshold: usize,
-    /// Pin shard `i` to core `i % cores`. Off only for tests that oversubscribe.
+    /// Pin shard `i` to core `i % cores` (`LAMINARDB_PIN_SHARDS=0`: never). A pinned
+    /// shard that finds its core busy with another thread (a contended pause in its
+    /// polling, see `poll_for`) unpins itself, since it would otherwise wait out that
+    /// thread's scheduler slices (ms) on every hand-over, and pins itself again after a
+    /// quiet while (`shard::Affinity`; perf/README.md, "A busy neighbour").
     pub pin_shards: bool,
     /// How long an idle shard or the coordinator polls its queue before sleeping, in µs:
     /// trades CPU for wake-up latency. `LAMINARDB_SPIN_US` overrides the default.
@@ -80,8 +84,7 @@ impl Default for EngineConfig {
             storage_dir: None,
             checkpoint_interval_ms: None,
             table_spill_threshold: 1_000_000,
-            // `LAMINARDB_PIN_SHARDS=0` leaves shard threads to the scheduler (perf/neighbour.py
-            // measures both with busy neighbours on the host).
+            // perf/neighbour.py measures both with busy neighbours on the host.
             pin_shards: env_us("LAMINARDB_PIN_SHARDS").is_none_or(|v| v != 0),
             spin_us: default_spin_us(),
             coord_spin_us: env_us("LAMINARDB_COORD_SPIN_US").unwrap_or(SPIN_AFTER_COMMAND_US),
@@ -113,23 +116,56 @@ fn spin_pause() {
     std::thread::yield_now();
 }
 
+/// A pause of the polling loop at least this long means another runnable thread had this
+/// core for a whole scheduler slice: a busy neighbour (the application's own threads or
+/// another program). Far above what the rest of this process's threads take between their
+/// yields (microseconds) and above the hypervisor's usual stalls (tens of microseconds).
+pub const CONTENDED_PAUSE: std::time::Duration = std::time::Duration::from_micros(1000);
+
+/// After a contended pause, a thread does not poll for this long: it sleeps at once, so
+/// that its wake-up gets the priority the scheduler gives a sleeper over a thread that
+/// kept running, instead of waiting out the neighbour's slice on every yield.
+pub const CONTENDED_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
+thread_local! {
+    /// Until when this thread sleeps instead of polling (`poll_for`).
+    static CONTENDED_UNTIL: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether this thread lost its core to another runnable thread for a scheduler slice
+/// within the last `CONTENDED_BACKOFF` (while polling).
+pub fn contended() -> bool {
+    CONTENDED_UNTIL.get().is_some_and(|until| std::time::Instant::now() < until)
+}
+
 /// Polls `attempt` for up to `spin`, pausing politely (`spin_pause`) between attempts:
 /// its first `Some`, or `None` once `spin` has passed. The one polling loop of the
 /// engine: callers waiting for a reply, the coordinator for a command, a shard for a
-/// command.
+/// command. Under contention (a pause of `CONTENDED_PAUSE` or more) it gives up at once
+/// and the thread makes one attempt only, for `CONTENDED_BACKOFF`, before it sleeps.
 pub fn poll_for<T>(spin: std::time::Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
     if spin.is_zero() {
         return None;
     }
     let start = std::time::Instant::now();
+    if CONTENDED_UNTIL.get().is_some_and(|until| start < until) {
+        return attempt();
+    }
+    let mut before = start;
     loop {
         if let Some(found) = attempt() {
             return Some(found);
         }
-        if start.elapsed() >= spin {
+        let now = std::time::Instant::now();
+        if now - before >= CONTENDED_PAUSE {
+            CONTENDED_UNTIL.set(Some(now + CONTENDED_BACKOFF));
+            return None;
+        }
+        if now - start >= spin {
             return None;
         }
         spin_pause();
+        before = now;
     }
 }
 

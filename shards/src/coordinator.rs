@@ -135,7 +135,7 @@ pub(crate) fn run(startup: Startup) {
         let policy = SpillPolicy { dir: spill_dir.join(format!("shard-{id}")), limit: spill_limit };
         let spill = Some((policy, spill_jobs.clone()));
         let wiring = ShardWiring { inbox: rx, outputs: outputs.clone(), exchange: exchange_tx.clone(), exchange_inbox, wal, spill };
-        match shard::spawn(id, cpu, config.spin_us, wiring, health.clone()) {
+        match shard::spawn(id, cpu, cores.clone(), config.spin_us, wiring, health.clone()) {
             Ok(join) => {
                 senders.push(tx);
                 joins.push(join);

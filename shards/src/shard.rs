@@ -39,9 +39,12 @@ pub(crate) struct ShardWiring {
     pub spill: Option<(SpillPolicy, flume::Sender<SpillRequest>)>,
 }
 
+/// Shard `id` on its own thread, pinned to `cpu` if given (`cores`: every CPU the
+/// process may use, where it goes while `cpu` is busy with another thread).
 pub(crate) fn spawn(
     id: usize,
     cpu: Option<usize>,
+    cores: Vec<usize>,
     spin_us: u64,
     wiring: ShardWiring,
     health: Arc<Health>,
@@ -52,19 +55,18 @@ pub(crate) fn spawn(
         .io_memory(SHARD_IO_MEMORY_BYTES)
         .stack_size(laminardb_engine::config::ENGINE_STACK_BYTES);
     if spin_us > 0 {
-        // glommio spins only on pinned executors.
         builder = builder.spin_before_park(std::time::Duration::from_micros(spin_us));
     }
     builder
         .spawn(move || async move {
             let name = format!("shard {id}");
-            if let Err(why) = run(id, wiring, std::time::Duration::from_micros(spin_us)).await {
+            if let Err(why) = run(id, cpu, cores, wiring, std::time::Duration::from_micros(spin_us)).await {
                 health.thread_died(&name, why);
             }
         })
 }
 
-async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Result<(), String> {
+async fn run(id: usize, cpu: Option<usize>, cores: Vec<usize>, wiring: ShardWiring, spin: std::time::Duration) -> Result<(), String> {
     let ShardWiring { inbox, outputs, exchange, exchange_inbox, wal, spill } = wiring;
     let mut wal = wal.map(WalSpec::writer);
     let inbox = inbox.connect().await;
@@ -91,6 +93,7 @@ async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Resul
     let mut generators: HashMap<Arc<str>, (Rc<Cell<bool>>, glommio::task::JoinHandle<()>)> = HashMap::new();
     // A command taken from the inbox while gathering a group commit, handled next.
     let mut held: Option<ShardCommand> = None;
+    let mut affinity = Affinity::new(cpu, cores);
     let result = loop {
         let cmd = match held.take() {
             Some(cmd) => cmd,
@@ -104,10 +107,13 @@ async fn run(id: usize, wiring: ShardWiring, spin: std::time::Duration) -> Resul
                     }
                     continue;
                 }
-                None => match inbox.recv().await {
-                    Some(cmd) => cmd,
-                    None => break Err("coordinator channel closed without Stop".to_string()),
-                },
+                None => {
+                    affinity.check();
+                    match inbox.recv().await {
+                        Some(cmd) => cmd,
+                        None => break Err("coordinator channel closed without Stop".to_string()),
+                    }
+                }
             },
         };
         let cmd = match (cmd, wal.as_mut()) {
@@ -225,6 +231,59 @@ impl<T> std::future::Future for SharedRecv<'_, T> {
 /// beside such a batch's milliseconds. (It comes after the batch: a message held across
 /// an await would let the peers task handle the sender's next message first.)
 const LARGE_ROWS: usize = 1024;
+
+/// Where a pinned shard runs: on its core while the core is its own; on any core while
+/// another thread keeps it busy (`config::contended`: a polling pause of a whole
+/// scheduler slice), since a pinned thread would wait out that thread's slices on every
+/// hand-over; pinned again after a quiet while, which doubles each time the contention
+/// comes back (a neighbour that stays costs one slow hand-over per period, at most).
+struct Affinity {
+    cpu: Option<usize>,
+    /// Every CPU the process may use.
+    all: Vec<usize>,
+    pinned: bool,
+    contended_at: std::time::Instant,
+    quiet: std::time::Duration,
+}
+
+impl Affinity {
+    const QUIET_FIRST: std::time::Duration = std::time::Duration::from_secs(10);
+    const QUIET_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+
+    fn new(cpu: Option<usize>, all: Vec<usize>) -> Affinity {
+        Affinity { cpu, all, pinned: cpu.is_some(), contended_at: std::time::Instant::now(), quiet: Self::QUIET_FIRST }
+    }
+
+    /// Called when the command loop is about to sleep.
+    fn check(&mut self) {
+        let Some(cpu) = self.cpu else { return };
+        if laminardb_engine::config::contended() {
+            self.contended_at = std::time::Instant::now();
+            if self.pinned && set_affinity(&self.all) {
+                self.pinned = false;
+                log::debug!("shard on CPU {cpu}: the core is busy with another thread; unpinned");
+            }
+        } else if !self.pinned && self.contended_at.elapsed() >= self.quiet && set_affinity(&[cpu]) {
+            self.pinned = true;
+            self.quiet = (self.quiet * 2).min(Self::QUIET_MAX);
+        }
+    }
+}
+
+/// Lets the calling thread run on `cpus` only.
+fn set_affinity(cpus: &[usize]) -> bool {
+    if cpus.is_empty() {
+        return false;
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
 
 /// What the command loop found while polling.
 enum Polled {

@@ -1131,6 +1131,12 @@ pub struct LocalExecutor {
     stall_detector: RefCell<Option<StallDetector>>,
 }
 
+/// laminardb patch: a yield of the spin-before-park loop that took at least this long lost
+/// the core to another runnable thread for a scheduler slice.
+const CONTENDED_PAUSE: Duration = Duration::from_micros(1000);
+/// laminardb patch: after such a yield the executor parks without spinning for this long.
+const CONTENDED_BACKOFF: Duration = Duration::from_millis(100);
+
 impl LocalExecutor {
     fn get_reactor(&self) -> Rc<Reactor> {
         self.reactor.clone()
@@ -1165,9 +1171,11 @@ impl LocalExecutor {
         // `Placement` variants a CPU set could span multiple NUMA nodes).
         // For additional information see:
         // https://www.kernel.org/doc/html/latest/admin-guide/mm/numa_memory_policy.html
-        match cpu_binding {
-            Some(cpu_set) => bind_to_cpu_set(cpu_set)?,
-            None => config.spin_before_park = None,
+        // laminardb patch: an unbound executor spins before parking too (upstream turns
+        // spinning off for it); the spin loop yields the core between polls and parks at
+        // once under contention, so it holds no core another thread needs.
+        if let Some(cpu_set) = cpu_binding {
+            bind_to_cpu_set(cpu_set)?;
         }
         let p = parking::Parker::new();
         let queues = ExecutorQueues::new(config.preempt_timer, config.spin_before_park);
@@ -1474,6 +1482,7 @@ impl LocalExecutor {
             pin!(future);
 
             let mut pre_time = Instant::now();
+            let mut contended_until: Option<Instant> = None;
             let output = loop {
                 if let Poll::Ready(t) = future.as_mut().poll(cx) {
                     // can't be canceled, and join handle is None only upon
@@ -1507,16 +1516,26 @@ impl LocalExecutor {
                         // future is probably the one setting up the task queues and etc.
                         break t.unwrap();
                     } else {
+                        // laminardb patch: poll politely, giving the core to any other
+                        // runnable thread between polls; and after a yield that lost the
+                        // core for a scheduler slice (a busy neighbour), park at once for
+                        // a while, so that wake-ups get a sleeper's priority.
+                        let mut before = pre_time;
                         while !this.reactor.spin_poll_io().unwrap() {
-                            // laminardb patch: poll politely, giving the core to any
-                            // other runnable thread between polls.
-                            std::thread::yield_now();
-                            if pre_time.elapsed() > spin_before_park {
+                            let now = Instant::now();
+                            if now - before >= CONTENDED_PAUSE {
+                                contended_until = Some(now + CONTENDED_BACKOFF);
+                            }
+                            if contended_until.is_some_and(|until| now < until)
+                                || now - pre_time > spin_before_park
+                            {
                                 this.parker
                                     .park()
                                     .expect("Failed to park! This is actually pretty bad!");
                                 break;
                             }
+                            std::thread::yield_now();
+                            before = now;
                         }
                         // reset the timer for deduct spin loop time
                         pre_time = Instant::now();
