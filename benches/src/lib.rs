@@ -18,7 +18,7 @@ use arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 
 use laminardb_engine::config::EngineConfig;
-use laminardb_engine::stream::op::{eval_branch, AggOperator};
+use laminardb_engine::dataflow::{Collector, Watermark};
 use laminardb_engine::stream::window::WindowKind;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::Result;
@@ -118,20 +118,28 @@ impl Operators {
         Ok(Operators { filter: engine.plan("hot")?, aggregate: engine.plan("bars")? })
     }
 
-    /// Filter and projection: rows out.
+    /// Filter and projection (the stream's one operator): rows out.
     pub fn filter(&self, batch: &RecordBatch) -> Result<usize> {
-        let b = &self.filter.branches[0];
-        Ok(eval_branch(b.filter.as_ref(), &b.exprs, &b.schema, batch)?.num_rows())
+        let mut map = Arc::clone(&self.filter.dag.nodes[0].spec).build()?;
+        let mut out = Collector::default();
+        map.process(0, batch, None, &mut out)?;
+        Ok(out.rows.iter().map(RecordBatch::num_rows).sum())
     }
 
-    /// The keyed windowed aggregate's input side: projection, then folding into per-group
-    /// state (a fresh operator each time, so state does not grow across iterations).
+    /// The keyed windowed aggregate: projection (node 0), folding into per-group state
+    /// (node 1; fresh operators each time, so state does not grow across iterations),
+    /// then every window closed. Returns the groups emitted.
     pub fn aggregate(&self, batch: &RecordBatch) -> Result<usize> {
-        let b = &self.aggregate.branches[0];
-        let input = eval_branch(b.filter.as_ref(), &b.exprs, &b.schema, batch)?;
-        let mut op = AggOperator::new(self.aggregate.clone())?;
-        op.apply(&input)?;
-        Ok(op.group_count())
+        let nodes = &self.aggregate.dag.nodes;
+        let (mut map, mut agg) = (Arc::clone(&nodes[0].spec).build()?, Arc::clone(&nodes[1].spec).build()?);
+        let mut projected = Collector::default();
+        map.process(0, batch, None, &mut projected)?;
+        let mut out = Collector::default();
+        for input in &projected.rows {
+            agg.process(0, input, None, &mut out)?;
+        }
+        agg.on_watermark(Watermark::new(i64::MAX), &mut out)?;
+        Ok(out.rows.iter().map(RecordBatch::num_rows).sum())
     }
 }
 

@@ -20,9 +20,10 @@ use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::type_coercion::binary::comparison_coercion;
 use datafusion::logical_expr::utils::split_conjunction;
-use datafusion::logical_expr::{Expr as DfExpr, ExprSchemable, Join, JoinType, LogicalPlan, Operator, Projection};
+use datafusion::logical_expr::{Expr as DfExpr, ExprSchemable, Join, JoinType, LogicalPlan, Operator};
 use datafusion::common::NullEquality;
-use datafusion::physical_expr::expressions::{BinaryExpr, Column as PhysColumn};
+use datafusion::common::ScalarValue;
+use datafusion::physical_expr::expressions::{BinaryExpr, Column as PhysColumn, Literal};
 use datafusion::logical_expr::simplify::SimplifyContext;
 use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::optimizer::Analyzer;
@@ -35,7 +36,7 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::Token;
 
-use laminardb_engine::catalog::{Catalog, StreamDef};
+use laminardb_engine::catalog::{Catalog, StreamDef, TRANSIENT_PREFIX};
 use laminardb_engine::stream::op::nullable;
 use laminardb_engine::stream::time::is_event_time;
 use laminardb_engine::dataflow::{Dag, Port, Route, Upstream};
@@ -411,7 +412,8 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
     } else {
         select_schema.clone()
     };
-    let plan = StreamPlan { name: ddl.name.clone(), sql: sql.to_string(), dag, schema, materialized: ddl.materialized };
+    let hidden = ddl.name.starts_with(TRANSIENT_PREFIX) || ddl.name.starts_with(crate::sink::SINK_STREAM_PREFIX);
+    let plan = StreamPlan { name: ddl.name.clone(), sql: sql.to_string(), dag, schema, materialized: ddl.materialized, backfill: !hidden };
     Ok(StreamDef { name: ddl.name.clone(), sql: sql.to_string(), plan: Arc::new(plan), table_schema: select_schema })
 }
 
@@ -687,8 +689,15 @@ impl Lowering<'_> {
                 .map(|(f, schema)| physical(f, schema, props))
                 .collect::<Result<_>>()?;
             conditions.append(&mut side_filters[side]);
+            // The planning table's window columns are not in the rows: NULL here (the
+            // aggregate above computes windows from the event time).
+            let real = self.catalog.table_schema(&input)?;
             for (k, field) in schemas[side].fields().iter().enumerate() {
-                exprs[side].push(Arc::new(PhysColumn::new(field.name(), k)));
+                let synthetic = [WINDOW_START, WINDOW_END].contains(&field.name().as_str()) && real.field_with_name(field.name()).is_err();
+                exprs[side].push(match synthetic {
+                    true => Arc::new(Literal::new(ScalarValue::try_from(field.data_type())?)),
+                    false => Arc::new(PhysColumn::new(field.name(), k)),
+                });
                 fields[side].push(Field::new(field.name(), field.data_type().clone(), true));
             }
             let schema = Arc::new(Schema::new(std::mem::take(&mut fields[side])));
@@ -703,6 +712,7 @@ impl Lowering<'_> {
         let join = JoinPlan { keys: pairs.len(), key_types, residual, joined_schema: nullable(joined.as_arrow()), output, schema };
         Ok(self.dag.add(Arc::new(join), ports))
     }
+}
 
 /// The join under a projection, with the `WHERE` filter between them if any.
 fn join_below(input: &LogicalPlan) -> Option<(&Join, Option<&DfExpr>)> {

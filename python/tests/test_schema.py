@@ -301,7 +301,7 @@ def test_quoted_identifiers_preserve_case(db):
         ("CREATE STREAM s AS SELECT a FROM t ORDER BY a", "ORDER BY"),
         ("CREATE STREAM s AS SELECT a FROM t LIMIT 3", "LIMIT"),
         ("CREATE STREAM s AS SELECT t.a FROM t LEFT JOIN t u ON t.a = u.a", "LEFT JOIN"),
-        ("CREATE STREAM s AS SELECT u.a, COUNT(*) FROM t JOIN t u ON t.a = u.a GROUP BY u.a", "JOIN"),
+        ("CREATE STREAM s AS SELECT t.a FROM t JOIN t u ON t.a = u.a JOIN t w ON u.a = w.a", "over another JOIN"),
         ("CREATE STREAM s AS SELECT a, SUM(a) OVER (ORDER BY a) FROM t", "window functions"),
         ("CREATE STREAM s AS SELECT a, MEDIAN(a) FROM t GROUP BY a", "MEDIAN"),
         ("CREATE VIEW v AS SELECT a FROM t", "CREATE VIEW"),

@@ -72,7 +72,12 @@ pub enum ShardCommand {
     /// `Coordinator::bump_watermark`); applied before the stream is added. Answered once
     /// added: the coordinator sends nothing that could feed the stream until every shard
     /// has it, or a shard could receive its rows over the exchange before knowing it.
+    /// With `plan.backfill`, the stream reads nothing and holds its watermarks until
+    /// `Backfill`.
     AddStream { plan: Arc<StreamPlan>, output: Arc<Output>, marks: Vec<(Arc<str>, i64)>, reply: Reply<()> },
+    /// Sent once every shard has added the stream: it reads the rows its inputs retain on
+    /// this shard, then goes on with new ones, its watermarks released after those rows.
+    Backfill { stream: Arc<str>, ack: AckToken },
     DropStream { name: Arc<str> },
     /// Processing-time tick of an `EMIT EVERY` stream.
     Tick { stream: Arc<str> },

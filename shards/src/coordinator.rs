@@ -600,6 +600,9 @@ impl Coordinator {
                 }
                 let output = Output::new(name.clone(), plan.schema.clone());
                 self.outputs.write().insert(name.clone(), output.clone());
+                // No insert between adding the stream and its backfill: what is retained
+                // then is read once by the backfill, what comes after once as it arrives.
+                let _dispatching = self.dispatch_lock.lock().await;
                 let marks: Vec<(Arc<str>, i64)> =
                     self.watermarks.borrow().iter().map(|(k, v)| (Arc::from(k.as_str()), *v)).collect();
                 let added = self
@@ -609,6 +612,17 @@ impl Coordinator {
                     let result = rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped"))?;
                     if let Err(e) = result {
                         output.record_error(&e.to_string());
+                    }
+                }
+                if plan.backfill {
+                    let (reply, done) = reply_channel();
+                    let ack = Ack::replying(None, &self.inflight, reply);
+                    let stream: Arc<str> = Arc::from(name.as_str());
+                    self.tell_shards(&ack, || ShardCommand::Backfill { stream: stream.clone(), ack: ack.clone() }).await;
+                    drop(ack);
+                    let backfilled = done.recv_async().await.map_err(|_| Error::internal("a shard has stopped"))?;
+                    if let Err(e) = backfilled {
+                        output.record_error(&format!("reading the rows retained before the stream was created: {e}"));
                     }
                 }
                 Ok(Outcome::Ddl { verb: verb.into(), object: name })

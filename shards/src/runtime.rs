@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{ArrayRef, RecordBatch, StringArray};
 use parking_lot::RwLock;
 
 use std::path::Path;
@@ -19,7 +19,7 @@ use laminardb_engine::{ipc, wal};
 use laminardb_engine::dataflow::{Alignment, Collector, Operator, Route, Upstream, Watermark, WatermarkHolder};
 use laminardb_engine::stream::isolate::Rejected;
 use laminardb_engine::stream::output::Output;
-use laminardb_engine::stream::StreamPlan;
+use laminardb_engine::stream::{StreamPlan, OP_INSERT};
 use laminardb_engine::{Error, Result};
 
 use crate::command::{Ack, AckToken, Exchange, Reply, SpillRequest};
@@ -647,21 +647,82 @@ impl ShardRuntime {
                 self.watermark(source, mark, &ack);
             }
         }
-        let task = StreamTask::new(plan, output, self.shards, |input| self.marks.get(input).copied())?;
+        // A stream that backfills starts without watermarks: its inputs' arrive after the
+        // rows they retain (`backfill`).
+        let backfill = plan.backfill;
+        let task = StreamTask::new(plan, output, self.shards, |input| if backfill { None } else { self.marks.get(input).copied() })?;
         let name: Arc<str> = task.plan.name.as_str().into();
         if task.plan.inputs().all(|input| self.idle.contains(input)) {
             self.idle.insert(name.to_string());
         }
+        self.streams.insert(name.clone(), task);
+        if !backfill {
+            self.start_reading(&name, &ack);
+        }
+        Ok(())
+    }
+
+    /// `name` reads its inputs from now on; ports reading idle inputs leave them out.
+    fn start_reading(&mut self, name: &Arc<str>, ack: &AckToken) {
+        let Some(task) = self.streams.get(name) else { return };
         for input in task.plan.inputs() {
             let readers = self.readers.entry(input.to_string()).or_insert_with(|| Rc::from([]));
-            if !readers.contains(&name) {
+            if !readers.contains(name) {
                 *readers = readers.iter().cloned().chain([name.clone()]).collect();
             }
         }
-        self.streams.insert(name.clone(), task);
-        // Ports reading idle inputs leave them out from the start.
-        self.refresh_idle(&name, &ack);
+        self.refresh_idle(name, ack);
+    }
+
+    /// Every shard has added the stream `name`: it reads the rows its inputs retain here,
+    /// then starts reading them as they come, and their watermarks follow those rows (on
+    /// every channel, so no operator moves past a row another shard still sends it).
+    /// The coordinator lets no insert in between the two steps, so every row is read
+    /// once: retained before, or arriving after.
+    pub fn backfill(&mut self, name: &str, ack: &AckToken) -> Result<()> {
+        let Some((name, task)) = self.streams.get_key_value(name) else { return Ok(()) };
+        let (name, entries) = (name.clone(), task.entries.clone());
+        let mut inputs: Vec<&str> = Vec::new();
+        for (input, _, _) in entries.iter() {
+            if !inputs.contains(&&**input) {
+                inputs.push(input);
+            }
+        }
+        for input in inputs {
+            for batch in self.retained_rows(input)? {
+                for (_, n, p) in entries.iter().filter(|(entry, _, _)| &**entry == input) {
+                    self.send(&name, *n, *p, batch.clone(), ack);
+                }
+            }
+        }
+        self.start_reading(&name, ack);
+        for (input, n, p) in entries.iter() {
+            if let Some(&mark) = self.marks.get(&**input) {
+                self.send_mark(&name, *n, *p, mark, ack);
+            }
+        }
         Ok(())
+    }
+
+    /// What a stream created now reads first from `input` on this shard: its retained
+    /// rows, and for a changelog stream its current result as insertions (`+I`).
+    fn retained_rows(&self, input: &str) -> Result<Vec<RecordBatch>> {
+        let rows = self.store.scan(input);
+        let Some(task) = self.streams.get(input).filter(|t| t.plan.is_changelog()) else { return Ok(rows) };
+        let mut current = rows;
+        for &n in &task.outputs {
+            // Without the row a global aggregate reads as before any input: not a change.
+            current.extend(task.nodes[n].op.scan(false)?.unwrap_or_default());
+        }
+        current
+            .into_iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| {
+                let mut columns = b.columns().to_vec();
+                columns.push(Arc::new(StringArray::from(vec![OP_INSERT; b.num_rows()])) as ArrayRef);
+                Ok(RecordBatch::try_new(task.plan.schema.clone(), columns)?)
+            })
+            .collect()
     }
 
     pub fn drop_stream(&mut self, name: &str) {
@@ -882,11 +943,14 @@ impl ShardRuntime {
         }
     }
 
-    /// The stream's watermark on this shard: the minimum of its output nodes'. Passed on
-    /// to the streams reading it when it moves.
+    /// The stream's watermark on this shard: the minimum of its output nodes' that read
+    /// an active input (a union's branch over idle sources holds nothing back; with every
+    /// input idle the watermark holds). Passed on to the streams reading it when it moves.
     fn advance_output(&mut self, name: &Arc<str>, ack: &AckToken) {
         let Some(task) = self.streams.get_mut(name) else { return };
-        let Some(mark) = task.outputs.iter().map(|&o| task.nodes[o].marks.merged()).min().flatten() else { return };
+        let idle = &self.idle;
+        let active = task.outputs.iter().filter(|&&o| !task.nodes[o].port_inputs.iter().flatten().all(|i| idle.contains(i)));
+        let Some(mark) = active.map(|&o| task.nodes[o].marks.merged()).min().flatten() else { return };
         if task.watermark.is_some_and(|w| w >= mark) {
             return;
         }
@@ -935,6 +999,7 @@ impl ShardRuntime {
                 self.node_advanced(name, n, mark, ack);
             }
         }
+        self.advance_output(name, ack);
     }
 
     /// An `EMIT EVERY` stream's period elapsed: its timed operators emit.

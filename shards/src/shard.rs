@@ -143,6 +143,7 @@ async fn run(id: usize, cpu: Option<usize>, cores: Vec<usize>, wiring: ShardWiri
             ShardCommand::AddStream { plan, output, marks, reply } => {
                 let _ = reply.send(catch(&place, || rt.add_stream(plan, output.clone(), &marks)));
             }
+            ShardCommand::Backfill { stream, ack } => acked(&place, &ack, || rt.backfill(&stream, &ack)),
             ShardCommand::DropStream { name } => rt.drop_stream(&name),
             ShardCommand::Tick { stream } => {
                 let _ = catch(&place, || {

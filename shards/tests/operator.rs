@@ -84,7 +84,9 @@ impl Frontend for DedupeFrontend {
                     watermark: None,
                     partition_key: vec![],
                     primary_key: vec![],
-                    options: Default::default(),
+                    // Each key's rows on one shard, in order: "first" is then the same on
+                    // any number of shards.
+                    options: [("partition_key".to_string(), "sym".to_string())].into_iter().collect(),
                     sql: sql.into(),
                     generator: None,
                 };
@@ -95,7 +97,7 @@ impl Frontend for DedupeFrontend {
                 let mut dag = Dag::default();
                 let spec = Arc::new(DedupeSpec { schema: schema() });
                 dag.add(spec, vec![Port { from: Upstream::Input("t".into()), route: Route::Key(1) }]);
-                let plan = StreamPlan { name: "firsts".into(), sql: sql.into(), dag, schema: schema(), materialized: false };
+                let plan = StreamPlan { name: "firsts".into(), sql: sql.into(), dag, schema: schema(), materialized: false, backfill: true };
                 let def = StreamDef { name: "firsts".into(), sql: sql.into(), plan: Arc::new(plan), table_schema: schema() };
                 Ok(Statement::CreateStream { def, if_not_exists: false, or_replace: false })
             }

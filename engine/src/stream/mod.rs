@@ -196,6 +196,10 @@ pub struct StreamPlan {
     pub schema: SchemaRef,
     /// A `MATERIALIZED VIEW` rather than a `STREAM` (same execution).
     pub materialized: bool,
+    /// Starts from the rows its inputs retain, then goes on with new ones (`CREATE
+    /// STREAM`, `CREATE MATERIALIZED VIEW`); a subscription's or a sink's hidden stream
+    /// starts with the rows that arrive after it.
+    pub backfill: bool,
 }
 
 impl StreamPlan {

@@ -1158,7 +1158,7 @@ impl LocalExecutor {
     fn new(
         notifier: Arc<sys::SleepNotifier>,
         cpu_binding: Option<impl IntoIterator<Item = usize>>,
-        mut config: LocalExecutorConfig,
+        config: LocalExecutorConfig,
     ) -> Result<LocalExecutor> {
         let blocking_thread =
             BlockingThreadPool::new(config.thread_pool_placement, notifier.clone())?;
