@@ -6,10 +6,11 @@
 //! <storage_dir>/data/shard-<i>/rows-<id>-<n>.arrow   rows appended to one source or stream
 //!                                           on shard i since the previous checkpoint (IPC)
 //! <storage_dir>/data/shard-<i>/state-<id>.bin        shard i's input watermarks (rkyv)
-//! <storage_dir>/data/shard-<i>/stream-<id>-<n>.bin   one stream's operator state on
-//!                                           shard i (rkyv)
-//! <storage_dir>/data/shard-<i>/channel-<id>.bin      exchange messages in flight into
-//!                                           shard i at the checkpoint (rkyv)
+//! <storage_dir>/data/shard-<i>/task-<id>-<n>.bin     one stream's operators' state on
+//!                                           shard i (rkyv; `stream-*` before DAGs)
+//! <storage_dir>/data/shard-<i>/exchange-<id>.bin     exchange messages in flight into
+//!                                           shard i at the checkpoint (rkyv; `channel-*`
+//!                                           before DAGs)
 //!                                           (each data file ends with its crc32 and "LDBC")
 //! ```
 //!

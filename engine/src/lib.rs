@@ -5,7 +5,10 @@
 //! type names ([`types`]), hash partitioning of rows onto shards ([`partition`]) and the
 //! two seams that keep the planner and the shard runtime independent of each other
 //! ([`frontend`]): the runtime calls the SQL front end through [`frontend::Frontend`], and
-//! the front end reads shard-resident data through [`frontend::ShardScan`].
+//! the front end reads shard-resident data through [`frontend::ShardAccess`]. The dataflow
+//! core ([`dataflow`]: the operator trait, DAGs of operator specs, watermarks, barrier
+//! alignment) and the operators themselves ([`stream`]) live here too, so that the
+//! planner builds DAGs and the shards run them without knowing each other.
 //!
 //! This crate has no glommio and no PyO3: it must stay usable from any thread and in any
 //! test without a reactor or an interpreter.

@@ -126,7 +126,7 @@ impl AggregateUDFImpl for Agreeing {
             return Ok(Box::new(CheckedGroupSums { sums: Vec::new(), seen: Vec::new() }));
         }
         if self.float_min_max(&args) && args.return_type() == &DataType::Float64 {
-            return Ok(Box::new(TotalOrderGroups { min: self.is_min(), values: Vec::new(), seen: Vec::new() }));
+            return Ok(Box::new(TotalOrderGroups { min: self.is_min(), keys: Vec::new(), seen: Vec::new() }));
         }
         self.inner.create_groups_accumulator(args)
     }
@@ -201,6 +201,17 @@ impl CheckedGroupSums {
         self.sums.resize(total, 0);
         self.seen.resize(total, false);
         let values = values.as_primitive::<Int64Type>();
+        if values.null_count() == 0 && filter.is_none() {
+            // Every row counts: one pass without per-row checks but the overflow flag.
+            let mut overflowed = false;
+            for (&g, &v) in groups.iter().zip(values.values().iter()) {
+                let (sum, over) = self.sums[g].overflowing_add(v);
+                self.sums[g] = sum;
+                overflowed |= over;
+                self.seen[g] = true;
+            }
+            return if overflowed { Err(overflow()) } else { Ok(()) };
+        }
         for (i, &g) in groups.iter().enumerate() {
             if values.is_null(i) || filter.is_some_and(|f| !f.is_valid(i) || !f.value(i)) {
                 continue;
@@ -241,33 +252,46 @@ impl GroupsAccumulator for CheckedGroupSums {
 #[derive(Debug)]
 struct TotalOrderGroups {
     min: bool,
-    values: Vec<f64>,
+    /// Each group's extreme as its total-order key (`total_order_key`): integers compare
+    /// as the floats do in the total order, without a branch per row.
+    keys: Vec<i64>,
     seen: Vec<bool>,
+}
+
+/// The integer whose order is IEEE 754's total order of the floats (`f64::total_cmp`'s
+/// transform; it is its own inverse).
+fn total_order_key(bits: i64) -> i64 {
+    bits ^ ((((bits >> 63) as u64) >> 1) as i64)
 }
 
 impl TotalOrderGroups {
     fn fold(&mut self, values: &ArrayRef, groups: &[usize], filter: Option<&BooleanArray>, total: usize) -> DfResult<()> {
-        self.values.resize(total, 0.0);
+        self.keys.resize(total, if self.min { i64::MAX } else { i64::MIN });
         self.seen.resize(total, false);
         let values = values.as_primitive::<Float64Type>();
-        for (i, &g) in groups.iter().enumerate() {
-            if values.is_null(i) || filter.is_some_and(|f| !f.is_valid(i) || !f.value(i)) {
-                continue;
+        let rows = groups.iter().zip(values.values().iter()).enumerate();
+        let all = values.null_count() == 0 && filter.is_none();
+        let counts = |i: usize| all || (values.is_valid(i) && filter.is_none_or(|f| f.is_valid(i) && f.value(i)));
+        let (keys, seen) = (&mut self.keys, &mut self.seen);
+        if self.min {
+            for (_, (&g, v)) in rows.filter(|(i, _)| counts(*i)) {
+                keys[g] = keys[g].min(total_order_key(v.to_bits() as i64));
+                seen[g] = true;
             }
-            let v = values.value(i);
-            let order = v.total_cmp(&self.values[g]);
-            if !self.seen[g] || (self.min && order.is_lt()) || (!self.min && order.is_gt()) {
-                self.values[g] = v;
-                self.seen[g] = true;
+        } else {
+            for (_, (&g, v)) in rows.filter(|(i, _)| counts(*i)) {
+                keys[g] = keys[g].max(total_order_key(v.to_bits() as i64));
+                seen[g] = true;
             }
         }
         Ok(())
     }
 
     fn take(&mut self, emit_to: EmitTo) -> ArrayRef {
-        let values = emit_to.take_needed(&mut self.values);
+        let keys = emit_to.take_needed(&mut self.keys);
         let seen = emit_to.take_needed(&mut self.seen);
-        Arc::new(values.into_iter().zip(seen).map(|(v, seen)| seen.then_some(v)).collect::<Float64Array>())
+        let values = keys.into_iter().zip(seen).map(|(k, seen)| seen.then(|| f64::from_bits(total_order_key(k) as u64)));
+        Arc::new(values.collect::<Float64Array>())
     }
 }
 
@@ -285,6 +309,6 @@ impl GroupsAccumulator for TotalOrderGroups {
         Ok(vec![self.take(emit_to)])
     }
     fn size(&self) -> usize {
-        self.values.capacity() * 8 + self.seen.capacity()
+        self.keys.capacity() * 8 + self.seen.capacity()
     }
 }

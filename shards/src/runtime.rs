@@ -29,6 +29,10 @@ use crate::store::{LocalStore, RetainPolicy, SpillJob, SpillPolicy};
 /// the callers that subscribe.
 pub type Outputs = Arc<RwLock<HashMap<String, Arc<Output>>>>;
 
+/// The runtime's maps by stream or input name, looked up several times per batch: a fast
+/// hash (names are ours, not an attacker's).
+type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
 /// One operator of a stream on this shard, wired as its plan's DAG says.
 struct NodeRt {
     op: Box<dyn Operator>,
@@ -130,11 +134,11 @@ pub struct ShardRuntime {
     store: LocalStore,
     outputs: Outputs,
     exchange: Vec<flume::Sender<Exchange>>,
-    streams: HashMap<Arc<str>, StreamTask>,
+    streams: FastMap<Arc<str>, StreamTask>,
     /// Input name → streams reading it (shared: every batch walks it, streams change rarely).
-    readers: HashMap<String, Rc<[Arc<str>]>>,
+    readers: FastMap<String, Rc<[Arc<str>]>>,
     /// The watermark of every source and stream as this shard last saw it.
-    marks: HashMap<String, Watermark>,
+    marks: FastMap<String, Watermark>,
     /// Inputs left out of the watermark alignment of the streams reading them: sources
     /// the coordinator declared idle, and streams all of whose inputs are idle.
     idle: HashSet<String>,
@@ -151,9 +155,11 @@ pub struct ShardRuntime {
     recorded: Vec<ChannelMsg>,
     /// Rows and batches each source and stream published from this shard: its share of
     /// their counters, exact at every checkpoint barrier.
-    published: HashMap<Arc<str>, [u64; 2]>,
+    published: FastMap<Arc<str>, [u64; 2]>,
     /// The spill thread, when retained rows spill to disk (`LocalStore` decides when).
     spill: Option<flume::Sender<SpillRequest>>,
+    /// Collectors to reuse (`collector`).
+    spare: Vec<Collector>,
 }
 
 /// `state` as rkyv bytes, for a checkpoint file.
@@ -186,7 +192,7 @@ fn reject(output: &Output, input: &str, rows: usize, rejected: Rejected) {
 
 /// Counts `batch` into this shard's share of `name`'s counters (runs per published batch:
 /// the name is cloned only the first time).
-fn tally(published: &mut HashMap<Arc<str>, [u64; 2]>, name: &Arc<str>, batch: &RecordBatch) {
+fn tally(published: &mut FastMap<Arc<str>, [u64; 2]>, name: &Arc<str>, batch: &RecordBatch) {
     if batch.num_rows() == 0 {
         return;
     }
@@ -298,9 +304,9 @@ impl ShardRuntime {
             store: LocalStore::new(policy),
             outputs,
             exchange,
-            streams: HashMap::new(),
-            readers: HashMap::new(),
-            marks: HashMap::new(),
+            streams: FastMap::default(),
+            readers: FastMap::default(),
+            marks: FastMap::default(),
             idle: HashSet::new(),
             background: Ack::background(),
             dirty: true,
@@ -308,8 +314,9 @@ impl ShardRuntime {
             pending: None,
             align: Alignment::new(id, shards),
             recorded: Vec::new(),
-            published: HashMap::new(),
+            published: FastMap::default(),
             spill,
+            spare: Vec::new(),
         }
     }
 
@@ -804,11 +811,11 @@ impl ShardRuntime {
 
     /// Node `n` of stream `name` processes rows of its port `p`.
     fn process(&mut self, name: &Arc<str>, n: usize, p: usize, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: &AckToken) {
+        let mut out = self.collector();
         let Some(task) = self.streams.get_mut(name) else { return };
         // A message for a stream dropped and created again with other operators.
         let Some(node) = task.nodes.get_mut(n).filter(|node| p < node.routes.len()) else { return };
         task.dirty = true;
-        let mut out = Collector::default();
         let result = node.op.process(p, &batch, hashes, &mut out);
         let late = node.op.late_rows();
         if late > node.late_reported {
@@ -826,26 +833,38 @@ impl ShardRuntime {
 
     /// What node `n` emitted: retired rows kept, rows on to its readers or, from an
     /// output node, the stream's output.
-    fn drain(&mut self, name: &Arc<str>, n: usize, out: Collector, ack: &AckToken) {
-        for rows in out.retired {
+    fn drain(&mut self, name: &Arc<str>, n: usize, mut out: Collector, ack: &AckToken) {
+        for rows in out.retired.drain(..) {
             if let Err(e) = self.retain(name, rows) {
                 self.record_error(name, &e);
             }
         }
-        if out.rows.is_empty() {
-            return;
-        }
-        let Some(task) = self.streams.get(name) else { return };
-        let readers = task.nodes[n].readers.clone();
-        for batch in out.rows {
-            if readers.is_empty() {
-                self.emit(name, batch, ack);
-            } else {
-                for &(m, p) in readers.iter() {
-                    self.send(name, m, p, batch.clone(), ack);
+        let readers = self.streams.get(name).filter(|_| !out.rows.is_empty()).map(|task| task.nodes[n].readers.clone());
+        if let Some(readers) = readers {
+            for batch in out.rows.drain(..) {
+                if readers.is_empty() {
+                    self.emit(name, batch, ack);
+                } else {
+                    for &(m, p) in readers.iter() {
+                        self.send(name, m, p, batch.clone(), ack);
+                    }
                 }
             }
         }
+        self.recycle(out);
+    }
+
+    /// A collector for one operator call: a spare one, so the per-batch path does not
+    /// allocate its vectors anew.
+    fn collector(&mut self) -> Collector {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    fn recycle(&mut self, mut out: Collector) {
+        out.rows.clear();
+        out.retired.clear();
+        out.rejected = None;
+        self.spare.push(out);
     }
 
     /// Counts an error against `name`'s metrics (`errors`, `last_error`; logged), a
@@ -927,8 +946,8 @@ impl ShardRuntime {
     /// Node `n`'s merged input watermark moved to `mark`: it acts on it (closes windows),
     /// then the watermark goes on to its readers or the stream's output.
     fn node_advanced(&mut self, name: &Arc<str>, n: usize, mark: Watermark, ack: &AckToken) {
+        let mut out = self.collector();
         let Some(task) = self.streams.get_mut(name) else { return };
-        let mut out = Collector::default();
         let result = task.nodes[n].op.on_watermark(mark, &mut out);
         let readers = task.nodes[n].readers.clone();
         if let Err(e) = result {
@@ -1010,8 +1029,8 @@ impl ShardRuntime {
         // Ticks are not inserts: nobody waits on them.
         let ack = self.background.clone();
         for n in timed {
+            let mut out = self.collector();
             let Some(task) = self.streams.get_mut(name) else { return };
-            let mut out = Collector::default();
             if let Err(e) = task.nodes[n].op.on_tick(&mut out) {
                 self.record_error(name, &e);
             }
@@ -1048,7 +1067,7 @@ impl ShardRuntime {
 /// keyed operator (aggregate or join) got the marks per branch × shard and the state;
 /// without one, map node `b` got branch `b`'s mark. Map nodes in front of a keyed one
 /// start from the shard's input marks.
-fn restore_v1(task: &mut StreamTask, saved: TaskStateV1, marks: &HashMap<String, Watermark>) -> Result<()> {
+fn restore_v1(task: &mut StreamTask, saved: TaskStateV1, marks: &FastMap<String, Watermark>) -> Result<()> {
     let watermark = saved.watermark;
     match task.keyed_node() {
         Some(k) => {
