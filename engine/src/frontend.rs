@@ -13,7 +13,7 @@ use arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
 
 use crate::catalog::{Catalog, SinkDef, SourceDef, StreamDef};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Bound on batches buffered between a running query and its reader: a slow reader
 /// pauses the query instead of growing memory.
@@ -93,6 +93,18 @@ impl ObjectKind {
     }
 }
 
+/// What the Python binding asks for besides SQL text, as data: it never assembles SQL
+/// from a caller's pieces (a `;` in a filter would otherwise run a second statement).
+#[derive(Clone, Debug)]
+pub enum Request {
+    /// `subscribe(query)`: the query as the hidden stream `name`. `query` must be one
+    /// `SELECT` (with optional `EMIT` / `ALLOW LATENESS`).
+    Subscribe { name: String, query: String },
+    /// `query_stream(name, filter)`: the rows of `name`, where `filter` (one SQL boolean
+    /// expression, nothing after it) holds.
+    StreamQuery { name: String, filter: Option<String> },
+}
+
 /// One planned SQL statement.
 pub enum Statement {
     CreateSource { def: SourceDef, if_not_exists: bool, or_replace: bool },
@@ -117,6 +129,12 @@ pub trait Frontend: Send + 'static {
         catalog: &Arc<Catalog>,
         access: Arc<dyn ShardAccess>,
     ) -> Result<Statement>;
+
+    /// Plans a structured request against `catalog` (front ends without SQL refuse it).
+    fn plan_request(&mut self, request: &Request, catalog: &Arc<Catalog>, access: Arc<dyn ShardAccess>) -> Result<Statement> {
+        let _ = (catalog, access);
+        Err(Error::unsupported(format!("{request:?} in this front end")))
+    }
 
     /// Stops the front end's threads; called once, on the coordinator, at shutdown.
     fn shutdown(&mut self);

@@ -27,7 +27,7 @@ use futures::{FutureExt, StreamExt};
 
 use laminardb_engine::catalog::Catalog;
 use laminardb_engine::frontend::{
-    CancelFlag, Frontend, PreparedQuery, QueryHandle, QueryKind, ShardAccess, Statement, QUERY_BATCHES_MAX,
+    CancelFlag, Frontend, PreparedQuery, QueryHandle, QueryKind, Request, ShardAccess, Statement, QUERY_BATCHES_MAX,
 };
 use laminardb_engine::{Error, Result};
 
@@ -88,9 +88,68 @@ impl SqlFrontend {
     }
 }
 
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A filter of `query_stream`: exactly one SQL expression, written again from its syntax
+/// tree (so nothing after it, a `;` and a second statement say, is kept).
+fn parse_filter(filter: &str) -> Result<String> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    use datafusion::sql::sqlparser::tokenizer::Token;
+    let tokens = split::tokenize(filter)?;
+    limits::check_depth(&tokens)?;
+    let dialect = GenericDialect {};
+    let mut parser = Parser::new(&dialect).try_with_sql(filter).map_err(|e| Error::parse(e.to_string()))?;
+    let expr = parser.parse_expr().map_err(|e| Error::parse(format!("the filter is not a SQL expression: {e}")))?;
+    let next = parser.peek_token();
+    if next.token != Token::EOF {
+        return Err(Error::parse(format!("the filter must be one SQL expression, but '{}' follows it", next.token)));
+    }
+    Ok(expr.to_string())
+}
+
 impl Frontend for SqlFrontend {
     fn split(&self, sql: &str) -> Result<Vec<String>> {
         split::split_statements(sql)
+    }
+
+    fn plan_request(&mut self, request: &Request, catalog: &Arc<Catalog>, access: Arc<dyn ShardAccess>) -> Result<Statement> {
+        match request {
+            Request::Subscribe { name, query } => {
+                let [query] = self.split(query)?.try_into().map_err(|_: Vec<String>| {
+                    Error::query("subscribe() takes one SELECT query, not several statements")
+                })?;
+                let tokens = split::tokenize(&query)?;
+                limits::check_depth(&tokens)?;
+                limits::check_unsupported(&tokens)?;
+                let (body, emit, lateness_ms) = stream::cut_streaming_clauses(&tokens)?;
+                let create = stream::CreateStream {
+                    name: name.clone(),
+                    materialized: false,
+                    or_replace: false,
+                    if_not_exists: false,
+                    query: body.iter().map(|t| t.to_string()).collect::<String>().trim().to_string(),
+                    emit,
+                    lateness_ms,
+                };
+                let runtime = self.runtime()?.handle().clone();
+                let sql = format!("CREATE STREAM {} AS {query}", quote_ident(name));
+                let def = stream::plan_stream(catalog, &create, &sql, &runtime)?;
+                Ok(Statement::CreateStream { def, if_not_exists: false, or_replace: false })
+            }
+            Request::StreamQuery { name, filter } => {
+                let mut sql = format!("SELECT * FROM {}", quote_ident(name));
+                if let Some(filter) = filter.as_deref().filter(|f| !f.trim().is_empty()) {
+                    // One expression, re-written from its syntax tree: nothing else can
+                    // ride along.
+                    sql.push_str(&format!(" WHERE {}", parse_filter(filter)?));
+                }
+                self.plan(&sql, &[], catalog, access)
+            }
+        }
     }
 
     fn plan(

@@ -12,7 +12,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use pyo3_arrow::PySchema;
 
 use laminardb_engine::catalog::SourceKind;
-use laminardb_engine::frontend::{CancelFlag, QueryKind};
+use laminardb_engine::frontend::{CancelFlag, QueryKind, Request};
 use laminardb_engine::types::sql_type_name;
 use laminardb_engine::Error;
 use laminardb_shards::command::PanicSite;
@@ -116,6 +116,11 @@ impl PyConnection {
     fn query_impl(&self, py: Python<'_>, sql: &str, params: Option<&Bound<'_, PyAny>>) -> PyResult<PyQueryResult> {
         let params = convert_params(params)?;
         let outcome = self.run_sql(py, sql, params)?.pop().ok_or_else(|| to_pyerr(Error::parse("empty SQL")))?;
+        self.collect_outcome(py, sql, outcome)
+    }
+
+    /// A statement's rows, materialized (`sql`: how `queries()` lists it while it runs).
+    fn collect_outcome(&self, py: Python<'_>, sql: &str, outcome: Outcome) -> PyResult<PyQueryResult> {
         match outcome {
             Outcome::Query { handle, .. } => {
                 let (_, active) = self.state.record(sql, true, Some(handle.cancel.clone()));
@@ -543,8 +548,8 @@ impl PyConnection {
         let handle = self.open()?.clone();
         let id = self.state.next_query_id.fetch_add(1, Ordering::Relaxed) + 1;
         let name = format!("{}{id}", laminardb_engine::catalog::TRANSIENT_PREFIX);
-        let ddl = format!("CREATE STREAM \"{name}\" AS {sql}");
-        blocking(py, || handle.execute(&ddl, vec![]))?;
+        let request = Request::Subscribe { name: name.clone(), query: sql.to_string() };
+        blocking(py, || handle.request(request))?;
         let output = handle.output(&name).py()?;
         let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX, handle.subscriber_queue_bytes());
         let weak = Arc::downgrade(&handle);
@@ -683,11 +688,14 @@ impl PyConnection {
         if !catalog.contains(name) {
             return Err(to_pyerr(Error::query(format!("no stream named '{name}'"))));
         }
-        let mut sql = format!("SELECT * FROM {}", quote_ident(name));
-        if let Some(filter) = filter.filter(|f| !f.trim().is_empty()) {
-            sql.push_str(&format!(" WHERE {filter}"));
-        }
-        self.query_impl(py, &sql, None)
+        let handle = self.open()?;
+        let request = Request::StreamQuery { name: name.to_string(), filter: filter.map(str::to_string) };
+        let outcome = blocking(py, || handle.request(request))?;
+        let label = match filter {
+            Some(f) => format!("query_stream({name:?}, {f:?})"),
+            None => format!("query_stream({name:?})"),
+        };
+        self.collect_outcome(py, &label, outcome)
     }
 
     fn stream(&self, py: Python<'_>, sql: &str) -> PyResult<PyQueryStream> {

@@ -650,3 +650,25 @@ def _drain_after_close(rows: int):
 def test_stream_closed_connection_yields_all_rows_or_shutdown():
     outcomes = {_drain_after_close(3)[:2] for _ in range(30)}
     assert outcomes <= {("rows", 3), ("error", codes.SHUTDOWN)}, outcomes
+
+
+def test_query_stream_takes_one_filter_expression_and_runs_nothing_else(db):
+    db.execute("CREATE SOURCE t (a BIGINT)")
+    db.execute("CREATE STREAM big AS SELECT a FROM t WHERE a > 1")
+    db.insert("t", [{"a": 1}, {"a": 5}, {"a": 9}])
+    assert db.query_stream("big", "a < 9").to_dicts() == {"a": [5]}
+    assert sorted(db.query_stream("big").to_dicts()["a"]) == [5, 9]
+    for bad in ["a < 9; DROP STREAM big", "a < 9) OR (1 = 1", "a <"]:
+        with pytest.raises(laminardb.QueryError) as ei:
+            db.query_stream("big", bad)
+        assert ei.value.code == laminardb.codes.SQL_PARSE_ERROR, bad
+    assert sorted(db.query("SELECT a FROM big").to_dicts()["a"]) == [5, 9]
+
+
+def test_subscribe_takes_one_query_and_runs_nothing_else(db):
+    db.execute("CREATE SOURCE t (a BIGINT)")
+    with pytest.raises(laminardb.QueryError) as ei:
+        db.subscribe("SELECT a FROM t; DROP SOURCE t")
+    assert "one SELECT" in str(ei.value)
+    db.insert("t", [{"a": 1}])
+    assert db.query("SELECT a FROM t").to_dicts() == {"a": [1]}

@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 
 use laminardb_engine::checkpoint::ShardFiles;
 use laminardb_engine::dataflow::Watermark;
+use laminardb_engine::frontend::Request;
 use laminardb_engine::nexmark::NexmarkConfig;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::StreamPlan;
@@ -36,6 +37,8 @@ pub enum PanicSite {
 
 pub enum Command {
     Execute { sql: String, params: Vec<ScalarValue>, reply: Reply<Vec<Outcome>> },
+    /// A structured request of the binding (`frontend::Request`).
+    Request { request: Request, reply: Reply<Outcome> },
     /// Rows already cast to the source's schema and split per shard by the caller.
     /// `born`: when the caller's insert call began (for the streams' latency histograms).
     Insert { source: String, parts: Vec<Vec<RecordBatch>>, max_event_ms: Option<i64>, born: Instant, reply: Reply<u64> },

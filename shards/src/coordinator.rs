@@ -21,7 +21,7 @@ use parking_lot::RwLock;
 
 use laminardb_engine::catalog::{Catalog, SourceKind};
 use laminardb_engine::config::EngineConfig;
-use laminardb_engine::frontend::{Frontend, ObjectKind, QueryKind, ShardAccess, Statement};
+use laminardb_engine::frontend::{Frontend, ObjectKind, QueryKind, Request, ShardAccess, Statement};
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::catalog::TRANSIENT_PREFIX;
 use laminardb_engine::checkpoint::{self, Manifest};
@@ -420,6 +420,9 @@ impl Coordinator {
             Command::Execute { sql, params, reply } => {
                 let _ = reply.send(self.execute(&sql, &params).await);
             }
+            Command::Request { request, reply } => {
+                let _ = reply.send(self.request(&request).await);
+            }
             Command::Insert { reply, .. } if self.stopped.get() => {
                 let _ = reply.send(Err(stopped_error()));
             }
@@ -539,6 +542,17 @@ impl Coordinator {
             outcomes.push(outcome);
         }
         Ok(outcomes)
+    }
+
+    /// A structured request of the binding: planned by the front end from its parts, and
+    /// never logged (a subscription's hidden stream lives as long as the connection).
+    async fn request(&self, request: &Request) -> Result<Outcome> {
+        let catalog = self.catalog.borrow().clone();
+        let access = self.access.clone();
+        let statement = self.with_frontend(|f| f.plan_request(request, &catalog, access))?;
+        let is_ddl = !matches!(statement, Statement::Query(_));
+        let _ddl = if is_ddl { Some(self.ddl_lock.lock().await) } else { None };
+        self.apply(statement).await
     }
 
     fn with_frontend<T>(&self, f: impl FnOnce(&mut dyn Frontend) -> Result<T>) -> Result<T> {

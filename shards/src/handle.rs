@@ -189,6 +189,12 @@ impl Handle {
         self.call(|reply| Command::Execute { sql: sql.to_string(), params, reply })
     }
 
+    /// A structured request (`frontend::Request`): a subscription's hidden stream, a
+    /// filtered read of a stream.
+    pub fn request(&self, request: laminardb_engine::frontend::Request) -> Result<Outcome> {
+        self.call(|reply| Command::Request { request, reply })
+    }
+
     /// Casts `batches` to the source's schema (all or nothing), splits them by shard and
     /// stores them. Returns after every shard has acknowledged, so a later query sees them.
     pub fn insert(&self, source: &str, batches: &[RecordBatch]) -> Result<u64> {

@@ -160,6 +160,8 @@ pub struct ShardRuntime {
     spill: Option<flume::Sender<SpillRequest>>,
     /// Collectors to reuse (`collector`).
     spare: Vec<Collector>,
+    /// Sources' outputs (`source_output`).
+    source_outputs: FastMap<Arc<str>, Arc<Output>>,
 }
 
 /// `state` as rkyv bytes, for a checkpoint file.
@@ -317,6 +319,7 @@ impl ShardRuntime {
             published: FastMap::default(),
             spill,
             spare: Vec::new(),
+            source_outputs: FastMap::default(),
         }
     }
 
@@ -574,9 +577,21 @@ impl ShardRuntime {
         self.outputs.read().get(name).cloned()
     }
 
+    /// A source's output, kept here after the first append so that appends do not take
+    /// the process-wide `outputs` lock; taken again once closed (the source was dropped or
+    /// replaced).
+    fn source_output(&mut self, source: &Arc<str>) -> Option<Arc<Output>> {
+        if let Some(output) = self.source_outputs.get(source).filter(|o| !o.is_closed()) {
+            return Some(output.clone());
+        }
+        let output = self.output(source)?;
+        self.source_outputs.insert(source.clone(), output.clone());
+        Some(output)
+    }
+
     /// Rows of a source (inserted or generated): stored, published, run through its readers.
     pub fn append(&mut self, source: &Arc<str>, batches: Vec<RecordBatch>, ack: &AckToken) -> Result<()> {
-        let output = self.output(source);
+        let output = self.source_output(source);
         if let Some(output) = &output {
             output.touch();
         }
@@ -641,6 +656,7 @@ impl ShardRuntime {
 
     pub fn drop_source(&mut self, source: &str) {
         self.dirty = true;
+        self.source_outputs.remove(source);
         self.published.remove(source);
         self.store.drop_source(source);
         self.marks.remove(source);
@@ -882,7 +898,7 @@ impl ShardRuntime {
         task.output.publish(&batch);
         tally(&mut self.published, name, &batch);
         if let Some(born) = ack.born {
-            task.output.record_latency(born);
+            task.output.record_latency(self.id, self.shards, born);
         }
         if !task.plan.is_changelog() {
             if let Err(e) = self.retain(name, batch.clone()) {

@@ -4,8 +4,8 @@
 //! (`lagged_batches`) for it and for the stream, so a slow reader costs bounded memory and
 //! shows up in the metrics.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -199,10 +199,6 @@ pub struct OutputCounters {
     /// rejected, while the batch's other rows went on.
     pub rejected_rows: AtomicU64,
     pub last_error: parking_lot::Mutex<Option<String>>,
-    /// End-to-end latency of the stream's emissions: from the insert (or watermark) call
-    /// that caused each batch entering the engine to the batch being handed to the
-    /// subscribers, in nanoseconds.
-    pub latency: parking_lot::Mutex<Histogram<u64>>,
 }
 
 impl Default for OutputCounters {
@@ -217,9 +213,6 @@ impl Default for OutputCounters {
             errors: AtomicU64::new(0),
             rejected_rows: AtomicU64::new(0),
             last_error: parking_lot::Mutex::new(None),
-            latency: parking_lot::Mutex::new(
-                Histogram::new_with_bounds(1, LATENCY_MAX_NS, 3).expect("valid histogram bounds"),
-            ),
         }
     }
 }
@@ -243,8 +236,13 @@ pub struct Output {
     pub schema: SchemaRef,
     subscribers: RwLock<Vec<Subscriber>>,
     pub counters: OutputCounters,
-    /// Each shard's watermark of this stream; `counters.watermark` is their minimum.
-    shard_marks: parking_lot::Mutex<Vec<i64>>,
+    /// Each shard's watermark of this stream (made on first use, with the shard count);
+    /// `counters.watermark` is their minimum. Atomics: shards never wait for each other.
+    shard_marks: OnceLock<Box<[AtomicI64]>>,
+    /// End-to-end latency of the stream's emissions per shard (each written by its shard
+    /// alone, merged when read): from the insert (or watermark) call that caused each
+    /// batch entering the engine to the batch being handed to the subscribers, in ns.
+    shard_latency: OnceLock<Box<[parking_lot::Mutex<Histogram<u64>>]>>,
     /// When rows or a watermark last arrived (ms since the Unix epoch), for idleness.
     last_active_ms: std::sync::atomic::AtomicI64,
     closed: AtomicBool,
@@ -258,7 +256,8 @@ impl Output {
             schema,
             subscribers: RwLock::new(Vec::new()),
             counters: OutputCounters::default(),
-            shard_marks: parking_lot::Mutex::new(Vec::new()),
+            shard_marks: OnceLock::new(),
+            shard_latency: OnceLock::new(),
             last_active_ms: std::sync::atomic::AtomicI64::new(now_ms()),
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
@@ -382,24 +381,36 @@ impl Output {
     /// Shard `shard` of `shards` has moved this stream's watermark to `mark`: the
     /// stream's watermark is what every shard has passed.
     pub fn shard_watermark(&self, shard: usize, shards: usize, mark: i64) {
-        let mut marks = self.shard_marks.lock();
-        if marks.len() < shards {
-            marks.resize(shards, i64::MIN);
-        }
-        marks[shard] = marks[shard].max(mark);
-        let min = marks.iter().copied().min().unwrap_or(i64::MIN);
+        let marks = self.shard_marks.get_or_init(|| (0..shards.max(1)).map(|_| AtomicI64::new(i64::MIN)).collect());
+        let Some(slot) = marks.get(shard) else { return };
+        slot.fetch_max(mark, Ordering::Relaxed);
+        let min = marks.iter().map(|m| m.load(Ordering::Relaxed)).min().unwrap_or(i64::MIN);
         self.counters.watermark.fetch_max(min, Ordering::Relaxed);
     }
 
-    /// Records that a batch this output published was caused by work that entered the
-    /// engine at `since`.
-    pub fn record_latency(&self, since: std::time::Instant) {
-        let ns = (since.elapsed().as_nanos() as u64).clamp(1, LATENCY_MAX_NS);
-        self.counters.latency.lock().saturating_record(ns);
+    /// Records on shard `shard` of `shards` that a batch this output published was caused
+    /// by work that entered the engine at `since`.
+    pub fn record_latency(&self, shard: usize, shards: usize, since: std::time::Instant) {
+        self.record_latency_ns(shard, shards, since.elapsed().as_nanos() as u64);
+    }
+
+    fn record_latency_ns(&self, shard: usize, shards: usize, ns: u64) {
+        let ns = ns.clamp(1, LATENCY_MAX_NS);
+        let histograms = self.shard_latency.get_or_init(|| {
+            let new = || Histogram::new_with_bounds(1, LATENCY_MAX_NS, 3).expect("valid histogram bounds");
+            (0..shards.max(1)).map(|_| parking_lot::Mutex::new(new())).collect()
+        });
+        if let Some(h) = histograms.get(shard) {
+            h.lock().saturating_record(ns);
+        }
     }
 
     pub fn latency(&self) -> LatencySummary {
-        let h = self.counters.latency.lock();
+        let Some(histograms) = self.shard_latency.get() else { return LatencySummary::default() };
+        let mut h = Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_NS, 3).expect("valid histogram bounds");
+        for shard in histograms.iter() {
+            let _ = h.add(&*shard.lock());
+        }
         if h.is_empty() {
             return LatencySummary::default();
         }
@@ -538,14 +549,15 @@ mod tests {
     fn latency_percentiles_come_from_the_recorded_samples() {
         let out = Output::new("s", batch(0).schema());
         assert_eq!(out.latency(), LatencySummary::default());
-        for us in [10u64, 20, 30, 40, 1000] {
-            out.counters.latency.lock().record(us * 1000).unwrap();
+        // Two shards' samples, merged when read.
+        for (shard, us) in [(0, 10u64), (1, 20), (0, 30), (1, 40), (0, 1000)] {
+            out.record_latency_ns(shard, 2, us * 1000);
         }
         let l = out.latency();
         assert_eq!(l.count, 5);
         assert!((29.9..=30.1).contains(&l.p50_us), "{l:?}");
         assert!((999.0..=1001.0).contains(&l.max_us), "{l:?}");
-        out.record_latency(std::time::Instant::now());
+        out.record_latency(1, 2, std::time::Instant::now());
         assert_eq!(out.latency().count, 6);
     }
 }
