@@ -339,3 +339,32 @@ def test_a_damaged_checkpoint_fails_the_open_instead_of_serving_less(tmp_path):
     assert "checkpoint" in str(ei.value).lower()
     with pytest.raises(laminardb.LaminarError):  # still refused: nothing was thrown away
         reopen(path)
+
+
+def test_the_checkpointed_catalog_holds_live_objects_only_however_many_came_and_went(tmp_path):
+    path = str(tmp_path / "db")
+    db = laminardb.open(path)
+    db.execute("CREATE SOURCE t (k VARCHAR, v BIGINT)")
+    for i in range(30):
+        db.execute(f"CREATE STREAM s{i} AS SELECT k, v * {i} AS w FROM t")
+        db.execute(f"DROP STREAM s{i}")
+    db.execute("CREATE STREAM kept AS SELECT k, v FROM t WHERE v > 1")
+    db.execute("CREATE STREAM kept2 AS SELECT k, v FROM t")
+    db.execute("CREATE OR REPLACE STREAM kept2 AS SELECT k, v + 1 AS v FROM t")
+    db.execute("CREATE SOURCE IF NOT EXISTS t (other DOUBLE)")  # exists: changes nothing
+    db.insert("t", [{"k": "a", "v": 1}, {"k": "b", "v": 2}])
+    db.close()
+    with open(os.path.join(path, "MANIFEST")) as f:
+        manifest = json.loads(f.read().split("\n", 1)[1])
+    assert manifest["ddl"] == [
+        "CREATE SOURCE t (k VARCHAR, v BIGINT)",
+        "CREATE STREAM kept AS SELECT k, v FROM t WHERE v > 1",
+        "CREATE OR REPLACE STREAM kept2 AS SELECT k, v + 1 AS v FROM t",
+    ]
+    db = laminardb.open(path)
+    try:
+        assert db.query("SELECT k, v FROM kept").to_dicts() == {"k": ["b"], "v": [2]}
+        assert sorted(db.query("SELECT v FROM kept2").to_dicts()["v"]) == [2, 3]
+        assert db.query("SELECT COUNT(*) AS n FROM t").to_dicts() == {"n": [2]}
+    finally:
+        db.close()

@@ -74,6 +74,46 @@ fn retain_policy(def: &laminardb_engine::catalog::SourceDef) -> Result<Option<Re
     Ok(Some(RetainPolicy { time, rows: retention.rows }))
 }
 
+/// What a DDL statement does to the checkpoint's DDL history (`Coordinator::ddl_history`).
+#[derive(Debug, PartialEq, Eq)]
+enum DdlChange {
+    /// Creates (or replaces) its object.
+    Create,
+    /// `CREATE … IF NOT EXISTS` of an object that exists: changes nothing.
+    Nothing,
+    Drop,
+}
+
+impl DdlChange {
+    /// Decided before the statement runs (whether its object exists already).
+    fn of(statement: &Statement, catalog: &Catalog) -> DdlChange {
+        let (name, if_not_exists) = match statement {
+            Statement::CreateSource { def, if_not_exists, .. } => (&def.name, *if_not_exists),
+            Statement::CreateStream { def, if_not_exists, .. } => (&def.name, *if_not_exists),
+            Statement::CreateSink { def, if_not_exists, .. } => (&def.name, *if_not_exists),
+            Statement::Drop { .. } => return DdlChange::Drop,
+            Statement::Query(_) => return DdlChange::Nothing,
+        };
+        if if_not_exists && catalog.contains(name) {
+            DdlChange::Nothing
+        } else {
+            DdlChange::Create
+        }
+    }
+
+    /// Applies the statement `sql`, which succeeded on `object`, to `history`.
+    fn record(&self, history: &mut Vec<(String, String)>, object: &str, sql: &str) {
+        match self {
+            DdlChange::Nothing => {}
+            DdlChange::Drop => history.retain(|(name, _)| name != object),
+            DdlChange::Create => {
+                history.retain(|(name, _)| name != object);
+                history.push((object.to_string(), sql.to_string()));
+            }
+        }
+    }
+}
+
 /// The coordinator thread's body. Returns once shut down and every shard has stopped.
 pub(crate) fn run(startup: Startup) {
     let Startup { config, frontend, commands, internal, published, outputs, health, checkpoints, ready } = startup;
@@ -387,8 +427,10 @@ struct Coordinator {
     frontier: Arc<Frontier>,
     /// The storage directory, if any.
     root: Option<Arc<std::path::Path>>,
-    /// Every catalog change so far, as SQL: the catalog part of a checkpoint.
-    ddl_history: RefCell<Vec<String>>,
+    /// The statement that created each live object, in creation order: the catalog part
+    /// of a checkpoint. A drop removes its object's entry, a replace moves it to the end,
+    /// so it holds what exists, however many objects came and went.
+    ddl_history: RefCell<Vec<(String, String)>>,
     /// Held by catalog changes and checkpoints (the timer's checkpoints run beside the
     /// command loop).
     ddl_lock: futures::lock::Mutex<()>,
@@ -532,10 +574,11 @@ impl Coordinator {
             let statement = self.with_frontend(|f| f.plan(text, params, &catalog, access))?;
             let is_ddl = !matches!(statement, Statement::Query(_));
             let _ddl = if is_ddl { Some(self.ddl_lock.lock().await) } else { None };
+            let change = DdlChange::of(&statement, &self.catalog.borrow());
             let outcome = self.apply(statement).await?;
             if let Outcome::Ddl { object, .. } = &outcome {
                 if !object.starts_with(TRANSIENT_PREFIX) && self.root.is_some() {
-                    self.ddl_history.borrow_mut().push(text.clone());
+                    change.record(&mut self.ddl_history.borrow_mut(), object, text);
                     self.log_control(|lsn| Record::Ddl { lsn, sql: text.clone() }).await?;
                 }
             }
@@ -1068,7 +1111,7 @@ impl Coordinator {
             lsn,
             shards: self.shards.len(),
             created_ms: laminardb_engine::stream::time::now_ms(),
-            ddl: self.ddl_history.borrow().clone(),
+            ddl: self.ddl_history.borrow().iter().map(|(_, sql)| sql.clone()).collect(),
             watermarks,
             counters: totals.into_iter().collect(),
             bytes_written: shard_files.iter().map(|f| f.bytes_written).sum(),
