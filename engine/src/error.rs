@@ -4,6 +4,7 @@
 //! exception class. Messages read `"Table not found (200): trades"`.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// The numeric error codes of `laminardb.codes`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -114,31 +115,71 @@ pub enum ErrorClass {
     Stream,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where an error came from: which layer of the engine found it. The code and class (what
+/// the Python API sees) follow from the constructor; the layer says what failed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Layer {
+    /// The SQL text (tokens, syntax).
+    Sql,
+    /// Planning: names, types, shapes the engine does not run.
+    Plan,
+    /// Running: evaluating expressions, ingesting rows, the engine's lifecycle.
+    Execution,
+    /// Files: the WAL, checkpoints, spill files.
+    Storage,
+    /// An external system through a connector.
+    Connector,
+    /// A bug or a broken invariant inside the engine (including caught panics).
+    Internal,
+}
+
+#[derive(Clone, Debug)]
 pub struct Error {
     pub code: ErrorCode,
     pub class: ErrorClass,
     pub message: String,
+    pub layer: Layer,
+    /// The error this one was made from, if any (`std::error::Error::source`).
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
+
+/// Equal when what a user sees is equal (the source chain is not compared).
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        (self.code, self.class, &self.message, self.layer) == (other.code, other.class, &other.message, other.layer)
+    }
+}
+
+impl Eq for Error {}
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// An error of `code` found while running (see the constructors for the others).
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Error { code, class: ErrorClass::ByCode, message: message.into() }
+        Error { code, class: ErrorClass::ByCode, message: message.into(), layer: Layer::Execution, source: None }
     }
     pub fn with_class(mut self, class: ErrorClass) -> Self {
         self.class = class;
         self
     }
+    pub fn in_layer(mut self, layer: Layer) -> Self {
+        self.layer = layer;
+        self
+    }
+    /// Keeps `source` as the cause of this error.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
     pub fn table_not_found(name: &str) -> Self {
-        Error::new(ErrorCode::TableNotFound, format!("'{name}' does not exist"))
+        Error::new(ErrorCode::TableNotFound, format!("'{name}' does not exist")).in_layer(Layer::Plan)
     }
     pub fn table_exists(name: &str) -> Self {
-        Error::new(ErrorCode::TableExists, format!("'{name}' already exists"))
+        Error::new(ErrorCode::TableExists, format!("'{name}' already exists")).in_layer(Layer::Plan)
     }
     pub fn invalid_schema(message: impl Into<String>) -> Self {
-        Error::new(ErrorCode::InvalidSchema, message)
+        Error::new(ErrorCode::InvalidSchema, message).in_layer(Layer::Plan)
     }
     pub fn ingestion(message: impl Into<String>) -> Self {
         Error::new(ErrorCode::IngestionFailed, message)
@@ -146,15 +187,25 @@ impl Error {
     pub fn batch_mismatch(message: impl Into<String>) -> Self {
         Error::new(ErrorCode::BatchSchemaMismatch, message)
     }
+    /// A query the engine cannot plan (names, types, shapes).
     pub fn query(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::QueryFailed, message).in_layer(Layer::Plan)
+    }
+    /// A query that failed while running (an expression on some value, an overflow).
+    pub fn execution(message: impl Into<String>) -> Self {
         Error::new(ErrorCode::QueryFailed, message)
     }
     pub fn parse(message: impl Into<String>) -> Self {
-        Error::new(ErrorCode::SqlParseError, message)
+        Error::new(ErrorCode::SqlParseError, message).in_layer(Layer::Sql)
     }
     /// A bug or a broken invariant inside the engine (including caught panics).
     pub fn internal(message: impl Into<String>) -> Self {
-        Error::new(ErrorCode::Internal, message)
+        Error::new(ErrorCode::Internal, message).in_layer(Layer::Internal)
+    }
+    /// A file of the storage directory or a spill file could not be read or written: a
+    /// `CheckpointError` (900) in Python, never a query's failure.
+    pub fn storage(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::Internal, message).with_class(ErrorClass::Checkpoint).in_layer(Layer::Storage)
     }
     pub fn shutdown() -> Self {
         Error::new(ErrorCode::Shutdown, "the database has been shut down")
@@ -163,13 +214,13 @@ impl Error {
         Error::new(ErrorCode::ConnectionClosed, "the connection is closed")
     }
     pub fn unsupported(what: impl fmt::Display) -> Self {
-        Error::new(ErrorCode::QueryFailed, format!("unsupported: {what}"))
+        Error::new(ErrorCode::QueryFailed, format!("unsupported: {what}")).in_layer(Layer::Plan)
     }
     pub fn connector(message: impl Into<String>) -> Self {
-        Error::new(ErrorCode::QueryFailed, message).with_class(ErrorClass::Connector)
+        Error::new(ErrorCode::QueryFailed, message).with_class(ErrorClass::Connector).in_layer(Layer::Connector)
     }
     pub fn checkpoint(message: impl Into<String>) -> Self {
-        Error::new(ErrorCode::Internal, message).with_class(ErrorClass::Checkpoint)
+        Error::new(ErrorCode::Internal, message).with_class(ErrorClass::Checkpoint).in_layer(Layer::Storage)
     }
 }
 
@@ -179,11 +230,23 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 impl From<arrow::error::ArrowError> for Error {
     fn from(e: arrow::error::ArrowError) -> Self {
-        Error::query(e.to_string())
+        use arrow::error::ArrowError as A;
+        match e {
+            A::IoError(..) => Error::storage(e.to_string()).with_source(e),
+            A::ExternalError(ref inner) if inner.downcast_ref::<Error>().is_some() => {
+                let A::ExternalError(inner) = e else { unreachable!("matched above") };
+                *inner.downcast::<Error>().expect("checked above")
+            }
+            _ => Error::execution(e.to_string()).with_source(e),
+        }
     }
 }
 
@@ -194,8 +257,13 @@ impl From<datafusion::error::DataFusionError> for Error {
             D::SQL(err, _) => Error::parse(err.to_string()),
             D::External(inner) => match inner.downcast::<Error>() {
                 Ok(ours) => *ours,
-                Err(other) => Error::query(other.to_string()),
+                Err(other) => Error::execution(other.to_string()),
             },
+            D::ArrowError(inner, _) => Error::from(*inner),
+            D::IoError(inner) => Error::storage(inner.to_string()).with_source(inner),
+            D::ObjectStore(inner) => Error::storage(inner.to_string()),
+            D::Execution(msg) => Error::execution(readable(&msg)),
+            D::ResourcesExhausted(msg) => Error::execution(readable(&msg)),
             D::Context(ctx, inner) => {
                 let mut err = Error::from(*inner);
                 err.message = format!("{ctx}: {}", err.message);
@@ -243,6 +311,32 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each layer's errors keep the Python codes they had, say where they came from, and
+    /// keep their cause; a failed file read is storage (900, CheckpointError), not 400.
+    #[test]
+    fn errors_say_their_layer_and_keep_their_cause() {
+        assert_eq!(Error::parse("x").layer, Layer::Sql);
+        assert_eq!(Error::query("x").layer, Layer::Plan);
+        assert_eq!(Error::table_not_found("t").layer, Layer::Plan);
+        assert_eq!(Error::internal("x").layer, Layer::Internal);
+        assert_eq!(Error::connector("x").layer, Layer::Connector);
+        let io = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read");
+        let stored = Error::from(arrow::error::ArrowError::IoError("reading rows".into(), io));
+        assert_eq!((stored.layer, stored.code, stored.class), (Layer::Storage, ErrorCode::Internal, ErrorClass::Checkpoint));
+        let cause = std::error::Error::source(&stored).expect("the Arrow error is kept");
+        assert!(cause.to_string().contains("reading rows"), "{cause}");
+        let from_df = Error::from(datafusion::error::DataFusionError::IoError(std::io::Error::other("disk gone")));
+        assert_eq!((from_df.layer, from_df.code), (Layer::Storage, ErrorCode::Internal));
+        let divide = Error::from(arrow::error::ArrowError::DivideByZero);
+        assert_eq!((divide.layer, divide.code), (Layer::Execution, ErrorCode::QueryFailed));
+        assert!(std::error::Error::source(&divide).is_some());
+        // Our own error inside DataFusion's or Arrow's comes back as it was.
+        let ours = Error::table_exists("t");
+        let wrapped = datafusion::error::DataFusionError::External(Box::new(ours.clone()));
+        assert_eq!(Error::from(wrapped), ours);
+        assert_eq!(Error::from(arrow::error::ArrowError::ExternalError(Box::new(ours.clone()))), ours);
+    }
 
     #[test]
     fn message_names_title_and_number() {

@@ -423,7 +423,7 @@ pub fn segments_in(vfs: &dyn crate::vfs::Vfs, owner_dir: &Path) -> Result<Vec<(u
 }
 
 pub fn io_error(path: &Path, e: std::io::Error) -> Error {
-    Error::internal(format!("{}: {e}", path.display()))
+    Error::storage(format!("{}: {e}", path.display())).with_source(e)
 }
 
 /// Groups records by lsn, in lsn order, keeping only complete groups: an insert whose
