@@ -1,6 +1,7 @@
 //! Sinks: where a stream's rows leave the database. A sink reads one source or stream
-//! (for `CREATE SINK … AS SELECT`, a hidden stream of that query) through a subscription
-//! and hands every batch to its connector on the sink's own thread.
+//! (for `CREATE SINK … AS SELECT`, a hidden stream of that query) as the one node of its
+//! own dataflow ([`SinkPlan`]): every shard writes its rows through its own [`Sink`], in
+//! order, never dropping one, and the checkpoint barrier reaches it in line with them.
 //!
 //! Connectors built in so far: `blackhole` (the default when `WITH` names none): it
 //! accepts and counts rows, for pipelines whose results are read by subscription and for
@@ -9,8 +10,13 @@
 //! and silently dropped.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+
+use crate::dataflow::{Collector, Operator, OperatorSpec};
+use crate::stream::output::Output;
 
 use crate::error::{Error, Result};
 
@@ -23,17 +29,31 @@ const PLANNED: &[&str] = &[
 
 pub const DEFAULT_CONNECTOR: &str = "blackhole";
 
-/// What a sink does with its rows.
-pub trait SinkConnector: Send {
+/// Where a sink's rows go: one instance per shard, fed that shard's rows of the input in
+/// order, on the shard's thread (a connector that waits on I/O hands the rows to its own
+/// thread; a full hand-over queue holds the shard back: backpressure, never a lost row).
+pub trait Sink: Send {
     fn write(&mut self, batch: &RecordBatch) -> Result<()>;
+
+    /// The barrier of checkpoint `id`: every row written before it is delivered (or part
+    /// of the transaction this commits) when this returns; an error fails the checkpoint.
+    fn checkpoint(&mut self, _id: u64) -> Result<()> {
+        self.flush()
+    }
+
     fn flush(&mut self) -> Result<()> {
         Ok(())
+    }
+
+    /// The sink is dropped or the database closes: deliver what is pending.
+    fn close(&mut self) -> Result<()> {
+        self.flush()
     }
 }
 
 struct Blackhole;
 
-impl SinkConnector for Blackhole {
+impl Sink for Blackhole {
     fn write(&mut self, _batch: &RecordBatch) -> Result<()> {
         Ok(())
     }
@@ -50,9 +70,61 @@ pub fn validate(connector: &str, _options: &BTreeMap<String, String>) -> Result<
     }
 }
 
-pub fn open(connector: &str, options: &BTreeMap<String, String>) -> Result<Box<dyn SinkConnector>> {
+pub fn open(connector: &str, options: &BTreeMap<String, String>) -> Result<Box<dyn Sink>> {
     validate(connector, options)?;
     Ok(Box::new(Blackhole))
+}
+
+/// A sink as the last node of a dataflow (`CREATE SINK`): it reads its input on every
+/// shard, writes through one `Sink` per shard and counts what it wrote on the sink's own
+/// `Output` (rows, batches; errors and the last one).
+pub struct SinkPlan {
+    pub connector: String,
+    pub options: BTreeMap<String, String>,
+    pub schema: SchemaRef,
+    pub counters: Arc<Output>,
+}
+
+impl std::fmt::Debug for SinkPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkPlan").field("connector", &self.connector).field("output", &self.counters.name).finish()
+    }
+}
+
+struct SinkOperator {
+    sink: Box<dyn Sink>,
+    counters: Arc<Output>,
+}
+
+impl OperatorSpec for SinkPlan {
+    fn name(&self) -> &'static str {
+        "sink"
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn build(self: Arc<Self>) -> Result<Box<dyn Operator>> {
+        Ok(Box::new(SinkOperator { sink: open(&self.connector, &self.options)?, counters: self.counters.clone() }))
+    }
+}
+
+impl Operator for SinkOperator {
+    fn process(&mut self, _port: usize, batch: &RecordBatch, _hashes: Option<Vec<u64>>, _out: &mut Collector) -> Result<()> {
+        self.sink.write(batch)?;
+        // Counted as written (the sink's output has no subscribers).
+        self.counters.publish(batch);
+        Ok(())
+    }
+
+    fn on_checkpoint(&mut self, id: u64) -> Result<()> {
+        self.sink.checkpoint(id)
+    }
+
+    fn close(&mut self) -> Result<()> {
+        self.sink.close()
+    }
 }
 
 #[cfg(test)]
@@ -68,5 +140,43 @@ mod tests {
             assert_eq!(e.class, crate::error::ErrorClass::Connector);
             assert!(e.message.contains(c), "{}", e.message);
         }
+    }
+
+    /// Records what reaches it, to check the operator's hooks.
+    struct Recording(Arc<parking_lot::Mutex<Vec<String>>>);
+
+    impl Sink for Recording {
+        fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+            self.0.lock().push(format!("write {}", batch.num_rows()));
+            Ok(())
+        }
+        fn checkpoint(&mut self, id: u64) -> Result<()> {
+            self.0.lock().push(format!("checkpoint {id}"));
+            Ok(())
+        }
+        fn close(&mut self) -> Result<()> {
+            self.0.lock().push("close".into());
+            Ok(())
+        }
+    }
+
+    /// The sink operator writes every batch in order, counts it on the sink's output,
+    /// and passes the checkpoint barrier and the close on to its sink.
+    #[test]
+    fn the_sink_operator_writes_counts_and_passes_barriers_on() {
+        let batch = |n: i64| {
+            RecordBatch::try_from_iter([("v", Arc::new(arrow::array::Int64Array::from_iter_values(0..n)) as _)]).unwrap()
+        };
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let counters = Output::new("out", batch(1).schema());
+        let mut op = SinkOperator { sink: Box::new(Recording(seen.clone())), counters: counters.clone() };
+        let mut out = Collector::default();
+        op.process(0, &batch(3), None, &mut out).unwrap();
+        op.on_checkpoint(7).unwrap();
+        op.process(0, &batch(2), None, &mut out).unwrap();
+        op.close().unwrap();
+        assert!(out.rows.is_empty(), "a sink emits nothing downstream");
+        assert_eq!(*seen.lock(), ["write 3", "checkpoint 7", "write 2", "close"]);
+        assert_eq!(counters.counters.rows.load(std::sync::atomic::Ordering::Relaxed), 5);
     }
 }

@@ -21,7 +21,10 @@ use parking_lot::RwLock;
 
 use laminardb_engine::catalog::{Catalog, SourceKind};
 use laminardb_engine::config::EngineConfig;
+use laminardb_engine::dataflow::{Dag, Port, Route, Upstream};
 use laminardb_engine::frontend::{Frontend, ObjectKind, QueryKind, Request, ShardAccess, Statement};
+use laminardb_engine::sink::SinkPlan;
+use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::catalog::TRANSIENT_PREFIX;
 use laminardb_engine::checkpoint::{self, Manifest};
@@ -31,7 +34,6 @@ use laminardb_engine::{Error, ErrorCode, Result};
 use crate::command::{reply_channel, Ack, AckToken, Command, PanicSite, Reply, ShardCommand};
 use crate::runtime::Outputs;
 use crate::shard::ShardWiring;
-use crate::sinks::SinkRunner;
 use crate::handle::{count_future_rows, prepare_insert, try_take, Outcome, Prepared};
 use crate::health::{catch, Health};
 use crate::shard;
@@ -226,7 +228,6 @@ pub(crate) fn run(startup: Startup) {
             watermarks: RefCell::new(HashMap::new()),
             outputs: outputs.clone(),
             inflight: Arc::new(AtomicUsize::new(0)),
-            sinks: RefCell::new(HashMap::new()),
             running: Cell::new(false),
             stopped: Cell::new(false),
             generators: RefCell::new(HashMap::new()),
@@ -311,9 +312,6 @@ pub(crate) fn run(startup: Startup) {
         for timer in timers {
             timer.cancel().await;
         }
-        for (_, runner) in coord.sinks.borrow_mut().drain() {
-            runner.stop();
-        }
         for tx in coord.shards.iter() {
             let _ = tx.send(ShardCommand::Stop).await;
         }
@@ -397,7 +395,6 @@ struct Coordinator {
     outputs: Outputs,
     /// Inserts and watermarks still travelling through the shards.
     inflight: Arc<AtomicUsize>,
-    sinks: RefCell<HashMap<String, SinkRunner>>,
     /// `start()` was called: generator sources produce from creation on.
     running: Cell<bool>,
     /// `shutdown()` stopped the pipeline: rows, watermarks and `start()` are refused.
@@ -698,18 +695,31 @@ impl Coordinator {
                 }
                 let input = self.outputs.read().get(&def.input).cloned().ok_or_else(|| Error::table_not_found(&def.input))?;
                 let counters = Output::new(name.clone(), input.schema.clone());
-                let runner = SinkRunner::start(&def, &input, counters.clone());
-                let runner = match runner.and_then(|r| self.update_catalog(|c| c.add_sink(def.clone())).map(|()| r)) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        if def.owns_input {
-                            let _ = Box::pin(self.drop_stream(&def.input)).await;
-                        }
-                        return Err(e);
+                // The sink is the one node of its own dataflow, on every shard; opened once
+                // here first, so a connector that cannot open fails the CREATE.
+                let opened = laminardb_engine::sink::open(&def.connector, &def.options)
+                    .and_then(|mut probe| probe.close())
+                    .and_then(|()| self.update_catalog(|c| c.add_sink(def.clone())));
+                if let Err(e) = opened {
+                    if def.owns_input {
+                        let _ = Box::pin(self.drop_stream(&def.input)).await;
                     }
-                };
-                self.outputs.write().insert(name.clone(), counters);
-                self.sinks.borrow_mut().insert(name.clone(), runner);
+                    return Err(e);
+                }
+                let spec = SinkPlan { connector: def.connector.clone(), options: def.options.clone(), schema: input.schema.clone(), counters: counters.clone() };
+                let mut dag = Dag::default();
+                dag.add(Arc::new(spec), vec![Port { from: Upstream::Input(def.input.clone()), route: Route::Forward }]);
+                let plan = Arc::new(StreamPlan { name: name.clone(), sql: def.sql.clone(), dag, schema: input.schema.clone(), materialized: false, backfill: false });
+                self.outputs.write().insert(name.clone(), counters.clone());
+                let added = self
+                    .ask_shards(|_, reply| ShardCommand::AddStream { plan: plan.clone(), output: counters.clone(), marks: vec![], reply })
+                    .await?;
+                for rx in added {
+                    let result = rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped"))?;
+                    if let Err(e) = result {
+                        counters.record_error(&e.to_string());
+                    }
+                }
                 Ok(Outcome::Ddl { verb: "CREATE SINK".into(), object: name })
             }
             Statement::Drop { kind, name, if_exists } => {
@@ -769,9 +779,10 @@ impl Coordinator {
 
     async fn drop_sink(&self, name: &str) -> Result<()> {
         let removed = self.update_catalog(|c| c.drop_sink(name))?;
-        let runner = self.sinks.borrow_mut().remove(&removed.name);
-        if let Some(runner) = runner {
-            runner.stop();
+        // Each shard closes its instance (which delivers what is pending).
+        let name: Arc<str> = removed.name.as_str().into();
+        for tx in self.shards.iter() {
+            let _ = tx.send(ShardCommand::DropStream { name: name.clone() }).await;
         }
         self.outputs.write().remove(&removed.name);
         if removed.owns_input {

@@ -25,7 +25,6 @@ mod handle;
 mod health;
 pub mod runtime;
 mod shard;
-mod sinks;
 mod storage;
 mod tempdirs;
 pub mod store;

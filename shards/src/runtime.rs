@@ -424,6 +424,13 @@ impl ShardRuntime {
     /// stream's new rows, and the operator state if anything moved. Returns the files
     /// that make up this shard's part of checkpoint `id`.
     fn snapshot(&mut self, root: &Path, id: u64) -> Result<ShardFiles> {
+        // Operators with effects outside the engine (sinks) deliver what came before the
+        // barrier first: a checkpoint they cannot stand behind fails.
+        for (name, task) in self.streams.iter_mut() {
+            for node in task.nodes.iter_mut() {
+                node.op.on_checkpoint(id).map_err(|e| Error::checkpoint(format!("'{name}' at checkpoint {id}: {e}")))?;
+            }
+        }
         let dir = checkpoint::shard_dir(root, self.id);
         std::fs::create_dir_all(&dir).map_err(|e| wal::io_error(&dir, e))?;
         let mut writes = Vec::new();
@@ -567,6 +574,13 @@ impl ShardRuntime {
 
     pub fn shards(&self) -> usize {
         self.shards
+    }
+
+    /// The shard stops: every operator closes (sinks deliver what is pending).
+    pub fn close_all(&mut self) {
+        for (name, task) in self.streams.iter_mut() {
+            close_operators(name, task);
+        }
     }
 
     pub fn store(&self) -> &LocalStore {
@@ -750,7 +764,8 @@ impl ShardRuntime {
 
     pub fn drop_stream(&mut self, name: &str) {
         self.dirty = true;
-        if let Some(task) = self.streams.remove(name) {
+        if let Some(mut task) = self.streams.remove(name) {
+            close_operators(name, &mut task);
             for input in task.plan.inputs() {
                 if let Some(readers) = self.readers.get_mut(input) {
                     *readers = readers.iter().filter(|r| &***r != name).cloned().collect();
@@ -1075,6 +1090,16 @@ impl ShardRuntime {
                 }
             }
             Exchange::Stop => {}
+        }
+    }
+}
+
+/// Closes every operator of `task` (a sink delivers what is pending); a failure is counted
+/// against the stream.
+fn close_operators(name: &str, task: &mut StreamTask) {
+    for node in task.nodes.iter_mut() {
+        if let Err(e) = node.op.close() {
+            task.output.record_error(&format!("'{name}' closing: {e}"));
         }
     }
 }

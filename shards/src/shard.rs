@@ -200,6 +200,10 @@ async fn run(id: usize, cpu: Option<usize>, cores: Vec<usize>, wiring: ShardWiri
     }
     let _ = own_exchange.send(Exchange::Stop);
     peers.await;
+    let _ = catch(&place, || {
+        runtime.borrow_mut().close_all();
+        Ok(())
+    });
     result
 }
 

@@ -107,6 +107,18 @@ pub trait Operator {
     fn late_rows(&self) -> u64 {
         0
     }
+
+    /// The barrier of checkpoint `id` reached this shard, before its state is saved: an
+    /// operator with effects outside the engine (a sink) delivers or commits them here;
+    /// an error fails the checkpoint.
+    fn on_checkpoint(&mut self, _id: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// The stream is dropped or the database closes.
+    fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A node's operator as planned: builds one [`Operator`] per shard.
