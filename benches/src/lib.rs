@@ -47,7 +47,7 @@ impl Engine {
 
     /// One command to the coordinator and its answer (a watermark query).
     pub fn round_trip(&self) -> Result<i64> {
-        self.handle.watermark("trades", i64::MIN)
+        self.handle.watermark("trades", None).map(laminardb_engine::dataflow::Watermark::encode)
     }
 
     /// The compiled plan of stream `name`.

@@ -140,7 +140,7 @@ impl PyConnection {
 
     fn watermark_of(&self, py: Python<'_>, source: &str) -> PyResult<i64> {
         let handle = self.open()?;
-        blocking(py, || handle.watermark(source, NO_WATERMARK))
+        blocking(py, || handle.watermark(source, None)).map(laminardb_engine::dataflow::Watermark::encode)
     }
 }
 

@@ -84,7 +84,8 @@ impl PyWriter {
         self.check_open()?;
         let handle = &self.handle;
         let source = &self.source;
-        let merged = blocking(py, || handle.watermark(source, timestamp))?;
+        let mark = laminardb_engine::dataflow::Watermark::decode(timestamp);
+        let merged = laminardb_engine::dataflow::Watermark::encode(blocking(py, || handle.watermark(source, mark))?);
         self.watermark.fetch_max(merged.max(timestamp), Ordering::AcqRel);
         Ok(())
     }

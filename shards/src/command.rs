@@ -45,7 +45,9 @@ pub enum Command {
     Scan { source: String, shard: usize, reply: Reply<Vec<RecordBatch>> },
     /// Per shard: the source's retained rows.
     Stats { source: String, reply: Reply<Vec<RowStats>> },
-    Watermark { source: String, watermark_ms: i64, reply: Reply<i64> },
+    /// Moves `source`'s watermark to `mark` if that is later (`None`: only asks); answered
+    /// with the source's watermark once the move has passed through every stream.
+    Watermark { source: String, mark: Option<Watermark>, reply: Reply<Option<Watermark>> },
     InjectPanic { site: PanicSite, reply: Reply<()> },
     /// Answers once every accepted insert and watermark has passed through every stream.
     /// Answered once everything accepted has passed through every stream; with `stop`,
@@ -77,7 +79,7 @@ pub enum ShardCommand {
     /// has it, or a shard could receive its rows over the exchange before knowing it.
     /// With `plan.backfill`, the stream reads nothing and holds its watermarks until
     /// `Backfill`.
-    AddStream { plan: Arc<StreamPlan>, output: Arc<Output>, marks: Vec<(Arc<str>, i64)>, reply: Reply<()> },
+    AddStream { plan: Arc<StreamPlan>, output: Arc<Output>, marks: Vec<(Arc<str>, Watermark)>, reply: Reply<()> },
     /// Sent once every shard has added the stream: it reads the rows its inputs retain on
     /// this shard, then goes on with new ones, its watermarks released after those rows.
     Backfill { stream: Arc<str>, ack: AckToken },

@@ -21,7 +21,7 @@ use parking_lot::RwLock;
 
 use laminardb_engine::catalog::{Catalog, SourceKind};
 use laminardb_engine::config::EngineConfig;
-use laminardb_engine::dataflow::{Dag, Port, Route, Upstream};
+use laminardb_engine::dataflow::{Dag, Port, Route, Upstream, Watermark};
 use laminardb_engine::frontend::{Frontend, ObjectKind, QueryKind, Request, ShardAccess, Statement};
 use laminardb_engine::sink::SinkPlan;
 use laminardb_engine::stream::StreamPlan;
@@ -391,7 +391,7 @@ struct Coordinator {
     published: Published,
     frontend: RefCell<Option<Box<dyn Frontend>>>,
     access: Arc<dyn ShardAccess>,
-    watermarks: RefCell<HashMap<String, i64>>,
+    watermarks: RefCell<HashMap<String, Watermark>>,
     outputs: Outputs,
     /// Inserts and watermarks still travelling through the shards.
     inflight: Arc<AtomicUsize>,
@@ -481,7 +481,7 @@ impl Coordinator {
             Command::Stats { source, reply } => {
                 let _ = reply.send(self.stats(&source).await);
             }
-            Command::Watermark { source, watermark_ms, reply } => {
+            Command::Watermark { source, mark: asked, reply } => {
                 let name = match self.catalog.borrow().source(&source) {
                     Ok(def) => def.name.clone(),
                     Err(e) => {
@@ -489,15 +489,15 @@ impl Coordinator {
                         return;
                     }
                 };
-                if watermark_ms != i64::MIN {
+                if asked.is_some() {
                     if let Some(output) = self.outputs.read().get(&name) {
                         output.touch();
                     }
                 }
                 let _dispatching = self.dispatch_lock.lock().await;
-                let moves = watermark_ms > self.watermarks.borrow().get(&name).copied().unwrap_or(i64::MIN);
-                if moves {
-                    let record = |lsn| Record::Watermark { lsn, source: name.clone(), watermark: watermark_ms };
+                let moving = asked.filter(|m| self.watermarks.borrow().get(&name).is_none_or(|now| m > now));
+                if let Some(moving) = moving {
+                    let record = |lsn| Record::Watermark { lsn, source: name.clone(), watermark: moving.ms() };
                     if let Err(e) = self.log_control(record).await {
                         let _ = reply.send(Err(e));
                         return;
@@ -508,14 +508,14 @@ impl Coordinator {
                 let ack = Ack::new(&self.inflight, {
                     let mark = mark.clone();
                     move |r| {
-                        let _ = reply.send(r.map(|_| mark.load(Ordering::Acquire)));
+                        let _ = reply.send(r.map(|_| Watermark::decode(mark.load(Ordering::Acquire))));
                     }
                 });
                 let flow = self.flow(&name);
-                if watermark_ms != i64::MIN {
+                if asked.is_some() {
                     self.update_idleness(&flow.name, &ack).await;
                 }
-                let mut now = self.advance_watermark(&flow, watermark_ms, &ack).await;
+                let mut now = self.advance_watermark(&flow, Watermark::encode(asked), &ack).await;
                 // A generator source's watermark moves on the shards, into its output.
                 if let Some(output) = self.outputs.read().get(&name) {
                     now = now.max(output.counters.watermark.load(Ordering::Relaxed));
@@ -657,7 +657,7 @@ impl Coordinator {
                 // No insert between adding the stream and its backfill: what is retained
                 // then is read once by the backfill, what comes after once as it arrives.
                 let _dispatching = self.dispatch_lock.lock().await;
-                let marks: Vec<(Arc<str>, i64)> =
+                let marks: Vec<(Arc<str>, Watermark)> =
                     self.watermarks.borrow().iter().map(|(k, v)| (Arc::from(k.as_str()), *v)).collect();
                 let added = self
                     .ask_shards(|_, reply| ShardCommand::AddStream { plan: plan.clone(), output: output.clone(), marks: marks.clone(), reply })
@@ -836,7 +836,7 @@ impl Coordinator {
     /// rows already sent to it). Returns the source's watermark.
     async fn advance_watermark(&self, source: &Flow, mark: i64, ack: &AckToken) -> i64 {
         let Some(current) = self.bump_watermark(source, mark) else {
-            return self.watermarks.borrow().get(&*source.name).copied().unwrap_or(i64::MIN);
+            return Watermark::encode(self.watermarks.borrow().get(&*source.name).copied());
         };
         self.tell_shards(ack, || ShardCommand::Watermark { source: source.name.clone(), watermark: current, ack: ack.clone() }).await;
         current
@@ -848,14 +848,14 @@ impl Coordinator {
     /// catch up when a stream is added (`AddStream::marks`).
     fn bump_watermark(&self, flow: &Flow, mark: i64) -> Option<i64> {
         let source = &*flow.name;
+        let moved = Watermark::decode(mark)?;
         {
             let mut marks = self.watermarks.borrow_mut();
             match marks.get_mut(source) {
-                Some(current) if mark <= *current => return None,
-                Some(current) => *current = mark,
-                None if mark == i64::MIN => return None,
+                Some(current) if moved <= *current => return None,
+                Some(current) => *current = moved,
                 None => {
-                    marks.insert(source.to_string(), mark);
+                    marks.insert(source.to_string(), moved);
                 }
             }
         }
@@ -1092,7 +1092,7 @@ impl Coordinator {
             control.roll().await;
         }
         // The sources' watermarks as of the barrier (later inserts may move them on).
-        let watermarks: Vec<(String, i64)> = self.watermarks.borrow().iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let watermarks: Vec<(String, i64)> = self.watermarks.borrow().iter().map(|(k, v)| (k.clone(), v.ms())).collect();
         drop(dispatching);
         let pause = paused.elapsed();
         // Every answer is awaited, failed or not, so no shard is still completing this
@@ -1158,7 +1158,9 @@ impl Coordinator {
             tx.send(ShardCommand::ReplayChannel { ack: ack.clone() }).await.map_err(|_| Error::internal("a shard has stopped"))?;
         }
         for (source, mark) in &manifest.watermarks {
-            self.watermarks.borrow_mut().insert(source.clone(), *mark);
+            if let Some(mark) = Watermark::decode(*mark) {
+                self.watermarks.borrow_mut().insert(source.clone(), mark);
+            }
         }
         let outputs = self.outputs.read();
         for (name, [rows, batches, late, mark]) in &manifest.counters {

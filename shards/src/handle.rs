@@ -222,8 +222,10 @@ impl Handle {
         self.call(|reply| Command::Stats { source: source.to_string(), reply })
     }
 
-    pub fn watermark(&self, source: &str, watermark_ms: i64) -> Result<i64> {
-        self.call(|reply| Command::Watermark { source: source.to_string(), watermark_ms, reply })
+    /// Moves `source`'s watermark to `mark` if that is later (`None`: only asks); returns
+    /// the source's watermark.
+    pub fn watermark(&self, source: &str, mark: Option<laminardb_engine::dataflow::Watermark>) -> Result<Option<laminardb_engine::dataflow::Watermark>> {
+        self.call(|reply| Command::Watermark { source: source.to_string(), mark, reply })
     }
 
     /// Returns once everything accepted so far has passed through every stream.

@@ -677,12 +677,10 @@ impl ShardRuntime {
         self.idle.remove(source);
     }
 
-    pub fn add_stream(&mut self, plan: Arc<StreamPlan>, output: Arc<Output>, marks: &[(Arc<str>, i64)]) -> Result<()> {
+    pub fn add_stream(&mut self, plan: Arc<StreamPlan>, output: Arc<Output>, marks: &[(Arc<str>, Watermark)]) -> Result<()> {
         let ack = self.background.clone();
         for (source, mark) in marks {
-            if let Some(mark) = Watermark::decode(*mark) {
-                self.watermark(source, mark, &ack);
-            }
+            self.watermark(source, *mark, &ack);
         }
         // A stream that backfills starts without watermarks: its inputs' arrive after the
         // rows they retain (`backfill`).
