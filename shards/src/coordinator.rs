@@ -711,6 +711,8 @@ impl Coordinator {
                 dag.add(Arc::new(spec), vec![Port { from: Upstream::Input(def.input.clone()), route: Route::Forward }]);
                 let plan = Arc::new(StreamPlan { name: name.clone(), sql: def.sql.clone(), dag, schema: input.schema.clone(), materialized: false, backfill: false });
                 self.outputs.write().insert(name.clone(), counters.clone());
+                // No insert half-way: every shard's sink starts with the same rows.
+                let _dispatching = self.dispatch_lock.lock().await;
                 let added = self
                     .ask_shards(|_, reply| ShardCommand::AddStream { plan: plan.clone(), output: counters.clone(), marks: vec![], reply })
                     .await?;
