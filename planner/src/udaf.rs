@@ -189,6 +189,31 @@ impl Accumulator for CheckedSum {
     }
 }
 
+/// The `GroupsAccumulator` of a type whose state is its result: one 8-byte value per
+/// group in `$values` beside a `seen` flag, folded by its `fold` (rows and states alike)
+/// and emitted by its `take`.
+macro_rules! fold_groups_accumulator {
+    ($t:ty, $values:ident) => {
+        impl GroupsAccumulator for $t {
+            fn update_batch(&mut self, values: &[ArrayRef], groups: &[usize], filter: Option<&BooleanArray>, total: usize) -> DfResult<()> {
+                self.fold(&values[0], groups, filter, total)
+            }
+            fn merge_batch(&mut self, values: &[ArrayRef], groups: &[usize], filter: Option<&BooleanArray>, total: usize) -> DfResult<()> {
+                self.fold(&values[0], groups, filter, total)
+            }
+            fn evaluate(&mut self, emit_to: EmitTo) -> DfResult<ArrayRef> {
+                Ok(self.take(emit_to))
+            }
+            fn state(&mut self, emit_to: EmitTo) -> DfResult<Vec<ArrayRef>> {
+                Ok(vec![self.take(emit_to)])
+            }
+            fn size(&self) -> usize {
+                self.$values.capacity() * 8 + self.seen.capacity()
+            }
+        }
+    };
+}
+
 /// BIGINT sums of many groups, checked.
 #[derive(Debug)]
 struct CheckedGroupSums {
@@ -197,7 +222,7 @@ struct CheckedGroupSums {
 }
 
 impl CheckedGroupSums {
-    fn add(&mut self, values: &ArrayRef, groups: &[usize], filter: Option<&BooleanArray>, total: usize) -> DfResult<()> {
+    fn fold(&mut self, values: &ArrayRef, groups: &[usize], filter: Option<&BooleanArray>, total: usize) -> DfResult<()> {
         self.sums.resize(total, 0);
         self.seen.resize(total, false);
         let values = values.as_primitive::<Int64Type>();
@@ -229,23 +254,7 @@ impl CheckedGroupSums {
     }
 }
 
-impl GroupsAccumulator for CheckedGroupSums {
-    fn update_batch(&mut self, values: &[ArrayRef], groups: &[usize], filter: Option<&BooleanArray>, total: usize) -> DfResult<()> {
-        self.add(&values[0], groups, filter, total)
-    }
-    fn merge_batch(&mut self, values: &[ArrayRef], groups: &[usize], filter: Option<&BooleanArray>, total: usize) -> DfResult<()> {
-        self.add(&values[0], groups, filter, total)
-    }
-    fn evaluate(&mut self, emit_to: EmitTo) -> DfResult<ArrayRef> {
-        Ok(self.take(emit_to))
-    }
-    fn state(&mut self, emit_to: EmitTo) -> DfResult<Vec<ArrayRef>> {
-        Ok(vec![self.take(emit_to)])
-    }
-    fn size(&self) -> usize {
-        self.sums.capacity() * 8 + self.seen.capacity()
-    }
-}
+fold_groups_accumulator!(CheckedGroupSums, sums);
 
 /// MIN or MAX of DOUBLE for many groups, in IEEE 754's total order (as the streams'
 /// `Acc::MinMaxFloat` and DataFusion's ungrouped kernels).
@@ -295,20 +304,4 @@ impl TotalOrderGroups {
     }
 }
 
-impl GroupsAccumulator for TotalOrderGroups {
-    fn update_batch(&mut self, values: &[ArrayRef], groups: &[usize], filter: Option<&BooleanArray>, total: usize) -> DfResult<()> {
-        self.fold(&values[0], groups, filter, total)
-    }
-    fn merge_batch(&mut self, values: &[ArrayRef], groups: &[usize], filter: Option<&BooleanArray>, total: usize) -> DfResult<()> {
-        self.fold(&values[0], groups, filter, total)
-    }
-    fn evaluate(&mut self, emit_to: EmitTo) -> DfResult<ArrayRef> {
-        Ok(self.take(emit_to))
-    }
-    fn state(&mut self, emit_to: EmitTo) -> DfResult<Vec<ArrayRef>> {
-        Ok(vec![self.take(emit_to)])
-    }
-    fn size(&self) -> usize {
-        self.keys.capacity() * 8 + self.seen.capacity()
-    }
-}
+fold_groups_accumulator!(TotalOrderGroups, keys);

@@ -61,8 +61,9 @@ struct StreamTask {
     outputs: Vec<usize>,
     /// Where each catalog input enters: `(input, node, port)`.
     entries: Rc<[(Box<str>, usize, usize)]>,
-    /// This shard's output watermark of the stream.
-    watermark: Option<Watermark>,
+    /// This shard's output watermark of the stream: the merge of its output nodes' (a
+    /// slot each, idle when every input the node depends on is).
+    out: WatermarkHolder,
     /// Changed since the last checkpoint's file of this task, which is `state_file`.
     dirty: bool,
     state_file: Option<String>,
@@ -113,7 +114,14 @@ impl StreamTask {
             });
         }
         let outputs = dag.outputs();
-        Ok(StreamTask { plan, output, nodes, outputs, entries: entries.into(), watermark: None, dirty: true, state_file: None })
+        let out = WatermarkHolder::new(outputs.len());
+        Ok(StreamTask { plan, output, nodes, outputs, entries: entries.into(), out, dirty: true, state_file: None })
+    }
+
+    /// Restores the output merge (`mark`, encoded) and its slots from the output nodes'.
+    fn restore_out(&mut self, mark: i64) {
+        let slots: Vec<i64> = self.outputs.iter().map(|&o| Watermark::encode(self.nodes[o].marks.merged())).collect();
+        self.out.restore(&slots, mark);
     }
 
     /// Late rows counted so far, over every operator.
@@ -468,7 +476,7 @@ impl ShardRuntime {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let state = TaskState { nodes, watermark: Watermark::encode(task.watermark) };
+                let state = TaskState { nodes, watermark: Watermark::encode(task.out.merged()) };
                 writes.push((root.join(&file), state_bytes(&state)?));
                 new_streams.push((name.clone(), file));
             }
@@ -545,9 +553,9 @@ impl ShardRuntime {
                         node.op.restore(&bytes)?;
                     }
                 }
-                task.watermark = Watermark::decode(saved.watermark);
+                task.restore_out(saved.watermark);
             }
-            if let Some(mark) = task.watermark {
+            if let Some(mark) = task.out.merged() {
                 task.output.shard_watermark(self.id, self.shards, mark.ms());
             }
             task.state_file = Some(file.clone());
@@ -991,18 +999,20 @@ impl ShardRuntime {
         }
     }
 
-    /// The stream's watermark on this shard: the minimum of its output nodes' that read
-    /// an active input (a union's branch over idle sources holds nothing back; with every
-    /// input idle the watermark holds). Passed on to the streams reading it when it moves.
+    /// The stream's watermark on this shard: its output nodes' merged (`StreamTask::out`;
+    /// a union's branch over idle sources holds nothing back, and with every input idle
+    /// the watermark holds). Passed on to the streams reading it when it moves.
     fn advance_output(&mut self, name: &Arc<str>, ack: &AckToken) {
         let Some(task) = self.streams.get_mut(name) else { return };
-        let idle = &self.idle;
-        let active = task.outputs.iter().filter(|&&o| !task.nodes[o].port_inputs.iter().flatten().all(|i| idle.contains(i)));
-        let Some(mark) = active.map(|&o| task.nodes[o].marks.merged()).min().flatten() else { return };
-        if task.watermark.is_some_and(|w| w >= mark) {
-            return;
+        let before = task.out.merged();
+        for (slot, &o) in task.outputs.iter().enumerate() {
+            let node = &task.nodes[o];
+            task.out.set_idle(slot, node.port_inputs.iter().flatten().all(|i| self.idle.contains(i)));
+            if let Some(mark) = node.marks.merged() {
+                task.out.update(slot, mark);
+            }
         }
-        task.watermark = Some(mark);
+        let Some(mark) = task.out.merged().filter(|&m| Some(m) != before) else { return };
         task.output.shard_watermark(self.id, self.shards, mark.ms());
         self.watermark(name, mark, ack);
     }
@@ -1126,7 +1136,7 @@ fn restore_v1(task: &mut StreamTask, saved: TaskStateV1, marks: &FastMap<String,
             }
         }
     }
-    task.watermark = Watermark::decode(watermark);
+    task.restore_out(watermark);
     Ok(())
 }
 

@@ -167,10 +167,6 @@ impl AggOperator {
         &self.plan
     }
 
-    pub fn watermark(&self) -> i64 {
-        self.watermark
-    }
-
     pub fn group_count(&self) -> usize {
         self.groups.len() - self.free.len()
     }
