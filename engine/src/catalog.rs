@@ -13,7 +13,7 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::{Error, Result};
-use crate::nexmark::NexmarkConfig;
+use crate::source::SourceConnector;
 use crate::stream::StreamPlan;
 
 /// Streams that live only as long as one subscription (`subscribe(sql)`): never written
@@ -48,8 +48,8 @@ pub struct SourceDef {
     pub options: BTreeMap<String, String>,
     /// The DDL text it was created from (for `streams()`-style introspection and recovery).
     pub sql: String,
-    /// A source whose rows the shards generate (`WITH (connector = 'nexmark', …)`).
-    pub generator: Option<NexmarkConfig>,
+    /// A source whose rows the shards read themselves (`WITH (connector = …)`).
+    pub connector: Option<Arc<dyn SourceConnector>>,
 }
 
 impl SourceDef {

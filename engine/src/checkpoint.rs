@@ -67,8 +67,19 @@ pub struct ShardFiles {
     /// batches, late rows dropped.
     #[serde(default)]
     pub counters: Vec<(String, [u64; 3])>,
+    /// Where each split this shard reads of a connector source was at the barrier
+    /// (`source::SplitReader::position`): the state above holds exactly the rows before it.
+    #[serde(default)]
+    pub positions: Vec<SplitPosition>,
     /// Bytes this shard wrote for this checkpoint.
     pub bytes_written: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SplitPosition {
+    pub source: String,
+    pub split: u64,
+    pub position: Vec<u8>,
 }
 
 pub fn manifest_path(root: &Path) -> PathBuf {
@@ -266,7 +277,7 @@ mod tests {
             lsn: 42,
             shards: 2,
             ddl: vec!["CREATE SOURCE t (id BIGINT)".into()],
-            shard_files: vec![ShardFiles { state: Some("data/shard-0/state-3.bin".into()), streams: vec![("s".into(), "data/shard-0/stream-3-0.bin".into())], rows: vec![("t".into(), vec!["a".into()])], channel: None, counters: vec![("t".into(), [1, 1, 0])], bytes_written: 9 }],
+            shard_files: vec![ShardFiles { state: Some("data/shard-0/state-3.bin".into()), streams: vec![("s".into(), "data/shard-0/stream-3-0.bin".into())], rows: vec![("t".into(), vec!["a".into()])], channel: None, counters: vec![("t".into(), [1, 1, 0])], positions: vec![SplitPosition { source: "g".into(), split: 1, position: vec![7, 0, 0, 0, 0, 0, 0, 0] }], bytes_written: 9 }],
             ..Manifest::default()
         };
         write_manifest(&root, &m).unwrap();

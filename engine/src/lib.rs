@@ -28,6 +28,7 @@ pub mod recovery;
 #[cfg(test)]
 mod sim;
 pub mod sink;
+pub mod source;
 pub mod stream;
 pub mod types;
 pub mod vfs;

@@ -10,8 +10,9 @@
 //! number, so every event is the same however the range is split across shards and
 //! whichever table asks for it.
 //!
-//! Rows are produced in chunks of [`CHUNK_EVENTS`] event numbers; a shard generating a
-//! source takes chunks `shard, shard + shards, …` so each shard's event time ascends.
+//! Rows are produced in chunks of [`CHUNK_EVENTS`] event numbers. A nexmark source has
+//! one split per shard ([`SourceConnector`]); split `s` of `n` takes chunks `s, s + n, …`,
+//! so each split's event time ascends, and records the next chunk as its position.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,12 +21,10 @@ use arrow::array::{ArrayRef, Int64Builder, RecordBatch, StringBuilder, Timestamp
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::error::{Error, Result};
+use crate::source::{offset_position, read_offset_position, SourceConnector, SplitPoll, SplitReader};
 
 /// Event numbers per generated chunk (and so per batch of the source).
 pub const CHUNK_EVENTS: u64 = 10_000;
-/// The watermark a generator source reaches when it has produced every event: past any
-/// window, so every window closes (bounded input ends like a stream whose time ran out).
-pub const END_OF_INPUT: i64 = i64::MAX / 4;
 
 const PERSON_PROPORTION: u64 = 1;
 const AUCTION_PROPORTION: u64 = 3;
@@ -381,6 +380,69 @@ impl Rng {
     }
 }
 
+
+impl SourceConnector for NexmarkConfig {
+    fn name(&self) -> &'static str {
+        "nexmark"
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.table.schema()
+    }
+
+    fn ordered_time_column(&self) -> Option<&'static str> {
+        Some("date_time")
+    }
+
+    fn splits(&self, shards: usize) -> Result<usize> {
+        Ok(shards.max(1))
+    }
+
+    fn open(&self, split: usize, splits: usize, position: Option<&[u8]>) -> Result<Box<dyn SplitReader>> {
+        let next = match position {
+            Some(bytes) => read_offset_position(bytes, &format!("nexmark split {split}"))?,
+            None => split as u64,
+        };
+        if splits == 0 || next % splits as u64 != split as u64 % splits as u64 {
+            return Err(Error::checkpoint(format!("nexmark split {split} of {splits} cannot be at chunk {next}")));
+        }
+        Ok(Box::new(NexmarkSplit { config: self.clone(), next, step: splits as u64, progress: None }))
+    }
+}
+
+/// Chunks `next, next + step, …` of a nexmark source.
+struct NexmarkSplit {
+    config: NexmarkConfig,
+    next: u64,
+    step: u64,
+    /// The latest event time of the chunks produced (later chunks' events are not before it).
+    progress: Option<i64>,
+}
+
+impl SplitReader for NexmarkSplit {
+    fn poll(&mut self) -> Result<SplitPoll> {
+        // A chunk may hold no row of this table: its time still passes.
+        while self.next < self.config.chunks() {
+            let chunk = self.next;
+            let rows = self.config.chunk(chunk)?;
+            self.next += self.step;
+            self.progress = Some(self.config.chunk_end_time_ms(chunk));
+            if let Some(rows) = rows {
+                return Ok(SplitPoll::Rows(rows));
+            }
+        }
+        Ok(SplitPoll::End)
+    }
+
+    fn position(&self) -> Vec<u8> {
+        offset_position(self.next)
+    }
+
+    fn progress(&self) -> Option<i64> {
+        self.progress
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,6 +506,47 @@ mod tests {
         // 10,000 events per second of event time by default: event 29,999 is at +2,999 ms.
         assert_eq!(c.chunk_end_time_ms(2) - c.base_time_ms, 2_999);
         assert_eq!(a[0].column(5).len() + a[1].column(5).len() + a[2].column(5).len(), 27_600);
+    }
+
+    /// Reads split `split` of `splits` from `position` until it ends or `limit` batches came.
+    fn read_split(c: &NexmarkConfig, split: usize, splits: usize, position: Option<&[u8]>, limit: usize) -> (Vec<RecordBatch>, Vec<u8>, bool) {
+        let mut reader = c.open(split, splits, position).unwrap();
+        let mut rows = Vec::new();
+        while rows.len() < limit {
+            match reader.poll().unwrap() {
+                SplitPoll::Rows(batch) => rows.push(batch),
+                SplitPoll::End => return (rows, reader.position(), true),
+                SplitPoll::Pending(_) => unreachable!("a generator never waits"),
+            }
+        }
+        (rows, reader.position(), false)
+    }
+
+    #[test]
+    fn splits_cover_every_chunk_once_and_go_on_from_a_recorded_position() {
+        let c = config("auction", 95_000);
+        let want = c.rows_total() as usize;
+        for splits in [1, 2, 3] {
+            let mut total = 0;
+            for split in 0..splits {
+                // Two batches, then a reader opened where the first one stopped.
+                let (first, position, ended) = read_split(&c, split, splits, None, 2);
+                assert!(!ended);
+                let (rest, _, ended) = read_split(&c, split, splits, Some(&position), usize::MAX);
+                assert!(ended);
+                let (whole, _, _) = read_split(&c, split, splits, None, usize::MAX);
+                assert_eq!([first, rest].concat(), whole, "split {split} of {splits}");
+                total += whole.iter().map(|b| b.num_rows()).sum::<usize>();
+            }
+            assert_eq!(total, want, "{splits} splits");
+        }
+        // Progress: the latest event time of what was read; a split's position belongs to it.
+        let mut reader = c.open(1, 3, None).unwrap();
+        assert_eq!(reader.progress(), None);
+        reader.poll().unwrap();
+        assert_eq!(reader.progress(), Some(c.chunk_end_time_ms(1)));
+        let Err(e) = c.open(0, 3, Some(&offset_position(4))) else { panic!("opened at another split's chunk") };
+        assert!(e.message.contains("cannot be at chunk 4"), "{}", e.message);
     }
 
     #[test]

@@ -17,7 +17,6 @@ use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::{Token, Word};
 
 use laminardb_engine::catalog::{SourceDef, SourceKind, WatermarkSpec};
-use laminardb_engine::nexmark::NexmarkConfig;
 use laminardb_engine::frontend::{ObjectKind, Statement};
 use laminardb_engine::types::parse_type_string;
 use laminardb_engine::{Error, Result};
@@ -91,17 +90,8 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
     }
     let name = object_name(&create.name)?;
     let options = with_options(&create.table_options)?;
-    let generator = match options.get("connector").map(|c| c.to_ascii_lowercase()) {
-        None => None,
-        Some(c) if c == "nexmark" => Some(NexmarkConfig::from_options(&options)?),
-        Some(other) => {
-            return Err(Error::connector(format!(
-                "source connector '{other}' is not available (this build generates 'nexmark' sources; \
-                 insert rows from Python for the rest)"
-            )))
-        }
-    };
-    if create.columns.is_empty() && generator.is_none() {
+    let connector = laminardb_engine::source::connector(&options)?;
+    if create.columns.is_empty() && connector.is_none() {
         return Err(Error::invalid_schema(format!("'{name}' needs at least one column")));
     }
     let mut fields = Vec::with_capacity(create.columns.len());
@@ -123,16 +113,16 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
         fields.push(Field::new(ident_value(&col.name), data_type, nullable));
     }
     let mut schema = Arc::new(Schema::new(fields));
-    if let Some(generator) = &generator {
-        let generated = generator.table.schema();
-        if !create.columns.is_empty() && !same_columns(&schema, &generated) {
+    if let Some(connector) = &connector {
+        let produced = connector.schema();
+        if !create.columns.is_empty() && !same_columns(&schema, &produced) {
             return Err(Error::invalid_schema(format!(
-                "a nexmark {:?} source has the columns ({}); declare those or none",
-                generator.table,
-                describe_columns(&generated)
+                "this {} source has the columns ({}); declare those or none",
+                connector.name(),
+                describe_columns(&produced)
             )));
         }
-        schema = generated;
+        schema = produced;
     }
     for constraint in &create.constraints {
         match constraint {
@@ -167,9 +157,11 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
         }
         watermark.get_or_insert(WatermarkSpec { column: column.clone(), delay_ms });
     }
-    if generator.is_some() && watermark.is_none() {
-        // Generated events are in event-time order: the watermark follows them exactly.
-        watermark = Some(WatermarkSpec { column: "date_time".into(), delay_ms: 0 });
+    if watermark.is_none() {
+        // A connector whose rows come in event-time order: the watermark follows them.
+        if let Some(column) = connector.as_ref().and_then(|c| c.ordered_time_column()) {
+            watermark = Some(WatermarkSpec { column: column.into(), delay_ms: 0 });
+        }
     }
     if let Some(w) = &watermark {
         let field = schema
@@ -186,7 +178,7 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
             return Err(Error::invalid_schema("a watermark delay cannot be negative"));
         }
     }
-    if generator.is_none() {
+    if connector.is_none() {
         if let Some(key) = options.keys().find(|k| !SOURCE_OPTIONS.contains(&k.as_str())) {
             return Err(Error::invalid_schema(format!(
                 "unknown option '{key}' in WITH: a source takes {}",
@@ -211,7 +203,7 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
         primary_key,
         options,
         sql: sql.to_string(),
-        generator,
+        connector,
     };
     def.choose_partition_key()?;
     Ok(Statement::CreateSource { def, if_not_exists: create.if_not_exists, or_replace: create.or_replace })
@@ -318,7 +310,7 @@ fn watermark_delay(column: &str, expr: &Expr) -> Result<i64> {
     }
 }
 
-/// The WITH keys of a source that is not generated (a generator checks its own).
+/// The WITH keys of a source without a connector (a connector checks its own).
 const SOURCE_OPTIONS: [&str; 5] = ["partition_key", "watermark_column", "watermark_delay_ms", "retention", "retention_rows"];
 
 fn with_options(options: &CreateTableOptions) -> Result<BTreeMap<String, String>> {

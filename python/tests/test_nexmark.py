@@ -107,6 +107,25 @@ def test_declared_columns_must_match_the_generated_ones(db):
     assert "price" in str(ei.value)
 
 
+def test_a_reopened_generator_goes_on_from_its_checkpoint_and_counts_nothing_twice(tmp_path):
+    # Each split's position is in the checkpoint close() takes: reopened and started again,
+    # a finished generator produces nothing more, and a stream over it keeps its counts.
+    path = str(tmp_path / "db")
+    db = laminardb.open(path, config=laminardb.LaminarConfig(shards=2))
+    bid_source(db, events=50_000)
+    db.execute("CREATE MATERIALIZED VIEW n AS SELECT COUNT(*) AS bids FROM bid")
+    db.start()
+    assert wait_until(lambda: finished(db, "bid"), timeout=30)
+    assert wait_until(lambda: db.query("SELECT bids FROM n").fetchall() == [(46_000,)], timeout=30)
+    db.close()
+    db = laminardb.open(path, config=laminardb.LaminarConfig(shards=2))
+    db.start()
+    assert not wait_until(lambda: db.query("SELECT COUNT(*) FROM bid").fetchall() != [(46_000,)], timeout=0.5)
+    assert db.query("SELECT bids FROM n").fetchall() == [(46_000,)]
+    assert finished(db, "bid")
+    db.close()
+
+
 @pytest.mark.parametrize(
     ("ddl", "named"),
     [

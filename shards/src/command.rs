@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use laminardb_engine::checkpoint::ShardFiles;
 use laminardb_engine::dataflow::Watermark;
 use laminardb_engine::frontend::Request;
-use laminardb_engine::nexmark::NexmarkConfig;
+use laminardb_engine::source::SourceConnector;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::wal::{Claim, Frontier};
@@ -53,7 +53,7 @@ pub enum Command {
     /// Answered once everything accepted has passed through every stream; with `stop`,
     /// the pipeline then refuses rows and watermarks (`shutdown()`).
     Drain { reply: Reply<()>, stop: bool },
-    /// The pipeline starts: generator sources begin producing.
+    /// The pipeline starts: connector sources begin reading.
     Start { reply: Reply<()> },
     /// Take a checkpoint now; answered with its id.
     Checkpoint { reply: Reply<u64> },
@@ -86,9 +86,10 @@ pub enum ShardCommand {
     DropStream { name: Arc<str> },
     /// Processing-time tick of an `EMIT EVERY` stream.
     Tick { stream: Arc<str> },
-    /// Generate this shard's share of a generator source; its watermark on this shard goes
-    /// into the source's `Output::shard_watermark`.
-    Generate { source: Arc<str>, config: Arc<NexmarkConfig>, delay_ms: i64 },
+    /// Start reading the splits of a connector source this shard owns, where the
+    /// restored checkpoint left them; its watermark on this shard goes into the source's
+    /// `Output::shard_watermark`. `time_column`: its event time (delay: the declared one).
+    StartSource { source: Arc<str>, connector: Arc<dyn SourceConnector>, delay_ms: i64, time_column: Option<usize> },
     Scan { source: Arc<str>, reply: Reply<Vec<RecordBatch>> },
     Stats { source: Arc<str>, reply: Reply<RowStats> },
     DropSource { source: Arc<str> },

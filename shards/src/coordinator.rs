@@ -230,7 +230,7 @@ pub(crate) fn run(startup: Startup) {
             inflight: Arc::new(AtomicUsize::new(0)),
             running: Cell::new(false),
             stopped: Cell::new(false),
-            generators: RefCell::new(HashMap::new()),
+            connected: RefCell::new(HashMap::new()),
             idle: RefCell::new(HashSet::new()),
             flows: RefCell::default(),
             idle_timeout: std::time::Duration::from_millis(config.idle_timeout_ms),
@@ -395,12 +395,12 @@ struct Coordinator {
     outputs: Outputs,
     /// Inserts and watermarks still travelling through the shards.
     inflight: Arc<AtomicUsize>,
-    /// `start()` was called: generator sources produce from creation on.
+    /// `start()` was called: connector sources read from creation on.
     running: Cell<bool>,
     /// `shutdown()` stopped the pipeline: rows, watermarks and `start()` are refused.
     stopped: Cell<bool>,
-    /// Generator sources, and whether the shards have been told to generate them.
-    generators: RefCell<HashMap<String, bool>>,
+    /// Connector sources, and whether the shards have been told to read them.
+    connected: RefCell<HashMap<String, bool>>,
     /// Sources declared idle (`update_idleness`), until their next rows or watermark.
     idle: RefCell<HashSet<String>>,
     idle_timeout: std::time::Duration,
@@ -516,7 +516,7 @@ impl Coordinator {
                     self.update_idleness(&flow.name, &ack).await;
                 }
                 let mut now = self.advance_watermark(&flow, Watermark::encode(asked), &ack).await;
-                // A generator source's watermark moves on the shards, into its output.
+                // A connector source's watermark moves on the shards, into its output.
                 if let Some(output) = self.outputs.read().get(&name) {
                     now = now.max(output.counters.watermark.load(Ordering::Relaxed));
                 }
@@ -546,10 +546,10 @@ impl Coordinator {
             }
             Command::Start { reply } => {
                 self.running.set(true);
-                let names: Vec<String> = self.generators.borrow().keys().cloned().collect();
+                let names: Vec<String> = self.connected.borrow().keys().cloned().collect();
                 let mut result = Ok(());
                 for name in names {
-                    result = result.and(self.start_generator(&name).await);
+                    result = result.and(self.start_source(&name).await);
                 }
                 let _ = reply.send(result);
             }
@@ -617,7 +617,7 @@ impl Coordinator {
                     self.drop_source(&name).await?;
                 }
                 let schema = def.schema.clone();
-                let generated = def.generator.is_some();
+                let connected = def.connector.is_some();
                 let retention = retain_policy(&def)?;
                 self.update_catalog(|c| c.add_source(def))?;
                 self.outputs.write().insert(name.clone(), Output::new(name.clone(), schema));
@@ -629,10 +629,10 @@ impl Coordinator {
                             .map_err(|_| Error::internal("a shard has stopped"))?;
                     }
                 }
-                if generated {
-                    self.generators.borrow_mut().insert(name.clone(), false);
+                if connected {
+                    self.connected.borrow_mut().insert(name.clone(), false);
                     if self.running.get() {
-                        self.start_generator(&name).await?;
+                        self.start_source(&name).await?;
                     }
                 }
                 Ok(Outcome::Ddl { verb: verb.into(), object: name })
@@ -807,19 +807,20 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Starts the shards generating source `name`, once.
-    async fn start_generator(&self, name: &str) -> Result<()> {
-        match self.generators.borrow_mut().get_mut(name) {
+    /// Starts the shards reading connector source `name`, once.
+    async fn start_source(&self, name: &str) -> Result<()> {
+        match self.connected.borrow_mut().get_mut(name) {
             Some(started) if !*started => *started = true,
             _ => return Ok(()),
         }
         let catalog = self.catalog.borrow().clone();
         let def = catalog.source(name)?;
-        let Some(config) = def.generator.clone() else { return Ok(()) };
-        let (config, delay_ms) = (Arc::new(config), def.watermark.as_ref().map_or(0, |w| w.delay_ms));
+        let Some(connector) = def.connector.clone() else { return Ok(()) };
+        let delay_ms = def.watermark.as_ref().map_or(0, |w| w.delay_ms);
+        let time_column = def.watermark.as_ref().and_then(|w| def.schema.index_of(&w.column).ok());
         let source: Arc<str> = name.into();
         for tx in self.shards.iter() {
-            let cmd = ShardCommand::Generate { source: source.clone(), config: config.clone(), delay_ms };
+            let cmd = ShardCommand::StartSource { source: source.clone(), connector: connector.clone(), delay_ms, time_column };
             tx.send(cmd).await.map_err(|_| Error::internal("a shard has stopped"))?;
         }
         Ok(())
@@ -896,7 +897,7 @@ impl Coordinator {
     async fn drop_source(&self, name: &str) -> Result<()> {
         let removed = self.update_catalog(|c| c.drop_source(name))?;
         self.watermarks.borrow_mut().remove(&removed.name);
-        self.generators.borrow_mut().remove(&removed.name);
+        self.connected.borrow_mut().remove(&removed.name);
         if let Some(output) = self.outputs.write().remove(&removed.name) {
             output.close();
         }
@@ -981,11 +982,11 @@ impl Coordinator {
             let quiet: Vec<Arc<str>> = {
                 let catalog = self.catalog.borrow().clone();
                 let outputs = self.outputs.read();
-                let (idle, generators) = (self.idle.borrow(), self.generators.borrow());
+                let (idle, connected) = (self.idle.borrow(), self.connected.borrow());
                 catalog
                     .sources
                     .keys()
-                    .filter(|name| name.as_str() != &**source && !idle.contains(*name) && !generators.contains_key(*name))
+                    .filter(|name| name.as_str() != &**source && !idle.contains(*name) && !connected.contains_key(*name))
                     .filter(|name| self.flow(name).matters)
                     .filter(|name| outputs.get(*name).is_some_and(|output| output.idle_ms() > timeout))
                     .map(|name| name.as_str().into())

@@ -23,6 +23,9 @@ use laminardb_engine::stream::{StreamPlan, OP_INSERT};
 use laminardb_engine::{Error, Result};
 
 use crate::command::{Ack, AckToken, Exchange, Reply, SpillRequest};
+
+mod sources;
+pub use sources::SourceStep;
 use crate::store::{LocalStore, RetainPolicy, SpillJob, SpillPolicy};
 
 /// Outputs of every source and stream by name, shared by the coordinator, the shards and
@@ -170,6 +173,10 @@ pub struct ShardRuntime {
     spare: Vec<Collector>,
     /// Sources' outputs (`source_output`).
     source_outputs: FastMap<Arc<str>, Arc<Output>>,
+    /// Connector sources this shard reads splits of.
+    sources: FastMap<Arc<str>, sources::SourceReading>,
+    /// Split positions a restored checkpoint recorded, until their source starts.
+    positions: sources::Positions,
 }
 
 /// `state` as rkyv bytes, for a checkpoint file.
@@ -328,6 +335,8 @@ impl ShardRuntime {
             spill,
             spare: Vec::new(),
             source_outputs: FastMap::default(),
+            sources: FastMap::default(),
+            positions: sources::Positions::new(),
         }
     }
 
@@ -508,6 +517,7 @@ impl ShardRuntime {
             })
             .collect();
         files.state = self.state_file.clone();
+        files.positions = self.split_positions();
         Ok(files)
     }
 
@@ -575,6 +585,7 @@ impl ShardRuntime {
                 read_state::<ChannelState>(&path)?.msgs
             };
         }
+        self.positions = files.positions.iter().map(|p| ((p.source.clone(), p.split as usize), p.position.clone())).collect();
         self.state_file = files.state.clone();
         self.dirty = false;
         Ok(())
@@ -588,6 +599,10 @@ impl ShardRuntime {
     pub fn close_all(&mut self) {
         for (name, task) in self.streams.iter_mut() {
             close_operators(name, task);
+        }
+        let sources: Vec<Arc<str>> = self.sources.keys().cloned().collect();
+        for source in sources {
+            self.close_source(&source);
         }
     }
 
@@ -678,6 +693,8 @@ impl ShardRuntime {
 
     pub fn drop_source(&mut self, source: &str) {
         self.dirty = true;
+        self.close_source(source);
+        self.positions.retain(|(name, _), _| name != source);
         self.source_outputs.remove(source);
         self.published.remove(source);
         self.store.drop_source(source);

@@ -13,14 +13,12 @@ use std::sync::atomic::AtomicUsize;
 
 use laminardb_engine::config::poll_for;
 use laminardb_engine::dataflow::Watermark;
-use laminardb_engine::nexmark::{NexmarkConfig, END_OF_INPUT};
-use laminardb_engine::stream::output::Output;
 use laminardb_engine::wal::Record;
 
 use crate::command::{Ack, AckToken, Exchange, ShardCommand, SpillRequest};
 use crate::store::SpillPolicy;
 use crate::health::{catch, Health};
-use crate::runtime::{Outputs, ShardRuntime};
+use crate::runtime::{Outputs, ShardRuntime, SourceStep};
 use crate::wal::{WalSpec, WalWriter};
 
 /// io_uring registered-buffer memory per shard; the hard memlock limit here is 8 MiB for
@@ -89,15 +87,15 @@ async fn run(id: usize, cpu: Option<usize>, cores: Vec<usize>, wiring: ShardWiri
             }
         }
     });
-    // Generator sources producing on this shard, each with its stop flag.
-    let mut generators: HashMap<Arc<str>, (Rc<Cell<bool>>, glommio::task::JoinHandle<()>)> = HashMap::new();
+    // Connector sources read on this shard, each with its stop flag.
+    let mut sources: HashMap<Arc<str>, (Rc<Cell<bool>>, glommio::task::JoinHandle<()>)> = HashMap::new();
     // A command taken from the inbox while gathering a group commit, handled next.
     let mut held: Option<ShardCommand> = None;
     let mut affinity = Affinity::new(cpu, cores);
     let result = loop {
         let cmd = match held.take() {
             Some(cmd) => cmd,
-            None => match poll_commands(&inbox, &exchange_waiting, spin, generators.is_empty()) {
+            None => match poll_commands(&inbox, &exchange_waiting, spin, sources.is_empty()) {
                 Some(Polled::Command(cmd)) => cmd,
                 Some(Polled::Exchange(msg)) => {
                     let large = matches!(&msg, Exchange::Data { batch, .. } if batch.num_rows() > LARGE_ROWS);
@@ -159,18 +157,29 @@ async fn run(id: usize, cpu: Option<usize>, cores: Vec<usize>, wiring: ShardWiri
             }
             ShardCommand::Retain { source, policy } => rt.set_retention(&source, policy),
             ShardCommand::DropSource { source } => {
-                if let Some((stop, _)) = generators.remove(&source) {
+                if let Some((stop, _)) = sources.remove(&source) {
                     stop.set(true);
                 }
                 rt.drop_source(&source);
             }
-            ShardCommand::Generate { source, config, delay_ms } => {
-                let stop = Rc::new(Cell::new(false));
-                let shards = rt.shards();
-                let generator = Generator { id, shards, source: source.clone(), config, delay_ms, stop: stop.clone() };
-                let task = glommio::spawn_local(generator.run(runtime.clone(), place.clone())).detach();
-                if let Some((old, _)) = generators.insert(source, (stop, task)) {
+            ShardCommand::StartSource { source, connector, delay_ms, time_column } => {
+                if let Some((old, _)) = sources.remove(&source) {
                     old.set(true);
+                }
+                let ack = Ack::background();
+                match catch(&place, || rt.open_source(&source, connector.as_ref(), delay_ms, time_column, &ack)) {
+                    Ok(SourceStep::Ended) => {}
+                    Ok(_) => {
+                        let stop = Rc::new(Cell::new(false));
+                        let task = SourceTask { source: source.clone(), stop: stop.clone() };
+                        let task = glommio::spawn_local(task.run(runtime.clone(), place.clone())).detach();
+                        sources.insert(source, (stop, task));
+                    }
+                    Err(e) => {
+                        if let Some(output) = rt.output(&source) {
+                            output.record_error(&format!("reading did not start on {place}: {e}"));
+                        }
+                    }
                 }
             }
             ShardCommand::InjectPanic { reply } => {
@@ -194,7 +203,7 @@ async fn run(id: usize, cpu: Option<usize>, cores: Vec<usize>, wiring: ShardWiri
     if let Some(wal) = wal {
         wal.close().await;
     }
-    for (_, (stop, task)) in generators.drain() {
+    for (_, (stop, task)) in sources.drain() {
         stop.set(true);
         task.await;
     }
@@ -302,7 +311,7 @@ enum Polled {
 /// The next command or exchange message if one arrives within `spin`, polled by the
 /// command loop itself: what is found here runs at once, without a trip through the
 /// reactor (its I/O poll and preemption timer, then the task queue), which costs several
-/// microseconds per message. Polls politely (`poll_for`), and not at all while generator
+/// microseconds per message. Polls politely (`poll_for`), and not at all while source
 /// tasks want this executor (`alone` false).
 fn poll_commands(
     inbox: &ConnectedReceiver<ShardCommand>,
@@ -389,67 +398,37 @@ async fn log_appends(wal: &mut WalWriter, group: Vec<ShardCommand>, place: &str)
     }
 }
 
-/// One shard's share of a generator source: chunks `id, id + shards, …` in order, each
-/// appended like an insert and followed by the watermark it reaches; at the end the
-/// watermark moves to [`END_OF_INPUT`] so every window closes.
-struct Generator {
-    id: usize,
-    shards: usize,
+/// The reading of one connector source's splits on this shard: polls them between
+/// commands (yielding after each round, sleeping while they have nothing) until they end,
+/// the source is dropped or the shard stops.
+struct SourceTask {
     source: Arc<str>,
-    config: Arc<NexmarkConfig>,
-    delay_ms: i64,
     stop: Rc<Cell<bool>>,
 }
 
-impl Generator {
+impl SourceTask {
     async fn run(self, runtime: Rc<RefCell<ShardRuntime>>, place: String) {
         // glommio runs a spawned task at once, inside the command loop that spawned it
         // (which holds the runtime): give it back first.
         futures_lite::future::yield_now().await;
-        // Nobody waits on generated rows; each chunk's token still times its emissions.
+        // Nobody waits on a connector's rows; each round's token still times its emissions.
         let unwaited = Arc::new(AtomicUsize::new(0));
-        let output = runtime.borrow().output(&self.source);
-        let mut chunk = self.id as u64;
-        while chunk < self.config.chunks() {
-            if self.stop.get() {
-                return;
-            }
+        while !self.stop.get() {
             let ack = Ack::born_at(Some(std::time::Instant::now()), &unwaited, |_| {});
-            let step = catch(&place, || {
-                let mut rt = runtime.borrow_mut();
-                if let Some(batch) = self.config.chunk(chunk)? {
-                    rt.append(&self.source, vec![batch], &ack)?;
-                }
-                let mark = self.config.chunk_end_time_ms(chunk).saturating_sub(self.delay_ms);
-                rt.watermark(&self.source, Watermark::new(mark), &ack);
-                Ok(mark)
-            });
+            let step = catch(&place, || runtime.borrow_mut().poll_source(&self.source, &ack));
+            drop(ack);
             match step {
-                Ok(mark) => self.reached(mark, output.as_deref()),
+                Ok(SourceStep::Busy) => futures_lite::future::yield_now().await,
+                Ok(SourceStep::Wait(after)) => glommio::timer::sleep(after).await,
+                Ok(SourceStep::Ended) => return,
                 Err(e) => {
                     // Counted in the source's metrics (errors, last_error) and logged.
-                    if let Some(output) = &output {
-                        output.record_error(&format!("generating failed: {e}"));
+                    if let Some(output) = runtime.borrow().output(&self.source) {
+                        output.record_error(&format!("reading stopped on {place}: {e}"));
                     }
                     return;
                 }
             }
-            chunk += self.shards as u64;
-            // Let commands and exchange messages in between chunks.
-            futures_lite::future::yield_now().await;
-        }
-        if !self.stop.get() {
-            let ack = Ack::born_at(Some(std::time::Instant::now()), &unwaited, |_| {});
-            runtime.borrow_mut().watermark(&self.source, Watermark::new(END_OF_INPUT), &ack);
-            self.reached(END_OF_INPUT, output.as_deref());
-        }
-    }
-
-    /// This shard has generated everything up to `mark`; the source's watermark is what
-    /// every shard has reached.
-    fn reached(&self, mark: i64, output: Option<&Output>) {
-        if let Some(output) = output {
-            output.shard_watermark(self.id, self.shards, mark);
         }
     }
 }

@@ -88,7 +88,7 @@ impl Frontend for DedupeFrontend {
                     // any number of shards.
                     options: [("partition_key".to_string(), "sym".to_string())].into_iter().collect(),
                     sql: sql.into(),
-                    generator: None,
+                    connector: None,
                 };
                 def.choose_partition_key()?;
                 Ok(Statement::CreateSource { def, if_not_exists: false, or_replace: false })

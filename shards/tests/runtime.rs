@@ -38,7 +38,7 @@ impl Frontend for TinyFrontend {
             primary_key: vec![],
             options: Default::default(),
             sql: sql.into(),
-            generator: None,
+            connector: None,
         };
         def.choose_partition_key()?;
         Ok(Statement::CreateSource { def, if_not_exists: false, or_replace: false })

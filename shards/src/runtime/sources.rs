@@ -1,0 +1,170 @@
+//! Connector sources read on this shard (`engine::source`): the readers of the splits
+//! this shard owns, polled by the shard's source task (`shard::SourceTask`), their rows
+//! appended like inserted ones, the source's watermark here the least of its splits'.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+
+use laminardb_engine::checkpoint::SplitPosition;
+use laminardb_engine::dataflow::Watermark;
+use laminardb_engine::source::{SourceConnector, SplitPoll, SplitReader, END_OF_INPUT};
+use laminardb_engine::stream::time::max_millis;
+use laminardb_engine::{Error, Result};
+
+use super::ShardRuntime;
+use crate::command::AckToken;
+
+/// One connector source on this shard.
+pub(super) struct SourceReading {
+    splits: Vec<SplitState>,
+    /// The declared watermark delay, subtracted from the splits' event-time progress.
+    delay_ms: i64,
+    /// The event-time column, for splits that do not report their progress.
+    time_column: Option<usize>,
+}
+
+struct SplitState {
+    split: usize,
+    reader: Box<dyn SplitReader>,
+    ended: bool,
+    /// The latest event time among the rows read.
+    seen: Option<i64>,
+}
+
+impl SplitState {
+    /// This split's watermark: past everything once ended, else its progress less the delay.
+    fn watermark(&self, delay_ms: i64) -> Option<i64> {
+        if self.ended {
+            return Some(END_OF_INPUT);
+        }
+        self.reader.progress().or(self.seen).map(|t| t.saturating_sub(delay_ms))
+    }
+}
+
+/// What a poll of a source's splits on this shard came to.
+#[derive(Debug, PartialEq)]
+pub enum SourceStep {
+    /// Rows came: poll again at once.
+    Busy,
+    /// Nothing now: poll again after this long.
+    Wait(Duration),
+    /// Every split of this shard has ended (or it owns none).
+    Ended,
+}
+
+/// The splits restored positions are kept by, until their source starts reading.
+pub(super) type Positions = HashMap<(String, usize), Vec<u8>>;
+
+impl ShardRuntime {
+    /// Opens the readers of the splits of `source` this shard owns (split `s` is shard
+    /// `s % shards`'s), each where the restored checkpoint left it. A shard owning none
+    /// moves the source's watermark here past everything: none of its rows will come here.
+    pub fn open_source(
+        &mut self,
+        source: &Arc<str>,
+        connector: &dyn SourceConnector,
+        delay_ms: i64,
+        time_column: Option<usize>,
+        ack: &AckToken,
+    ) -> Result<SourceStep> {
+        self.close_source(source);
+        let splits = connector.splits(self.shards)?;
+        let mut states = Vec::new();
+        for split in (self.id..splits).step_by(self.shards) {
+            let position = self.positions.remove(&(source.to_string(), split));
+            let reader = connector.open(split, splits, position.as_deref()).map_err(|e| {
+                Error::connector(format!("opening split {split} of '{source}': {}", e.message))
+            })?;
+            states.push(SplitState { split, reader, ended: false, seen: None });
+        }
+        let owns = !states.is_empty();
+        self.sources.insert(source.clone(), SourceReading { splits: states, delay_ms, time_column });
+        if !owns {
+            self.source_watermark(source, END_OF_INPUT, ack);
+            return Ok(SourceStep::Ended);
+        }
+        Ok(SourceStep::Busy)
+    }
+
+    /// Polls each open split of `source` once, appends what came and moves the source's
+    /// watermark on this shard.
+    pub fn poll_source(&mut self, source: &Arc<str>, ack: &AckToken) -> Result<SourceStep> {
+        let Some(reading) = self.sources.get_mut(source) else { return Ok(SourceStep::Ended) };
+        let mut batches: Vec<RecordBatch> = Vec::new();
+        let mut wait: Option<Duration> = None;
+        let mut failure = None;
+        for state in reading.splits.iter_mut().filter(|s| !s.ended) {
+            match state.reader.poll() {
+                Ok(SplitPoll::Rows(batch)) => {
+                    if let Some(column) = reading.time_column {
+                        state.seen = state.seen.max(max_millis(batch.column(column))?);
+                    }
+                    batches.push(batch);
+                }
+                Ok(SplitPoll::Pending(after)) => wait = Some(wait.map_or(after, |w| w.min(after))),
+                Ok(SplitPoll::End) => state.ended = true,
+                Err(e) => {
+                    failure = Some(Error::connector(format!("reading split {} of '{source}': {}", state.split, e.message)));
+                    break;
+                }
+            }
+        }
+        let ended = reading.splits.iter().all(|s| s.ended);
+        let delay_ms = reading.delay_ms;
+        let mark = reading.splits.iter().map(|s| s.watermark(delay_ms)).min().flatten();
+        let came = !batches.is_empty();
+        if came {
+            self.append(source, batches, ack)?;
+        }
+        if let Some(mark) = mark {
+            self.source_watermark(source, mark, ack);
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(match (came, ended, wait) {
+            (true, _, _) => SourceStep::Busy,
+            (false, true, _) => SourceStep::Ended,
+            (false, false, Some(after)) => SourceStep::Wait(after),
+            (false, false, None) => SourceStep::Busy,
+        })
+    }
+
+    /// `source`'s watermark on this shard is now `mark` (a connector source moves its
+    /// own): into the dataflow, and into the source's metrics.
+    fn source_watermark(&mut self, source: &Arc<str>, mark: i64, ack: &AckToken) {
+        self.watermark(source, Watermark::new(mark), ack);
+        if let Some(output) = self.source_output(source) {
+            output.shard_watermark(self.id, self.shards, mark);
+        }
+    }
+
+    /// Closes the readers of `source` on this shard (dropped, replaced or shut down).
+    pub(super) fn close_source(&mut self, source: &str) {
+        if let Some(mut reading) = self.sources.remove(source) {
+            for state in reading.splits.iter_mut() {
+                if let Err(e) = state.reader.close() {
+                    log::warn!("closing split {} of '{source}': {e}", state.split);
+                }
+            }
+        }
+    }
+
+    /// Where every split of this shard is, for a checkpoint: the open readers', and the
+    /// restored positions of sources not reading yet (carried on, or they would be lost).
+    pub(super) fn split_positions(&self) -> Vec<SplitPosition> {
+        let open = self.sources.iter().flat_map(|(source, reading)| {
+            reading.splits.iter().map(|s| SplitPosition { source: source.to_string(), split: s.split as u64, position: s.reader.position() })
+        });
+        let waiting = self
+            .positions
+            .iter()
+            .map(|((source, split), position)| SplitPosition { source: source.clone(), split: *split as u64, position: position.clone() });
+        let mut all: Vec<SplitPosition> = open.chain(waiting).collect();
+        all.sort_by(|a, b| (&a.source, a.split).cmp(&(&b.source, b.split)));
+        all
+    }
+}

@@ -1,0 +1,189 @@
+//! A connector source needs its own code, nothing in the runtime: a counting connector
+//! written here (three splits of the numbers 0..300, each read only up to a gate the
+//! test moves) is read by the shards that own its splits, its watermark follows the
+//! splits' progress, and a checkpoint records where each split was, so that reading goes
+//! on from there after a reopen: every number exactly once.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use datafusion::common::ScalarValue;
+
+use laminardb_engine::catalog::{Catalog, SourceDef, SourceKind, WatermarkSpec};
+use laminardb_engine::config::EngineConfig;
+use laminardb_engine::frontend::{Frontend, ShardAccess, Statement};
+use laminardb_engine::source::{offset_position, read_offset_position, SourceConnector, SplitPoll, SplitReader, END_OF_INPUT};
+use laminardb_engine::{Error, Result};
+use laminardb_shards::Handle;
+
+const SPLITS: u64 = 3;
+const TOTAL: u64 = 300;
+const DELAY_MS: i64 = 5;
+
+/// Numbers `split, split + 3, …` below `TOTAL`, but none at or above `gate` yet.
+#[derive(Debug)]
+struct Counting {
+    gate: Arc<AtomicU64>,
+}
+
+struct CountingSplit {
+    next: u64,
+    gate: Arc<AtomicU64>,
+}
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]))
+}
+
+impl SourceConnector for Counting {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+    fn schema(&self) -> SchemaRef {
+        schema()
+    }
+    fn splits(&self, _shards: usize) -> Result<usize> {
+        Ok(SPLITS as usize)
+    }
+    fn open(&self, split: usize, _splits: usize, position: Option<&[u8]>) -> Result<Box<dyn SplitReader>> {
+        let next = position.map_or(Ok(split as u64), |p| read_offset_position(p, "counting"))?;
+        Ok(Box::new(CountingSplit { next, gate: self.gate.clone() }))
+    }
+}
+
+impl SplitReader for CountingSplit {
+    fn poll(&mut self) -> Result<SplitPoll> {
+        if self.next >= TOTAL {
+            return Ok(SplitPoll::End);
+        }
+        let gate = self.gate.load(Ordering::Acquire);
+        let values: Vec<i64> = (self.next..gate.min(TOTAL)).step_by(SPLITS as usize).take(10).map(|v| v as i64).collect();
+        let Some(&last) = values.last() else { return Ok(SplitPoll::Pending(Duration::from_millis(1))) };
+        self.next = last as u64 + SPLITS;
+        Ok(SplitPoll::Rows(RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(values)) as ArrayRef])?))
+    }
+    fn position(&self) -> Vec<u8> {
+        offset_position(self.next)
+    }
+    fn progress(&self) -> Option<i64> {
+        Some(self.next as i64)
+    }
+}
+
+/// Knows `create` (the source `t` over the counting connector); keeps the shard access
+/// it is planned with (also when reopening replays it) to read the rows back.
+struct CountingFrontend {
+    gate: Arc<AtomicU64>,
+    access: Arc<parking_lot::Mutex<Option<Arc<dyn ShardAccess>>>>,
+}
+
+impl Frontend for CountingFrontend {
+    fn split(&self, sql: &str) -> Result<Vec<String>> {
+        Ok(vec![sql.to_string()])
+    }
+    fn plan(&mut self, sql: &str, _: &[ScalarValue], _: &Arc<Catalog>, access: Arc<dyn ShardAccess>) -> Result<Statement> {
+        *self.access.lock() = Some(access);
+        match sql {
+            "create" => {
+                let def = SourceDef {
+                    name: "t".into(),
+                    kind: SourceKind::Source,
+                    schema: schema(),
+                    watermark: Some(WatermarkSpec { column: "v".into(), delay_ms: DELAY_MS }),
+                    partition_key: vec![],
+                    primary_key: vec![],
+                    options: Default::default(),
+                    sql: sql.into(),
+                    connector: Some(Arc::new(Counting { gate: self.gate.clone() })),
+                };
+                Ok(Statement::CreateSource { def, if_not_exists: false, or_replace: false })
+            }
+            other => Err(Error::parse(format!("unknown statement {other}"))),
+        }
+    }
+    fn shutdown(&mut self) {}
+}
+
+struct Db {
+    handle: Handle,
+    access: Arc<parking_lot::Mutex<Option<Arc<dyn ShardAccess>>>>,
+}
+
+fn open(shards: usize, dir: &std::path::Path, gate: &Arc<AtomicU64>) -> Db {
+    let config = EngineConfig { shards, pin_shards: false, storage_dir: Some(dir.display().to_string()), ..EngineConfig::default() };
+    let access = Arc::new(parking_lot::Mutex::new(None));
+    let frontend = CountingFrontend { gate: gate.clone(), access: access.clone() };
+    let handle = Handle::open(config, Box::new(frontend)).expect("open");
+    Db { handle, access }
+}
+
+impl Db {
+    fn rows(&self) -> u64 {
+        self.handle.stats("t").unwrap().iter().map(|s| s.rows).sum()
+    }
+
+    fn wait_for_rows(&self, want: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.rows() < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(self.rows(), want);
+    }
+
+    fn watermark(&self) -> i64 {
+        self.handle.output("t").unwrap().counters.watermark.load(Ordering::Acquire)
+    }
+
+    /// Every value of `t`, sorted.
+    fn values(&self) -> Vec<i64> {
+        let access = self.access.lock().clone().expect("the front end saw the shard access");
+        let mut values = Vec::new();
+        for shard in 0..access.shards() {
+            for batch in access.scan("t", shard).unwrap().recv().unwrap().unwrap() {
+                values.extend(batch.column(0).as_primitive::<Int64Type>().values().iter().copied());
+            }
+        }
+        values.sort();
+        values
+    }
+}
+
+#[test]
+fn a_connector_source_goes_on_from_its_checkpointed_positions_exactly_once() {
+    // 4 shards: shard 3 owns no split and holds the watermark back nowhere.
+    for shards in [2, 4] {
+        let dir = std::env::temp_dir().join(format!("laminardb-source-{}-{shards}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let gate = Arc::new(AtomicU64::new(100));
+        let db = open(shards, &dir, &gate);
+        db.handle.execute("create", vec![]).unwrap();
+        db.handle.start().unwrap();
+        db.wait_for_rows(100);
+        // Splits next at 102, 100 and 101: the least, less the delay.
+        assert_eq!(db.watermark(), 100 - DELAY_MS, "{shards} shards");
+        db.handle.checkpoint().unwrap();
+        gate.store(150, Ordering::Release);
+        db.wait_for_rows(150);
+        db.handle.close().unwrap();
+
+        // Reopened, the splits go on where close()'s checkpoint found them.
+        let db = open(shards, &dir, &gate);
+        assert_eq!(db.rows(), 150);
+        db.handle.start().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(db.rows(), 150, "{shards} shards: nothing read twice");
+        gate.store(TOTAL, Ordering::Release);
+        db.wait_for_rows(TOTAL);
+        assert_eq!(db.values(), (0..TOTAL as i64).collect::<Vec<_>>(), "{shards} shards");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while db.watermark() < END_OF_INPUT && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(db.watermark(), END_OF_INPUT, "every split ended");
+        db.handle.close().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
