@@ -23,10 +23,10 @@ use laminardb_engine::stream::{StreamPlan, OP_INSERT};
 use laminardb_engine::{Error, Result};
 
 use crate::command::{Ack, AckToken, Exchange, Reply, SpillRequest};
+use crate::store::{LocalStore, RetainPolicy, SpillJob, SpillPolicy};
 
 mod sources;
 pub use sources::SourceStep;
-use crate::store::{LocalStore, RetainPolicy, SpillJob, SpillPolicy};
 
 /// Outputs of every source and stream by name, shared by the coordinator, the shards and
 /// the callers that subscribe.
@@ -398,7 +398,7 @@ impl ShardRuntime {
                     return;
                 }
                 match ipc::to_bytes(&batch.schema(), std::slice::from_ref(batch)) {
-                    Ok(bytes) => (stream, *node, *port, *from, Some(bytes), i64::MIN),
+                    Ok(bytes) => (stream, *node, *port, *from, Some(bytes), Watermark::ENCODED_NONE),
                     Err(e) => {
                         p.files = Err(e);
                         return;
@@ -543,7 +543,7 @@ impl ShardRuntime {
             self.marks = state.marks.into_iter().filter_map(|(k, v)| Some((k, Watermark::decode(v)?))).collect();
             // What a retention had dropped before the checkpoint stays dropped.
             for (name, mark) in &self.marks {
-                self.store.expire(name, mark.ms());
+                self.store.expire(name, *mark);
             }
         }
         for (name, file) in &files.streams {
@@ -687,7 +687,7 @@ impl ShardRuntime {
         let rows = policy.rows.map(|n| RetainPolicy::share(n, self.id, self.shards));
         self.store.set_retention(source, RetainPolicy { rows, ..policy });
         if let Some(&mark) = self.marks.get(&**source) {
-            self.store.expire(source, mark.ms());
+            self.store.expire(source, mark);
         }
     }
 
@@ -957,7 +957,7 @@ impl ShardRuntime {
             }
         }
         self.dirty = true;
-        self.store.expire(input, mark.ms());
+        self.store.expire(input, mark);
         let Some(readers) = self.readers.get(input).cloned() else { return };
         for name in readers.iter() {
             let Some(task) = self.streams.get(name) else { continue };

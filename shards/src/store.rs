@@ -17,6 +17,7 @@ use arrow::array::{Array, RecordBatch};
 use arrow::buffer::Buffer;
 use arrow::compute::concat_batches;
 
+use laminardb_engine::dataflow::Watermark;
 use laminardb_engine::stream::time::to_millis;
 use laminardb_engine::{ipc, wal, Error, Result};
 
@@ -51,7 +52,7 @@ pub struct SourceRows {
     file_rows: Vec<u64>,
     retention: Option<RetainPolicy>,
     /// The latest watermark the time retention was applied at.
-    mark: i64,
+    mark: Option<Watermark>,
     /// Rows dropped by the retention since the database opened.
     expired_rows: u64,
 }
@@ -116,7 +117,7 @@ impl SourceRows {
             files: Vec::new(),
             file_rows: Vec::new(),
             retention: None,
-            mark: i64::MIN,
+            mark: None,
             expired_rows: 0,
         }
     }
@@ -131,14 +132,11 @@ impl SourceRows {
 
     /// Drops the rows older than `watermark` minus the time retention, from the oldest
     /// on up to the first row that is not; returns how many.
-    fn expire_time(&mut self, watermark: i64) -> u64 {
+    fn expire_time(&mut self, watermark: Option<Watermark>) -> u64 {
         let Some((column, span)) = self.retention.and_then(|r| r.time) else { return 0 };
         self.mark = self.mark.max(watermark);
-        let watermark = self.mark;
-        if watermark == i64::MIN {
-            return 0;
-        }
-        let cutoff = watermark.saturating_sub(span);
+        let Some(watermark) = self.mark else { return 0 };
+        let cutoff = watermark.ms().saturating_sub(span);
         let mut expired = 0u64;
         let spilled = self.spilled.iter().flat_map(|f| f.batches.iter());
         for batch in spilled.chain(&self.sealed).chain(&self.small) {
@@ -352,9 +350,9 @@ impl LocalStore {
 
     /// `name`'s watermark on this shard is now `watermark`: rows older than its time
     /// retention go (nothing happens for a source without one, or for a stream).
-    pub fn expire(&mut self, name: &str, watermark: i64) -> u64 {
+    pub fn expire(&mut self, name: &str, watermark: Watermark) -> u64 {
         match self.sources.get_mut(name) {
-            Some(rows) if rows.retention.is_some() => rows.expire_time(watermark) + rows.expire_rows(),
+            Some(rows) if rows.retention.is_some() => rows.expire_time(Some(watermark)) + rows.expire_rows(),
             _ => 0,
         }
     }
@@ -552,17 +550,17 @@ mod tests {
         assert_eq!(store.stats("t").expired_rows, 50);
         assert_eq!(values(&store.scan("t"))[0], 500);
         // watermark 2,000: rows before 1,900 go (whole first batch, a slice of the second)
-        assert_eq!(store.expire("t", 2_000), 140);
+        assert_eq!(store.expire("t", Watermark::new(2_000)), 140);
         let kept = values(&store.scan("t"));
         assert_eq!(kept, (190..300).map(|t| t * 10).collect::<Vec<_>>());
         assert_eq!(store.stats("t").expired_rows, 190);
-        assert_eq!(store.expire("t", 1_500), 0, "a watermark does not move back");
+        assert_eq!(store.expire("t", Watermark::new(1_500)), 0, "a watermark does not move back");
         assert_eq!(store.files("t"), vec!["rows-1".to_string()], "the file still holds retained rows");
         store.append(&src, timed(300, 250)).unwrap();
         assert_eq!(store.files("t"), Vec::<String>::new(), "every row of the file has expired: it leaves the list");
         assert_eq!(values(&store.scan("t")), (300..550).map(|t| t * 10).collect::<Vec<_>>());
         assert_eq!(values(&store.unsaved("t")).len(), 250);
-        assert_eq!(store.expire("other", 1 << 40), 0, "no retention, nothing dropped");
+        assert_eq!(store.expire("other", Watermark::new(1 << 40)), 0, "no retention, nothing dropped");
         assert_eq!(RetainPolicy::share(10, 0, 3) + RetainPolicy::share(10, 1, 3) + RetainPolicy::share(10, 2, 3), 10);
         assert_eq!((RetainPolicy::share(10, 0, 3), RetainPolicy::share(10, 2, 3)), (4, 3));
     }

@@ -17,13 +17,20 @@ impl Watermark {
         self.0
     }
 
-    /// The encoding checkpoints and the exchange use: `i64::MIN` for none.
-    pub fn encode(mark: Option<Watermark>) -> i64 {
-        mark.map_or(i64::MIN, |w| w.0)
+    /// What [`encode`](Self::encode) makes of no watermark: below every other, so
+    /// `fetch_max` on an atomic holding encoded watermarks moves it on from "none".
+    pub const ENCODED_NONE: i64 = i64::MIN;
+
+    /// The encoding of checkpoints, the exchange and the metrics' atomics.
+    pub const fn encode(mark: Option<Watermark>) -> i64 {
+        match mark {
+            Some(w) => w.0,
+            None => Self::ENCODED_NONE,
+        }
     }
 
     pub fn decode(raw: i64) -> Option<Watermark> {
-        (raw != i64::MIN).then_some(Watermark(raw))
+        (raw != Self::ENCODED_NONE).then_some(Watermark(raw))
     }
 }
 

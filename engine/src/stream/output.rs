@@ -13,6 +13,7 @@ use hdrhistogram::Histogram;
 use parking_lot::RwLock;
 
 use super::time::now_ms;
+use crate::dataflow::Watermark;
 
 /// Batches a subscriber may have waiting before its oldest is dropped.
 pub const SUBSCRIBER_BATCHES_MAX: usize = 4096;
@@ -208,7 +209,7 @@ impl Default for OutputCounters {
             batches: AtomicU64::new(0),
             lagged_batches: AtomicU64::new(0),
             late_rows: AtomicU64::new(0),
-            watermark: std::sync::atomic::AtomicI64::new(i64::MIN),
+            watermark: std::sync::atomic::AtomicI64::new(Watermark::ENCODED_NONE),
             future_rows: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             rejected_rows: AtomicU64::new(0),
@@ -379,12 +380,13 @@ impl Output {
     }
 
     /// Shard `shard` of `shards` has moved this stream's watermark to `mark`: the
-    /// stream's watermark is what every shard has passed.
+    /// stream's watermark is what every shard has passed (the atomics hold encoded
+    /// watermarks, `Watermark::encode`).
     pub fn shard_watermark(&self, shard: usize, shards: usize, mark: i64) {
-        let marks = self.shard_marks.get_or_init(|| (0..shards.max(1)).map(|_| AtomicI64::new(i64::MIN)).collect());
+        let marks = self.shard_marks.get_or_init(|| (0..shards.max(1)).map(|_| AtomicI64::new(Watermark::ENCODED_NONE)).collect());
         let Some(slot) = marks.get(shard) else { return };
         slot.fetch_max(mark, Ordering::Relaxed);
-        let min = marks.iter().map(|m| m.load(Ordering::Relaxed)).min().unwrap_or(i64::MIN);
+        let min = marks.iter().map(|m| m.load(Ordering::Relaxed)).min().unwrap_or(Watermark::ENCODED_NONE);
         self.counters.watermark.fetch_max(min, Ordering::Relaxed);
     }
 

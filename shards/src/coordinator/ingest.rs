@@ -111,7 +111,7 @@ impl Coordinator {
             }
         }
         // Answered once the watermark has passed through every stream.
-        let mark = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
+        let mark = Arc::new(std::sync::atomic::AtomicI64::new(Watermark::ENCODED_NONE));
         let ack = Ack::new(&self.ingest.inflight, {
             let mark = mark.clone();
             move |r| {
