@@ -63,6 +63,9 @@ pub enum SplitPoll {
     Pending(Duration),
     /// The split has ended: nothing more comes.
     End,
+    /// Input that could not be read was left out (a file that does not decode): counted in
+    /// the source's errors and logged, and reading goes on.
+    Skipped(String),
 }
 
 /// One split, read on one shard's thread.
@@ -89,21 +92,122 @@ pub trait SplitReader {
 
 /// Connectors the spec names that this build does not have as sources yet.
 const PLANNED: &[&str] = &[
-    "kafka", "websocket", "postgres-cdc", "postgres_cdc", "mysql-cdc", "mysql_cdc", "rabbitmq", "file", "files",
-    "parquet", "csv", "json", "redis", "nats", "mqtt",
+    "kafka", "websocket", "postgres-cdc", "postgres_cdc", "mysql-cdc", "mysql_cdc", "rabbitmq", "redis", "nats", "mqtt",
 ];
 
-/// The connector `WITH (connector = …)` names, built from its options; `None` without a
-/// `connector` option (a source Python inserts into).
-pub fn connector(options: &BTreeMap<String, String>) -> Result<Option<Arc<dyn SourceConnector>>> {
+/// Builds a connector from a `CREATE SOURCE`'s options and declared columns (`None`: the
+/// statement declared none).
+pub type SourceFactory = fn(&ConnectorOptions, Option<&SchemaRef>) -> Result<Arc<dyn SourceConnector>>;
+
+/// Connectors other crates add (`laminardb-connectors` registers its own when the Python
+/// module loads); looked up at `CREATE SOURCE`, never on the data path.
+static REGISTERED: parking_lot::RwLock<BTreeMap<&'static str, SourceFactory>> = parking_lot::const_rwlock(BTreeMap::new());
+
+/// Makes `name` available to `CREATE SOURCE … WITH (connector = name)`.
+pub fn register(name: &'static str, factory: SourceFactory) {
+    REGISTERED.write().insert(name, factory);
+}
+
+/// The names `connector = …` accepts.
+pub fn available() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = REGISTERED.read().keys().copied().collect();
+    names.push("nexmark");
+    names.sort_unstable();
+    names
+}
+
+/// The connector `WITH (connector = …)` names, built from its options (after `${VAR}`
+/// substitution) and the declared columns; `None` without a `connector` option (a
+/// source Python inserts into).
+pub fn connector(options: &BTreeMap<String, String>, declared: Option<&SchemaRef>) -> Result<Option<Arc<dyn SourceConnector>>> {
     let Some(name) = options.get("connector").map(|c| c.to_ascii_lowercase()) else { return Ok(None) };
-    match name.as_str() {
-        "nexmark" => Ok(Some(Arc::new(NexmarkConfig::from_options(options)?))),
-        c if PLANNED.contains(&c) => Err(Error::connector(format!(
-            "source connector '{c}' is not available in this build yet (only 'nexmark'; insert rows from Python for the rest)"
-        ))),
-        c => Err(Error::connector(format!("unknown source connector '{c}' (available: 'nexmark')"))),
+    let list = || available().iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ");
+    if name == "nexmark" {
+        return Ok(Some(Arc::new(NexmarkConfig::from_options(options)?)));
     }
+    let factory = REGISTERED.read().get(name.as_str()).copied();
+    match factory {
+        Some(factory) => Ok(Some(factory(&ConnectorOptions::new(&name, options)?, declared)?)),
+        None if PLANNED.contains(&name.as_str()) => Err(Error::connector(format!(
+            "source connector '{name}' is not available in this build yet (available: {}; insert rows from Python for the rest)",
+            list()
+        ))),
+        None => Err(Error::connector(format!("unknown source connector '{name}' (available: {})", list()))),
+    }
+}
+
+/// Keys every source takes, whatever its connector (the planner reads them).
+pub const SOURCE_KEYS: [&str; 6] = ["connector", "partition_key", "watermark_column", "watermark_delay_ms", "retention", "retention_rows"];
+
+/// A connector's `WITH` options, `${VAR}` replaced by the environment's value (the DDL
+/// keeps the reference: a secret is not written to the catalog, the WAL or a checkpoint).
+#[derive(Clone, Debug)]
+pub struct ConnectorOptions {
+    connector: String,
+    values: BTreeMap<String, String>,
+}
+
+impl ConnectorOptions {
+    pub fn new(connector: &str, options: &BTreeMap<String, String>) -> Result<ConnectorOptions> {
+        let values = options
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), substitute_env(v).map_err(|e| Error::connector(format!("option '{k}': {e}")))?)))
+            .collect::<Result<_>>()?;
+        Ok(ConnectorOptions { connector: connector.to_string(), values })
+    }
+
+    pub fn connector(&self) -> &str {
+        &self.connector
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// The value of `key`, which the connector cannot go without.
+    pub fn required(&self, key: &str) -> Result<&str> {
+        self.get(key).ok_or_else(|| Error::connector(format!("connector '{}' needs the option '{key}'", self.connector)))
+    }
+
+    /// The value of `key` as a `T`, or `default` when absent.
+    pub fn parse<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.trim().parse().map_err(|_| {
+                Error::connector(format!("connector '{}': option '{key}' = '{v}' is not a valid value", self.connector))
+            }),
+        }
+    }
+
+    /// Refuses a key that is neither one of `known` nor one every source takes.
+    pub fn check_known(&self, known: &[&str]) -> Result<()> {
+        match self.values.keys().find(|k| !known.contains(&k.as_str()) && !SOURCE_KEYS.contains(&k.as_str())) {
+            None => Ok(()),
+            Some(key) => Err(Error::connector(format!(
+                "connector '{}' has no option '{key}' (its options: {})",
+                self.connector,
+                known.join(", ")
+            ))),
+        }
+    }
+}
+
+/// `text` with every `${NAME}` replaced by the environment variable `NAME`; an unset one
+/// is an error naming it.
+pub fn substitute_env(text: &str) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| format!("'${{' without a closing '}}' in '{text}'"))?;
+        let name = &after[..end];
+        let value = std::env::var(name).map_err(|_| format!("the environment variable '{name}' is not set"))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// A position as 8 little-endian bytes (what simple splits record: an offset).
@@ -128,12 +232,34 @@ mod tests {
         let options = |c: &str| -> BTreeMap<String, String> {
             [("connector".to_string(), c.to_string()), ("table".to_string(), "bid".to_string())].into_iter().collect()
         };
-        assert_eq!(connector(&options("NEXMARK")).unwrap().unwrap().name(), "nexmark");
-        assert!(connector(&BTreeMap::new()).unwrap().is_none());
-        let planned = connector(&options("kafka")).unwrap_err();
+        assert_eq!(connector(&options("NEXMARK"), None).unwrap().unwrap().name(), "nexmark");
+        assert!(connector(&BTreeMap::new(), None).unwrap().is_none());
+        let planned = connector(&options("kafka"), None).unwrap_err();
         assert!(planned.message.contains("not available in this build yet"), "{}", planned.message);
-        let unknown = connector(&options("telepathy")).unwrap_err();
-        assert!(unknown.message.contains("unknown source connector 'telepathy'"), "{}", unknown.message);
+        let unknown = connector(&options("telepathy"), None).unwrap_err();
+        assert!(unknown.message.contains("unknown source connector 'telepathy' (available: "), "{}", unknown.message);
+    }
+
+    #[test]
+    fn options_substitute_the_environment_and_name_what_is_missing_or_unknown() {
+        std::env::set_var("LAMINARDB_TEST_SOURCE_DIR", "/data");
+        let raw: BTreeMap<String, String> = [("path", "${LAMINARDB_TEST_SOURCE_DIR}/in/*.csv"), ("n", "12"), ("watermark_column", "ts")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let o = ConnectorOptions::new("files", &raw).unwrap();
+        assert_eq!(o.get("path"), Some("/data/in/*.csv"));
+        assert_eq!(o.parse::<u64>("n", 1).unwrap(), 12);
+        assert_eq!(o.parse::<u64>("absent", 7).unwrap(), 7);
+        assert!(o.required("format").unwrap_err().message.contains("needs the option 'format'"));
+        o.check_known(&["path", "n"]).unwrap();
+        let e = o.check_known(&["path"]).unwrap_err();
+        assert!(e.message.contains("no option 'n'") && e.message.contains("its options: path"), "{}", e.message);
+        let unset: BTreeMap<String, String> = [("k".to_string(), "${LAMINARDB_TEST_UNSET_VARIABLE}".to_string())].into_iter().collect();
+        let e = ConnectorOptions::new("files", &unset).unwrap_err();
+        assert!(e.message.contains("'LAMINARDB_TEST_UNSET_VARIABLE' is not set"), "{}", e.message);
+        assert_eq!(substitute_env("a${LAMINARDB_TEST_SOURCE_DIR}b$c").unwrap(), "a/datab$c");
+        assert!(substitute_env("${OPEN").is_err());
     }
 
     #[test]

@@ -90,8 +90,7 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
     }
     let name = object_name(&create.name)?;
     let options = with_options(&create.table_options)?;
-    let connector = laminardb_engine::source::connector(&options)?;
-    if create.columns.is_empty() && connector.is_none() {
+    if create.columns.is_empty() && !options.contains_key("connector") {
         return Err(Error::invalid_schema(format!("'{name}' needs at least one column")));
     }
     let mut fields = Vec::with_capacity(create.columns.len());
@@ -113,6 +112,8 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
         fields.push(Field::new(ident_value(&col.name), data_type, nullable));
     }
     let mut schema = Arc::new(Schema::new(fields));
+    let declared = (!create.columns.is_empty()).then(|| schema.clone());
+    let connector = laminardb_engine::source::connector(&options, declared.as_ref())?;
     if let Some(connector) = &connector {
         let produced = connector.schema();
         if !create.columns.is_empty() && !same_columns(&schema, &produced) {

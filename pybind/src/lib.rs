@@ -71,6 +71,7 @@ fn connect(py: Python<'_>, uri: &str) -> PyResult<PyConnection> {
 #[pymodule]
 fn _laminardb(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    laminardb_connectors::register();
     m.add_function(wrap_pyfunction!(open, m)?)?;
     m.add_function(wrap_pyfunction!(connect, m)?)?;
     m.add_function(wrap_pyfunction!(subscription::_stop_async_waiter, m)?)?;

@@ -47,7 +47,7 @@ impl SplitState {
 /// What a poll of a source's splits on this shard came to.
 #[derive(Debug, PartialEq)]
 pub enum SourceStep {
-    /// Rows came: poll again at once.
+    /// Rows (or input skipped) came: poll again at once.
     Busy,
     /// Nothing now: poll again after this long.
     Wait(Duration),
@@ -96,6 +96,7 @@ impl ShardRuntime {
         let mut batches: Vec<RecordBatch> = Vec::new();
         let mut wait: Option<Duration> = None;
         let mut failure = None;
+        let mut skipped = Vec::new();
         for state in reading.splits.iter_mut().filter(|s| !s.ended) {
             match state.reader.poll() {
                 Ok(SplitPoll::Rows(batch)) => {
@@ -106,6 +107,7 @@ impl ShardRuntime {
                 }
                 Ok(SplitPoll::Pending(after)) => wait = Some(wait.map_or(after, |w| w.min(after))),
                 Ok(SplitPoll::End) => state.ended = true,
+                Ok(SplitPoll::Skipped(what)) => skipped.push(format!("split {} of '{source}' skipped {what}", state.split)),
                 Err(e) => {
                     failure = Some(Error::connector(format!("reading split {} of '{source}': {}", state.split, e.message)));
                     break;
@@ -115,8 +117,15 @@ impl ShardRuntime {
         let ended = reading.splits.iter().all(|s| s.ended);
         let delay_ms = reading.delay_ms;
         let mark = reading.splits.iter().map(|s| s.watermark(delay_ms)).min().flatten();
-        let came = !batches.is_empty();
-        if came {
+        let came = !batches.is_empty() || !skipped.is_empty();
+        if !skipped.is_empty() {
+            if let Some(output) = self.source_output(source) {
+                for what in &skipped {
+                    output.record_error(what);
+                }
+            }
+        }
+        if !batches.is_empty() {
             self.append(source, batches, ack)?;
         }
         if let Some(mark) = mark {

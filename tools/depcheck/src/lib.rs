@@ -1,10 +1,11 @@
 //! The crate dependency rules of ARCHITECTURE.md, checked against the Cargo manifests.
 //!
 //! ```text
-//! pybind ──▶ planner ──▶ engine
-//!    └─────▶ shards  ──▶ engine
+//! pybind ──▶ planner    ──▶ engine
+//!    ├─────▶ shards     ──▶ engine
+//!    └─────▶ connectors ──▶ engine
 //! ```
-//! planner and shards never depend on each other; nothing depends on pybind or benches
+//! planner, shards and connectors never depend on each other; nothing depends on pybind or benches
 //! (which sees the three below pybind, like pybind); engine and
 //! planner never see glommio or PyO3; only pybind sees PyO3.
 
@@ -15,7 +16,8 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
     ("engine", &[], &["glommio", "pyo3", "pyo3-arrow", "tokio", "io-uring", "core_affinity"]),
     ("planner", &["laminardb-engine"], &["glommio", "pyo3", "pyo3-arrow", "io-uring", "core_affinity"]),
     ("shards", &["laminardb-engine"], &["pyo3", "pyo3-arrow", "tokio"]),
-    ("pybind", &["laminardb-engine", "laminardb-planner", "laminardb-shards"], &["glommio", "tokio"]),
+    ("connectors", &["laminardb-engine"], &["glommio", "pyo3", "pyo3-arrow", "io-uring", "core_affinity"]),
+    ("pybind", &["laminardb-engine", "laminardb-planner", "laminardb-shards", "laminardb-connectors"], &["glommio", "tokio"]),
     ("benches", &["laminardb-engine", "laminardb-planner", "laminardb-shards"], &["pyo3", "pyo3-arrow"]),
 ];
 

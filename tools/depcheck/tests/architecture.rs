@@ -15,7 +15,7 @@ fn the_checker_sees_a_forbidden_edge() {
     let manifest = "[package]\nname = \"x\"\n[dependencies]\nlaminardb-planner = { workspace = true }\n";
     assert_eq!(laminardb_depcheck::dependencies(manifest), vec!["laminardb-planner"]);
     let dir = std::env::temp_dir().join(format!("depcheck-{}", std::process::id()));
-    for krate in ["engine", "planner", "shards", "pybind", "benches"] {
+    for krate in ["engine", "planner", "shards", "connectors", "pybind", "benches"] {
         std::fs::create_dir_all(dir.join(krate)).unwrap();
         let body = if krate == "shards" { manifest } else { "[dependencies]\n" };
         std::fs::write(dir.join(krate).join("Cargo.toml"), body).unwrap();

@@ -1,0 +1,16 @@
+//! # laminardb-connectors: where rows come from and go to outside the engine
+//!
+//! Each connector implements the engine's traits (`engine::source::SourceConnector` and
+//! its `SplitReader`; sinks: `engine::sink::Sink`) and is made available by name with
+//! [`register`], which the Python module calls once when it loads. Connector I/O runs in
+//! the reader (on the owning shard's thread for file reads, which are short; connectors
+//! that wait on the network hand batches over from their own threads).
+//!
+//! Built so far: `files` ([`files`]).
+
+pub mod files;
+
+/// Makes every connector of this crate available to `CREATE SOURCE … WITH (connector = …)`.
+pub fn register() {
+    laminardb_engine::source::register("files", files::FilesSource::create);
+}
