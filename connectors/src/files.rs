@@ -12,7 +12,10 @@
 //! name starts with `.` are left out: write a file under such a name (or elsewhere) and
 //! rename it into place, or a reader may see it half written.
 //!
-//! Each shard is one split and reads the files whose name hashes to it, in name order. Its
+//! The source is one split, read on one shard, in name order (a split reads the files
+//! whose name hashes to it, but more than one would leave a split without files holding
+//! the watermark back on its shard: idleness per split comes with Kafka's partitions).
+//! Keyed operators downstream still spread the rows over every shard. The split's
 //! position (what a checkpoint records) is the files it has read and how many batches of
 //! the file it is reading; after a restore it reads that file again from there. A file
 //! that does not decode is skipped, counted in the source's errors and logged.
@@ -183,8 +186,8 @@ impl SourceConnector for FilesSource {
         self.schema.clone()
     }
 
-    fn splits(&self, shards: usize) -> Result<usize> {
-        Ok(shards.max(1))
+    fn splits(&self, _shards: usize) -> Result<usize> {
+        Ok(1)
     }
 
     fn open(&self, split: usize, splits: usize, position: Option<&[u8]>) -> Result<Box<dyn SplitReader>> {

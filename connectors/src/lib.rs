@@ -6,11 +6,14 @@
 //! the reader (on the owning shard's thread for file reads, which are short; connectors
 //! that wait on the network hand batches over from their own threads).
 //!
-//! Built so far: `files` ([`files`]).
+//! Built so far: the `files` source ([`files`]) and sink ([`file_sink`]).
 
+pub mod file_sink;
 pub mod files;
 
-/// Makes every connector of this crate available to `CREATE SOURCE … WITH (connector = …)`.
+/// Makes every connector of this crate available to `CREATE SOURCE`/`CREATE SINK … WITH
+/// (connector = …)`.
 pub fn register() {
     laminardb_engine::source::register("files", files::FilesSource::create);
+    laminardb_engine::sink::register("files", file_sink::FileSink::create);
 }

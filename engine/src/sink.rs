@@ -3,11 +3,11 @@
 //! own dataflow ([`SinkPlan`]): every shard writes its rows through its own [`Sink`], in
 //! order, never dropping one, and the checkpoint barrier reaches it in line with them.
 //!
-//! Connectors built in so far: `blackhole` (the default when `WITH` names none): it
-//! accepts and counts rows, for pipelines whose results are read by subscription and for
-//! benchmarks. The external connectors of the spec (Kafka, WebSocket, Postgres, Delta,
-//! Iceberg, files, …) are rejected with a ConnectorError until they exist, never accepted
-//! and silently dropped.
+//! Connectors built in: `blackhole` (the default when `WITH` names none): it accepts and
+//! counts rows, for pipelines whose results are read by subscription and for benchmarks.
+//! Others register themselves ([`register`]; `laminardb-connectors`: `files`). The spec's
+//! connectors not built yet (Kafka, WebSocket, Postgres, Delta, Iceberg, …) are rejected
+//! with a ConnectorError, never accepted and silently dropped.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,12 +19,12 @@ use crate::dataflow::{Collector, Operator, OperatorSpec};
 use crate::stream::output::Output;
 
 use crate::error::{Error, Result};
+use crate::source::ConnectorOptions;
 
 /// Connectors the spec names that this build does not have yet.
 const PLANNED: &[&str] = &[
     "kafka", "websocket", "postgres", "postgres-cdc", "postgres_cdc", "postgres-sink", "mysql", "mysql-cdc",
-    "mysql_cdc", "rabbitmq", "delta", "delta-lake", "delta_lake", "iceberg", "file", "files", "parquet", "csv",
-    "json", "redis", "nats",
+    "mysql_cdc", "rabbitmq", "delta", "delta-lake", "delta_lake", "iceberg", "redis", "nats",
 ];
 
 pub const DEFAULT_CONNECTOR: &str = "blackhole";
@@ -59,20 +59,44 @@ impl Sink for Blackhole {
     }
 }
 
+/// Builds one shard's instance of a sink from its `CREATE SINK` options. Called once more
+/// at `CREATE` to check the options (an instance opens nothing before its first write).
+pub type SinkFactory = fn(&ConnectorOptions) -> Result<Box<dyn Sink>>;
+
+/// Sinks other crates add (`laminardb-connectors`, when the Python module loads).
+static REGISTERED: parking_lot::RwLock<BTreeMap<&'static str, SinkFactory>> = parking_lot::const_rwlock(BTreeMap::new());
+
+/// Makes `name` available to `CREATE SINK … WITH (connector = name)`.
+pub fn register(name: &'static str, factory: SinkFactory) {
+    REGISTERED.write().insert(name, factory);
+}
+
+fn available() -> String {
+    let mut names: Vec<&str> = REGISTERED.read().keys().copied().collect();
+    names.push(DEFAULT_CONNECTOR);
+    names.sort_unstable();
+    names.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
+}
+
 /// Checks that `connector` exists here and its options make sense.
-pub fn validate(connector: &str, _options: &BTreeMap<String, String>) -> Result<()> {
-    match connector {
-        DEFAULT_CONNECTOR => Ok(()),
-        c if PLANNED.contains(&c) => Err(Error::connector(format!(
-            "connector '{c}' is not available in this build yet (only '{DEFAULT_CONNECTOR}')"
-        ))),
-        c => Err(Error::connector(format!("unknown connector '{c}' (available: '{DEFAULT_CONNECTOR}')"))),
-    }
+pub fn validate(connector: &str, options: &BTreeMap<String, String>) -> Result<()> {
+    open(connector, options).map(drop)
 }
 
 pub fn open(connector: &str, options: &BTreeMap<String, String>) -> Result<Box<dyn Sink>> {
-    validate(connector, options)?;
-    Ok(Box::new(Blackhole))
+    let connector = connector.to_ascii_lowercase();
+    if connector == DEFAULT_CONNECTOR {
+        return Ok(Box::new(Blackhole));
+    }
+    let factory = REGISTERED.read().get(connector.as_str()).copied();
+    match factory {
+        Some(factory) => factory(&ConnectorOptions::for_sink(&connector, options)?),
+        None if PLANNED.contains(&connector.as_str()) => Err(Error::connector(format!(
+            "connector '{connector}' is not available in this build yet (available: {})",
+            available()
+        ))),
+        None => Err(Error::connector(format!("unknown connector '{connector}' (available: {})", available()))),
+    }
 }
 
 /// A sink as the last node of a dataflow (`CREATE SINK`): it reads its input on every

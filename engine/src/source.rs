@@ -145,15 +145,27 @@ pub const SOURCE_KEYS: [&str; 6] = ["connector", "partition_key", "watermark_col
 pub struct ConnectorOptions {
     connector: String,
     values: BTreeMap<String, String>,
+    /// Keys the engine reads itself, whatever the connector (`check_known` lets them by).
+    general: &'static [&'static str],
 }
 
 impl ConnectorOptions {
+    /// A source's options.
     pub fn new(connector: &str, options: &BTreeMap<String, String>) -> Result<ConnectorOptions> {
+        Self::with_general(connector, options, &SOURCE_KEYS)
+    }
+
+    /// A sink's options.
+    pub fn for_sink(connector: &str, options: &BTreeMap<String, String>) -> Result<ConnectorOptions> {
+        Self::with_general(connector, options, &["connector"])
+    }
+
+    fn with_general(connector: &str, options: &BTreeMap<String, String>, general: &'static [&'static str]) -> Result<ConnectorOptions> {
         let values = options
             .iter()
             .map(|(k, v)| Ok((k.clone(), substitute_env(v).map_err(|e| Error::connector(format!("option '{k}': {e}")))?)))
             .collect::<Result<_>>()?;
-        Ok(ConnectorOptions { connector: connector.to_string(), values })
+        Ok(ConnectorOptions { connector: connector.to_string(), values, general })
     }
 
     pub fn connector(&self) -> &str {
@@ -181,7 +193,7 @@ impl ConnectorOptions {
 
     /// Refuses a key that is neither one of `known` nor one every source takes.
     pub fn check_known(&self, known: &[&str]) -> Result<()> {
-        match self.values.keys().find(|k| !known.contains(&k.as_str()) && !SOURCE_KEYS.contains(&k.as_str())) {
+        match self.values.keys().find(|k| !known.contains(&k.as_str()) && !self.general.contains(&k.as_str())) {
             None => Ok(()),
             Some(key) => Err(Error::connector(format!(
                 "connector '{}' has no option '{key}' (its options: {})",
