@@ -24,25 +24,10 @@ use laminardb_engine::sink::Sink;
 use laminardb_engine::source::ConnectorOptions;
 use laminardb_engine::{Error, Result};
 
+use crate::format::Format;
+
 const OPTIONS: &[&str] = &["path", "format", "prefix"];
 const IN_PROGRESS: &str = ".inprogress";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Format {
-    Csv,
-    Json,
-    Parquet,
-}
-
-impl Format {
-    fn ext(self) -> &'static str {
-        match self {
-            Format::Csv => "csv",
-            Format::Json => "jsonl",
-            Format::Parquet => "parquet",
-        }
-    }
-}
 
 enum Writer {
     Csv(arrow::csv::Writer<File>),
@@ -94,12 +79,7 @@ impl FileSink {
     pub fn create(options: &ConnectorOptions) -> Result<Box<dyn Sink>> {
         options.check_known(OPTIONS)?;
         let dir = PathBuf::from(options.required("path")?);
-        let format = match options.get("format").unwrap_or("parquet").to_ascii_lowercase().as_str() {
-            "csv" => Format::Csv,
-            "json" | "jsonl" | "ndjson" => Format::Json,
-            "parquet" => Format::Parquet,
-            other => return Err(Error::connector(format!("files sink: format '{other}' is not one of csv, json, parquet"))),
-        };
+        let format = Format::parse(options.get("format").unwrap_or("parquet"))?;
         let prefix = options.get("prefix").unwrap_or("part").to_string();
         if prefix.is_empty() || prefix.contains(['/', '\0']) || prefix.starts_with('.') {
             return Err(Error::connector(format!("files sink: prefix '{prefix}' must be a plain file name")));

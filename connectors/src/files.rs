@@ -37,25 +37,9 @@ use laminardb_engine::ingest::{cast_to_schema, read_csv, read_json};
 use laminardb_engine::source::{ConnectorOptions, SourceConnector, SplitPoll, SplitReader};
 use laminardb_engine::{Error, Result};
 
+use crate::format::Format;
+
 const OPTIONS: &[&str] = &["path", "format", "poll_interval_ms"];
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Format {
-    Csv,
-    Json,
-    Parquet,
-}
-
-impl Format {
-    fn parse(name: &str) -> Result<Format> {
-        match name.to_ascii_lowercase().as_str() {
-            "csv" => Ok(Format::Csv),
-            "json" | "jsonl" | "ndjson" => Ok(Format::Json),
-            "parquet" => Ok(Format::Parquet),
-            other => Err(Error::connector(format!("files: format '{other}' is not one of csv, json, parquet"))),
-        }
-    }
-}
 
 #[derive(Debug)]
 pub struct FilesSource {

@@ -10,6 +10,7 @@
 
 pub mod file_sink;
 pub mod files;
+mod format;
 
 /// Makes every connector of this crate available to `CREATE SOURCE`/`CREATE SINK … WITH
 /// (connector = …)`.
