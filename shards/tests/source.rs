@@ -27,11 +27,14 @@ const DELAY_MS: i64 = 5;
 #[derive(Debug)]
 struct Counting {
     gate: Arc<AtomicU64>,
+    /// A faulty connector: its rows have a column the source does not.
+    wrong_columns: bool,
 }
 
 struct CountingSplit {
     next: u64,
     gate: Arc<AtomicU64>,
+    wrong_columns: bool,
 }
 
 fn schema() -> SchemaRef {
@@ -50,7 +53,7 @@ impl SourceConnector for Counting {
     }
     fn open(&self, split: usize, _splits: usize, position: Option<&[u8]>) -> Result<Box<dyn SplitReader>> {
         let next = position.map_or(Ok(split as u64), |p| read_offset_position(p, "counting"))?;
-        Ok(Box::new(CountingSplit { next, gate: self.gate.clone() }))
+        Ok(Box::new(CountingSplit { next, gate: self.gate.clone(), wrong_columns: self.wrong_columns }))
     }
 }
 
@@ -63,7 +66,12 @@ impl SplitReader for CountingSplit {
         let values: Vec<i64> = (self.next..gate.min(TOTAL)).step_by(SPLITS as usize).take(10).map(|v| v as i64).collect();
         let Some(&last) = values.last() else { return Ok(SplitPoll::Pending(Duration::from_millis(1))) };
         self.next = last as u64 + SPLITS;
-        Ok(SplitPoll::Rows(RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(values)) as ArrayRef])?))
+        let columns = if self.wrong_columns {
+            Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]))
+        } else {
+            schema()
+        };
+        Ok(SplitPoll::Rows(RecordBatch::try_new(columns, vec![Arc::new(Int64Array::from(values)) as ArrayRef])?))
     }
     fn position(&self) -> Vec<u8> {
         offset_position(self.next)
@@ -86,10 +94,11 @@ impl Frontend for CountingFrontend {
     }
     fn plan(&mut self, sql: &str, _: &[ScalarValue], _: &Arc<Catalog>, access: Arc<dyn ShardAccess>) -> Result<Statement> {
         *self.access.lock() = Some(access);
+        let wrong_columns = sql == "create faulty";
         match sql {
-            "create" => {
+            "create" | "create faulty" => {
                 let def = SourceDef {
-                    name: "t".into(),
+                    name: if wrong_columns { "w".into() } else { "t".into() },
                     kind: SourceKind::Source,
                     schema: schema(),
                     watermark: Some(WatermarkSpec { column: "v".into(), delay_ms: DELAY_MS }),
@@ -97,7 +106,7 @@ impl Frontend for CountingFrontend {
                     primary_key: vec![],
                     options: Default::default(),
                     sql: sql.into(),
-                    connector: Some(Arc::new(Counting { gate: self.gate.clone() })),
+                    connector: Some(Arc::new(Counting { gate: self.gate.clone(), wrong_columns })),
                 };
                 Ok(Statement::CreateSource { def, if_not_exists: false, or_replace: false })
             }
@@ -186,4 +195,28 @@ fn a_connector_source_goes_on_from_its_checkpointed_positions_exactly_once() {
         db.handle.close().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+#[test]
+fn rows_without_the_source_columns_stop_that_source_with_an_error_and_nothing_else() {
+    let dir = std::env::temp_dir().join(format!("laminardb-source-faulty-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let gate = Arc::new(AtomicU64::new(TOTAL));
+    let db = open(2, &dir, &gate);
+    db.handle.execute("create faulty", vec![]).unwrap();
+    db.handle.execute("create", vec![]).unwrap();
+    db.handle.start().unwrap();
+    db.wait_for_rows(TOTAL);
+    let faulty = db.handle.output("w").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while faulty.counters.errors.load(Ordering::Acquire) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // One error per shard (each stops reading it); none of its rows is stored.
+    assert_eq!(faulty.counters.errors.load(Ordering::Acquire), 2);
+    let last = faulty.counters.last_error.lock().clone().unwrap_or_default();
+    assert!(last.contains("produced the columns [\"x\"]"), "{last}");
+    assert_eq!(db.handle.stats("w").unwrap().iter().map(|s| s.rows).sum::<u64>(), 0);
+    db.handle.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

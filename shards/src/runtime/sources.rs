@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 
 use laminardb_engine::checkpoint::SplitPosition;
 use laminardb_engine::dataflow::Watermark;
@@ -24,6 +25,8 @@ pub(super) struct SourceReading {
     delay_ms: i64,
     /// The event-time column, for splits that do not report their progress.
     time_column: Option<usize>,
+    /// The source's columns, which every batch must have.
+    schema: SchemaRef,
 }
 
 struct SplitState {
@@ -42,6 +45,10 @@ impl SplitState {
         }
         self.reader.progress().or(self.seen).map(|t| t.saturating_sub(delay_ms))
     }
+}
+
+fn same_columns(a: &SchemaRef, b: &SchemaRef) -> bool {
+    Arc::ptr_eq(a, b) || a.fields() == b.fields()
 }
 
 /// What a poll of a source's splits on this shard came to.
@@ -81,7 +88,8 @@ impl ShardRuntime {
             states.push(SplitState { split, reader, ended: false, seen: None });
         }
         let owns = !states.is_empty();
-        self.sources.insert(source.clone(), SourceReading { splits: states, delay_ms, time_column });
+        let schema = connector.schema();
+        self.sources.insert(source.clone(), SourceReading { splits: states, delay_ms, time_column, schema });
         if !owns {
             self.source_watermark(source, END_OF_INPUT, ack);
             return Ok(SourceStep::Ended);
@@ -99,11 +107,25 @@ impl ShardRuntime {
         let mut skipped = Vec::new();
         for state in reading.splits.iter_mut().filter(|s| !s.ended) {
             match state.reader.poll() {
+                Ok(SplitPoll::Rows(batch)) if !same_columns(&batch.schema(), &reading.schema) => {
+                    failure = Some(Error::connector(format!(
+                        "split {} of '{source}' produced the columns {:?}, not the source's",
+                        state.split,
+                        batch.schema().fields().iter().map(|f| f.name()).collect::<Vec<_>>()
+                    )));
+                    break;
+                }
                 Ok(SplitPoll::Rows(batch)) => {
-                    if let Some(column) = reading.time_column {
-                        state.seen = state.seen.max(max_millis(batch.column(column))?);
-                    }
+                    // The rows are the reader's no more: they go in even if their time fails.
+                    let latest = reading.time_column.map(|c| max_millis(batch.column(c))).transpose();
                     batches.push(batch);
+                    match latest {
+                        Ok(latest) => state.seen = state.seen.max(latest.flatten()),
+                        Err(e) => {
+                            failure = Some(Error::connector(format!("event time of split {} of '{source}': {}", state.split, e.message)));
+                            break;
+                        }
+                    }
                 }
                 Ok(SplitPoll::Pending(after)) => wait = Some(wait.map_or(after, |w| w.min(after))),
                 Ok(SplitPoll::End) => state.ended = true,
