@@ -12,11 +12,11 @@
 //! name starts with `.` are left out: write a file under such a name (or elsewhere) and
 //! rename it into place, or a reader may see it half written.
 //!
-//! The source is one split, read on one shard, in name order (a split reads the files
-//! whose name hashes to it, but more than one would leave a split without files holding
-//! the watermark back on its shard: idleness per split comes with Kafka's partitions).
-//! Keyed operators downstream still spread the rows over every shard. The split's
-//! position (what a checkpoint records) is the files it has read and how many batches of
+//! `splits` (default 1) sets how many shards read files: a split reads the files whose
+//! name hashes to it, in name order. One split is read on one shard (keyed operators
+//! downstream still spread the rows over every shard); with more, files decode in
+//! parallel, but a split that has no files holds the watermark back until it has been
+//! idle for `idle_timeout_ms`. A split's position (what a checkpoint records) is the files it has read and how many batches of
 //! the file it is reading; after a restore it reads that file again from there. A file
 //! that does not decode is skipped, counted in the source's errors and logged.
 //!
@@ -39,7 +39,7 @@ use laminardb_engine::{Error, Result};
 
 use crate::format::Format;
 
-const OPTIONS: &[&str] = &["path", "format", "poll_interval_ms"];
+const OPTIONS: &[&str] = &["path", "format", "poll_interval_ms", "splits"];
 
 #[derive(Debug)]
 pub struct FilesSource {
@@ -49,6 +49,7 @@ pub struct FilesSource {
     format: Format,
     schema: SchemaRef,
     poll: Duration,
+    splits: usize,
 }
 
 impl FilesSource {
@@ -68,7 +69,11 @@ impl FilesSource {
             },
         };
         let poll = Duration::from_millis(options.parse("poll_interval_ms", 1000u64)?.max(1));
-        Ok(Arc::new(FilesSource { dir, pattern, format, schema, poll }))
+        let splits = options.parse("splits", 1usize)?;
+        if !(1..=1024).contains(&splits) {
+            return Err(Error::connector(format!("files: splits = {splits}: give 1 to 1024")));
+        }
+        Ok(Arc::new(FilesSource { dir, pattern, format, schema, poll, splits }))
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -171,7 +176,7 @@ impl SourceConnector for FilesSource {
     }
 
     fn splits(&self, _shards: usize) -> Result<usize> {
-        Ok(1)
+        Ok(self.splits)
     }
 
     fn open(&self, split: usize, splits: usize, position: Option<&[u8]>) -> Result<Box<dyn SplitReader>> {
@@ -186,6 +191,7 @@ impl SourceConnector for FilesSource {
             format: self.format,
             schema: self.schema.clone(),
             poll: self.poll,
+            splits: self.splits,
         };
         let mut queue = VecDeque::new();
         if let Some((name, _)) = &position.current {
@@ -360,6 +366,7 @@ mod tests {
         assert!(need(&[("path", "/x/*.xml")]).contains("format 'xml'"));
         assert!(need(&[("path", "/x/*/a.csv")]).contains("file name only"));
         assert!(need(&[("path", "/x/*.csv"), ("poll_interval_ms", "soon")]).contains("'poll_interval_ms' = 'soon'"));
+        assert!(need(&[("path", "/x/*.csv"), ("splits", "0")]).contains("splits = 0"));
         let options: BTreeMap<String, String> = [("path".to_string(), "/x/*.csv".to_string())].into_iter().collect();
         let e = FilesSource::create(&ConnectorOptions::new("files", &options).unwrap(), None).unwrap_err();
         assert!(e.message.contains("needs its columns"), "{}", e.message);

@@ -80,31 +80,32 @@ def test_bad_files_options_are_connector_errors_at_create(db, with_, named):
     assert db.list_tables() == []
 
 
-def test_a_files_source_with_a_watermark_closes_windows_on_every_shard_count(tmp_path):
-    for shards in (1, 3):
-        inbox = tmp_path / f"in{shards}"
-        inbox.mkdir()
-        db = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=shards))
-        db.execute(
-            "CREATE SOURCE trades (ts BIGINT, symbol VARCHAR, price DOUBLE, WATERMARK FOR ts AS ts) "
-            f"WITH (connector = 'files', path = '{inbox}/*.csv', poll_interval_ms = '10')"
-        )
-        db.execute(
-            "CREATE STREAM per_second AS SELECT symbol, window_start, COUNT(*) AS n FROM trades "
-            "GROUP BY symbol, TUMBLE(ts, INTERVAL '1' SECOND) EMIT ON WINDOW CLOSE"
-        )
-        sub = db.subscribe_stream("per_second")
-        db.start()
-        put(inbox, "a.csv", [(100, "A", 1.0), (900, "A", 2.0), (1_500, "B", 3.0)])
-        put(inbox, "b.csv", [(2_100, "A", 4.0)])
-        rows = []
-        while len(rows) < 2:
-            batch = sub.next_timeout(10_000)
-            assert batch is not None, f"{shards} shards: only {rows} arrived"
-            rows.extend(batch.to_arrow().to_pylist())
-        got = sorted((r["symbol"], millis(r["window_start"]), r["n"]) for r in rows)
-        assert got == [("A", 0, 2), ("B", 1_000, 1)], shards
-        db.close()
+@pytest.mark.parametrize(("shards", "splits"), [(1, 1), (3, 1), (3, 3)])
+def test_a_files_source_with_a_watermark_closes_windows_on_every_shard(tmp_path, shards, splits):
+    # With three splits, the two that get no file go idle after idle_timeout_ms: the
+    # windows close on the third one's watermark.
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    db = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=shards, idle_timeout_ms=100))
+    db.execute(
+        "CREATE SOURCE trades (ts BIGINT, symbol VARCHAR, price DOUBLE, WATERMARK FOR ts AS ts) "
+        f"WITH (connector = 'files', path = '{inbox}/*.csv', poll_interval_ms = '10', splits = '{splits}')"
+    )
+    db.execute(
+        "CREATE STREAM per_second AS SELECT symbol, window_start, COUNT(*) AS n FROM trades "
+        "GROUP BY symbol, TUMBLE(ts, INTERVAL '1' SECOND) EMIT ON WINDOW CLOSE"
+    )
+    sub = db.subscribe_stream("per_second")
+    db.start()
+    put(inbox, "a.csv", [(100, "A", 1.0), (900, "A", 2.0), (1_500, "B", 3.0), (2_100, "A", 4.0)])
+    rows = []
+    while len(rows) < 2:
+        batch = sub.next_timeout(10_000)
+        assert batch is not None, f"only {rows} arrived"
+        rows.extend(batch.to_arrow().to_pylist())
+    got = sorted((r["symbol"], millis(r["window_start"]), r["n"]) for r in rows)
+    assert got == [("A", 0, 2), ("B", 1_000, 1)]
+    db.close()
 
 
 def millis(value) -> int:

@@ -89,7 +89,8 @@ pub enum ShardCommand {
     /// Start reading the splits of a connector source this shard owns, where the
     /// restored checkpoint left them; its watermark on this shard goes into the source's
     /// `Output::shard_watermark`. `time_column`: its event time (delay: the declared one).
-    StartSource { source: Arc<str>, connector: Arc<dyn SourceConnector>, delay_ms: i64, time_column: Option<usize> },
+    /// A split without rows for `idle_after` is idle: it holds no watermark back.
+    StartSource { source: Arc<str>, connector: Arc<dyn SourceConnector>, delay_ms: i64, time_column: Option<usize>, idle_after: std::time::Duration },
     Scan { source: Arc<str>, reply: Reply<Vec<RecordBatch>> },
     Stats { source: Arc<str>, reply: Reply<RowStats> },
     DropSource { source: Arc<str> },
@@ -120,6 +121,11 @@ pub enum Exchange {
     /// Rows for port `port` of operator `node` of `stream`.
     Data { stream: Arc<str>, node: usize, port: usize, from: usize, batch: RecordBatch, hashes: Option<Vec<u64>>, ack: AckToken },
     Watermark { stream: Arc<str>, node: usize, port: usize, from: usize, watermark: Watermark, ack: AckToken },
+    /// Every catalog input port `port` of operator `node` of `stream` depends on is idle on
+    /// `from` (a connector source whose splits there have had no rows for the idle
+    /// timeout), or active again: `from`'s slot of that port stops (or starts again)
+    /// holding the merged watermark back.
+    Idle { stream: Arc<str>, node: usize, port: usize, from: usize, idle: bool },
     /// `from` has snapshotted for the checkpoint in progress: what it sends after this is
     /// not in the checkpoint, what it sent before is in it (in its state or, if still in
     /// flight at the receiver's snapshot, in the receiver's recorded channel state).
@@ -134,7 +140,9 @@ impl Exchange {
     /// The shard that sent it (`None`: the spill thread's, or this shard's own `Stop`).
     pub fn sender(&self) -> Option<usize> {
         match self {
-            Exchange::Data { from, .. } | Exchange::Watermark { from, .. } | Exchange::Marker { from } => Some(*from),
+            Exchange::Data { from, .. } | Exchange::Watermark { from, .. } | Exchange::Idle { from, .. } | Exchange::Marker { from } => {
+                Some(*from)
+            }
             Exchange::Spilled { .. } | Exchange::Stop => None,
         }
     }

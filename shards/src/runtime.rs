@@ -54,6 +54,9 @@ struct NodeRt {
     readers: Rc<[(usize, usize)]>,
     /// Late rows of this operator already counted in the stream's metrics.
     late_reported: u64,
+    /// Per slot: its sending shard said every input of the slot's port is idle there
+    /// (`Exchange::Idle`).
+    remote_idle: Vec<bool>,
 }
 
 struct StreamTask {
@@ -114,6 +117,7 @@ impl StreamTask {
                 port_names,
                 readers: dag.readers(n).into(),
                 late_reported: 0,
+                remote_idle: vec![false; slots],
             });
         }
         let outputs = dag.outputs();
@@ -175,6 +179,8 @@ pub struct ShardRuntime {
     source_outputs: FastMap<Arc<str>, Arc<Output>>,
     /// Connector sources this shard reads splits of.
     sources: FastMap<Arc<str>, sources::SourceReading>,
+    /// Connector sources whose every split on this shard is idle (`set_local_idle`).
+    local_idle: HashSet<String>,
     /// Split positions a restored checkpoint recorded, until their source starts.
     positions: sources::Positions,
 }
@@ -336,6 +342,7 @@ impl ShardRuntime {
             spare: Vec::new(),
             source_outputs: FastMap::default(),
             sources: FastMap::default(),
+            local_idle: HashSet::new(),
             positions: sources::Positions::new(),
         }
     }
@@ -411,7 +418,8 @@ impl ShardRuntime {
                 }
                 (stream, *node, *port, *from, None, watermark.ms())
             }
-            Exchange::Marker { .. } | Exchange::Spilled { .. } | Exchange::Stop => return,
+            // Idleness is not state: a restored shard's sources say it again.
+            Exchange::Idle { .. } | Exchange::Marker { .. } | Exchange::Spilled { .. } | Exchange::Stop => return,
         };
         let (node, port, from) = (node as u64, port as u64, from as u64);
         p.channel.push(ChannelMsg { stream: stream.to_string(), node, port, from, rows, watermark });
@@ -694,6 +702,7 @@ impl ShardRuntime {
     pub fn drop_source(&mut self, source: &str) {
         self.dirty = true;
         self.close_source(source);
+        self.local_idle.remove(source);
         self.positions.retain(|(name, _), _| name != source);
         self.source_outputs.remove(source);
         self.published.remove(source);
@@ -1055,6 +1064,34 @@ impl ShardRuntime {
         }
     }
 
+    /// Every split of connector source `input` on this shard is idle (or one is active
+    /// again): this shard's slots of the ports depending on it stop holding merges back,
+    /// here and, over the exchange, on every other shard.
+    pub fn set_local_idle(&mut self, input: &str, idle: bool, ack: &AckToken) {
+        let changed = if idle { self.local_idle.insert(input.to_string()) } else { self.local_idle.remove(input) };
+        if !changed {
+            return;
+        }
+        let Some(readers) = self.readers.get(input).cloned() else { return };
+        for name in readers.iter() {
+            let Some(task) = self.streams.get(name) else { continue };
+            for (n, node) in task.nodes.iter().enumerate() {
+                for (p, inputs) in node.port_inputs.iter().enumerate() {
+                    if !node.routes[p].crosses_shards() || !inputs.iter().any(|i| i == input) {
+                        continue;
+                    }
+                    let here = inputs.iter().all(|i| self.idle.contains(i) || self.local_idle.contains(i));
+                    for (peer, tx) in self.exchange.iter().enumerate() {
+                        if peer != self.id {
+                            let _ = tx.send(Exchange::Idle { stream: name.clone(), node: n, port: p, from: self.id, idle: here });
+                        }
+                    }
+                }
+            }
+            self.refresh_idle(name, ack);
+        }
+    }
+
     /// Marks every watermark slot of `name`'s operators idle or not, by whether every
     /// catalog input its port depends on is idle; acts on the merges that move.
     fn refresh_idle(&mut self, name: &Arc<str>, ack: &AckToken) {
@@ -1064,9 +1101,17 @@ impl ShardRuntime {
             let node = &mut task.nodes[n];
             let mut moved = None;
             for (p, inputs) in node.port_inputs.iter().enumerate() {
-                let idle = inputs.iter().all(|i| self.idle.contains(i));
-                let width = if node.routes[p].crosses_shards() { self.shards } else { 1 };
-                for slot in node.first_slot[p]..node.first_slot[p] + width {
+                // Idle everywhere (the coordinator said so), or on this shard (its splits).
+                let everywhere = inputs.iter().all(|i| self.idle.contains(i));
+                let here = inputs.iter().all(|i| self.idle.contains(i) || self.local_idle.contains(i));
+                let first = node.first_slot[p];
+                if !node.routes[p].crosses_shards() {
+                    moved = node.marks.set_idle(first, here).or(moved);
+                    continue;
+                }
+                for shard in 0..self.shards {
+                    let slot = first + shard;
+                    let idle = if shard == self.id { here } else { everywhere || node.remote_idle[slot] };
                     moved = node.marks.set_idle(slot, idle).or(moved);
                 }
             }
@@ -1107,6 +1152,15 @@ impl ShardRuntime {
                 let first = self.streams.get(&stream).and_then(|t| t.nodes.get(node)?.first_slot.get(port).copied());
                 let Some(slot) = first.map(|f| f + from) else { return };
                 self.mark_slot(&stream, node, slot, watermark, &ack)
+            }
+            Exchange::Idle { stream, node, port, from, idle } => {
+                let Some(n) = self.streams.get_mut(&stream).and_then(|t| t.nodes.get_mut(node)) else { return };
+                let Some(slot) = n.first_slot.get(port).map(|f| f + from) else { return };
+                if let Some(flag) = n.remote_idle.get_mut(slot) {
+                    *flag = idle;
+                }
+                let ack = self.background.clone();
+                self.refresh_idle(&stream, &ack);
             }
             Exchange::Spilled { name, epoch, batches, path, mapped } => self.spilled(&name, epoch, batches, path, mapped),
             Exchange::Marker { from } => {

@@ -162,12 +162,12 @@ async fn run(id: usize, cpu: Option<usize>, cores: Vec<usize>, wiring: ShardWiri
                 }
                 rt.drop_source(&source);
             }
-            ShardCommand::StartSource { source, connector, delay_ms, time_column } => {
+            ShardCommand::StartSource { source, connector, delay_ms, time_column, idle_after } => {
                 if let Some((old, _)) = sources.remove(&source) {
                     old.set(true);
                 }
                 let ack = Ack::background();
-                match catch(&place, || rt.open_source(&source, connector.as_ref(), delay_ms, time_column, &ack)) {
+                match catch(&place, || rt.open_source(&source, connector.as_ref(), delay_ms, time_column, idle_after, &ack)) {
                     Ok(SourceStep::Ended) => {}
                     Ok(_) => {
                         let stop = Rc::new(Cell::new(false));

@@ -191,7 +191,8 @@ impl Coordinator {
         let time_column = def.watermark.as_ref().and_then(|w| def.schema.index_of(&w.column).ok());
         let source: Arc<str> = name.into();
         for tx in self.shards.iter() {
-            let cmd = ShardCommand::StartSource { source: source.clone(), connector: connector.clone(), delay_ms, time_column };
+            let idle_after = self.ingest.idle_timeout;
+            let cmd = ShardCommand::StartSource { source: source.clone(), connector: connector.clone(), delay_ms, time_column, idle_after };
             tx.send(cmd).await.map_err(|_| Error::internal("a shard has stopped"))?;
         }
         Ok(())

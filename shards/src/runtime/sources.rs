@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -27,6 +27,8 @@ pub(super) struct SourceReading {
     time_column: Option<usize>,
     /// The source's columns, which every batch must have.
     schema: SchemaRef,
+    /// How long a split may go without rows before it is idle.
+    idle_after: Duration,
 }
 
 struct SplitState {
@@ -35,6 +37,8 @@ struct SplitState {
     ended: bool,
     /// The latest event time among the rows read.
     seen: Option<i64>,
+    /// When it last had rows (or was opened).
+    active: Instant,
 }
 
 impl SplitState {
@@ -75,6 +79,7 @@ impl ShardRuntime {
         connector: &dyn SourceConnector,
         delay_ms: i64,
         time_column: Option<usize>,
+        idle_after: Duration,
         ack: &AckToken,
     ) -> Result<SourceStep> {
         self.close_source(source);
@@ -85,11 +90,11 @@ impl ShardRuntime {
             let reader = connector.open(split, splits, position.as_deref()).map_err(|e| {
                 Error::connector(format!("opening split {split} of '{source}': {}", e.message))
             })?;
-            states.push(SplitState { split, reader, ended: false, seen: None });
+            states.push(SplitState { split, reader, ended: false, seen: None, active: Instant::now() });
         }
         let owns = !states.is_empty();
         let schema = connector.schema();
-        self.sources.insert(source.clone(), SourceReading { splits: states, delay_ms, time_column, schema });
+        self.sources.insert(source.clone(), SourceReading { splits: states, delay_ms, time_column, schema, idle_after });
         if !owns {
             self.source_watermark(source, END_OF_INPUT, ack);
             return Ok(SourceStep::Ended);
@@ -116,6 +121,7 @@ impl ShardRuntime {
                     break;
                 }
                 Ok(SplitPoll::Rows(batch)) => {
+                    state.active = Instant::now();
                     // The rows are the reader's no more: they go in even if their time fails.
                     let latest = reading.time_column.map(|c| max_millis(batch.column(c))).transpose();
                     batches.push(batch);
@@ -138,7 +144,12 @@ impl ShardRuntime {
         }
         let ended = reading.splits.iter().all(|s| s.ended);
         let delay_ms = reading.delay_ms;
-        let mark = reading.splits.iter().map(|s| s.watermark(delay_ms)).min().flatten();
+        // A split without rows for a while is idle: the others' watermark goes on without
+        // it; with every open split idle, this shard's part of the source is idle.
+        let idle_after = reading.idle_after;
+        let is_idle = |s: &SplitState| !s.ended && s.active.elapsed() >= idle_after;
+        let all_idle = !ended && reading.splits.iter().filter(|s| !s.ended).all(is_idle);
+        let mark = reading.splits.iter().filter(|s| !is_idle(s)).map(|s| s.watermark(delay_ms)).min().flatten();
         let came = !batches.is_empty() || !skipped.is_empty();
         if !skipped.is_empty() {
             if let Some(output) = self.source_output(source) {
@@ -150,8 +161,11 @@ impl ShardRuntime {
         if !batches.is_empty() {
             self.append(source, batches, ack)?;
         }
-        if let Some(mark) = mark {
+        if let Some(mark) = mark.filter(|_| !all_idle) {
             self.source_watermark(source, mark, ack);
+        }
+        if all_idle != self.local_idle.contains(&**source) {
+            self.set_local_idle(source, all_idle, ack);
         }
         if let Some(e) = failure {
             return Err(e);
