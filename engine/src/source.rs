@@ -5,9 +5,10 @@
 //! topic's partitions, a generator's interleaved ranges); split `s` is read by shard
 //! `s % shards`, through a [`SplitReader`] that lives on that shard's thread. The shard
 //! polls its readers between commands, appends their rows like inserted ones and moves
-//! the source's watermark on itself to the least of its splits' watermarks. A shard
-//! reading no split of a source holds nothing back: to the rest of the dataflow its part
-//! of the source has ended.
+//! the source's watermark on itself to the least of its splits' watermarks, leaving out
+//! splits without rows for `idle_timeout_ms` (all idle: the shard's part of the source is
+//! idle to every shard's operators). A shard reading no split of a source holds nothing
+//! back: to the rest of the dataflow its part of the source has ended.
 //!
 //! At a checkpoint barrier every reader's [`position`](SplitReader::position) is
 //! recorded beside the shard's state, which holds exactly the rows read up to that
@@ -15,7 +16,8 @@
 //! each reader at its recorded position: no row is read twice into the state, none is
 //! skipped. Rows read after the last checkpoint are not in the WAL: they are read again.
 //!
-//! Connectors built in so far: `nexmark` ([`crate::nexmark`]).
+//! Built in: `nexmark` ([`crate::nexmark`]); other crates add theirs with [`register`]
+//! (`laminardb-connectors`: `files`).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
