@@ -63,10 +63,20 @@ fn wal(c: &mut Criterion) {
     group.finish();
 }
 
+/// Connector payloads into Arrow: JSON trades, one object per message.
+fn decode(c: &mut Criterion) {
+    use laminardb_benches::{decode_json, json_trades};
+    let mut group = c.benchmark_group("decode");
+    let messages = json_trades(BATCH_ROWS);
+    group.throughput(Throughput::Elements(BATCH_ROWS as u64));
+    group.bench_function(format!("json_trades_{BATCH_ROWS}"), |b| b.iter(|| decode_json(black_box(&messages)).expect("decodes")));
+    group.finish();
+}
+
 /// One trade that passes the `hot` stream's filter (price 99).
 fn one_passing_row() -> arrow::array::RecordBatch {
     trades(100, 1, 100).slice(98, 1)
 }
 
-criterion_group!(benches, hops, operators, wal);
+criterion_group!(benches, hops, operators, wal, decode);
 criterion_main!(benches);

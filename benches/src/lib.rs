@@ -152,6 +152,25 @@ pub fn assign_windows(kind: WindowKind, ts: &[i64], out: &mut Vec<(i64, i64)>) -
     out.len()
 }
 
+/// `n` trades as JSON messages, one object each (what a Kafka or WebSocket source gets).
+pub fn json_trades(n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!(r#"{{"symbol": "S{}", "price": {}.25, "qty": {}, "ts": {}}}"#, i % 1000, 100 + i % 50, 1 + i % 9, 1_700_000_000_000u64 + i as u64).into_bytes())
+        .collect()
+}
+
+/// Decodes `messages` (JSON trades) into the trades' columns; returns the rows.
+pub fn decode_json(messages: &[Vec<u8>]) -> Result<usize> {
+    use laminardb_connectors::decode::{PayloadDecoder, PayloadFormat};
+    let mut decoder = PayloadDecoder::new(PayloadFormat::Json, trades(1, 1, 1).schema())?;
+    for m in messages {
+        decoder.push(m);
+    }
+    let (batch, rejected) = decoder.finish()?;
+    assert!(rejected.is_empty(), "{rejected:?}");
+    Ok(batch.map_or(0, |b| b.num_rows()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +181,11 @@ mod tests {
         assert_eq!(engine.round_trip().unwrap(), i64::MIN);
         engine.handle.insert("trades", &[trades(10, 2, 1000)]).unwrap();
         assert_eq!(engine.round_trip().unwrap(), 900);
+    }
+
+    #[test]
+    fn json_messages_decode() {
+        assert_eq!(decode_json(&json_trades(10)).unwrap(), 10);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!
 //! Built so far: the `files` source ([`files`]) and sink ([`file_sink`]).
 
+pub mod decode;
 pub mod file_sink;
 pub mod files;
 mod format;

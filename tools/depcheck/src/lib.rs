@@ -6,7 +6,7 @@
 //!    └─────▶ connectors ──▶ engine
 //! ```
 //! planner, shards and connectors never depend on each other; nothing depends on pybind or benches
-//! (which sees the three below pybind, like pybind); engine and
+//! (which sees the crates below pybind, like pybind); engine and
 //! planner never see glommio or PyO3; only pybind sees PyO3.
 
 use std::path::Path;
@@ -18,7 +18,7 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
     ("shards", &["laminardb-engine"], &["pyo3", "pyo3-arrow", "tokio"]),
     ("connectors", &["laminardb-engine"], &["glommio", "pyo3", "pyo3-arrow", "io-uring", "core_affinity"]),
     ("pybind", &["laminardb-engine", "laminardb-planner", "laminardb-shards", "laminardb-connectors"], &["glommio", "tokio"]),
-    ("benches", &["laminardb-engine", "laminardb-planner", "laminardb-shards"], &["pyo3", "pyo3-arrow"]),
+    ("benches", &["laminardb-engine", "laminardb-planner", "laminardb-shards", "laminardb-connectors"], &["pyo3", "pyo3-arrow"]),
 ];
 
 /// Names of the dependencies declared in a manifest's dependency tables.
