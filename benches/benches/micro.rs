@@ -65,11 +65,14 @@ fn wal(c: &mut Criterion) {
 
 /// Connector payloads into Arrow: JSON trades, one object per message.
 fn decode(c: &mut Criterion) {
-    use laminardb_benches::{decode_json, json_trades};
+    use laminardb_benches::{decode_json, decode_json_arrow_only, json_trades};
     let mut group = c.benchmark_group("decode");
     let messages = json_trades(BATCH_ROWS);
     group.throughput(Throughput::Elements(BATCH_ROWS as u64));
     group.bench_function(format!("json_trades_{BATCH_ROWS}"), |b| b.iter(|| decode_json(black_box(&messages)).expect("decodes")));
+    group.bench_function(format!("json_trades_arrow_only_{BATCH_ROWS}"), |b| {
+        b.iter(|| decode_json_arrow_only(black_box(&messages)).expect("decodes"))
+    });
     group.finish();
 }
 

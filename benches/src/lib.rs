@@ -171,6 +171,15 @@ pub fn decode_json(messages: &[Vec<u8>]) -> Result<usize> {
     Ok(batch.map_or(0, |b| b.num_rows()))
 }
 
+/// The baseline of [`decode_json`]: arrow-json's decoder alone over the same bytes (what
+/// `connectors::decode` adds on top is the gathering and the bad-message fallback).
+pub fn decode_json_arrow_only(messages: &[Vec<u8>]) -> Result<usize> {
+    let bytes: Vec<u8> = messages.iter().flat_map(|m| m.iter().copied().chain([b'\n'])).collect();
+    let mut decoder = arrow::json::ReaderBuilder::new(trades(1, 1, 1).schema()).with_batch_size(messages.len()).build_decoder()?;
+    decoder.decode(&bytes)?;
+    Ok(decoder.flush()?.map_or(0, |b| b.num_rows()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +195,7 @@ mod tests {
     #[test]
     fn json_messages_decode() {
         assert_eq!(decode_json(&json_trades(10)).unwrap(), 10);
+        assert_eq!(decode_json_arrow_only(&json_trades(10)).unwrap(), 10);
     }
 
     #[test]
