@@ -180,10 +180,12 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
         }
     }
     if connector.is_none() {
-        if let Some(key) = options.keys().find(|k| !SOURCE_OPTIONS.contains(&k.as_str())) {
+        // Without a connector, only the keys every source takes (a connector checks its own).
+        use laminardb_engine::source::SOURCE_KEYS;
+        if let Some(key) = options.keys().find(|k| !SOURCE_KEYS.contains(&k.as_str())) {
             return Err(Error::invalid_schema(format!(
                 "unknown option '{key}' in WITH: a source takes {}",
-                SOURCE_OPTIONS.join(", ")
+                SOURCE_KEYS.join(", ")
             )));
         }
     }
@@ -310,9 +312,6 @@ fn watermark_delay(column: &str, expr: &Expr) -> Result<i64> {
         ))),
     }
 }
-
-/// The WITH keys of a source without a connector (a connector checks its own).
-const SOURCE_OPTIONS: [&str; 5] = ["partition_key", "watermark_column", "watermark_delay_ms", "retention", "retention_rows"];
 
 fn with_options(options: &CreateTableOptions) -> Result<BTreeMap<String, String>> {
     let list = match options {

@@ -1080,7 +1080,7 @@ impl ShardRuntime {
                     if !node.routes[p].crosses_shards() || !inputs.iter().any(|i| i == input) {
                         continue;
                     }
-                    let here = inputs.iter().all(|i| self.idle.contains(i) || self.local_idle.contains(i));
+                    let here = idle_here(&self.idle, &self.local_idle, inputs);
                     for (peer, tx) in self.exchange.iter().enumerate() {
                         if peer != self.id {
                             let _ = tx.send(Exchange::Idle { stream: name.clone(), node: n, port: p, from: self.id, idle: here });
@@ -1103,7 +1103,7 @@ impl ShardRuntime {
             for (p, inputs) in node.port_inputs.iter().enumerate() {
                 // Idle everywhere (the coordinator said so), or on this shard (its splits).
                 let everywhere = inputs.iter().all(|i| self.idle.contains(i));
-                let here = inputs.iter().all(|i| self.idle.contains(i) || self.local_idle.contains(i));
+                let here = idle_here(&self.idle, &self.local_idle, inputs);
                 let first = node.first_slot[p];
                 if !node.routes[p].crosses_shards() {
                     moved = node.marks.set_idle(first, here).or(moved);
@@ -1171,6 +1171,12 @@ impl ShardRuntime {
             Exchange::Stop => {}
         }
     }
+}
+
+/// Whether every one of `inputs` is idle on this shard: declared idle everywhere (`idle`),
+/// or a connector source whose splits here are all idle (`local`).
+fn idle_here(idle: &HashSet<String>, local: &HashSet<String>, inputs: &[String]) -> bool {
+    inputs.iter().all(|i| idle.contains(i) || local.contains(i))
 }
 
 /// Closes every operator of `task` (a sink delivers what is pending); a failure is counted

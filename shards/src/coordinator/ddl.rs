@@ -176,11 +176,7 @@ impl Coordinator {
                 self.outputs.write().insert(name.clone(), Output::new(name.clone(), schema));
                 if let Some(policy) = retention {
                     let source: Arc<str> = name.as_str().into();
-                    for tx in self.shards.iter() {
-                        tx.send(ShardCommand::Retain { source: source.clone(), policy })
-                            .await
-                            .map_err(|_| Error::internal("a shard has stopped"))?;
-                    }
+                    self.send_shards(|| ShardCommand::Retain { source: source.clone(), policy }).await?;
                 }
                 if connected {
                     self.ingest.connected.borrow_mut().insert(name.clone(), false);
@@ -330,12 +326,7 @@ impl Coordinator {
             output.close();
         }
         let name: Arc<str> = removed.name.as_str().into();
-        for tx in self.shards.iter() {
-            tx.send(ShardCommand::DropStream { name: name.clone() })
-                .await
-                .map_err(|_| Error::internal("a shard has stopped"))?;
-        }
-        Ok(())
+        self.send_shards(|| ShardCommand::DropStream { name: name.clone() }).await
     }
 
     pub(super) async fn drop_source(&self, name: &str) -> Result<()> {
@@ -346,12 +337,7 @@ impl Coordinator {
             output.close();
         }
         let source: Arc<str> = removed.name.as_str().into();
-        for tx in self.shards.iter() {
-            tx.send(ShardCommand::DropSource { source: source.clone() })
-                .await
-                .map_err(|_| Error::internal("a shard has stopped"))?;
-        }
-        Ok(())
+        self.send_shards(|| ShardCommand::DropSource { source: source.clone() }).await
     }
 
     pub(super) fn update_catalog<T>(&self, change: impl FnOnce(&mut Catalog) -> Result<T>) -> Result<T> {

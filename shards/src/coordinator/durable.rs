@@ -199,9 +199,7 @@ impl Coordinator {
         // Exchange messages that were in flight at the checkpoint, now that every shard
         // they may route rows on to holds its state.
         let ack = Ack::born_at(None, &self.ingest.inflight, |_| {});
-        for tx in self.shards.iter() {
-            tx.send(ShardCommand::ReplayChannel { ack: ack.clone() }).await.map_err(|_| Error::internal("a shard has stopped"))?;
-        }
+        self.send_shards(|| ShardCommand::ReplayChannel { ack: ack.clone() }).await?;
         for (source, mark) in &manifest.watermarks {
             if let Some(mark) = Watermark::decode(*mark) {
                 self.ingest.watermarks.borrow_mut().insert(source.clone(), mark);

@@ -189,13 +189,9 @@ impl Coordinator {
         let Some(connector) = def.connector.clone() else { return Ok(()) };
         let delay_ms = def.watermark.as_ref().map_or(0, |w| w.delay_ms);
         let time_column = def.watermark.as_ref().and_then(|w| def.schema.index_of(&w.column).ok());
-        let source: Arc<str> = name.into();
-        for tx in self.shards.iter() {
-            let idle_after = self.ingest.idle_timeout;
-            let cmd = ShardCommand::StartSource { source: source.clone(), connector: connector.clone(), delay_ms, time_column, idle_after };
-            tx.send(cmd).await.map_err(|_| Error::internal("a shard has stopped"))?;
-        }
-        Ok(())
+        let (source, idle_after): (Arc<str>, _) = (name.into(), self.ingest.idle_timeout);
+        self.send_shards(|| ShardCommand::StartSource { source: source.clone(), connector: connector.clone(), delay_ms, time_column, idle_after })
+            .await
     }
 
     /// Waits (bounded) until every accepted insert and watermark has passed through every

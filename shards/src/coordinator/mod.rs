@@ -381,6 +381,14 @@ impl Coordinator {
         answers(self.ask_shards(|_, reply| ShardCommand::Stats { source: name.clone(), reply }).await?).await
     }
 
+    /// Sends every shard the command `make` builds; an error once a shard has stopped.
+    async fn send_shards(&self, make: impl Fn() -> ShardCommand) -> Result<()> {
+        for tx in self.shards.iter() {
+            tx.send(make()).await.map_err(|_| Error::internal("a shard has stopped"))?;
+        }
+        Ok(())
+    }
+
     /// Sends every shard the command `make` builds, as part of the work `ack` tracks (a
     /// stopped shard fails it); nothing is answered but the ack.
     async fn tell_shards(&self, ack: &AckToken, make: impl Fn() -> ShardCommand) {
