@@ -41,7 +41,7 @@ use crate::format::Format;
 
 const OPTIONS: &[&str] = &["path", "format", "poll_interval_ms", "splits"];
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct FilesSource {
     dir: PathBuf,
     /// The file-name pattern (`*` for every file).
@@ -185,14 +185,7 @@ impl SourceConnector for FilesSource {
                 .map_err(|e| Error::checkpoint(format!("files split {split}: a recorded position that does not parse: {e}")))?,
             None => Position::default(),
         };
-        let source = FilesSource {
-            dir: self.dir.clone(),
-            pattern: self.pattern.clone(),
-            format: self.format,
-            schema: self.schema.clone(),
-            poll: self.poll,
-            splits: self.splits,
-        };
+        let source = self.clone();
         let mut queue = VecDeque::new();
         if let Some((name, _)) = &position.current {
             queue.push_back(name.clone());
@@ -206,6 +199,7 @@ impl SourceConnector for FilesSource {
             resume: position.current,
             current: None,
             next_scan: Instant::now(),
+            missing_said: false,
         }))
     }
 }
@@ -229,16 +223,28 @@ struct FilesSplit {
     resume: Option<(String, usize)>,
     current: Option<Current>,
     next_scan: Instant,
+    /// The directory was missing at a scan, and the split said so.
+    missing_said: bool,
+}
+
+/// What a scan found.
+#[derive(PartialEq)]
+enum Scan {
+    Done,
+    /// The directory does not exist (said once until it does).
+    Missing,
 }
 
 impl FilesSplit {
     /// Queues this split's files that are new since the last scan. A directory that does
-    /// not exist has none yet.
-    fn scan(&mut self) -> Result<()> {
+    /// not exist has none yet; the first scan that finds it missing says so (`Missing`).
+    fn scan(&mut self) -> Result<Scan> {
         let dir = &self.source.dir;
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(if std::mem::replace(&mut self.missing_said, true) { Scan::Done } else { Scan::Missing });
+            }
             Err(e) => return Err(Error::connector(format!("listing {}: {e}", dir.display()))),
         };
         let mut found: Vec<String> = Vec::new();
@@ -256,7 +262,8 @@ impl FilesSplit {
         }
         found.sort();
         self.queue.extend(found);
-        Ok(())
+        self.missing_said = false;
+        Ok(Scan::Done)
     }
 }
 
@@ -298,7 +305,10 @@ impl SplitReader for FilesSplit {
                 return Ok(SplitPoll::Pending(self.next_scan - now));
             }
             self.next_scan = now + self.source.poll;
-            self.scan()?;
+            if self.scan()? == Scan::Missing {
+                let what = format!("nothing: the directory {} does not exist (yet)", self.source.dir.display());
+                return Ok(SplitPoll::Skipped(what));
+            }
             if self.queue.is_empty() {
                 return Ok(SplitPoll::Pending(self.source.poll));
             }
@@ -417,6 +427,25 @@ mod tests {
         assert!(skipped[0].contains("b.csv") && skipped[0].contains("oops"), "{}", skipped[0]);
         let json = source(&[("path", &format!("{}/*.json", dir.display()))]).unwrap();
         assert_eq!(drain(json.open(0, 1, None).unwrap().as_mut()).0, vec![7, 8]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_missing_directory_is_said_once_and_read_once_it_exists() {
+        let dir = temp_dir("missing");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let files = source(&[("path", &format!("{}/*.csv", dir.display())), ("poll_interval_ms", "1")]).unwrap();
+        let mut reader = files.open(0, 1, None).unwrap();
+        let (values, skipped) = drain(reader.as_mut());
+        assert!(values.is_empty());
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].contains("does not exist"), "{}", skipped[0]);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(drain(reader.as_mut()), (vec![], vec![]), "said once");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.csv"), "sym,v\nA,1\n").unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(drain(reader.as_mut()).0, vec![1]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -65,8 +65,9 @@ pub enum SplitPoll {
     Pending(Duration),
     /// The split has ended: nothing more comes.
     End,
-    /// Input that could not be read was left out (a file that does not decode): counted in
-    /// the source's errors and logged, and reading goes on.
+    /// Input that could not be read was left out (a file that does not decode), or there
+    /// is nothing to read for a reason the user must hear of (a directory that does not
+    /// exist): counted in the source's errors and logged, and reading goes on.
     Skipped(String),
 }
 
