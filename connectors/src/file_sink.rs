@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arrow::array::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
 
-use laminardb_engine::sink::Sink;
+use laminardb_engine::sink::{Sink, SinkContext};
 use laminardb_engine::source::ConnectorOptions;
 use laminardb_engine::{Error, Result};
 
@@ -75,8 +75,9 @@ static INSTANCES: AtomicU64 = AtomicU64::new(0);
 
 impl FileSink {
     /// The instance of a `CREATE SINK … WITH (connector = 'files', …)`: nothing is opened
-    /// before the first row. Unfinished files of processes that have died are deleted.
-    pub fn create(options: &ConnectorOptions) -> Result<Box<dyn Sink>> {
+    /// before the first row. Unfinished files of processes that have died are deleted
+    /// (by a shard's instance, not the check at `CREATE`).
+    pub fn create(options: &ConnectorOptions, context: &SinkContext) -> Result<Box<dyn Sink>> {
         options.check_known(OPTIONS)?;
         let dir = PathBuf::from(options.required("path")?);
         let format = Format::parse(options.get("format").unwrap_or("parquet"))?;
@@ -84,7 +85,9 @@ impl FileSink {
         if prefix.is_empty() || prefix.contains(['/', '\0']) || prefix.starts_with('.') {
             return Err(Error::connector(format!("files sink: prefix '{prefix}' must be a plain file name")));
         }
-        remove_orphans(&dir, &prefix);
+        if context.task.is_some() {
+            remove_orphans(&dir, &prefix);
+        }
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let token = format!("{}-{nanos}-{}", std::process::id(), INSTANCES.fetch_add(1, Ordering::Relaxed));
         Ok(Box::new(FileSink { dir, format, prefix, token, committed: 0, open: None }))
@@ -179,7 +182,8 @@ mod tests {
     fn sink(dir: &Path, format: &str) -> Result<Box<dyn Sink>> {
         let options: BTreeMap<String, String> =
             [("path", dir.display().to_string()), ("format", format.to_string())].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        FileSink::create(&ConnectorOptions::for_sink("files", &options)?)
+        let task = Some(laminardb_engine::dataflow::TaskInfo { shard: 0, shards: 1 });
+        FileSink::create(&ConnectorOptions::for_sink("files", &options)?, &SinkContext { name: "s", task })
     }
 
     fn batch(from: i64, n: i64) -> RecordBatch {
@@ -256,7 +260,7 @@ mod tests {
         let e = |format: &str| sink(&dir, format).err().unwrap().message;
         assert!(e("xml").contains("format 'xml'"));
         let options: BTreeMap<String, String> = [("format".to_string(), "csv".to_string())].into_iter().collect();
-        let missing = FileSink::create(&ConnectorOptions::for_sink("files", &options).unwrap()).err().unwrap();
+        let missing = FileSink::create(&ConnectorOptions::for_sink("files", &options).unwrap(), &SinkContext { name: "s", task: None }).err().unwrap();
         assert!(missing.message.contains("needs the option 'path'"), "{}", missing.message);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -6,11 +6,14 @@
 //! the reader (on the owning shard's thread for file reads, which are short; connectors
 //! that wait on the network hand batches over from their own threads).
 //!
-//! Built so far: the `files` source ([`files`]) and sink ([`file_sink`]).
+//! Built so far: `files` (source [`files`], sink [`file_sink`]) and `kafka` (source
+//! [`kafka`], sink [`kafka_sink`]).
 
 pub mod decode;
 pub mod file_sink;
 pub mod files;
+pub mod kafka;
+pub mod kafka_sink;
 mod format;
 
 /// Makes every connector of this crate available to `CREATE SOURCE`/`CREATE SINK … WITH
@@ -18,4 +21,6 @@ mod format;
 pub fn register() {
     laminardb_engine::source::register("files", files::FilesSource::create);
     laminardb_engine::sink::register("files", file_sink::FileSink::create);
+    laminardb_engine::source::register("kafka", kafka::KafkaSource::create);
+    laminardb_engine::sink::register("kafka", kafka_sink::KafkaSink::create);
 }

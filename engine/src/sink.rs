@@ -15,7 +15,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 
-use crate::dataflow::{Collector, Operator, OperatorSpec};
+use crate::dataflow::{Collector, Operator, OperatorSpec, TaskInfo};
 use crate::stream::output::Output;
 
 use crate::error::{Error, Result};
@@ -59,9 +59,19 @@ impl Sink for Blackhole {
     }
 }
 
-/// Builds one shard's instance of a sink from its `CREATE SINK` options. Called once more
-/// at `CREATE` to check the options (an instance opens nothing before its first write).
-pub type SinkFactory = fn(&ConnectorOptions) -> Result<Box<dyn Sink>>;
+/// Which sink instance is being opened.
+#[derive(Clone, Copy, Debug)]
+pub struct SinkContext<'a> {
+    /// The sink's name.
+    pub name: &'a str,
+    /// The shard it writes for; `None` at `CREATE`, where the instance only checks the
+    /// options and is closed without a write.
+    pub task: Option<TaskInfo>,
+}
+
+/// Builds one shard's instance of a sink from its `CREATE SINK` options, and once more at
+/// `CREATE` to check them (`task` is `None`: the instance must not touch the outside).
+pub type SinkFactory = fn(&ConnectorOptions, &SinkContext) -> Result<Box<dyn Sink>>;
 
 /// Sinks other crates add (`laminardb-connectors`, when the Python module loads).
 static REGISTERED: parking_lot::RwLock<BTreeMap<&'static str, SinkFactory>> = parking_lot::const_rwlock(BTreeMap::new());
@@ -78,19 +88,19 @@ fn available() -> String {
     names.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
 }
 
-/// Checks that `connector` exists here and its options make sense.
-pub fn validate(connector: &str, options: &BTreeMap<String, String>) -> Result<()> {
-    open(connector, options).map(drop)
+/// Checks that `connector` exists here and the options of sink `name` make sense.
+pub fn validate(name: &str, connector: &str, options: &BTreeMap<String, String>) -> Result<()> {
+    open(connector, options, &SinkContext { name, task: None }).and_then(|mut probe| probe.close())
 }
 
-pub fn open(connector: &str, options: &BTreeMap<String, String>) -> Result<Box<dyn Sink>> {
+pub fn open(connector: &str, options: &BTreeMap<String, String>, context: &SinkContext) -> Result<Box<dyn Sink>> {
     let connector = connector.to_ascii_lowercase();
     if connector == DEFAULT_CONNECTOR {
         return Ok(Box::new(Blackhole));
     }
     let factory = REGISTERED.read().get(connector.as_str()).copied();
     match factory {
-        Some(factory) => factory(&ConnectorOptions::for_sink(&connector, options)?),
+        Some(factory) => factory(&ConnectorOptions::for_sink(&connector, options)?, context),
         None if PLANNED.contains(&connector.as_str()) => Err(Error::connector(format!(
             "connector '{connector}' is not available in this build yet (available: {})",
             available()
@@ -129,8 +139,9 @@ impl OperatorSpec for SinkPlan {
         self.schema.clone()
     }
 
-    fn build(self: Arc<Self>) -> Result<Box<dyn Operator>> {
-        Ok(Box::new(SinkOperator { sink: open(&self.connector, &self.options)?, counters: self.counters.clone() }))
+    fn build(self: Arc<Self>, task: TaskInfo) -> Result<Box<dyn Operator>> {
+        let context = SinkContext { name: &self.counters.name, task: Some(task) };
+        Ok(Box::new(SinkOperator { sink: open(&self.connector, &self.options, &context)?, counters: self.counters.clone() }))
     }
 }
 
@@ -158,9 +169,9 @@ mod tests {
     #[test]
     fn unknown_and_planned_connectors_are_connector_errors() {
         let none = BTreeMap::new();
-        assert!(validate("blackhole", &none).is_ok());
+        assert!(validate("s", "blackhole", &none).is_ok());
         for c in ["kafka", "no_such_connector"] {
-            let e = validate(c, &none).unwrap_err();
+            let e = validate("s", c, &none).unwrap_err();
             assert_eq!(e.class, crate::error::ErrorClass::Connector);
             assert!(e.message.contains(c), "{}", e.message);
         }

@@ -196,14 +196,27 @@ impl ConnectorOptions {
 
     /// Refuses a key that is neither one of `known` nor one every source takes.
     pub fn check_known(&self, known: &[&str]) -> Result<()> {
-        match self.values.keys().find(|k| !known.contains(&k.as_str()) && !self.general.contains(&k.as_str())) {
+        self.check_known_or_prefixed(known, &[])
+    }
+
+    /// Refuses a key that is not one of `known`, does not start with one of `prefixes`
+    /// (options handed on to a client library as they are) and is not one every source
+    /// takes.
+    pub fn check_known_or_prefixed(&self, known: &[&str], prefixes: &[&str]) -> Result<()> {
+        let fits = |k: &str| known.contains(&k) || self.general.contains(&k) || prefixes.iter().any(|p| k.starts_with(p));
+        match self.values.keys().find(|k| !fits(k)) {
             None => Ok(()),
-            Some(key) => Err(Error::connector(format!(
-                "connector '{}' has no option '{key}' (its options: {})",
-                self.connector,
-                known.join(", ")
-            ))),
+            Some(key) => {
+                let more = prefixes.iter().map(|p| format!("{p}*"));
+                let list: Vec<String> = known.iter().map(|k| k.to_string()).chain(more).collect();
+                Err(Error::connector(format!("connector '{}' has no option '{key}' (its options: {})", self.connector, list.join(", "))))
+            }
         }
+    }
+
+    /// Every option, `${VAR}` substituted.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 }
 

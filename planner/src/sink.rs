@@ -107,7 +107,7 @@ pub fn plan_create_sink(
     let Some(&at) = sig.get(k) else { return Err(Error::parse("expected FROM or AS after the sink name")) };
     let (body, options) = cut_with(&tokens[at + 1..])?;
     let connector = options.get("connector").cloned().unwrap_or_else(|| DEFAULT_CONNECTOR.to_string());
-    sink::validate(&connector, &options)?;
+    sink::validate(&name, &connector, &options)?;
     let (input, stream) = if is_word(&tokens[at], "FROM") {
         let names: Vec<String> = body.iter().filter(|t| !matches!(t, Token::Whitespace(_))).filter_map(name_of).collect();
         let [input] = names.as_slice() else { return Err(Error::parse("expected CREATE SINK name FROM <stream>")) };

@@ -73,6 +73,10 @@ pub struct PySourceMetrics {
     /// Rows stored with an event time too far ahead of the clock to move the watermark
     /// (`LaminarConfig.max_event_ahead_ms`).
     pub future_events: u64,
+    /// Input a connector source left out (a record or file that did not decode) or could
+    /// not reach, each counted and logged; the source read on.
+    pub errors: u64,
+    pub last_error: Option<String>,
 }
 
 #[pymethods]
@@ -137,6 +141,8 @@ pub fn source_metrics(output: &Output, watermark: i64, capacity: usize, catalog:
         utilization: 0.0,
         late_events: late,
         future_events: output.counters.future_rows.load(Ordering::Relaxed),
+        errors: output.counters.errors.load(Ordering::Relaxed),
+        last_error: output.counters.last_error.lock().clone(),
     }
 }
 

@@ -203,3 +203,19 @@ def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+# =========================================================================== services
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory):
+    """A Kafka-protocol broker (tansu) on 127.0.0.1 for the whole run; each test makes
+    its own topics with `kafka.create_topic(partitions)`."""
+    from kafka_broker import start_broker
+
+    broker = start_broker(str(tmp_path_factory.mktemp("kafka") / "broker.log"))
+    try:
+        yield broker
+    finally:
+        broker.stop()

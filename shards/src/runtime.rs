@@ -16,7 +16,7 @@ use std::path::Path;
 use laminardb_engine::checkpoint::{self, ShardFiles};
 use laminardb_engine::partition::partition_by_key;
 use laminardb_engine::{ipc, wal};
-use laminardb_engine::dataflow::{Alignment, Collector, Operator, Route, Upstream, Watermark, WatermarkHolder};
+use laminardb_engine::dataflow::{Alignment, Collector, Operator, Route, TaskInfo, Upstream, Watermark, WatermarkHolder};
 use laminardb_engine::stream::isolate::Rejected;
 use laminardb_engine::stream::output::Output;
 use laminardb_engine::stream::{StreamPlan, OP_INSERT};
@@ -78,7 +78,7 @@ struct StreamTask {
 impl StreamTask {
     /// The operators of `plan` for one of `shards` shards, their input watermarks set
     /// from `mark` of each catalog input (every shard has the same).
-    fn new(plan: Arc<StreamPlan>, output: Arc<Output>, shards: usize, mark: impl Fn(&str) -> Option<Watermark>) -> Result<StreamTask> {
+    fn new(plan: Arc<StreamPlan>, output: Arc<Output>, shard: usize, shards: usize, mark: impl Fn(&str) -> Option<Watermark>) -> Result<StreamTask> {
         let dag = &plan.dag;
         let mut nodes: Vec<NodeRt> = Vec::with_capacity(dag.nodes.len());
         let mut entries = Vec::new();
@@ -109,7 +109,7 @@ impl StreamTask {
                 }
             }
             nodes.push(NodeRt {
-                op: Arc::clone(&node.spec).build()?,
+                op: Arc::clone(&node.spec).build(TaskInfo { shard, shards })?,
                 marks,
                 first_slot,
                 routes: node.ports.iter().map(|p| p.route).collect(),
@@ -719,7 +719,7 @@ impl ShardRuntime {
         // A stream that backfills starts without watermarks: its inputs' arrive after the
         // rows they retain (`backfill`).
         let backfill = plan.backfill;
-        let task = StreamTask::new(plan, output, self.shards, |input| if backfill { None } else { self.marks.get(input).copied() })?;
+        let task = StreamTask::new(plan, output, self.id, self.shards, |input| if backfill { None } else { self.marks.get(input).copied() })?;
         let name: Arc<str> = task.plan.name.as_str().into();
         if task.plan.inputs().all(|input| self.idle.contains(input)) {
             self.idle.insert(name.to_string());

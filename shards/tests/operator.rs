@@ -13,7 +13,7 @@ use datafusion::common::ScalarValue;
 
 use laminardb_engine::catalog::{Catalog, SourceDef, SourceKind, StreamDef};
 use laminardb_engine::config::EngineConfig;
-use laminardb_engine::dataflow::{Collector, Dag, Operator, OperatorSpec, Port, Route, Upstream};
+use laminardb_engine::dataflow::{Collector, Dag, Operator, OperatorSpec, Port, Route, TaskInfo, Upstream};
 use laminardb_engine::frontend::{Frontend, ShardAccess, Statement};
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, Result};
@@ -36,7 +36,7 @@ impl OperatorSpec for DedupeSpec {
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
     }
-    fn build(self: Arc<Self>) -> Result<Box<dyn Operator>> {
+    fn build(self: Arc<Self>, _task: TaskInfo) -> Result<Box<dyn Operator>> {
         Ok(Box::new(Dedupe { seen: HashSet::new() }))
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 
-use super::{Collector, Dag, Operator, Upstream, Watermark};
+use super::{Collector, Dag, Operator, TaskInfo, Upstream, Watermark};
 use crate::Result;
 
 pub struct LocalRun<'a> {
@@ -20,7 +20,7 @@ pub struct LocalRun<'a> {
 
 impl<'a> LocalRun<'a> {
     pub fn new(dag: &'a Dag) -> Result<LocalRun<'a>> {
-        let ops = dag.nodes.iter().map(|n| Arc::clone(&n.spec).build()).collect::<Result<Vec<_>>>()?;
+        let ops = dag.nodes.iter().map(|n| Arc::clone(&n.spec).build(TaskInfo { shard: 0, shards: 1 })).collect::<Result<Vec<_>>>()?;
         let readers = (0..dag.nodes.len()).map(|n| dag.readers(n)).collect();
         let mut entries: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
         for (n, node) in dag.nodes.iter().enumerate() {

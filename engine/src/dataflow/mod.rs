@@ -121,6 +121,14 @@ pub trait Operator {
     }
 }
 
+/// Which instance of an operator is being built: the one of shard `shard` of `shards`
+/// (a sink names its transactions by it; most operators do not ask).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub shard: usize,
+    pub shards: usize,
+}
+
 /// A node's operator as planned: builds one [`Operator`] per shard.
 pub trait OperatorSpec: Send + Sync + std::fmt::Debug {
     /// A short name for errors, metrics and the topology ("aggregate", "join", …).
@@ -129,8 +137,8 @@ pub trait OperatorSpec: Send + Sync + std::fmt::Debug {
     /// The rows it emits.
     fn schema(&self) -> SchemaRef;
 
-    /// One instance, for one shard.
-    fn build(self: Arc<Self>) -> Result<Box<dyn Operator>>;
+    /// One instance, for the shard `task` names.
+    fn build(self: Arc<Self>, task: TaskInfo) -> Result<Box<dyn Operator>>;
 
     /// Its emissions are a changelog (rows end with the `_op` column).
     fn changelog(&self) -> bool {

@@ -20,7 +20,7 @@ use arrow::row::{RowConverter, Rows, SortField};
 
 use super::op::eval_branch;
 use super::JoinPlan;
-use crate::dataflow::{Collector, Operator, OperatorSpec};
+use crate::dataflow::{Collector, Operator, OperatorSpec, TaskInfo};
 use crate::error::{Error, Result};
 
 const NONE: u32 = u32::MAX;
@@ -253,7 +253,7 @@ impl OperatorSpec for JoinPlan {
         self.schema.clone()
     }
 
-    fn build(self: Arc<Self>) -> Result<Box<dyn Operator>> {
+    fn build(self: Arc<Self>, _task: TaskInfo) -> Result<Box<dyn Operator>> {
         Ok(Box::new(JoinOperator::new(self)?))
     }
 }

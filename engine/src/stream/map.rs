@@ -8,7 +8,7 @@ use arrow::datatypes::SchemaRef;
 
 use super::isolate::{eval_isolating, Rejected};
 use super::MapPlan;
-use crate::dataflow::{Collector, Operator, OperatorSpec};
+use crate::dataflow::{Collector, Operator, OperatorSpec, TaskInfo};
 use crate::Result;
 
 pub struct MapOperator {
@@ -24,7 +24,7 @@ impl OperatorSpec for MapPlan {
         self.schema.clone()
     }
 
-    fn build(self: Arc<Self>) -> Result<Box<dyn Operator>> {
+    fn build(self: Arc<Self>, _task: TaskInfo) -> Result<Box<dyn Operator>> {
         Ok(Box::new(MapOperator { plan: self }))
     }
 }

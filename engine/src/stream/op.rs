@@ -13,7 +13,7 @@ use hashbrown::HashTable;
 use super::agg::{Acc, Values};
 use super::time::{from_millis, to_millis};
 use super::{AggPlan, Emit, GroupCol, PhysExpr, WindowKind, OP_DELETE, OP_INSERT, OP_RETRACT, OP_UPDATE};
-use crate::dataflow::{Collector, Operator, OperatorSpec, Watermark};
+use crate::dataflow::{Collector, Operator, OperatorSpec, TaskInfo, Watermark};
 use crate::error::{Error, Result};
 use crate::partition;
 
@@ -796,7 +796,7 @@ impl OperatorSpec for AggPlan {
         self.schema.clone()
     }
 
-    fn build(self: Arc<Self>) -> Result<Box<dyn Operator>> {
+    fn build(self: Arc<Self>, _task: TaskInfo) -> Result<Box<dyn Operator>> {
         Ok(Box::new(AggOperator::new(self)?))
     }
 

@@ -246,8 +246,7 @@ impl Coordinator {
                 let counters = Output::new(name.clone(), input.schema.clone());
                 // The sink is the one node of its own dataflow, on every shard; opened once
                 // here first, so a connector that cannot open fails the CREATE.
-                let opened = laminardb_engine::sink::open(&def.connector, &def.options)
-                    .and_then(|mut probe| probe.close())
+                let opened = laminardb_engine::sink::validate(&name, &def.connector, &def.options)
                     .and_then(|()| self.update_catalog(|c| c.add_sink(def.clone())));
                 if let Err(e) = opened {
                     if def.owns_input {

@@ -1,0 +1,393 @@
+//! The `kafka` source: a topic's records, one per row, decoded by `format`
+//! ([`crate::decode`]: json, csv, raw).
+//!
+//! ```sql
+//! CREATE SOURCE trades (symbol VARCHAR, price DOUBLE, ts TIMESTAMP) WITH (
+//!     connector = 'kafka', 'bootstrap.servers' = '127.0.0.1:9092', topic = 'trades',
+//!     'group.id' = 'bars', format = 'json', 'auto.offset.reset' = 'earliest',
+//!     watermark_column = 'ts', watermark_delay_ms = '1000')
+//! ```
+//!
+//! Each partition is a split, so partition `p` is read by shard `p % shards` and its
+//! watermark is its own (the engine merges them and leaves idle ones out). A split's
+//! reader is a librdkafka consumer assigned that one partition; librdkafka fetches on its
+//! own threads and the shard only takes what has arrived (a shard that does not keep up
+//! stops taking, and the consumer stops fetching once its queue is full: backpressure).
+//!
+//! A split's position is the offset of the next record, recorded in the engine's
+//! checkpoints: a reopened database reads on from there, so a record a checkpoint covered
+//! is neither lost nor read twice. Without a position (a new database), a split starts at
+//! the group's committed offset, else at `auto.offset.reset` (`earliest`, or `latest`,
+//! the default). The start is resolved to a number when the split opens, so a checkpoint
+//! never records "latest". The group's offsets are committed at each checkpoint and at
+//! close, for lag monitoring and for the next database without a checkpoint; the engine's
+//! positions always win over them.
+//!
+//! A record that does not decode (or has no payload) is left out, counted in the source's
+//! errors and logged with its partition and offset; reading goes on.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use laminardb_engine::source::{offset_position, read_offset_position, ConnectorOptions, SourceConnector, SplitPoll, SplitReader};
+use laminardb_engine::{Error, Result};
+
+use crate::decode::{PayloadDecoder, PayloadFormat};
+
+/// Options of the source besides the client ones ([`CLIENT_PREFIXES`]).
+const OPTIONS: &[&str] = &["bootstrap.servers", "topic", "group.id", "format", "auto.offset.reset", "max.poll.records"];
+
+/// Options handed to librdkafka as they are (`kafka.` is stripped first: any librdkafka
+/// property, e.g. `kafka.fetch.wait.max.ms`).
+pub(crate) const CLIENT_PREFIXES: &[&str] = &["security.", "sasl.", "ssl.", "client.id", "isolation.level", "kafka."];
+
+/// How long a metadata or offset request may take before the call fails.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a split without records waits before it is polled again.
+const IDLE_POLL: Duration = Duration::from_millis(1);
+
+/// The client settings every Kafka client of a statement shares: the brokers and the
+/// options passed through.
+pub(crate) fn client_config(options: &ConnectorOptions) -> Result<ClientConfig> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", options.required("bootstrap.servers")?);
+    for (key, value) in options.iter() {
+        if let Some(rest) = key.strip_prefix("kafka.") {
+            config.set(rest, value);
+        } else if CLIENT_PREFIXES.iter().any(|p| key.starts_with(p)) {
+            config.set(key, value);
+        }
+    }
+    Ok(config)
+}
+
+/// A Kafka error as the engine's, saying what was being done.
+pub(crate) fn kafka_error(doing: &str, e: KafkaError) -> Error {
+    Error::connector(format!("kafka: {doing}: {e}"))
+}
+
+/// The number of partitions of `topic`, asked of the brokers through `client`.
+pub(crate) fn partition_count<C: rdkafka::client::ClientContext>(client: &rdkafka::client::Client<C>, topic: &str) -> Result<usize> {
+    let metadata = client.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|e| kafka_error(&format!("reading the metadata of topic '{topic}'"), e))?;
+    let found = metadata.topics().iter().find(|t| t.name() == topic);
+    match found {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len()),
+        Some(t) if t.error().is_some() => Err(Error::connector(format!(
+            "kafka: topic '{topic}': {:?} (create the topic first)",
+            rdkafka::error::RDKafkaErrorCode::from(t.error().unwrap())
+        ))),
+        _ => Err(Error::connector(format!("kafka: topic '{topic}' does not exist (create the topic first)"))),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reset {
+    Earliest,
+    Latest,
+}
+
+#[derive(Debug)]
+pub struct KafkaSource {
+    schema: SchemaRef,
+    topic: String,
+    format: PayloadFormat,
+    reset: Reset,
+    max_poll: usize,
+    /// The consumer settings (brokers, group, passed-through options).
+    config: ClientConfig,
+}
+
+impl KafkaSource {
+    /// The connector of a `CREATE SOURCE … WITH (connector = 'kafka', …)`: the options are
+    /// checked here; nothing connects before `start()`.
+    pub fn create(options: &ConnectorOptions, declared: Option<&SchemaRef>) -> Result<Arc<dyn SourceConnector>> {
+        options.check_known_or_prefixed(OPTIONS, CLIENT_PREFIXES)?;
+        let schema = declared
+            .cloned()
+            .ok_or_else(|| Error::connector("kafka: declare the source's columns (CREATE SOURCE name (col TYPE, …) WITH (…))"))?;
+        let topic = options.required("topic")?.to_string();
+        let group = options.required("group.id")?;
+        let format = match options.get("format").unwrap_or("json").to_ascii_lowercase().as_str() {
+            f @ ("avro" | "debezium") => {
+                return Err(Error::connector(format!("kafka: format '{f}' is not available in this build yet (json, csv, raw)")))
+            }
+            f => PayloadFormat::parse(f)?,
+        };
+        // Checked now, so a source that could never decode is refused at CREATE.
+        PayloadDecoder::new(format, schema.clone())?;
+        let reset = match options.get("auto.offset.reset").unwrap_or("latest").to_ascii_lowercase().as_str() {
+            "earliest" | "smallest" | "beginning" => Reset::Earliest,
+            "latest" | "largest" | "end" => Reset::Latest,
+            other => return Err(Error::connector(format!("kafka: auto.offset.reset '{other}' is not one of earliest, latest"))),
+        };
+        let max_poll = options.parse::<usize>("max.poll.records", 8192)?.max(1);
+        let mut config = client_config(options)?;
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false");
+        if config.get("fetch.wait.max.ms").is_none() {
+            // librdkafka's 500 ms default holds a quiet partition's records back.
+            config.set("fetch.wait.max.ms", "10");
+        }
+        Ok(Arc::new(KafkaSource { schema, topic, format, reset, max_poll, config }))
+    }
+
+    fn consumer(&self) -> Result<BaseConsumer> {
+        self.config.create().map_err(|e| kafka_error("creating a consumer", e))
+    }
+
+    /// Where partition `partition` starts without a recorded position: the group's
+    /// committed offset, else its first or next offset as `auto.offset.reset` says.
+    fn start_offset(&self, consumer: &BaseConsumer, partition: i32) -> Result<i64> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, partition);
+        let committed = consumer
+            .committed_offsets(tpl, REQUEST_TIMEOUT)
+            .map_err(|e| kafka_error(&format!("reading the group's offset of partition {partition}"), e))?;
+        if let Some(Offset::Offset(at)) = committed.find_partition(&self.topic, partition).map(|e| e.offset()) {
+            return Ok(at);
+        }
+        let (low, high) = consumer
+            .fetch_watermarks(&self.topic, partition, REQUEST_TIMEOUT)
+            .map_err(|e| kafka_error(&format!("reading the offsets of partition {partition}"), e))?;
+        Ok(if self.reset == Reset::Earliest { low } else { high })
+    }
+}
+
+impl SourceConnector for KafkaSource {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn splits(&self, _shards: usize) -> Result<usize> {
+        partition_count(self.consumer()?.client(), &self.topic)
+    }
+
+    fn open(&self, split: usize, _splits: usize, position: Option<&[u8]>) -> Result<Box<dyn SplitReader>> {
+        let partition = i32::try_from(split).map_err(|_| Error::connector(format!("kafka: no partition {split}")))?;
+        let consumer = self.consumer()?;
+        let next = match position {
+            Some(bytes) => {
+                let at = read_offset_position(bytes, &format!("partition {partition} of topic '{}'", self.topic))?;
+                i64::try_from(at).map_err(|_| Error::checkpoint(format!("kafka: a recorded offset {at} out of range")))?
+            }
+            None => self.start_offset(&consumer, partition)?,
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next))
+            .map_err(|e| kafka_error("assigning the partition", e))?;
+        consumer.assign(&tpl).map_err(|e| kafka_error(&format!("assigning partition {partition}"), e))?;
+        Ok(Box::new(KafkaSplit {
+            consumer,
+            topic: self.topic.clone(),
+            partition,
+            next,
+            decoder: PayloadDecoder::new(self.format, self.schema.clone())?,
+            offsets: Vec::new(),
+            rejected: VecDeque::new(),
+            max_poll: self.max_poll,
+        }))
+    }
+}
+
+struct KafkaSplit {
+    consumer: BaseConsumer,
+    topic: String,
+    partition: i32,
+    /// The offset of the next record: every record before it is in a batch handed over
+    /// (or was rejected).
+    next: i64,
+    decoder: PayloadDecoder,
+    /// The offsets of the records pushed into the decoder.
+    offsets: Vec<i64>,
+    /// Records that did not decode, told one per poll (each is one error of the source).
+    rejected: VecDeque<String>,
+    max_poll: usize,
+}
+
+impl KafkaSplit {
+    /// Commits `next` as the group's offset (asynchronously: the group's offsets are for
+    /// monitoring; the engine's checkpoints hold the positions it reads on from).
+    fn commit(&self) {
+        let mut tpl = TopicPartitionList::new();
+        if tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(self.next)).is_ok() {
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+                log::warn!("kafka: committing offset {} of partition {} of '{}': {e}", self.next, self.partition, self.topic);
+            }
+        }
+    }
+}
+
+impl SplitReader for KafkaSplit {
+    fn poll(&mut self) -> Result<SplitPoll> {
+        if let Some(what) = self.rejected.pop_front() {
+            return Ok(SplitPoll::Skipped(what));
+        }
+        let mut failure = None;
+        while self.offsets.len() < self.max_poll {
+            match self.consumer.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(message)) => {
+                    if message.partition() != self.partition {
+                        continue;
+                    }
+                    match message.payload() {
+                        Some(payload) => {
+                            self.decoder.push(payload);
+                            self.offsets.push(message.offset());
+                        }
+                        None => self.rejected.push_back(format!("offset {} of partition {}: a record without a payload", message.offset(), self.partition)),
+                    }
+                    self.next = message.offset() + 1;
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => {
+                    // librdkafka retries on its own; the error is said, reading goes on.
+                    failure = Some(format!("kafka: {e}"));
+                    break;
+                }
+            }
+        }
+        let offsets = std::mem::take(&mut self.offsets);
+        let (batch, rejected) = self.decoder.finish()?;
+        for r in rejected {
+            let at = offsets.get(r.index).copied().unwrap_or(-1);
+            self.rejected.push_back(format!("offset {at} of partition {} did not decode: {}", self.partition, r.error));
+        }
+        if let Some(what) = failure {
+            self.rejected.push_back(what);
+        }
+        match batch {
+            Some(batch) => Ok(SplitPoll::Rows(batch)),
+            None => match self.rejected.pop_front() {
+                Some(what) => Ok(SplitPoll::Skipped(what)),
+                None => Ok(SplitPoll::Pending(IDLE_POLL)),
+            },
+        }
+    }
+
+    fn position(&self) -> Vec<u8> {
+        // Asked at each checkpoint barrier: the group's offset follows the checkpoints.
+        self.commit();
+        offset_position(self.next.max(0) as u64)
+    }
+
+    fn close(&mut self) -> Result<()> {
+        self.commit();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    use arrow::array::AsArray;
+    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]))
+    }
+
+    fn source(servers: &str, extra: &[(&str, &str)]) -> Result<Arc<dyn SourceConnector>> {
+        let mut raw: BTreeMap<String, String> =
+            [("bootstrap.servers", servers), ("topic", "t"), ("group.id", "g"), ("auto.offset.reset", "earliest")]
+                .iter()
+                .chain(extra)
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        raw.insert("connector".into(), "kafka".into());
+        KafkaSource::create(&ConnectorOptions::new("kafka", &raw)?, Some(&schema()))
+    }
+
+    fn produce(servers: &str, records: &[(i32, &str)]) {
+        let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", servers).create().unwrap();
+        for (partition, payload) in records {
+            producer.send(BaseRecord::<(), str>::to("t").partition(*partition).payload(*payload)).unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+    }
+
+    /// Polls until `n` values and `skipped` skips came (or ten seconds pass).
+    fn read(reader: &mut dyn SplitReader, n: usize, skipped: usize) -> (Vec<i64>, Vec<String>) {
+        let (mut values, mut skips) = (Vec::new(), Vec::new());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (values.len() < n || skips.len() < skipped) && std::time::Instant::now() < deadline {
+            match reader.poll().unwrap() {
+                SplitPoll::Rows(b) => values.extend(b.column(0).as_primitive::<Int64Type>().values().iter().copied()),
+                SplitPoll::Skipped(what) => skips.push(what),
+                SplitPoll::Pending(_) => std::thread::sleep(Duration::from_millis(5)),
+                SplitPoll::End => panic!("a Kafka partition does not end"),
+            }
+        }
+        (values, skips)
+    }
+
+    #[test]
+    fn options_are_checked_at_create() {
+        let e = |extra: &[(&str, &str)]| source("127.0.0.1:1", extra).unwrap_err().message;
+        assert!(e(&[("colour", "red")]).contains("no option 'colour'"));
+        assert!(e(&[("format", "avro")]).contains("not available in this build yet"));
+        assert!(e(&[("auto.offset.reset", "middle")]).contains("'middle'"));
+        let none: BTreeMap<String, String> = [("topic", "t"), ("group.id", "g")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let missing = KafkaSource::create(&ConnectorOptions::new("kafka", &none).unwrap(), Some(&schema())).unwrap_err();
+        assert!(missing.message.contains("'bootstrap.servers'"), "{}", missing.message);
+        assert!(source("127.0.0.1:1", &[("kafka.fetch.min.bytes", "1"), ("sasl.username", "u")]).is_ok());
+    }
+
+    /// Partitions are splits; each reads its records in order, skips (and tells) the ones
+    /// that do not decode, and a reader opened at a position reads on from exactly there.
+    #[test]
+    fn partitions_are_read_from_positions_and_bad_records_are_told() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 2, 1).unwrap();
+        let servers = cluster.bootstrap_servers();
+        produce(&servers, &[(0, r#"{"v": 1}"#), (1, r#"{"v": 100}"#), (0, "not json"), (0, r#"{"v": 2}"#)]);
+        let source = source(&servers, &[]).unwrap();
+        assert_eq!(source.splits(4).unwrap(), 2);
+        let mut p0 = source.open(0, 2, None).unwrap();
+        let (values, skipped) = read(p0.as_mut(), 2, 1);
+        assert_eq!(values, [1, 2]);
+        assert!(skipped[0].contains("offset 1 of partition 0 did not decode"), "{skipped:?}");
+        let at = p0.position();
+        assert_eq!(read_offset_position(&at, "t").unwrap(), 3);
+        let mut p1 = source.open(1, 2, None).unwrap();
+        assert_eq!(read(p1.as_mut(), 1, 0).0, [100]);
+        produce(&servers, &[(0, r#"{"v": 3}"#)]);
+        p0.close().unwrap();
+        let mut again = source.open(0, 2, Some(&at)).unwrap();
+        assert_eq!(read(again.as_mut(), 1, 0).0, [3]);
+        let missing = KafkaSource::create(
+            &ConnectorOptions::new(
+                "kafka",
+                &[("bootstrap.servers", servers.as_str()), ("topic", "absent"), ("group.id", "g")]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+            .unwrap(),
+            Some(&schema()),
+        )
+        .unwrap();
+        let e = missing.splits(2).unwrap_err();
+        assert!(e.message.contains("'absent'"), "{}", e.message);
+    }
+}
