@@ -18,7 +18,10 @@ use arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 
 use laminardb_engine::config::EngineConfig;
-use laminardb_engine::dataflow::{Collector, Watermark};
+use laminardb_engine::dataflow::{Collector, TaskInfo, Watermark};
+
+/// The operators here run as the one shard of one.
+const ONE_SHARD: TaskInfo = TaskInfo { shard: 0, shards: 1 };
 use laminardb_engine::stream::window::WindowKind;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::Result;
@@ -120,7 +123,7 @@ impl Operators {
 
     /// Filter and projection (the stream's one operator): rows out.
     pub fn filter(&self, batch: &RecordBatch) -> Result<usize> {
-        let mut map = Arc::clone(&self.filter.dag.nodes[0].spec).build()?;
+        let mut map = Arc::clone(&self.filter.dag.nodes[0].spec).build(ONE_SHARD)?;
         let mut out = Collector::default();
         map.process(0, batch, None, &mut out)?;
         Ok(out.rows.iter().map(RecordBatch::num_rows).sum())
@@ -131,7 +134,7 @@ impl Operators {
     /// then every window closed. Returns the groups emitted.
     pub fn aggregate(&self, batch: &RecordBatch) -> Result<usize> {
         let nodes = &self.aggregate.dag.nodes;
-        let (mut map, mut agg) = (Arc::clone(&nodes[0].spec).build()?, Arc::clone(&nodes[1].spec).build()?);
+        let (mut map, mut agg) = (Arc::clone(&nodes[0].spec).build(ONE_SHARD)?, Arc::clone(&nodes[1].spec).build(ONE_SHARD)?);
         let mut projected = Collector::default();
         map.process(0, batch, None, &mut projected)?;
         let mut out = Collector::default();

@@ -29,7 +29,6 @@
 //! dropped row).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{Array, RecordBatch, StringArray};
@@ -306,6 +305,7 @@ impl Sink for Unopened {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     use arrow::array::Int64Array;
     use laminardb_engine::dataflow::TaskInfo;

@@ -311,6 +311,21 @@ impl PyConnection {
         Ok(names.iter().filter_map(|n| self.stream_metrics(n).ok().flatten()).collect())
     }
 
+    /// A sink's counters: rows and batches written to its connector, errors; `None` for
+    /// a name that is not a sink.
+    fn sink_metrics(&self, name: &str) -> PyResult<Option<metrics::PySinkMetrics>> {
+        let handle = self.open()?;
+        let catalog = handle.catalog();
+        let Some(def) = catalog.sinks.get(name) else { return Ok(None) };
+        let Ok(output) = handle.output(&def.name) else { return Ok(None) };
+        Ok(Some(metrics::sink_metrics(&output, def)))
+    }
+
+    fn all_sink_metrics(&self) -> PyResult<Vec<metrics::PySinkMetrics>> {
+        let names: Vec<String> = self.open()?.catalog().sinks.keys().cloned().collect();
+        Ok(names.iter().filter_map(|n| self.sink_metrics(n).ok().flatten()).collect())
+    }
+
     fn topology(&self, py: Python<'_>) -> PyResult<metrics::PyPipelineTopology> {
         let catalog = self.open()?.catalog();
         metrics::topology(py, &catalog, |n| n.starts_with(HIDDEN_PREFIX))

@@ -85,6 +85,7 @@ fn _laminardb(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<metrics::PyPipelineMetrics>()?;
     m.add_class::<metrics::PySourceMetrics>()?;
     m.add_class::<metrics::PyStreamMetrics>()?;
+    m.add_class::<metrics::PySinkMetrics>()?;
     m.add_class::<metrics::PyPipelineTopology>()?;
     m.add_class::<metrics::PyPipelineNode>()?;
     m.add_class::<metrics::PyPipelineEdge>()?;

