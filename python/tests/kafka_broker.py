@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import time
 import uuid
@@ -73,3 +74,94 @@ def start_broker(log_path: str) -> Broker:
             time.sleep(0.05)
     process.kill()
     raise RuntimeError(f"the tansu broker did not listen on {port} within 30 s; see {log_path}")
+
+
+# --------------------------------------------------------------------------- read_committed
+#
+# tansu writes transaction markers but, like librdkafka's mock cluster, does not tell
+# consumers which transactions were aborted, so a `read_committed` client shows aborted
+# records. This reads the partition's record batches raw (a Fetch v4 request, parsed with
+# kafka-python's record classes) and keeps what a read_committed consumer must: records of
+# no transaction, and those of transactions whose marker says COMMIT.
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack(">h", len(raw)) + raw
+
+
+def _fetch(servers: str, topic: str, partition: int, offset: int) -> bytes:
+    host, port = servers.split(":")
+    body = struct.pack(">iiiib", -1, 100, 1, 64 << 20, 0)  # replica, wait, min, max bytes, read_uncommitted
+    body += struct.pack(">i", 1) + _string(topic) + struct.pack(">i", 1) + struct.pack(">iqi", partition, offset, 64 << 20)
+    request = struct.pack(">hhi", 1, 4, 7) + _string("laminardb-tests") + body
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(struct.pack(">i", len(request)) + request)
+        size = struct.unpack(">i", _read(s, 4))[0]
+        data = _read(s, size)
+    pos = 4 + 4  # correlation id, throttle time
+    (topics,) = struct.unpack_from(">i", data, pos)
+    assert topics == 1
+    (n,) = struct.unpack_from(">h", data, pos + 4)
+    pos += 4 + 2 + n
+    (parts,) = struct.unpack_from(">i", data, pos)
+    assert parts == 1
+    _, error, _, _ = struct.unpack_from(">ihqq", data, pos + 4)
+    assert error == 0, f"fetch error {error}"
+    pos += 4 + 4 + 2 + 8 + 8
+    (aborted,) = struct.unpack_from(">i", data, pos)
+    pos += 4 + max(aborted, 0) * 16
+    (length,) = struct.unpack_from(">i", data, pos)
+    return data[pos + 4 : pos + 4 + max(length, 0)]
+
+
+def _read(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("the broker closed the connection")
+        buf += chunk
+    return buf
+
+
+@dataclass
+class Transactions:
+    committed: list  # (offset, value) a read_committed consumer sees, in offset order
+    aborted: list  # (offset, value) of aborted transactions
+    markers: list  # (producer id, "COMMIT" | "ABORT")
+
+
+def read_committed(servers: str, topic: str, partition: int) -> Transactions:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python's schema loading
+        from kafka.record import MemoryRecords
+
+    open_txn: dict = {}  # producer id → [(offset, value)]
+    out = Transactions([], [], [])
+    offset = 0
+    while True:
+        raw = _fetch(servers, topic, partition, offset)
+        records = MemoryRecords(raw)
+        progressed = False
+        while (batch := records.next_batch()) is not None:
+            items = [(r.offset, r.key, r.value) for r in batch]
+            if not items or items[-1][0] < offset:
+                continue
+            progressed = True
+            offset = items[-1][0] + 1
+            if batch.is_control_batch:
+                kind = "COMMIT" if struct.unpack(">hh", items[0][1])[1] == 1 else "ABORT"
+                out.markers.append((batch.producer_id, kind))
+                done = open_txn.pop(batch.producer_id, [])
+                (out.committed if kind == "COMMIT" else out.aborted).extend(done)
+            elif batch.is_transactional:
+                open_txn.setdefault(batch.producer_id, []).extend((o, v) for o, _, v in items)
+            else:
+                out.committed.extend((o, v) for o, _, v in items)
+        if not progressed:
+            break
+    out.committed.sort()
+    return out

@@ -122,8 +122,9 @@ def test_trades_from_kafka_become_exact_bars_in_kafka(kafka, tmp_path):
     db.execute(SINK.format(servers=kafka.servers, topic=out))
     db.start()
     bars = consume(kafka.servers, out, 2, lambda got: len(got) >= len(expected))
-    metrics = db.source_metrics("trades")
+    metrics, sink = db.source_metrics("trades"), db.sink_metrics("bars_out")
     db.close()
+    assert (sink.connector, sink.total_events, sink.errors) == ("kafka", len(expected), 0)
     got = {bar_key(b): as_expected(b) for b in bars}
     assert len(bars) == len(expected), "each bar once"
     assert got == expected
@@ -244,3 +245,48 @@ def test_bad_kafka_sink_options_are_connector_errors_at_create(db, with_, named)
     with pytest.raises(laminardb.ConnectorError) as ei:
         db.execute(f"CREATE SINK k FROM s WITH (connector = 'kafka', {with_})")
     assert named in str(ei.value)
+
+
+EXACTLY_ONCE_CHILD = textwrap.dedent(
+    """
+    import sys, time, laminardb
+    path, servers, out = sys.argv[1:4]
+    db = laminardb.open(path, config=laminardb.LaminarConfig(shards=2, checkpoint_interval_ms=3_600_000))
+    db.execute("CREATE SOURCE t (v BIGINT)")
+    db.execute(f"CREATE SINK k FROM t WITH (connector = 'kafka', 'bootstrap.servers' = '{servers}', topic = '{out}', "
+               "partitioner = 'key-hash', 'delivery.guarantee' = 'exactly-once')")
+    db.insert("t", [{"v": i} for i in range(100)])
+    db.checkpoint()
+    db.insert("t", [{"v": i} for i in range(100, 150)])
+    while db.sink_metrics("k").total_events < 150:
+        time.sleep(0.01)
+    time.sleep(1.0)  # the open transaction's records reach the broker
+    print("ready", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_exactly_once_a_killed_sinks_open_transaction_is_aborted_and_each_row_committed_once(kafka, tmp_path):
+    from kafka_broker import read_committed
+
+    out, path = kafka.create_topic(2, "eo"), str(tmp_path / "db")
+    child = subprocess.Popen(
+        [sys.executable, "-c", EXACTLY_ONCE_CHILD, path, kafka.servers, out], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout.readline().strip() == "ready"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    # Rows 100..149 are in the WAL and in a transaction the dead process left open.
+    db = laminardb.open(path, config=laminardb.LaminarConfig(shards=2, checkpoint_interval_ms=3_600_000))
+    db.start()
+    db.close()  # replays them; the reopened shards abort the old transactions, commit anew
+    committed, aborted, markers = [], [], []
+    for p in range(2):
+        t = read_committed(kafka.servers, out, p)
+        committed += [json.loads(v)["v"] for _, v in t.committed]
+        aborted += [json.loads(v)["v"] for _, v in t.aborted]
+        markers += [kind for _, kind in t.markers]
+    assert sorted(committed) == list(range(150)), "each row committed exactly once"
+    assert sorted(aborted) == list(range(100, 150)), "the dead process's open transaction was aborted"
+    assert "ABORT" in markers and "COMMIT" in markers
