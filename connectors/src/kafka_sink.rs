@@ -43,6 +43,7 @@ use laminardb_engine::sink::{Sink, SinkContext};
 use laminardb_engine::source::ConnectorOptions;
 use laminardb_engine::{Error, Result};
 
+use crate::encode::RowEncoding;
 use crate::kafka::{client_config, kafka_error, partition_count, CLIENT_PREFIXES, REQUEST_TIMEOUT};
 
 const OPTIONS: &[&str] = &[
@@ -64,12 +65,6 @@ enum Partitioner {
     RoundRobin,
     KeyHash,
     Sticky,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Encoding {
-    Json,
-    Csv,
 }
 
 /// Counts failed deliveries (reported by librdkafka's thread) and keeps the first.
@@ -101,7 +96,7 @@ struct Connected {
 
 pub struct KafkaSink {
     topic: String,
-    encoding: Encoding,
+    encoding: RowEncoding,
     partitioner: Partitioner,
     key: Option<String>,
     next_partition: i32,
@@ -115,12 +110,7 @@ impl KafkaSink {
         options.check_known_or_prefixed(OPTIONS, CLIENT_PREFIXES)?;
         let topic = options.required("topic")?.to_string();
         let mut config = client_config(options)?;
-        let encoding = match options.get("format").unwrap_or("json").to_ascii_lowercase().as_str() {
-            "json" => Encoding::Json,
-            "csv" => Encoding::Csv,
-            "avro" => return Err(Error::connector("kafka sink: format 'avro' is not available in this build yet (json, csv)")),
-            other => return Err(Error::connector(format!("kafka sink: format '{other}' is not one of json, csv"))),
-        };
+        let encoding = RowEncoding::parse(options.get("format"), "kafka")?;
         let partitioner = match options.get("partitioner").unwrap_or("round-robin").to_ascii_lowercase().as_str() {
             "round-robin" | "round_robin" | "roundrobin" => Partitioner::RoundRobin,
             "key-hash" | "key_hash" | "hash" => Partitioner::KeyHash,
@@ -174,35 +164,6 @@ impl KafkaSink {
         }))
     }
 
-    /// Each row of `batch` as one payload.
-    fn encode(&self, batch: &RecordBatch) -> Result<Vec<Vec<u8>>> {
-        let bad = |e: arrow::error::ArrowError| Error::connector(format!("kafka sink: encoding rows: {e}"));
-        match self.encoding {
-            Encoding::Json => {
-                let mut buf = Vec::with_capacity(batch.num_rows() * 64);
-                let mut writer = arrow::json::LineDelimitedWriter::new(&mut buf);
-                writer.write(batch).map_err(bad)?;
-                writer.finish().map_err(bad)?;
-                drop(writer);
-                // JSON escapes newlines inside strings: each line is one row.
-                Ok(buf.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect())
-            }
-            Encoding::Csv => (0..batch.num_rows())
-                .map(|i| {
-                    // Row by row: a quoted value may hold a newline.
-                    let mut buf = Vec::new();
-                    let mut writer = arrow::csv::WriterBuilder::new().with_header(false).build(&mut buf);
-                    writer.write(&batch.slice(i, 1)).map_err(bad)?;
-                    drop(writer);
-                    if buf.last() == Some(&b'\n') {
-                        buf.pop();
-                    }
-                    Ok(buf)
-                })
-                .collect(),
-        }
-    }
-
     /// The keys of `batch`'s rows (`key-hash`): the key column's values as text.
     fn keys(&self, batch: &RecordBatch) -> Result<Option<StringArray>> {
         if self.partitioner != Partitioner::KeyHash {
@@ -248,7 +209,7 @@ impl KafkaSink {
 impl Sink for KafkaSink {
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         self.check_deliveries()?;
-        let payloads = self.encode(batch)?;
+        let payloads = self.encoding.encode(batch)?;
         let keys = self.keys(batch)?;
         for (i, payload) in payloads.iter().enumerate() {
             let mut record = BaseRecord::<str, [u8], ()>::to(&self.topic).payload(payload);

@@ -10,10 +10,28 @@
 //! [`kafka`], sink [`kafka_sink`]).
 
 pub mod decode;
+pub mod encode;
 pub mod file_sink;
 pub mod files;
 pub mod kafka;
 pub mod kafka_sink;
+pub mod websocket;
+pub mod websocket_sink;
+
+/// The connectors' tokio runtime (network connectors' I/O; one worker thread, off the
+/// shards' cores' hot loops), made when the first connector needs it.
+pub(crate) fn runtime() -> laminardb_engine::Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> = std::sync::OnceLock::new();
+    let made = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("laminar-connectors")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    made.as_ref().map_err(|e| laminardb_engine::Error::connector(format!("starting the connectors' runtime: {e}")))
+}
 mod format;
 
 /// Makes every connector of this crate available to `CREATE SOURCE`/`CREATE SINK … WITH
@@ -23,4 +41,6 @@ pub fn register() {
     laminardb_engine::sink::register("files", file_sink::FileSink::create);
     laminardb_engine::source::register("kafka", kafka::KafkaSource::create);
     laminardb_engine::sink::register("kafka", kafka_sink::KafkaSink::create);
+    laminardb_engine::source::register("websocket", websocket::WebSocketSource::create);
+    laminardb_engine::sink::register("websocket", websocket_sink::WebSocketSink::create);
 }
