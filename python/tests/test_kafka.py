@@ -290,3 +290,17 @@ def test_exactly_once_a_killed_sinks_open_transaction_is_aborted_and_each_row_co
     assert sorted(committed) == list(range(150)), "each row committed exactly once"
     assert sorted(aborted) == list(range(100, 150)), "the dead process's open transaction was aborted"
     assert "ABORT" in markers and "COMMIT" in markers
+
+
+def test_start_fails_naming_a_topic_that_does_not_exist(kafka):
+    db = laminardb.open(":memory:")
+    try:
+        db.execute(
+            f"CREATE SOURCE s (v BIGINT) WITH (connector = 'kafka', 'bootstrap.servers' = '{kafka.servers}', "
+            "topic = 'no-such-topic', 'group.id' = 'g')"
+        )
+        with pytest.raises(laminardb.ConnectorError) as ei:
+            db.start()
+        assert "source 's' could not start" in str(ei.value) and "'no-such-topic'" in str(ei.value)
+    finally:
+        db.close()

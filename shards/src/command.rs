@@ -89,8 +89,17 @@ pub enum ShardCommand {
     /// Start reading the splits of a connector source this shard owns, where the
     /// restored checkpoint left them; its watermark on this shard goes into the source's
     /// `Output::shard_watermark`. `time_column`: its event time (delay: the declared one).
-    /// A split without rows for `idle_after` is idle: it holds no watermark back.
-    StartSource { source: Arc<str>, connector: Arc<dyn SourceConnector>, delay_ms: i64, time_column: Option<usize>, idle_after: std::time::Duration },
+    /// A split without rows for `idle_after` is idle: it holds no watermark back. The
+    /// reply comes once the shard's readers are open (a server listening, a consumer
+    /// assigned), or says why they could not open.
+    StartSource {
+        source: Arc<str>,
+        connector: Arc<dyn SourceConnector>,
+        delay_ms: i64,
+        time_column: Option<usize>,
+        idle_after: std::time::Duration,
+        reply: Reply<()>,
+    },
     Scan { source: Arc<str>, reply: Reply<Vec<RecordBatch>> },
     Stats { source: Arc<str>, reply: Reply<RowStats> },
     DropSource { source: Arc<str> },

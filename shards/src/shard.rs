@@ -162,23 +162,27 @@ async fn run(id: usize, cpu: Option<usize>, cores: Vec<usize>, wiring: ShardWiri
                 }
                 rt.drop_source(&source);
             }
-            ShardCommand::StartSource { source, connector, delay_ms, time_column, idle_after } => {
+            ShardCommand::StartSource { source, connector, delay_ms, time_column, idle_after, reply } => {
                 if let Some((old, _)) = sources.remove(&source) {
                     old.set(true);
                 }
                 let ack = Ack::background();
                 match catch(&place, || rt.open_source(&source, connector.as_ref(), delay_ms, time_column, idle_after, &ack)) {
-                    Ok(SourceStep::Ended) => {}
+                    Ok(SourceStep::Ended) => {
+                        let _ = reply.send(Ok(()));
+                    }
                     Ok(_) => {
                         let stop = Rc::new(Cell::new(false));
                         let task = SourceTask { source: source.clone(), stop: stop.clone() };
                         let task = glommio::spawn_local(task.run(runtime.clone(), place.clone())).detach();
                         sources.insert(source, (stop, task));
+                        let _ = reply.send(Ok(()));
                     }
                     Err(e) => {
                         if let Some(output) = rt.output(&source) {
                             output.record_error(&format!("reading did not start on {place}: {e}"));
                         }
+                        let _ = reply.send(Err(e));
                     }
                 }
             }

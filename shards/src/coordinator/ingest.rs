@@ -178,7 +178,9 @@ impl Coordinator {
         }
     }
 
-    /// Starts the shards reading connector source `name`, once.
+    /// Starts the shards reading connector source `name`, once; returns when every shard
+    /// has opened its readers, or with the first shard's reason it could not (the source
+    /// may then be started again).
     pub(super) async fn start_source(&self, name: &str) -> Result<()> {
         match self.ingest.connected.borrow_mut().get_mut(name) {
             Some(started) if !*started => *started = true,
@@ -190,8 +192,25 @@ impl Coordinator {
         let delay_ms = def.watermark.as_ref().map_or(0, |w| w.delay_ms);
         let time_column = def.watermark.as_ref().and_then(|w| def.schema.index_of(&w.column).ok());
         let (source, idle_after): (Arc<str>, _) = (name.into(), self.ingest.idle_timeout);
-        self.send_shards(|| ShardCommand::StartSource { source: source.clone(), connector: connector.clone(), delay_ms, time_column, idle_after })
-            .await
+        let opened = self
+            .ask_shards(|_, reply| ShardCommand::StartSource {
+                source: source.clone(),
+                connector: connector.clone(),
+                delay_ms,
+                time_column,
+                idle_after,
+                reply,
+            })
+            .await;
+        let opened = match opened {
+            Ok(waits) => super::answers(waits).await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = opened {
+            self.ingest.connected.borrow_mut().insert(name.to_string(), false);
+            return Err(Error::connector(format!("source '{name}' could not start: {}", e.message)));
+        }
+        Ok(())
     }
 
     /// Waits (bounded) until every accepted insert and watermark has passed through every
