@@ -38,11 +38,12 @@ impl PayloadFormat {
 }
 
 /// A message that did not decode: its place among the messages pushed since the last
-/// `finish`, and why.
+/// `finish`, why, and the message itself (for a dead-letter destination).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejected {
     pub index: usize,
     pub error: String,
+    pub payload: Vec<u8>,
 }
 
 pub struct PayloadDecoder {
@@ -111,13 +112,13 @@ impl PayloadDecoder {
         let mut rejected = Vec::new();
         for (index, message) in messages.iter().enumerate() {
             if empty.contains(&index) {
-                rejected.push(Rejected { index, error: "an empty message".into() });
+                rejected.push(Rejected { index, error: "an empty message".into(), payload: original(messages[index]) });
                 continue;
             }
             match self.decode(message) {
                 Ok(Some(batch)) => good.push(batch),
-                Ok(None) => rejected.push(Rejected { index, error: "no record in the message".into() }),
-                Err(e) => rejected.push(Rejected { index, error: e.message }),
+                Ok(None) => rejected.push(Rejected { index, error: "no record in the message".into(), payload: original(message) }),
+                Err(e) => rejected.push(Rejected { index, error: e.message, payload: original(message) }),
             }
         }
         let batch = if good.is_empty() { None } else { Some(concat_batches(&self.schema, &good)?) };
@@ -168,7 +169,7 @@ impl PayloadDecoder {
                 for (index, m) in messages.iter().enumerate() {
                     match std::str::from_utf8(m) {
                         Ok(text) => b.append_value(text),
-                        Err(e) => rejected.push(Rejected { index, error: format!("raw: not UTF-8 text: {e}") }),
+                        Err(e) => rejected.push(Rejected { index, error: format!("raw: not UTF-8 text: {e}"), payload: m.to_vec() }),
                     }
                 }
                 Arc::new(b.finish())
@@ -186,6 +187,11 @@ impl PayloadDecoder {
         }
         Ok((Some(RecordBatch::try_new(self.schema.clone(), vec![column])?), rejected))
     }
+}
+
+/// A pushed JSON or CSV message without the newline `push` added.
+fn original(message: &[u8]) -> Vec<u8> {
+    message.strip_suffix(b"\n").unwrap_or(message).to_vec()
 }
 
 #[cfg(test)]
@@ -234,6 +240,7 @@ mod tests {
         assert_eq!(rejected.iter().map(|r| r.index).collect::<Vec<_>>(), [1, 2, 3]);
         assert!(rejected[0].error.contains("json"), "{}", rejected[0].error);
         assert_eq!(rejected[2].error, "an empty message");
+        assert_eq!(rejected[0].payload, br#"{"symbol": "B", "price": "dear"}"#.to_vec());
         // All good: one pass.
         let (batch, rejected) = decode(PayloadFormat::Json, trades(), &[r#"{"symbol": "D"}"#, r#"{"symbol": "E"}"#]);
         assert_eq!((symbols(&batch.unwrap()), rejected.len()), (vec!["D".to_string(), "E".to_string()], 0));

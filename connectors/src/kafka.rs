@@ -40,10 +40,12 @@ use rdkafka::{Offset, TopicPartitionList};
 use laminardb_engine::source::{offset_position, read_offset_position, ConnectorOptions, SourceConnector, SplitPoll, SplitReader};
 use laminardb_engine::{Error, Result};
 
+use crate::dead_letter::{DeadLetterConfig, DeadLetters};
 use crate::decode::{PayloadDecoder, PayloadFormat};
 
 /// Options of the source besides the client ones ([`CLIENT_PREFIXES`]).
-const OPTIONS: &[&str] = &["bootstrap.servers", "topic", "group.id", "format", "auto.offset.reset", "max.poll.records"];
+const OPTIONS: &[&str] =
+    &["bootstrap.servers", "topic", "group.id", "format", "auto.offset.reset", "max.poll.records", "dead_letter.path", "dead_letter.topic"];
 
 /// Options handed to librdkafka as they are (`kafka.` is stripped first: any librdkafka
 /// property, e.g. `kafka.fetch.wait.max.ms`).
@@ -104,6 +106,7 @@ pub struct KafkaSource {
     max_poll: usize,
     /// The consumer settings (brokers, group, passed-through options).
     config: ClientConfig,
+    dead_letters: DeadLetterConfig,
 }
 
 impl KafkaSource {
@@ -131,6 +134,7 @@ impl KafkaSource {
         };
         let max_poll = options.parse::<usize>("max.poll.records", 8192)?.max(1);
         let mut config = client_config(options)?;
+        let dead_letters = DeadLetterConfig::from_options(options, Some(&config))?;
         config
             .set("group.id", group)
             .set("enable.auto.commit", "false")
@@ -140,7 +144,7 @@ impl KafkaSource {
             // librdkafka's 500 ms default holds a quiet partition's records back.
             config.set("fetch.wait.max.ms", "10");
         }
-        Ok(Arc::new(KafkaSource { schema, topic, format, reset, max_poll, config }))
+        Ok(Arc::new(KafkaSource { schema, topic, format, reset, max_poll, config, dead_letters }))
     }
 
     fn consumer(&self) -> Result<BaseConsumer> {
@@ -201,6 +205,7 @@ impl SourceConnector for KafkaSource {
             offsets: Vec::new(),
             rejected: VecDeque::new(),
             max_poll: self.max_poll,
+            dead: self.dead_letters.open(&format!("kafka topic '{}'", self.topic))?,
         }))
     }
 }
@@ -218,6 +223,7 @@ struct KafkaSplit {
     /// Records that did not decode, told one per poll (each is one error of the source).
     rejected: VecDeque<String>,
     max_poll: usize,
+    dead: DeadLetters,
 }
 
 impl KafkaSplit {
@@ -230,6 +236,14 @@ impl KafkaSplit {
                 log::warn!("kafka: committing offset {} of partition {} of '{}': {e}", self.next, self.partition, self.topic);
             }
         }
+    }
+}
+
+/// A record left out: told (one error of the source each) and sent to the dead letters.
+fn reject(told: &mut VecDeque<String>, dead: &mut DeadLetters, origin: &str, why: &str, payload: &[u8]) {
+    told.push_back(format!("{origin}: {why}"));
+    if let Err(e) = dead.send(origin, why, payload) {
+        told.push_back(format!("{origin}: {}", e.message));
     }
 }
 
@@ -251,7 +265,10 @@ impl SplitReader for KafkaSplit {
                             self.decoder.push(payload);
                             self.offsets.push(message.offset());
                         }
-                        None => self.rejected.push_back(format!("offset {} of partition {}: a record without a payload", message.offset(), self.partition)),
+                        None => {
+                            let origin = format!("partition {} offset {}", self.partition, message.offset());
+                            reject(&mut self.rejected, &mut self.dead, &origin, "a record without a payload", &[]);
+                        }
                     }
                     self.next = message.offset() + 1;
                 }
@@ -267,7 +284,8 @@ impl SplitReader for KafkaSplit {
         let (batch, rejected) = self.decoder.finish()?;
         for r in rejected {
             let at = offsets.get(r.index).copied().unwrap_or(-1);
-            self.rejected.push_back(format!("offset {at} of partition {} did not decode: {}", self.partition, r.error));
+            let origin = format!("partition {} offset {at}", self.partition);
+            reject(&mut self.rejected, &mut self.dead, &origin, &format!("did not decode: {}", r.error), &r.payload);
         }
         if let Some(what) = failure {
             self.rejected.push_back(what);
@@ -366,7 +384,7 @@ mod tests {
         let mut p0 = source.open(0, 2, None).unwrap();
         let (values, skipped) = read(p0.as_mut(), 2, 1);
         assert_eq!(values, [1, 2]);
-        assert!(skipped[0].contains("offset 1 of partition 0 did not decode"), "{skipped:?}");
+        assert!(skipped[0].contains("partition 0 offset 1: did not decode"), "{skipped:?}");
         let at = p0.position();
         assert_eq!(read_offset_position(&at, "t").unwrap(), 3);
         let mut p1 = source.open(1, 2, None).unwrap();

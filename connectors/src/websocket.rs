@@ -38,6 +38,7 @@ use tokio_tungstenite::tungstenite::Message;
 use laminardb_engine::source::{ConnectorOptions, SourceConnector, SplitPoll, SplitReader};
 use laminardb_engine::{Error, Result};
 
+use crate::dead_letter::{DeadLetterConfig, DeadLetters};
 use crate::decode::{PayloadDecoder, PayloadFormat};
 
 const OPTIONS: &[&str] = &[
@@ -53,6 +54,7 @@ const OPTIONS: &[&str] = &[
     "ping_interval_ms",
     "queue.capacity",
     "max.poll.records",
+    "dead_letter.path",
 ];
 
 /// How long a source without messages waits before it is polled again.
@@ -174,6 +176,7 @@ pub struct WebSocketSource {
     ping: Duration,
     capacity: usize,
     max_poll: usize,
+    dead_letters: DeadLetterConfig,
 }
 
 impl WebSocketSource {
@@ -205,6 +208,7 @@ impl WebSocketSource {
             ping: Duration::from_millis(options.parse::<u64>("ping_interval_ms", 30_000)?.max(1)),
             capacity: options.parse::<usize>("queue.capacity", 65_536)?.max(1),
             max_poll: options.parse::<usize>("max.poll.records", 8192)?.max(1),
+            dead_letters: DeadLetterConfig::from_options(options, None)?,
         }))
     }
 }
@@ -224,6 +228,11 @@ impl SourceConnector for WebSocketSource {
 
     fn open(&self, _split: usize, _splits: usize, _position: Option<&[u8]>) -> Result<Box<dyn SplitReader>> {
         let (tx, rx) = mpsc::channel(self.capacity);
+        let origin = match &self.mode {
+            Mode::Client { url } => format!("websocket {url}"),
+            Mode::Server { bind } => format!("websocket server {bind}"),
+        };
+        let dead = self.dead_letters.open(&origin)?;
         let runtime = crate::runtime()?;
         let task = match &self.mode {
             Mode::Client { url } => {
@@ -238,7 +247,7 @@ impl SourceConnector for WebSocketSource {
                 runtime.spawn(run_server(listener, self.auth.clone(), tx))
             }
         };
-        Ok(Box::new(WebSocketSplit { rx, task, decoder: PayloadDecoder::new(self.format, self.schema.clone())?, max_poll: self.max_poll, problems: VecDeque::new() }))
+        Ok(Box::new(WebSocketSplit { rx, task, decoder: PayloadDecoder::new(self.format, self.schema.clone())?, max_poll: self.max_poll, problems: VecDeque::new(), dead, received: 0 }))
     }
 }
 
@@ -358,6 +367,9 @@ struct WebSocketSplit {
     max_poll: usize,
     /// Messages that did not decode or connection problems, told one per poll.
     problems: VecDeque<String>,
+    dead: DeadLetters,
+    /// Messages received so far (a rejected one is named by its number).
+    received: u64,
 }
 
 impl SplitReader for WebSocketSplit {
@@ -379,8 +391,16 @@ impl SplitReader for WebSocketSplit {
                 }
             }
         }
+        let first = self.received;
+        self.received += self.decoder.len() as u64;
         let (batch, rejected) = self.decoder.finish()?;
-        self.problems.extend(rejected.into_iter().map(|r| format!("a message did not decode: {}", r.error)));
+        for r in rejected {
+            let origin = format!("message {}", first + r.index as u64);
+            self.problems.push_back(format!("{origin} did not decode: {}", r.error));
+            if let Err(e) = self.dead.send(&origin, &r.error, &r.payload) {
+                self.problems.push_back(e.message);
+            }
+        }
         match batch {
             Some(batch) => Ok(SplitPoll::Rows(batch)),
             None => match self.problems.pop_front() {

@@ -131,8 +131,8 @@ def test_trades_from_kafka_become_exact_bars_in_kafka(kafka, tmp_path):
     assert metrics.total_events == len(rows) + 3
 
 
-def test_records_that_do_not_decode_are_counted_and_the_rest_read(kafka):
-    src = kafka.create_topic(1, "mixed")
+def test_records_that_do_not_decode_are_counted_sent_to_the_dead_letter_topic_and_the_rest_read(kafka):
+    src, dead = kafka.create_topic(1, "mixed"), kafka.create_topic(1, "dlq")
     producer = Producer({"bootstrap.servers": kafka.servers})
     for payload in [b'{"v": 1}', b"not json", b'{"v": 2}', b'{"v": "three"}', b'{"v": 4}']:
         producer.produce(src, payload, partition=0)
@@ -140,7 +140,7 @@ def test_records_that_do_not_decode_are_counted_and_the_rest_read(kafka):
     db = laminardb.open(":memory:")
     db.execute(
         f"CREATE SOURCE s (v BIGINT) WITH (connector = 'kafka', 'bootstrap.servers' = '{kafka.servers}', "
-        f"topic = '{src}', 'group.id' = 'g', 'auto.offset.reset' = 'earliest')"
+        f"topic = '{src}', 'group.id' = 'g', 'auto.offset.reset' = 'earliest', 'dead_letter.topic' = '{dead}')"
     )
     sub = db.subscribe_stream("s")
     db.start()
@@ -157,7 +157,18 @@ def test_records_that_do_not_decode_are_counted_and_the_rest_read(kafka):
     db.close()
     assert values == [1, 2, 4]
     assert metrics.errors == 2, metrics.last_error
-    assert "offset 3 of partition 0 did not decode" in metrics.last_error
+    assert "partition 0 offset 3: did not decode" in metrics.last_error
+    consumer = Consumer({"bootstrap.servers": kafka.servers, "group.id": "dlq-check"})
+    consumer.assign([TopicPartition(dead, 0, 0)])
+    letters: list = []
+    deadline = time.monotonic() + 20
+    while len(letters) < 2 and time.monotonic() < deadline:
+        letters += [m for m in consumer.consume(10, 0.2) if m.error() is None]
+    consumer.close()
+    assert [m.value() for m in letters] == [b"not json", b'{"v": "three"}']
+    headers = dict(letters[1].headers())
+    assert headers["origin"] == b"partition 0 offset 3"
+    assert b"did not decode" in headers["error"]
 
 
 CHILD = textwrap.dedent(

@@ -93,13 +93,13 @@ def test_a_client_source_reads_a_feed_and_reconnects_after_the_server_drops_it()
         feed.close()
 
 
-def test_a_server_source_takes_many_publishers_and_refuses_a_wrong_token():
-    port = free_port()
+def test_a_server_source_takes_many_publishers_and_refuses_a_wrong_token(tmp_path):
+    port, dead = free_port(), tmp_path / "dead.jsonl"
     db = laminardb.open(":memory:")
     try:
         db.execute(
             "CREATE SOURCE telemetry (device VARCHAR, temp DOUBLE) WITH (connector = 'websocket', mode = 'server', "
-            f"bind_address = '127.0.0.1:{port}', auth = 'Bearer s3cret')"
+            f"bind_address = '127.0.0.1:{port}', auth = 'Bearer s3cret', 'dead_letter.path' = '{dead}')"
         )
         sub = db.subscribe_stream("telemetry")
         db.start()
@@ -120,6 +120,8 @@ def test_a_server_source_takes_many_publishers_and_refuses_a_wrong_token():
         while db.source_metrics("telemetry").errors < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert "did not decode" in db.source_metrics("telemetry").last_error
+        [letter] = [json.loads(line) for line in dead.read_text().splitlines()]
+        assert letter["payload"] == "not json" and letter["source"] == f"websocket server 127.0.0.1:{port}"
         for ws in publishers:
             ws.close()
     finally:
