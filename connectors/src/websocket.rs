@@ -35,7 +35,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::Message;
 
-use laminardb_engine::source::{ConnectorOptions, SourceConnector, SplitPoll, SplitReader};
+use laminardb_engine::source::{Backlog, ConnectorOptions, SourceConnector, SplitPoll, SplitReader};
 use laminardb_engine::{Error, Result};
 
 use crate::dead_letter::{DeadLetterConfig, DeadLetters};
@@ -412,6 +412,10 @@ impl SplitReader for WebSocketSplit {
 
     fn position(&self) -> Vec<u8> {
         Vec::new()
+    }
+
+    fn backlog(&self) -> Option<Backlog> {
+        Some(Backlog { pending: self.rx.len() as u64, capacity: self.rx.max_capacity() as u64 })
     }
 
     fn close(&mut self) -> Result<()> {

@@ -87,10 +87,23 @@ pub trait SplitReader {
         None
     }
 
+    /// Messages received but not yet polled, and how many the reader's queue holds
+    /// (`None`: the reader has no queue of its own, e.g. a file, or cannot tell).
+    fn backlog(&self) -> Option<Backlog> {
+        None
+    }
+
     /// The split is dropped or the database closes.
     fn close(&mut self) -> Result<()> {
         Ok(())
     }
+}
+
+/// A reader's queue: `pending` of `capacity` (a full one has stopped taking input).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub pending: u64,
+    pub capacity: u64,
 }
 
 /// Connectors the spec names that this build does not have as sources yet.

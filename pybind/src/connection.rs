@@ -290,7 +290,8 @@ impl PyConnection {
         let outputs = handle.outputs();
         let Some(output) = outputs.iter().find(|o| o.name == def.name) else { return Ok(None) };
         let mark = output.counters.watermark.load(Ordering::Relaxed);
-        Ok(Some(metrics::source_metrics(output, mark, handle.queue_capacity(), &catalog, &outputs)))
+        let queue = (handle.queue_len(), handle.queue_capacity());
+        Ok(Some(metrics::source_metrics(output, mark, queue, &catalog, &outputs)))
     }
 
     fn all_source_metrics(&self) -> PyResult<Vec<PySourceMetrics>> {

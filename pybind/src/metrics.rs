@@ -124,21 +124,24 @@ impl PyStreamMetrics {
     }
 }
 
-pub fn source_metrics(output: &Output, watermark: i64, capacity: usize, catalog: &Catalog, outputs: &[Arc<Output>]) -> PySourceMetrics {
+/// `queue`: the requests waiting for the coordinator and its capacity (what an inserted
+/// source's rows wait in); a connector source's readers' queues take its place.
+pub fn source_metrics(output: &Output, watermark: i64, queue: (usize, usize), catalog: &Catalog, outputs: &[Arc<Output>]) -> PySourceMetrics {
     let readers = catalog.readers_of(&output.name);
     let late = outputs
         .iter()
         .filter(|o| readers.contains(&o.name))
         .map(|o| o.counters.late_rows.load(Ordering::Relaxed))
         .sum();
+    let (pending, capacity) = output.backlog().unwrap_or((queue.0 as u64, queue.1 as u64));
     PySourceMetrics {
         name: output.name.clone(),
         total_events: output.counters.rows.load(Ordering::Relaxed),
-        pending: 0,
-        capacity,
-        is_backpressured: false,
+        pending,
+        capacity: capacity as usize,
+        is_backpressured: capacity > 0 && pending >= capacity,
         watermark,
-        utilization: 0.0,
+        utilization: if capacity == 0 { 0.0 } else { (pending as f64 / capacity as f64).min(1.0) },
         late_events: late,
         future_events: output.counters.future_rows.load(Ordering::Relaxed),
         errors: output.counters.errors.load(Ordering::Relaxed),

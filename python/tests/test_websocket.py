@@ -120,6 +120,9 @@ def test_a_server_source_takes_many_publishers_and_refuses_a_wrong_token(tmp_pat
         while db.source_metrics("telemetry").errors < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert "did not decode" in db.source_metrics("telemetry").last_error
+        metrics = db.source_metrics("telemetry")
+        # The one reader's queue (queue.capacity, 65,536 by default), drained by now.
+        assert (metrics.capacity, metrics.pending, metrics.is_backpressured) == (65_536, 0, False)
         [letter] = [json.loads(line) for line in dead.read_text().splitlines()]
         assert letter["payload"] == "not json" and letter["source"] == f"websocket server 127.0.0.1:{port}"
         for ws in publishers:

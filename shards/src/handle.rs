@@ -157,6 +157,12 @@ impl Handle {
         self.queue_capacity
     }
 
+    /// Requests waiting in the coordinator's queue (inserts among them): at
+    /// `queue_capacity`, callers wait.
+    pub fn queue_len(&self) -> usize {
+        self.commands.len()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }

@@ -244,6 +244,9 @@ pub struct Output {
     /// alone, merged when read): from the insert (or watermark) call that caused each
     /// batch entering the engine to the batch being handed to the subscribers, in ns.
     shard_latency: OnceLock<Box<[parking_lot::Mutex<Histogram<u64>>]>>,
+    /// A connector source's readers' queues on each shard: (pending, capacity), each
+    /// written by its shard alone (see `backlog`).
+    shard_backlog: OnceLock<Box<[(AtomicU64, AtomicU64)]>>,
     /// When rows or a watermark last arrived (ms since the Unix epoch), for idleness.
     last_active_ms: std::sync::atomic::AtomicI64,
     closed: AtomicBool,
@@ -258,6 +261,7 @@ impl Output {
             subscribers: RwLock::new(Vec::new()),
             counters: OutputCounters::default(),
             shard_marks: OnceLock::new(),
+            shard_backlog: OnceLock::new(),
             shard_latency: OnceLock::new(),
             last_active_ms: std::sync::atomic::AtomicI64::new(now_ms()),
             closed: AtomicBool::new(false),
@@ -388,6 +392,23 @@ impl Output {
         slot.fetch_max(mark, Ordering::Relaxed);
         let min = marks.iter().map(|m| m.load(Ordering::Relaxed)).min().unwrap_or(Watermark::ENCODED_NONE);
         self.counters.watermark.fetch_max(min, Ordering::Relaxed);
+    }
+
+    /// Shard `shard` of `shards` has `pending` messages waiting in its readers' queues of
+    /// this (connector) source, which hold `capacity`.
+    pub fn shard_backlog(&self, shard: usize, shards: usize, pending: u64, capacity: u64) {
+        let slots = self.shard_backlog.get_or_init(|| (0..shards.max(1)).map(|_| (AtomicU64::new(0), AtomicU64::new(0))).collect());
+        if let Some((p, c)) = slots.get(shard) {
+            p.store(pending, Ordering::Relaxed);
+            c.store(capacity, Ordering::Relaxed);
+        }
+    }
+
+    /// The source's readers' queues over every shard, (pending, capacity); `None` when
+    /// no reader has said (a source Python inserts into, a file source).
+    pub fn backlog(&self) -> Option<(u64, u64)> {
+        let slots = self.shard_backlog.get()?;
+        Some(slots.iter().fold((0, 0), |(p, c), (sp, sc)| (p + sp.load(Ordering::Relaxed), c + sc.load(Ordering::Relaxed))))
     }
 
     /// Records on shard `shard` of `shards` that a batch this output published was caused

@@ -151,6 +151,15 @@ impl ShardRuntime {
         let all_idle = !ended && reading.splits.iter().filter(|s| !s.ended).all(is_idle);
         let mark = reading.splits.iter().filter(|s| !is_idle(s)).map(|s| s.watermark(delay_ms)).min().flatten();
         let came = !batches.is_empty() || !skipped.is_empty();
+        let backlog = reading.splits.iter().filter_map(|s| s.reader.backlog()).fold(None, |sum: Option<(u64, u64)>, b| {
+            let (p, c) = sum.unwrap_or_default();
+            Some((p + b.pending, c + b.capacity))
+        });
+        if let Some((pending, capacity)) = backlog {
+            if let Some(output) = self.source_output(source) {
+                output.shard_backlog(self.id, self.shards, pending, capacity);
+            }
+        }
         if !skipped.is_empty() {
             if let Some(output) = self.source_output(source) {
                 for what in &skipped {
