@@ -140,9 +140,16 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false");
-        if config.get("fetch.wait.max.ms").is_none() {
-            // librdkafka's 500 ms default holds a quiet partition's records back.
-            config.set("fetch.wait.max.ms", "10");
+        // Defaults unless the statement sets them (`kafka.<property>`):
+        // - librdkafka's 500 ms fetch wait holds a quiet partition's records back;
+        // - each partition's consumer prefetches up to 1 M messages or 16 MiB (librdkafka:
+        //   100 k or 64 MiB): a shard that drains in bursts keeps the fetcher busy between
+        //   them (2.2× the messages per second from a backlog here, see perf/README.md),
+        //   with less memory per partition at most.
+        for (key, value) in [("fetch.wait.max.ms", "10"), ("queued.min.messages", "1000000"), ("queued.max.messages.kbytes", "16384")] {
+            if config.get(key).is_none() {
+                config.set(key, value);
+            }
         }
         Ok(Arc::new(KafkaSource { schema, topic, format, reset, max_poll, config, dead_letters }))
     }
