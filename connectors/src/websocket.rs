@@ -57,8 +57,12 @@ const OPTIONS: &[&str] = &[
     "dead_letter.path",
 ];
 
-/// How long a source without messages waits before it is polled again.
+/// How long a source without messages waits before it is polled again: briefly while
+/// messages keep coming (a feed's next tick is soon: each wait is latency), longer once
+/// it has been quiet for `QUIET_AFTER`.
+const BUSY_POLL: Duration = Duration::from_micros(50);
 const IDLE_POLL: Duration = Duration::from_millis(1);
+const QUIET_AFTER: Duration = Duration::from_millis(100);
 
 /// Where the source's messages come from.
 #[derive(Clone, Debug)]
@@ -247,7 +251,7 @@ impl SourceConnector for WebSocketSource {
                 runtime.spawn(run_server(listener, self.auth.clone(), tx))
             }
         };
-        Ok(Box::new(WebSocketSplit { rx, task, decoder: PayloadDecoder::new(self.format, self.schema.clone())?, max_poll: self.max_poll, problems: VecDeque::new(), dead, received: 0 }))
+        Ok(Box::new(WebSocketSplit { rx, task, decoder: PayloadDecoder::new(self.format, self.schema.clone())?, max_poll: self.max_poll, problems: VecDeque::new(), dead, received: 0, last_message: std::time::Instant::now() }))
     }
 }
 
@@ -370,6 +374,7 @@ struct WebSocketSplit {
     dead: DeadLetters,
     /// Messages received so far (a rejected one is named by its number).
     received: u64,
+    last_message: std::time::Instant,
 }
 
 impl SplitReader for WebSocketSplit {
@@ -379,7 +384,10 @@ impl SplitReader for WebSocketSplit {
         }
         while self.decoder.len() < self.max_poll {
             match self.rx.try_recv() {
-                Ok(Item::Payload(payload)) => self.decoder.push(&payload),
+                Ok(Item::Payload(payload)) => {
+                    self.decoder.push(&payload);
+                    self.last_message = std::time::Instant::now();
+                }
                 Ok(Item::Problem(what)) => {
                     self.problems.push_back(what);
                     break;
@@ -405,6 +413,7 @@ impl SplitReader for WebSocketSplit {
             Some(batch) => Ok(SplitPoll::Rows(batch)),
             None => match self.problems.pop_front() {
                 Some(what) => Ok(SplitPoll::Skipped(what)),
+                None if self.last_message.elapsed() < QUIET_AFTER => Ok(SplitPoll::Pending(BUSY_POLL)),
                 None => Ok(SplitPoll::Pending(IDLE_POLL)),
             },
         }
