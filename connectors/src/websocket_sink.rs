@@ -22,7 +22,8 @@
 //! source, the rows waiting meanwhile in a queue of `client.buffer` messages; a full queue
 //! holds the stream back (nothing is dropped).
 //!
-//! All shards of a sink share its one server or connection. There is no acknowledgement:
+//! All shards of a sink share its one server or connection (another sink cannot listen on
+//! the same address: its CREATE fails). There is no acknowledgement:
 //! a row is delivered at most once to each client, and rows sent after the last checkpoint
 //! are sent again after a crash.
 
@@ -176,7 +177,7 @@ impl WebSocketSink {
         let replay = options.parse::<usize>("replay_buffer_size", 0)?;
         let backoff = Backoff::from_options(options)?;
         let (key, request) = match &mode {
-            Mode::Server { bind } => (format!("server {bind}"), None),
+            Mode::Server { bind } => (format!("server {bind} {}", context.name), None),
             Mode::Client { url } => (format!("client {url} {}", context.name), Some(client_request(url, auth.as_deref())?)),
         };
         if matches!(mode, Mode::Client { .. }) && (options.get("slow_client_policy").is_some() || replay > 0) {

@@ -5,9 +5,9 @@
 //!
 //! Connectors built in: `blackhole` (the default when `WITH` names none): it accepts and
 //! counts rows, for pipelines whose results are read by subscription and for benchmarks.
-//! Others register themselves ([`register`]; `laminardb-connectors`: `files`). The spec's
-//! connectors not built yet (Kafka, WebSocket, Postgres, Delta, Iceberg, …) are rejected
-//! with a ConnectorError, never accepted and silently dropped.
+//! Others register themselves ([`register`]; `laminardb-connectors`: `files`, `kafka`,
+//! `websocket`). The spec's connectors not built yet (Postgres, Delta, Iceberg, …) are
+//! rejected with a ConnectorError, never accepted and silently dropped.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -17,7 +17,7 @@
 //! skipped. Rows read after the last checkpoint are not in the WAL: they are read again.
 //!
 //! Built in: `nexmark` ([`crate::nexmark`]); other crates add theirs with [`register`]
-//! (`laminardb-connectors`: `files`).
+//! (`laminardb-connectors`: `files`, `kafka`, `websocket`).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;

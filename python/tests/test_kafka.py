@@ -315,3 +315,4 @@ def test_start_fails_naming_a_topic_that_does_not_exist(kafka):
         assert "source 's' could not start" in str(ei.value) and "'no-such-topic'" in str(ei.value)
     finally:
         db.close()
+

@@ -276,3 +276,21 @@ def test_start_fails_naming_the_address_when_a_server_source_cannot_listen():
         assert db.query("SELECT v FROM s").to_arrow().column("v").to_pylist() == [7]
     finally:
         db.close()
+
+
+def test_a_second_sink_on_the_same_address_is_refused_and_the_first_goes_on():
+    port = free_port()
+    db = laminardb.open(":memory:")
+    try:
+        db.execute("CREATE SOURCE t (v BIGINT)")
+        db.execute(f"CREATE SINK a FROM t WITH (connector = 'websocket', bind_address = '127.0.0.1:{port}')")
+        with pytest.raises(laminardb.ConnectorError) as ei:
+            db.execute(f"CREATE SINK b FROM t WITH (connector = 'websocket', bind_address = '127.0.0.1:{port}')")
+        assert f"127.0.0.1:{port}" in str(ei.value)
+        assert db.list_sinks() == ["a"]
+        with connect(f"ws://127.0.0.1:{port}/") as ws:
+            time.sleep(0.1)
+            db.insert("t", [{"v": 1}])
+            assert json.loads(ws.recv(timeout=5)) == {"v": 1}
+    finally:
+        db.close()

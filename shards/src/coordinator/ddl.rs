@@ -264,11 +264,19 @@ impl Coordinator {
                 let added = self
                     .ask_shards(|_, reply| ShardCommand::AddStream { plan: plan.clone(), output: counters.clone(), marks: vec![], reply })
                     .await?;
+                let mut failure = None;
                 for rx in added {
                     let result = rx.recv_async().await.map_err(|_| Error::internal("a shard has stopped"))?;
                     if let Err(e) = result {
-                        counters.record_error(&e.to_string());
+                        failure.get_or_insert(e);
                     }
+                }
+                drop(_dispatching);
+                if let Some(e) = failure {
+                    // A sink that did not open on every shard (a broker not reachable, an
+                    // address in use) is not created: it would lose the rows of the others.
+                    let _ = Box::pin(self.drop_sink(&name)).await;
+                    return Err(e);
                 }
                 Ok(Outcome::Ddl { verb: "CREATE SINK".into(), object: name })
             }
