@@ -18,6 +18,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 import laminardb
+from conftest import poll_rows, wait_until
 
 SYMBOLS = [f"S{i:02d}" for i in range(12)]
 WINDOW_MS = 1_000
@@ -144,15 +145,8 @@ def test_records_that_do_not_decode_are_counted_sent_to_the_dead_letter_topic_an
     )
     sub = db.subscribe_stream("s")
     db.start()
-    values: list = []
-    deadline = time.monotonic() + 30
-    while len(values) < 3 and time.monotonic() < deadline:
-        batch = sub.next_timeout(1_000)
-        if batch is not None:
-            values.extend(batch.to_arrow().column("v").to_pylist())
-    deadline = time.monotonic() + 10
-    while db.source_metrics("s").errors < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    values = [v for (v,) in poll_rows(sub, ("v",), 3, timeout=30)]
+    wait_until(lambda: db.source_metrics("s").errors >= 2)
     metrics = db.source_metrics("s")
     db.close()
     assert values == [1, 2, 4]

@@ -16,6 +16,7 @@ from websockets.sync.client import connect
 from websockets.sync.server import serve
 
 import laminardb
+from conftest import poll_rows, wait_until
 
 # websockets 16+ prefers `with connect(…)`; the tests hold connections across steps.
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
@@ -27,14 +28,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def collect(sub, n: int, column: str, timeout_s: float = 20) -> list:
-    values: list = []
-    deadline = time.monotonic() + timeout_s
-    while len(values) < n and time.monotonic() < deadline:
-        batch = sub.next_timeout(200)
-        if batch is not None:
-            values.extend(batch.to_arrow().column(column).to_pylist())
-    return values
+def collect(sub, n: int, column: str) -> list:
+    return [v for (v,) in poll_rows(sub, (column,), n, timeout=20)]
 
 
 class Feed:
@@ -117,9 +112,7 @@ def test_a_server_source_takes_many_publishers_and_refuses_a_wrong_token(tmp_pat
         got = collect(sub, 15, "device")
         assert sorted(got) == sorted([f"d{p}" for p in range(3) for _ in range(5)])
         # Two errors: the refused client and the message that did not decode.
-        deadline = time.monotonic() + 10
-        while db.source_metrics("telemetry").errors < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: db.source_metrics("telemetry").errors >= 2)
         assert db.source_metrics("telemetry").errors == 2
         metrics = db.source_metrics("telemetry")
         # The one reader's queue (queue.capacity, 65,536 by default), drained by now.
@@ -271,9 +264,7 @@ def test_start_fails_naming_the_address_when_a_server_source_cannot_listen():
         db.start()  # the address is free now: starting again opens it
         with connect(f"ws://127.0.0.1:{port}/") as ws:
             ws.send('{"v": 7}')
-        deadline = time.monotonic() + 10
-        while db.source_metrics("s").total_events < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: db.source_metrics("s").total_events >= 1)
         assert db.query("SELECT v FROM s").to_arrow().column("v").to_pylist() == [7]
     finally:
         db.close()
