@@ -244,11 +244,10 @@ impl Coordinator {
                 }
                 let input = self.outputs.read().get(&def.input).cloned().ok_or_else(|| Error::table_not_found(&def.input))?;
                 let counters = Output::new(name.clone(), input.schema.clone());
-                // The sink is the one node of its own dataflow, on every shard; opened once
-                // here first, so a connector that cannot open fails the CREATE.
-                let opened = laminardb_engine::sink::validate(&name, &def.connector, &def.options)
-                    .and_then(|()| self.update_catalog(|c| c.add_sink(def.clone())));
-                if let Err(e) = opened {
+                // The sink is the one node of its own dataflow, on every shard. Its options
+                // were checked when the statement was planned; a shard whose instance cannot
+                // open fails the CREATE below.
+                if let Err(e) = self.update_catalog(|c| c.add_sink(def.clone())) {
                     if def.owns_input {
                         let _ = Box::pin(self.drop_stream(&def.input)).await;
                     }
