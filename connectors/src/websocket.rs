@@ -105,12 +105,15 @@ pub(crate) fn mode(options: &ConnectorOptions, default_server: bool) -> Result<M
 }
 
 /// Reconnection after a lost connection: doubling delays, at most `retries` in a row.
+/// Each connection loop keeps its own copy, which counts the failures since the last
+/// connection.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     /// 0: no limit.
     retries: u32,
+    failures: u32,
 }
 
 impl Backoff {
@@ -121,16 +124,32 @@ impl Backoff {
             initial: Duration::from_millis(initial),
             max: Duration::from_millis(max),
             retries: options.parse::<u32>("reconnect.max_retries", 0)?,
+            failures: 0,
         })
     }
 
+    /// A connection was made: the next failure is the first again.
+    pub(crate) fn connected(&mut self) {
+        self.failures = 0;
+    }
+
+    /// A connection was lost or could not be made: how long to wait before the next
+    /// attempt, or `Err` with the attempts made when the retries are spent.
+    pub(crate) fn failed(&mut self) -> std::result::Result<Duration, u32> {
+        self.failures += 1;
+        if self.gives_up(self.failures) {
+            return Err(self.failures - 1);
+        }
+        Ok(self.delay(self.failures))
+    }
+
     /// The delay before attempt `failures` (1 after the first failure).
-    pub(crate) fn delay(&self, failures: u32) -> Duration {
+    fn delay(&self, failures: u32) -> Duration {
         let doubled = self.initial.saturating_mul(1u32.checked_shl(failures.saturating_sub(1).min(20)).unwrap_or(u32::MAX));
         doubled.min(self.max)
     }
 
-    pub(crate) fn gives_up(&self, failures: u32) -> bool {
+    fn gives_up(&self, failures: u32) -> bool {
         self.retries > 0 && failures > self.retries
     }
 }
@@ -256,12 +275,11 @@ impl SourceConnector for WebSocketSource {
 }
 
 /// Connects, reads, and connects again after a loss, until the reader is gone.
-async fn run_client(request: Request, url: String, subscribe: Option<String>, backoff: Backoff, ping: Duration, tx: mpsc::Sender<Item>) {
-    let mut failures = 0u32;
+async fn run_client(request: Request, url: String, subscribe: Option<String>, mut backoff: Backoff, ping: Duration, tx: mpsc::Sender<Item>) {
     loop {
         let lost = match tokio_tungstenite::connect_async(request.clone()).await {
             Ok((ws, _)) => {
-                failures = 0;
+                backoff.connected();
                 let (mut write, mut read) = ws.split();
                 let mut lost = None;
                 if let Some(message) = &subscribe {
@@ -300,12 +318,13 @@ async fn run_client(request: Request, url: String, subscribe: Option<String>, ba
             }
             Err(e) => e.to_string(),
         };
-        failures += 1;
-        if backoff.gives_up(failures) {
-            let _ = tx.send(Item::Fatal(format!("websocket {url}: {lost}; gave up after {} reconnection attempts", failures - 1))).await;
-            return;
-        }
-        let delay = backoff.delay(failures);
+        let delay = match backoff.failed() {
+            Ok(delay) => delay,
+            Err(attempts) => {
+                let _ = tx.send(Item::Fatal(format!("websocket {url}: {lost}; gave up after {attempts} reconnection attempts"))).await;
+                return;
+            }
+        };
         if tx.send(Item::Problem(format!("websocket {url}: {lost}; connecting again in {} ms", delay.as_millis()))).await.is_err() {
             return;
         }
@@ -470,6 +489,11 @@ mod tests {
         assert_eq!(delays, [100, 200, 350, 350]);
         assert!(!b.gives_up(3) && b.gives_up(4));
         assert!(!Backoff::from_options(&options(&[])).unwrap().gives_up(1_000_000));
+        let mut looping = b;
+        assert_eq!((looping.failed(), looping.failed()), (Ok(Duration::from_millis(100)), Ok(Duration::from_millis(200))));
+        looping.connected();
+        let spent: Vec<_> = (0..4).map(|_| looping.failed().map(|d| d.as_millis())).collect();
+        assert_eq!(spent, [Ok(100), Ok(200), Ok(350), Err(3)]);
     }
 
     #[test]

@@ -28,7 +28,6 @@
 //! are sent again after a crash.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -90,9 +89,6 @@ struct Server {
     policy: SlowClients,
     buffer: usize,
     replay: usize,
-    /// Messages a slow client did not get (`drop`), clients disconnected (`disconnect`).
-    dropped: AtomicU64,
-    disconnected: AtomicU64,
 }
 
 #[derive(Default)]
@@ -112,11 +108,9 @@ impl Server {
             for message in messages {
                 match queue.try_send(message.clone()) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) if self.policy == SlowClients::Drop => {
-                        self.dropped.fetch_add(1, Ordering::Relaxed);
-                    }
+                    // `drop`: this client does not get the message; the others do.
+                    Err(mpsc::error::TrySendError::Full(_)) if self.policy == SlowClients::Drop => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        self.disconnected.fetch_add(1, Ordering::Relaxed);
                         log::warn!("websocket sink: client {id} is too slow (its {} queued messages are unread): disconnected", self.buffer);
                         gone.push(*id);
                         break;
@@ -201,8 +195,6 @@ impl WebSocketSink {
                             policy,
                             buffer,
                             replay,
-                            dropped: AtomicU64::new(0),
-                            disconnected: AtomicU64::new(0),
                         });
                         Hub::Server { state: state.clone(), task: runtime.spawn(accept_clients(listener, auth, state)) }
                     }
@@ -271,13 +263,12 @@ async fn accept_clients(listener: tokio::net::TcpListener, auth: Option<String>,
 
 /// Sends `rx`'s messages to `url`, connecting again after a loss (the message in hand is
 /// sent first on the new connection).
-async fn run_client(request: Request, url: String, backoff: Backoff, mut rx: mpsc::Receiver<Message>) {
+async fn run_client(request: Request, url: String, mut backoff: Backoff, mut rx: mpsc::Receiver<Message>) {
     let mut pending: Option<Message> = None;
-    let mut failures = 0u32;
     loop {
         let lost = match tokio_tungstenite::connect_async(request.clone()).await {
             Ok((ws, _)) => {
-                failures = 0;
+                backoff.connected();
                 let (mut write, mut read) = ws.split();
                 // Replies (pongs, a close) are read and dropped.
                 let reader = tokio::spawn(async move { while let Some(Ok(_)) = read.next().await {} });
@@ -303,12 +294,13 @@ async fn run_client(request: Request, url: String, backoff: Backoff, mut rx: mps
             }
             Err(e) => e.to_string(),
         };
-        failures += 1;
-        if backoff.gives_up(failures) {
-            log::error!("websocket sink {url}: {lost}; gave up after {} reconnection attempts (rows are no longer sent)", failures - 1);
-            return;
-        }
-        let delay = backoff.delay(failures);
+        let delay = match backoff.failed() {
+            Ok(delay) => delay,
+            Err(attempts) => {
+                log::error!("websocket sink {url}: {lost}; gave up after {attempts} reconnection attempts (rows are no longer sent)");
+                return;
+            }
+        };
         log::warn!("websocket sink {url}: {lost}; connecting again in {} ms", delay.as_millis());
         tokio::time::sleep(delay).await;
     }
