@@ -357,12 +357,13 @@ mod tests {
         assert!(got.iter().any(|r| r.2 == "A,3"), "{got:?}");
     }
 
-    /// Exactly-once: records go out in a transaction committed at each checkpoint, and a
-    /// successor takes the same transactional id (librdkafka's mock cluster neither fences
-    /// the predecessor nor filters aborted records; the Python tests check the fencing
-    /// against tansu).
+    /// Exactly-once: a shard's records go out through its transactional producer across
+    /// checkpoints, and a successor opens under the same transactional id. librdkafka's
+    /// mock cluster shows uncommitted records too and does not fence, so whether commits
+    /// and aborts happen is checked against tansu, through the transaction markers
+    /// (`test_kafka.py::test_exactly_once_…`), not here.
     #[test]
-    fn exactly_once_commits_at_checkpoints_under_the_shards_transactional_id() {
+    fn exactly_once_sends_through_the_shards_transactional_producer_and_a_successor_takes_its_id() {
         let cluster = MockCluster::new(3).unwrap();
         cluster.create_topic("out", 1, 3).unwrap();
         let servers = cluster.bootstrap_servers();
