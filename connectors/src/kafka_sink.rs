@@ -39,7 +39,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
-use laminardb_engine::sink::{Sink, SinkContext};
+use laminardb_engine::sink::{OptionsChecked, Sink, SinkContext};
 use laminardb_engine::source::ConnectorOptions;
 use laminardb_engine::{Error, Result};
 
@@ -133,7 +133,7 @@ impl KafkaSink {
         }
         let Some(task) = context.task else {
             // The check at CREATE: nothing is opened.
-            return Ok(Box::new(Unopened));
+            return Ok(Box::new(OptionsChecked));
         };
         // The Java client's hash, so keys land where Java producers put them.
         config.set("partitioner", "murmur2_random");
@@ -250,15 +250,6 @@ impl Sink for KafkaSink {
 
     fn close(&mut self) -> Result<()> {
         self.deliver()
-    }
-}
-
-/// The instance checked at `CREATE`: it is closed without a write.
-struct Unopened;
-
-impl Sink for Unopened {
-    fn write(&mut self, _batch: &RecordBatch) -> Result<()> {
-        Err(Error::internal("kafka sink: the check at CREATE does not write"))
     }
 }
 

@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::Message;
 
-use laminardb_engine::sink::{Sink, SinkContext};
+use laminardb_engine::sink::{OptionsChecked, Sink, SinkContext};
 use laminardb_engine::source::ConnectorOptions;
 use laminardb_engine::{Error, Result};
 
@@ -178,7 +178,7 @@ impl WebSocketSink {
             return Err(Error::connector("websocket sink: slow_client_policy and replay_buffer_size are for mode = 'server'"));
         }
         if context.task.is_none() {
-            return Ok(Box::new(Unopened));
+            return Ok(Box::new(OptionsChecked));
         }
         let mut hubs = HUBS.lock();
         let hub = match hubs.get(&key).and_then(Weak::upgrade) {
@@ -327,15 +327,6 @@ impl Sink for WebSocketSink {
             }
         }
         Ok(())
-    }
-}
-
-/// The instance checked at `CREATE`: it is closed without a write.
-struct Unopened;
-
-impl Sink for Unopened {
-    fn write(&mut self, _batch: &RecordBatch) -> Result<()> {
-        Err(Error::internal("websocket sink: the check at CREATE does not write"))
     }
 }
 

@@ -59,6 +59,17 @@ impl Sink for Blackhole {
     }
 }
 
+/// What a factory returns for the check at `CREATE` (`SinkContext::task` is `None`) when
+/// its instances would open something outside: the options are checked, nothing opens,
+/// and it is closed without a write.
+pub struct OptionsChecked;
+
+impl Sink for OptionsChecked {
+    fn write(&mut self, _batch: &RecordBatch) -> Result<()> {
+        Err(Error::internal("the check at CREATE does not write"))
+    }
+}
+
 /// Which sink instance is being opened.
 #[derive(Clone, Copy, Debug)]
 pub struct SinkContext<'a> {
