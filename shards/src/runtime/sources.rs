@@ -11,7 +11,7 @@ use arrow::datatypes::SchemaRef;
 
 use laminardb_engine::checkpoint::SplitPosition;
 use laminardb_engine::dataflow::Watermark;
-use laminardb_engine::source::{SourceConnector, SplitPoll, SplitReader, END_OF_INPUT};
+use laminardb_engine::source::{Backlog, SourceConnector, SplitPoll, SplitReader, END_OF_INPUT};
 use laminardb_engine::stream::time::max_millis;
 use laminardb_engine::{Error, Result};
 
@@ -151,17 +151,15 @@ impl ShardRuntime {
         let all_idle = !ended && reading.splits.iter().filter(|s| !s.ended).all(is_idle);
         let mark = reading.splits.iter().filter(|s| !is_idle(s)).map(|s| s.watermark(delay_ms)).min().flatten();
         let came = !batches.is_empty() || !skipped.is_empty();
-        let backlog = reading.splits.iter().filter_map(|s| s.reader.backlog()).fold(None, |sum: Option<(u64, u64)>, b| {
-            let (p, c) = sum.unwrap_or_default();
-            Some((p + b.pending, c + b.capacity))
+        let backlog = reading.splits.iter().filter_map(|s| s.reader.backlog()).reduce(|a, b| Backlog {
+            pending: a.pending + b.pending,
+            capacity: a.capacity + b.capacity,
         });
-        if let Some((pending, capacity)) = backlog {
+        if backlog.is_some() || !skipped.is_empty() {
             if let Some(output) = self.source_output(source) {
-                output.shard_backlog(self.id, self.shards, pending, capacity);
-            }
-        }
-        if !skipped.is_empty() {
-            if let Some(output) = self.source_output(source) {
+                if let Some(b) = backlog {
+                    output.shard_backlog(self.id, self.shards, b.pending, b.capacity);
+                }
                 for what in &skipped {
                     output.record_error(what);
                 }
