@@ -1,7 +1,13 @@
 //! Message payloads into Arrow batches of a source's columns, for connectors that receive
 //! one record per message (a Kafka record, a WebSocket frame): `json` (an object; extra
 //! keys are ignored, missing ones are null), `csv` (a line in the declared column order)
-//! and `raw` (the whole payload as the source's one text or binary column).
+//! and `raw` (the whole payload as the source's one text or binary column); and
+//! `debezium`, a change event's JSON envelope (`before`, `after`, `op`, bare or inside
+//! Kafka Connect's `{"schema", "payload"}`), as changes: a create or snapshot read is a
+//! `+I` row of `after`, an update `-U` of `before` and `+U` of `after`, a delete `-D` of
+//! `before`, in the source's last column, `_op` ([`changelog_schema`]). An update or
+//! delete without `before` is refused (Postgres needs `REPLICA IDENTITY FULL`), as is a
+//! truncate; an empty message (the tombstone that follows a delete) holds no change.
 //!
 //! Messages are gathered (`push`) and decoded together (`finish`) straight into arrays:
 //! one decoder pass over the concatenated payloads. When that pass fails, the messages
@@ -15,8 +21,10 @@ use arrow::compute::concat_batches;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use serde_json::{Map, Value};
 
 use laminardb_engine::ingest::cast_to_schema;
+use laminardb_engine::stream::{OP_COLUMN, OP_DELETE, OP_INSERT, OP_RETRACT, OP_UPDATE};
 use laminardb_engine::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +32,8 @@ pub enum PayloadFormat {
     Json,
     Csv,
     Raw,
+    /// Debezium's JSON change events: the rows are changes, with `_op`.
+    Debezium,
 }
 
 impl PayloadFormat {
@@ -32,9 +42,34 @@ impl PayloadFormat {
             "json" => Ok(PayloadFormat::Json),
             "csv" => Ok(PayloadFormat::Csv),
             "raw" => Ok(PayloadFormat::Raw),
-            other => Err(Error::connector(format!("format '{other}' is not one of json, csv, raw"))),
+            "debezium" | "debezium-json" | "debezium_json" => Ok(PayloadFormat::Debezium),
+            other => Err(Error::connector(format!("format '{other}' is not one of json, csv, raw, debezium"))),
         }
     }
+
+    /// The rows are changes (the source's schema ends with `_op`).
+    pub fn changelog(self) -> bool {
+        self == PayloadFormat::Debezium
+    }
+
+    /// The schema of a source in this format with the `declared` columns: for changes,
+    /// those and `_op`.
+    pub fn source_schema(self, declared: &SchemaRef) -> Result<SchemaRef> {
+        if !self.changelog() {
+            return Ok(declared.clone());
+        }
+        changelog_schema(declared)
+    }
+}
+
+/// `declared` and the change type, `_op` (which no declared column may be called).
+pub fn changelog_schema(declared: &SchemaRef) -> Result<SchemaRef> {
+    if declared.field_with_name(OP_COLUMN).is_ok() {
+        return Err(Error::connector(format!("a source of changes adds the column '{OP_COLUMN}' itself: declare it without")));
+    }
+    let mut fields: Vec<Field> = declared.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(OP_COLUMN, DataType::Utf8, false));
+    Ok(Arc::new(Schema::new(fields)))
 }
 
 /// A message that did not decode: its place among the messages pushed since the last
@@ -55,6 +90,11 @@ pub struct PayloadDecoder {
     buf: Vec<u8>,
     /// Where each payload ends in `buf`.
     ends: Vec<usize>,
+    /// Debezium: the messages as they came (`buf` holds their rows) and where each ends;
+    /// those whose envelope was refused, with why.
+    originals: Vec<u8>,
+    original_ends: Vec<usize>,
+    refused: Vec<(usize, String)>,
 }
 
 impl PayloadDecoder {
@@ -68,15 +108,43 @@ impl PayloadDecoder {
         let text = Arc::new(Schema::new(
             schema.fields().iter().map(|f| Field::new(f.name(), DataType::Utf8, true)).collect::<Vec<_>>(),
         ));
-        Ok(PayloadDecoder { format, schema, text, buf: Vec::new(), ends: Vec::new() })
+        if format.changelog() && schema.fields().last().is_none_or(|f| f.name() != OP_COLUMN) {
+            return Err(Error::internal("a decoder of changes into a schema without _op"));
+        }
+        Ok(PayloadDecoder {
+            format,
+            schema,
+            text,
+            buf: Vec::new(),
+            ends: Vec::new(),
+            originals: Vec::new(),
+            original_ends: Vec::new(),
+            refused: Vec::new(),
+        })
     }
 
     pub fn push(&mut self, payload: &[u8]) {
+        if self.format == PayloadFormat::Debezium {
+            let start = self.buf.len();
+            if let Err(error) = changes(payload, &mut self.buf) {
+                self.buf.truncate(start);
+                self.refused.push((self.ends.len(), error));
+            }
+            self.ends.push(self.buf.len());
+            self.originals.extend_from_slice(payload);
+            self.original_ends.push(self.originals.len());
+            return;
+        }
         self.buf.extend_from_slice(payload);
         if self.format != PayloadFormat::Raw {
             self.buf.push(b'\n');
         }
         self.ends.push(self.buf.len());
+    }
+
+    /// The rows are changes, with `_op`.
+    pub fn changelog(&self) -> bool {
+        self.format.changelog()
     }
 
     /// Messages pushed since the last `finish`.
@@ -99,6 +167,9 @@ impl PayloadDecoder {
         }
         if self.format == PayloadFormat::Raw {
             return self.raw(&messages);
+        }
+        if self.format == PayloadFormat::Debezium {
+            return self.changes(&buf, &messages);
         }
         // Empty messages hold no record: rejected, not skipped in silence.
         let empty: Vec<usize> = (0..messages.len()).filter(|&i| messages[i].iter().all(u8::is_ascii_whitespace)).collect();
@@ -125,12 +196,39 @@ impl PayloadDecoder {
         Ok((batch, rejected))
     }
 
+    /// Debezium messages, made into JSON rows with `_op` by `push`: decoded together
+    /// unless one fails, then one by one. Tombstones made no rows and are no error.
+    fn changes(&mut self, buf: &[u8], messages: &[&[u8]]) -> Result<(Option<RecordBatch>, Vec<Rejected>)> {
+        let originals = std::mem::take(&mut self.originals);
+        let ends = std::mem::take(&mut self.original_ends);
+        let original = |i: usize| originals[if i == 0 { 0 } else { ends[i - 1] }..ends[i]].to_vec();
+        let mut rejected: Vec<Rejected> =
+            self.refused.drain(..).map(|(index, error)| Rejected { index, error, payload: original(index) }).collect();
+        if let Ok(batch) = self.decode(buf) {
+            return Ok((batch, rejected));
+        }
+        let mut good = Vec::new();
+        for (index, message) in messages.iter().enumerate().filter(|(_, m)| !m.is_empty()) {
+            match self.decode(message) {
+                Ok(Some(batch)) => good.push(batch),
+                Ok(None) => {}
+                Err(e) => rejected.push(Rejected { index, error: e.message, payload: original(index) }),
+            }
+        }
+        rejected.sort_by_key(|r| r.index);
+        let batch = if good.is_empty() { None } else { Some(concat_batches(&self.schema, &good)?) };
+        Ok((batch, rejected))
+    }
+
     /// One decoder pass over `bytes` (whole messages).
     fn decode(&self, bytes: &[u8]) -> Result<Option<RecordBatch>> {
         let bad = |e: arrow::error::ArrowError| Error::connector(format!("{}: {e}", self.name()));
         let rows = bytes.iter().filter(|&&b| b == b'\n').count().max(1);
         match self.format {
-            PayloadFormat::Json => {
+            PayloadFormat::Json | PayloadFormat::Debezium => {
+                if bytes.is_empty() {
+                    return Ok(None);
+                }
                 let mut decoder =
                     arrow::json::ReaderBuilder::new(self.schema.clone()).with_batch_size(rows).build_decoder().map_err(bad)?;
                 let read = decoder.decode(bytes).map_err(bad)?;
@@ -158,6 +256,7 @@ impl PayloadDecoder {
             PayloadFormat::Json => "json",
             PayloadFormat::Csv => "csv",
             PayloadFormat::Raw => "raw",
+            PayloadFormat::Debezium => "debezium",
         }
     }
 
@@ -187,6 +286,48 @@ impl PayloadDecoder {
         }
         Ok((Some(RecordBatch::try_new(self.schema.clone(), vec![column])?), rejected))
     }
+}
+
+/// Writes the rows of Debezium change event `payload` to `out`, one JSON object per line,
+/// each with its `_op`; nothing for a tombstone (an empty or `null` message).
+fn changes(payload: &[u8], out: &mut Vec<u8>) -> std::result::Result<(), String> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    let mut event: Value = serde_json::from_slice(payload).map_err(|e| format!("debezium: not JSON: {e}"))?;
+    // Kafka Connect's JSON converter with schemas on: {"schema": …, "payload": event}.
+    if let Some(inner) = event.as_object_mut().filter(|o| o.contains_key("schema")).and_then(|o| o.remove("payload")) {
+        event = inner;
+    }
+    let Value::Object(mut event) = event else {
+        return if event.is_null() { Ok(()) } else { Err("debezium: a change event is a JSON object".into()) };
+    };
+    let op = match event.get("op") {
+        Some(Value::String(op)) => op.clone(),
+        _ => return Err("debezium: no 'op' in the change event".into()),
+    };
+    let mut row = |key: &str| -> std::result::Result<Map<String, Value>, String> {
+        match event.remove(key) {
+            Some(Value::Object(row)) => Ok(row),
+            _ => Err(format!(
+                "debezium: op '{op}' without '{key}' (an update or delete needs the old row: \
+                 REPLICA IDENTITY FULL in Postgres, binlog_row_image=FULL in MySQL)"
+            )),
+        }
+    };
+    let rows = match op.as_str() {
+        "c" | "r" => vec![(row("after")?, OP_INSERT)],
+        "u" => vec![(row("before")?, OP_RETRACT), (row("after")?, OP_UPDATE)],
+        "d" => vec![(row("before")?, OP_DELETE)],
+        "t" => return Err("debezium: a truncate ('t'): a changelog cannot take back rows it was never sent".into()),
+        other => return Err(format!("debezium: op '{other}' is not one of c, r, u, d")),
+    };
+    for (mut row, label) in rows {
+        row.insert(OP_COLUMN.into(), Value::String(label.into()));
+        serde_json::to_writer(&mut *out, &row).map_err(|e| format!("debezium: {e}"))?;
+        out.push(b'\n');
+    }
+    Ok(())
 }
 
 /// A pushed JSON or CSV message without the newline `push` added.
@@ -267,5 +408,45 @@ mod tests {
         let (batch, _) = decode(PayloadFormat::Json, two, &[r#"{"a": 1, "b": 2}"#]);
         assert_eq!(batch.unwrap().column(1).as_primitive::<Int64Type>().value(0), 2);
         assert!(PayloadFormat::parse("avro").unwrap_err().message.contains("'avro'"));
+    }
+
+    #[test]
+    fn debezium_events_become_changes() {
+        let declared = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("name", DataType::Utf8, true),
+        ]));
+        let schema = PayloadFormat::Debezium.source_schema(&declared).unwrap();
+        assert_eq!(schema.field(2).name(), "_op");
+        let messages = [
+            r#"{"before": null, "after": {"id": 1, "name": "ann"}, "op": "c", "ts_ms": 1}"#,
+            r#"{"schema": {"type": "struct"}, "payload": {"before": {"id": 1, "name": "ann"}, "after": {"id": 1, "name": "bo"}, "op": "u"}}"#,
+            "",
+            r#"{"before": {"id": 1, "name": "bo"}, "after": null, "op": "d"}"#,
+            r#"{"before": null, "after": {"id": 2, "name": "cy"}, "op": "u"}"#,
+            r#"{"op": "t"}"#,
+            r#"{"after": {"id": 3, "name": "di"}, "op": "r", "source": {"snapshot": "true"}}"#,
+            "null",
+        ];
+        let (batch, rejected) = decode(PayloadFormat::Debezium, schema.clone(), &messages);
+        let batch = batch.unwrap();
+        let text = |c: usize| batch.column(c).as_string::<i32>().iter().map(|s| s.unwrap().to_string()).collect::<Vec<_>>();
+        assert_eq!(batch.column(0).as_primitive::<Int64Type>().values().to_vec(), [1, 1, 1, 1, 3]);
+        assert_eq!(text(1), ["ann", "ann", "bo", "bo", "di"]);
+        assert_eq!(text(2), ["+I", "-U", "+U", "-D", "+I"]);
+        assert_eq!(rejected.iter().map(|r| r.index).collect::<Vec<_>>(), [4, 5]);
+        assert!(rejected[0].error.contains("without 'before'"), "{}", rejected[0].error);
+        assert_eq!(rejected[1].payload, br#"{"op": "t"}"#.to_vec());
+        // A row that does not fit the columns: that message alone is rejected, with its text.
+        let (batch, rejected) = decode(
+            PayloadFormat::Debezium,
+            schema.clone(),
+            &[r#"{"after": {"id": "x"}, "op": "c"}"#, r#"{"after": {"id": 5}, "op": "c"}"#, "{"],
+        );
+        assert_eq!(batch.unwrap().column(0).as_primitive::<Int64Type>().values().to_vec(), [5]);
+        assert_eq!(rejected.iter().map(|r| r.index).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(rejected[0].payload, br#"{"after": {"id": "x"}, "op": "c"}"#.to_vec());
+        let clash = Arc::new(Schema::new(vec![Field::new("_op", DataType::Utf8, true)]));
+        assert!(PayloadFormat::Debezium.source_schema(&clash).is_err());
     }
 }

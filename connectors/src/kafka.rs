@@ -1,5 +1,5 @@
 //! The `kafka` source: a topic's records, one per row, decoded by `format`
-//! ([`crate::decode`]: json, csv, raw).
+//! ([`crate::decode`]: json, csv, raw, debezium).
 //!
 //! ```sql
 //! CREATE SOURCE trades (symbol VARCHAR, price DOUBLE, ts TIMESTAMP) WITH (
@@ -24,7 +24,9 @@
 //! positions always win over them.
 //!
 //! A record that does not decode (or has no payload) is left out, counted in the source's
-//! errors and logged with its partition and offset; reading goes on.
+//! errors and logged with its partition and offset; reading goes on. With `format =
+//! 'debezium'` the source is a changelog (its rows end with `_op`, see `crate::decode`),
+//! and a record without a payload is a tombstone, which holds no change.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -120,11 +122,12 @@ impl KafkaSource {
         let topic = options.required("topic")?.to_string();
         let group = options.required("group.id")?;
         let format = match options.get("format").unwrap_or("json").to_ascii_lowercase().as_str() {
-            f @ ("avro" | "debezium") => {
-                return Err(Error::connector(format!("kafka: format '{f}' is not available in this build yet (json, csv, raw)")))
+            "avro" => {
+                return Err(Error::connector("kafka: format 'avro' is not available in this build yet (json, csv, raw, debezium)"))
             }
             f => PayloadFormat::parse(f)?,
         };
+        let schema = format.source_schema(&schema)?;
         // Checked now, so a source that could never decode is refused at CREATE.
         PayloadDecoder::new(format, schema.clone())?;
         let reset = match options.get("auto.offset.reset").unwrap_or("latest").to_ascii_lowercase().as_str() {
@@ -183,6 +186,10 @@ impl SourceConnector for KafkaSource {
 
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
+    }
+
+    fn changelog(&self) -> bool {
+        self.format.changelog()
     }
 
     fn splits(&self, _shards: usize) -> Result<usize> {
@@ -268,6 +275,8 @@ impl SplitReader for KafkaSplit {
                         continue;
                     }
                     match message.payload() {
+                        // A change feed's tombstone (after a delete, for compaction).
+                        None if self.decoder.changelog() => {}
                         Some(payload) => {
                             self.decoder.push(payload);
                             self.offsets.push(message.offset());

@@ -1,5 +1,5 @@
 //! The `websocket` source: each text or binary message as one record, decoded by `format`
-//! ([`crate::decode`]: json, csv, raw).
+//! ([`crate::decode`]: json, csv, raw, debezium).
 //!
 //! ```sql
 //! CREATE SOURCE quotes (symbol VARCHAR, bid DOUBLE, ask DOUBLE, ts BIGINT) WITH (
@@ -211,6 +211,7 @@ impl WebSocketSource {
             .cloned()
             .ok_or_else(|| Error::connector("websocket: declare the source's columns (CREATE SOURCE name (col TYPE, …) WITH (…))"))?;
         let format = PayloadFormat::parse(options.get("format").unwrap_or("json"))?;
+        let schema = format.source_schema(&schema)?;
         PayloadDecoder::new(format, schema.clone())?;
         let mode = mode(options, false)?;
         let auth = options.get("auth").map(str::to_string);
@@ -243,6 +244,10 @@ impl SourceConnector for WebSocketSource {
 
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
+    }
+
+    fn changelog(&self) -> bool {
+        self.format.changelog()
     }
 
     fn splits(&self, _shards: usize) -> Result<usize> {

@@ -62,6 +62,11 @@ impl SourceDef {
         Retention::from_options(&self.options)
     }
 
+    /// A source of changes (a `debezium` feed): its rows carry `_op`.
+    pub fn is_changelog(&self) -> bool {
+        self.connector.as_ref().is_some_and(|c| c.changelog())
+    }
+
     pub fn choose_partition_key(&mut self) -> Result<()> {
         if let Some(list) = self.options.get("partition_key").cloned() {
             let mut idx = Vec::new();
@@ -174,6 +179,15 @@ impl Catalog {
         match self.sources.get(name) {
             Some(def) => Ok(def.schema.clone()),
             None => Ok(self.stream(name)?.table_schema.clone()),
+        }
+    }
+
+    /// Whether `name`'s rows are changes with an `_op` column (a changelog stream, or a
+    /// source of changes), which only a retracting aggregate can read.
+    pub fn is_changelog(&self, name: &str) -> bool {
+        match self.sources.get(name) {
+            Some(def) => def.is_changelog(),
+            None => self.streams.get(name).is_some_and(|s| s.plan.is_changelog()),
         }
     }
 

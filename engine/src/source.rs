@@ -48,6 +48,13 @@ pub trait SourceConnector: Send + Sync + Debug {
         None
     }
 
+    /// The rows are changes (a CDC feed): the schema's last column is `_op`
+    /// ([`crate::stream::OP_COLUMN`]), each row's `+I`, `-U`, `+U` or `-D`, and readers
+    /// take the source as a changelog, as they take a changelog stream.
+    fn changelog(&self) -> bool {
+        false
+    }
+
     /// How many splits the source has when read by `shards` shards (fixed while open).
     fn splits(&self, shards: usize) -> Result<usize>;
 

@@ -116,11 +116,13 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
     let connector = laminardb_engine::source::connector(&options, declared.as_ref())?;
     if let Some(connector) = &connector {
         let produced = connector.schema();
-        if !create.columns.is_empty() && !same_columns(&schema, &produced) {
+        // A source of changes adds its `_op` column to the declared ones.
+        let made = if connector.changelog() { produced.project(&(0..produced.fields().len() - 1).collect::<Vec<_>>())? } else { produced.as_ref().clone() };
+        if !create.columns.is_empty() && !same_columns(&schema, &made) {
             return Err(Error::invalid_schema(format!(
                 "this {} source has the columns ({}); declare those or none",
                 connector.name(),
-                describe_columns(&produced)
+                describe_columns(&made)
             )));
         }
         schema = produced;

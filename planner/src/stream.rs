@@ -458,12 +458,22 @@ fn planning_context(catalog: &Catalog, window: Option<&WindowCall>) -> Result<Se
 
 /// Refuses to read changelog stream `input` other than through a retracting aggregate.
 fn not_changelog(catalog: &Catalog, input: &str) -> Result<()> {
-    match catalog.streams.get(input) {
-        Some(s) if s.plan.is_changelog() => Err(Error::unsupported(format!(
-            "reading the changelog stream '{input}' from another stream except through GROUP BY with COUNT, SUM \
-             or AVG (its rows are updates and retractions)"
-        ))),
-        _ => Ok(()),
+    if catalog.is_changelog(input) {
+        return Err(Error::unsupported(format!(
+            "reading the changelog {} '{input}' from another stream except through GROUP BY with COUNT, SUM \
+             or AVG (its rows are updates and retractions)",
+            changelog_kind(catalog, input)
+        )));
+    }
+    Ok(())
+}
+
+/// How an error names changelog `input`: a stream, or a source of changes.
+fn changelog_kind(catalog: &Catalog, input: &str) -> &'static str {
+    if catalog.sources.contains_key(input) {
+        "source"
+    } else {
+        "stream"
     }
 }
 
@@ -797,7 +807,7 @@ impl Lowering<'_> {
                 (Upstream::Input(input.clone()), combine_filters(&filters, props)?, input)
             }
         };
-        let changelog = catalog.streams.get(&input).is_some_and(|s| s.plan.is_changelog());
+        let changelog = catalog.is_changelog(&input);
         let mut exprs: Vec<PhysExpr> = Vec::new();
         let mut fields: Vec<Field> = Vec::new();
         let mut layout = Vec::new();
@@ -882,12 +892,16 @@ impl Lowering<'_> {
         if changelog {
             if let Some(call) = calls.iter().find(|c| !matches!(c.kind, AggKind::Count | AggKind::Sum | AggKind::Avg)) {
                 return Err(Error::unsupported(format!(
-                    "{:?} over the changelog stream '{input}': only COUNT, SUM and AVG can take back a retracted row",
-                    call.kind
+                    "{:?} over the changelog {} '{input}': only COUNT, SUM and AVG can take back a retracted row",
+                    call.kind,
+                    changelog_kind(catalog, &input)
                 )));
             }
             if window.is_some() {
-                return Err(Error::unsupported(format!("a window over the changelog stream '{input}'")));
+                return Err(Error::unsupported(format!(
+                    "a window over the changelog {} '{input}'",
+                    changelog_kind(catalog, &input)
+                )));
             }
             let op = DfExpr::Column(in_schema.qualified_field_with_unqualified_name(OP_COLUMN)?.into());
             exprs.push(physical(&op, in_schema, props)?);

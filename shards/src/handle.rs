@@ -16,6 +16,7 @@ use laminardb_engine::stream::time::{max_millis, max_millis_below, now_ms};
 use laminardb_engine::config::{poll_for, EngineConfig};
 use laminardb_engine::frontend::{Frontend, QueryHandle, QueryKind};
 use laminardb_engine::ingest::cast_to_schema;
+use laminardb_engine::stream::op::change_signs;
 use laminardb_engine::partition::partition_batch;
 use laminardb_engine::wal::RecoveryReport;
 use laminardb_engine::{Error, Result};
@@ -329,6 +330,12 @@ pub(crate) fn prepare_insert(def: &SourceDef, batches: &[RecordBatch], shards: u
     let (mut max, mut future_rows) = (None, 0);
     for batch in batches {
         let batch = cast_to_schema(batch, &def.schema)?;
+        if def.is_changelog() {
+            // Rows inserted into a source of changes carry their change type, as its
+            // connector's rows do; a reader could not apply any other.
+            let ops = batch.column(batch.num_columns() - 1);
+            change_signs(ops).map_err(|e| Error::ingestion(format!("'{}' takes changes: {}", def.name, e.message)))?;
+        }
         if let Some(index) = event_time {
             let column = batch.column(index);
             match (max_millis(column)?, limit) {

@@ -48,8 +48,9 @@ fn project(exprs: &[PhysExpr], schema: &SchemaRef, batch: &RecordBatch) -> Resul
     Ok(RecordBatch::try_new_with_options(schema.clone(), columns, &RecordBatchOptions::new().with_row_count(Some(n)))?)
 }
 
-/// +1 for a row a changelog adds (`+I`, `+U`), -1 for one it takes back (`-U`, `-D`).
-fn change_signs(ops: &ArrayRef) -> Result<Vec<i64>> {
+/// +1 for a row a changelog adds (`+I`, `+U`), -1 for one it takes back (`-U`, `-D`);
+/// any other value (or a null) is an error.
+pub fn change_signs(ops: &ArrayRef) -> Result<Vec<i64>> {
     let ops = ops.as_string_opt::<i32>().ok_or_else(|| Error::internal("a change-type column that is not text"))?;
     ops.iter()
         .map(|op| match op {
