@@ -7,7 +7,8 @@
 //! `+I` row of `after`, an update `-U` of `before` and `+U` of `after`, a delete `-D` of
 //! `before`, in the source's last column, `_op` ([`changelog_schema`]). An update or
 //! delete without `before` is refused (Postgres needs `REPLICA IDENTITY FULL`), as is a
-//! truncate; an empty message (the tombstone that follows a delete) holds no change.
+//! truncate; an empty message (the tombstone that follows a delete) holds no change. And
+//! `avro` in the Confluent Schema Registry's framing ([`crate::avro`]).
 //!
 //! Messages are gathered (`push`) and decoded together (`finish`) straight into arrays:
 //! one decoder pass over the concatenated payloads. When that pass fails, the messages
@@ -27,6 +28,8 @@ use laminardb_engine::ingest::cast_to_schema;
 use laminardb_engine::stream::{OP_COLUMN, OP_DELETE, OP_INSERT, OP_RETRACT, OP_UPDATE};
 use laminardb_engine::{Error, Result};
 
+use crate::avro::{AvroDecoder, Registry};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PayloadFormat {
     Json,
@@ -34,6 +37,8 @@ pub enum PayloadFormat {
     Raw,
     /// Debezium's JSON change events: the rows are changes, with `_op`.
     Debezium,
+    /// Avro in the Confluent Schema Registry's wire format ([`crate::avro`]).
+    Avro,
 }
 
 impl PayloadFormat {
@@ -43,7 +48,8 @@ impl PayloadFormat {
             "csv" => Ok(PayloadFormat::Csv),
             "raw" => Ok(PayloadFormat::Raw),
             "debezium" | "debezium-json" | "debezium_json" => Ok(PayloadFormat::Debezium),
-            other => Err(Error::connector(format!("format '{other}' is not one of json, csv, raw, debezium"))),
+            "avro" => Ok(PayloadFormat::Avro),
+            other => Err(Error::connector(format!("format '{other}' is not one of json, csv, raw, debezium, avro"))),
         }
     }
 
@@ -95,6 +101,8 @@ pub struct PayloadDecoder {
     originals: Vec<u8>,
     original_ends: Vec<usize>,
     refused: Vec<(usize, String)>,
+    /// Avro: the decoder, which knows the registry.
+    avro: Option<AvroDecoder>,
 }
 
 impl PayloadDecoder {
@@ -104,6 +112,9 @@ impl PayloadDecoder {
             && !(schema.fields().len() == 1 && matches!(schema.field(0).data_type(), DataType::Utf8 | DataType::Binary))
         {
             return Err(Error::connector("format 'raw' needs a source of one VARCHAR or BYTEA column"));
+        }
+        if format == PayloadFormat::Avro {
+            return Err(Error::connector("format 'avro' is read from Kafka with a schema registry ('schema.registry.url')"));
         }
         let text = Arc::new(Schema::new(
             schema.fields().iter().map(|f| Field::new(f.name(), DataType::Utf8, true)).collect::<Vec<_>>(),
@@ -120,7 +131,16 @@ impl PayloadDecoder {
             originals: Vec::new(),
             original_ends: Vec::new(),
             refused: Vec::new(),
+            avro: None,
         })
+    }
+
+    /// A decoder of Avro messages whose writer schemas are in `registry`.
+    pub fn avro(schema: SchemaRef, registry: Arc<Registry>) -> Result<PayloadDecoder> {
+        let mut decoder = PayloadDecoder::new(PayloadFormat::Json, schema.clone())?;
+        decoder.format = PayloadFormat::Avro;
+        decoder.avro = Some(AvroDecoder::new(registry, schema));
+        Ok(decoder)
     }
 
     pub fn push(&mut self, payload: &[u8]) {
@@ -136,7 +156,7 @@ impl PayloadDecoder {
             return;
         }
         self.buf.extend_from_slice(payload);
-        if self.format != PayloadFormat::Raw {
+        if !matches!(self.format, PayloadFormat::Raw | PayloadFormat::Avro) {
             self.buf.push(b'\n');
         }
         self.ends.push(self.buf.len());
@@ -170,6 +190,15 @@ impl PayloadDecoder {
         }
         if self.format == PayloadFormat::Debezium {
             return self.changes(&buf, &messages);
+        }
+        if let Some(avro) = &mut self.avro {
+            let (batches, rejected) = avro.decode(&messages)?;
+            let batch = match batches.len() {
+                0 => None,
+                1 => batches.into_iter().next(),
+                _ => Some(concat_batches(&self.schema, &batches)?),
+            };
+            return Ok((batch, rejected));
         }
         // Empty messages hold no record: rejected, not skipped in silence.
         let empty: Vec<usize> = (0..messages.len()).filter(|&i| messages[i].iter().all(u8::is_ascii_whitespace)).collect();
@@ -247,7 +276,7 @@ impl PayloadDecoder {
                 }
                 decoder.flush().map_err(bad)?.map(|b| cast_to_schema(&b, &self.schema)).transpose()
             }
-            PayloadFormat::Raw => Err(Error::internal("raw payloads are not decoded")),
+            PayloadFormat::Raw | PayloadFormat::Avro => Err(Error::internal("raw and Avro payloads are not decoded here")),
         }
     }
 
@@ -257,6 +286,7 @@ impl PayloadDecoder {
             PayloadFormat::Csv => "csv",
             PayloadFormat::Raw => "raw",
             PayloadFormat::Debezium => "debezium",
+            PayloadFormat::Avro => "avro",
         }
     }
 
@@ -407,7 +437,7 @@ mod tests {
         assert!(PayloadDecoder::new(PayloadFormat::Raw, two.clone()).is_err());
         let (batch, _) = decode(PayloadFormat::Json, two, &[r#"{"a": 1, "b": 2}"#]);
         assert_eq!(batch.unwrap().column(1).as_primitive::<Int64Type>().value(0), 2);
-        assert!(PayloadFormat::parse("avro").unwrap_err().message.contains("'avro'"));
+        assert!(PayloadFormat::parse("protobuf").unwrap_err().message.contains("'protobuf'"));
     }
 
     #[test]

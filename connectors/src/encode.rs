@@ -18,7 +18,7 @@ impl RowEncoding {
         match format.unwrap_or("json").to_ascii_lowercase().as_str() {
             "json" => Ok(RowEncoding::Json),
             "csv" => Ok(RowEncoding::Csv),
-            "avro" => Err(Error::connector(format!("{connector} sink: format 'avro' is not available in this build yet (json, csv)"))),
+            "avro" => Err(Error::connector(format!("{connector} sink: format 'avro' is for the kafka sink (json, csv)"))),
             other => Err(Error::connector(format!("{connector} sink: format '{other}' is not one of json, csv"))),
         }
     }
@@ -70,7 +70,7 @@ mod tests {
         let text = |e: RowEncoding| e.encode(&batch).unwrap().into_iter().map(|p| String::from_utf8(p).unwrap()).collect::<Vec<_>>();
         assert_eq!(text(RowEncoding::Json), [r#"{"s":"a\nb","x":1.5}"#, r#"{"x":2.0}"#]);
         assert_eq!(text(RowEncoding::Csv), ["\"a\nb\",1.5", ",2.0"]);
-        assert!(RowEncoding::parse(Some("avro"), "kafka").unwrap_err().message.contains("not available in this build yet"));
+        assert!(RowEncoding::parse(Some("avro"), "websocket").unwrap_err().message.contains("is for the kafka sink"));
         assert!(RowEncoding::parse(Some("xml"), "kafka").unwrap_err().message.contains("'xml'"));
     }
 }

@@ -1,5 +1,5 @@
 //! The `kafka` source: a topic's records, one per row, decoded by `format`
-//! ([`crate::decode`]: json, csv, raw, debezium).
+//! ([`crate::decode`]: json, csv, raw, debezium; avro with `schema.registry.url`, [`crate::avro`]).
 //!
 //! ```sql
 //! CREATE SOURCE trades (symbol VARCHAR, price DOUBLE, ts TIMESTAMP) WITH (
@@ -43,11 +43,12 @@ use laminardb_engine::source::{offset_position, read_offset_position, ConnectorO
 use laminardb_engine::{Error, Result};
 
 use crate::dead_letter::{DeadLetterConfig, DeadLetters};
+use crate::avro::Registry;
 use crate::decode::{PayloadDecoder, PayloadFormat};
 
 /// Options of the source besides the client ones ([`CLIENT_PREFIXES`]).
 const OPTIONS: &[&str] =
-    &["bootstrap.servers", "topic", "group.id", "format", "auto.offset.reset", "max.poll.records", "dead_letter.path", "dead_letter.topic"];
+    &["bootstrap.servers", "topic", "group.id", "format", "schema.registry.url", "auto.offset.reset", "max.poll.records", "dead_letter.path", "dead_letter.topic"];
 
 /// Options handed to librdkafka as they are (`kafka.` is stripped first: any librdkafka
 /// property, e.g. `kafka.fetch.wait.max.ms`).
@@ -104,6 +105,8 @@ pub struct KafkaSource {
     schema: SchemaRef,
     topic: String,
     format: PayloadFormat,
+    /// Where `avro` messages' writer schemas are.
+    registry: Option<Arc<Registry>>,
     reset: Reset,
     max_poll: usize,
     /// The consumer settings (brokers, group, passed-through options).
@@ -121,15 +124,17 @@ impl KafkaSource {
             .ok_or_else(|| Error::connector("kafka: declare the source's columns (CREATE SOURCE name (col TYPE, …) WITH (…))"))?;
         let topic = options.required("topic")?.to_string();
         let group = options.required("group.id")?;
-        let format = match options.get("format").unwrap_or("json").to_ascii_lowercase().as_str() {
-            "avro" => {
-                return Err(Error::connector("kafka: format 'avro' is not available in this build yet (json, csv, raw, debezium)"))
-            }
-            f => PayloadFormat::parse(f)?,
-        };
+        let format = PayloadFormat::parse(options.get("format").unwrap_or("json"))?;
         let schema = format.source_schema(&schema)?;
+        let registry = match format {
+            PayloadFormat::Avro => Some(Registry::from_options(options)?),
+            _ if options.get("schema.registry.url").is_some() => {
+                return Err(Error::connector("kafka: 'schema.registry.url' is for format = 'avro'"))
+            }
+            _ => None,
+        };
         // Checked now, so a source that could never decode is refused at CREATE.
-        PayloadDecoder::new(format, schema.clone())?;
+        decoder(format, &schema, &registry)?;
         let reset = match options.get("auto.offset.reset").unwrap_or("latest").to_ascii_lowercase().as_str() {
             "earliest" | "smallest" | "beginning" => Reset::Earliest,
             "latest" | "largest" | "end" => Reset::Latest,
@@ -154,7 +159,7 @@ impl KafkaSource {
                 config.set(key, value);
             }
         }
-        Ok(Arc::new(KafkaSource { schema, topic, format, reset, max_poll, config, dead_letters }))
+        Ok(Arc::new(KafkaSource { schema, topic, format, registry, reset, max_poll, config, dead_letters }))
     }
 
     fn consumer(&self) -> Result<BaseConsumer> {
@@ -179,6 +184,14 @@ impl KafkaSource {
     }
 }
 
+/// A decoder of the source's messages.
+fn decoder(format: PayloadFormat, schema: &SchemaRef, registry: &Option<Arc<Registry>>) -> Result<PayloadDecoder> {
+    match registry {
+        Some(registry) => PayloadDecoder::avro(schema.clone(), registry.clone()),
+        None => PayloadDecoder::new(format, schema.clone()),
+    }
+}
+
 impl SourceConnector for KafkaSource {
     fn name(&self) -> &'static str {
         "kafka"
@@ -198,6 +211,9 @@ impl SourceConnector for KafkaSource {
 
     fn open(&self, split: usize, _splits: usize, position: Option<&[u8]>) -> Result<Box<dyn SplitReader>> {
         let partition = i32::try_from(split).map_err(|_| Error::connector(format!("kafka: no partition {split}")))?;
+        if let Some(registry) = &self.registry {
+            registry.check()?;
+        }
         let consumer = self.consumer()?;
         let next = match position {
             Some(bytes) => {
@@ -215,7 +231,7 @@ impl SourceConnector for KafkaSource {
             topic: self.topic.clone(),
             partition,
             next,
-            decoder: PayloadDecoder::new(self.format, self.schema.clone())?,
+            decoder: decoder(self.format, &self.schema, &self.registry)?,
             offsets: Vec::new(),
             rejected: VecDeque::new(),
             max_poll: self.max_poll,
@@ -379,7 +395,9 @@ mod tests {
     fn options_are_checked_at_create() {
         let e = |extra: &[(&str, &str)]| source("127.0.0.1:1", extra).unwrap_err().message;
         assert!(e(&[("colour", "red")]).contains("no option 'colour'"));
-        assert!(e(&[("format", "avro")]).contains("not available in this build yet"));
+        assert!(e(&[("format", "avro")]).contains("needs the option 'schema.registry.url'"));
+        assert!(e(&[("format", "avro"), ("schema.registry.url", "https://r")]).contains("only http://"));
+        assert!(e(&[("schema.registry.url", "http://r")]).contains("is for format = 'avro'"));
         assert!(e(&[("auto.offset.reset", "middle")]).contains("'middle'"));
         let none: BTreeMap<String, String> = [("topic", "t"), ("group.id", "g")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let missing = KafkaSource::create(&ConnectorOptions::new("kafka", &none).unwrap(), Some(&schema())).unwrap_err();

@@ -6,8 +6,10 @@
 //!     partitioner = 'key-hash', key = 'symbol', 'delivery.guarantee' = 'exactly-once')
 //! ```
 //!
-//! `format`: `json` (an object per row, the default) or `csv` (a line per row, in the
-//! stream's column order). `partitioner`: `round-robin` (the default: partition after
+//! `format`: `json` (an object per row, the default), `csv` (a line per row, in the
+//! stream's column order) or `avro` (the Confluent Schema Registry's framing: the rows'
+//! schema is registered at `schema.registry.url` under `schema.registry.subject`, by
+//! default `<topic>-value`, when the first rows come; [`crate::avro`]). `partitioner`: `round-robin` (the default: partition after
 //! partition), `key-hash` (by the `key` column's value as text, the first column without
 //! one; the same hash as the Java client's, so a key lands where a Java producer would
 //! put it) or `sticky` (librdkafka fills one partition for a while, then the next).
@@ -43,6 +45,7 @@ use laminardb_engine::sink::{OptionsChecked, Sink, SinkContext};
 use laminardb_engine::source::ConnectorOptions;
 use laminardb_engine::{Error, Result};
 
+use crate::avro::{AvroEncoder, Registry};
 use crate::encode::RowEncoding;
 use crate::kafka::{client_config, kafka_error, partition_count, CLIENT_PREFIXES, REQUEST_TIMEOUT};
 
@@ -50,6 +53,8 @@ const OPTIONS: &[&str] = &[
     "bootstrap.servers",
     "topic",
     "format",
+    "schema.registry.url",
+    "schema.registry.subject",
     "partitioner",
     "key",
     "delivery.guarantee",
@@ -94,9 +99,15 @@ struct Connected {
     transactional: bool,
 }
 
+/// How rows become records.
+enum Payloads {
+    Rows(RowEncoding),
+    Avro(AvroEncoder),
+}
+
 pub struct KafkaSink {
     topic: String,
-    encoding: RowEncoding,
+    payloads: Payloads,
     partitioner: Partitioner,
     key: Option<String>,
     next_partition: i32,
@@ -110,7 +121,14 @@ impl KafkaSink {
         options.check_known_or_prefixed(OPTIONS, CLIENT_PREFIXES)?;
         let topic = options.required("topic")?.to_string();
         let mut config = client_config(options)?;
-        let encoding = RowEncoding::parse(options.get("format"), "kafka")?;
+        let avro = options.get("format").is_some_and(|f| f.eq_ignore_ascii_case("avro"));
+        let registry = if avro { Some(Registry::from_options(options)?) } else { None };
+        if !avro {
+            if options.get("schema.registry.url").is_some() {
+                return Err(Error::connector("kafka sink: 'schema.registry.url' is for format = 'avro'"));
+            }
+            RowEncoding::parse(options.get("format"), "kafka")?;
+        }
         let partitioner = match options.get("partitioner").unwrap_or("round-robin").to_ascii_lowercase().as_str() {
             "round-robin" | "round_robin" | "roundrobin" => Partitioner::RoundRobin,
             "key-hash" | "key_hash" | "hash" => Partitioner::KeyHash,
@@ -146,6 +164,14 @@ impl KafkaSink {
         if config.get("linger.ms").is_none() {
             config.set("linger.ms", "1");
         }
+        let payloads = match registry {
+            Some(registry) => {
+                registry.check()?;
+                let subject = options.get("schema.registry.subject").map_or_else(|| format!("{topic}-value"), str::to_string);
+                Payloads::Avro(AvroEncoder::new(registry, subject))
+            }
+            None => Payloads::Rows(RowEncoding::parse(options.get("format"), "kafka")?),
+        };
         let producer: ThreadedProducer<Deliveries> =
             config.create_with_context(Deliveries::default()).map_err(|e| kafka_error("creating a producer", e))?;
         let partitions = partition_count(producer.client(), &topic)? as i32;
@@ -156,7 +182,7 @@ impl KafkaSink {
         }
         Ok(Box::new(KafkaSink {
             topic,
-            encoding,
+            payloads,
             partitioner,
             key,
             next_partition: task.shard as i32 % partitions.max(1),
@@ -209,7 +235,10 @@ impl KafkaSink {
 impl Sink for KafkaSink {
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         self.check_deliveries()?;
-        let payloads = self.encoding.encode(batch)?;
+        let payloads = match &mut self.payloads {
+            Payloads::Rows(encoding) => encoding.encode(batch)?,
+            Payloads::Avro(encoder) => encoder.encode(batch)?,
+        };
         let keys = self.keys(batch)?;
         for (i, payload) in payloads.iter().enumerate() {
             let mut record = BaseRecord::<str, [u8], ()>::to(&self.topic).payload(payload);
@@ -313,7 +342,8 @@ mod tests {
         assert!(e(&[("partitioner", "lunar")]).contains("'lunar'"));
         assert!(e(&[("delivery.guarantee", "maybe")]).contains("'maybe'"));
         assert!(e(&[("key", "symbol")]).contains("needs partitioner = 'key-hash'"));
-        assert!(e(&[("format", "avro")]).contains("not available in this build yet"));
+        assert!(e(&[("format", "avro")]).contains("needs the option 'schema.registry.url'"));
+        assert!(e(&[("schema.registry.url", "http://r")]).contains("is for format = 'avro'"));
         assert!(e(&[("linger", "5")]).contains("no option 'linger'"));
         // No broker at that address: the check at CREATE does not connect.
         sink("127.0.0.1:1", None, &[("delivery.guarantee", "exactly-once")]).unwrap().close().unwrap();

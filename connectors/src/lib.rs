@@ -9,6 +9,7 @@
 //! Built so far: `files` (source [`files`], sink [`file_sink`]) and `kafka` (source
 //! [`kafka`], sink [`kafka_sink`]).
 
+pub mod avro;
 pub mod dead_letter;
 pub mod decode;
 pub mod encode;

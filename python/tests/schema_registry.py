@@ -1,0 +1,74 @@
+"""A schema registry for the Avro tests, speaking the part of Confluent's REST API that
+clients use: register a schema under a subject, look one up by id, list subjects.
+
+No Confluent-compatible registry installs on this machine (Karapace is not on PyPI;
+Confluent's and Apicurio's registries come from Maven or Docker), so the tests run this
+one. The Avro messages themselves are written and read by confluent-kafka's
+`AvroSerializer`/`AvroDeserializer` (fastavro), independent of laminardb's code."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class SchemaRegistry:
+    def __init__(self) -> None:
+        self.schemas: list[str] = []  # id - 1 -> schema text
+        self.subjects: dict[str, list[int]] = {}
+        self.lock = threading.Lock()
+        registry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def answer(self, status: int, body) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                if path == "/subjects":
+                    return self.answer(200, sorted(registry.subjects))
+                m = re.fullmatch(r"/schemas/ids/(\d+)", path)
+                if m and 0 < int(m[1]) <= len(registry.schemas):
+                    return self.answer(200, {"schema": registry.schemas[int(m[1]) - 1]})
+                m = re.fullmatch(r"/subjects/([^/]+)/versions/latest", path)
+                if m and m[1] in registry.subjects:
+                    ids = registry.subjects[m[1]]
+                    return self.answer(200, {"subject": m[1], "id": ids[-1], "version": len(ids), "schema": registry.schemas[ids[-1] - 1]})
+                self.answer(404, {"error_code": 40403, "message": "Schema not found"})
+
+            def do_POST(self) -> None:
+                path = self.path.split("?")[0]
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                m = re.fullmatch(r"/subjects/([^/]+)/versions", path)
+                if not m:
+                    return self.answer(404, {"error_code": 404, "message": "not found"})
+                schema = json.dumps(json.loads(body["schema"]), separators=(",", ":"), sort_keys=True)
+                with registry.lock:
+                    if schema in registry.schemas:
+                        id_ = registry.schemas.index(schema) + 1
+                    else:
+                        registry.schemas.append(schema)
+                        id_ = len(registry.schemas)
+                    versions = registry.subjects.setdefault(m[1], [])
+                    if id_ not in versions:
+                        versions.append(id_)
+                self.answer(200, {"id": id_})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
