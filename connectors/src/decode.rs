@@ -24,7 +24,7 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde_json::{Map, Value};
 
-use laminardb_engine::ingest::cast_to_schema;
+use laminardb_engine::ingest::{cast_to_schema, text_reading_schema};
 use laminardb_engine::stream::{OP_COLUMN, OP_DELETE, OP_INSERT, OP_RETRACT, OP_UPDATE};
 use laminardb_engine::{Error, Result};
 
@@ -92,6 +92,9 @@ pub struct PayloadDecoder {
     schema: SchemaRef,
     /// The columns as text (how CSV is read before the cast).
     text: SchemaRef,
+    /// The columns as JSON is read before the cast: timestamps in milliseconds, so a bare
+    /// number is epoch milliseconds, as in an insert.
+    reading: SchemaRef,
     /// The payloads pushed, back to back (JSON and CSV ones each end with a newline).
     buf: Vec<u8>,
     /// Where each payload ends in `buf`.
@@ -124,6 +127,7 @@ impl PayloadDecoder {
         }
         Ok(PayloadDecoder {
             format,
+            reading: text_reading_schema(&schema),
             schema,
             text,
             buf: Vec::new(),
@@ -259,12 +263,12 @@ impl PayloadDecoder {
                     return Ok(None);
                 }
                 let mut decoder =
-                    arrow::json::ReaderBuilder::new(self.schema.clone()).with_batch_size(rows).build_decoder().map_err(bad)?;
+                    arrow::json::ReaderBuilder::new(self.reading.clone()).with_batch_size(rows).build_decoder().map_err(bad)?;
                 let read = decoder.decode(bytes).map_err(bad)?;
                 if read < bytes.len() || decoder.has_partial_record() {
                     return Err(Error::connector("json: an incomplete object"));
                 }
-                decoder.flush().map_err(bad)
+                decoder.flush().map_err(bad)?.map(|b| cast_to_schema(&b, &self.schema)).transpose()
             }
             PayloadFormat::Csv => {
                 // Read as text, then cast as an insert is (epoch numbers into timestamps too).
@@ -408,6 +412,12 @@ mod tests {
         assert_eq!(symbols(&batch), ["A", "∅"]);
         assert_eq!(batch.column(1).as_primitive::<Float64Type>().values().to_vec(), [1.5, 3.0]);
         assert_eq!(batch.column(2).as_primitive::<TimestampMillisecondType>().value(0), 1000);
+        // Into a microsecond TIMESTAMP too, a bare number is epoch milliseconds (as in an
+        // insert), and text is a date.
+        let micros = Arc::new(Schema::new(vec![Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, None), true)]));
+        let (batch, _) = decode(PayloadFormat::Json, micros, &[r#"{"ts": 1700000000000}"#, r#"{"ts": "2023-11-14T22:13:20Z"}"#]);
+        let ts = batch.unwrap().column(0).as_primitive::<arrow::datatypes::TimestampMicrosecondType>().values().to_vec();
+        assert_eq!(ts, [1_700_000_000_000_000, 1_700_000_000_000_000]);
         assert_eq!(rejected.iter().map(|r| r.index).collect::<Vec<_>>(), [1, 2, 3]);
         assert!(rejected[0].error.contains("json"), "{}", rejected[0].error);
         assert_eq!(rejected[2].error, "an empty message");

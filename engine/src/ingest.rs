@@ -103,8 +103,8 @@ fn integers_in_text(col: &ArrayRef) -> Option<ArrayRef> {
 }
 
 /// The schema JSON and CSV text is read with: timestamps in milliseconds, so bare numbers
-/// mean epoch milliseconds as everywhere else.
-fn text_reading_schema(target: &SchemaRef) -> SchemaRef {
+/// mean epoch milliseconds as everywhere else (then [`cast_to_schema`] to `target`).
+pub fn text_reading_schema(target: &SchemaRef) -> SchemaRef {
     Arc::new(arrow::datatypes::Schema::new(
         target
             .fields()

@@ -286,3 +286,21 @@ def test_a_second_sink_on_the_same_address_is_refused_and_the_first_goes_on():
             assert json.loads(ws.recv(timeout=5)) == {"v": 1}
     finally:
         db.close()
+
+
+def test_a_bare_number_into_a_timestamp_column_is_epoch_milliseconds_as_in_an_insert():
+    port = free_port()
+    db = laminardb.open(":memory:")
+    db.execute(
+        f"CREATE SOURCE w (ts TIMESTAMP, v BIGINT) WITH (connector = 'websocket', mode = 'server', "
+        f"bind_address = '127.0.0.1:{port}')"
+    )
+    db.start()
+    with connect(f"ws://127.0.0.1:{port}/") as ws:
+        ws.send(json.dumps({"ts": 1_700_000_000_000, "v": 1}))
+        ws.send(json.dumps({"ts": "2023-11-14T22:13:20Z", "v": 2}))
+    wait_until(lambda: db.source_metrics("w").total_events >= 2)
+    db.insert("w", {"ts": 1_700_000_000_000, "v": 3})
+    got = db.query("SELECT CAST(ts AS BIGINT) AS t FROM w ORDER BY v").to_dicts()["t"]
+    db.close()
+    assert got == [1_700_000_000_000_000] * 3
