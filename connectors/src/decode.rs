@@ -29,6 +29,7 @@ use laminardb_engine::stream::{OP_COLUMN, OP_DELETE, OP_INSERT, OP_RETRACT, OP_U
 use laminardb_engine::{Error, Result};
 
 use crate::avro::{AvroDecoder, Registry};
+use crate::json_flat::FlatJson;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PayloadFormat {
@@ -106,6 +107,8 @@ pub struct PayloadDecoder {
     refused: Vec<(usize, String)>,
     /// Avro: the decoder, which knows the registry.
     avro: Option<AvroDecoder>,
+    /// JSON: the fast path for flat objects, when every column is of a type it reads.
+    pub(crate) fast: Option<FlatJson>,
 }
 
 impl PayloadDecoder {
@@ -128,7 +131,6 @@ impl PayloadDecoder {
         Ok(PayloadDecoder {
             format,
             reading: text_reading_schema(&schema),
-            schema,
             text,
             buf: Vec::new(),
             ends: Vec::new(),
@@ -136,6 +138,8 @@ impl PayloadDecoder {
             original_ends: Vec::new(),
             refused: Vec::new(),
             avro: None,
+            fast: if matches!(format, PayloadFormat::Json | PayloadFormat::Debezium) { FlatJson::new(&schema) } else { None },
+            schema,
         })
     }
 
@@ -144,6 +148,7 @@ impl PayloadDecoder {
         let mut decoder = PayloadDecoder::new(PayloadFormat::Json, schema.clone())?;
         decoder.format = PayloadFormat::Avro;
         decoder.avro = Some(AvroDecoder::new(registry, schema));
+        decoder.fast = None;
         Ok(decoder)
     }
 
@@ -261,6 +266,9 @@ impl PayloadDecoder {
             PayloadFormat::Json | PayloadFormat::Debezium => {
                 if bytes.is_empty() {
                     return Ok(None);
+                }
+                if let Some(Ok(batch)) = self.fast.as_ref().map(|fast| fast.decode(bytes)) {
+                    return Ok(batch);
                 }
                 let mut decoder =
                     arrow::json::ReaderBuilder::new(self.reading.clone()).with_batch_size(rows).build_decoder().map_err(bad)?;

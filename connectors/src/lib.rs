@@ -15,6 +15,7 @@ pub mod decode;
 pub mod encode;
 pub mod file_sink;
 pub mod files;
+pub mod json_flat;
 pub mod kafka;
 pub mod kafka_sink;
 pub mod websocket;
