@@ -65,8 +65,9 @@ pub struct FileSink {
     prefix: String,
     /// Unique to this instance (process, time, counter): no two instances name a file alike.
     token: String,
-    /// Files committed by this instance.
+    /// Files committed by this instance, and their bytes.
     committed: u64,
+    bytes: u64,
     /// The file being written, and its final name.
     open: Option<(Writer, String)>,
 }
@@ -90,7 +91,7 @@ impl FileSink {
         }
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let token = format!("{}-{nanos}-{}", std::process::id(), INSTANCES.fetch_add(1, Ordering::Relaxed));
-        Ok(Box::new(FileSink { dir, format, prefix, token, committed: 0, open: None }))
+        Ok(Box::new(FileSink { dir, format, prefix, token, committed: 0, bytes: 0, open: None }))
     }
 
     fn hidden(&self, name: &str) -> PathBuf {
@@ -119,10 +120,12 @@ impl FileSink {
         let hidden = self.hidden(&name);
         let file = writer.finish()?;
         file.sync_all().map_err(|e| io(&hidden, e))?;
+        let size = file.metadata().map_err(|e| io(&hidden, e))?.len();
         let path = self.dir.join(&name);
         std::fs::rename(&hidden, &path).map_err(|e| io(&path, e))?;
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io(&self.dir, e))?;
         self.committed += 1;
+        self.bytes += size;
         Ok(())
     }
 }
@@ -147,6 +150,10 @@ impl Sink for FileSink {
 
     fn close(&mut self) -> Result<()> {
         self.commit()
+    }
+
+    fn bytes_out(&self) -> u64 {
+        self.bytes
     }
 }
 

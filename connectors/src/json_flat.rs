@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, RecordBatch, StringBuilder, TimestampMillisecondArray};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use laminardb_engine::ingest::cast_to_schema;
 
@@ -405,6 +405,7 @@ impl<'a> Scanner<'a> {
 mod tests {
     use super::*;
     use crate::decode::{PayloadDecoder, PayloadFormat};
+    use arrow::datatypes::TimeUnit;
 
     fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![

@@ -112,6 +112,8 @@ pub struct KafkaSink {
     key: Option<String>,
     next_partition: i32,
     client: Connected,
+    /// Payload bytes sent.
+    bytes: u64,
 }
 
 impl KafkaSink {
@@ -187,6 +189,7 @@ impl KafkaSink {
             key,
             next_partition: task.shard as i32 % partitions.max(1),
             client: Connected { producer, partitions, transactional: exactly_once },
+            bytes: 0,
         }))
     }
 
@@ -241,6 +244,7 @@ impl Sink for KafkaSink {
         };
         let keys = self.keys(batch)?;
         for (i, payload) in payloads.iter().enumerate() {
+            self.bytes += payload.len() as u64;
             let mut record = BaseRecord::<str, [u8], ()>::to(&self.topic).payload(payload);
             match (&keys, self.partitioner) {
                 (Some(keys), _) if keys.is_valid(i) => record = record.key(keys.value(i)),
@@ -263,6 +267,10 @@ impl Sink for KafkaSink {
             }
         }
         Ok(())
+    }
+
+    fn bytes_out(&self) -> u64 {
+        self.bytes
     }
 
     fn checkpoint(&mut self, _id: u64) -> Result<()> {

@@ -151,6 +151,8 @@ impl Server {
 pub struct WebSocketSink {
     hub: Arc<Hub>,
     encoding: RowEncoding,
+    /// Payload bytes of the messages written.
+    bytes: u64,
 }
 
 impl WebSocketSink {
@@ -208,7 +210,7 @@ impl WebSocketSink {
                 hub
             }
         };
-        Ok(Box::new(WebSocketSink { hub, encoding }))
+        Ok(Box::new(WebSocketSink { hub, encoding, bytes: 0 }))
     }
 }
 
@@ -307,10 +309,15 @@ async fn run_client(request: Request, url: String, mut backoff: Backoff, mut rx:
 }
 
 impl Sink for WebSocketSink {
+    fn bytes_out(&self) -> u64 {
+        self.bytes
+    }
+
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        let messages: Vec<Message> = self
-            .encoding
-            .encode(batch)?
+        let payloads = self.encoding.encode(batch)?;
+        // Each message once, however many clients it goes to.
+        self.bytes += payloads.iter().map(|p| p.len() as u64).sum::<u64>();
+        let messages: Vec<Message> = payloads
             .into_iter()
             .map(|payload| Message::text(String::from_utf8(payload).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())))
             .collect();

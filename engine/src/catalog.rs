@@ -167,6 +167,8 @@ pub struct Catalog {
     pub sources: BTreeMap<String, Arc<SourceDef>>,
     pub streams: BTreeMap<String, Arc<StreamDef>>,
     pub sinks: BTreeMap<String, Arc<SinkDef>>,
+    /// Python functions (shared by every version of the catalog, not stored).
+    pub functions: Arc<crate::functions::Functions>,
 }
 
 impl Catalog {

@@ -20,6 +20,7 @@ pub mod config;
 pub mod dataflow;
 pub mod error;
 pub mod frontend;
+pub mod functions;
 pub mod ingest;
 pub mod ipc;
 pub mod nexmark;

@@ -49,6 +49,12 @@ pub trait Sink: Send {
     fn close(&mut self) -> Result<()> {
         self.flush()
     }
+
+    /// The bytes this instance has put out so far: encoded records sent, files committed
+    /// (`sink_metrics().total_bytes`). A sink that writes nothing out says 0.
+    fn bytes_out(&self) -> u64 {
+        0
+    }
 }
 
 struct Blackhole;
@@ -139,6 +145,8 @@ impl std::fmt::Debug for SinkPlan {
 struct SinkOperator {
     sink: Box<dyn Sink>,
     counters: Arc<Output>,
+    /// `sink.bytes_out()` when last counted.
+    bytes: u64,
 }
 
 impl OperatorSpec for SinkPlan {
@@ -152,7 +160,17 @@ impl OperatorSpec for SinkPlan {
 
     fn build(self: Arc<Self>, task: TaskInfo) -> Result<Box<dyn Operator>> {
         let context = SinkContext { name: &self.counters.name, task: Some(task) };
-        Ok(Box::new(SinkOperator { sink: open(&self.connector, &self.options, &context)?, counters: self.counters.clone() }))
+        let sink = open(&self.connector, &self.options, &context)?;
+        Ok(Box::new(SinkOperator { sink, counters: self.counters.clone(), bytes: 0 }))
+    }
+}
+
+impl SinkOperator {
+    /// Adds what the sink put out since the last look to the sink's counters.
+    fn count_bytes(&mut self) {
+        let now = self.sink.bytes_out();
+        self.counters.counters.bytes.fetch_add(now.saturating_sub(self.bytes), std::sync::atomic::Ordering::Relaxed);
+        self.bytes = now;
     }
 }
 
@@ -161,15 +179,24 @@ impl Operator for SinkOperator {
         self.sink.write(batch)?;
         // Counted as written (the sink's output has no subscribers).
         self.counters.publish(batch);
+        self.count_bytes();
         Ok(())
     }
 
     fn on_checkpoint(&mut self, id: u64) -> Result<()> {
-        self.sink.checkpoint(id)
+        self.sink.checkpoint(id)?;
+        self.count_bytes();
+        let mut last = self.counters.counters.last_commit.lock();
+        if last.is_none_or(|(done, _)| done < id) {
+            *last = Some((id, crate::stream::time::now_ms()));
+        }
+        Ok(())
     }
 
     fn close(&mut self) -> Result<()> {
-        self.sink.close()
+        let closed = self.sink.close();
+        self.count_bytes();
+        closed
     }
 }
 
@@ -188,13 +215,17 @@ mod tests {
         }
     }
 
-    /// Records what reaches it, to check the operator's hooks.
-    struct Recording(Arc<parking_lot::Mutex<Vec<String>>>);
+    /// Records what reaches it, to check the operator's hooks; puts out 10 bytes a row.
+    struct Recording(Arc<parking_lot::Mutex<Vec<String>>>, u64);
 
     impl Sink for Recording {
         fn write(&mut self, batch: &RecordBatch) -> Result<()> {
             self.0.lock().push(format!("write {}", batch.num_rows()));
+            self.1 += 10 * batch.num_rows() as u64;
             Ok(())
+        }
+        fn bytes_out(&self) -> u64 {
+            self.1
         }
         fn checkpoint(&mut self, id: u64) -> Result<()> {
             self.0.lock().push(format!("checkpoint {id}"));
@@ -207,7 +238,8 @@ mod tests {
     }
 
     /// The sink operator writes every batch in order, counts it on the sink's output,
-    /// and passes the checkpoint barrier and the close on to its sink.
+    /// and passes the checkpoint barrier and the close on to its sink; its bytes and the
+    /// last checkpoint it passed are the sink's metrics.
     #[test]
     fn the_sink_operator_writes_counts_and_passes_barriers_on() {
         let batch = |n: i64| {
@@ -215,14 +247,17 @@ mod tests {
         };
         let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let counters = Output::new("out", batch(1).schema());
-        let mut op = SinkOperator { sink: Box::new(Recording(seen.clone())), counters: counters.clone() };
+        let mut op = SinkOperator { sink: Box::new(Recording(seen.clone(), 0)), counters: counters.clone(), bytes: 0 };
         let mut out = Collector::default();
         op.process(0, &batch(3), None, &mut out).unwrap();
+        assert_eq!(*counters.counters.last_commit.lock(), None);
         op.on_checkpoint(7).unwrap();
+        assert_eq!(counters.counters.last_commit.lock().map(|(id, _)| id), Some(7));
         op.process(0, &batch(2), None, &mut out).unwrap();
         op.close().unwrap();
         assert!(out.rows.is_empty(), "a sink emits nothing downstream");
         assert_eq!(*seen.lock(), ["write 3", "checkpoint 7", "write 2", "close"]);
         assert_eq!(counters.counters.rows.load(std::sync::atomic::Ordering::Relaxed), 5);
+        assert_eq!(counters.counters.bytes.load(std::sync::atomic::Ordering::Relaxed), 50);
     }
 }

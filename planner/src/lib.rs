@@ -37,6 +37,8 @@ pub struct SqlFrontend {
     ctx: SessionContext,
     /// Catalog version whose sources are registered in `ctx`.
     registered: Option<u64>,
+    /// `Functions::version` of the Python functions registered in `ctx`.
+    functions: Option<u64>,
 }
 
 impl SqlFrontend {
@@ -55,7 +57,7 @@ impl SqlFrontend {
             .with_default_catalog_and_schema("laminar", "public");
         let ctx = SessionContext::new_with_config(config);
         udaf::register(&ctx);
-        Ok(SqlFrontend { runtime: Some(runtime), ctx, registered: None })
+        Ok(SqlFrontend { runtime: Some(runtime), ctx, registered: None, functions: None })
     }
 
     fn runtime(&self) -> Result<&tokio::runtime::Runtime> {
@@ -63,6 +65,11 @@ impl SqlFrontend {
     }
 
     fn sync_tables(&mut self, catalog: &Catalog, access: &Arc<dyn ShardAccess>) -> Result<()> {
+        let functions = catalog.functions.version();
+        if self.functions != Some(functions) {
+            stream::register_functions(&self.ctx, catalog);
+            self.functions = Some(functions);
+        }
         if self.registered == Some(catalog.version) {
             return Ok(());
         }
@@ -86,6 +93,15 @@ impl SqlFrontend {
         self.registered = Some(catalog.version);
         Ok(())
     }
+}
+
+/// A function SQL has without registering it (`abs`, `sum`, `row_number`, …): a Python
+/// function may not take its name.
+pub fn is_builtin_function(name: &str) -> bool {
+    let ctx = SessionContext::new();
+    udaf::register(&ctx);
+    let state = ctx.state();
+    state.scalar_functions().contains_key(name) || state.aggregate_functions().contains_key(name) || state.window_functions().contains_key(name)
 }
 
 /// `name` as a quoted SQL identifier.

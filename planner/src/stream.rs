@@ -413,8 +413,36 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
         select_schema.clone()
     };
     let hidden = ddl.name.starts_with(TRANSIENT_PREFIX) || ddl.name.starts_with(crate::sink::SINK_STREAM_PREFIX);
-    let plan = StreamPlan { name: ddl.name.clone(), sql: sql.to_string(), dag, schema, materialized: ddl.materialized, backfill: !hidden };
+    let functions = user_functions(&plan, catalog)?;
+    let plan = StreamPlan { name: ddl.name.clone(), sql: sql.to_string(), dag, schema, materialized: ddl.materialized, backfill: !hidden, functions };
     Ok(StreamDef { name: ddl.name.clone(), sql: sql.to_string(), plan: Arc::new(plan), table_schema: select_schema })
+}
+
+/// The Python functions (`Catalog::functions`) `plan` calls, by name, once each.
+fn user_functions(plan: &LogicalPlan, catalog: &Catalog) -> Result<Vec<String>> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut names = std::collections::BTreeSet::new();
+    plan.apply(|node| {
+        for expr in node.expressions() {
+            expr.apply(|e| {
+                if let DfExpr::ScalarFunction(f) = e {
+                    if catalog.functions.contains(f.name()) {
+                        names.insert(f.name().to_string());
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })?;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(names.into_iter().collect())
+}
+
+/// Adds the catalog's Python functions to `ctx`.
+pub fn register_functions(ctx: &SessionContext, catalog: &Catalog) {
+    for function in catalog.functions.all() {
+        ctx.register_udf(function.as_ref().clone());
+    }
 }
 
 /// A scratch context whose tables are the catalog's sources and streams, never scanned;
@@ -422,6 +450,7 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
 /// `window_start`/`window_end` typed as that column.
 fn planning_context(catalog: &Catalog, window: Option<&WindowCall>) -> Result<SessionContext> {
     let ctx = SessionContext::new();
+    register_functions(&ctx, catalog);
     let names = catalog.sources.keys().chain(catalog.streams.keys());
     for name in names {
         let mut schema = catalog.table_schema(name)?;

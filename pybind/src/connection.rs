@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
-use pyo3_arrow::PySchema;
+use pyo3_arrow::{PyDataType, PySchema};
 
 use laminardb_engine::catalog::SourceKind;
 use laminardb_engine::frontend::{CancelFlag, QueryKind, Request};
@@ -218,6 +218,53 @@ impl PyConnection {
     #[getter]
     fn is_closed(&self) -> bool {
         self.handle.is_closed()
+    }
+
+    /// Makes `function` callable from SQL as `name` (see `laminardb.udf`): in queries, in
+    /// subscriptions, and in streams of an in-memory database (functions are not stored).
+    #[pyo3(signature = (name, function, return_type=None, *, vectorized=None))]
+    fn register_udf(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        function: Bound<'_, PyAny>,
+        return_type: Option<PyDataType>,
+        vectorized: Option<bool>,
+    ) -> PyResult<()> {
+        let handle = self.open()?;
+        if !function.is_callable() {
+            return Err(to_pyerr(Error::query(format!("register_udf('{name}', …): the function is not callable"))));
+        }
+        let spec = py.import("laminardb._udf")?.call_method1("_spec", (&function,))?;
+        let return_type = match return_type {
+            Some(t) => t.into_inner(),
+            None => match spec.get_item("return_type") {
+                Ok(t) => t.extract::<PyDataType>()?.into_inner(),
+                Err(_) => {
+                    return Err(to_pyerr(Error::query(format!(
+                        "register_udf('{name}', …) needs return_type (or a function decorated with @laminardb.udf)"
+                    ))))
+                }
+            },
+        };
+        let vectorized = match vectorized {
+            Some(v) => v,
+            None => spec.get_item("vectorized").ok().map(|v| v.extract::<bool>()).transpose()?.unwrap_or(true),
+        };
+        // SQL folds unquoted names to lower case: so is the function's.
+        let sql_name = name.to_lowercase();
+        let plain = !sql_name.is_empty()
+            && sql_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !sql_name.starts_with(|c: char| c.is_ascii_digit());
+        if !plain {
+            return Err(to_pyerr(Error::query(format!("register_udf: '{name}' is not a plain SQL name (letters, digits, _)"))));
+        }
+        if laminardb_planner::is_builtin_function(&sql_name) {
+            return Err(to_pyerr(Error::query(format!("register_udf: '{sql_name}' is a built-in SQL function; choose another name"))));
+        }
+        let udf = crate::udf::python_udf(&sql_name, function.unbind(), return_type, vectorized);
+        handle.catalog().functions.register(udf);
+        Ok(())
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {

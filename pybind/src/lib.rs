@@ -14,6 +14,7 @@ mod gil;
 mod metrics;
 mod result;
 mod subscription;
+mod udf;
 mod writer;
 
 use pyo3::prelude::*;

@@ -160,6 +160,12 @@ pub struct PySinkMetrics {
     /// Writes, deliveries or commits that failed.
     pub errors: u64,
     pub last_error: Option<String>,
+    /// Bytes put out: encoded records sent, files committed (0 for `blackhole`).
+    pub total_bytes: u64,
+    /// The latest checkpoint whose barrier the sink passed (its rows before it delivered or
+    /// committed), and when (epoch ms); `None` before the first.
+    pub last_commit_id: Option<u64>,
+    pub last_commit_ms: Option<i64>,
 }
 
 #[pymethods]
@@ -171,6 +177,7 @@ impl PySinkMetrics {
 
 pub fn sink_metrics(output: &Output, def: &SinkDef) -> PySinkMetrics {
     let c = &output.counters;
+    let last_commit = *c.last_commit.lock();
     PySinkMetrics {
         name: def.name.clone(),
         connector: def.connector.clone(),
@@ -178,6 +185,9 @@ pub fn sink_metrics(output: &Output, def: &SinkDef) -> PySinkMetrics {
         batches: c.batches.load(Ordering::Relaxed),
         errors: c.errors.load(Ordering::Relaxed),
         last_error: c.last_error.lock().clone(),
+        total_bytes: c.bytes.load(Ordering::Relaxed),
+        last_commit_id: last_commit.map(|(id, _)| id),
+        last_commit_ms: last_commit.map(|(_, ms)| ms),
     }
 }
 

@@ -53,7 +53,8 @@ from laminardb._subscriptions import (
     CallbackSubscription,
     SubscriptionHandle,
 )
-from laminardb.types import ChangeEvent, ChangeRow, Column, MaterializedView, Metrics, Schema, mv
+from laminardb._udf import udf
+from laminardb.types import ChangeEvent, ChangeRow, CheckpointStatus, Column, MaterializedView, Metrics, Schema, mv
 
 __version__: str = _laminardb.__version__
 
@@ -89,6 +90,7 @@ __all__ = [
     "CallbackSubscription",
     "ChangeEvent",
     "ChangeRow",
+    "CheckpointStatus",
     "Column",
     "MaterializedView",
     "Metrics",
@@ -127,6 +129,7 @@ __all__ = [
     "Writer",
     "codes",
     "connect",
+    "udf",
     "execute",
     "open",
     "sql",

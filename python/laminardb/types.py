@@ -28,6 +28,11 @@ class Schema:
         return self._schema
 
     @property
+    def arrow_schema(self) -> Any:
+        """The pyarrow schema (as `arrow`)."""
+        return self._schema
+
+    @property
     def names(self) -> List[str]:
         return list(self._schema.names)
 
@@ -54,9 +59,9 @@ class ChangeRow:
 
     __slots__ = ("_data", "op")
 
-    def __init__(self, data: Dict[str, Any], op: str) -> None:
-        self._data = data
+    def __init__(self, op: str, data: Dict[str, Any]) -> None:
         self.op = op
+        self._data = data
 
     def __getitem__(self, key: str) -> Any:
         return self._data[key]
@@ -91,7 +96,7 @@ class ChangeEvent:
                 ops = [_OPS.get(v, v) for v in table.column(OP_COLUMN).to_pylist()]
                 table = table.drop_columns([OP_COLUMN])
             rows = table.to_pylist()
-            self._rows = [ChangeRow(r, ops[i] if ops else self.op) for i, r in enumerate(rows)]
+            self._rows = [ChangeRow(ops[i] if ops else self.op, r) for i, r in enumerate(rows)]
         return self._rows
 
     def __len__(self) -> int:
@@ -162,6 +167,15 @@ def mv(conn: Any, name: str, sql_def: Optional[str] = None) -> MaterializedView:
     return MaterializedView(conn, name, sql_def)
 
 
+@dataclass(frozen=True)
+class CheckpointStatus:
+    """A checkpoint's id (what `checkpoint()` returned, `None` without one) and whether
+    the connection checkpoints (`is_checkpoint_enabled`)."""
+
+    checkpoint_id: Optional[int]
+    enabled: bool
+
+
 class Metrics:
     """Convenience view of a PipelineMetrics snapshot, with derived rates."""
 
@@ -178,4 +192,4 @@ class Metrics:
         return float(self._m.total_events_ingested) / up if up > 0 else 0.0
 
     def __repr__(self) -> str:
-        return f"Metrics({self._m!r})"
+        return f"Metrics(state={self._m.state!r}, eps={self.events_per_second:.1f}, uptime={float(self._m.uptime_secs):.1f}s)"

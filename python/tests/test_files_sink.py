@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pyarrow.csv
 import pyarrow.parquet
@@ -37,9 +38,16 @@ def test_a_stream_is_written_to_parquet_files_that_appear_at_checkpoints(tmp_pat
     db.execute(f"CREATE SINK dear_files FROM dear WITH (connector = 'files', path = '{out}', format = 'parquet')")
     db.insert("trades", [{"symbol": f"S{i}", "price": float(i)} for i in range(30)])
     assert not out.exists() or committed(out) == []  # nothing whole before a checkpoint
-    db.checkpoint()
+    before = db.sink_metrics("dear_files")
+    assert (before.total_bytes, before.last_commit_id, before.last_commit_ms) == (0, None, None)
+    checkpoint_id = db.checkpoint()
     files = committed(out)
     assert files and not hidden(out)
+    metrics = db.sink_metrics("dear_files")
+    # The bytes of the files committed, and the checkpoint that committed them.
+    assert metrics.total_bytes == sum(f.stat().st_size for f in files)
+    assert metrics.last_commit_id == checkpoint_id
+    assert metrics.last_commit_ms is not None and abs(metrics.last_commit_ms - time.time() * 1000) < 60_000
     table = pyarrow.concat_tables([pyarrow.parquet.read_table(f) for f in files])
     assert sorted(table.column("price").to_pylist()) == [float(i) for i in range(11, 30)]
     db.insert("trades", [{"symbol": "Z", "price": 99.0}])

@@ -75,8 +75,11 @@ def expected_bars(rows: list[dict]) -> dict:
     return bars
 
 
-def consume(servers: str, topic: str, partitions: int, until, timeout_s: float = 60, isolation: str = "read_uncommitted") -> list[dict]:
-    """Records of `topic` as JSON, read by an independent client until `until(records)`."""
+def consume(
+    servers: str, topic: str, partitions: int, until, timeout_s: float = 60, isolation: str = "read_uncommitted", sizes: list | None = None
+) -> list[dict]:
+    """Records of `topic` as JSON, read by an independent client until `until(records)`
+    (their payloads' lengths appended to `sizes`)."""
     consumer = Consumer(
         {"bootstrap.servers": servers, "group.id": f"check-{topic}", "enable.auto.commit": False, "isolation.level": isolation}
     )
@@ -88,6 +91,8 @@ def consume(servers: str, topic: str, partitions: int, until, timeout_s: float =
             for m in consumer.consume(10_000, 0.2):
                 assert m.error() is None, m.error()
                 records.append(json.loads(m.value()))
+                if sizes is not None:
+                    sizes.append(len(m.value()))
     finally:
         consumer.close()
     return records
@@ -122,10 +127,12 @@ def test_trades_from_kafka_become_exact_bars_in_kafka(kafka, tmp_path):
     db.execute(BARS)
     db.execute(SINK.format(servers=kafka.servers, topic=out))
     db.start()
-    bars = consume(kafka.servers, out, 2, lambda got: len(got) >= len(expected))
+    sizes: list = []
+    bars = consume(kafka.servers, out, 2, lambda got: len(got) >= len(expected), sizes=sizes)
     metrics, sink = db.source_metrics("trades"), db.sink_metrics("bars_out")
     db.close()
     assert (sink.connector, sink.total_events, sink.errors) == ("kafka", len(expected), 0)
+    assert sink.total_bytes == sum(sizes)
     got = {bar_key(b): as_expected(b) for b in bars}
     assert len(bars) == len(expected), "each bar once"
     assert got == expected

@@ -4,6 +4,7 @@ whose counters count rows."""
 
 from __future__ import annotations
 
+import re
 import pyarrow as pa
 import pytest
 
@@ -343,3 +344,22 @@ def test_metrics_wrapper(db):
     if pm.uptime_secs > 0:
         assert m.events_per_second == pytest.approx(pm.total_events_ingested / pm.uptime_secs)
         assert m.events_per_second > 0
+
+
+def test_metrics_wrapper_repr_and_checkpoint_status(db):
+    setup(db, SOURCE)
+    m = laminardb.Metrics(db.metrics())
+    assert re.fullmatch(r"Metrics\(state='Running', eps=\d+\.\d, uptime=\d+\.\ds\)", repr(m)), repr(m)
+    status = laminardb.CheckpointStatus(checkpoint_id=42, enabled=True)
+    assert repr(status) == "CheckpointStatus(checkpoint_id=42, enabled=True)"
+    assert (status.checkpoint_id, status.enabled) == (42, True)
+    with pytest.raises(AttributeError):
+        status.enabled = False  # type: ignore[misc]
+
+
+def test_change_rows_take_the_op_first_and_schemas_give_their_arrow_schema(db):
+    row = laminardb.ChangeRow("Insert", {"a": 1})
+    assert (row.op, row["a"], row.to_dict()) == ("Insert", 1, {"a": 1})
+    db.execute("CREATE SOURCE s (a BIGINT, b VARCHAR)")
+    schema = laminardb.Schema(db.schema("s"))
+    assert schema.arrow_schema is schema.arrow and schema.arrow_schema.names == ["a", "b"]

@@ -200,6 +200,8 @@ pub struct StreamPlan {
     /// STREAM`, `CREATE MATERIALIZED VIEW`); a subscription's or a sink's hidden stream
     /// starts with the rows that arrive after it.
     pub backfill: bool,
+    /// The Python functions it calls (`crate::functions`).
+    pub functions: Vec<String>,
 }
 
 impl StreamPlan {

@@ -200,6 +200,11 @@ pub struct OutputCounters {
     /// rejected, while the batch's other rows went on.
     pub rejected_rows: AtomicU64,
     pub last_error: parking_lot::Mutex<Option<String>>,
+    /// A sink's: the bytes its instances have put out (records' payloads, committed files).
+    pub bytes: AtomicU64,
+    /// A sink's: the latest checkpoint whose barrier one of its instances passed (every
+    /// row before it delivered or committed), and when (epoch ms).
+    pub last_commit: parking_lot::Mutex<Option<(u64, i64)>>,
 }
 
 impl Default for OutputCounters {
@@ -213,6 +218,8 @@ impl Default for OutputCounters {
             future_rows: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             rejected_rows: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            last_commit: parking_lot::Mutex::new(None),
             last_error: parking_lot::Mutex::new(None),
         }
     }

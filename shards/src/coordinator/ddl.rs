@@ -193,6 +193,15 @@ impl Coordinator {
                 if exists && if_not_exists {
                     return Ok(Outcome::Ddl { verb: verb.into(), object: name });
                 }
+                if let (Some(function), Some(_)) = (def.plan.functions.first(), &self.durable.root) {
+                    if !name.starts_with(TRANSIENT_PREFIX) {
+                        return Err(Error::unsupported(format!(
+                            "'{name}' calls the Python function '{function}' in a database with storage: functions are \
+                             not stored, so it could not be planned again when the database reopens (use it in queries \
+                             and subscriptions, or in streams of an in-memory database)"
+                        )));
+                    }
+                }
                 if exists && or_replace {
                     self.drop_stream(&name).await?;
                 }
@@ -256,7 +265,7 @@ impl Coordinator {
                 let spec = SinkPlan { connector: def.connector.clone(), options: def.options.clone(), schema: input.schema.clone(), counters: counters.clone() };
                 let mut dag = Dag::default();
                 dag.add(Arc::new(spec), vec![Port { from: Upstream::Input(def.input.clone()), route: Route::Forward }]);
-                let plan = Arc::new(StreamPlan { name: name.clone(), sql: def.sql.clone(), dag, schema: input.schema.clone(), materialized: false, backfill: false });
+                let plan = Arc::new(StreamPlan { name: name.clone(), sql: def.sql.clone(), dag, schema: input.schema.clone(), materialized: false, backfill: false, functions: Vec::new() });
                 self.outputs.write().insert(name.clone(), counters.clone());
                 // No insert half-way: every shard's sink starts with the same rows.
                 let _dispatching = self.ingest.dispatch_lock.lock().await;

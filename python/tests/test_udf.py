@@ -1,0 +1,143 @@
+"""Python scalar functions in SQL (`@laminardb.udf`, `register_udf`): vectorized over
+pyarrow arrays or row by row, in ad-hoc queries, subscriptions and streams on every shard;
+errors named; streams calling them refused where they could not be recovered."""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+import laminardb
+from conftest import poll_rows
+
+
+@laminardb.udf(return_type=pa.float64())
+def zscore(values, mean, stddev):
+    assert isinstance(values, pa.Array) and isinstance(mean, pa.Scalar), (type(values), type(mean))
+    return pc.divide(pc.subtract(values, mean), stddev)
+
+
+@laminardb.udf(return_type=pa.string(), vectorized=False)
+def tag(symbol, price):
+    return None if price is None else f"{symbol}:{price:.1f}"
+
+
+@laminardb.udf(return_type=pa.int64())
+def bucket(prices):
+    return pc.cast(pc.floor(pc.divide(prices, 10.0)), pa.int64())
+
+
+@laminardb.udf(return_type=pa.bool_())
+def dear(prices):
+    return pc.greater(prices, 100.0)
+
+
+def readings(db):
+    db.execute("CREATE SOURCE readings (sensor_id INT, value DOUBLE)")
+    db.insert("readings", [{"sensor_id": 1, "value": 10.0}, {"sensor_id": 2, "value": 20.0}, {"sensor_id": 3, "value": 15.0}])
+
+
+def test_a_vectorized_function_gets_arrays_and_scalars_in_a_query(db):
+    db.register_udf("zscore", zscore)
+    readings(db)
+    got = db.query("SELECT sensor_id, zscore(value, 15.0, 5.0) AS z FROM readings ORDER BY sensor_id").to_dicts()
+    assert got == {"sensor_id": [1, 2, 3], "z": [-1.0, 1.0, 0.0]}
+    # Still an ordinary Python function.
+    assert zscore(pa.array([20.0]), pa.scalar(15.0), pa.scalar(5.0)).to_pylist() == [1.0]
+
+
+def test_a_row_by_row_function_and_one_registered_without_the_decorator(db):
+    db.register_udf("tag", tag)
+    db.register_udf("Twice", lambda v: pc.multiply(v, 2), pa.float64())
+    readings(db)
+    got = db.query("SELECT tag('S' || CAST(sensor_id AS VARCHAR), value) AS t, TWICE(value) AS w FROM readings ORDER BY sensor_id")
+    assert got.to_dicts() == {"t": ["S1:10.0", "S2:20.0", "S3:15.0"], "w": [20.0, 40.0, 30.0]}
+
+
+def test_functions_run_in_streams_on_every_shard_in_filters_projections_and_group_keys():
+    db = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=2))
+    for name, fn in [("bucket", bucket), ("dear", dear), ("tag", tag)]:
+        db.register_udf(name, fn)
+    db.execute("CREATE SOURCE trades (symbol VARCHAR, price DOUBLE)")
+    db.execute("CREATE STREAM hot AS SELECT symbol, tag(symbol, price) AS label FROM trades WHERE dear(price)")
+    db.execute("CREATE MATERIALIZED VIEW buckets AS SELECT bucket(price) AS b, COUNT(*) AS n FROM trades GROUP BY bucket(price)")
+    sub = db.subscribe_stream("hot")
+    prices = [95.0, 101.5, 99.0, 250.0, 105.0, 12.0]
+    rows = [{"symbol": f"S{i}", "price": p} for i, p in enumerate(prices)]
+    # From another Python thread too: the shards take the GIL between its calls.
+    t = threading.Thread(target=lambda: db.insert("trades", rows[3:]))
+    db.insert("trades", rows[:3])
+    t.start()
+    t.join()
+    hot = sorted(poll_rows(sub, ("symbol", "label"), 3))
+    assert hot == [("S1", "S1:101.5"), ("S3", "S3:250.0"), ("S4", "S4:105.0")]
+    got = db.query("SELECT b, n FROM buckets ORDER BY b").to_dicts()
+    assert got == {"b": [1, 9, 10, 25], "n": [1, 2, 2, 1]}
+    db.close()
+
+
+def test_errors_name_the_function_and_the_engine_goes_on(db):
+    @laminardb.udf(return_type=pa.float64(), vectorized=False)
+    def inverse(v):
+        return 1 / v
+
+    db.register_udf("inverse", inverse)
+    db.register_udf("ints", lambda v: pc.cast(v, pa.int64()), pa.float64())
+    db.register_udf("short", lambda v: v[:0], pa.float64())
+    db.execute("CREATE SOURCE t (v DOUBLE)")
+    db.insert("t", [{"v": 2.0}, {"v": 0.0}, {"v": 4.0}])
+    with pytest.raises(laminardb.QueryError, match=r"(?s)function 'inverse': raised Traceback.*ZeroDivisionError"):
+        db.query("SELECT inverse(v) FROM t")
+    with pytest.raises(laminardb.QueryError, match="function 'ints': returned Int64 values; it was registered returning Float64"):
+        db.query("SELECT ints(v) FROM t")
+    with pytest.raises(laminardb.QueryError, match=r"function 'short': returned 0 values for \d+ rows"):
+        db.query("SELECT short(v) FROM t")
+    assert db.query("SELECT inverse(v) AS i FROM t WHERE v > 0 ORDER BY v").to_dicts() == {"i": [0.5, 0.25]}
+    # In a stream, only the rows the function fails on are rejected.
+    db.execute("CREATE STREAM inv AS SELECT v, inverse(v) AS i FROM t")
+    sub = db.subscribe_stream("inv")
+    db.insert("t", [{"v": 8.0}, {"v": 0.0}, {"v": 10.0}])
+    assert sorted(poll_rows(sub, ("v", "i"), 2)) == [(8.0, 0.125), (10.0, 0.1)]
+    metrics = db.stream_metrics("inv")
+    assert "ZeroDivisionError" in metrics.last_error
+
+
+@pytest.mark.parametrize(
+    ("name", "function", "return_type", "message"),
+    [
+        ("abs", lambda v: v, pa.float64(), "'abs' is a built-in SQL function"),
+        ("sum", lambda v: v, pa.float64(), "'sum' is a built-in SQL function"),
+        ("f", lambda v: v, None, "needs return_type"),
+        ("bad name", lambda v: v, pa.float64(), "not a plain SQL name"),
+        ("f", 42, pa.float64(), "not callable"),
+    ],
+)
+def test_bad_registrations_are_refused(db, name, function, return_type, message):
+    with pytest.raises(laminardb.QueryError, match=message):
+        db.register_udf(name, function, return_type)
+
+
+def test_an_unregistered_function_is_a_query_error(db):
+    readings(db)
+    with pytest.raises(laminardb.LaminarError, match="nothing_here"):
+        db.query("SELECT nothing_here(value) FROM readings")
+
+
+def test_a_stored_database_refuses_streams_calling_a_function_but_queries_and_subscriptions_work(tmp_path):
+    db = laminardb.open(str(tmp_path / "db"))
+    db.register_udf("bucket", bucket)
+    db.execute("CREATE SOURCE trades (symbol VARCHAR, price DOUBLE)")
+    with pytest.raises(laminardb.LaminarError, match="calls the Python function 'bucket' in a database with storage"):
+        db.execute("CREATE STREAM b AS SELECT bucket(price) AS b FROM trades")
+    sub = db.subscribe("SELECT symbol, bucket(price) AS b FROM trades")
+    db.insert("trades", [{"symbol": "A", "price": 42.0}])
+    assert poll_rows(sub, ("symbol", "b"), 1) == [("A", 4)]
+    assert db.query("SELECT bucket(price) AS b FROM trades").to_dicts() == {"b": [4]}
+    db.close()
+    # Nothing of the refused stream was stored: the database reopens.
+    db = laminardb.open(str(tmp_path / "db"))
+    assert [s.name for s in db.streams()] == []
+    db.close()
