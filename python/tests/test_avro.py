@@ -29,18 +29,11 @@ V1 = {
         {"name": "venue", "type": "string"},  # not declared by the source: left out
     ],
 }
-# The next version of the writers' schema: a new optional field, `qty` as an int.
+# The next version of the writers' schema: `qty` as an int, a new optional field.
 V2 = {
-    "type": "record",
-    "name": "Trade",
-    "fields": [
-        {"name": "symbol", "type": "string"},
-        {"name": "price", "type": "double"},
-        {"name": "qty", "type": "int"},
-        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-millis"}},
-        {"name": "venue", "type": "string"},
-        {"name": "note", "type": ["null", "string"], "default": None},
-    ],
+    **V1,
+    "fields": [{**f, "type": "int"} if f["name"] == "qty" else f for f in V1["fields"]]
+    + [{"name": "note", "type": ["null", "string"], "default": None}],
 }
 
 
