@@ -442,19 +442,20 @@ impl PyConnection {
     /// `checkpoint_interval_ms` was configured: checkpoints are taken automatically and
     /// `checkpoint()` takes one now.
     #[getter]
-    fn is_checkpoint_enabled(&self) -> bool {
-        self.handle.checkpoint_enabled()
+    fn is_checkpoint_enabled(&self) -> PyResult<bool> {
+        Ok(self.open()?.checkpoint_enabled())
     }
 
-    /// Takes a checkpoint now and returns its id.
-    fn checkpoint(&self, py: Python<'_>) -> PyResult<u64> {
+    /// Takes a checkpoint now and returns its id (a `CheckpointResult`, an `int`).
+    fn checkpoint<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let handle = self.open()?;
         if !handle.checkpoint_enabled() {
             return Err(to_pyerr(Error::checkpoint(
                 "checkpointing is disabled: configure LaminarConfig(checkpoint_interval_ms=…) (with storage_dir or a path to keep them)",
             )));
         }
-        blocking(py, || handle.checkpoint())
+        let id = blocking(py, || handle.checkpoint())?;
+        py.import("laminardb.types")?.getattr("CheckpointResult")?.call1((id,))
     }
 
     fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -581,7 +582,8 @@ impl PyConnection {
     ) -> PyResult<Bound<'py, PyAny>> {
         let sub = slf.get().subscribe(slf.py(), sql)?;
         let helpers = slf.py().import("laminardb._subscriptions")?;
-        helpers.call_method1("CallbackSubscription", (Py::new(slf.py(), sub)?, on_data, on_error))
+        let target = format!("query='{}'", sql.replace('\'', "\\'"));
+        helpers.call_method1("CallbackSubscription", (Py::new(slf.py(), sub)?, on_data, on_error, target))
     }
 
     /// Calls `on_data(batch)` from a background thread for every batch of stream `name`.
@@ -594,7 +596,8 @@ impl PyConnection {
     ) -> PyResult<Bound<'py, PyAny>> {
         let sub = slf.get().subscribe_stream(name)?;
         let helpers = slf.py().import("laminardb._subscriptions")?;
-        helpers.call_method1("CallbackSubscription", (Py::new(slf.py(), sub)?, on_data, on_error))
+        let target = format!("stream='{name}'");
+        helpers.call_method1("CallbackSubscription", (Py::new(slf.py(), sub)?, on_data, on_error, target))
     }
 
     /// Follows a named stream (or source): every batch it emits from now on.
@@ -645,7 +648,7 @@ impl PyConnection {
         let record = queries
             .iter()
             .find(|q| q.id == query_id)
-            .ok_or_else(|| to_pyerr(Error::query(format!("no query with id {query_id}"))))?;
+            .ok_or_else(|| to_pyerr(Error::query(format!("query {query_id} not found"))))?;
         if let Some(cancel) = &record.cancel {
             cancel.cancel();
         }

@@ -237,7 +237,7 @@ impl PyPipelineNode {
     }
 
     fn __repr__(&self) -> String {
-        format!("PipelineNode(name={:?}, node_type={:?})", self.name, self.node_type)
+        format!("PipelineNode(name='{}', type='{}')", self.name, self.node_type)
     }
 }
 

@@ -175,26 +175,14 @@ impl PyQueryResult {
         Ok(())
     }
 
-    fn _repr_html_(&self) -> PyResult<String> {
-        let (headers, rows) = self.format_rows(50).py()?;
-        let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
-        let mut html = String::from("<table class=\"laminardb-result\"><thead><tr>");
-        for h in &headers {
-            html.push_str(&format!("<th>{}</th>", esc(h)));
-        }
-        html.push_str("</tr></thead><tbody>");
-        for row in &rows {
-            html.push_str("<tr>");
-            for v in row {
-                html.push_str(&format!("<td>{}</td>", esc(v)));
-            }
-            html.push_str("</tr>");
-        }
-        html.push_str("</tbody></table>");
-        if self.rows() > rows.len() {
-            html.push_str(&format!("<p>{} of {} rows shown</p>", rows.len(), self.rows()));
-        }
-        Ok(html)
+    /// Notebooks: pandas' table of the rows; without pandas (or if the conversion fails),
+    /// the repr in a `<pre>`.
+    fn _repr_html_(slf: &Bound<'_, Self>) -> String {
+        let table = slf.call_method0("to_pandas").and_then(|df| df.call_method0("_repr_html_")).and_then(|h| h.extract::<String>());
+        table.unwrap_or_else(|_| {
+            let text = slf.borrow().__repr__();
+            format!("<pre>{}</pre>", text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;"))
+        })
     }
 
     #[pyo3(signature = (requested_schema=None))]

@@ -350,8 +350,12 @@ macro_rules! subscription_class {
                 self.core.is_active()
             }
 
+            /// The rows' schema; `SubscriptionError` once the subscription is cancelled.
             #[getter]
             fn schema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+                if *self.core.state.lock() == State::Cancelled {
+                    return Err(to_pyerr(Error::new(ErrorCode::SubscriptionClosed, "the subscription is cancelled")));
+                }
                 PySchema::new(self.core.schema.clone()).into_pyarrow(py)
             }
 

@@ -46,13 +46,17 @@ impl PyWriter {
 
 #[pymethods]
 impl PyWriter {
+    /// The source's name; `IngestionError` once the writer is closed.
     #[getter]
-    fn name(&self) -> String {
-        self.source.clone()
+    fn name(&self) -> PyResult<String> {
+        self.check_open()?;
+        Ok(self.source.clone())
     }
 
+    /// The source's schema; `IngestionError` once the writer is closed.
     #[getter]
     fn schema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.check_open()?;
         PySchema::new(self.schema.clone()).into_pyarrow(py)
     }
 
@@ -106,7 +110,9 @@ impl PyWriter {
     }
 
     fn __repr__(&self) -> String {
-        let state = if self.closed.load(Ordering::Acquire) { "closed" } else { "open" };
-        format!("Writer(source='{}', {state})", self.source)
+        if self.closed.load(Ordering::Acquire) {
+            return "Writer(closed)".into();
+        }
+        format!("Writer(source='{}', open)", self.source)
     }
 }

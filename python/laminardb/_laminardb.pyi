@@ -6,6 +6,7 @@ from typing import Any, Awaitable, Callable, Iterator, Literal, Optional, Sequen
 import pyarrow
 
 from laminardb._subscriptions import AsyncStreamSubscription, AsyncSubscription, CallbackSubscription
+from laminardb.types import CheckpointResult
 
 __version__: str
 
@@ -412,7 +413,7 @@ class Connection:
         on_data: Callable[[QueryResult], None],
         on_error: Optional[Callable[[BaseException], None]] = None,
     ) -> CallbackSubscription: ...
-    def checkpoint(self) -> int: ...
+    def checkpoint(self) -> CheckpointResult: ...
     def __enter__(self) -> Connection: ...
     def __exit__(
         self,

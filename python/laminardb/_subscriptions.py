@@ -17,6 +17,8 @@ import traceback
 import weakref
 from typing import Any, Callable, Optional
 
+from laminardb import _laminardb
+
 _SLICE_MS = 50
 
 # Background threads that wait inside the engine must be stopped before the interpreter
@@ -151,6 +153,12 @@ class _Runner:
             self.thread.join(1.0)
 
     def _error(self, exc: BaseException) -> None:
+        if not isinstance(exc, _laminardb.LaminarError):
+            # Handlers get the package's errors; the original stays as the cause and in
+            # the message.
+            wrapped = _laminardb.SubscriptionError(f"{type(exc).__name__}: {exc}")
+            wrapped.__cause__ = exc
+            exc = wrapped
         if self._on_error is None:
             traceback.print_exception(type(exc), exc, exc.__traceback__)
             return
@@ -189,9 +197,11 @@ class CallbackSubscription:
         sub: Any,
         on_data: Callable[[Any], None],
         on_error: Optional[Callable[[BaseException], None]] = None,
+        target: str = "",
     ) -> None:
         self._sub = sub
         self._cancelled = False
+        self._target = target
         self._runner = _Runner(sub, on_data, on_error, "laminardb-callback")
 
     @property
@@ -211,7 +221,8 @@ class CallbackSubscription:
 
     def __repr__(self) -> str:
         state = "active" if self.is_active else "cancelled" if self._cancelled else "finished"
-        return f"CallbackSubscription({state})"
+        target = f"{self._target}, " if self._target else ""
+        return f"CallbackSubscription({target}{state})"
 
 
 SubscriptionHandle = CallbackSubscription

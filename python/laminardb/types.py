@@ -167,6 +167,17 @@ def mv(conn: Any, name: str, sql_def: Optional[str] = None) -> MaterializedView:
     return MaterializedView(conn, name, sql_def)
 
 
+class CheckpointResult(int):
+    """What `checkpoint()` returns: the checkpoint's id, as an `int`."""
+
+    @property
+    def checkpoint_id(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return f"CheckpointResult(checkpoint_id={int(self)})"
+
+
 @dataclass(frozen=True)
 class CheckpointStatus:
     """A checkpoint's id (what `checkpoint()` returned, `None` without one) and whether

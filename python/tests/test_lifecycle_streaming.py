@@ -5,6 +5,7 @@ whose counters count rows."""
 from __future__ import annotations
 
 import re
+import sys
 import pyarrow as pa
 import pytest
 
@@ -363,3 +364,30 @@ def test_change_rows_take_the_op_first_and_schemas_give_their_arrow_schema(db):
     db.execute("CREATE SOURCE s (a BIGINT, b VARCHAR)")
     schema = laminardb.Schema(db.schema("s"))
     assert schema.arrow_schema is schema.arrow and schema.arrow_schema.names == ["a", "b"]
+
+
+def test_surface_reprs_and_closed_objects(tmp_path, monkeypatch):
+    db = laminardb.open(str(tmp_path / "db"), config=laminardb.LaminarConfig(checkpoint_interval_ms=3_600_000))
+    db.execute("CREATE SOURCE trades (symbol VARCHAR, price DOUBLE)")
+    result = db.checkpoint()
+    assert isinstance(result, int) and isinstance(result, laminardb.CheckpointResult)
+    assert repr(result) == f"CheckpointResult(checkpoint_id={int(result)})" and result.checkpoint_id == int(result)
+    assert db.checkpoint() == result + 1
+    w = db.writer("trades")
+    assert repr(w) == "Writer(source='trades', open)" and w.name == "trades"
+    w.close()
+    assert repr(w) == "Writer(closed)"
+    with pytest.raises(laminardb.IngestionError):
+        w.name
+    with pytest.raises(laminardb.IngestionError):
+        w.schema
+    assert [repr(n) for n in db.topology().nodes] == ["PipelineNode(name='trades', type='source')"]
+    with pytest.raises(laminardb.QueryError, match="query 12345 not found"):
+        db.cancel_query(12345)
+    res = db.query("SELECT 1 AS x")
+    assert "<table" in res._repr_html_()
+    monkeypatch.setitem(sys.modules, "pandas", None)  # pandas cannot be imported
+    assert res._repr_html_() == "<pre>QueryResult(rows=1, columns=1)</pre>"
+    db.close()
+    with pytest.raises(laminardb.ConnectionError):
+        db.is_checkpoint_enabled

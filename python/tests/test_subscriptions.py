@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pandas as pd
 import polars as pl
@@ -663,3 +664,27 @@ def test_query_select_from_stream_reads_current_state(ticks):
     assert ticks.query("SELECT COUNT(*) FROM totals").fetchall() == [(2,)]  # retracted rows are gone
     assert ticks.query("SELECT ts, sym, px FROM hi ORDER BY ts").fetchall() == [(1, "A", 150.0), (3, "B", 500.0)]
     assert ticks.query("SELECT SUM(px) FROM hi WHERE sym = 'B'").fetchall() == [(500.0,)]
+
+
+def test_callback_subscriptions_name_what_they_follow_and_hand_on_error_a_laminar_error(db):
+    db.execute("CREATE SOURCE cb_src (a BIGINT)")
+    errors: list = []
+    by_stream = db.subscribe_stream_callback("cb_src", lambda batch: 1 / 0, on_error=errors.append)
+    by_query = db.subscribe_callback("SELECT a FROM cb_src", lambda batch: None)
+    assert repr(by_stream) == "CallbackSubscription(stream='cb_src', active)"
+    assert repr(by_query) == "CallbackSubscription(query='SELECT a FROM cb_src', active)"
+    db.insert("cb_src", {"a": 1})
+    deadline = time.monotonic() + 10
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert isinstance(errors[0], laminardb.SubscriptionError)
+    assert "ZeroDivisionError: division by zero" in str(errors[0])
+    assert isinstance(errors[0].__cause__, ZeroDivisionError)
+    by_stream.cancel()
+    by_query.cancel()
+    assert repr(by_query) == "CallbackSubscription(query='SELECT a FROM cb_src', cancelled)"
+    plain = db.subscribe_stream("cb_src")
+    assert plain.schema.names == ["a"]
+    plain.cancel()
+    with pytest.raises(laminardb.SubscriptionError):
+        plain.schema
