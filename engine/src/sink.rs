@@ -98,6 +98,20 @@ pub fn register(name: &'static str, factory: SinkFactory) {
     REGISTERED.write().insert(name, factory);
 }
 
+/// Connectors whose sinks exist only in this process (Python callbacks): a database with
+/// storage refuses them, since it could not open them again when it reopens.
+static TRANSIENT: parking_lot::RwLock<Vec<&'static str>> = parking_lot::const_rwlock(Vec::new());
+
+/// [`register`]s `name` as a connector of this process only.
+pub fn register_transient(name: &'static str, factory: SinkFactory) {
+    register(name, factory);
+    TRANSIENT.write().push(name);
+}
+
+pub fn is_transient(connector: &str) -> bool {
+    TRANSIENT.read().iter().any(|c| c.eq_ignore_ascii_case(connector))
+}
+
 fn available() -> String {
     let mut names: Vec<&str> = REGISTERED.read().keys().copied().collect();
     names.push(DEFAULT_CONNECTOR);

@@ -267,6 +267,16 @@ impl PyConnection {
         Ok(())
     }
 
+    /// Makes `target` the Python sink `name` for `CREATE SINK … WITH (connector =
+    /// 'python', name = '…')`: a function called with each batch, or an object (or a
+    /// class, made once per shard) with `write(batch)` and optionally `open(shard)`,
+    /// `checkpoint(id)`, `close()`. `format`: `arrow` (a RecordBatch), `pandas`, `polars`.
+    #[pyo3(signature = (name, target, *, format="arrow", on_error=None))]
+    fn register_sink(&self, name: &str, target: Bound<'_, PyAny>, format: &str, on_error: Option<Bound<'_, PyAny>>) -> PyResult<()> {
+        self.open()?;
+        crate::py_sink::register_sink(name, target, format, on_error)
+    }
+
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         let handle = self.open()?;
         blocking(py, || handle.start())?;

@@ -12,6 +12,7 @@ mod convert;
 mod errors;
 mod gil;
 mod metrics;
+mod py_sink;
 mod result;
 mod subscription;
 mod udf;
@@ -73,6 +74,8 @@ fn connect(py: Python<'_>, uri: &str) -> PyResult<PyConnection> {
 fn _laminardb(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     laminardb_connectors::register();
+    laminardb_engine::sink::register_transient("python", py_sink::create);
+    m.add_function(wrap_pyfunction!(py_sink::register_sink, m)?)?;
     m.add_function(wrap_pyfunction!(open, m)?)?;
     m.add_function(wrap_pyfunction!(connect, m)?)?;
     m.add_function(wrap_pyfunction!(subscription::_stop_async_waiter, m)?)?;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use arrow::util::display::{ArrayFormatter, FormatOptions};
 use parking_lot::Mutex;
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
@@ -58,26 +57,6 @@ impl PyQueryResult {
         let builtins = py.import("builtins")?;
         let zipped = builtins.getattr("zip")?.call1(PyTuple::new(py, lists)?)?;
         builtins.getattr("list")?.call1((zipped,))?.cast_into::<PyList>().map_err(Into::into)
-    }
-
-    fn format_rows(&self, max_rows: usize) -> Result<(Vec<String>, Vec<Vec<String>>)> {
-        let headers = self.schema.fields().iter().map(|f| f.name().clone()).collect();
-        let options = FormatOptions::default().with_null("NULL");
-        let mut rows = Vec::new();
-        'outer: for batch in &self.batches {
-            let formatters = batch
-                .columns()
-                .iter()
-                .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            for row in 0..batch.num_rows() {
-                if rows.len() >= max_rows {
-                    break 'outer;
-                }
-                rows.push(formatters.iter().map(|f| f.value(row).to_string()).collect());
-            }
-        }
-        Ok((headers, rows))
     }
 }
 

@@ -127,7 +127,7 @@ impl PythonUdf {
 }
 
 /// A Python exception as its traceback text.
-fn traceback(py: Python<'_>, e: &PyErr) -> String {
+pub fn traceback(py: Python<'_>, e: &PyErr) -> String {
     let formatted = py.import("traceback").and_then(|tb| {
         tb.call_method1("format_exception", (e.get_type(py), e.value(py), e.traceback(py)))?.extract::<Vec<String>>()
     });

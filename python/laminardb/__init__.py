@@ -53,8 +53,9 @@ from laminardb._subscriptions import (
     CallbackSubscription,
     SubscriptionHandle,
 )
+from laminardb._sinks import sink
 from laminardb._udf import udf
-from laminardb.types import ChangeEvent, ChangeRow, CheckpointStatus, Column, MaterializedView, Metrics, Schema, mv
+from laminardb.types import ChangeEvent, ChangeRow, CheckpointResult, CheckpointStatus, Column, MaterializedView, Metrics, Schema, mv
 
 __version__: str = _laminardb.__version__
 
@@ -90,6 +91,7 @@ __all__ = [
     "CallbackSubscription",
     "ChangeEvent",
     "ChangeRow",
+    "CheckpointResult",
     "CheckpointStatus",
     "Column",
     "MaterializedView",
@@ -129,6 +131,7 @@ __all__ = [
     "Writer",
     "codes",
     "connect",
+    "sink",
     "udf",
     "execute",
     "open",

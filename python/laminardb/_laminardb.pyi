@@ -371,6 +371,14 @@ class Connection:
         *,
         vectorized: Optional[bool] = None,
     ) -> None: ...
+    def register_sink(
+        self,
+        name: str,
+        target: Any,
+        *,
+        format: Literal["arrow", "pandas", "polars"] = "arrow",
+        on_error: Optional[Callable[[BaseException], None]] = None,
+    ) -> None: ...
     def start(self) -> None: ...
     def shutdown(self) -> None: ...
     @property

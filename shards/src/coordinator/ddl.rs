@@ -193,7 +193,7 @@ impl Coordinator {
                 if exists && if_not_exists {
                     return Ok(Outcome::Ddl { verb: verb.into(), object: name });
                 }
-                if let (Some(function), Some(_)) = (def.plan.functions.first(), &self.durable.root) {
+                if let (Some(function), true) = (def.plan.functions.first(), self.durable.reopens) {
                     if !name.starts_with(TRANSIENT_PREFIX) {
                         return Err(Error::unsupported(format!(
                             "'{name}' calls the Python function '{function}' in a database with storage: functions are \
@@ -246,6 +246,13 @@ impl Coordinator {
                 }
                 if self.ddl.catalog.borrow().contains(&name) {
                     return Err(Error::table_exists(&name));
+                }
+                if self.durable.reopens && laminardb_engine::sink::is_transient(&def.connector) {
+                    return Err(Error::unsupported(format!(
+                        "sink '{name}': connector '{}' calls into this Python process, so a database with storage \
+                         could not open it again when it reopens (use it with an in-memory database)",
+                        def.connector
+                    )));
                 }
                 if let Some(stream) = stream {
                     let verb = self.apply(Statement::CreateStream { def: stream, if_not_exists: false, or_replace: false });

@@ -38,6 +38,9 @@ pub(super) struct Durable {
     pub(super) frontier: Arc<Frontier>,
     /// The storage directory, if any.
     pub(super) root: Option<Arc<std::path::Path>>,
+    /// The database can be opened again from `root` (not a temporary directory of an
+    /// in-memory database's checkpoints): what it stores must be plannable again.
+    pub(super) reopens: bool,
     pub(super) last_checkpoint: Cell<u64>,
     /// The checkpoints taken, for metrics.
     pub(super) checkpoints: Arc<parking_lot::Mutex<CheckpointStats>>,
@@ -51,10 +54,12 @@ impl Durable {
     pub(super) fn new(
         control: Option<WalWriter>,
         root: Option<Arc<std::path::Path>>,
+        reopens: bool,
         next_lsn: u64,
         checkpoints: Arc<parking_lot::Mutex<CheckpointStats>>,
     ) -> Durable {
         Durable {
+            reopens: reopens && root.is_some(),
             logging: Cell::new(control.is_some()),
             control: futures::lock::Mutex::new(control),
             next_lsn: Cell::new(next_lsn),

@@ -155,6 +155,7 @@ pub(crate) fn run(startup: Startup) {
     let root: Option<Arc<std::path::Path>> = storage.as_ref().map(|s| Arc::from(s.root.as_path()));
     let checkpoint_every = config.checkpoint_interval_ms;
     let max_event_ahead_ms = config.max_event_ahead_ms;
+    let reopens = !config.ephemeral_storage;
     let (frontend, shutdown_reply) = executor.run(async move {
         let mut connected = Vec::with_capacity(senders.len());
         for tx in senders {
@@ -175,7 +176,7 @@ pub(crate) fn run(startup: Startup) {
             access,
             ddl: ddl::Ddl::new(published, frontend),
             ingest: ingest::Ingest::new(config.idle_timeout_ms, max_event_ahead_ms),
-            durable: durable::Durable::new(control.map(WalSpec::writer), root, next_lsn, checkpoints.clone()),
+            durable: durable::Durable::new(control.map(WalSpec::writer), root, reopens, next_lsn, checkpoints.clone()),
             timers: timers::Timers::default(),
             stopping: Cell::new(false),
         });
