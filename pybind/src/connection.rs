@@ -277,6 +277,33 @@ impl PyConnection {
         crate::py_sink::register_sink(name, target, format, on_error)
     }
 
+    /// Makes a Python generator (or async generator) function the feed of source `name`
+    /// (created from `schema` if it does not exist; see `laminardb.source`): pulled on a
+    /// daemon thread from `start()` on, each item inserted.
+    #[pyo3(signature = (name, source, schema=None, *, watermark=None, delay_ms=None, on_error=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn register_source(
+        slf: &Bound<'_, Self>,
+        name: &str,
+        source: Bound<'_, PyAny>,
+        schema: Option<Bound<'_, PyAny>>,
+        watermark: Option<String>,
+        delay_ms: Option<i64>,
+        on_error: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        slf.get().open()?;
+        slf.py()
+            .import("laminardb._sources")?
+            .call_method1("_register", (slf, name, source, schema, watermark, delay_ms, on_error))?;
+        Ok(())
+    }
+
+    /// Counts `message` as an error of source `name` (a Python source's feed failed).
+    fn _source_error(&self, name: &str, message: &str) -> PyResult<()> {
+        self.open()?.output(name).py()?.record_error(message);
+        Ok(())
+    }
+
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         let handle = self.open()?;
         blocking(py, || handle.start())?;

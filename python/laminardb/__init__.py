@@ -54,6 +54,7 @@ from laminardb._subscriptions import (
     SubscriptionHandle,
 )
 from laminardb._sinks import sink
+from laminardb._sources import source
 from laminardb._udf import udf
 from laminardb.types import ChangeEvent, ChangeRow, CheckpointResult, CheckpointStatus, Column, MaterializedView, Metrics, Schema, mv
 
@@ -132,6 +133,7 @@ __all__ = [
     "codes",
     "connect",
     "sink",
+    "source",
     "udf",
     "execute",
     "open",

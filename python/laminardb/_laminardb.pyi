@@ -371,6 +371,17 @@ class Connection:
         *,
         vectorized: Optional[bool] = None,
     ) -> None: ...
+    def register_source(
+        self,
+        name: str,
+        source: Callable[[], Any],
+        schema: Any = None,
+        *,
+        watermark: Optional[str] = None,
+        delay_ms: Optional[int] = None,
+        on_error: Optional[Callable[[BaseException], None]] = None,
+    ) -> None: ...
+    def _source_error(self, name: str, message: str) -> None: ...
     def register_sink(
         self,
         name: str,
