@@ -87,6 +87,7 @@ impl PythonSink {
     /// Runs `f` with the GIL; a Python exception is this sink's error (also handed to
     /// `on_error`).
     fn call(&self, f: impl FnOnce(Python<'_>) -> PyResult<()>) -> Result<()> {
+        crate::udf::keep_thread_state();
         Python::attach(|py| {
             let Err(e) = f(py) else { return Ok(()) };
             let text = crate::udf::traceback(py, &e);

@@ -131,7 +131,7 @@ impl Drop for PythonTurn {
 /// each call's `Python::attach` reuses it: otherwise every call makes and frees one, which
 /// costs more than a small batch's work. Once per thread; engine threads live as long as
 /// their database.
-fn keep_thread_state() {
+pub(crate) fn keep_thread_state() {
     thread_local! {
         static KEPT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
