@@ -104,6 +104,21 @@ pub fn is_builtin_function(name: &str) -> bool {
     state.scalar_functions().contains_key(name) || state.aggregate_functions().contains_key(name) || state.window_functions().contains_key(name)
 }
 
+/// A query that reads no table or stream (`SELECT 1`, `VALUES …`): nothing can arrive
+/// later, so a subscription to it delivers its rows and ends.
+pub fn reads_no_table(sql: &str) -> bool {
+    use datafusion::sql::sqlparser::ast::{visit_relations, Statement as SqlStatement};
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    let Ok(statements) = Parser::parse_sql(&GenericDialect {}, sql) else { return false };
+    let mut relations = 0;
+    let _ = visit_relations(&statements, |_| {
+        relations += 1;
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    matches!(statements.as_slice(), [SqlStatement::Query(_)]) && relations == 0
+}
+
 /// `name` as a quoted SQL identifier.
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

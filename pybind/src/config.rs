@@ -8,12 +8,14 @@ use laminardb_engine::config::{default_shards, EngineConfig, Recovery};
 #[derive(Clone)]
 pub struct PyLaminarConfig {
     pub inner: EngineConfig,
+    /// Serve `metrics_text()` at http://127.0.0.1:<port>/metrics while open.
+    pub metrics_port: Option<u16>,
 }
 
 #[pymethods]
 impl PyLaminarConfig {
     #[new]
-    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true, max_event_ahead_ms=Some(laminardb_engine::config::DEFAULT_MAX_EVENT_AHEAD_MS), subscriber_queue_bytes=laminardb_engine::stream::output::SUBSCRIBER_BYTES_MAX, recovery="strict"))]
+    #[pyo3(signature = (*, buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, table_spill_threshold=1_000_000, shards=None, idle_timeout_ms=10_000, wal_fsync=true, max_event_ahead_ms=Some(laminardb_engine::config::DEFAULT_MAX_EVENT_AHEAD_MS), subscriber_queue_bytes=laminardb_engine::stream::output::SUBSCRIBER_BYTES_MAX, recovery="strict", metrics_port=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         buffer_size: usize,
@@ -26,6 +28,7 @@ impl PyLaminarConfig {
         max_event_ahead_ms: Option<u64>,
         subscriber_queue_bytes: u64,
         recovery: &str,
+        metrics_port: Option<u16>,
     ) -> PyResult<Self> {
         if buffer_size == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err("buffer_size must be positive"));
@@ -56,6 +59,7 @@ impl PyLaminarConfig {
                 recovery,
                 ..EngineConfig::default()
             },
+            metrics_port,
         })
     }
 
@@ -118,9 +122,15 @@ impl PyLaminarConfig {
         }
     }
 
+    /// The port of the Prometheus endpoint (`None`: none).
+    #[getter]
+    fn metrics_port(&self) -> Option<u16> {
+        self.metrics_port
+    }
+
     fn __repr__(&self) -> String {
         format!(
-            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={}, max_event_ahead_ms={}, subscriber_queue_bytes={}, recovery='{}')",
+            "LaminarConfig(buffer_size={}, storage_dir={}, checkpoint_interval_ms={}, table_spill_threshold={}, shards={}, idle_timeout_ms={}, wal_fsync={}, max_event_ahead_ms={}, subscriber_queue_bytes={}, recovery='{}', metrics_port={})",
             self.inner.buffer_size,
             self.inner.storage_dir.as_ref().map_or("None".to_string(), |d| format!("'{d}'")),
             self.inner.checkpoint_interval_ms.map_or("None".to_string(), |v| v.to_string()),
@@ -131,6 +141,7 @@ impl PyLaminarConfig {
             self.inner.max_event_ahead_ms.map_or("None".to_string(), |v| v.to_string()),
             self.inner.subscriber_queue_bytes,
             self.recovery(),
+            self.metrics_port.map_or("None".to_string(), |p| p.to_string()),
         )
     }
 }

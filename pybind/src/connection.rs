@@ -76,7 +76,7 @@ impl ConnState {
     }
 }
 
-#[pyclass(name = "Connection", module = "laminardb", frozen)]
+#[pyclass(name = "Connection", module = "laminardb", frozen, weakref)]
 pub struct PyConnection {
     handle: Arc<Handle>,
     state: Arc<ConnState>,
@@ -367,6 +367,13 @@ impl PyConnection {
         })
     }
 
+    /// Every metric in the Prometheus text exposition format (what
+    /// `LaminarConfig(metrics_port=…)` serves at /metrics).
+    fn metrics_text(slf: &Bound<'_, Self>) -> PyResult<String> {
+        slf.get().open()?;
+        slf.py().import("laminardb._metrics")?.call_method1("render", (slf,))?.extract()
+    }
+
     fn source_metrics(&self, name: &str) -> PyResult<Option<PySourceMetrics>> {
         let handle = self.open()?;
         let catalog = handle.catalog();
@@ -649,6 +656,9 @@ impl PyConnection {
     /// for as long as the subscription lives.
     fn subscribe(&self, py: Python<'_>, sql: &str) -> PyResult<PySubscription> {
         let handle = self.open()?.clone();
+        if laminardb_planner::reads_no_table(sql) {
+            return self.subscribe_once(py, sql);
+        }
         let id = self.state.next_query_id.fetch_add(1, Ordering::Relaxed) + 1;
         let name = format!("{}{id}", laminardb_engine::catalog::TRANSIENT_PREFIX);
         let request = Request::Subscribe { name: name.clone(), query: sql.to_string() };
@@ -666,6 +676,25 @@ impl PyConnection {
         let cancel = CancelFlag::default();
         let (_, active) = self.state.record(sql, true, Some(cancel.clone()));
         Ok(PySubscription::new(SubCore::new(sub, Some(Box::new(drop_stream))).listed(cancel, active)))
+    }
+
+    /// A subscription to SQL that reads no table: its rows, then the end.
+    fn subscribe_once(&self, py: Python<'_>, sql: &str) -> PyResult<PySubscription> {
+        let outcome = self.run_sql(py, sql, vec![])?.pop().ok_or_else(|| to_pyerr(Error::parse("empty SQL")))?;
+        let Outcome::Query { handle: query, .. } = outcome else {
+            return Err(to_pyerr(Error::query("subscribe() takes a SELECT query")));
+        };
+        let receiver = query.batches;
+        let batches = blocking(py, move || receiver.iter().collect::<laminardb_engine::Result<Vec<_>>>())?;
+        let output = laminardb_engine::stream::output::Output::new(sql, query.schema.clone());
+        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX, self.open()?.subscriber_queue_bytes());
+        for batch in batches.iter().filter(|b| b.num_rows() > 0) {
+            output.publish(batch);
+        }
+        output.close();
+        let cancel = CancelFlag::default();
+        let (_, active) = self.state.record(sql, false, Some(cancel.clone()));
+        Ok(PySubscription::new(SubCore::new(sub, None).listed(cancel, active)))
     }
 
     fn queries(&self) -> PyResult<Vec<PyQueryInfo>> {

@@ -40,15 +40,23 @@ fn storage_path(location: &str) -> Option<String> {
 /// `config.storage_dir` takes precedence), or ":memory:" for one that keeps nothing.
 #[pyfunction]
 #[pyo3(signature = (path, *, config=None))]
-fn open(py: Python<'_>, path: &str, config: Option<PyLaminarConfig>) -> PyResult<PyConnection> {
+fn open<'py>(py: Python<'py>, path: &str, config: Option<PyLaminarConfig>) -> PyResult<Bound<'py, PyConnection>> {
     if path.is_empty() {
         return Err(to_pyerr(Error::new(ErrorCode::ConnectionFailed, "the database path is empty")));
     }
+    let metrics_port = config.as_ref().and_then(|c| c.metrics_port);
     let mut config = config.map(|c| c.inner).unwrap_or_default();
     if config.storage_dir.is_none() {
         config.storage_dir = storage_path(path);
     }
-    open_connection(py, config)
+    let conn = Bound::new(py, open_connection(py, config)?)?;
+    if let Some(port) = metrics_port {
+        if let Err(e) = py.import("laminardb._metrics").and_then(|m| m.call_method1("serve", (&conn, port))) {
+            let _ = conn.call_method0("close");
+            return Err(to_pyerr(Error::new(ErrorCode::ConnectionFailed, format!("serving metrics on 127.0.0.1:{port}: {e}"))));
+        }
+    }
+    Ok(conn)
 }
 
 /// Opens an embedded database from a URI: `laminar://[host[:port]]/name`, `memory://`,

@@ -56,6 +56,7 @@ class LaminarConfig:
         max_event_ahead_ms: Optional[int] = 86_400_000,
         subscriber_queue_bytes: int = 67108864,
         recovery: str = "strict",
+        metrics_port: Optional[int] = None,
     ) -> None: ...
     @property
     def buffer_size(self) -> int: ...
@@ -77,6 +78,8 @@ class LaminarConfig:
     def subscriber_queue_bytes(self) -> int: ...
     @property
     def recovery(self) -> str: ...
+    @property
+    def metrics_port(self) -> Optional[int]: ...
 
 class QueryResult:
     @property
@@ -371,6 +374,7 @@ class Connection:
         *,
         vectorized: Optional[bool] = None,
     ) -> None: ...
+    def metrics_text(self) -> str: ...
     def register_source(
         self,
         name: str,

@@ -95,7 +95,7 @@ def test_config_defaults():
         "LaminarConfig(buffer_size=65536, storage_dir=None, checkpoint_interval_ms=None, "
         f"table_spill_threshold=1000000, shards={cfg.shards}, idle_timeout_ms=10000, wal_fsync=True, "
         "max_event_ahead_ms=86400000, subscriber_queue_bytes=67108864, "
-        "recovery='strict')"
+        "recovery='strict', metrics_port=None)"
     )
     assert cfg.idle_timeout_ms == 10_000
     assert cfg.subscriber_queue_bytes == 64 << 20
@@ -119,7 +119,7 @@ def test_config_custom_properties_and_repr():
         "LaminarConfig(buffer_size=1024, storage_dir='/tmp/laminar_data', "
         "checkpoint_interval_ms=5000, table_spill_threshold=10000000, shards=1, idle_timeout_ms=10000, "
         "wal_fsync=True, max_event_ahead_ms=86400000, subscriber_queue_bytes=67108864, "
-        "recovery='strict')"
+        "recovery='strict', metrics_port=None)"
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 import pyarrow as pa
 import pytest
 
@@ -391,3 +392,47 @@ def test_surface_reprs_and_closed_objects(tmp_path, monkeypatch):
     db.close()
     with pytest.raises(laminardb.ConnectionError):
         db.is_checkpoint_enabled
+
+
+def test_metrics_in_the_prometheus_format_and_served_over_http(tmp_path):
+    import socket
+    import urllib.request
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    config = laminardb.LaminarConfig(shards=2, metrics_port=port)
+    assert config.metrics_port == port and f"metrics_port={port}" in repr(config)
+    db = laminardb.open(":memory:", config=config)
+    db.execute("CREATE SOURCE trades (symbol VARCHAR, price DOUBLE)")
+    db.execute("CREATE STREAM dear AS SELECT symbol, price FROM trades WHERE price > 10")
+    db.execute(f"CREATE SINK out FROM dear WITH (connector = 'files', path = '{tmp_path}', format = 'csv')")
+    sub = db.subscribe_stream("dear")
+    db.insert("trades", [{"symbol": "A", "price": 11.0}, {"symbol": "B", "price": 1.0}, {"symbol": "C", "price": 20.0}])
+    text = db.metrics_text()
+    assert "# TYPE laminardb_source_events_total counter" in text
+    assert 'laminardb_source_events_total{source="trades"} 3.0' in text
+    assert 'laminardb_stream_events_total{stream="dear"} 2.0' in text
+    assert 'laminardb_sink_events_total{sink="out",connector="files"} 2.0' in text
+    assert '# TYPE laminardb_stream_latency_microseconds summary' in text
+    assert re.search(r'laminardb_stream_latency_microseconds\{stream="dear",quantile="0.99"\} [0-9.e+]+', text)
+    assert 'laminardb_stream_latency_microseconds_count{stream="dear"}' in text
+    # Every sample line: a metric name, optional labels, a number.
+    for line in text.splitlines():
+        assert line.startswith("#") or re.fullmatch(r'[a-z_]+(\{[^}]*\})? -?[0-9.e+]+', line), line
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        served = answer.read().decode()
+        assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert 'laminardb_source_events_total{source="trades"} 3.0' in served
+    sub.cancel()
+    db.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1)
+        except OSError:
+            break  # the endpoint closed with the connection
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the metrics endpoint outlived its connection")

@@ -688,3 +688,12 @@ def test_callback_subscriptions_name_what_they_follow_and_hand_on_error_a_lamina
     plain.cancel()
     with pytest.raises(laminardb.SubscriptionError):
         plain.schema
+
+
+def test_a_subscription_to_sql_without_a_streaming_input_delivers_its_rows_then_finishes(db):
+    for sql, want in [("SELECT 1 AS x", {"x": [1]}), ("SELECT * FROM (VALUES (1, 'a'), (2, 'b')) AS t(n, s)", {"n": [1, 2], "s": ["a", "b"]})]:
+        sub = db.subscribe(sql)
+        got = sub.next()
+        assert got.to_dicts() == want
+        assert sub.next() is None
+        assert repr(sub) == "Subscription(finished)"
