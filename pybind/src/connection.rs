@@ -119,6 +119,25 @@ impl PyConnection {
         self.collect_outcome(py, sql, outcome)
     }
 
+    /// A subscription to SQL that reads no table: its rows, then the end.
+    fn subscribe_once(&self, py: Python<'_>, sql: &str) -> PyResult<PySubscription> {
+        let outcome = self.run_sql(py, sql, vec![])?.pop().ok_or_else(|| to_pyerr(Error::parse("empty SQL")))?;
+        let Outcome::Query { handle: query, .. } = outcome else {
+            return Err(to_pyerr(Error::query("subscribe() takes a SELECT query")));
+        };
+        let receiver = query.batches;
+        let batches = blocking(py, move || receiver.iter().collect::<laminardb_engine::Result<Vec<_>>>())?;
+        let output = laminardb_engine::stream::output::Output::new(sql, query.schema.clone());
+        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX, self.open()?.subscriber_queue_bytes());
+        for batch in batches.iter().filter(|b| b.num_rows() > 0) {
+            output.publish(batch);
+        }
+        output.close();
+        let cancel = CancelFlag::default();
+        let (_, active) = self.state.record(sql, false, Some(cancel.clone()));
+        Ok(PySubscription::new(SubCore::new(sub, None).listed(cancel, active)))
+    }
+
     /// A statement's rows, materialized (`sql`: how `queries()` lists it while it runs).
     fn collect_outcome(&self, py: Python<'_>, sql: &str, outcome: Outcome) -> PyResult<PyQueryResult> {
         match outcome {
@@ -222,13 +241,14 @@ impl PyConnection {
 
     /// Makes `function` callable from SQL as `name` (see `laminardb.udf`): in queries, in
     /// subscriptions, and in streams of an in-memory database (functions are not stored).
-    #[pyo3(signature = (name, function, return_type=None, *, vectorized=None))]
+    #[pyo3(signature = (name, function, return_type=None, *, arg_types=None, vectorized=None))]
     fn register_udf(
         &self,
         py: Python<'_>,
         name: &str,
         function: Bound<'_, PyAny>,
         return_type: Option<PyDataType>,
+        arg_types: Option<Vec<PyDataType>>,
         vectorized: Option<bool>,
     ) -> PyResult<()> {
         let handle = self.open()?;
@@ -262,7 +282,14 @@ impl PyConnection {
         if laminardb_planner::is_builtin_function(&sql_name) {
             return Err(to_pyerr(Error::query(format!("register_udf: '{sql_name}' is a built-in SQL function; choose another name"))));
         }
-        let udf = crate::udf::python_udf(&sql_name, function.unbind(), return_type, vectorized);
+        let arg_types = match arg_types {
+            Some(types) => Some(types.into_iter().map(PyDataType::into_inner).collect()),
+            None => match spec.get_item("arg_types") {
+                Ok(types) if !types.is_none() => Some(types.extract::<Vec<PyDataType>>()?.into_iter().map(PyDataType::into_inner).collect()),
+                _ => None,
+            },
+        };
+        let udf = crate::udf::python_udf(&sql_name, function.unbind(), return_type, arg_types, vectorized);
         handle.catalog().functions.register(udf);
         Ok(())
     }
@@ -676,25 +703,6 @@ impl PyConnection {
         let cancel = CancelFlag::default();
         let (_, active) = self.state.record(sql, true, Some(cancel.clone()));
         Ok(PySubscription::new(SubCore::new(sub, Some(Box::new(drop_stream))).listed(cancel, active)))
-    }
-
-    /// A subscription to SQL that reads no table: its rows, then the end.
-    fn subscribe_once(&self, py: Python<'_>, sql: &str) -> PyResult<PySubscription> {
-        let outcome = self.run_sql(py, sql, vec![])?.pop().ok_or_else(|| to_pyerr(Error::parse("empty SQL")))?;
-        let Outcome::Query { handle: query, .. } = outcome else {
-            return Err(to_pyerr(Error::query("subscribe() takes a SELECT query")));
-        };
-        let receiver = query.batches;
-        let batches = blocking(py, move || receiver.iter().collect::<laminardb_engine::Result<Vec<_>>>())?;
-        let output = laminardb_engine::stream::output::Output::new(sql, query.schema.clone());
-        let sub = output.subscribe(SUBSCRIBER_BATCHES_MAX, self.open()?.subscriber_queue_bytes());
-        for batch in batches.iter().filter(|b| b.num_rows() > 0) {
-            output.publish(batch);
-        }
-        output.close();
-        let cancel = CancelFlag::default();
-        let (_, active) = self.state.record(sql, false, Some(cancel.clone()));
-        Ok(PySubscription::new(SubCore::new(sub, None).listed(cancel, active)))
     }
 
     fn queries(&self) -> PyResult<Vec<PyQueryInfo>> {

@@ -56,11 +56,16 @@ impl Hash for PythonUdf {
     }
 }
 
-/// `func` as SQL function `name`.
-pub fn python_udf(name: &str, func: Py<PyAny>, return_type: DataType, vectorized: bool) -> ScalarUDF {
-    // Any arguments, none included; Volatile: Python functions may keep state, so a call
-    // with literal arguments is not folded into a constant at planning.
-    let signature = Signature::one_of(vec![TypeSignature::Nullary, TypeSignature::VariadicAny], Volatility::Volatile);
+/// `func` as SQL function `name`; with `arg_types`, planning checks (and casts) the
+/// arguments to them, else any arguments are taken.
+pub fn python_udf(name: &str, func: Py<PyAny>, return_type: DataType, arg_types: Option<Vec<DataType>>, vectorized: bool) -> ScalarUDF {
+    // Volatile: Python functions may keep state, so a call with literal arguments is not
+    // folded into a constant at planning.
+    let signature = match arg_types {
+        Some(types) if types.is_empty() => Signature::nullary(Volatility::Volatile),
+        Some(types) => Signature::exact(types, Volatility::Volatile),
+        None => Signature::one_of(vec![TypeSignature::Nullary, TypeSignature::VariadicAny], Volatility::Volatile),
+    };
     ScalarUDF::new_from_impl(PythonUdf {
         id: IDS.fetch_add(1, Ordering::Relaxed),
         name: name.to_string(),

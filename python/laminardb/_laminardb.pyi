@@ -372,6 +372,7 @@ class Connection:
         function: Callable[..., Any],
         return_type: Optional[pyarrow.DataType] = None,
         *,
+        arg_types: Optional[Sequence[pyarrow.DataType]] = None,
         vectorized: Optional[bool] = None,
     ) -> None: ...
     def metrics_text(self) -> str: ...

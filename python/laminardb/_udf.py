@@ -3,14 +3,19 @@ each batch (`_invoke`), which turns what the function returns into one Arrow arr
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import pyarrow as pa
 
 _MARK = "__laminardb_udf__"
 
 
-def udf(return_type: pa.DataType, *, name: Optional[str] = None, vectorized: bool = True) -> Callable[[Callable], Callable]:
+def udf(
+    return_type: pa.DataType,
+    *,
+    arg_types: Optional[List[pa.DataType]] = None,
+    vectorized: bool = True,
+) -> Callable[[Callable], Callable]:
     """Marks a function for `Connection.register_udf` (the function itself is returned,
     still callable from Python).
 
@@ -18,7 +23,9 @@ def udf(return_type: pa.DataType, *, name: Optional[str] = None, vectorized: boo
     per column argument and a `pyarrow.Scalar` per literal argument, and returns an array
     of the batch's length (a `pyarrow.Array`, `ChunkedArray`, NumPy array or list), or one
     scalar for the whole batch. With `vectorized=False` it is called once per row with
-    plain Python values and returns one value: simpler, and much slower.
+    plain Python values and returns one value: simpler, and much slower. With `arg_types`,
+    planning checks the arguments against them (casting where SQL would) and refuses a
+    call that does not fit; without, any arguments are passed as they are.
     """
     if not isinstance(return_type, pa.DataType):
         raise TypeError(f"udf: return_type must be a pyarrow.DataType, not {type(return_type).__name__}")
@@ -26,7 +33,7 @@ def udf(return_type: pa.DataType, *, name: Optional[str] = None, vectorized: boo
     def mark(func: Callable) -> Callable:
         if not callable(func):
             raise TypeError("udf: decorates a function")
-        setattr(func, _MARK, {"return_type": return_type, "name": name, "vectorized": vectorized})
+        setattr(func, _MARK, {"return_type": return_type, "arg_types": arg_types, "vectorized": vectorized})
         return func
 
     return mark

@@ -141,3 +141,20 @@ def test_a_stored_database_refuses_streams_calling_a_function_but_queries_and_su
     db = laminardb.open(str(tmp_path / "db"))
     assert [s.name for s in db.streams()] == []
     db.close()
+
+
+def test_declared_argument_types_are_checked_and_cast_at_planning(db):
+    @laminardb.udf(return_type=pa.float64(), arg_types=[pa.float64(), pa.float64()])
+    def ratio(a, b):
+        assert a.type == pa.float64() and b.type == pa.float64()
+        return pc.divide(a, b)
+
+    db.register_udf("ratio", ratio)
+    db.execute("CREATE SOURCE t (a BIGINT, b DOUBLE, s VARCHAR)")
+    db.insert("t", {"a": 3, "b": 2.0, "s": "x"})
+    # BIGINT is cast to DOUBLE as SQL casts it; a third argument or a text one is refused.
+    assert db.query("SELECT ratio(a, b) AS r FROM t").to_dicts() == {"r": [1.5]}
+    with pytest.raises(laminardb.LaminarError, match="ratio"):
+        db.query("SELECT ratio(a, b, b) FROM t")
+    with pytest.raises(laminardb.LaminarError, match="ratio"):
+        db.execute("CREATE STREAM bad AS SELECT ratio(s, b) AS r FROM t")
