@@ -36,7 +36,6 @@ use arrow::datatypes::SchemaRef;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use laminardb_engine::source::{offset_position, read_offset_position, ConnectorOptions, SourceConnector, SplitPoll, SplitReader};
@@ -44,6 +43,7 @@ use laminardb_engine::{Error, Result};
 
 use crate::dead_letter::{DeadLetterConfig, DeadLetters};
 use crate::avro::Registry;
+use crate::kafka_batch::BatchQueue;
 use crate::decode::{PayloadDecoder, PayloadFormat};
 
 /// Options of the source besides the client ones ([`CLIENT_PREFIXES`]).
@@ -226,7 +226,9 @@ impl SourceConnector for KafkaSource {
         tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next))
             .map_err(|e| kafka_error("assigning the partition", e))?;
         consumer.assign(&tpl).map_err(|e| kafka_error(&format!("assigning partition {partition}"), e))?;
+        let batches = BatchQueue::new(&consumer).ok_or_else(|| Error::connector("kafka: the consumer has no queue to read"))?;
         Ok(Box::new(KafkaSplit {
+            batches,
             consumer,
             topic: self.topic.clone(),
             partition,
@@ -241,6 +243,8 @@ impl SourceConnector for KafkaSource {
 }
 
 struct KafkaSplit {
+    /// The consumer's records in batches; declared first, so dropped before the consumer.
+    batches: BatchQueue,
     consumer: BaseConsumer,
     topic: String,
     partition: i32,
@@ -283,35 +287,35 @@ impl SplitReader for KafkaSplit {
             return Ok(SplitPoll::Skipped(what));
         }
         let mut failure = None;
-        while self.offsets.len() < self.max_poll {
-            match self.consumer.poll(Duration::ZERO) {
-                None => break,
-                Some(Ok(message)) => {
-                    if message.partition() != self.partition {
-                        continue;
-                    }
-                    match message.payload() {
-                        // A change feed's tombstone (after a delete, for compaction).
-                        None if self.decoder.changelog() => {}
-                        Some(payload) => {
-                            self.decoder.push(payload);
-                            self.offsets.push(message.offset());
-                        }
-                        None => {
-                            let origin = format!("partition {} offset {}", self.partition, message.offset());
-                            reject(&mut self.rejected, &mut self.dead, &origin, "a record without a payload", &[]);
-                        }
-                    }
-                    self.next = message.offset() + 1;
+        let (partition, changelog) = (self.partition, self.decoder.changelog());
+        let (decoder, offsets, next, rejected, dead) =
+            (&mut self.decoder, &mut self.offsets, &mut self.next, &mut self.rejected, &mut self.dead);
+        self.batches.take(self.max_poll, |record| {
+            if let Some((code, text)) = record.error {
+                // The end of a partition is no error; others librdkafka retries on its
+                // own: the error is said, reading goes on.
+                if code != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF {
+                    failure = Some(format!("kafka: {text}"));
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
-                Some(Err(e)) => {
-                    // librdkafka retries on its own; the error is said, reading goes on.
-                    failure = Some(format!("kafka: {e}"));
-                    break;
+                return;
+            }
+            if record.partition != partition {
+                return;
+            }
+            match record.payload {
+                Some(payload) => {
+                    decoder.push(payload);
+                    offsets.push(record.offset);
+                }
+                // A change feed's tombstone (after a delete, for compaction).
+                None if changelog => {}
+                None => {
+                    let origin = format!("partition {partition} offset {}", record.offset);
+                    reject(rejected, dead, &origin, "a record without a payload", &[]);
                 }
             }
-        }
+            *next = record.offset + 1;
+        });
         let offsets = std::mem::take(&mut self.offsets);
         let (batch, rejected) = self.decoder.finish()?;
         for r in rejected {

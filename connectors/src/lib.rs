@@ -17,6 +17,7 @@ pub mod file_sink;
 pub mod files;
 pub mod json_flat;
 pub mod kafka;
+mod kafka_batch;
 pub mod kafka_sink;
 pub mod websocket;
 pub mod websocket_sink;
