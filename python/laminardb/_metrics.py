@@ -8,7 +8,7 @@ import threading
 import time
 import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 _Sample = Tuple[str, Optional[dict], float]
 
@@ -26,6 +26,12 @@ def _family(lines: List[str], name: str, kind: str, help_text: str, samples: Ite
     for suffix, labels, value in samples:
         text = ",".join(f'{k}="{_label(str(v))}"' for k, v in (labels or {}).items())
         lines.append(f"{name}{suffix}{{{text}}} {float(value)!r}" if text else f"{name}{suffix} {float(value)!r}")
+
+
+def _per_object(lines: List[str], table: list, objects: list, labels: Callable[[Any], dict]) -> None:
+    """One family per (name, kind, help, attribute) row of `table`, a sample per object."""
+    for name, kind, help_text, attr in table:
+        _family(lines, name, kind, help_text, [("", labels(o), getattr(o, attr)) for o in objects])
 
 
 def render(conn: Any) -> str:
@@ -54,8 +60,7 @@ def render(conn: Any) -> str:
         ("laminardb_source_watermark_ms", "gauge", "The source's watermark (epoch ms).", "watermark"),
         ("laminardb_source_utilization", "gauge", "Share of the source's queue in use.", "utilization"),
     ]
-    for name, kind, help_text, attr in per_source:
-        _family(lines, name, kind, help_text, [("", {"source": s.name}, getattr(s, attr)) for s in sources])
+    _per_object(lines, per_source, sources, lambda s: {"source": s.name})
 
     streams = conn.all_stream_metrics()
     per_stream = [
@@ -66,8 +71,7 @@ def render(conn: Any) -> str:
         ("laminardb_stream_subscribers", "gauge", "Subscribers of the stream.", "subscribers"),
         ("laminardb_stream_watermark_ms", "gauge", "The stream's watermark (epoch ms).", "watermark"),
     ]
-    for name, kind, help_text, attr in per_stream:
-        _family(lines, name, kind, help_text, [("", {"stream": s.name}, getattr(s, attr)) for s in streams])
+    _per_object(lines, per_stream, streams, lambda s: {"stream": s.name})
     latency: List[_Sample] = []
     for s in streams:
         if s.latency_count == 0:
@@ -84,8 +88,7 @@ def render(conn: Any) -> str:
         ("laminardb_sink_bytes_total", "counter", "Bytes the sink put out.", "total_bytes"),
         ("laminardb_sink_errors_total", "counter", "Writes, deliveries or commits that failed.", "errors"),
     ]
-    for name, kind, help_text, attr in per_sink:
-        _family(lines, name, kind, help_text, [("", {"sink": s.name, "connector": s.connector}, getattr(s, attr)) for s in sinks])
+    _per_object(lines, per_sink, sinks, lambda s: {"sink": s.name, "connector": s.connector})
     _family(lines, "laminardb_sink_last_commit_id", "gauge", "The last checkpoint the sink committed at.",
             [("", {"sink": s.name}, s.last_commit_id) for s in sinks if s.last_commit_id is not None])
     return "\n".join(lines) + "\n"
