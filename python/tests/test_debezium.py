@@ -82,9 +82,11 @@ def test_change_events_from_kafka_keep_a_view_equal_to_the_table(kafka):
     wait_until(lambda: db.source_metrics("orders").errors >= 1, timeout=10)
     # The table now holds orders 1 (US, 12) and 3 (EU, 7.5); 2 and 4 were deleted.
     wait_until(lambda: by_region(db) == {"US": (1, 12.0), "EU": (1, 7.5)}, timeout=10)
+    view = by_region(db)
     log = db.query("SELECT id, region, amount, _op FROM orders").to_dicts()
     metrics = db.source_metrics("orders")
     db.close()
+    assert view == {"US": (1, 12.0), "EU": (1, 7.5)}
     got = list(zip(log["id"], log["region"], log["amount"], log["_op"]))
     # Each id's changes in their order (the partitions interleave among themselves).
     for i in range(1, 5):
