@@ -138,6 +138,16 @@ impl PyConnection {
         Ok(PySubscription::new(SubCore::new(sub, None).listed(cancel, active)))
     }
 
+    /// `CREATE SOURCE name (…)` from a pyarrow schema or `{name: SQL type}`, then `with`
+    /// (a `WITH (…)` clause, or nothing).
+    fn create_source(&self, py: Python<'_>, name: &str, schema: &Bound<'_, PyAny>, with: &str) -> PyResult<()> {
+        let columns = schema_from_python(py, schema)?;
+        let list: Vec<String> = columns.iter().map(|(n, t)| format!("{} {t}", quote_ident(n))).collect();
+        let sql = format!("CREATE SOURCE {} ({}){with}", quote_ident(name), list.join(", "));
+        self.run_sql(py, &sql, vec![])?;
+        Ok(())
+    }
+
     /// A statement's rows, materialized (`sql`: how `queries()` lists it while it runs).
     fn collect_outcome(&self, py: Python<'_>, sql: &str, outcome: Outcome) -> PyResult<PyQueryResult> {
         match outcome {
@@ -318,10 +328,35 @@ impl PyConnection {
         delay_ms: Option<i64>,
         on_error: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        slf.get().open()?;
-        slf.py()
-            .import("laminardb._sources")?
-            .call_method1("_register", (slf, name, source, schema, watermark, delay_ms, on_error))?;
+        let (py, this) = (slf.py(), slf.get());
+        let handle = this.open()?;
+        if !source.is_callable() {
+            return Err(to_pyerr(Error::connector(format!("register_source('{name}', …): the source is not callable"))));
+        }
+        let sources = py.import("laminardb._sources")?;
+        // What `@laminardb.source` said, unless the call says otherwise.
+        let spec = sources.call_method1("_spec", (&source,))?;
+        let declared = |key: &str| spec.get_item(key).ok().filter(|v| !v.is_none());
+        if !handle.catalog().sources.contains_key(name) {
+            let schema = schema.or_else(|| declared("schema")).ok_or_else(|| {
+                to_pyerr(Error::connector(format!(
+                    "register_source('{name}', …) needs a schema (or a function decorated with @laminardb.source)"
+                )))
+            })?;
+            let watermark = match watermark {
+                Some(w) => Some(w),
+                None => declared("watermark").map(|w| w.extract::<String>()).transpose()?,
+            };
+            let delay_ms = match delay_ms {
+                Some(d) => d,
+                None => declared("delay_ms").map(|d| d.extract::<i64>()).transpose()?.unwrap_or(0),
+            };
+            let with = watermark.map_or(String::new(), |w| {
+                format!(" WITH (watermark_column = '{}', watermark_delay_ms = '{delay_ms}')", w.replace('\'', "''"))
+            });
+            this.create_source(py, name, &schema, &with)?;
+        }
+        sources.call_method1("_Feed", (slf, name, source, on_error))?;
         Ok(())
     }
 
@@ -563,11 +598,7 @@ impl PyConnection {
     // ---- schema ----------------------------------------------------------------------
 
     fn create_table(&self, py: Python<'_>, name: &str, schema: &Bound<'_, PyAny>) -> PyResult<()> {
-        let columns = schema_from_python(py, schema)?;
-        let list: Vec<String> = columns.iter().map(|(n, t)| format!("{} {t}", quote_ident(n))).collect();
-        let sql = format!("CREATE SOURCE {} ({})", quote_ident(name), list.join(", "));
-        self.run_sql(py, &sql, vec![])?;
-        Ok(())
+        self.create_source(py, name, schema, "")
     }
 
     fn schema<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {

@@ -35,25 +35,9 @@ def source(
     return mark
 
 
-def _columns(schema: Any) -> str:
-    if isinstance(schema, dict):
-        return ", ".join(f'"{n}" {t}' for n, t in schema.items())
-    if isinstance(schema, pa.Schema):
-        return ", ".join(f'"{f.name}" {_sql_type(f.type)}' for f in schema)
-    raise TypeError(f"register_source: schema must be a pyarrow.Schema or a dict, not {type(schema).__name__}")
-
-
-def _sql_type(t: pa.DataType) -> str:
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMP"
-    simple = {
-        pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INT", pa.int64(): "BIGINT",
-        pa.float32(): "REAL", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN",
-        pa.string(): "VARCHAR", pa.large_string(): "VARCHAR", pa.binary(): "BYTEA", pa.date32(): "DATE",
-    }
-    if t in simple:
-        return simple[t]
-    raise TypeError(f"register_source: no SQL type for {t}")
+def _spec(func: Any) -> dict:
+    """What `@laminardb.source` said of `func` (empty for an undecorated function)."""
+    return getattr(func, _MARK, None) or {}
 
 
 class _Feed:
@@ -115,18 +99,3 @@ class _Feed:
                 return
             # The insert may wait for room: off the event loop's thread.
             await asyncio.to_thread(self._put, item)
-
-
-def _register(conn: Any, name: str, func: Callable[..., Any], schema: Any, watermark: Optional[str], delay_ms: Optional[int], on_error: Any) -> None:
-    spec = getattr(func, _MARK, None) or {}
-    schema = schema if schema is not None else spec.get("schema")
-    watermark = watermark if watermark is not None else spec.get("watermark")
-    delay = delay_ms if delay_ms is not None else spec.get("delay_ms", 0)
-    if not callable(func):
-        raise _laminardb.ConnectorError(f"register_source('{name}', …): the source is not callable")
-    if name not in conn.list_tables():
-        if schema is None:
-            raise _laminardb.ConnectorError(f"register_source('{name}', …) needs a schema (or a function decorated with @laminardb.source)")
-        options = f" WITH (watermark_column = '{watermark}', watermark_delay_ms = '{int(delay)}')" if watermark else ""
-        conn.execute(f'CREATE SOURCE "{name}" ({_columns(schema)}){options}')
-    _Feed(conn, name, func, on_error)
