@@ -303,40 +303,35 @@ impl<'a> Scanner<'a> {
     /// A JSON number's text.
     fn number(&mut self) -> Step<&'a [u8]> {
         let start = self.at;
-        if self.peek() == Some(b'-') {
-            self.at += 1;
+        self.skip(b"-");
+        self.digits()?;
+        if self.skip(b".") {
+            self.digits()?;
         }
-        let digits = self.at;
+        if self.skip(b"eE") {
+            self.skip(b"+-");
+            self.digits()?;
+        }
+        Ok(&self.bytes[start..self.at])
+    }
+
+    /// Steps over one byte if it is one of `any`.
+    fn skip(&mut self, any: &[u8]) -> bool {
+        let found = self.peek().is_some_and(|b| any.contains(&b));
+        self.at += usize::from(found);
+        found
+    }
+
+    /// Steps over one or more digits (none: not a JSON number).
+    fn digits(&mut self) -> Step<()> {
+        let first = self.at;
         while matches!(self.peek(), Some(b'0'..=b'9')) {
             self.at += 1;
         }
-        if self.at == digits {
+        if self.at == first {
             return Err(GiveUp);
         }
-        if self.peek() == Some(b'.') {
-            self.at += 1;
-            let fraction = self.at;
-            while matches!(self.peek(), Some(b'0'..=b'9')) {
-                self.at += 1;
-            }
-            if self.at == fraction {
-                return Err(GiveUp);
-            }
-        }
-        if matches!(self.peek(), Some(b'e' | b'E')) {
-            self.at += 1;
-            if matches!(self.peek(), Some(b'+' | b'-')) {
-                self.at += 1;
-            }
-            let exponent = self.at;
-            while matches!(self.peek(), Some(b'0'..=b'9')) {
-                self.at += 1;
-            }
-            if self.at == exponent {
-                return Err(GiveUp);
-            }
-        }
-        Ok(&self.bytes[start..self.at])
+        Ok(())
     }
 
     /// A plain integer that fits an `i64`.
