@@ -44,8 +44,8 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The registry `schema.registry.url` names; `connector` names the statement's
-    /// connector in errors.
+    /// The registry `schema.registry.url` names (its absence is an error naming the
+    /// statement's connector).
     pub fn from_options(options: &ConnectorOptions) -> Result<Arc<Registry>> {
         let url = options.get("schema.registry.url").ok_or_else(|| {
             Error::connector(format!("{}: format 'avro' needs the option 'schema.registry.url'", options.connector()))

@@ -122,13 +122,23 @@ impl PayloadDecoder {
         if format == PayloadFormat::Avro {
             return Err(Error::connector("format 'avro' is read from Kafka with a schema registry ('schema.registry.url')"));
         }
-        let text = Arc::new(Schema::new(
-            schema.fields().iter().map(|f| Field::new(f.name(), DataType::Utf8, true)).collect::<Vec<_>>(),
-        ));
         if format.changelog() && schema.fields().last().is_none_or(|f| f.name() != OP_COLUMN) {
             return Err(Error::internal("a decoder of changes into a schema without _op"));
         }
-        Ok(PayloadDecoder {
+        Ok(Self::build(format, schema, None))
+    }
+
+    /// A decoder of Avro messages whose writer schemas are in `registry`.
+    pub fn avro(schema: SchemaRef, registry: Arc<Registry>) -> Result<PayloadDecoder> {
+        let avro = AvroDecoder::new(registry, schema.clone());
+        Ok(Self::build(PayloadFormat::Avro, schema, Some(avro)))
+    }
+
+    fn build(format: PayloadFormat, schema: SchemaRef, avro: Option<AvroDecoder>) -> PayloadDecoder {
+        let text = Arc::new(Schema::new(
+            schema.fields().iter().map(|f| Field::new(f.name(), DataType::Utf8, true)).collect::<Vec<_>>(),
+        ));
+        PayloadDecoder {
             format,
             reading: text_reading_schema(&schema),
             text,
@@ -137,19 +147,10 @@ impl PayloadDecoder {
             originals: Vec::new(),
             original_ends: Vec::new(),
             refused: Vec::new(),
-            avro: None,
+            avro,
             fast: if matches!(format, PayloadFormat::Json | PayloadFormat::Debezium) { FlatJson::new(&schema) } else { None },
             schema,
-        })
-    }
-
-    /// A decoder of Avro messages whose writer schemas are in `registry`.
-    pub fn avro(schema: SchemaRef, registry: Arc<Registry>) -> Result<PayloadDecoder> {
-        let mut decoder = PayloadDecoder::new(PayloadFormat::Json, schema.clone())?;
-        decoder.format = PayloadFormat::Avro;
-        decoder.avro = Some(AvroDecoder::new(registry, schema));
-        decoder.fast = None;
-        Ok(decoder)
+        }
     }
 
     pub fn push(&mut self, payload: &[u8]) {
