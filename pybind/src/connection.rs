@@ -52,6 +52,7 @@ pub struct ConnState {
     queries: Mutex<Vec<QueryRecord>>,
     next_query_id: AtomicU64,
     events: AtomicU64,
+    writers: crate::writer::Writers,
 }
 
 /// How many finished queries `queries()` remembers.
@@ -60,6 +61,19 @@ const FINISHED_QUERIES_MAX: usize = 256;
 impl ConnState {
     pub fn count_events(&self, rows: u64) {
         self.events.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    pub fn add_writer(&self, writer: std::sync::Weak<crate::writer::Shared>) {
+        self.writers.add(writer);
+    }
+
+    /// Waits until the rows this connection's writers accepted are stored, so the
+    /// connection's next call sees them.
+    fn settle_writers(&self) {
+        let writers = self.writers.unsettled();
+        if !writers.is_empty() {
+            Python::attach(|py| py.detach(|| writers.iter().for_each(|w| w.settle())));
+        }
     }
 
     fn record(&self, sql: &str, active: bool, cancel: Option<CancelFlag>) -> (u64, Arc<std::sync::atomic::AtomicBool>) {
@@ -94,10 +108,12 @@ impl PyConnection {
         }
     }
 
+    /// The engine, once the rows this connection's writers accepted are stored.
     fn open(&self) -> PyResult<&Arc<Handle>> {
         if self.handle.is_closed() {
             return Err(to_pyerr(Error::closed()));
         }
+        self.state.settle_writers();
         Ok(&self.handle)
     }
 
@@ -240,6 +256,9 @@ impl PyConnection {
     // ---- lifecycle -------------------------------------------------------------------
 
     fn close(&self, py: Python<'_>) -> PyResult<()> {
+        if !self.handle.is_closed() {
+            self.state.settle_writers();
+        }
         let handle = self.handle.clone();
         blocking(py, move || handle.close())
     }
@@ -797,11 +816,11 @@ impl PyConnection {
         Ok(rows)
     }
 
-    fn writer(&self, table: &str) -> PyResult<PyWriter> {
+    fn writer(&self, py: Python<'_>, table: &str) -> PyResult<PyWriter> {
         let handle = self.open()?;
         let catalog = handle.catalog();
         let def = catalog.source(table).py()?;
-        Ok(PyWriter::new(handle.clone(), self.state.clone(), def.name.clone(), def.schema.clone()))
+        Ok(PyWriter::new(py, handle.clone(), self.state.clone(), def.name.clone(), def.schema.clone(), def.is_changelog()))
     }
 
     // ---- queries ---------------------------------------------------------------------

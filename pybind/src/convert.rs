@@ -270,21 +270,21 @@ macro_rules! build_with {
     }};
 }
 
-fn int<T: TryFrom<i64>>(v: &Bound<'_, PyAny>) -> Option<T> {
+pub(crate) fn int<T: TryFrom<i64>>(v: &Bound<'_, PyAny>) -> Option<T> {
     if !v.is_instance_of::<PyInt>() {
         return None;
     }
     T::try_from(v.extract::<i64>().ok()?).ok()
 }
 
-fn uint<T: TryFrom<u64>>(v: &Bound<'_, PyAny>) -> Option<T> {
+pub(crate) fn uint<T: TryFrom<u64>>(v: &Bound<'_, PyAny>) -> Option<T> {
     if !v.is_instance_of::<PyInt>() {
         return None;
     }
     T::try_from(v.extract::<u64>().ok()?).ok()
 }
 
-fn float(v: &Bound<'_, PyAny>) -> Option<f64> {
+pub(crate) fn float(v: &Bound<'_, PyAny>) -> Option<f64> {
     if v.is_instance_of::<PyFloat>() || (v.is_instance_of::<PyInt>() && !v.is_instance_of::<PyBool>()) {
         v.extract::<f64>().ok()
     } else {
@@ -293,17 +293,17 @@ fn float(v: &Bound<'_, PyAny>) -> Option<f64> {
 }
 
 /// A Python str's text, borrowed (no copy before the builder's).
-fn text<'a>(v: &'a Bound<'_, PyAny>) -> Option<&'a str> {
+pub(crate) fn text<'a>(v: &'a Bound<'_, PyAny>) -> Option<&'a str> {
     v.cast::<PyString>().ok()?.to_str().ok()
 }
 
 /// A Python bytes object's contents, borrowed.
-fn bytes<'a>(v: &'a Bound<'_, PyAny>) -> Option<&'a [u8]> {
+pub(crate) fn bytes<'a>(v: &'a Bound<'_, PyAny>) -> Option<&'a [u8]> {
     Some(v.cast::<PyBytes>().ok()?.as_bytes())
 }
 
 /// Epoch milliseconds from a Python int, in the column's unit.
-fn epoch_ms_in(unit: TimeUnit) -> impl Fn(&Bound<'_, PyAny>) -> Option<i64> {
+pub(crate) fn epoch_ms_in(unit: TimeUnit) -> impl Fn(&Bound<'_, PyAny>) -> Option<i64> {
     move |v| {
         let ms: i64 = int(v)?;
         match unit {

@@ -36,6 +36,26 @@ pub enum Outcome {
     Query { kind: QueryKind, handle: QueryHandle },
 }
 
+/// An insert cast and split, not sent yet (`Handle::prepare`).
+pub struct PreparedInsert {
+    source: String,
+    prepared: Prepared,
+}
+
+impl PreparedInsert {
+    /// Rows in the insert.
+    pub fn rows(&self) -> usize {
+        self.prepared.parts.iter().flatten().map(RecordBatch::num_rows).sum()
+    }
+}
+
+/// An insert in the coordinator's hands, not answered yet (`Handle::send_insert`).
+pub struct SentInsert {
+    rx: flume::Receiver<Result<u64>>,
+    source: String,
+    future_rows: u64,
+}
+
 pub struct Handle {
     commands: flume::Sender<Command>,
     queue_capacity: usize,
@@ -45,6 +65,7 @@ pub struct Handle {
     health: Arc<Health>,
     coordinator: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
+    stopped: AtomicBool,
     caller_spin: std::time::Duration,
     idle_timeout_ms: u64,
     subscriber_queue_bytes: u64,
@@ -114,6 +135,7 @@ impl Handle {
             health,
             coordinator: Mutex::new(Some(coordinator)),
             closed: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             caller_spin,
             idle_timeout_ms,
             subscriber_queue_bytes,
@@ -174,6 +196,13 @@ impl Handle {
     }
 
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let rx = self.send(make)?;
+        self.answer(recv_spinning(&rx, self.caller_spin))
+    }
+
+    /// Puts a command in the coordinator's queue (waiting while it is full); its answer
+    /// comes on the returned channel.
+    fn send<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<flume::Receiver<Result<T>>> {
         if self.is_closed() {
             return Err(Error::closed());
         }
@@ -183,7 +212,11 @@ impl Handle {
             self.health.check()?;
             return Err(Error::shutdown());
         }
-        match recv_spinning(&rx, self.caller_spin) {
+        Ok(rx)
+    }
+
+    fn answer<T>(&self, received: Result<Result<T>, flume::RecvError>) -> Result<T> {
+        match received {
             Ok(result) => result,
             Err(_) => {
                 self.health.check()?;
@@ -206,12 +239,47 @@ impl Handle {
     /// stores them. Returns after every shard has acknowledged, so a later query sees them.
     pub fn insert(&self, source: &str, batches: &[RecordBatch]) -> Result<u64> {
         let born = std::time::Instant::now();
+        let insert = self.prepare(source, batches)?;
+        let sent = self.send_insert(insert, born)?;
+        self.finish(sent, true).unwrap_or_else(|| Err(Error::internal("an insert was not answered")))
+    }
+
+    /// Casts `batches` to the source's schema (all or nothing) and splits them by shard:
+    /// every error an insert's rows can cause, found before anything is sent.
+    pub fn prepare(&self, source: &str, batches: &[RecordBatch]) -> Result<PreparedInsert> {
         let catalog = self.catalog();
         let def = catalog.source(source)?;
-        let Prepared { parts, max_event_ms, future_rows } = prepare_insert(def, batches, self.shards, self.max_event_ahead_ms)?;
-        let rows = self.call(|reply| Command::Insert { source: def.name.clone(), parts, max_event_ms, born, reply })?;
-        count_future_rows(&self.outputs, &def.name, future_rows, self.max_event_ahead_ms);
-        Ok(rows)
+        let prepared = prepare_insert(def, batches, self.shards, self.max_event_ahead_ms)?;
+        Ok(PreparedInsert { source: def.name.clone(), prepared })
+    }
+
+    /// Sends a prepared insert without waiting for it to be stored (`born`: when its first
+    /// row was handed over, for the latency histograms); `finish` takes its answer.
+    pub fn send_insert(&self, insert: PreparedInsert, born: std::time::Instant) -> Result<SentInsert> {
+        let PreparedInsert { source, prepared: Prepared { parts, max_event_ms, future_rows } } = insert;
+        let name = source.clone();
+        let rx = self.send(|reply| Command::Insert { source: name, parts, max_event_ms, born, reply })?;
+        Ok(SentInsert { rx, source, future_rows })
+    }
+
+    /// The answer of a sent insert: the rows stored, once every shard has them and every
+    /// stream has passed them on. `wait = false`: `None` while it is not answered yet.
+    pub fn finish(&self, sent: SentInsert, wait: bool) -> Option<Result<u64>> {
+        let received = if wait {
+            recv_spinning(&sent.rx, self.caller_spin)
+        } else {
+            try_take(&sent.rx)?
+        };
+        let rows = self.answer(received);
+        if rows.is_ok() {
+            count_future_rows(&self.outputs, &sent.source, sent.future_rows, self.max_event_ahead_ms);
+        }
+        Some(rows)
+    }
+
+    /// Whether a sent insert has its answer (`finish` would not wait).
+    pub fn is_answered(&self, sent: &SentInsert) -> bool {
+        !sent.rx.is_empty() || sent.rx.is_disconnected()
     }
 
     /// Every source's and stream's output (for their counters).
@@ -243,7 +311,21 @@ impl Handle {
     /// Drains, then stops the pipeline: later inserts and watermark calls (and `start()`)
     /// fail with `Shutdown` (901) instead of feeding streams whose outputs are closed.
     pub fn stop_pipeline(&self) -> Result<()> {
-        self.call(|reply| Command::Drain { reply, stop: true })
+        self.call(|reply| Command::Drain { reply, stop: true })?;
+        self.stopped.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether rows would be taken: the error they would get once the connection is
+    /// closed or `stop_pipeline` has run.
+    pub fn check_accepting(&self) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::closed());
+        }
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(coordinator::stopped_error());
+        }
+        Ok(())
     }
 
     /// Starts the pipeline: generator sources begin producing.

@@ -30,5 +30,5 @@ mod tempdirs;
 pub mod store;
 mod wal;
 
-pub use handle::{CheckpointStats, Handle, Outcome};
+pub use handle::{CheckpointStats, Handle, Outcome, PreparedInsert, SentInsert};
 pub use health::Health;

@@ -77,7 +77,7 @@ pub(super) struct Flow {
     streams: Vec<String>,
 }
 
-pub(super) fn stopped_error() -> Error {
+pub(crate) fn stopped_error() -> Error {
     Error::new(
         ErrorCode::Shutdown,
         "the pipeline was shut down: it takes no more rows or watermarks (open the database again to go on)",

@@ -21,7 +21,7 @@ mod durable;
 mod ingest;
 mod timers;
 
-use ingest::stopped_error;
+pub(crate) use ingest::stopped_error;
 use timers::start_checkpoint_timer;
 
 use std::cell::Cell;
