@@ -1,5 +1,7 @@
 //! Engine configuration, as `LaminarConfig` exposes it to Python plus the shard count.
 
+use std::sync::Arc;
+
 /// The stack of every engine thread that plans or evaluates SQL (coordinator, shards, the
 /// query pool). Planning and expression evaluation recurse over the statement's tree,
 /// whose depth `laminardb_planner::limits` bounds; a debug build needs ~8 KiB per level,
@@ -54,6 +56,9 @@ pub struct EngineConfig {
     /// Bytes a subscriber's queue may hold before its oldest batches are dropped (and
     /// counted as lagged), besides the bound in batches.
     pub subscriber_queue_bytes: u64,
+    /// Python functions known before the database opens (those a database with storage
+    /// imports again, `functions`), so recovery can plan the streams calling them.
+    pub functions: Arc<crate::functions::Functions>,
 }
 
 /// How opening treats a damaged storage directory (`LaminarConfig(recovery=…)`).
@@ -95,6 +100,7 @@ impl Default for EngineConfig {
             recovery: Recovery::Strict,
             ephemeral_storage: false,
             subscriber_queue_bytes: crate::stream::output::SUBSCRIBER_BYTES_MAX,
+            functions: Arc::default(),
         }
     }
 }

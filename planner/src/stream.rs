@@ -41,7 +41,7 @@ use laminardb_engine::stream::op::nullable;
 use laminardb_engine::stream::time::is_event_time;
 use laminardb_engine::dataflow::{Dag, Port, Route, Upstream};
 use laminardb_engine::stream::{
-    AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, WindowKind, OP_COLUMN,
+    AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind, OP_COLUMN,
 };
 use laminardb_engine::{Error, Result};
 
@@ -425,10 +425,13 @@ fn user_functions(plan: &LogicalPlan, catalog: &Catalog) -> Result<Vec<String>> 
     plan.apply(|node| {
         for expr in node.expressions() {
             expr.apply(|e| {
-                if let DfExpr::ScalarFunction(f) = e {
-                    if catalog.functions.contains(f.name()) {
-                        names.insert(f.name().to_string());
-                    }
+                let name = match e {
+                    DfExpr::ScalarFunction(f) => Some(f.name()),
+                    DfExpr::AggregateFunction(f) => Some(f.func.name()),
+                    _ => None,
+                };
+                if let Some(name) = name.filter(|n| catalog.functions.contains(n)) {
+                    names.insert(name.to_string());
                 }
                 Ok(TreeNodeRecursion::Continue)
             })?;
@@ -442,6 +445,9 @@ fn user_functions(plan: &LogicalPlan, catalog: &Catalog) -> Result<Vec<String>> 
 pub fn register_functions(ctx: &SessionContext, catalog: &Catalog) {
     for function in catalog.functions.all() {
         ctx.register_udf(function.as_ref().clone());
+    }
+    for function in catalog.functions.all_aggregates() {
+        ctx.register_udaf(function.udaf().as_ref().clone());
     }
 }
 
@@ -894,7 +900,14 @@ impl Lowering<'_> {
             if af.params.filter.is_some() {
                 return Err(Error::unsupported("aggregate FILTER (WHERE …) in a stream"));
             }
-            let kind = agg_kind(af)?;
+            let user = catalog.functions.aggregate(af.func.name());
+            let kind = match &user {
+                Some(_) if af.params.distinct => {
+                    return Err(Error::unsupported(format!("{}(DISTINCT …) in a stream", af.func.name())))
+                }
+                Some(_) => AggKind::User,
+                None => agg_kind(af)?,
+            };
             if !af.params.order_by.is_empty() {
                 return Err(Error::unsupported(format!(
                     "ORDER BY inside {}() in a stream: streams order FIRST_VALUE/LAST_VALUE by event time",
@@ -902,6 +915,18 @@ impl Lowering<'_> {
                 )));
             }
             let out_type = a.schema.field(a.schema.fields().len() - a.aggr_expr.len() + i).data_type().clone();
+            if let Some(function) = user {
+                let mut args = Vec::with_capacity(af.params.args.len());
+                for (j, arg) in af.params.args.iter().enumerate() {
+                    let t = arg.get_type(in_schema)?;
+                    exprs.push(physical(arg, in_schema, props)?);
+                    fields.push(Field::new(format!("arg{i}_{j}"), t, true));
+                    args.push(exprs.len() - 1);
+                }
+                let arg = args.first().copied();
+                calls.push(AggCall { kind, arg, domain: Domain::Int, out_type, user: Some(UserCall { function, args }) });
+                continue;
+            }
             let (arg, domain) = match af.params.args.as_slice() {
                 [] => (None, Domain::Int),
                 [DfExpr::Literal(v, _)] if kind == AggKind::Count && !v.is_null() => (None, Domain::Int),
@@ -915,7 +940,7 @@ impl Lowering<'_> {
                 }
                 _ => return Err(Error::unsupported(format!("{}() with several arguments in a stream", af.func.name()))),
             };
-            calls.push(AggCall { kind, arg, domain, out_type });
+            calls.push(AggCall { kind, arg, domain, out_type, user: None });
         }
         let mut retract = None;
         if changelog {

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arrow::array::{Array, StringArray};
+use arrow::datatypes::DataType;
 use parking_lot::Mutex;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -25,6 +26,7 @@ use crate::gil::blocking;
 use crate::result::{collect, PyExecuteResult, PyQueryResult, PyQueryStream};
 use crate::metrics::{self, PyPipelineMetrics, PySourceMetrics, PyStreamMetrics};
 use crate::subscription::{PyStreamSubscription, PySubscription, SubCore};
+use crate::functions::{declared_arg_types, function_name};
 use crate::writer::{PyWriter, NO_WATERMARK};
 
 use laminardb_engine::stream::output::SUBSCRIBER_BATCHES_MAX;
@@ -96,15 +98,18 @@ pub struct PyConnection {
     state: Arc<ConnState>,
     pipeline: Mutex<PipelineState>,
     opened: std::time::Instant,
+    /// The storage directory of a database that reopens (where its functions are kept).
+    storage: Option<String>,
 }
 
 impl PyConnection {
-    pub fn new(handle: Handle) -> Self {
+    pub fn new(handle: Handle, storage: Option<String>) -> Self {
         PyConnection {
             handle: Arc::new(handle),
             state: Arc::default(),
             pipeline: Mutex::new(PipelineState::Created),
             opened: std::time::Instant::now(),
+            storage,
         }
     }
 
@@ -268,8 +273,9 @@ impl PyConnection {
         self.handle.is_closed()
     }
 
-    /// Makes `function` callable from SQL as `name` (see `laminardb.udf`): in queries, in
-    /// subscriptions, and in streams of an in-memory database (functions are not stored).
+    /// Makes `function` callable from SQL as `name` (see `laminardb.udf`): in queries,
+    /// subscriptions and streams (in a database with storage, only if it can be imported
+    /// again when the database reopens: `functions`).
     #[pyo3(signature = (name, function, return_type=None, *, arg_types=None, vectorized=None))]
     fn register_udf(
         &self,
@@ -300,27 +306,47 @@ impl PyConnection {
             Some(v) => v,
             None => spec.get_item("vectorized").ok().map(|v| v.extract::<bool>()).transpose()?.unwrap_or(true),
         };
-        // SQL folds unquoted names to lower case: so is the function's.
-        let sql_name = name.to_lowercase();
-        let plain = !sql_name.is_empty()
-            && sql_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !sql_name.starts_with(|c: char| c.is_ascii_digit());
-        if !plain {
-            return Err(to_pyerr(Error::query(format!("register_udf: '{name}' is not a plain SQL name (letters, digits, _)"))));
-        }
-        if laminardb_planner::is_builtin_function(&sql_name) {
-            return Err(to_pyerr(Error::query(format!("register_udf: '{sql_name}' is a built-in SQL function; choose another name"))));
-        }
-        let arg_types = match arg_types {
-            Some(types) => Some(types.into_iter().map(PyDataType::into_inner).collect()),
-            None => match spec.get_item("arg_types") {
-                Ok(types) if !types.is_none() => Some(types.extract::<Vec<PyDataType>>()?.into_iter().map(PyDataType::into_inner).collect()),
-                _ => None,
-            },
+        let sql_name = function_name("register_udf", name)?;
+        let arg_types = declared_arg_types(arg_types, &spec)?;
+        let spec = crate::functions::Spec::Scalar { return_type, arg_types, vectorized };
+        crate::functions::register(py, &handle.catalog().functions, self.storage.as_deref(), &sql_name, function, spec)
+    }
+
+    /// Makes `class` callable from SQL as the aggregate `name` (see `laminardb.udaf`): in
+    /// GROUP BY queries and in streams of an in-memory database (functions are not stored).
+    #[pyo3(signature = (name, cls, return_type=None, accumulator_type=None, *, arg_types=None))]
+    fn register_udaf(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        cls: Bound<'_, PyAny>,
+        return_type: Option<PyDataType>,
+        accumulator_type: Option<PyDataType>,
+        arg_types: Option<Vec<PyDataType>>,
+    ) -> PyResult<()> {
+        let handle = self.open()?;
+        let spec = py.import("laminardb._udf")?.call_method1("_udaf_spec", (&cls,))?;
+        let declared = |given: Option<PyDataType>, key: &str| -> PyResult<DataType> {
+            match given {
+                Some(t) => Ok(t.into_inner()),
+                None => match spec.get_item(key) {
+                    Ok(t) => Ok(t.extract::<PyDataType>()?.into_inner()),
+                    Err(_) => Err(to_pyerr(Error::query(format!(
+                        "register_udaf('{name}', …) needs {key} (or a class decorated with @laminardb.udaf)"
+                    )))),
+                },
+            }
         };
-        let udf = crate::udf::python_udf(&sql_name, function.unbind(), return_type, arg_types, vectorized);
-        handle.catalog().functions.register(udf);
-        Ok(())
+        let return_type = declared(return_type, "return_type")?;
+        let DataType::Struct(state) = declared(accumulator_type, "accumulator_type")? else {
+            return Err(to_pyerr(Error::query(format!(
+                "register_udaf('{name}', …): accumulator_type must be a pyarrow struct naming the state's attributes"
+            ))));
+        };
+        let sql_name = function_name("register_udaf", name)?;
+        let arg_types = declared_arg_types(arg_types, &spec)?;
+        let spec = crate::functions::Spec::Aggregate { return_type, state, arg_types };
+        crate::functions::register(py, &handle.catalog().functions, self.storage.as_deref(), &sql_name, cls, spec)
     }
 
     /// Makes `target` the Python sink `name` for `CREATE SINK … WITH (connector =
@@ -960,7 +986,11 @@ fn ready_future<'py>(py: Python<'py>, value: Bound<'py, PyAny>) -> PyResult<Boun
     Ok(future)
 }
 
-pub fn open_connection(py: Python<'_>, config: laminardb_engine::config::EngineConfig) -> PyResult<PyConnection> {
+pub fn open_connection(py: Python<'_>, mut config: laminardb_engine::config::EngineConfig) -> PyResult<PyConnection> {
+    let storage = config.storage_dir.clone();
+    if let Some(dir) = &storage {
+        config.functions = Arc::new(crate::functions::load(py, dir)?);
+    }
     let handle = blocking(py, move || {
         let frontend = laminardb_planner::SqlFrontend::new(config.shards)?;
         Handle::open(config, Box::new(frontend))
@@ -973,5 +1003,5 @@ pub fn open_connection(py: Python<'_>, config: laminardb_engine::config::EngineC
             logger.call_method1("warning", (format!("recovery: {line}"),))?;
         }
     }
-    Ok(PyConnection::new(handle))
+    Ok(PyConnection::new(handle, storage))
 }

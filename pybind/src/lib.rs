@@ -15,6 +15,8 @@ mod metrics;
 mod py_sink;
 mod result;
 mod subscription;
+mod functions;
+mod udaf;
 mod udf;
 mod writer;
 

@@ -105,12 +105,12 @@ impl ScalarUDFImpl for PythonUdf {
 /// once: 0.33 of the SQL filter's rows/s against 0.94 with one, perf/README.md). The wait
 /// is bounded: past it the thread goes to the GIL anyway, so a function that waits for
 /// another engine thread (a query from inside a function) cannot deadlock on the turn.
-struct PythonTurn(bool);
+pub(crate) struct PythonTurn(bool);
 
 static PYTHON_BUSY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl PythonTurn {
-    fn take() -> PythonTurn {
+    pub(crate) fn take() -> PythonTurn {
         let deadline = std::time::Instant::now() + std::time::Duration::from_micros(500);
         loop {
             if PYTHON_BUSY.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {

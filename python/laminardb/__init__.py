@@ -55,7 +55,7 @@ from laminardb._subscriptions import (
 )
 from laminardb._sinks import sink
 from laminardb._sources import source
-from laminardb._udf import udf
+from laminardb._udf import udaf, udf
 from laminardb.types import ChangeEvent, ChangeRow, CheckpointResult, CheckpointStatus, Column, MaterializedView, Metrics, Schema, mv
 
 __version__: str = _laminardb.__version__
@@ -134,6 +134,7 @@ __all__ = [
     "connect",
     "sink",
     "source",
+    "udaf",
     "udf",
     "execute",
     "open",

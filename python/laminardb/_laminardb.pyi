@@ -375,6 +375,15 @@ class Connection:
         arg_types: Optional[Sequence[pyarrow.DataType]] = None,
         vectorized: Optional[bool] = None,
     ) -> None: ...
+    def register_udaf(
+        self,
+        name: str,
+        cls: type,
+        return_type: Optional[pyarrow.DataType] = None,
+        accumulator_type: Optional[pyarrow.DataType] = None,
+        *,
+        arg_types: Optional[Sequence[pyarrow.DataType]] = None,
+    ) -> None: ...
     def metrics_text(self) -> str: ...
     def register_source(
         self,

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pytest
 
 import laminardb
-from conftest import poll_rows
+from conftest import poll_rows, records
 
 
 @laminardb.udf(return_type=pa.float64())
@@ -126,9 +126,9 @@ def test_an_unregistered_function_is_a_query_error(db):
         db.query("SELECT nothing_here(value) FROM readings")
 
 
-def test_a_stored_database_refuses_streams_calling_a_function_but_queries_and_subscriptions_work(tmp_path):
+def test_a_stored_database_refuses_streams_calling_a_lambda_but_queries_and_subscriptions_work(tmp_path):
     db = laminardb.open(str(tmp_path / "db"))
-    db.register_udf("bucket", bucket)
+    db.register_udf("bucket", lambda p: pc.cast(pc.floor(pc.divide(p, 10.0)), pa.int64()), pa.int64())
     db.execute("CREATE SOURCE trades (symbol VARCHAR, price DOUBLE)")
     with pytest.raises(laminardb.LaminarError, match="calls the Python function 'bucket' in a database with storage"):
         db.execute("CREATE STREAM b AS SELECT bucket(price) AS b FROM trades")
@@ -141,6 +141,35 @@ def test_a_stored_database_refuses_streams_calling_a_function_but_queries_and_su
     db = laminardb.open(str(tmp_path / "db"))
     assert [s.name for s in db.streams()] == []
     db.close()
+
+
+def test_a_stored_database_keeps_a_module_level_function_for_its_streams(tmp_path):
+    """`bucket` is importable (`test_udf.bucket`): the database stores where it lives, and
+    the reopened database imports it before its stream is planned again."""
+    db = laminardb.open(str(tmp_path / "db"))
+    db.register_udf("bucket", bucket)
+    db.execute("CREATE SOURCE trades (symbol VARCHAR, price DOUBLE)")
+    db.execute("CREATE STREAM b AS SELECT symbol, bucket(price) AS b FROM trades")
+    db.insert("trades", [{"symbol": "A", "price": 42.0}])
+    db.close()
+    db = laminardb.open(str(tmp_path / "db"))
+    try:
+        sub = db.subscribe_stream("b")
+        db.insert("trades", [{"symbol": "B", "price": 57.0}])
+        assert poll_rows(sub, ("symbol", "b"), 1) == [("B", 5)]
+        # Registered again under the name as a lambda: no longer stored, and new
+        # streams calling it are refused.
+        db.register_udf("bucket", lambda p: p, pa.float64())
+        with pytest.raises(laminardb.LaminarError, match="imported again"):
+            db.execute("CREATE STREAM c AS SELECT bucket(price) AS b FROM trades")
+    finally:
+        db.close()
+    # The lambda lasted for that session only; the stored function still opens the stream.
+    db = laminardb.open(str(tmp_path / "db"))
+    try:
+        assert sorted(records(db.query("SELECT symbol, b FROM b"), "symbol", "b")) == [("A", 4), ("B", 5)]
+    finally:
+        db.close()
 
 
 def test_declared_argument_types_are_checked_and_cast_at_planning(db):

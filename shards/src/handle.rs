@@ -87,7 +87,9 @@ impl Handle {
         let max_event_ahead_ms = config.max_event_ahead_ms;
         let subscriber_queue_bytes = config.subscriber_queue_bytes;
         let (commands_tx, commands_rx) = flume::bounded(queue_capacity);
-        let published: Published = Arc::new(RwLock::new(Arc::new(Catalog::default())));
+        let mut catalog = Catalog::default();
+        catalog.functions = config.functions.clone();
+        let published: Published = Arc::new(RwLock::new(Arc::new(catalog)));
         let outputs: Outputs = Arc::default();
         let health = Arc::new(Health::default());
         let checkpoints: Arc<Mutex<CheckpointStats>> = Arc::default();

@@ -8,6 +8,9 @@ use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, StringArr
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 
+use parking_lot::Mutex;
+
+use super::user_agg::UserAcc;
 use super::{AggCall, AggKind, Domain};
 use crate::error::{Error, Result};
 
@@ -18,6 +21,8 @@ pub enum Values {
     Str(StringArray),
     /// `COUNT(*)`: every row counts.
     Star,
+    /// A user aggregate's arguments, as they are.
+    Columns(Vec<ArrayRef>),
 }
 
 impl Values {
@@ -45,7 +50,7 @@ impl Values {
             Values::Int(a) => a.is_valid(row),
             Values::Float(a) => a.is_valid(row),
             Values::Str(a) => a.is_valid(row),
-            Values::Star => true,
+            Values::Star | Values::Columns(_) => true,
         }
     }
 
@@ -65,7 +70,7 @@ impl Values {
             Values::Int(a) => Scalar::Int(a.value(row)),
             Values::Float(a) => Scalar::Float(a.value(row)),
             Values::Str(a) => Scalar::Str(a.value(row).into()),
-            Values::Star => Scalar::Int(1),
+            Values::Star | Values::Columns(_) => Scalar::Int(1),
         }
     }
 }
@@ -188,6 +193,9 @@ pub enum Acc {
     Distinct(Vec<HashSet<DistinctKey>>),
     /// Welford's running moments for STDDEV / VAR.
     Moments { kind: AggKind, n: Vec<f64>, mean: Vec<f64>, m2: Vec<f64> },
+    /// A user's function: an accumulator per group. Not in the operator's rkyv state
+    /// (`AggOperator::save` writes it apart as Arrow); shared by clones.
+    User(#[rkyv(with = rkyv::with::Skip)] Arc<Mutex<UserAcc>>),
 }
 
 impl Acc {
@@ -209,6 +217,10 @@ impl Acc {
                 Acc::FirstLast { first: call.kind == AggKind::First, time: Vec::new(), value: Vec::new(), seen: Vec::new() }
             }
             (AggKind::CountDistinct, _) => Acc::Distinct(Vec::new()),
+            (AggKind::User, _) => match &call.user {
+                Some(user) => Acc::User(Arc::new(Mutex::new(UserAcc::new(user)))),
+                None => return Err(Error::internal("a user aggregate without its function")),
+            },
             (AggKind::StddevSamp | AggKind::StddevPop | AggKind::VarSamp | AggKind::VarPop, Domain::Int | Domain::Float) => {
                 Acc::Moments { kind: call.kind, n: Vec::new(), mean: Vec::new(), m2: Vec::new() }
             }
@@ -252,6 +264,7 @@ impl Acc {
                 mean.resize(groups, 0.0);
                 m2.resize(groups, 0.0);
             }
+            Acc::User(user) => user.lock().resize(groups),
         }
     }
 
@@ -267,6 +280,7 @@ impl Acc {
             Acc::FirstLast { value, seen, .. } => (value[g], seen[g]) = (Scalar::Null, false),
             Acc::Distinct(sets) => sets[g] = HashSet::new(),
             Acc::Moments { n, mean, m2, .. } => (n[g], mean[g], m2[g]) = (0.0, 0.0, 0.0),
+            Acc::User(user) => user.lock().reset(g),
         }
     }
 
@@ -371,6 +385,10 @@ impl Acc {
                 mean[g] += delta / n[g];
                 m2[g] += delta * (x - mean[g]);
             }),
+            Acc::User(user) => {
+                let Values::Columns(args) = values else { return Err(Error::internal("a user aggregate without its arguments")) };
+                user.lock().update(args, rows, groups)?;
+            }
         }
         Ok(())
     }
@@ -444,8 +462,8 @@ impl Acc {
     }
 
     /// Folds group `src` into group `dst` (session windows merging; `merge_overflows`
-    /// was checked first).
-    pub fn merge(&mut self, dst: usize, src: usize) {
+    /// was checked first). Fails only for a user's function.
+    pub fn merge(&mut self, dst: usize, src: usize) -> Result<()> {
         match self {
             Acc::Count(c) => c[dst] += c[src],
             Acc::SumInt { sum, seen } => {
@@ -498,7 +516,7 @@ impl Acc {
             Acc::Moments { n, mean, m2, .. } => {
                 let (na, nb) = (n[dst], n[src]);
                 if nb == 0.0 {
-                    return;
+                    return Ok(());
                 }
                 let total = na + nb;
                 let delta = mean[src] - mean[dst];
@@ -506,7 +524,9 @@ impl Acc {
                 m2[dst] += m2[src] + delta * delta * na * nb / total;
                 n[dst] = total;
             }
+            Acc::User(user) => user.lock().merge(dst, src)?,
         }
+        Ok(())
     }
 
     /// The current results of `groups`, cast to `out_type`.
@@ -539,6 +559,7 @@ impl Acc {
                     })
                     .collect::<Float64Array>(),
             ),
+            Acc::User(user) => user.lock().evaluate(groups, out_type)?,
         };
         if array.data_type() == out_type {
             return Ok(array);
@@ -574,7 +595,7 @@ mod tests {
     use super::*;
 
     fn call(kind: AggKind, domain: Domain) -> AggCall {
-        AggCall { kind, arg: Some(0), domain, out_type: if domain == Domain::Int { DataType::Int64 } else { DataType::Float64 } }
+        AggCall { kind, arg: Some(0), domain, out_type: if domain == Domain::Int { DataType::Int64 } else { DataType::Float64 }, user: None }
     }
 
     fn run(kind: AggKind, values: Vec<Option<f64>>, groups: Vec<u32>) -> Vec<Option<f64>> {
@@ -623,7 +644,7 @@ mod tests {
         assert_eq!(fold(AggKind::Avg), vec![Some(2.0), Some(5.0)]);
         assert_eq!(fold(AggKind::First), vec![Some(2.0), Some(5.0)]);
         assert_eq!(fold(AggKind::Last), vec![Some(1.0), Some(5.0)]);
-        let mut star = Acc::new(&AggCall { kind: AggKind::Count, arg: None, domain: Domain::Int, out_type: DataType::Int64 }).unwrap();
+        let mut star = Acc::new(&AggCall { kind: AggKind::Count, arg: None, domain: Domain::Int, out_type: DataType::Int64, user: None }).unwrap();
         star.resize(2);
         star.update(&Values::Star, &rows, &groups, &times).unwrap();
         let counts = star.evaluate(&[0, 1], &DataType::Int64).unwrap();
@@ -646,7 +667,7 @@ mod tests {
         let arr: ArrayRef = Arc::new(Float64Array::from(v));
         let vals = Values::of(Some(&arr), Domain::Float).unwrap();
         acc.update(&vals, &(0..8).collect::<Vec<_>>(), &split, &[0; 8]).unwrap();
-        acc.merge(0, 1);
+        acc.merge(0, 1).unwrap();
         let merged = acc.evaluate(&[0], &DataType::Float64).unwrap();
         assert!((merged.as_primitive::<Float64Type>().value(0) - 4.0).abs() < 1e-12);
     }

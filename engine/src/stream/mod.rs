@@ -18,6 +18,7 @@ pub mod map;
 pub mod op;
 pub mod output;
 pub mod time;
+pub mod user_agg;
 pub mod window;
 
 use std::sync::Arc;
@@ -87,6 +88,8 @@ pub enum AggKind {
     StddevPop,
     VarSamp,
     VarPop,
+    /// A function the user registered (`AggCall::user`).
+    User,
 }
 
 /// The domain an aggregate argument is computed in: integers (and timestamps, dates),
@@ -129,6 +132,14 @@ pub struct AggCall {
     pub domain: Domain,
     /// The type DataFusion gives this aggregate's result.
     pub out_type: DataType,
+    /// `AggKind::User`: the function, and the columns holding its arguments.
+    pub user: Option<UserCall>,
+}
+
+#[derive(Clone, Debug)]
+pub struct UserCall {
+    pub function: Arc<dyn crate::functions::UserAggregate>,
+    pub args: Vec<usize>,
 }
 
 #[derive(Clone, Debug)]

@@ -96,6 +96,32 @@ struct AggState {
     net: Vec<i64>,
 }
 
+/// Begins `AggOperator::save`'s bytes when the stream has user aggregates: then follow
+/// the length of the rkyv `AggState`, the state, the number of user aggregates and each
+/// one's groups as Arrow IPC, length first (`u64`s and `u32` little-endian). Without
+/// user aggregates the bytes are the `AggState` alone, as before there were any.
+const USER_STATE_MAGIC: &[u8; 8] = b"LDBUAGG1";
+
+/// `AggState`'s bytes and the user aggregates' states, from what `save` wrote.
+fn split_user_state(bytes: &[u8]) -> Result<(&[u8], Vec<&[u8]>)> {
+    let Some(mut rest) = bytes.strip_prefix(USER_STATE_MAGIC.as_slice()) else { return Ok((bytes, Vec::new())) };
+    let bad = || Error::checkpoint("restoring aggregate state: the user aggregates' section is cut short");
+    let mut take = |n: usize| -> Result<&[u8]> {
+        let (head, tail) = rest.split_at_checked(n).ok_or_else(bad)?;
+        rest = tail;
+        Ok(head)
+    };
+    let len = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")) as usize;
+    let state = take(len)?;
+    let count = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+    let mut users = Vec::with_capacity(count.min(1024));
+    for _ in 0..count {
+        let len = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")) as usize;
+        users.push(take(len)?);
+    }
+    Ok((state, users))
+}
+
 /// Keyed aggregation, optionally over windows, on one shard: every group whose key this
 /// shard owns.
 pub struct AggOperator {
@@ -333,12 +359,23 @@ impl AggOperator {
         };
         let agg = &self.plan;
         let signs = agg.retract.map(|col| change_signs(batch.column(col))).transpose()?;
-        let values = agg.calls.iter().map(|call| Values::of(call.arg.map(|c| batch.column(c)), call.domain)).collect::<Result<Vec<_>>>()?;
+        let values = agg
+            .calls
+            .iter()
+            .map(|call| match &call.user {
+                Some(user) => Ok(Values::Columns(user.args.iter().map(|&c| batch.column(c).clone()).collect())),
+                None => Values::of(call.arg.map(|c| batch.column(c)), call.domain),
+            })
+            .collect::<Result<Vec<_>>>()?;
         // A SUM of integers can overflow: those run first, and if one fails, those done
         // are taken back and the batch is refused whole (nothing of it stays).
         let fallible: Vec<usize> = (0..self.accs.len()).filter(|&i| self.accs[i].fallible()).collect();
-        let saved: Vec<Vec<bool>> =
-            if fallible.len() > 1 { fallible.iter().map(|&i| self.accs[i].seen_flags(&pair_groups)).collect() } else { vec![] };
+        let users: Vec<usize> = (0..self.accs.len()).filter(|&i| matches!(self.accs[i], Acc::User(_))).collect();
+        let saved: Vec<Vec<bool>> = if fallible.len() > 1 || (!fallible.is_empty() && !users.is_empty()) {
+            fallible.iter().map(|&i| self.accs[i].seen_flags(&pair_groups)).collect()
+        } else {
+            vec![]
+        };
         for (k, &i) in fallible.iter().enumerate() {
             let result = match &signs {
                 Some(signs) => self.accs[i].update_signed(&values[i], &pair_rows, &pair_groups, signs),
@@ -352,7 +389,18 @@ impl AggOperator {
                 return Err(e);
             }
         }
-        for i in (0..self.accs.len()).filter(|i| !fallible.contains(i)) {
+        // Then the user's functions (Python may raise): a failure takes the sums back and
+        // refuses the batch; the user functions before it in the call list keep its rows.
+        for &i in &users {
+            if let Err(e) = self.accs[i].update(&values[i], &pair_rows, &pair_groups, &times) {
+                for (j, &done) in fallible.iter().enumerate() {
+                    self.accs[done].revert(&values[done], &pair_rows, &pair_groups, signs.as_deref(), &saved[j]);
+                }
+                self.reject(late_before);
+                return Err(e);
+            }
+        }
+        for i in (0..self.accs.len()).filter(|i| !fallible.contains(i) && !users.contains(i)) {
             match &signs {
                 Some(signs) => self.accs[i].update_signed(&values[i], &pair_rows, &pair_groups, signs)?,
                 None => self.accs[i].update(&values[i], &pair_rows, &pair_groups, &times)?,
@@ -493,7 +541,7 @@ impl AggOperator {
         for &g in &hits[1..] {
             self.stash(g, OP_DELETE)?;
             for acc in &mut self.accs {
-                acc.merge(keep as usize, g as usize);
+                acc.merge(keep as usize, g as usize)?;
             }
             // `EMIT EVERY`: the absorbed session's last emitted row is taken back with the
             // kept one's at the next tick.
@@ -670,12 +718,33 @@ impl AggOperator {
             net: self.net.clone(),
         };
         let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&state).map_err(|e| Error::internal(format!("saving aggregate state: {e}")))?;
-        Ok(bytes.into_vec())
+        let users = self
+            .accs
+            .iter()
+            .filter_map(|acc| match acc {
+                Acc::User(user) => Some(user.lock().save()),
+                _ => None,
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if users.is_empty() {
+            return Ok(bytes.into_vec());
+        }
+        let mut out = Vec::with_capacity(bytes.len() + 24 + users.iter().map(|u| u.len() + 8).sum::<usize>());
+        out.extend_from_slice(USER_STATE_MAGIC);
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(&bytes);
+        out.extend_from_slice(&(users.len() as u32).to_le_bytes());
+        for user in users {
+            out.extend_from_slice(&(user.len() as u64).to_le_bytes());
+            out.extend_from_slice(&user);
+        }
+        Ok(out)
     }
 
     /// The operator of `plan` with the state `save` wrote.
     pub fn restore(plan: Arc<AggPlan>, bytes: &[u8]) -> Result<AggOperator> {
         let mut op = AggOperator::new(plan)?;
+        let (bytes, users) = split_user_state(bytes)?;
         let state: AggState = crate::checkpoint::load_state(bytes, "aggregate state")?;
         if state.accs.len() != op.accs.len() {
             return Err(Error::internal("restoring aggregate state: the stream's aggregates changed"));
@@ -685,6 +754,13 @@ impl AggOperator {
         op.free = state.free;
         op.closing = state.closing.into_iter().collect();
         op.accs = state.accs;
+        let mut users = users.into_iter();
+        for (acc, call) in op.accs.iter_mut().zip(&op.plan.calls) {
+            if let Some(user) = &call.user {
+                let bytes = users.next().ok_or_else(|| Error::internal("restoring aggregate state: a user aggregate's state is missing"))?;
+                *acc = Acc::User(Arc::new(parking_lot::Mutex::new(crate::stream::user_agg::UserAcc::restore(user, bytes)?)));
+            }
+        }
         op.watermark = state.watermark;
         op.arrivals = state.arrivals;
         op.late_rows = state.late_rows;
@@ -924,8 +1000,8 @@ mod tests {
             out_fields.push(Field::new(super::super::OP_COLUMN, DataType::Utf8, false));
         }
         let calls = vec![
-            AggCall { kind: AggKind::Count, arg: None, domain: Domain::Int, out_type: DataType::Int64 },
-            AggCall { kind: AggKind::Sum, arg: Some(2), domain: Domain::Int, out_type: DataType::Int64 },
+            AggCall { kind: AggKind::Count, arg: None, domain: Domain::Int, out_type: DataType::Int64, user: None },
+            AggCall { kind: AggKind::Sum, arg: Some(2), domain: Domain::Int, out_type: DataType::Int64, user: None },
         ];
         Arc::new(AggPlan {
             input: branch_schema,

@@ -193,12 +193,16 @@ impl Coordinator {
                 if exists && if_not_exists {
                     return Ok(Outcome::Ddl { verb: verb.into(), object: name });
                 }
-                if let (Some(function), true) = (def.plan.functions.first(), self.durable.reopens) {
+                let functions = self.ddl.catalog.borrow().functions.clone();
+                let unstored = def.plan.functions.iter().find(|f| !functions.is_stored(f));
+                if let (Some(function), true) = (unstored, self.durable.reopens) {
                     if !name.starts_with(TRANSIENT_PREFIX) {
                         return Err(Error::unsupported(format!(
-                            "'{name}' calls the Python function '{function}' in a database with storage: functions are \
-                             not stored, so it could not be planned again when the database reopens (use it in queries \
-                             and subscriptions, or in streams of an in-memory database)"
+                            "'{name}' calls the Python function '{function}' in a database with storage, and that \
+                             function cannot be imported again when the database reopens (a lambda, a local function \
+                             or class, or one its module does not name): register a function or class defined at a \
+                             module's top level, or use it in queries and subscriptions, or in streams of an in-memory \
+                             database"
                         )));
                     }
                 }
