@@ -3,11 +3,11 @@
 //! A row dict whose values are plain Python scalars of its columns' kinds (the feed
 //! handler's `insert(dict)` per tick) is checked and appended to Arrow builders while the
 //! GIL is held, and `insert` returns: every error its values can cause is found there.
-//! The buffered rows go to the engine as one insert whenever nothing of this writer is in
-//! flight, so a batch is what arrived while the previous one was being stored (natural
-//! batching: one row at a time when the feed is slow, large batches when it is fast).
-//! Whoever holds the `sending` token sends: the caller, when it finds nothing in flight;
-//! otherwise the writer's flusher thread (started on first need), which waits for the
+//! The buffered rows go to the engine as one insert whenever the writer has fewer than
+//! `IN_FLIGHT_MAX` inserts in flight, so a batch is what arrived while earlier ones were
+//! being stored (natural batching: one row at a time when the feed is slow, large batches
+//! when it is fast). Whoever holds the `sending` token sends: the caller, when it finds
+//! room; otherwise the writer's flusher thread (started on first need), which waits for an
 //! answer and sends what has gathered. Neither needs the GIL: the buffer is Rust.
 //! Other inputs (lists, frames, Arrow) are converted and cast in the call (their errors are
 //! raised there), then sent behind the buffered rows. The engine's own failures (storage,
@@ -43,8 +43,13 @@ pub const NO_WATERMARK: i64 = i64::MIN;
 /// Rows a writer buffers at most while an insert is in flight; the caller then waits.
 const BUFFER_ROWS_MAX: usize = 65_536;
 
-/// How long a caller waits for the insert in flight before leaving its row to a flusher
-/// that is asleep.
+/// Inserts a writer has in flight at most: rows arriving meanwhile gather into the next
+/// one. Two, not one: a feed at rest sends its next row before the engine has answered
+/// for the last one (its subscriber has it already), and should not wait for that answer.
+const IN_FLIGHT_MAX: usize = 2;
+
+/// How long a caller waits for room in flight before leaving its row to a flusher that is
+/// asleep.
 const ANSWER_SPIN: std::time::Duration = std::time::Duration::from_micros(20);
 
 #[pyclass(name = "Writer", module = "laminardb", frozen)]
@@ -69,7 +74,8 @@ pub struct Shared {
     wake: Condvar,
     /// Held by the one thread that seals, sends and takes answers: keeps inserts in order.
     sending: AtomicBool,
-    in_flight: Mutex<Option<InFlight>>,
+    /// Inserts sent and not yet answered, oldest first (at most `IN_FLIGHT_MAX`).
+    in_flight: Mutex<std::collections::VecDeque<InFlight>>,
     /// Rows accepted and not yet answered for.
     unsettled: AtomicU64,
     failed: AtomicBool,
@@ -294,26 +300,44 @@ impl Shared {
         self.sending.store(false, Ordering::Release);
     }
 
-    /// With the token: takes the answer of the insert in flight, waiting for it if `wait`.
-    /// True when nothing is in flight any more.
-    fn answered(&self, wait: bool) -> bool {
-        let mut slot = self.in_flight.lock();
-        let Some(flight) = slot.as_ref() else { return true };
-        if !wait && !self.handle.is_answered(&flight.sent) {
-            return false;
+    /// With the token: takes the answers that have come; with `wait`, waits for the
+    /// oldest insert while `IN_FLIGHT_MAX` are in flight. True when one more may be sent.
+    fn room(&self, wait: bool) -> bool {
+        loop {
+            let mut flights = self.in_flight.lock();
+            let Some(oldest) = flights.front() else { return true };
+            let answered = self.handle.is_answered(&oldest.sent);
+            if !answered && (flights.len() < IN_FLIGHT_MAX || !wait) {
+                return flights.len() < IN_FLIGHT_MAX;
+            }
+            let InFlight { sent, rows } = flights.pop_front().expect("checked above");
+            drop(flights);
+            match self.handle.finish(sent, true) {
+                Some(Ok(stored)) => self.state.count_events(stored),
+                Some(Err(e)) => self.fail(e, rows),
+                None => {}
+            }
+            self.unsettled.fetch_sub(rows, Ordering::AcqRel);
         }
-        let InFlight { sent, rows } = slot.take().expect("checked above");
-        drop(slot);
-        match self.handle.finish(sent, true) {
-            Some(Ok(stored)) => self.state.count_events(stored),
-            Some(Err(e)) => self.fail(e, rows),
-            None => {}
-        }
-        self.unsettled.fetch_sub(rows, Ordering::AcqRel);
-        true
     }
 
-    /// With the token and nothing in flight: sends the buffered rows as one insert. False
+    /// With the token: waits until every insert in flight is answered.
+    fn drain(&self) {
+        while !self.in_flight.lock().is_empty() {
+            self.room(true);
+            let oldest = self.in_flight.lock().pop_front();
+            if let Some(InFlight { sent, rows }) = oldest {
+                match self.handle.finish(sent, true) {
+                    Some(Ok(stored)) => self.state.count_events(stored),
+                    Some(Err(e)) => self.fail(e, rows),
+                    None => {}
+                }
+                self.unsettled.fetch_sub(rows, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// With the token and room in flight: sends the buffered rows as one insert. False
     /// when there were none.
     fn send_buffered(&self) -> bool {
         let Some((columns, rows, born)) = self.buffer.lock().take() else { return false };
@@ -335,7 +359,7 @@ impl Shared {
 
     fn in_flight(&self, sent: laminardb_engine::Result<SentInsert>, rows: u64) {
         match sent {
-            Ok(sent) => *self.in_flight.lock() = Some(InFlight { sent, rows }),
+            Ok(sent) => self.in_flight.lock().push_back(InFlight { sent, rows }),
             Err(e) => {
                 self.fail(e, rows);
                 self.unsettled.fetch_sub(rows, Ordering::AcqRel);
@@ -347,7 +371,7 @@ impl Shared {
     fn flush(&self) {
         self.take_token();
         while {
-            self.answered(true);
+            self.drain();
             self.send_buffered()
         } {}
         self.release_token();
@@ -400,7 +424,7 @@ fn run_flusher(shared: Arc<Shared>) {
             }
         }
         shared.take_token();
-        shared.answered(true);
+        shared.room(true);
         shared.send_buffered();
         shared.release_token();
     }
@@ -425,7 +449,7 @@ impl PyWriter {
             }),
             wake: Condvar::new(),
             sending: AtomicBool::new(false),
-            in_flight: Mutex::new(None),
+            in_flight: Mutex::new(std::collections::VecDeque::new()),
             unsettled: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -451,9 +475,8 @@ impl PyWriter {
         // rest: its last row is already through), so wait that long for it first.
         let flusher_idle = flusher_waiting || self.flusher.lock().is_none();
         if shared.try_token() {
-            let answered = shared.answered(false)
-                || (flusher_idle && poll_for(ANSWER_SPIN, || shared.answered(false).then_some(())).is_some());
-            if answered {
+            let room = shared.room(false) || (flusher_idle && poll_for(ANSWER_SPIN, || shared.room(false).then_some(())).is_some());
+            if room {
                 py.detach(|| shared.send_buffered());
                 shared.release_token();
                 return self.raise_failure();
@@ -463,7 +486,7 @@ impl PyWriter {
         if full {
             py.detach(|| {
                 shared.take_token();
-                shared.answered(true);
+                shared.room(true);
                 shared.send_buffered();
                 shared.release_token();
             });
@@ -517,7 +540,7 @@ impl Drop for PyWriter {
             let shared = self.shared.clone();
             let _ = std::thread::Builder::new().name("laminar-writer".into()).spawn(move || {
                 shared.take_token();
-                shared.answered(true);
+                shared.room(true);
                 shared.send_buffered();
                 shared.release_token();
             });
@@ -576,9 +599,9 @@ impl PyWriter {
             let rows = insert.rows() as u64;
             shared.unsettled.fetch_add(rows, Ordering::AcqRel);
             shared.take_token();
-            shared.answered(true);
+            shared.room(true);
             shared.send_buffered();
-            shared.answered(true);
+            shared.room(true);
             shared.in_flight(shared.handle.send_insert(insert, Instant::now()), rows);
             shared.release_token();
             Ok(())
@@ -601,7 +624,7 @@ impl PyWriter {
         let mark = laminardb_engine::dataflow::Watermark::decode(timestamp);
         let merged = blocking(py, || {
             shared.take_token();
-            shared.answered(true);
+            shared.room(true);
             shared.send_buffered();
             shared.release_token();
             shared.handle.watermark(&shared.source, mark)
