@@ -414,7 +414,17 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
     };
     let hidden = ddl.name.starts_with(TRANSIENT_PREFIX) || ddl.name.starts_with(crate::sink::SINK_STREAM_PREFIX);
     let functions = user_functions(&plan, catalog)?;
-    let plan = StreamPlan { name: ddl.name.clone(), sql: sql.to_string(), dag, schema, materialized: ddl.materialized, backfill: !hidden, functions };
+    let changes_asked = changelog && ddl.emit.is_some();
+    let plan = StreamPlan {
+        name: ddl.name.clone(),
+        sql: sql.to_string(),
+        dag,
+        schema,
+        materialized: ddl.materialized,
+        backfill: !hidden,
+        functions,
+        changes_asked,
+    };
     Ok(StreamDef { name: ddl.name.clone(), sql: sql.to_string(), plan: Arc::new(plan), table_schema: select_schema })
 }
 

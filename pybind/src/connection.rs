@@ -648,8 +648,10 @@ impl PyConnection {
 
     fn schema<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
         let catalog = self.open()?.catalog();
+        // A changelog stream reports its change column only if its SQL asked for changes.
         let schema = match catalog.stream(name) {
-            Ok(stream) => stream.plan.schema.clone(),
+            Ok(stream) if stream.plan.changes_asked => stream.plan.schema.clone(),
+            Ok(stream) => stream.table_schema.clone(),
             Err(_) => catalog.source(name).py()?.schema.clone(),
         };
         PySchema::new(schema).into_pyarrow(py)

@@ -436,3 +436,19 @@ def test_metrics_in_the_prometheus_format_and_served_over_http(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError("the metrics endpoint outlived its connection")
+
+
+def test_a_streams_schema_shows_the_change_column_only_when_its_sql_asked_for_changes(db):
+    db.execute("CREATE SOURCE t (k VARCHAR, v BIGINT)")
+    db.execute("CREATE STREAM totals AS SELECT k, SUM(v) AS total FROM t GROUP BY k")
+    db.execute("CREATE STREAM changes AS SELECT k, SUM(v) AS total FROM t GROUP BY k EMIT CHANGES")
+    db.execute("CREATE MATERIALIZED VIEW counts AS SELECT k, COUNT(*) AS n FROM t GROUP BY k")
+    assert db.schema("totals").names == ["k", "total"]
+    assert db.schema("changes").names == ["k", "total", "_op"]
+    view = laminardb.mv(db, "counts")
+    assert view.sql == "CREATE MATERIALIZED VIEW counts AS SELECT k, COUNT(*) AS n FROM t GROUP BY k"
+    assert view.schema().arrow_schema.names == ["k", "n"]
+    db.insert("t", [{"k": "a", "v": 2}, {"k": "a", "v": 3}])
+    # What the schema says is what a query of the stream returns.
+    assert db.query("SELECT * FROM totals").to_dicts() == {"k": ["a"], "total": [5]}
+    assert view.query().to_dicts() == {"k": ["a"], "n": [2]}

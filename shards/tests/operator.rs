@@ -97,7 +97,7 @@ impl Frontend for DedupeFrontend {
                 let mut dag = Dag::default();
                 let spec = Arc::new(DedupeSpec { schema: schema() });
                 dag.add(spec, vec![Port { from: Upstream::Input("t".into()), route: Route::Key(1) }]);
-                let plan = StreamPlan { name: "firsts".into(), sql: sql.into(), dag, schema: schema(), materialized: false, backfill: true, functions: Vec::new() };
+                let plan = StreamPlan { name: "firsts".into(), sql: sql.into(), dag, schema: schema(), materialized: false, backfill: true, functions: Vec::new(), changes_asked: false };
                 let def = StreamDef { name: "firsts".into(), sql: sql.into(), plan: Arc::new(plan), table_schema: schema() };
                 Ok(Statement::CreateStream { def, if_not_exists: false, or_replace: false })
             }

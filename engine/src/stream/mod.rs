@@ -213,6 +213,10 @@ pub struct StreamPlan {
     pub backfill: bool,
     /// The Python functions it calls (`crate::functions`).
     pub functions: Vec<String>,
+    /// Its SQL asked for a changelog (`EMIT CHANGES`, `EMIT EVERY`): its schema, as
+    /// `schema()` reports it, shows the change column; without, a changelog stream (a
+    /// GROUP BY without a window) reports the rows it holds, as queries read them.
+    pub changes_asked: bool,
 }
 
 impl StreamPlan {

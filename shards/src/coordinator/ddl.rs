@@ -276,7 +276,7 @@ impl Coordinator {
                 let spec = SinkPlan { connector: def.connector.clone(), options: def.options.clone(), schema: input.schema.clone(), counters: counters.clone() };
                 let mut dag = Dag::default();
                 dag.add(Arc::new(spec), vec![Port { from: Upstream::Input(def.input.clone()), route: Route::Forward }]);
-                let plan = Arc::new(StreamPlan { name: name.clone(), sql: def.sql.clone(), dag, schema: input.schema.clone(), materialized: false, backfill: false, functions: Vec::new() });
+                let plan = Arc::new(StreamPlan { name: name.clone(), sql: def.sql.clone(), dag, schema: input.schema.clone(), materialized: false, backfill: false, functions: Vec::new(), changes_asked: false });
                 self.outputs.write().insert(name.clone(), counters.clone());
                 // No insert half-way: every shard's sink starts with the same rows.
                 let _dispatching = self.ingest.dispatch_lock.lock().await;
