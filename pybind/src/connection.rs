@@ -312,8 +312,8 @@ impl PyConnection {
         crate::functions::register(py, &handle.catalog().functions, self.storage.as_deref(), &sql_name, function, spec)
     }
 
-    /// Makes `class` callable from SQL as the aggregate `name` (see `laminardb.udaf`): in
-    /// GROUP BY queries and in streams of an in-memory database (functions are not stored).
+    /// Makes `cls` callable from SQL as the aggregate `name` (see `laminardb.udaf`): in
+    /// GROUP BY queries and streams (with storage, as for `register_udf`).
     #[pyo3(signature = (name, cls, return_type=None, accumulator_type=None, *, arg_types=None))]
     fn register_udaf(
         &self,

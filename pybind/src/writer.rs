@@ -310,15 +310,20 @@ impl Shared {
             if !answered && (flights.len() < IN_FLIGHT_MAX || !wait) {
                 return flights.len() < IN_FLIGHT_MAX;
             }
-            let InFlight { sent, rows } = flights.pop_front().expect("checked above");
+            let oldest = flights.pop_front().expect("checked above");
             drop(flights);
-            match self.handle.finish(sent, true) {
-                Some(Ok(stored)) => self.state.count_events(stored),
-                Some(Err(e)) => self.fail(e, rows),
-                None => {}
-            }
-            self.unsettled.fetch_sub(rows, Ordering::AcqRel);
+            self.take_answer(oldest);
         }
+    }
+
+    /// Waits for an insert's answer: its rows counted, or its failure kept.
+    fn take_answer(&self, InFlight { sent, rows }: InFlight) {
+        match self.handle.finish(sent, true) {
+            Some(Ok(stored)) => self.state.count_events(stored),
+            Some(Err(e)) => self.fail(e, rows),
+            None => {}
+        }
+        self.unsettled.fetch_sub(rows, Ordering::AcqRel);
     }
 
     /// With the token: waits until every insert in flight is answered.
@@ -326,13 +331,8 @@ impl Shared {
         while !self.in_flight.lock().is_empty() {
             self.room(true);
             let oldest = self.in_flight.lock().pop_front();
-            if let Some(InFlight { sent, rows }) = oldest {
-                match self.handle.finish(sent, true) {
-                    Some(Ok(stored)) => self.state.count_events(stored),
-                    Some(Err(e)) => self.fail(e, rows),
-                    None => {}
-                }
-                self.unsettled.fetch_sub(rows, Ordering::AcqRel);
+            if let Some(flight) = oldest {
+                self.take_answer(flight);
             }
         }
     }

@@ -93,23 +93,23 @@ def udaf(
         raise TypeError("udaf: accumulator_type must be a pyarrow.struct naming the state's attributes")
 
     def mark(cls: type) -> type:
-        if not isinstance(cls, type):
-            raise TypeError("udaf: decorates a class")
-        missing = [m for m in ("accumulate", "merge", "evaluate") if not callable(getattr(cls, m, None))]
-        if missing:
-            raise TypeError(f"udaf: {cls.__name__} lacks {', '.join(missing)}")
+        _check_udaf_class("udaf", cls)
         setattr(cls, _UDAF_MARK, {"return_type": return_type, "accumulator_type": accumulator_type, "arg_types": arg_types})
         return cls
 
     return mark
 
 
-def _udaf_spec(cls: Any) -> dict:
+def _check_udaf_class(who: str, cls: Any) -> None:
     if not isinstance(cls, type):
-        raise TypeError("register_udaf: takes a class (with accumulate, merge and evaluate)")
+        raise TypeError(f"{who}: takes a class (with accumulate, merge and evaluate)")
     missing = [m for m in ("accumulate", "merge", "evaluate") if not callable(getattr(cls, m, None))]
     if missing:
-        raise TypeError(f"register_udaf: {cls.__name__} lacks {', '.join(missing)}")
+        raise TypeError(f"{who}: {cls.__name__} lacks {', '.join(missing)}")
+
+
+def _udaf_spec(cls: Any) -> dict:
+    _check_udaf_class("register_udaf", cls)
     return getattr(cls, _UDAF_MARK, None) or {}
 
 
