@@ -27,8 +27,13 @@ pub trait UserAggregate: Send + Sync + std::fmt::Debug {
     fn udaf(&self) -> Arc<AggregateUDF>;
     /// A fresh accumulator: one group's state before any row.
     fn accumulator(&self) -> Result<Box<dyn Accumulator>>;
-    /// The fields of `Accumulator::state`, in its order.
-    fn state_fields(&self) -> Vec<FieldRef>;
+    /// The fields of `Accumulator::state`, in its order, for arguments of `args`' types.
+    fn state_fields(&self, args: &[arrow::datatypes::DataType]) -> Vec<FieldRef>;
+    /// Its state is the group's rows themselves (a Python scalar function called over a
+    /// group, `planner::group_call`): a stream takes it only over a window.
+    fn keeps_rows(&self) -> bool {
+        false
+    }
     /// An accumulator holding exactly the state in row `row` of `states` (one array per
     /// state field), as `Accumulator::state` gave it.
     fn restore(&self, states: &[ArrayRef], row: usize) -> Result<Box<dyn Accumulator>>;
@@ -63,12 +68,24 @@ impl Functions {
         self.version.fetch_add(1, Ordering::Release);
     }
 
+    /// Forgets the aggregate `name`, if there is one.
+    pub fn remove_aggregate(&self, name: &str) {
+        if self.aggregates.write().remove(name).is_some() {
+            self.stored.write().remove(name);
+            self.version.fetch_add(1, Ordering::Release);
+        }
+    }
+
     pub fn all(&self) -> Vec<Arc<ScalarUDF>> {
         self.by_name.read().values().cloned().collect()
     }
 
     pub fn all_aggregates(&self) -> Vec<Arc<dyn UserAggregate>> {
         self.aggregates.read().values().cloned().collect()
+    }
+
+    pub fn all_aggregate_names(&self) -> Vec<String> {
+        self.aggregates.read().keys().cloned().collect()
     }
 
     pub fn aggregate(&self, name: &str) -> Option<Arc<dyn UserAggregate>> {

@@ -7,6 +7,7 @@
 
 pub mod adhoc;
 pub mod ddl;
+pub mod group_call;
 pub mod interval;
 pub mod limits;
 pub mod sink;
@@ -205,6 +206,9 @@ impl Frontend for SqlFrontend {
             return Ok(ddl);
         }
         self.sync_tables(catalog, &access)?;
+        // A Python function over a group's rows becomes its aggregate twin (`group_call`).
+        let rewritten = group_call::rewrite_sql(statement, &catalog.functions);
+        let statement = rewritten.as_deref().unwrap_or(statement);
         let runtime = self.runtime()?.handle().clone();
         if let Some(windowed) = adhoc::plan_windowed_query(catalog, statement, access.clone(), &runtime)? {
             exportable(&windowed.schema())?;

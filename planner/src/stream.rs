@@ -373,7 +373,8 @@ fn table_of(from: &[datafusion::sql::sqlparser::ast::TableWithJoins], qualifier:
 
 /// Plans a continuous query over `catalog`.
 pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &tokio::runtime::Handle) -> Result<StreamDef> {
-    let (rewritten, windows) = rewrite_windows(&ddl.query)?;
+    let query = crate::group_call::rewrite_sql(&ddl.query, &catalog.functions);
+    let (rewritten, windows) = rewrite_windows(query.as_deref().unwrap_or(&ddl.query))?;
     let window = match windows.as_slice() {
         [w] => w.as_ref(),
         many if many.iter().any(Option::is_some) => {
@@ -926,15 +927,23 @@ impl Lowering<'_> {
             }
             let out_type = a.schema.field(a.schema.fields().len() - a.aggr_expr.len() + i).data_type().clone();
             if let Some(function) = user {
-                let mut args = Vec::with_capacity(af.params.args.len());
+                if function.keeps_rows() && window.is_none() {
+                    let name = af.func.name().trim_end_matches("__agg");
+                    return Err(Error::unsupported(format!(
+                        "{name}() over the rows of each group in a stream without a window: it would keep every row \
+                         for ever; group by a window, or write the aggregate as a @laminardb.udaf class"
+                    )));
+                }
+                let (mut args, mut arg_types) = (Vec::new(), Vec::new());
                 for (j, arg) in af.params.args.iter().enumerate() {
                     let t = arg.get_type(in_schema)?;
                     exprs.push(physical(arg, in_schema, props)?);
-                    fields.push(Field::new(format!("arg{i}_{j}"), t, true));
+                    fields.push(Field::new(format!("arg{i}_{j}"), t.clone(), true));
                     args.push(exprs.len() - 1);
+                    arg_types.push(t);
                 }
                 let arg = args.first().copied();
-                calls.push(AggCall { kind, arg, domain: Domain::Int, out_type, user: Some(UserCall { function, args }) });
+                calls.push(AggCall { kind, arg, domain: Domain::Int, out_type, user: Some(UserCall { function, args, arg_types }) });
                 continue;
             }
             let (arg, domain) = match af.params.args.as_slice() {

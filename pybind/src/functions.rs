@@ -91,16 +91,26 @@ pub fn declared_arg_types(given: Option<Vec<PyDataType>>, spec: &Bound<'_, PyAny
     })
 }
 
-/// Puts `object` in the registry as `name` (already checked by `function_name`).
+/// Puts `object` in the registry as `name` (already checked by `function_name`); a
+/// vectorized function with its aggregate twin (`group_call`), for calls over a group.
 fn add(functions: &Functions, name: &str, object: Bound<'_, PyAny>, spec: &Spec) {
+    let twin = laminardb_planner::group_call::twin_name(name);
     match spec {
-        Spec::Scalar { return_type, arg_types, vectorized } => functions.register(crate::udf::python_udf(
-            name,
-            object.unbind(),
-            return_type.clone(),
-            arg_types.clone(),
-            *vectorized,
-        )),
+        Spec::Scalar { return_type, arg_types, vectorized } => {
+            functions.register(crate::udf::python_udf(
+                name,
+                object.clone().unbind(),
+                return_type.clone(),
+                arg_types.clone(),
+                *vectorized,
+            ));
+            if *vectorized {
+                let signature = crate::udf::signature(arg_types.clone());
+                functions.register_aggregate(&twin, crate::group_call::twin(&twin, name, object.unbind(), return_type.clone(), signature));
+            } else {
+                functions.remove_aggregate(&twin);
+            }
+        }
         Spec::Aggregate { return_type, state, arg_types } => functions.register_aggregate(
             name,
             crate::udaf::python_udaf(name, object.unbind(), return_type.clone(), state.clone(), arg_types.clone()),
@@ -118,10 +128,19 @@ pub fn register(py: Python<'_>, functions: &Functions, storage: Option<&str>, na
             .call_method1("_store_function", (dir, name, spec.kind(), object, spec.to_py(py)?))?
             .extract()?;
         if stored {
-            functions.mark_stored(name);
+            mark_stored(functions, name);
         }
     }
     Ok(())
+}
+
+/// `name` (and its twin, if it has one) will be there again when the database reopens.
+fn mark_stored(functions: &Functions, name: &str) {
+    functions.mark_stored(name);
+    let twin = laminardb_planner::group_call::twin_name(name);
+    if functions.aggregate(&twin).is_some() {
+        functions.mark_stored(&twin);
+    }
 }
 
 /// The functions `<dir>/FUNCTIONS` names, imported again, for a database about to open
@@ -133,7 +152,7 @@ pub fn load(py: Python<'_>, dir: &str) -> PyResult<Functions> {
     for item in loaded.try_iter()? {
         let (name, kind, object, spec): (String, String, Bound<'_, PyAny>, Bound<'_, PyAny>) = item?.extract()?;
         add(&functions, &name, object, &Spec::from_py(&kind, &spec)?);
-        functions.mark_stored(&name);
+        mark_stored(&functions, &name);
     }
     Ok(functions)
 }

@@ -16,6 +16,7 @@ mod py_sink;
 mod result;
 mod subscription;
 mod functions;
+mod group_call;
 mod udaf;
 mod udf;
 mod writer;

@@ -16,7 +16,7 @@ use arrow::datatypes::{DataType, FieldRef, Fields};
 use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
-use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, Signature, TypeSignature, Volatility};
+use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, Signature};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 use pyo3_arrow::{PyArray, PyDataType};
@@ -224,7 +224,7 @@ impl UserAggregate for Registered {
         Ok(Box::new(self.class.new_instance()?))
     }
 
-    fn state_fields(&self) -> Vec<FieldRef> {
+    fn state_fields(&self, _args: &[DataType]) -> Vec<FieldRef> {
         self.class.state.iter().cloned().collect()
     }
 
@@ -248,11 +248,7 @@ pub fn python_udaf(
     state: Fields,
     arg_types: Option<Vec<DataType>>,
 ) -> Arc<dyn UserAggregate> {
-    let signature = match arg_types {
-        Some(types) if types.is_empty() => Signature::nullary(Volatility::Volatile),
-        Some(types) => Signature::exact(types, Volatility::Volatile),
-        None => Signature::one_of(vec![TypeSignature::Nullary, TypeSignature::VariadicAny], Volatility::Volatile),
-    };
+    let signature = crate::udf::signature(arg_types);
     let class = Arc::new(Class {
         id: IDS.fetch_add(1, Ordering::Relaxed),
         name: name.to_string(),

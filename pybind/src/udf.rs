@@ -59,13 +59,7 @@ impl Hash for PythonUdf {
 /// `func` as SQL function `name`; with `arg_types`, planning checks (and casts) the
 /// arguments to them, else any arguments are taken.
 pub fn python_udf(name: &str, func: Py<PyAny>, return_type: DataType, arg_types: Option<Vec<DataType>>, vectorized: bool) -> ScalarUDF {
-    // Volatile: Python functions may keep state, so a call with literal arguments is not
-    // folded into a constant at planning.
-    let signature = match arg_types {
-        Some(types) if types.is_empty() => Signature::nullary(Volatility::Volatile),
-        Some(types) => Signature::exact(types, Volatility::Volatile),
-        None => Signature::one_of(vec![TypeSignature::Nullary, TypeSignature::VariadicAny], Volatility::Volatile),
-    };
+    let signature = signature(arg_types);
     ScalarUDF::new_from_impl(PythonUdf {
         id: IDS.fetch_add(1, Ordering::Relaxed),
         name: name.to_string(),
@@ -75,6 +69,17 @@ pub fn python_udf(name: &str, func: Py<PyAny>, return_type: DataType, arg_types:
         signature,
         helpers: pyo3::sync::PyOnceLock::new(),
     })
+}
+
+/// A Python function's signature: with `arg_types`, planning checks (and casts) the
+/// arguments to them, else any arguments are taken. Volatile: Python functions may keep
+/// state, so a call with literal arguments is not folded into a constant at planning.
+pub fn signature(arg_types: Option<Vec<DataType>>) -> Signature {
+    match arg_types {
+        Some(types) if types.is_empty() => Signature::nullary(Volatility::Volatile),
+        Some(types) => Signature::exact(types, Volatility::Volatile),
+        None => Signature::one_of(vec![TypeSignature::Nullary, TypeSignature::VariadicAny], Volatility::Volatile),
+    }
 }
 
 impl ScalarUDFImpl for PythonUdf {

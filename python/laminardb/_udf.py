@@ -15,6 +15,7 @@ import sys
 from typing import Any, Callable, List, Optional
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - functions written as `pa.compute.…` (the specification's examples) find it
 
 _MARK = "__laminardb_udf__"
 
@@ -229,3 +230,17 @@ def _load_functions(directory: str) -> list:
             continue
         out.append((name, entry["kind"], obj, spec))
     return out
+
+
+def _invoke_group(func: Callable, args: list, return_type: pa.DataType) -> pa.Array:
+    """A vectorized function called over a whole group: its one value, as a 1-array."""
+    out = func(*args)
+    if isinstance(out, pa.ChunkedArray):
+        out = out.combine_chunks()
+    if isinstance(out, pa.Array):
+        if len(out) != 1:
+            raise ValueError(f"returned {len(out)} values for one group (over a group, return one value)")
+        out = out[0]
+    if isinstance(out, pa.Scalar):
+        out = out.as_py()
+    return pa.array([out], type=return_type)

@@ -337,3 +337,38 @@ def test_a_checkpoint_saves_the_functions_state_and_the_stream_goes_on(db):
         assert not math.isnan(got["B"])
     finally:
         conn.close()
+
+
+@laminardb.udaf(
+    return_type=pa.float64(),
+    accumulator_type=pa.struct([("sum", pa.float64()), ("count", pa.int64())]),
+)
+class ExponentialMovingAverage:
+    """The specification's example, its bodies filled in: `sum` holds the average so far."""
+
+    def __init__(self, alpha: float = 0.1):
+        self.alpha = alpha
+        self.sum = 0.0
+        self.count = 0
+
+    def accumulate(self, values: pa.Array) -> None:
+        for v in values.to_pylist():
+            self.sum = v if self.count == 0 else self.alpha * v + (1 - self.alpha) * self.sum
+            self.count += 1
+
+    def merge(self, other: "ExponentialMovingAverage") -> None:
+        if self.count == 0:
+            self.sum, self.count = other.sum, other.count
+
+    def evaluate(self) -> pa.Scalar:
+        return pa.scalar(self.sum if self.count else None, type=pa.float64())
+
+
+def test_the_specs_ema_example_runs_as_written(sharded_db):
+    sharded_db.register_udaf("ema", ExponentialMovingAverage)
+    # An EMA depends on the order of rows: each symbol's rows stay on one shard, in order.
+    sharded_db.execute("CREATE SOURCE trades (symbol VARCHAR, price DOUBLE) WITH (partition_key = 'symbol')")
+    prices = {"A": [10.0, 20.0, 15.0], "B": [7.0]}
+    sharded_db.insert("trades", [{"symbol": s, "price": p} for s in "AB" for p in prices[s]])
+    result = sharded_db.query("SELECT symbol, ema(price) FROM trades GROUP BY symbol")
+    assert dict(result.fetchall()) == {s: ema(ps, alpha=0.1) for s, ps in prices.items()}

@@ -187,3 +187,63 @@ def test_declared_argument_types_are_checked_and_cast_at_planning(db):
         db.query("SELECT ratio(a, b, b) FROM t")
     with pytest.raises(laminardb.LaminarError, match="ratio"):
         db.execute("CREATE STREAM bad AS SELECT ratio(s, b) AS r FROM t")
+
+
+@laminardb.udf(return_type=pa.float64())
+def vwap(prices: pa.Array, volumes: pa.Array) -> pa.Array:
+    """The specification's example, as written (`pa.compute` without importing it)."""
+    return pa.compute.divide(pa.compute.sum(pa.compute.multiply(prices, volumes)), pa.compute.sum(volumes))
+
+
+VWAP_ROWS = [("A", 10.0, 1.0, 0), ("A", 12.0, 3.0, 100), ("B", 5.0, 2.0, 200), ("A", 14.0, 4.0, 1_500), ("B", 7.0, 2.0, 1_600)]
+
+
+def vwap_of(rows):
+    return sum(p * v for p, v in rows) / sum(v for _, v in rows)
+
+
+def vwap_source(conn):
+    conn.register_udf("vwap", vwap)
+    conn.execute(
+        "CREATE SOURCE trades (symbol VARCHAR, price DOUBLE, volume DOUBLE, ts TIMESTAMP(3), "
+        "WATERMARK FOR ts AS ts - INTERVAL '0' SECOND)"
+    )
+
+
+def test_a_vectorized_function_over_a_group_runs_once_per_group_as_the_spec_writes_it(sharded_db):
+    vwap_source(sharded_db)
+    for sym, p, v, at in VWAP_ROWS:
+        sharded_db.insert("trades", {"symbol": sym, "price": p, "volume": v, "ts": at})
+    result = sharded_db.query("SELECT symbol, vwap(price, volume) FROM trades GROUP BY symbol")
+    assert result.to_arrow().schema.names == ["symbol", "vwap(trades.price,trades.volume)"]
+    want = {s: vwap_of([(p, v) for sym, p, v, _ in VWAP_ROWS if sym == s]) for s in "AB"}
+    assert dict(result.fetchall()) == want
+    # Inside another expression, and under a window in a stream: per group, exact.
+    rounded = sharded_db.query("SELECT symbol, ROUND(vwap(price, volume), 1) AS v FROM trades GROUP BY symbol")
+    assert dict(rounded.fetchall()) == {s: round(x, 1) for s, x in want.items()}
+    sharded_db.execute(
+        "CREATE STREAM bars AS SELECT symbol, window_start, vwap(price, volume) AS v FROM trades "
+        "GROUP BY symbol, TUMBLE(ts, INTERVAL '1' SECOND)"
+    )
+    sub = sharded_db.subscribe_stream("bars")
+    sharded_db.insert("trades", {"symbol": "A", "price": 20.0, "volume": 1.0, "ts": 1_700})
+    sharded_db.writer("trades").watermark(10_000)
+    got = sorted(poll_rows(sub, ("symbol", "v"), 2))
+    second = [(s, p, v) for s, p, v, at in VWAP_ROWS if at >= 1000] + [("A", 20.0, 1.0)]
+    assert got == sorted((s, vwap_of([(p, v) for sym, p, v in second if sym == s])) for s in "AB")
+
+
+def test_a_function_over_a_group_is_refused_where_it_would_keep_every_row(db):
+    vwap_source(db)
+    with pytest.raises(laminardb.LaminarError, match="without a window"):
+        db.execute("CREATE STREAM s AS SELECT symbol, vwap(price, volume) AS v FROM trades GROUP BY symbol")
+
+
+def test_a_function_over_a_group_must_return_one_value(db):
+    db.register_udf("double_all", lambda x: pc.multiply(x, 2.0), pa.float64())
+    db.execute("CREATE SOURCE t (k VARCHAR, x DOUBLE)")
+    db.insert("t", [{"k": "a", "x": 1.0}, {"k": "a", "x": 2.0}])
+    # Per row it is fine; over a group of two rows it returns two values.
+    assert sorted(db.query("SELECT double_all(x) AS y FROM t").to_dicts()["y"]) == [2.0, 4.0]
+    with pytest.raises(laminardb.QueryError, match="double_all"):
+        db.query("SELECT k, double_all(x) FROM t GROUP BY k").fetchall()

@@ -140,6 +140,7 @@ pub struct AggCall {
 pub struct UserCall {
     pub function: Arc<dyn crate::functions::UserAggregate>,
     pub args: Vec<usize>,
+    pub arg_types: Vec<DataType>,
 }
 
 #[derive(Clone, Debug)]

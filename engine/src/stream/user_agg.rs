@@ -21,12 +21,13 @@ use crate::functions::UserAggregate;
 pub struct UserAcc {
     /// `None` only in the placeholder a checkpoint's load makes (replaced by `restore`).
     function: Option<Arc<dyn UserAggregate>>,
+    arg_types: Vec<DataType>,
     groups: Vec<Option<Box<dyn Accumulator>>>,
 }
 
 impl UserAcc {
     pub fn new(call: &UserCall) -> UserAcc {
-        UserAcc { function: Some(call.function.clone()), groups: Vec::new() }
+        UserAcc { function: Some(call.function.clone()), arg_types: call.arg_types.clone(), groups: Vec::new() }
     }
 
     fn function(&self) -> Result<&Arc<dyn UserAggregate>> {
@@ -94,7 +95,7 @@ impl UserAcc {
 
     /// Every group's state as Arrow IPC: a `present` column, then the state fields.
     pub fn save(&mut self) -> Result<Vec<u8>> {
-        let fields = self.function()?.state_fields();
+        let fields = self.function()?.state_fields(&self.arg_types);
         let mut columns: Vec<Vec<ScalarValue>> = vec![Vec::with_capacity(self.groups.len()); fields.len()];
         let nulls = fields.iter().map(|f| ScalarValue::try_from(f.data_type())).collect::<Result<Vec<_>, _>>()?;
         let mut present = Vec::with_capacity(self.groups.len());
@@ -180,7 +181,7 @@ mod tests {
         fn accumulator(&self) -> Result<Box<dyn Accumulator>> {
             Ok(Box::new(Sum::default()))
         }
-        fn state_fields(&self) -> Vec<FieldRef> {
+        fn state_fields(&self, _args: &[DataType]) -> Vec<FieldRef> {
             vec![Arc::new(Field::new("total", DataType::Float64, true))]
         }
         fn restore(&self, states: &[ArrayRef], row: usize) -> Result<Box<dyn Accumulator>> {
@@ -194,7 +195,7 @@ mod tests {
 
     #[test]
     fn groups_fold_their_rows_merge_and_come_back_from_a_checkpoint() {
-        let call = UserCall { function: Arc::new(SumFunction), args: vec![0] };
+        let call = UserCall { function: Arc::new(SumFunction), args: vec![0], arg_types: vec![DataType::Float64] };
         let mut acc = UserAcc::new(&call);
         acc.resize(3);
         let input: ArrayRef = Arc::new(Float64Array::from(vec![1.0, 2.0, 4.0, 8.0, 16.0]));
