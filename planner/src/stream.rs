@@ -29,7 +29,7 @@ use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::optimizer::Analyzer;
 use datafusion::physical_expr::{create_physical_expr, execution_props::ExecutionProps};
 use datafusion::sql::sqlparser::ast::{
-    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, SelectItem, SetExpr, SetOperator, SetQuantifier,
+    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, JoinOperator, SelectItem, SetExpr, SetOperator, SetQuantifier,
     Statement as SqlStatement,
 };
 use datafusion::sql::sqlparser::dialect::GenericDialect;
@@ -41,7 +41,8 @@ use laminardb_engine::stream::op::nullable;
 use laminardb_engine::stream::time::is_event_time;
 use laminardb_engine::dataflow::{Dag, Port, Route, Upstream};
 use laminardb_engine::stream::{
-    AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind, OP_COLUMN,
+    asof::AsofPlan, AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind,
+    OP_COLUMN,
 };
 use laminardb_engine::{Error, Result};
 
@@ -270,7 +271,7 @@ pub fn has_window(body: &SetExpr) -> bool {
 
 /// Replaces the window call of every `SELECT`'s `GROUP BY` with `window_start, window_end`;
 /// returns the rewritten query and, per `SELECT` in order, its window.
-fn rewrite_windows(query: &str) -> Result<(String, Vec<Option<WindowCall>>)> {
+fn rewrite_windows(query: &str) -> Result<(String, Vec<Option<WindowCall>>, Option<Expr>)> {
     let mut statements = Parser::parse_sql(&GenericDialect {}, query).map_err(|e| Error::parse(e.to_string()))?;
     if statements.len() != 1 {
         return Err(Error::parse("expected one SELECT query"));
@@ -289,7 +290,28 @@ fn rewrite_windows(query: &str) -> Result<(String, Vec<Option<WindowCall>>)> {
     }
     let mut windows = Vec::new();
     rewrite_set(&mut q.body, &mut windows)?;
-    Ok((statements[0].to_string(), windows))
+    let asof = take_asof(&mut q.body)?;
+    Ok((statements[0].to_string(), windows, asof))
+}
+
+/// Turns the `ASOF JOIN … MATCH_CONDITION(…) ON …` of the query into an inner join on
+/// the `ON` keys, for DataFusion to plan and type-check; its match condition is returned
+/// for the lowering (`Lowering::asof`), which makes the join an ASOF join again.
+fn take_asof(body: &mut SetExpr) -> Result<Option<Expr>> {
+    let mut found = None;
+    let SetExpr::Select(select) = body else { return Ok(None) };
+    for from in &mut select.from {
+        for join in &mut from.joins {
+            if let JoinOperator::AsOf { match_condition, constraint } = &join.join_operator {
+                if found.is_some() {
+                    return Err(Error::unsupported("two ASOF JOINs in one stream: join a stream of the first"));
+                }
+                found = Some(match_condition.clone());
+                join.join_operator = JoinOperator::Inner(constraint.clone());
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn rewrite_set(body: &mut SetExpr, windows: &mut Vec<Option<WindowCall>>) -> Result<()> {
@@ -374,7 +396,7 @@ fn table_of(from: &[datafusion::sql::sqlparser::ast::TableWithJoins], qualifier:
 /// Plans a continuous query over `catalog`.
 pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &tokio::runtime::Handle) -> Result<StreamDef> {
     let query = crate::group_call::rewrite_sql(&ddl.query, &catalog.functions);
-    let (rewritten, windows) = rewrite_windows(query.as_deref().unwrap_or(&ddl.query))?;
+    let (rewritten, windows, asof) = rewrite_windows(query.as_deref().unwrap_or(&ddl.query))?;
     let window = match windows.as_slice() {
         [w] => w.as_ref(),
         many if many.iter().any(Option::is_some) => {
@@ -392,7 +414,8 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
     if ddl.lateness_ms < 0 {
         return Err(Error::query(format!("ALLOW LATENESS must not be negative (got {} ms)", ddl.lateness_ms)));
     }
-    let mut lowering = Lowering { props: ExecutionProps::new(), catalog, emit: ddl.emit, lateness_ms: ddl.lateness_ms, dag: Dag::default(), aggregate: None };
+    let mut lowering =
+        Lowering { props: ExecutionProps::new(), catalog, emit: ddl.emit, lateness_ms: ddl.lateness_ms, dag: Dag::default(), aggregate: None, asof };
     let select_schema = nullable(lowering.lower(&plan, window)?.as_ref());
     match (lowering.aggregate, ddl.emit) {
         (None, Some(Emit::AfterWatermark | Emit::OnWindowClose)) | (Some(false), Some(Emit::AfterWatermark | Emit::OnWindowClose)) => {
@@ -587,6 +610,8 @@ struct Lowering<'a> {
     dag: Dag,
     /// `Some(windowed)` once an aggregate is planned.
     aggregate: Option<bool>,
+    /// The match condition of the query's ASOF JOIN (`take_asof`), until its join is lowered.
+    asof: Option<Expr>,
 }
 
 fn port(from: Upstream, route: Route) -> Port {
@@ -766,6 +791,11 @@ impl Lowering<'_> {
             None => None,
         };
         let join = JoinPlan { keys: pairs.len(), key_types, residual, joined_schema: nullable(joined.as_arrow()), output, schema };
+        if let Some(condition) = self.asof.take() {
+            let (left_time, right_time, strict) = asof_times(&condition, schemas)?;
+            let plan = AsofPlan { left_time: join.keys + left_time, right_time: join.keys + right_time, strict, join };
+            return Ok(self.dag.add(Arc::new(plan), ports));
+        }
         Ok(self.dag.add(Arc::new(join), ports))
     }
 }
@@ -795,6 +825,55 @@ fn side_of(e: &DfExpr, left: &DFSchema, right: &DFSchema) -> Option<usize> {
         Some(1)
     } else {
         None
+    }
+}
+
+/// The columns an ASOF match condition compares: (left side's time column, right side's,
+/// strictly earlier). Backward matches only (`t.ts >= q.ts`, `t.ts > q.ts`, or the same
+/// written the other way round).
+fn asof_times(condition: &Expr, schemas: [&DFSchema; 2]) -> Result<(usize, usize, bool)> {
+    use datafusion::sql::sqlparser::ast::BinaryOperator as Op;
+    let refused = || {
+        Error::unsupported(format!(
+            "the ASOF match condition {condition}: write it as left.time >= right.time (or >), a column of each side"
+        ))
+    };
+    let Expr::BinaryOp { left, op, right } = condition else { return Err(refused()) };
+    let side_column = |e: &Expr| -> Option<(usize, usize)> {
+        let (qualifier, name) = match e {
+            Expr::Identifier(id) => (None, id.value.clone()),
+            Expr::CompoundIdentifier(ids) if ids.len() == 2 => (Some(ids[0].value.clone()), ids[1].value.clone()),
+            _ => return None,
+        };
+        (0..2).find_map(|side| {
+            let schema = schemas[side];
+            let index = match &qualifier {
+                Some(q) => schema.index_of_column_by_name(Some(&TableReference::bare(q.as_str())), &name),
+                None => schema.index_of_column_by_name(None, &name),
+            };
+            index.map(|i| (side, i))
+        })
+    };
+    let (Some(a), Some(b)) = (side_column(left), side_column(right)) else { return Err(refused()) };
+    // Normalised to `left side ? right side`.
+    let (l, r, op) = match (a.0, b.0) {
+        (0, 1) => (a.1, b.1, op.clone()),
+        (1, 0) => (b.1, a.1, match op {
+            Op::LtEq => Op::GtEq,
+            Op::Lt => Op::Gt,
+            Op::GtEq => Op::LtEq,
+            Op::Gt => Op::Lt,
+            other => other.clone(),
+        }),
+        _ => return Err(refused()),
+    };
+    match op {
+        Op::GtEq => Ok((l, r, false)),
+        Op::Gt => Ok((l, r, true)),
+        Op::LtEq | Op::Lt => Err(Error::unsupported(format!(
+            "the forward ASOF match {condition} (a later right row): only backward matches (left.time >= right.time) so far"
+        ))),
+        _ => Err(refused()),
     }
 }
 

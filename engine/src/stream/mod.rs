@@ -12,6 +12,7 @@
 //! serialized form: planning is deterministic for a given catalog.
 
 pub mod agg;
+pub mod asof;
 pub mod isolate;
 pub mod join;
 pub mod map;

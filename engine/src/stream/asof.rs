@@ -1,0 +1,421 @@
+//! The ASOF join of a stream of events (left: trades) with a stream of versions (right:
+//! quotes), on the shard that owns their key: each left row joins the right row of its
+//! key with the latest time at or before its own (`MATCH_CONDITION(t.ts >= q.ts)`; `>`:
+//! strictly before). Inner: a left row with no such right row is dropped.
+//!
+//! A left row is emitted exactly once, when its match is final: when the watermark (the
+//! least of both inputs') passes its time, no right row at or before it can still come
+//! (one behind the watermark is late, dropped and counted). Until then it waits. Right
+//! rows are kept per key in time order; once the watermark passes, only the latest right
+//! row before it can still be anyone's match, so every older one is dropped: the state is
+//! bounded by the keys and what arrives within the watermark's delay.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, RecordBatch};
+use arrow::compute::interleave;
+use arrow::datatypes::SchemaRef;
+use arrow::row::{RowConverter, SortField};
+
+use super::op::eval_branch;
+use super::time::to_millis;
+use super::JoinPlan;
+use crate::dataflow::{Collector, Operator, OperatorSpec, TaskInfo, Watermark};
+use crate::error::{Error, Result};
+
+/// An ASOF join: `JoinPlan`'s keys, residual and output, and each side's time column.
+#[derive(Clone, Debug)]
+pub struct AsofPlan {
+    pub join: JoinPlan,
+    /// The time column in each side's input (`[keys…, columns…]`).
+    pub left_time: usize,
+    pub right_time: usize,
+    /// `>`: the right row must be strictly earlier than the left one.
+    pub strict: bool,
+}
+
+/// A row of a kept batch.
+type Loc = (u32, u32);
+
+/// Rows kept in batches, addressed by `Loc`; rebuilt when most are dropped.
+#[derive(Default)]
+struct Rows {
+    batches: Vec<RecordBatch>,
+    stored: usize,
+}
+
+impl Rows {
+    fn push(&mut self, batch: &RecordBatch) -> Result<u32> {
+        let id = u32::try_from(self.batches.len()).map_err(|_| Error::internal("an ASOF join holds too many batches"))?;
+        self.stored += batch.num_rows();
+        self.batches.push(batch.clone());
+        Ok(id)
+    }
+
+    /// The rows at `locs`, as one batch.
+    fn gather(&self, locs: &[Loc], schema: &SchemaRef) -> Result<RecordBatch> {
+        if locs.is_empty() {
+            return Ok(RecordBatch::new_empty(schema.clone()));
+        }
+        let indices: Vec<(usize, usize)> = locs.iter().map(|&(b, r)| (b as usize, r as usize)).collect();
+        let columns = (0..schema.fields().len())
+            .map(|c| {
+                let arrays: Vec<&dyn Array> = self.batches.iter().map(|b| b.column(c).as_ref()).collect();
+                interleave(&arrays, &indices)
+            })
+            .collect::<Result<Vec<ArrayRef>, _>>()?;
+        Ok(RecordBatch::try_new(schema.clone(), columns)?)
+    }
+}
+
+pub struct AsofOperator {
+    plan: Arc<AsofPlan>,
+    converter: RowConverter,
+    /// Right rows per key, by time (the last to arrive at a time wins, as in
+    /// `pandas.merge_asof`).
+    quotes: HashMap<Box<[u8]>, BTreeMap<i64, Loc>, ahash::RandomState>,
+    right: Rows,
+    right_live: usize,
+    /// Left rows waiting for their match to be final, by (time, arrival).
+    pending: BTreeMap<(i64, u64), (Box<[u8]>, Loc)>,
+    left: Rows,
+    arrivals: u64,
+    watermark: i64,
+    late: u64,
+    /// The inputs' schemas (`[keys…, columns…]`), known from the first batch of each.
+    schemas: [Option<SchemaRef>; 2],
+}
+
+impl AsofOperator {
+    pub fn new(plan: Arc<AsofPlan>) -> Result<AsofOperator> {
+        let converter = RowConverter::new(plan.join.key_types.iter().map(|t| SortField::new(t.clone())).collect())?;
+        Ok(AsofOperator {
+            plan,
+            converter,
+            quotes: HashMap::default(),
+            right: Rows::default(),
+            right_live: 0,
+            pending: BTreeMap::new(),
+            left: Rows::default(),
+            arrivals: 0,
+            watermark: i64::MIN,
+            late: 0,
+            schemas: [None, None],
+        })
+    }
+
+    /// Whether a left row at `ts` has its final match under watermark `w`.
+    fn is_final(&self, ts: i64, w: i64) -> bool {
+        if self.plan.strict { ts <= w } else { ts < w }
+    }
+
+    /// Each row's key (`None` with a NULL in it) and time (`None` if NULL).
+    fn keys_and_times(&self, batch: &RecordBatch, time: usize) -> Result<Vec<Option<(Box<[u8]>, i64)>>> {
+        let keys = self.plan.join.keys;
+        let key_columns: Vec<ArrayRef> = batch.columns()[..keys].to_vec();
+        let rows = self.converter.convert_columns(&key_columns)?;
+        let times = to_millis(batch.column(time))?;
+        Ok((0..batch.num_rows())
+            .map(|r| {
+                let valid = key_columns.iter().all(|c| c.is_valid(r)) && times.is_valid(r);
+                valid.then(|| (Box::<[u8]>::from(rows.row(r).as_ref()), times.value(r)))
+            })
+            .collect())
+    }
+
+    fn add_left(&mut self, batch: &RecordBatch) -> Result<Vec<(Loc, Option<Loc>)>> {
+        self.schemas[0].get_or_insert_with(|| batch.schema());
+        let rows = self.keys_and_times(batch, self.plan.left_time)?;
+        let id = self.left.push(batch)?;
+        let mut now = Vec::new();
+        for (r, row) in rows.into_iter().enumerate() {
+            let Some((key, ts)) = row else { continue };
+            let loc = (id, r as u32);
+            if self.is_final(ts, self.watermark) {
+                now.push((loc, self.probe(&key, ts)));
+            } else {
+                self.arrivals += 1;
+                self.pending.insert((ts, self.arrivals), (key, loc));
+            }
+        }
+        Ok(now)
+    }
+
+    fn add_right(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.schemas[1].get_or_insert_with(|| batch.schema());
+        let rows = self.keys_and_times(batch, self.plan.right_time)?;
+        let id = self.right.push(batch)?;
+        for (r, row) in rows.into_iter().enumerate() {
+            let Some((key, ts)) = row else { continue };
+            if ts < self.watermark {
+                self.late += 1;
+                continue;
+            }
+            if self.quotes.entry(key).or_default().insert(ts, (id, r as u32)).is_none() {
+                self.right_live += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The right row a left row of `key` at `ts` joins.
+    fn probe(&self, key: &[u8], ts: i64) -> Option<Loc> {
+        let versions = self.quotes.get(key)?;
+        let found = if self.plan.strict { versions.range(..ts).next_back() } else { versions.range(..=ts).next_back() };
+        found.map(|(_, &loc)| loc)
+    }
+
+    /// The joined rows of `pairs` (inner: those with a match), through the residual
+    /// condition and the `SELECT` list.
+    fn emit(&self, pairs: &[(Loc, Option<Loc>)], out: &mut Collector) -> Result<()> {
+        let matched: Vec<(Loc, Loc)> = pairs.iter().filter_map(|&(l, r)| r.map(|r| (l, r))).collect();
+        if matched.is_empty() {
+            return Ok(());
+        }
+        let (Some(left_schema), Some(right_schema)) = (&self.schemas[0], &self.schemas[1]) else {
+            return Err(Error::internal("an ASOF join matched before both sides had rows"));
+        };
+        let keys = self.plan.join.keys;
+        let lefts = self.left.gather(&matched.iter().map(|p| p.0).collect::<Vec<_>>(), left_schema)?;
+        let rights = self.right.gather(&matched.iter().map(|p| p.1).collect::<Vec<_>>(), right_schema)?;
+        let mut columns: Vec<ArrayRef> = lefts.columns()[keys..].to_vec();
+        columns.extend_from_slice(&rights.columns()[keys..]);
+        let join = &self.plan.join;
+        let joined = RecordBatch::try_new(join.joined_schema.clone(), columns)?;
+        let rows = eval_branch(join.residual.as_ref(), &join.output, &join.schema, &joined)?;
+        if rows.num_rows() > 0 {
+            out.rows.push(rows);
+        }
+        Ok(())
+    }
+
+    /// Drops, per key, the right rows older than the latest one before `w`: no left row
+    /// still to come (at `w` or later) can match them. Rebuilds the kept batches once
+    /// most of their rows are gone.
+    fn prune(&mut self, w: i64) -> Result<()> {
+        let mut dropped = 0;
+        self.quotes.retain(|_, versions| {
+            if let Some((&floor, _)) = versions.range(..w).next_back() {
+                let keep = versions.split_off(&floor);
+                dropped += versions.len();
+                *versions = keep;
+            }
+            true
+        });
+        self.right_live -= dropped;
+        if self.right.stored > 4096 && self.right.stored > 2 * self.right_live {
+            self.compact_right()?;
+        }
+        if self.pending.is_empty() {
+            self.left = Rows::default();
+        }
+        Ok(())
+    }
+
+    fn compact_right(&mut self) -> Result<()> {
+        let Some(schema) = self.schemas[1].clone() else { return Ok(()) };
+        let mut entries: Vec<(&[u8], i64, Loc)> = Vec::with_capacity(self.right_live);
+        for (key, versions) in &self.quotes {
+            entries.extend(versions.iter().map(|(&ts, &loc)| (key.as_ref(), ts, loc)));
+        }
+        let batch = self.right.gather(&entries.iter().map(|e| e.2).collect::<Vec<_>>(), &schema)?;
+        let moved: Vec<(Box<[u8]>, i64)> = entries.iter().map(|&(k, ts, _)| (k.into(), ts)).collect();
+        self.right = Rows::default();
+        let id = self.right.push(&batch)?;
+        for (r, (key, ts)) in moved.into_iter().enumerate() {
+            if let Some(versions) = self.quotes.get_mut(&key) {
+                versions.insert(ts, (id, r as u32));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows in the state: right rows kept, left rows waiting.
+    pub fn state_rows(&self) -> (usize, usize) {
+        (self.pending.len(), self.right_live)
+    }
+}
+
+/// What `save` writes.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct AsofState {
+    /// Waiting left rows and kept right rows, each as Arrow IPC (empty: none).
+    left: Vec<u8>,
+    right: Vec<u8>,
+    watermark: i64,
+    late: u64,
+}
+
+impl OperatorSpec for AsofPlan {
+    fn name(&self) -> &'static str {
+        "asof join"
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.join.schema.clone()
+    }
+
+    fn build(self: Arc<Self>, _task: TaskInfo) -> Result<Box<dyn Operator>> {
+        Ok(Box::new(AsofOperator::new(self)?))
+    }
+
+    fn uses_watermarks(&self) -> bool {
+        true
+    }
+}
+
+impl Operator for AsofOperator {
+    fn process(&mut self, port: usize, batch: &RecordBatch, _hashes: Option<Vec<u64>>, out: &mut Collector) -> Result<()> {
+        if port == 0 {
+            let now = self.add_left(batch)?;
+            self.emit(&now, out)
+        } else {
+            self.add_right(batch)
+        }
+    }
+
+    fn on_watermark(&mut self, mark: Watermark, out: &mut Collector) -> Result<()> {
+        let w = mark.ms();
+        if w <= self.watermark {
+            return Ok(());
+        }
+        self.watermark = w;
+        let mut ready = Vec::new();
+        while let Some((&(ts, _), _)) = self.pending.first_key_value() {
+            if !self.is_final(ts, w) {
+                break;
+            }
+            let ((ts, _), (key, loc)) = self.pending.pop_first().expect("looked at above");
+            ready.push((loc, self.probe(&key, ts)));
+        }
+        self.emit(&ready, out)?;
+        self.prune(w)
+    }
+
+    fn late_rows(&self) -> u64 {
+        self.late
+    }
+
+    fn save(&self) -> Result<Option<Vec<u8>>> {
+        let ipc = |rows: &Rows, locs: Vec<Loc>, schema: &Option<SchemaRef>| -> Result<Vec<u8>> {
+            match schema {
+                Some(schema) if !locs.is_empty() => {
+                    let batch = rows.gather(&locs, schema)?;
+                    crate::ipc::to_bytes(schema, &[batch])
+                }
+                _ => Ok(Vec::new()),
+            }
+        };
+        let left_locs = self.pending.values().map(|(_, loc)| *loc).collect();
+        let right_locs = self.quotes.values().flat_map(|v| v.values().copied()).collect();
+        let state = AsofState {
+            left: ipc(&self.left, left_locs, &self.schemas[0])?,
+            right: ipc(&self.right, right_locs, &self.schemas[1])?,
+            watermark: self.watermark,
+            late: self.late,
+        };
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&state).map_err(|e| Error::internal(format!("saving ASOF join state: {e}")))?;
+        Ok(Some(bytes.into_vec()))
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<()> {
+        let state: AsofState = crate::checkpoint::load_state(bytes, "ASOF join state")?;
+        let mut fresh = AsofOperator::new(self.plan.clone())?;
+        // Fed back under no watermark: every left row waits again, every right row is kept.
+        for (side, bytes) in [(1, &state.right), (0, &state.left)] {
+            if bytes.is_empty() {
+                continue;
+            }
+            for batch in crate::ipc::read(bytes)? {
+                if side == 0 {
+                    fresh.add_left(&batch)?;
+                } else {
+                    fresh.add_right(&batch)?;
+                }
+            }
+        }
+        fresh.watermark = state.watermark;
+        fresh.late = state.late;
+        *self = fresh;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{AsArray, Float64Array, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema};
+    use datafusion::physical_expr::expressions::col;
+
+    /// trades (key0, sym, ts, qty) ASOF quotes (key0, sym, ts, bid), selecting ts, qty, bid.
+    fn plan() -> Arc<AsofPlan> {
+        let joined = Arc::new(Schema::new(vec![
+            Field::new("sym", DataType::Utf8, true),
+            Field::new("ts", DataType::Int64, true),
+            Field::new("qty", DataType::Int64, true),
+            Field::new("qsym", DataType::Utf8, true),
+            Field::new("qts", DataType::Int64, true),
+            Field::new("bid", DataType::Float64, true),
+        ]));
+        let output = ["ts", "qty", "bid"].iter().map(|c| col(c, &joined).unwrap()).collect();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("ts", DataType::Int64, true),
+            Field::new("qty", DataType::Int64, true),
+            Field::new("bid", DataType::Float64, true),
+        ]));
+        let join = JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: None, joined_schema: joined, output, schema };
+        Arc::new(AsofPlan { join, left_time: 2, right_time: 2, strict: false })
+    }
+
+    fn side(value: &str, rows: &[(&str, i64, f64)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("key0", DataType::Utf8, true),
+            Field::new("sym", DataType::Utf8, true),
+            Field::new("ts", DataType::Int64, true),
+            Field::new(value, if value == "bid" { DataType::Float64 } else { DataType::Int64 }, true),
+        ]));
+        let syms: ArrayRef = Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>()));
+        let ts: ArrayRef = Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>()));
+        let value: ArrayRef = if value == "bid" {
+            Arc::new(Float64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>()))
+        } else {
+            Arc::new(Int64Array::from(rows.iter().map(|r| r.2 as i64).collect::<Vec<_>>()))
+        };
+        RecordBatch::try_new(schema, vec![syms.clone(), syms, ts, value]).unwrap()
+    }
+
+    fn triples(out: &Collector) -> Vec<(i64, i64, f64)> {
+        let mut v = Vec::new();
+        for b in &out.rows {
+            let (ts, qty, bid) = (b.column(0).as_primitive::<Int64Type>(), b.column(1).as_primitive::<Int64Type>(), b.column(2).as_primitive::<Float64Type>());
+            v.extend((0..b.num_rows()).map(|r| (ts.value(r), qty.value(r), bid.value(r))));
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v
+    }
+
+    #[test]
+    fn a_trade_joins_the_latest_quote_at_or_before_it_once_the_watermark_passes() {
+        let mut op = AsofOperator::new(plan()).unwrap();
+        let mut out = Collector::default();
+        op.process(1, &side("bid", &[("A", 10, 1.0), ("A", 20, 2.0), ("B", 5, 9.0), ("A", 20, 2.5)]), None, &mut out).unwrap();
+        op.process(0, &side("qty", &[("A", 20, 100.0), ("A", 15, 200.0), ("A", 5, 300.0), ("B", 30, 400.0)]), None, &mut out).unwrap();
+        assert!(out.rows.is_empty(), "nothing is final before the watermark");
+        op.on_watermark(Watermark::new(21), &mut out).unwrap();
+        // ts 20 → the later of the two quotes at 20; 15 → the quote at 10; 5 → none (inner).
+        assert_eq!(triples(&out), vec![(15, 200, 1.0), (20, 100, 2.5)]);
+        // A quote behind the watermark is late; B's trade at 30 waits for the watermark.
+        op.process(1, &side("bid", &[("B", 3, 7.0), ("B", 25, 8.0)]), None, &mut out).unwrap();
+        assert_eq!(op.late_rows(), 1);
+        let saved = op.save().unwrap().unwrap();
+        let mut back = AsofOperator::new(plan()).unwrap();
+        back.restore(&saved).unwrap();
+        let mut out = Collector::default();
+        back.on_watermark(Watermark::new(31), &mut out).unwrap();
+        assert_eq!(triples(&out), vec![(30, 400, 8.0)]);
+        // Only the latest quote before the watermark is left per key.
+        assert_eq!(back.state_rows(), (0, 2));
+    }
+}
