@@ -1,7 +1,8 @@
-//! Ad-hoc queries with a window in `GROUP BY` (`TUMBLE`, `HOP`, `SESSION`, `CUMULATE`):
-//! DataFusion has no such operators, so these run through the stream operators over every
-//! retained row, with the watermark at the end of time so every window is complete. An
-//! outer `ORDER BY` / `LIMIT` is then applied by DataFusion to the windowed rows.
+//! Ad-hoc queries with a window in `GROUP BY` (`TUMBLE`, `HOP`, `SESSION`, `CUMULATE`) or
+//! an ASOF JOIN: DataFusion has no such operators, so these run through the stream
+//! operators over every retained row, with the watermark at the end of time so every
+//! window is complete and every left row of an ASOF join has its final match. An outer
+//! `ORDER BY` / `LIMIT` is then applied by DataFusion to the rows.
 
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SessionContext;
-use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use datafusion::sql::sqlparser::ast::{visit_expressions_mut, Expr, Statement as SqlStatement};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use futures::StreamExt;
@@ -20,9 +21,9 @@ use laminardb_engine::dataflow::LocalRun;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, ErrorCode, Result};
 
-use crate::stream::{has_window, plan_stream, CreateStream};
+use crate::stream::{has_asof, has_window, plan_stream, CreateStream};
 
-/// `Some` when `sql` is a `SELECT` with a window in a `GROUP BY`.
+/// `Some` when `sql` is a `SELECT` with a window in a `GROUP BY`, or an ASOF JOIN.
 pub fn plan_windowed_query(
     catalog: &Catalog,
     sql: &str,
@@ -31,10 +32,21 @@ pub fn plan_windowed_query(
 ) -> Result<Option<WindowedQuery>> {
     let Ok(mut statements) = Parser::parse_sql(&GenericDialect {}, sql) else { return Ok(None) };
     let [SqlStatement::Query(q)] = statements.as_mut_slice() else { return Ok(None) };
-    if !has_window(&q.body) {
+    if !has_window(&q.body) && !has_asof(&q.body) {
         return Ok(None);
     }
-    let order_by = q.order_by.take().map(|o| o.to_string()).unwrap_or_default();
+    // The outer ORDER BY reads the output rows: a column named through its table
+    // (`t.qty`) is the output's `qty`.
+    let mut order_by = q.order_by.take();
+    let _ = visit_expressions_mut(&mut order_by, |e| {
+        if let Expr::CompoundIdentifier(ids) = e {
+            if let Some(last) = ids.last() {
+                *e = Expr::Identifier(last.clone());
+            }
+        }
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    let order_by = order_by.map(|o| o.to_string()).unwrap_or_default();
     let limit = q.limit_clause.take().map(|l| l.to_string()).unwrap_or_default();
     let inner = CreateStream {
         name: "windowed_query".into(),

@@ -205,11 +205,6 @@ impl Frontend for SqlFrontend {
         if let Some(ddl) = ddl::plan_ddl(statement, &tokens)? {
             return Ok(ddl);
         }
-        if tokens.iter().any(|t| stream::is_word(t, "ASOF")) {
-            return Err(Error::unsupported(
-                "ASOF JOIN in an ad-hoc query: so far only in CREATE STREAM and subscriptions (they join as rows arrive)",
-            ));
-        }
         self.sync_tables(catalog, &access)?;
         // A Python function over a group's rows becomes its aggregate twin (`group_call`).
         let rewritten = group_call::rewrite_sql(statement, &catalog.functions);

@@ -269,6 +269,17 @@ pub fn has_window(body: &SetExpr) -> bool {
     }
 }
 
+/// Whether the query's `SELECT` has an ASOF JOIN (planned as a stream, `take_asof`).
+pub fn has_asof(body: &SetExpr) -> bool {
+    match body {
+        SetExpr::Select(select) => {
+            select.from.iter().flat_map(|f| &f.joins).any(|j| matches!(j.join_operator, JoinOperator::AsOf { .. }))
+        }
+        SetExpr::Query(q) => has_asof(&q.body),
+        _ => false,
+    }
+}
+
 /// Replaces the window call of every `SELECT`'s `GROUP BY` with `window_start, window_end`;
 /// returns the rewritten query and, per `SELECT` in order, its window.
 fn rewrite_windows(query: &str) -> Result<(String, Vec<Option<WindowCall>>, Option<Expr>)> {

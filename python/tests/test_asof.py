@@ -132,5 +132,39 @@ def test_what_is_not_supported_yet_is_refused_by_name(db):
         db.execute(
             "CREATE STREAM f AS SELECT t.qty FROM trades t ASOF JOIN quotes q MATCH_CONDITION(t.ts <= q.ts) ON t.symbol = q.symbol"
         )
-    with pytest.raises(laminardb.LaminarError, match="ASOF JOIN in an ad-hoc query"):
-        db.query("SELECT t.qty FROM trades t ASOF JOIN quotes q MATCH_CONDITION(t.ts >= q.ts) ON t.symbol = q.symbol")
+    with pytest.raises(laminardb.LaminarError, match="ASOF match condition"):
+        db.execute(
+            "CREATE STREAM f AS SELECT t.qty FROM trades t ASOF JOIN quotes q MATCH_CONDITION(t.ts >= 5) ON t.symbol = q.symbol"
+        )
+
+
+def test_ad_hoc_it_joins_every_retained_row(sharded_db):
+    setup(sharded_db)
+    trades, quotes = random_feed(11, 2_000, 1_500)
+    sharded_db.insert("quotes", quotes)
+    sharded_db.insert("trades", trades)
+    result = sharded_db.query(
+        "SELECT t.symbol, t.ts, t.qty, q.bid, q.ts AS quote_ts FROM trades t "
+        "ASOF JOIN quotes q MATCH_CONDITION(t.ts >= q.ts) ON t.symbol = q.symbol ORDER BY t.qty LIMIT 5000"
+    )
+    got = sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in result.fetchall())
+    assert got == expected(trades, quotes)
+
+
+def test_a_tolerance_in_on_drops_matches_that_are_too_old(db):
+    setup(db)
+    trades, quotes = random_feed(5, 2_000, 300)  # quotes sparse: many matches are old
+    db.insert("quotes", quotes)
+    db.insert("trades", trades)
+    result = db.query(
+        "SELECT t.symbol, t.ts, t.qty, q.bid, q.ts AS quote_ts FROM trades t ASOF JOIN quotes q "
+        "MATCH_CONDITION(t.ts >= q.ts) ON t.symbol = q.symbol AND t.ts - q.ts <= INTERVAL '1' SECOND"
+    )
+    got = sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in result.fetchall())
+    t = pd.DataFrame(trades).sort_values("ts")
+    q = pd.DataFrame(quotes).sort_values("ts").rename(columns={"ts": "quote_ts"})
+    q["ts"] = q["quote_ts"]
+    m = pd.merge_asof(t, q, on="ts", by="symbol", direction="backward", tolerance=1_000).dropna(subset=["bid"])
+    want = sorted((r.symbol, int(r.ts), int(r.qty), float(r.bid), int(r.quote_ts)) for r in m.itertuples())
+    assert 0 < len(want) < len(expected(trades, quotes))
+    assert got == want
