@@ -21,7 +21,7 @@ use laminardb_engine::dataflow::LocalRun;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, ErrorCode, Result};
 
-use crate::stream::{has_asof, has_window, plan_stream, CreateStream};
+use crate::stream::{has_asof, has_window, plan_stream, strip_left_asof, CreateStream};
 
 /// `Some` when `sql` is a `SELECT` with a window in a `GROUP BY`, or an ASOF JOIN.
 pub fn plan_windowed_query(
@@ -30,7 +30,8 @@ pub fn plan_windowed_query(
     access: Arc<dyn ShardAccess>,
     runtime: &tokio::runtime::Handle,
 ) -> Result<Option<WindowedQuery>> {
-    let Ok(mut statements) = Parser::parse_sql(&GenericDialect {}, sql) else { return Ok(None) };
+    let (stripped, left_asof) = strip_left_asof(sql)?;
+    let Ok(mut statements) = Parser::parse_sql(&GenericDialect {}, &stripped) else { return Ok(None) };
     let [SqlStatement::Query(q)] = statements.as_mut_slice() else { return Ok(None) };
     if !has_window(&q.body) && !has_asof(&q.body) {
         return Ok(None);
@@ -53,7 +54,8 @@ pub fn plan_windowed_query(
         materialized: false,
         or_replace: false,
         if_not_exists: false,
-        query: q.to_string(),
+        // Printed without the LEFT the parser does not know (`strip_left_asof`): put back.
+        query: if left_asof { q.to_string().replacen(" ASOF JOIN ", " LEFT ASOF JOIN ", 1) } else { q.to_string() },
         emit: None,
         lateness_ms: 0,
     };

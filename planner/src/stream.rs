@@ -282,8 +282,9 @@ pub fn has_asof(body: &SetExpr) -> bool {
 
 /// Replaces the window call of every `SELECT`'s `GROUP BY` with `window_start, window_end`;
 /// returns the rewritten query and, per `SELECT` in order, its window.
-fn rewrite_windows(query: &str) -> Result<(String, Vec<Option<WindowCall>>, Option<Expr>)> {
-    let mut statements = Parser::parse_sql(&GenericDialect {}, query).map_err(|e| Error::parse(e.to_string()))?;
+fn rewrite_windows(query: &str) -> Result<(String, Vec<Option<WindowCall>>, Option<Asof>)> {
+    let (query, left_asof) = strip_left_asof(query)?;
+    let mut statements = Parser::parse_sql(&GenericDialect {}, &query).map_err(|e| Error::parse(e.to_string()))?;
     if statements.len() != 1 {
         return Err(Error::parse("expected one SELECT query"));
     }
@@ -301,14 +302,41 @@ fn rewrite_windows(query: &str) -> Result<(String, Vec<Option<WindowCall>>, Opti
     }
     let mut windows = Vec::new();
     rewrite_set(&mut q.body, &mut windows)?;
-    let asof = take_asof(&mut q.body)?;
+    let asof = take_asof(&mut q.body, left_asof)?.map(|condition| Asof { condition, left: left_asof });
     Ok((statements[0].to_string(), windows, asof))
+}
+
+/// An ASOF JOIN's match condition, and whether it is a `LEFT ASOF JOIN`.
+struct Asof {
+    condition: Expr,
+    left: bool,
+}
+
+/// `sql` with `LEFT [OUTER] ASOF JOIN` (which the SQL parser does not know) written
+/// `ASOF JOIN`, and whether it was there.
+pub fn strip_left_asof(sql: &str) -> Result<(String, bool)> {
+    let mut tokens = crate::split::tokenize(sql)?;
+    let words: Vec<usize> = (0..tokens.len()).filter(|&i| !matches!(tokens[i], Token::Whitespace(_))).collect();
+    for (k, &i) in words.iter().enumerate() {
+        if !is_word(&tokens[i], "LEFT") {
+            continue;
+        }
+        let next = |n: usize| words.get(k + n).map(|&j| &tokens[j]);
+        let asof = match (next(1), next(2)) {
+            (Some(a), _) if is_word(a, "ASOF") => k + 1,
+            (Some(o), Some(a)) if is_word(o, "OUTER") && is_word(a, "ASOF") => k + 2,
+            _ => continue,
+        };
+        tokens.drain(i..words[asof]);
+        return Ok((text(&tokens), true));
+    }
+    Ok((sql.to_string(), false))
 }
 
 /// Turns the `ASOF JOIN … MATCH_CONDITION(…) ON …` of the query into an inner join on
 /// the `ON` keys, for DataFusion to plan and type-check; its match condition is returned
 /// for the lowering (`Lowering::asof`), which makes the join an ASOF join again.
-fn take_asof(body: &mut SetExpr) -> Result<Option<Expr>> {
+fn take_asof(body: &mut SetExpr, left: bool) -> Result<Option<Expr>> {
     let mut found = None;
     let SetExpr::Select(select) = body else { return Ok(None) };
     for from in &mut select.from {
@@ -318,7 +346,8 @@ fn take_asof(body: &mut SetExpr) -> Result<Option<Expr>> {
                     return Err(Error::unsupported("two ASOF JOINs in one stream: join a stream of the first"));
                 }
                 found = Some(match_condition.clone());
-                join.join_operator = JoinOperator::Inner(constraint.clone());
+                join.join_operator =
+                    if left { JoinOperator::LeftOuter(constraint.clone()) } else { JoinOperator::Inner(constraint.clone()) };
             }
         }
     }
@@ -621,8 +650,8 @@ struct Lowering<'a> {
     dag: Dag,
     /// `Some(windowed)` once an aggregate is planned.
     aggregate: Option<bool>,
-    /// The match condition of the query's ASOF JOIN (`take_asof`), until its join is lowered.
-    asof: Option<Expr>,
+    /// The query's ASOF JOIN (`take_asof`), until its join is lowered.
+    asof: Option<Asof>,
 }
 
 fn port(from: Upstream, route: Route) -> Port {
@@ -715,7 +744,8 @@ impl Lowering<'_> {
     /// other conditions and `output` (over the joined row) run. Returns the join node.
     fn lower_join(&mut self, j: &Join, filter: Option<&DfExpr>, output: Vec<PhysExpr>, schema: SchemaRef) -> Result<usize> {
         let props = &self.props.clone();
-        if j.join_type != JoinType::Inner {
+        let left_asof = self.asof.as_ref().is_some_and(|a| a.left);
+        if j.join_type != JoinType::Inner && !(left_asof && j.join_type == JoinType::Left) {
             let kind = j.join_type.to_string().to_uppercase();
             return Err(Error::unsupported(format!("{kind} JOIN in a stream (only INNER JOIN)")));
         }
@@ -751,6 +781,11 @@ impl Lowering<'_> {
         if pairs.is_empty() {
             return Err(Error::unsupported(
                 "a JOIN without an equality between its two sides in a stream (cross joins keep every pair)",
+            ));
+        }
+        if left_asof && (filter.is_some() || !side_filters[0].is_empty()) {
+            return Err(Error::unsupported(
+                "a WHERE, or an ON condition on the left side alone, with a LEFT ASOF JOIN in a stream: filter a stream of its rows",
             ));
         }
         let mut exprs: [Vec<PhysExpr>; 2] = [Vec::new(), Vec::new()];
@@ -802,9 +837,10 @@ impl Lowering<'_> {
             None => None,
         };
         let join = JoinPlan { keys: pairs.len(), key_types, residual, joined_schema: nullable(joined.as_arrow()), output, schema };
-        if let Some(condition) = self.asof.take() {
-            let (left_time, right_time, strict) = asof_times(&condition, schemas)?;
-            let plan = AsofPlan { left_time: join.keys + left_time, right_time: join.keys + right_time, strict, join };
+        if let Some(asof) = self.asof.take() {
+            let (left_time, right_time, strict) = asof_times(&asof.condition, schemas)?;
+            let plan =
+                AsofPlan { left_time: join.keys + left_time, right_time: join.keys + right_time, strict, left_outer: asof.left, join };
             return Ok(self.dag.add(Arc::new(plan), ports));
         }
         Ok(self.dag.add(Arc::new(join), ports))

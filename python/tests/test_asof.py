@@ -168,3 +168,45 @@ def test_a_tolerance_in_on_drops_matches_that_are_too_old(db):
     want = sorted((r.symbol, int(r.ts), int(r.qty), float(r.bid), int(r.quote_ts)) for r in m.itertuples())
     assert 0 < len(want) < len(expected(trades, quotes))
     assert got == want
+
+
+def expected_left(trades, quotes, tolerance=None):
+    t = pd.DataFrame(trades).sort_values("ts")
+    q = pd.DataFrame(quotes).sort_values("ts").rename(columns={"ts": "quote_ts"})
+    q["ts"] = q["quote_ts"]
+    m = pd.merge_asof(t, q, on="ts", by="symbol", direction="backward", tolerance=tolerance)
+
+    def value(x, cast):
+        return None if pd.isna(x) else cast(x)
+
+    return sorted(
+        ((r.symbol, int(r.ts), int(r.qty), value(r.bid, float), value(r.quote_ts, int)) for r in m.itertuples()),
+        key=repr,
+    )
+
+
+@pytest.mark.parametrize("tolerance", [None, 1_000], ids=["no tolerance", "1 s"])
+def test_left_asof_keeps_every_trade_in_a_stream_and_ad_hoc(sharded_db, tolerance):
+    setup(sharded_db)
+    within = " AND t.ts - q.ts <= INTERVAL '1' SECOND" if tolerance else ""
+    select = (
+        "SELECT t.symbol, t.ts, t.qty, q.bid, q.ts AS quote_ts FROM trades t "
+        f"LEFT ASOF JOIN quotes q MATCH_CONDITION(t.ts >= q.ts) ON t.symbol = q.symbol{within}"
+    )
+    sharded_db.execute(f"CREATE STREAM matched AS {select}")
+    sub = sharded_db.subscribe_stream("matched")
+    trades, quotes = random_feed(3, 1_500, 300)  # sparse quotes: trades before any, matches too old
+    for i in range(0, 1_500, 300):
+        sharded_db.insert("quotes", quotes[i // 5 : (i + 300) // 5])
+        sharded_db.insert("trades", trades[i : i + 300])
+    for source in ("trades", "quotes"):
+        sharded_db.writer(source).watermark(BASE + 10 * 60_000)
+    want = expected_left(trades, quotes, tolerance)
+    assert len(want) == 1_500 and any(w[3] is None for w in want)
+
+    def norm(rows):
+        return sorted(((s, ms(ts), q, b, None if qt is None else ms(qt)) for s, ts, q, b, qt in rows), key=repr)
+
+    got = poll_rows(sub, ("symbol", "ts", "qty", "bid", "quote_ts"), len(want), timeout=20)
+    assert norm(got) == want
+    assert norm(sharded_db.query(select).fetchall()) == want

@@ -13,8 +13,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, RecordBatch};
-use arrow::compute::interleave;
+use arrow::array::{new_null_array, Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
+use arrow::compute::{interleave, take};
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, SortField};
 
@@ -33,6 +33,9 @@ pub struct AsofPlan {
     pub right_time: usize,
     /// `>`: the right row must be strictly earlier than the left one.
     pub strict: bool,
+    /// `LEFT ASOF JOIN`: a left row without a match (or whose match fails the residual
+    /// condition) is emitted with NULL right columns.
+    pub left_outer: bool,
 }
 
 /// A row of a kept batch.
@@ -166,24 +169,67 @@ impl AsofOperator {
         found.map(|(_, &loc)| loc)
     }
 
-    /// The joined rows of `pairs` (inner: those with a match), through the residual
-    /// condition and the `SELECT` list.
+    /// The joined rows (left columns, then right) of `pairs`; `None` on the right: NULLs.
+    fn joined(&self, pairs: &[(Loc, Option<Loc>)]) -> Result<RecordBatch> {
+        let Some(left_schema) = &self.schemas[0] else { return Err(Error::internal("an ASOF join emitted before a left row")) };
+        let keys = self.plan.join.keys;
+        let join = &self.plan.join;
+        let lefts = self.left.gather(&pairs.iter().map(|p| p.0).collect::<Vec<_>>(), left_schema)?;
+        let mut columns: Vec<ArrayRef> = lefts.columns()[keys..].to_vec();
+        let right_fields = &join.joined_schema.fields()[columns.len()..];
+        let matched: Vec<Loc> = pairs.iter().filter_map(|p| p.1).collect();
+        match &self.schemas[1] {
+            Some(right_schema) if !matched.is_empty() => {
+                let rights = self.right.gather(&matched, right_schema)?;
+                let mut next = 0u32;
+                let indices: UInt32Array = pairs
+                    .iter()
+                    .map(|p| {
+                        p.1.map(|_| {
+                            next += 1;
+                            next - 1
+                        })
+                    })
+                    .collect();
+                for c in &rights.columns()[keys..] {
+                    columns.push(take(c.as_ref(), &indices, None)?);
+                }
+            }
+            _ => columns.extend(right_fields.iter().map(|f| new_null_array(f.data_type(), pairs.len()))),
+        }
+        Ok(RecordBatch::try_new(join.joined_schema.clone(), columns)?)
+    }
+
+    /// Emits `pairs` through the residual condition and the `SELECT` list: inner, the
+    /// matched pairs passing it; left outer, every left row, NULL-padded where its match is
+    /// missing or fails it.
     fn emit(&self, pairs: &[(Loc, Option<Loc>)], out: &mut Collector) -> Result<()> {
-        let matched: Vec<(Loc, Loc)> = pairs.iter().filter_map(|&(l, r)| r.map(|r| (l, r))).collect();
-        if matched.is_empty() {
+        let join = &self.plan.join;
+        let mut pairs: Vec<(Loc, Option<Loc>)> =
+            if self.plan.left_outer { pairs.to_vec() } else { pairs.iter().copied().filter(|p| p.1.is_some()).collect() };
+        if pairs.is_empty() {
             return Ok(());
         }
-        let (Some(left_schema), Some(right_schema)) = (&self.schemas[0], &self.schemas[1]) else {
-            return Err(Error::internal("an ASOF join matched before both sides had rows"));
-        };
-        let keys = self.plan.join.keys;
-        let lefts = self.left.gather(&matched.iter().map(|p| p.0).collect::<Vec<_>>(), left_schema)?;
-        let rights = self.right.gather(&matched.iter().map(|p| p.1).collect::<Vec<_>>(), right_schema)?;
-        let mut columns: Vec<ArrayRef> = lefts.columns()[keys..].to_vec();
-        columns.extend_from_slice(&rights.columns()[keys..]);
-        let join = &self.plan.join;
-        let joined = RecordBatch::try_new(join.joined_schema.clone(), columns)?;
-        let rows = eval_branch(join.residual.as_ref(), &join.output, &join.schema, &joined)?;
+        if let Some(residual) = &join.residual {
+            let matched: Vec<usize> = (0..pairs.len()).filter(|&i| pairs[i].1.is_some()).collect();
+            if !matched.is_empty() {
+                let candidates: Vec<(Loc, Option<Loc>)> = matched.iter().map(|&i| pairs[i]).collect();
+                let mask = residual.evaluate(&self.joined(&candidates)?)?.into_array(candidates.len())?;
+                let mask = mask.as_boolean_opt().ok_or_else(|| Error::query("an ASOF join's condition must be boolean"))?;
+                for (k, &i) in matched.iter().enumerate() {
+                    if !(mask.is_valid(k) && mask.value(k)) {
+                        pairs[i].1 = None;
+                    }
+                }
+            }
+            if !self.plan.left_outer {
+                pairs.retain(|p| p.1.is_some());
+                if pairs.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        let rows = eval_branch(None, &join.output, &join.schema, &self.joined(&pairs)?)?;
         if rows.num_rows() > 0 {
             out.rows.push(rows);
         }
@@ -345,7 +391,7 @@ impl Operator for AsofOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{AsArray, Float64Array, Int64Array, StringArray};
+    use arrow::array::{Float64Array, Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema};
     use datafusion::physical_expr::expressions::col;
 
@@ -366,7 +412,7 @@ mod tests {
             Field::new("bid", DataType::Float64, true),
         ]));
         let join = JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: None, joined_schema: joined, output, schema };
-        Arc::new(AsofPlan { join, left_time: 2, right_time: 2, strict: false })
+        Arc::new(AsofPlan { join, left_time: 2, right_time: 2, strict: false, left_outer: false })
     }
 
     fn side(value: &str, rows: &[(&str, i64, f64)]) -> RecordBatch {
