@@ -4,7 +4,6 @@
 //! rows themselves (`List` arrays), so partial groups merge by appending, and a stream
 //! takes it only over a window.
 
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -88,19 +87,7 @@ impl std::fmt::Debug for Twin {
     }
 }
 
-impl PartialEq for Twin {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.id == other.0.id
-    }
-}
-
-impl Eq for Twin {}
-
-impl Hash for Twin {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.id.hash(state);
-    }
-}
+crate::udf::by_id!(Twin, |f: &Twin| f.0.id);
 
 fn external(e: Error) -> DataFusionError {
     DataFusionError::External(Box::new(e))

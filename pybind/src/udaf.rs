@@ -7,7 +7,6 @@
 //! one group's rows of a batch, as the scalar functions do (`udf`), and an exception is a
 //! `QueryError` naming the function, with the traceback.
 
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -89,19 +88,7 @@ impl std::fmt::Debug for PythonUdaf {
     }
 }
 
-impl PartialEq for PythonUdaf {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.id == other.0.id
-    }
-}
-
-impl Eq for PythonUdaf {}
-
-impl Hash for PythonUdaf {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.id.hash(state);
-    }
-}
+crate::udf::by_id!(PythonUdaf, |f: &PythonUdaf| f.0.id);
 
 impl AggregateUDFImpl for PythonUdaf {
     fn name(&self) -> &str {

@@ -10,7 +10,6 @@
 //! `QueryError` naming the function, with the traceback; in a stream only the rows it
 //! failed on are rejected (`stream::isolate`).
 
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow::array::{Array, ArrayRef};
@@ -42,19 +41,28 @@ impl std::fmt::Debug for PythonUdf {
     }
 }
 
-impl PartialEq for PythonUdf {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-    }
-}
+/// Equality and hashing by registration id: two registrations are equal only if they are
+/// one (DataFusion's UDF traits ask for both).
+macro_rules! by_id {
+    ($t:ty, $id:expr) => {
+        impl PartialEq for $t {
+            fn eq(&self, other: &Self) -> bool {
+                $id(self) == $id(other)
+            }
+        }
 
-impl Eq for PythonUdf {}
+        impl Eq for $t {}
 
-impl Hash for PythonUdf {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.id.hash(state);
-    }
+        impl std::hash::Hash for $t {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                $id(self).hash(state);
+            }
+        }
+    };
 }
+pub(crate) use by_id;
+
+by_id!(PythonUdf, |f: &PythonUdf| f.id);
 
 /// `func` as SQL function `name`; with `arg_types`, planning checks (and casts) the
 /// arguments to them, else any arguments are taken.

@@ -46,12 +46,16 @@ def random_feed(seed, n_trades, n_quotes, symbols=10, span_ms=60_000, jitter_ms=
     return shuffled(trades), shuffled(quotes)
 
 
-def expected(trades, quotes, strict=False):
+def merged(trades, quotes, strict=False, tolerance=None):
+    """`pandas.merge_asof` of the rows, keeping each match's quote time as `quote_ts`."""
     t = pd.DataFrame(trades).sort_values("ts")
     q = pd.DataFrame(quotes).sort_values("ts").rename(columns={"ts": "quote_ts"})
     q["ts"] = q["quote_ts"]
-    m = pd.merge_asof(t, q, on="ts", by="symbol", direction="backward", allow_exact_matches=not strict)
-    m = m.dropna(subset=["bid"])
+    return pd.merge_asof(t, q, on="ts", by="symbol", direction="backward", allow_exact_matches=not strict, tolerance=tolerance)
+
+
+def expected(trades, quotes, strict=False, tolerance=None):
+    m = merged(trades, quotes, strict, tolerance).dropna(subset=["bid"])
     return sorted((r.symbol, int(r.ts), int(r.qty), float(r.bid), int(r.quote_ts)) for r in m.itertuples())
 
 
@@ -161,20 +165,13 @@ def test_a_tolerance_in_on_drops_matches_that_are_too_old(db):
         "MATCH_CONDITION(t.ts >= q.ts) ON t.symbol = q.symbol AND t.ts - q.ts <= INTERVAL '1' SECOND"
     )
     got = sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in result.fetchall())
-    t = pd.DataFrame(trades).sort_values("ts")
-    q = pd.DataFrame(quotes).sort_values("ts").rename(columns={"ts": "quote_ts"})
-    q["ts"] = q["quote_ts"]
-    m = pd.merge_asof(t, q, on="ts", by="symbol", direction="backward", tolerance=1_000).dropna(subset=["bid"])
-    want = sorted((r.symbol, int(r.ts), int(r.qty), float(r.bid), int(r.quote_ts)) for r in m.itertuples())
+    want = expected(trades, quotes, tolerance=1_000)
     assert 0 < len(want) < len(expected(trades, quotes))
     assert got == want
 
 
 def expected_left(trades, quotes, tolerance=None):
-    t = pd.DataFrame(trades).sort_values("ts")
-    q = pd.DataFrame(quotes).sort_values("ts").rename(columns={"ts": "quote_ts"})
-    q["ts"] = q["quote_ts"]
-    m = pd.merge_asof(t, q, on="ts", by="symbol", direction="backward", tolerance=tolerance)
+    m = merged(trades, quotes, tolerance=tolerance)
 
     def value(x, cast):
         return None if pd.isna(x) else cast(x)
