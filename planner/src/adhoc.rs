@@ -4,7 +4,10 @@
 //! window is complete and every left row of an ASOF join has its final match. An outer
 //! `ORDER BY` / `LIMIT` is then applied by DataFusion to the rows.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use arrow::row::{RowConverter, SortField};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -18,6 +21,7 @@ use futures::StreamExt;
 use laminardb_engine::catalog::Catalog;
 use laminardb_engine::frontend::{CancelFlag, PreparedQuery, QueryHandle, QueryKind, ShardAccess, QUERY_BATCHES_MAX};
 use laminardb_engine::dataflow::LocalRun;
+use laminardb_engine::stream::op::change_signs;
 use laminardb_engine::stream::StreamPlan;
 use laminardb_engine::{Error, ErrorCode, Result};
 
@@ -94,13 +98,62 @@ impl WindowedQuery {
                 run.push(input, batch)?;
             }
         }
-        run.finish()
+        let rows = run.finish()?;
+        if plan.is_changelog() {
+            return fold_changelog(&rows, &result_schema(&plan));
+        }
+        Ok(rows)
     }
+}
+
+/// What the query returns: the stream's rows, without the change column of a changelog
+/// (an unwindowed GROUP BY over an ASOF join returns its groups' final rows).
+fn result_schema(plan: &StreamPlan) -> SchemaRef {
+    if !plan.is_changelog() {
+        return plan.schema.clone();
+    }
+    let fields = &plan.schema.fields()[..plan.schema.fields().len() - 1];
+    Arc::new(arrow::datatypes::Schema::new(fields.to_vec()))
+}
+
+/// The rows a changelog leaves: each `+I`/`+U` row counts once, each `-U`/`-D` takes back
+/// one equal row (a retraction carries the row it retracts).
+fn fold_changelog(batches: &[RecordBatch], schema: &SchemaRef) -> Result<Vec<RecordBatch>> {
+    let n = schema.fields().len();
+    let converter = RowConverter::new(schema.fields().iter().map(|f| SortField::new(f.data_type().clone())).collect())?;
+    let mut live: HashMap<arrow::row::OwnedRow, (i64, (usize, usize))> = HashMap::new();
+    let mut order = Vec::new();
+    for (b, batch) in batches.iter().enumerate() {
+        let rows = converter.convert_columns(&batch.columns()[..n])?;
+        let signs = change_signs(batch.column(n))?;
+        for (r, sign) in signs.into_iter().enumerate() {
+            let entry = live.entry(rows.row(r).owned()).or_insert_with(|| {
+                order.push(rows.row(r).owned());
+                (0, (b, r))
+            });
+            entry.0 += sign;
+        }
+    }
+    let mut indices = Vec::new();
+    for row in &order {
+        let (count, loc) = live[row];
+        indices.extend(std::iter::repeat_n(loc, count.max(0) as usize));
+    }
+    if indices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let columns = (0..n)
+        .map(|c| {
+            let arrays: Vec<&dyn arrow::array::Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
+            arrow::compute::interleave(&arrays, &indices)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(vec![RecordBatch::try_new(schema.clone(), columns)?])
 }
 
 impl PreparedQuery for WindowedQuery {
     fn schema(&self) -> SchemaRef {
-        self.plan.schema.clone()
+        result_schema(&self.plan)
     }
 
     fn kind(&self) -> QueryKind {

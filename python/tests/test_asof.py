@@ -207,3 +207,34 @@ def test_left_asof_keeps_every_trade_in_a_stream_and_ad_hoc(sharded_db, toleranc
     got = poll_rows(sub, ("symbol", "ts", "qty", "bid", "quote_ts"), len(want), timeout=20)
     assert norm(got) == want
     assert norm(sharded_db.query(select).fetchall()) == want
+
+
+def test_an_aggregate_over_an_asof_join_in_a_stream_and_ad_hoc(sharded_db):
+    setup(sharded_db)
+    sharded_db.execute(
+        "CREATE STREAM notional AS SELECT t.symbol, window_start, SUM(t.qty * q.bid) AS n, COUNT(*) AS c "
+        "FROM trades t ASOF JOIN quotes q MATCH_CONDITION(t.ts >= q.ts) ON t.symbol = q.symbol "
+        "GROUP BY t.symbol, TUMBLE(t.ts, INTERVAL '10' SECOND)"
+    )
+    sub = sharded_db.subscribe_stream("notional")
+    trades, quotes = random_feed(13, 2_000, 2_000, symbols=5)
+    for i in range(0, 2_000, 400):  # several batches: the ad-hoc aggregate folds its changes
+        sharded_db.insert("quotes", quotes[i : i + 400])
+        sharded_db.insert("trades", trades[i : i + 400])
+    for source in ("trades", "quotes"):
+        sharded_db.writer(source).watermark(BASE + 10 * 60_000)
+    m = merged(trades, quotes).dropna(subset=["bid"])
+    m["notional"] = m["qty"] * m["bid"]
+    m["window_start"] = (m["ts"] - BASE) // 10_000 * 10_000 + BASE
+    per_window = m.groupby(["symbol", "window_start"]).agg(n=("notional", "sum"), c=("qty", "size")).reset_index()
+    want = sorted((r.symbol, int(r.window_start), round(r.n, 6), int(r.c)) for r in per_window.itertuples())
+    got = poll_rows(sub, ("symbol", "window_start", "n", "c"), len(want), timeout=20)
+    assert sorted((s, ms(w), round(n, 6), c) for s, w, n, c in got) == want
+    per_symbol = m.groupby("symbol").agg(n=("notional", "sum"), c=("qty", "size")).reset_index()
+    result = sharded_db.query(
+        "SELECT t.symbol, SUM(t.qty * q.bid) AS n, COUNT(*) AS c FROM trades t "
+        "ASOF JOIN quotes q MATCH_CONDITION(t.ts >= q.ts) ON t.symbol = q.symbol GROUP BY t.symbol"
+    )
+    assert result.to_arrow().schema.names == ["symbol", "n", "c"]
+    got = sorted((s, round(n, 6), c) for s, n, c in result.fetchall())
+    assert got == sorted((r.symbol, round(r.n, 6), int(r.c)) for r in per_symbol.itertuples())
