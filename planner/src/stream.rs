@@ -838,9 +838,9 @@ impl Lowering<'_> {
         };
         let join = JoinPlan { keys: pairs.len(), key_types, residual, joined_schema: nullable(joined.as_arrow()), output, schema };
         if let Some(asof) = self.asof.take() {
-            let (left_time, right_time, strict) = asof_times(&asof.condition, schemas)?;
-            let plan =
-                AsofPlan { left_time: join.keys + left_time, right_time: join.keys + right_time, strict, left_outer: asof.left, join };
+            let (left_time, right_time, strict, forward) = asof_times(&asof.condition, schemas)?;
+            let (left_time, right_time) = (join.keys + left_time, join.keys + right_time);
+            let plan = AsofPlan { left_time, right_time, strict, forward, left_outer: asof.left, join };
             return Ok(self.dag.add(Arc::new(plan), ports));
         }
         Ok(self.dag.add(Arc::new(join), ports))
@@ -876,9 +876,9 @@ fn side_of(e: &DfExpr, left: &DFSchema, right: &DFSchema) -> Option<usize> {
 }
 
 /// The columns an ASOF match condition compares: (left side's time column, right side's,
-/// strictly earlier). Backward matches only (`t.ts >= q.ts`, `t.ts > q.ts`, or the same
-/// written the other way round).
-fn asof_times(condition: &Expr, schemas: [&DFSchema; 2]) -> Result<(usize, usize, bool)> {
+/// strict, forward). Backward `t.ts >= q.ts` (`>`: strict), forward `t.ts <= q.ts` (`<`),
+/// or the same written the other way round.
+fn asof_times(condition: &Expr, schemas: [&DFSchema; 2]) -> Result<(usize, usize, bool, bool)> {
     use datafusion::sql::sqlparser::ast::BinaryOperator as Op;
     let refused = || {
         Error::unsupported(format!(
@@ -915,11 +915,10 @@ fn asof_times(condition: &Expr, schemas: [&DFSchema; 2]) -> Result<(usize, usize
         _ => return Err(refused()),
     };
     match op {
-        Op::GtEq => Ok((l, r, false)),
-        Op::Gt => Ok((l, r, true)),
-        Op::LtEq | Op::Lt => Err(Error::unsupported(format!(
-            "the forward ASOF match {condition} (a later right row): only backward matches (left.time >= right.time) so far"
-        ))),
+        Op::GtEq => Ok((l, r, false, false)),
+        Op::Gt => Ok((l, r, true, false)),
+        Op::LtEq => Ok((l, r, false, true)),
+        Op::Lt => Ok((l, r, true, true)),
         _ => Err(refused()),
     }
 }

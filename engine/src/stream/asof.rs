@@ -1,7 +1,12 @@
 //! The ASOF join of a stream of events (left: trades) with a stream of versions (right:
 //! quotes), on the shard that owns their key: each left row joins the right row of its
 //! key with the latest time at or before its own (`MATCH_CONDITION(t.ts >= q.ts)`; `>`:
-//! strictly before). Inner: a left row with no such right row is dropped.
+//! strictly before), or, forward (`t.ts <= q.ts`, `<`), the earliest at or after it.
+//! Inner: a left row with no such right row is dropped.
+//!
+//! Forward, a left row's match is final once a right row at or after it is known and the
+//! watermark has passed that row (no earlier one can come); a left row of a key no later
+//! right row reaches waits until the end of input.
 //!
 //! A left row is emitted exactly once, when its match is final: when the watermark (the
 //! least of both inputs') passes its time, no right row at or before it can still come
@@ -11,6 +16,7 @@
 //! bounded by the keys and what arrives within the watermark's delay.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use arrow::array::{new_null_array, Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
@@ -31,8 +37,10 @@ pub struct AsofPlan {
     /// The time column in each side's input (`[keys…, columns…]`).
     pub left_time: usize,
     pub right_time: usize,
-    /// `>`: the right row must be strictly earlier than the left one.
+    /// `>` (`<` forward): the right row's time must differ from the left one's.
     pub strict: bool,
+    /// Match the earliest right row at or after the left one (`t.ts <= q.ts`).
+    pub forward: bool,
     /// `LEFT ASOF JOIN`: a left row without a match (or whose match fails the residual
     /// condition) is emitted with NULL right columns.
     pub left_outer: bool,
@@ -108,9 +116,23 @@ impl AsofOperator {
         })
     }
 
-    /// Whether a left row at `ts` has its final match under watermark `w`.
-    fn is_final(&self, ts: i64, w: i64) -> bool {
-        if self.plan.strict { ts <= w } else { ts < w }
+    /// A left row's match under watermark `w` once it is final (`Some(None)`: final, none).
+    fn settle(&self, key: &[u8], ts: i64, w: i64) -> Option<Option<Loc>> {
+        if !self.plan.forward {
+            let fin = if self.plan.strict { ts <= w } else { ts < w };
+            return fin.then(|| self.probe(key, ts));
+        }
+        let next = self.probe(key, ts);
+        let time = next.and_then(|_| {
+            let versions = self.quotes.get(key)?;
+            let lower = if self.plan.strict { Bound::Excluded(ts) } else { Bound::Included(ts) };
+            versions.range((lower, Bound::Unbounded)).next().map(|(&t, _)| t)
+        });
+        match time {
+            Some(t) if t < w => Some(next),
+            _ if w == i64::MAX => Some(next),
+            _ => None,
+        }
     }
 
     /// Each row's key (`None` with a NULL in it) and time (`None` if NULL).
@@ -135,8 +157,8 @@ impl AsofOperator {
         for (r, row) in rows.into_iter().enumerate() {
             let Some((key, ts)) = row else { continue };
             let loc = (id, r as u32);
-            if self.is_final(ts, self.watermark) {
-                now.push((loc, self.probe(&key, ts)));
+            if let Some(found) = self.settle(&key, ts, self.watermark) {
+                now.push((loc, found));
             } else {
                 self.arrivals += 1;
                 self.pending.insert((ts, self.arrivals), (key, loc));
@@ -162,10 +184,15 @@ impl AsofOperator {
         Ok(())
     }
 
-    /// The right row a left row of `key` at `ts` joins.
+    /// The right row a left row of `key` at `ts` joins, of those kept now.
     fn probe(&self, key: &[u8], ts: i64) -> Option<Loc> {
         let versions = self.quotes.get(key)?;
-        let found = if self.plan.strict { versions.range(..ts).next_back() } else { versions.range(..=ts).next_back() };
+        let found = match (self.plan.forward, self.plan.strict) {
+            (false, false) => versions.range(..=ts).next_back(),
+            (false, true) => versions.range(..ts).next_back(),
+            (true, false) => versions.range(ts..).next(),
+            (true, true) => versions.range((Bound::Excluded(ts), Bound::Unbounded)).next(),
+        };
         found.map(|(_, &loc)| loc)
     }
 
@@ -241,8 +268,13 @@ impl AsofOperator {
     /// most of their rows are gone.
     fn prune(&mut self, w: i64) -> Result<()> {
         let mut dropped = 0;
+        let forward = self.plan.forward;
         self.quotes.retain(|_, versions| {
-            if let Some((&floor, _)) = versions.range(..w).next_back() {
+            // Backward, the latest before `w` stays (a left row at `w` or later may join it);
+            // forward, a right row before `w` matches no left row still to come (the waiting
+            // ones it would match were final at this watermark).
+            let floor = if forward { Some(w) } else { versions.range(..w).next_back().map(|(&t, _)| t) };
+            if let Some(floor) = floor {
                 let keep = versions.split_off(&floor);
                 dropped += versions.len();
                 *versions = keep;
@@ -328,12 +360,29 @@ impl Operator for AsofOperator {
         }
         self.watermark = w;
         let mut ready = Vec::new();
-        while let Some((&(ts, _), _)) = self.pending.first_key_value() {
-            if !self.is_final(ts, w) {
-                break;
+        if self.plan.forward {
+            // Any waiting row may have become final: those whose next right row is behind `w`.
+            let mut done = Vec::new();
+            for (&at, (key, loc)) in &self.pending {
+                if let Some(found) = self.settle(key, at.0, w) {
+                    ready.push((*loc, found));
+                    done.push(at);
+                }
             }
-            let ((ts, _), (key, loc)) = self.pending.pop_first().expect("looked at above");
-            ready.push((loc, self.probe(&key, ts)));
+            for at in done {
+                self.pending.remove(&at);
+            }
+        } else {
+            // Backward, rows become final in time order.
+            loop {
+                let settled = match self.pending.first_key_value() {
+                    Some((&(ts, _), (key, _))) => self.settle(key, ts, w),
+                    None => None,
+                };
+                let Some(found) = settled else { break };
+                let (_, (_, loc)) = self.pending.pop_first().expect("looked at above");
+                ready.push((loc, found));
+            }
         }
         self.emit(&ready, out)?;
         self.prune(w)
@@ -412,7 +461,7 @@ mod tests {
             Field::new("bid", DataType::Float64, true),
         ]));
         let join = JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: None, joined_schema: joined, output, schema };
-        Arc::new(AsofPlan { join, left_time: 2, right_time: 2, strict: false, left_outer: false })
+        Arc::new(AsofPlan { join, left_time: 2, right_time: 2, strict: false, forward: false, left_outer: false })
     }
 
     fn side(value: &str, rows: &[(&str, i64, f64)]) -> RecordBatch {
