@@ -115,6 +115,10 @@ pub struct PyStreamMetrics {
     pub latency_max_us: Option<f64>,
     /// Emitted batches the latency percentiles are over.
     pub latency_count: u64,
+    /// Rows a join of the stream holds of its left and right inputs, over every shard (0
+    /// without a join): what bounds its memory.
+    pub join_left_rows: u64,
+    pub join_right_rows: u64,
 }
 
 #[pymethods]
@@ -215,6 +219,8 @@ pub fn stream_metrics(output: &Output, sql: Option<String>) -> PyStreamMetrics {
         latency_p999_us: timed(latency.p999_us),
         latency_max_us: timed(latency.max_us),
         latency_count: latency.count,
+        join_left_rows: c.join_rows[0].load(Ordering::Relaxed).max(0) as u64,
+        join_right_rows: c.join_rows[1].load(Ordering::Relaxed).max(0) as u64,
     }
 }
 

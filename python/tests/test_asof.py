@@ -258,3 +258,28 @@ def test_an_aggregate_over_an_asof_join_in_a_stream_and_ad_hoc(sharded_db):
     assert result.to_arrow().schema.names == ["symbol", "n", "c"]
     got = sorted((s, round(n, 6), c) for s, n, c in result.fetchall())
     assert got == sorted((r.symbol, round(r.n, 6), int(r.c)) for r in per_symbol.itertuples())
+
+
+def test_the_join_state_stays_bounded_under_a_moving_watermark(sharded_db):
+    """20,000 quotes over 10 symbols, time moving on: the ASOF join keeps about the latest
+    quote per symbol plus those within the watermark's delay, and no trade waits once the
+    watermark passed it; an inner join of the same inputs keeps every row (the metrics
+    show what bounds each)."""
+    setup(sharded_db)
+    sharded_db.execute(
+        "CREATE STREAM matched AS SELECT t.qty, q.bid FROM trades t "
+        "ASOF JOIN quotes q MATCH_CONDITION(t.ts >= q.ts) ON t.symbol = q.symbol"
+    )
+    sharded_db.execute("CREATE STREAM paired AS SELECT t.qty, q.bid FROM trades t JOIN quotes q ON t.symbol = q.symbol AND t.ts = q.ts")
+    per_batch = 500
+    for i in range(40):
+        at = BASE + i * 1_000
+        sharded_db.insert("quotes", [{"symbol": f"S{k % 10}", "ts": at + k, "bid": 1.0} for k in range(per_batch)])
+        sharded_db.insert("trades", [{"symbol": f"S{k % 10}", "ts": at + k, "qty": k} for k in range(10)])
+    asof = sharded_db.stream_metrics("matched")
+    inner = sharded_db.stream_metrics("paired")
+    # The quotes' watermark is 1 s behind the last: the last two batches' quotes, and one per
+    # symbol before them.
+    assert asof.join_right_rows <= 2 * per_batch + 10
+    assert asof.join_left_rows <= 2 * 10
+    assert (inner.join_left_rows, inner.join_right_rows) == (400, 40 * per_batch)

@@ -54,6 +54,8 @@ struct NodeRt {
     readers: Rc<[(usize, usize)]>,
     /// Late rows of this operator already counted in the stream's metrics.
     late_reported: u64,
+    /// The join state this shard's operator last counted in the stream's metrics.
+    join_reported: [u64; 2],
     /// Per slot: its sending shard said every input of the slot's port is idle there
     /// (`Exchange::Idle`).
     remote_idle: Vec<bool>,
@@ -117,6 +119,7 @@ impl StreamTask {
                 port_names,
                 readers: dag.readers(n).into(),
                 late_reported: 0,
+                join_reported: [0, 0],
                 remote_idle: vec![false; slots],
             });
         }
@@ -202,6 +205,18 @@ where
 {
     let bytes = checkpoint::read_checked(path)?;
     checkpoint::load_state(&bytes, &path.display().to_string())
+}
+
+/// Moves the stream's join-state gauges by what changed in `node`'s operator on this shard.
+fn report_join_state(node: &mut NodeRt, output: &Output) {
+    let Some(now) = node.op.join_state() else { return };
+    for side in 0..2 {
+        let delta = now[side] as i64 - node.join_reported[side] as i64;
+        if delta != 0 {
+            output.counters.join_rows[side].fetch_add(delta, Ordering::Relaxed);
+        }
+    }
+    node.join_reported = now;
 }
 
 /// Counts and reports the rows of an input batch a stream's expressions failed on; the
@@ -885,6 +900,7 @@ impl ShardRuntime {
             task.output.counters.late_rows.fetch_add(late - node.late_reported, Ordering::Relaxed);
             node.late_reported = late;
         }
+        report_join_state(node, &task.output);
         if let Some(rejected) = out.rejected.take() {
             reject(&task.output, &node.port_names[p], batch.num_rows(), rejected);
         }
@@ -1012,6 +1028,7 @@ impl ShardRuntime {
         let mut out = self.collector();
         let Some(task) = self.streams.get_mut(name) else { return };
         let result = task.nodes[n].op.on_watermark(mark, &mut out);
+        report_join_state(&mut task.nodes[n], &task.output);
         let readers = task.nodes[n].readers.clone();
         if let Err(e) = result {
             self.record_error(name, &e);

@@ -108,6 +108,11 @@ pub trait Operator {
         0
     }
 
+    /// A join's state: the rows it holds of each side (for the stream's metrics).
+    fn join_state(&self) -> Option<[u64; 2]> {
+        None
+    }
+
     /// The barrier of checkpoint `id` reached this shard, before its state is saved: an
     /// operator with effects outside the engine (a sink) delivers or commits them here;
     /// an error fails the checkpoint.

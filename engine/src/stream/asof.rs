@@ -392,6 +392,10 @@ impl Operator for AsofOperator {
         self.late
     }
 
+    fn join_state(&self) -> Option<[u64; 2]> {
+        Some([self.pending.len() as u64, self.right_live as u64])
+    }
+
     fn save(&self) -> Result<Option<Vec<u8>>> {
         let ipc = |rows: &Rows, locs: Vec<Loc>, schema: &Option<SchemaRef>| -> Result<Vec<u8>> {
             match schema {

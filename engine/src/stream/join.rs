@@ -268,6 +268,10 @@ impl Operator for JoinOperator {
         JoinOperator::save(self).map(Some)
     }
 
+    fn join_state(&self) -> Option<[u64; 2]> {
+        Some([self.sides[0].locs.len() as u64, self.sides[1].locs.len() as u64])
+    }
+
     fn restore(&mut self, bytes: &[u8]) -> Result<()> {
         *self = JoinOperator::restore(self.plan.clone(), bytes)?;
         Ok(())

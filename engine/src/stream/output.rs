@@ -188,6 +188,8 @@ pub struct OutputCounters {
     pub batches: AtomicU64,
     pub lagged_batches: AtomicU64,
     /// Input rows a windowed operator dropped because they arrived too late.
+    /// Rows a join of the stream holds, per side, summed over the shards.
+    pub join_rows: [std::sync::atomic::AtomicI64; 2],
     pub late_rows: AtomicU64,
     /// The stream's watermark (epoch ms), as its operators last reported it.
     pub watermark: std::sync::atomic::AtomicI64,
@@ -214,6 +216,7 @@ impl Default for OutputCounters {
             batches: AtomicU64::new(0),
             lagged_batches: AtomicU64::new(0),
             late_rows: AtomicU64::new(0),
+            join_rows: Default::default(),
             watermark: std::sync::atomic::AtomicI64::new(Watermark::ENCODED_NONE),
             future_rows: AtomicU64::new(0),
             errors: AtomicU64::new(0),
