@@ -70,6 +70,8 @@ def render(conn: Any) -> str:
         ("laminardb_stream_lagged_batches_total", "counter", "Batches subscribers lost by reading too slowly.", "lagged_batches"),
         ("laminardb_stream_subscribers", "gauge", "Subscribers of the stream.", "subscribers"),
         ("laminardb_stream_watermark_ms", "gauge", "The stream's watermark (epoch ms).", "watermark"),
+        ("laminardb_stream_join_left_rows", "gauge", "Rows of its left input the stream's join holds.", "join_left_rows"),
+        ("laminardb_stream_join_right_rows", "gauge", "Rows of its right input the stream's join holds.", "join_right_rows"),
     ]
     _per_object(lines, per_stream, streams, lambda s: {"stream": s.name})
     latency: List[_Sample] = []

@@ -283,3 +283,5 @@ def test_the_join_state_stays_bounded_under_a_moving_watermark(sharded_db):
     assert asof.join_right_rows <= 2 * per_batch + 10
     assert asof.join_left_rows <= 2 * 10
     assert (inner.join_left_rows, inner.join_right_rows) == (400, 40 * per_batch)
+    text = sharded_db.metrics_text()
+    assert f'laminardb_stream_join_right_rows{{stream="paired"}} {40 * per_batch}' in text
