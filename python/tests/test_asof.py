@@ -285,3 +285,17 @@ def test_the_join_state_stays_bounded_under_a_moving_watermark(sharded_db):
     assert (inner.join_left_rows, inner.join_right_rows) == (400, 40 * per_batch)
     text = sharded_db.metrics_text()
     assert f'laminardb_stream_join_right_rows{{stream="paired"}} {40 * per_batch}' in text
+
+
+def test_left_asof_keeps_trades_with_a_null_key_or_time(db):
+    setup(db)
+    db.execute(
+        "CREATE STREAM every_trade AS SELECT t.qty, q.bid FROM trades t "
+        "LEFT ASOF JOIN quotes q MATCH_CONDITION(t.ts >= q.ts) ON t.symbol = q.symbol"
+    )
+    sub = db.subscribe_stream("every_trade")
+    db.insert("quotes", [{"symbol": "A", "ts": BASE, "bid": 1.0}])
+    db.insert("trades", [{"symbol": None, "ts": BASE + 10, "qty": 1}, {"symbol": "A", "ts": None, "qty": 2}, {"symbol": "A", "ts": BASE + 20, "qty": 3}])
+    for source in ("trades", "quotes"):
+        db.writer(source).watermark(BASE + 60_000)
+    assert sorted(poll_rows(sub, ("qty", "bid"), 3), key=repr) == sorted([(1, None), (2, None), (3, 1.0)], key=repr)

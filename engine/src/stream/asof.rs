@@ -155,8 +155,14 @@ impl AsofOperator {
         let id = self.left.push(batch)?;
         let mut now = Vec::new();
         for (r, row) in rows.into_iter().enumerate() {
-            let Some((key, ts)) = row else { continue };
             let loc = (id, r as u32);
+            // A NULL key or time matches nothing: LEFT, it goes out at once with NULLs.
+            let Some((key, ts)) = row else {
+                if self.plan.left_outer {
+                    now.push((loc, None));
+                }
+                continue;
+            };
             if let Some(found) = self.settle(&key, ts, self.watermark) {
                 now.push((loc, found));
             } else {
