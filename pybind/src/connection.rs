@@ -26,7 +26,7 @@ use crate::gil::blocking;
 use crate::result::{collect, PyExecuteResult, PyQueryResult, PyQueryStream};
 use crate::metrics::{self, PyPipelineMetrics, PySourceMetrics, PyStreamMetrics};
 use crate::subscription::{PyStreamSubscription, PySubscription, SubCore};
-use crate::functions::{declared_arg_types, function_name};
+use crate::functions::{declared_arg_types, declared_type, function_name};
 use crate::writer::{PyWriter, NO_WATERMARK};
 
 use laminardb_engine::stream::output::SUBSCRIBER_BATCHES_MAX;
@@ -291,17 +291,7 @@ impl PyConnection {
             return Err(to_pyerr(Error::query(format!("register_udf('{name}', …): the function is not callable"))));
         }
         let spec = py.import("laminardb._udf")?.call_method1("_spec", (&function,))?;
-        let return_type = match return_type {
-            Some(t) => t.into_inner(),
-            None => match spec.get_item("return_type") {
-                Ok(t) => t.extract::<PyDataType>()?.into_inner(),
-                Err(_) => {
-                    return Err(to_pyerr(Error::query(format!(
-                        "register_udf('{name}', …) needs return_type (or a function decorated with @laminardb.udf)"
-                    ))))
-                }
-            },
-        };
+        let return_type = declared_type(return_type, &spec, "return_type", &format!("register_udf('{name}', …)"), "a function decorated with @laminardb.udf")?;
         let vectorized = match vectorized {
             Some(v) => v,
             None => spec.get_item("vectorized").ok().map(|v| v.extract::<bool>()).transpose()?.unwrap_or(true),
@@ -326,19 +316,10 @@ impl PyConnection {
     ) -> PyResult<()> {
         let handle = self.open()?;
         let spec = py.import("laminardb._udf")?.call_method1("_udaf_spec", (&cls,))?;
-        let declared = |given: Option<PyDataType>, key: &str| -> PyResult<DataType> {
-            match given {
-                Some(t) => Ok(t.into_inner()),
-                None => match spec.get_item(key) {
-                    Ok(t) => Ok(t.extract::<PyDataType>()?.into_inner()),
-                    Err(_) => Err(to_pyerr(Error::query(format!(
-                        "register_udaf('{name}', …) needs {key} (or a class decorated with @laminardb.udaf)"
-                    )))),
-                },
-            }
-        };
-        let return_type = declared(return_type, "return_type")?;
-        let DataType::Struct(state) = declared(accumulator_type, "accumulator_type")? else {
+        let call = format!("register_udaf('{name}', …)");
+        let decorated = "a class decorated with @laminardb.udaf";
+        let return_type = declared_type(return_type, &spec, "return_type", &call, decorated)?;
+        let DataType::Struct(state) = declared_type(accumulator_type, &spec, "accumulator_type", &call, decorated)? else {
             return Err(to_pyerr(Error::query(format!(
                 "register_udaf('{name}', …): accumulator_type must be a pyarrow struct naming the state's attributes"
             ))));

@@ -80,6 +80,18 @@ pub fn function_name(call: &str, name: &str) -> PyResult<String> {
     Ok(sql_name)
 }
 
+/// A type given to the call, else by the decorator (`spec[key]`), else an error saying
+/// `call` needs it.
+pub fn declared_type(given: Option<PyDataType>, spec: &Bound<'_, PyAny>, key: &str, call: &str, decorated: &str) -> PyResult<DataType> {
+    match given {
+        Some(t) => Ok(t.into_inner()),
+        None => match spec.get_item(key) {
+            Ok(t) => Ok(t.extract::<PyDataType>()?.into_inner()),
+            Err(_) => Err(to_pyerr(Error::query(format!("{call} needs {key} (or {decorated})")))),
+        },
+    }
+}
+
 /// Argument types given to the call, else by the decorator (`spec`), else none.
 pub fn declared_arg_types(given: Option<Vec<PyDataType>>, spec: &Bound<'_, PyAny>) -> PyResult<Option<Vec<DataType>>> {
     Ok(match given {

@@ -22,7 +22,7 @@ use pyo3_arrow::{PyArray, PyDataType};
 use laminardb_engine::functions::UserAggregate;
 use laminardb_engine::{Error, Result};
 
-use crate::udf::{keep_thread_state, traceback, PythonTurn};
+use crate::udf::{traceback, with_python};
 
 static IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -49,9 +49,7 @@ impl Function {
 
     /// One call with a whole group's arguments; its one value.
     fn call(&self, args: Vec<ArrayRef>) -> Result<ScalarValue> {
-        keep_thread_state();
-        let _turn = PythonTurn::take();
-        let array = Python::attach(|py| -> Result<ArrayRef> {
+        let array = with_python(|py| -> Result<ArrayRef> {
             let python = |e: PyErr| self.fail(traceback(py, &e));
             let arrays = args
                 .into_iter()

@@ -23,7 +23,7 @@ use pyo3_arrow::{PyArray, PyDataType};
 use laminardb_engine::functions::UserAggregate;
 use laminardb_engine::{Error, Result};
 
-use crate::udf::{keep_thread_state, traceback, PythonTurn};
+use crate::udf::{traceback, with_python};
 
 static IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -57,9 +57,7 @@ impl Class {
     /// Runs `f` with the GIL, taking turns with the other engine threads; a Python
     /// exception becomes a `QueryError` with its traceback.
     fn call<T>(&self, f: impl FnOnce(Python<'_>) -> PyResult<T>) -> Result<T> {
-        keep_thread_state();
-        let _turn = PythonTurn::take();
-        Python::attach(|py| f(py).map_err(|e| self.fail(traceback(py, &e))))
+        with_python(|py| f(py).map_err(|e| self.fail(traceback(py, &e))))
     }
 
     fn new_instance(self: &Arc<Self>) -> Result<PythonAccumulator> {

@@ -105,11 +105,18 @@ impl ScalarUDFImpl for PythonUdf {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
         let rows = args.number_rows;
-        keep_thread_state();
-        let _turn = PythonTurn::take();
-        let array = Python::attach(|py| self.call(py, &args.args, rows)).map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let array = with_python(|py| self.call(py, &args.args, rows)).map_err(|e| DataFusionError::External(Box::new(e)))?;
         Ok(ColumnarValue::Array(array))
     }
+}
+
+/// Runs `f` with the GIL from an engine thread: with the thread's kept Python thread state
+/// (`keep_thread_state`), after its turn (`PythonTurn`). Every Python function call the
+/// engine makes goes through here.
+pub(crate) fn with_python<T>(f: impl FnOnce(Python<'_>) -> T) -> T {
+    keep_thread_state();
+    let _turn = PythonTurn::take();
+    Python::attach(f)
 }
 
 /// Engine threads take turns at Python functions: one that finds another at it spins
@@ -118,12 +125,12 @@ impl ScalarUDFImpl for PythonUdf {
 /// once: 0.33 of the SQL filter's rows/s against 0.94 with one, perf/README.md). The wait
 /// is bounded: past it the thread goes to the GIL anyway, so a function that waits for
 /// another engine thread (a query from inside a function) cannot deadlock on the turn.
-pub(crate) struct PythonTurn(bool);
+struct PythonTurn(bool);
 
 static PYTHON_BUSY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl PythonTurn {
-    pub(crate) fn take() -> PythonTurn {
+    fn take() -> PythonTurn {
         let deadline = std::time::Instant::now() + std::time::Duration::from_micros(500);
         loop {
             if PYTHON_BUSY.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {

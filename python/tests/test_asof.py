@@ -46,6 +46,19 @@ def random_feed(seed, n_trades, n_quotes, symbols=10, span_ms=60_000, jitter_ms=
     return shuffled(trades), shuffled(quotes)
 
 
+def feed(conn, trades, quotes, batches):
+    """Both feeds in `batches` slices, quotes then trades, as two feeds would arrive."""
+    for k in range(batches):
+        conn.insert("quotes", quotes[k * len(quotes) // batches : (k + 1) * len(quotes) // batches])
+        conn.insert("trades", trades[k * len(trades) // batches : (k + 1) * len(trades) // batches])
+
+
+def end_time(conn, at=BASE + 10 * 60_000):
+    """Both sources' watermarks moved to `at`, past every row."""
+    for source in ("trades", "quotes"):
+        conn.writer(source).watermark(at)
+
+
 def merged(trades, quotes, strict=False, tolerance=None, direction="backward"):
     """`pandas.merge_asof` of the rows, keeping each match's quote time as `quote_ts`."""
     t = pd.DataFrame(trades).sort_values("ts")
@@ -74,12 +87,9 @@ def test_the_stream_equals_merge_asof_on_random_out_of_order_input(sharded_db, s
     sub = sharded_db.subscribe_stream("matched")
     trades, quotes = random_feed(7, 3_000, 3_000)
     # Interleaved in batches, as two feeds would arrive.
-    for i in range(0, 3_000, 250):
-        sharded_db.insert("quotes", quotes[i : i + 250])
-        sharded_db.insert("trades", trades[i : i + 250])
+    feed(sharded_db, trades, quotes, 12)
     want = expected(trades, quotes, strict)
-    for source in ("trades", "quotes"):
-        sharded_db.writer(source).watermark(BASE + 10 * 60_000)
+    end_time(sharded_db)
     got = poll_rows(sub, ("symbol", "ts", "qty", "bid", "quote_ts"), len(want), timeout=20)
     got = sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in got)
     assert len(want) > 2_500
@@ -100,12 +110,10 @@ def test_a_trade_waits_for_the_quotes_watermark_and_is_emitted_once(db):
     assert poll_rows(sub, ("qty", "bid"), 1, timeout=0.3) == []
     db.insert("quotes", [{"symbol": "A", "ts": BASE + 4_000, "bid": 2.0}])
     db.insert("quotes", [{"symbol": "A", "ts": BASE + 7_000, "bid": 3.0}])  # after it: not its match
-    db.writer("trades").watermark(BASE + 60_000)
-    db.writer("quotes").watermark(BASE + 60_000)
+    end_time(db, BASE + 60_000)
     assert poll_rows(sub, ("qty", "bid"), 1) == [(1, 2.0)]
     db.insert("trades", [{"symbol": "A", "ts": BASE + 70_000, "qty": 2}])
-    db.writer("trades").watermark(BASE + 80_000)
-    db.writer("quotes").watermark(BASE + 80_000)
+    end_time(db, BASE + 80_000)
     assert poll_rows(sub, ("qty", "bid"), 1) == [(2, 3.0)]
 
 
@@ -123,8 +131,7 @@ def test_the_join_state_survives_a_reopen(tmp_path):
     conn = laminardb.open(path)
     try:
         sub = conn.subscribe_stream("matched")
-        for source in ("trades", "quotes"):
-            conn.writer(source).watermark(BASE + 60_000)
+        end_time(conn, BASE + 60_000)
         assert poll_rows(sub, ("qty", "bid"), 1) == [(7, 1.5)]
     finally:
         conn.close()
@@ -149,13 +156,10 @@ def test_forward_matches_take_the_earliest_quote_at_or_after_the_trade(sharded_d
     sharded_db.execute(f"CREATE STREAM matched AS {select}")
     sub = sharded_db.subscribe_stream("matched")
     trades, quotes = random_feed(17, 2_000, 2_000)
-    for i in range(0, 2_000, 250):
-        sharded_db.insert("quotes", quotes[i : i + 250])
-        sharded_db.insert("trades", trades[i : i + 250])
+    feed(sharded_db, trades, quotes, 8)
     want = expected(trades, quotes, strict, direction="forward")
     # Trades after their symbol's last quote wait for one: the watermark alone ends nothing.
-    for source in ("trades", "quotes"):
-        sharded_db.writer(source).watermark(BASE + 10 * 60_000)
+    end_time(sharded_db)
     got = poll_rows(sub, ("symbol", "ts", "qty", "bid", "quote_ts"), len(want), timeout=20)
     assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in got) == want
     adhoc = sharded_db.query(select).fetchall()
@@ -213,11 +217,8 @@ def test_left_asof_keeps_every_trade_in_a_stream_and_ad_hoc(sharded_db, toleranc
     sharded_db.execute(f"CREATE STREAM matched AS {select}")
     sub = sharded_db.subscribe_stream("matched")
     trades, quotes = random_feed(3, 1_500, 300)  # sparse quotes: trades before any, matches too old
-    for i in range(0, 1_500, 300):
-        sharded_db.insert("quotes", quotes[i // 5 : (i + 300) // 5])
-        sharded_db.insert("trades", trades[i : i + 300])
-    for source in ("trades", "quotes"):
-        sharded_db.writer(source).watermark(BASE + 10 * 60_000)
+    feed(sharded_db, trades, quotes, 5)
+    end_time(sharded_db)
     want = expected_left(trades, quotes, tolerance)
     assert len(want) == 1_500 and any(w[3] is None for w in want)
 
@@ -238,11 +239,8 @@ def test_an_aggregate_over_an_asof_join_in_a_stream_and_ad_hoc(sharded_db):
     )
     sub = sharded_db.subscribe_stream("notional")
     trades, quotes = random_feed(13, 2_000, 2_000, symbols=5)
-    for i in range(0, 2_000, 400):  # several batches: the ad-hoc aggregate folds its changes
-        sharded_db.insert("quotes", quotes[i : i + 400])
-        sharded_db.insert("trades", trades[i : i + 400])
-    for source in ("trades", "quotes"):
-        sharded_db.writer(source).watermark(BASE + 10 * 60_000)
+    feed(sharded_db, trades, quotes, 5)  # several batches: the ad-hoc aggregate folds its changes
+    end_time(sharded_db)
     m = merged(trades, quotes).dropna(subset=["bid"])
     m["notional"] = m["qty"] * m["bid"]
     m["window_start"] = (m["ts"] - BASE) // 10_000 * 10_000 + BASE
@@ -296,6 +294,5 @@ def test_left_asof_keeps_trades_with_a_null_key_or_time(db):
     sub = db.subscribe_stream("every_trade")
     db.insert("quotes", [{"symbol": "A", "ts": BASE, "bid": 1.0}])
     db.insert("trades", [{"symbol": None, "ts": BASE + 10, "qty": 1}, {"symbol": "A", "ts": None, "qty": 2}, {"symbol": "A", "ts": BASE + 20, "qty": 3}])
-    for source in ("trades", "quotes"):
-        db.writer(source).watermark(BASE + 60_000)
+    end_time(db, BASE + 60_000)
     assert sorted(poll_rows(sub, ("qty", "bid"), 3), key=repr) == sorted([(1, None), (2, None), (3, 1.0)], key=repr)
