@@ -37,7 +37,7 @@ fn builtin_aggregate(name: &str) -> bool {
 }
 
 /// `rewrite` against the catalog's functions: twins are the aggregates named `<name>__agg`.
-pub fn rewrite_statement(statement: &mut Statement, functions: &Functions) -> bool {
+fn rewrite_statement(statement: &mut Statement, functions: &Functions) -> bool {
     if !functions.all_aggregate_names().iter().any(|n| n.ends_with("__agg")) {
         return false;
     }

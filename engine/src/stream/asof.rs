@@ -314,11 +314,6 @@ impl AsofOperator {
         }
         Ok(())
     }
-
-    /// Rows in the state: right rows kept, left rows waiting.
-    pub fn state_rows(&self) -> (usize, usize) {
-        (self.pending.len(), self.right_live)
-    }
 }
 
 /// What `save` writes.
@@ -521,6 +516,6 @@ mod tests {
         back.on_watermark(Watermark::new(31), &mut out).unwrap();
         assert_eq!(triples(&out), vec![(30, 400, 8.0)]);
         // Only the latest quote before the watermark is left per key.
-        assert_eq!(back.state_rows(), (0, 2));
+        assert_eq!(back.join_state(), Some([0, 2]));
     }
 }
