@@ -41,10 +41,12 @@ use laminardb_engine::stream::op::nullable;
 use laminardb_engine::stream::time::is_event_time;
 use laminardb_engine::dataflow::{Dag, Port, Route, Upstream};
 use laminardb_engine::stream::{
-    asof::AsofPlan, AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind,
+    asof::AsofPlan, interval::IntervalPlan, AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind,
     OP_COLUMN,
 };
 use laminardb_engine::{Error, Result};
+
+use crate::time_bounds::time_bounds;
 
 use crate::interval::interval_ms;
 
@@ -745,9 +747,20 @@ impl Lowering<'_> {
     fn lower_join(&mut self, j: &Join, filter: Option<&DfExpr>, output: Vec<PhysExpr>, schema: SchemaRef) -> Result<usize> {
         let props = &self.props.clone();
         let left_asof = self.asof.as_ref().is_some_and(|a| a.left);
-        if j.join_type != JoinType::Inner && !(left_asof && j.join_type == JoinType::Left) {
-            let kind = j.join_type.to_string().to_uppercase();
-            return Err(Error::unsupported(format!("{kind} JOIN in a stream (only INNER JOIN)")));
+        let kind = j.join_type.to_string().to_uppercase();
+        // The sides whose unmatched rows an outer join keeps (with NULLs for the other).
+        let preserved = match j.join_type {
+            JoinType::Inner => [false, false],
+            JoinType::Left => [true, false],
+            JoinType::Right => [false, true],
+            JoinType::Full => [true, true],
+            _ => return Err(Error::unsupported(format!("{kind} JOIN in a stream (INNER, LEFT, RIGHT and FULL joins)"))),
+        };
+        let outer = preserved.contains(&true) && self.asof.is_none();
+        if outer && filter.is_some() {
+            return Err(Error::unsupported(format!(
+                "a WHERE over a {kind} JOIN in a stream: put conditions on one side in a stream of that side's rows, or in ON"
+            )));
         }
         if j.null_equality == NullEquality::NullEqualsNull {
             return Err(Error::unsupported("IS NOT DISTINCT FROM as a join condition in a stream"));
@@ -774,6 +787,8 @@ impl Lowering<'_> {
                 }
             }
             match side_of(&c, schemas[0], schemas[1]) {
+                // An ON condition on a preserved side alone decides a match, not the row.
+                Some(side) if outer && preserved[side] => residual.push(c),
                 Some(side) => side_filters[side].push(physical(&c, schemas[side], props)?),
                 None => residual.push(c),
             }
@@ -805,12 +820,27 @@ impl Lowering<'_> {
                 fields[side].push(Field::new(format!("key{i}"), common.clone(), true));
             }
         }
+        // Conditions bounding the two rows' times against each other: an interval join.
+        let bounds = match self.asof {
+            None => time_bounds(&residual, schemas)?,
+            Some(_) => None,
+        };
+        if outer && bounds.is_none() {
+            return Err(Error::unsupported(format!(
+                "a {kind} JOIN in a stream without a time bound: bound the two sides' times against each other \
+                 (ON a.k = b.k AND b.ts BETWEEN a.ts - INTERVAL '1' MINUTE AND a.ts + INTERVAL '1' MINUTE), so the \
+                 watermark tells when a row has met every row it will"
+            )));
+        }
         let mut ports = Vec::with_capacity(2);
         let key_types: Vec<DataType> = fields[0].iter().map(|f| f.data_type().clone()).collect();
         for (side, plan) in [&j.left, &j.right].into_iter().enumerate() {
             let mut filters = Vec::new();
             let input = scan_chain(plan, &mut filters)?;
             not_changelog(self.catalog, &input)?;
+            if let Some(b) = &bounds {
+                watermark_on(self.catalog, &input, schemas[side].field(b.times[side]).name())?;
+            }
             let mut conditions: Vec<PhysExpr> = filters
                 .iter()
                 .map(|(f, schema)| physical(f, schema, props))
@@ -843,8 +873,27 @@ impl Lowering<'_> {
             let plan = AsofPlan { left_time, right_time, strict, forward, left_outer: asof.left, join };
             return Ok(self.dag.add(Arc::new(plan), ports));
         }
+        if let Some(b) = bounds {
+            let times = [join.keys + b.times[0], join.keys + b.times[1]];
+            let plan = IntervalPlan { times, lo: b.lo, hi: b.hi, outer: [outer && preserved[0], outer && preserved[1]], join };
+            return Ok(self.dag.add(Arc::new(plan), ports));
+        }
         Ok(self.dag.add(Arc::new(join), ports))
     }
+}
+
+/// An interval join prunes a side by its watermark: a source declaring one must declare
+/// it on the column the join's time condition compares.
+fn watermark_on(catalog: &Catalog, input: &str, column: &str) -> Result<()> {
+    let Some(spec) = catalog.sources.get(input).and_then(|s| s.watermark.as_ref()) else { return Ok(()) };
+    if spec.column == column {
+        return Ok(());
+    }
+    Err(Error::unsupported(format!(
+        "a join whose time condition compares {input}.{column}: the watermark of {input} is on {}, so it cannot tell when \
+         {column} has passed; compare {} instead",
+        spec.column, spec.column
+    )))
 }
 
 /// The join under a projection, with the `WHERE` filter between them if any.

@@ -59,6 +59,19 @@ struct NodeRt {
     /// Per slot: its sending shard said every input of the slot's port is idle there
     /// (`Exchange::Idle`).
     remote_idle: Vec<bool>,
+    /// How far the watermark it passes on is held back (`OperatorSpec::watermark_delay_ms`).
+    delay_ms: i64,
+}
+
+impl NodeRt {
+    /// The watermark it passes on to its readers: its inputs' merged, held back by its delay.
+    fn emitted(&self) -> Option<Watermark> {
+        self.marks.merged().map(|w| self.held_back(w))
+    }
+
+    fn held_back(&self, mark: Watermark) -> Watermark {
+        Watermark::new(mark.ms().saturating_sub(self.delay_ms))
+    }
 }
 
 struct StreamTask {
@@ -100,7 +113,7 @@ impl StreamTask {
                     Upstream::Node(m) => {
                         port_inputs.push(dag.depends_on(*m).into_iter().map(String::from).collect());
                         port_names.push(format!("the {} operator", dag.nodes[*m].spec.name()));
-                        nodes[*m].marks.merged()
+                        nodes[*m].emitted()
                     }
                 };
                 let width = if port.route.crosses_shards() { shards } else { 1 };
@@ -121,6 +134,7 @@ impl StreamTask {
                 late_reported: 0,
                 join_reported: [0, 0],
                 remote_idle: vec![false; slots],
+                delay_ms: node.spec.watermark_delay_ms().max(0),
             });
         }
         let outputs = dag.outputs();
@@ -130,7 +144,7 @@ impl StreamTask {
 
     /// Restores the output merge (`mark`, encoded) and its slots from the output nodes'.
     fn restore_out(&mut self, mark: i64) {
-        let slots: Vec<i64> = self.outputs.iter().map(|&o| Watermark::encode(self.nodes[o].marks.merged())).collect();
+        let slots: Vec<i64> = self.outputs.iter().map(|&o| Watermark::encode(self.nodes[o].emitted())).collect();
         self.out.restore(&slots, mark);
     }
 
@@ -588,6 +602,10 @@ impl ShardRuntime {
                 }
                 task.restore_out(saved.watermark);
             }
+            // The joins' restored state counts in the stream's metrics from now on.
+            for node in task.nodes.iter_mut() {
+                report_join_state(node, &task.output);
+            }
             if let Some(mark) = task.out.merged() {
                 task.output.shard_watermark(self.id, self.shards, mark.ms());
             }
@@ -1030,6 +1048,7 @@ impl ShardRuntime {
         let result = task.nodes[n].op.on_watermark(mark, &mut out);
         report_join_state(&mut task.nodes[n], &task.output);
         let readers = task.nodes[n].readers.clone();
+        let passed_on = task.nodes[n].held_back(mark);
         if let Err(e) = result {
             self.record_error(name, &e);
         }
@@ -1038,7 +1057,7 @@ impl ShardRuntime {
             return self.advance_output(name, ack);
         }
         for &(m, p) in readers.iter() {
-            self.send_mark(name, m, p, mark, ack);
+            self.send_mark(name, m, p, passed_on, ack);
         }
     }
 
@@ -1051,7 +1070,7 @@ impl ShardRuntime {
         for (slot, &o) in task.outputs.iter().enumerate() {
             let node = &task.nodes[o];
             task.out.set_idle(slot, node.port_inputs.iter().flatten().all(|i| self.idle.contains(i)));
-            if let Some(mark) = node.marks.merged() {
+            if let Some(mark) = node.emitted() {
                 task.out.update(slot, mark);
             }
         }

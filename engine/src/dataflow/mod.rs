@@ -156,6 +156,13 @@ pub trait OperatorSpec: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Its emissions may lie this many milliseconds behind its input watermark (a join
+    /// pairing a row with an older kept one): the watermark it passes on is held back by
+    /// that much, so its rows are never late to its readers.
+    fn watermark_delay_ms(&self) -> i64 {
+        0
+    }
+
     /// Call `on_tick` every this many milliseconds of processing time.
     fn tick_ms(&self) -> Option<i64> {
         None

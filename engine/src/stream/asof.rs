@@ -47,25 +47,25 @@ pub struct AsofPlan {
 }
 
 /// A row of a kept batch.
-type Loc = (u32, u32);
+pub(super) type Loc = (u32, u32);
 
 /// Rows kept in batches, addressed by `Loc`; rebuilt when most are dropped.
 #[derive(Default)]
-struct Rows {
+pub(super) struct Rows {
     batches: Vec<RecordBatch>,
-    stored: usize,
+    pub(super) stored: usize,
 }
 
 impl Rows {
-    fn push(&mut self, batch: &RecordBatch) -> Result<u32> {
-        let id = u32::try_from(self.batches.len()).map_err(|_| Error::internal("an ASOF join holds too many batches"))?;
+    pub(super) fn push(&mut self, batch: &RecordBatch) -> Result<u32> {
+        let id = u32::try_from(self.batches.len()).map_err(|_| Error::internal("a join holds too many batches"))?;
         self.stored += batch.num_rows();
         self.batches.push(batch.clone());
         Ok(id)
     }
 
     /// The rows at `locs`, as one batch.
-    fn gather(&self, locs: &[Loc], schema: &SchemaRef) -> Result<RecordBatch> {
+    pub(super) fn gather(&self, locs: &[Loc], schema: &SchemaRef) -> Result<RecordBatch> {
         if locs.is_empty() {
             return Ok(RecordBatch::new_empty(schema.clone()));
         }

@@ -14,6 +14,7 @@
 pub mod agg;
 pub mod asof;
 pub mod isolate;
+pub mod interval;
 pub mod join;
 pub mod map;
 pub mod op;
