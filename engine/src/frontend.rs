@@ -136,6 +136,12 @@ pub trait Frontend: Send + 'static {
         Err(Error::unsupported(format!("{request:?} in this front end")))
     }
 
+    /// Recovery replays statements the database accepted before (`on`) or is done: a
+    /// check added since must not refuse what was accepted then.
+    fn set_replaying(&mut self, on: bool) {
+        let _ = on;
+    }
+
     /// Stops the front end's threads; called once, on the coordinator, at shutdown.
     fn shutdown(&mut self);
 }

@@ -46,7 +46,7 @@ QUERIES: dict[str, tuple[list[str], list[str]]] = {
     "q3": (
         ["auction", "person"],
         [
-            "CREATE STREAM q3 AS SELECT P.name, P.city, P.state, A.id FROM auction AS A "
+            "CREATE STREAM q3 WITH (state_ttl = '1 hour') AS SELECT P.name, P.city, P.state, A.id FROM auction AS A "
             "INNER JOIN person AS P ON A.seller = P.id "
             "WHERE A.category = 10 AND (P.state = 'OR' OR P.state = 'ID' OR P.state = 'CA')"
         ],
@@ -54,7 +54,7 @@ QUERIES: dict[str, tuple[list[str], list[str]]] = {
     "q4": (
         ["auction", "bid"],
         [
-            "CREATE STREAM q4_bids AS SELECT A.id, A.category, B.price FROM auction AS A JOIN bid AS B "
+            "CREATE STREAM q4_bids WITH (state_ttl = '1 hour') AS SELECT A.id, A.category, B.price FROM auction AS A JOIN bid AS B "
             "ON A.id = B.auction WHERE B.date_time BETWEEN A.date_time AND A.expires",
             "CREATE STREAM q4_final AS SELECT id, category, MAX(price) AS final FROM q4_bids GROUP BY id, category",
             "CREATE STREAM q4 AS SELECT category, AVG(final) AS avg_final FROM q4_final GROUP BY category",
@@ -68,7 +68,7 @@ QUERIES: dict[str, tuple[list[str], list[str]]] = {
             # Each hop window's rows end at one window_end: a 2 s tumble over it groups exactly them.
             "CREATE STREAM q5_max AS SELECT window_start AS hop_end, MAX(num) AS maxn FROM q5_counts "
             "GROUP BY TUMBLE(window_end, INTERVAL '2' SECOND)",
-            "CREATE STREAM q5 AS SELECT c.auction, c.num, c.window_end FROM q5_counts AS c JOIN q5_max AS m "
+            "CREATE STREAM q5 WITH (state_ttl = '1 hour') AS SELECT c.auction, c.num, c.window_end FROM q5_counts AS c JOIN q5_max AS m "
             "ON c.window_end = m.hop_end WHERE c.num >= m.maxn",
         ],
     ),
@@ -89,7 +89,7 @@ QUERIES: dict[str, tuple[list[str], list[str]]] = {
             "GROUP BY id, name, TUMBLE(date_time, INTERVAL '10' SECOND)",
             "CREATE STREAM q8_a AS SELECT seller, window_start FROM auction "
             "GROUP BY seller, TUMBLE(date_time, INTERVAL '10' SECOND)",
-            "CREATE STREAM q8 AS SELECT P.id, P.name, P.window_start FROM q8_p AS P "
+            "CREATE STREAM q8 WITH (state_ttl = '1 hour') AS SELECT P.id, P.name, P.window_start FROM q8_p AS P "
             "JOIN q8_a AS A ON P.id = A.seller AND P.window_start = A.window_start",
         ],
     ),

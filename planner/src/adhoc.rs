@@ -60,8 +60,9 @@ pub fn plan_windowed_query(
         if_not_exists: false,
         // Printed without the LEFT the parser does not know (`strip_left_asof`): put back.
         query: if left_asof { q.to_string().replacen(" ASOF JOIN ", " LEFT ASOF JOIN ", 1) } else { q.to_string() },
-        emit: None,
-        lateness_ms: 0,
+        // Over the rows there are now: a join's state ends with the query.
+        unbounded_join_ok: true,
+        ..CreateStream::default()
     };
     let def = plan_stream(catalog, &inner, sql, runtime)?;
     let outer = (!order_by.is_empty() || !limit.is_empty()).then(|| format!("SELECT * FROM windowed {order_by} {limit}"));

@@ -41,6 +41,8 @@ pub struct SqlFrontend {
     registered: Option<u64>,
     /// `Functions::version` of the Python functions registered in `ctx`.
     functions: Option<u64>,
+    /// Recovery is replaying accepted statements (`Frontend::set_replaying`).
+    replaying: bool,
 }
 
 impl SqlFrontend {
@@ -59,7 +61,7 @@ impl SqlFrontend {
             .with_default_catalog_and_schema("laminar", "public");
         let ctx = SessionContext::new_with_config(config);
         udaf::register(&ctx);
-        Ok(SqlFrontend { runtime: Some(runtime), ctx, registered: None, functions: None })
+        Ok(SqlFrontend { runtime: Some(runtime), ctx, registered: None, functions: None, replaying: false })
     }
 
     fn runtime(&self) -> Result<&tokio::runtime::Runtime> {
@@ -145,6 +147,10 @@ fn parse_filter(filter: &str) -> Result<String> {
 }
 
 impl Frontend for SqlFrontend {
+    fn set_replaying(&mut self, on: bool) {
+        self.replaying = on;
+    }
+
     fn split(&self, sql: &str) -> Result<Vec<String>> {
         split::split_statements(sql)
     }
@@ -167,6 +173,7 @@ impl Frontend for SqlFrontend {
                     query: body.iter().map(|t| t.to_string()).collect::<String>().trim().to_string(),
                     emit,
                     lateness_ms,
+                    ..stream::CreateStream::default()
                 };
                 let runtime = self.runtime()?.handle().clone();
                 let sql = format!("CREATE STREAM {} AS {query}", quote_ident(name));
@@ -198,7 +205,8 @@ impl Frontend for SqlFrontend {
         if let Some(create) = sink::plan_create_sink(catalog, statement, &tokens, &self.runtime()?.handle().clone())? {
             return Ok(create);
         }
-        if let Some(create) = stream::parse_create_stream(&tokens)? {
+        if let Some(mut create) = stream::parse_create_stream(&tokens)? {
+            create.unbounded_join_ok = self.replaying;
             let runtime = self.runtime()?.handle().clone();
             let def = stream::plan_stream(catalog, &create, statement, &runtime)?;
             return Ok(Statement::CreateStream { def, if_not_exists: create.if_not_exists, or_replace: create.or_replace });

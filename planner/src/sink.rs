@@ -124,8 +124,7 @@ pub fn plan_create_sink(
             or_replace: false,
             if_not_exists: false,
             query,
-            emit: None,
-            lateness_ms: 0,
+            ..CreateStream::default()
         };
         (hidden, Some(plan_stream(catalog, &create, sql, runtime)?))
     } else {

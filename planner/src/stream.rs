@@ -53,7 +53,8 @@ use crate::interval::interval_ms;
 pub const WINDOW_START: &str = "window_start";
 pub const WINDOW_END: &str = "window_end";
 
-/// A parsed `CREATE STREAM … AS <query> [EMIT …] [ALLOW LATENESS …]`.
+/// A parsed `CREATE STREAM name [WITH (state_ttl = '…')] AS <query> [EMIT …] [ALLOW LATENESS …]`.
+#[derive(Default)]
 pub struct CreateStream {
     pub name: String,
     pub materialized: bool,
@@ -62,7 +63,17 @@ pub struct CreateStream {
     pub query: String,
     pub emit: Option<Emit>,
     pub lateness_ms: i64,
+    /// `WITH (state_ttl = …)`: how long a join without a time bound keeps each row after it
+    /// arrived (processing time).
+    pub state_ttl_ms: Option<i64>,
+    /// A join may keep its rows for the stream's life without `state_ttl`: a statement the
+    /// database accepted before that check (recovery replays it), or an ad-hoc query,
+    /// which reads a finite set of rows.
+    pub unbounded_join_ok: bool,
 }
+
+/// The options `CREATE STREAM … WITH (…)` takes.
+const STREAM_OPTIONS: &[&str] = &["state_ttl"];
 
 pub(crate) fn is_word(t: &Token, w: &str) -> bool {
     matches!(t, Token::Word(word) if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(w))
@@ -185,13 +196,58 @@ pub fn parse_create_stream(tokens: &[Token]) -> Result<Option<CreateStream>> {
         _ => return Err(Error::parse("expected a stream name after CREATE STREAM")),
     };
     k += 1;
+    let mut state_ttl_ms = None;
+    if w(k).is_some_and(|t| is_word(t, "WITH")) {
+        let (options, used) = stream_options(&sig[k + 1..].iter().map(|&i| &tokens[i]).collect::<Vec<_>>())?;
+        k += 1 + used;
+        for (key, value) in options {
+            if !STREAM_OPTIONS.contains(&key.as_str()) {
+                return Err(Error::query(format!("unknown option '{key}' in WITH: a stream takes {}", STREAM_OPTIONS.join(", "))));
+            }
+            let ms = laminardb_engine::catalog::parse_duration_ms(&value).ok_or_else(|| {
+                Error::query(format!("state_ttl '{value}' is not a duration such as '30 s', '15 minutes' or '1 hour'"))
+            })?;
+            state_ttl_ms = Some(ms);
+        }
+    }
     if !w(k).is_some_and(|t| is_word(t, "AS")) {
         let what = if materialized { "CREATE MATERIALIZED VIEW" } else { "CREATE STREAM" };
         return Err(Error::parse(format!("expected AS after {what} {name}")));
     }
     let body = &tokens[sig[k] + 1..];
     let (query, emit, lateness_ms) = cut_streaming_clauses(body)?;
-    Ok(Some(CreateStream { name, materialized, or_replace, if_not_exists, query: text(&query), emit, lateness_ms }))
+    let query = text(&query);
+    Ok(Some(CreateStream { name, materialized, or_replace, if_not_exists, query, emit, lateness_ms, state_ttl_ms, unbounded_join_ok: false }))
+}
+
+/// `(key = 'value', …)` at the start of `tokens` (whitespace left out): the pairs, and how
+/// many tokens they took.
+fn stream_options(tokens: &[&Token]) -> Result<(Vec<(String, String)>, usize)> {
+    let bad = || Error::parse("expected WITH (key = 'value', …) before AS");
+    if !matches!(tokens.first(), Some(Token::LParen)) {
+        return Err(bad());
+    }
+    let mut options = Vec::new();
+    let mut i = 1;
+    loop {
+        let key = match tokens.get(i) {
+            Some(Token::Word(w)) => w.value.to_ascii_lowercase(),
+            Some(Token::SingleQuotedString(s)) => s.to_ascii_lowercase(),
+            _ => return Err(bad()),
+        };
+        let value = match (tokens.get(i + 1), tokens.get(i + 2)) {
+            (Some(Token::Eq), Some(Token::SingleQuotedString(v))) => v.clone(),
+            (Some(Token::Eq), Some(Token::Number(v, _))) => v.clone(),
+            _ => return Err(bad()),
+        };
+        options.push((key, value));
+        i += 3;
+        match tokens.get(i) {
+            Some(Token::Comma) => i += 1,
+            Some(Token::RParen) => return Ok((options, i + 1)),
+            _ => return Err(bad()),
+        }
+    }
 }
 
 /// The window call found in a `GROUP BY`.
@@ -456,9 +512,25 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
     if ddl.lateness_ms < 0 {
         return Err(Error::query(format!("ALLOW LATENESS must not be negative (got {} ms)", ddl.lateness_ms)));
     }
-    let mut lowering =
-        Lowering { props: ExecutionProps::new(), catalog, emit: ddl.emit, lateness_ms: ddl.lateness_ms, dag: Dag::default(), aggregate: None, asof };
+    let mut lowering = Lowering {
+        props: ExecutionProps::new(),
+        catalog,
+        emit: ddl.emit,
+        lateness_ms: ddl.lateness_ms,
+        dag: Dag::default(),
+        aggregate: None,
+        asof,
+        state_ttl_ms: ddl.state_ttl_ms,
+        ttl_used: false,
+        unbounded_join_ok: ddl.unbounded_join_ok,
+    };
     let select_schema = nullable(lowering.lower(&plan, window)?.as_ref());
+    if ddl.state_ttl_ms.is_some() && !lowering.ttl_used {
+        return Err(Error::query(
+            "state_ttl bounds the state of a join without a time bound, and this stream has none (a join bounded in time, \
+             or an ASOF join, is bounded by the watermark)",
+        ));
+    }
     match (lowering.aggregate, ddl.emit) {
         (None, Some(Emit::AfterWatermark | Emit::OnWindowClose)) | (Some(false), Some(Emit::AfterWatermark | Emit::OnWindowClose)) => {
             return Err(Error::query("EMIT AFTER WATERMARK / ON WINDOW CLOSE / FINAL need a window in GROUP BY"))
@@ -654,6 +726,11 @@ struct Lowering<'a> {
     aggregate: Option<bool>,
     /// The query's ASOF JOIN (`take_asof`), until its join is lowered.
     asof: Option<Asof>,
+    /// `WITH (state_ttl = …)`, and whether a join took it.
+    state_ttl_ms: Option<i64>,
+    ttl_used: bool,
+    /// `CreateStream::unbounded_join_ok`.
+    unbounded_join_ok: bool,
 }
 
 fn port(from: Upstream, route: Route) -> Port {
@@ -821,13 +898,28 @@ impl Lowering<'_> {
             }
         }
         // Conditions bounding the two rows' times against each other: an interval join.
+        // Equal times (`a.ts = b.ts`, a key too) bound them as well.
+        let timed: Vec<DfExpr> = residual.iter().cloned().chain(pairs.iter().map(|(l, r)| l.clone().eq(r.clone()))).collect();
         let bounds = match self.asof {
-            None => time_bounds(&residual, schemas)?,
+            None => {
+                let inputs = [scan_chain(&j.left, &mut Vec::new())?, scan_chain(&j.right, &mut Vec::new())?];
+                let is_time = |side: usize, column: usize| carries_watermark_time(self.catalog, &inputs[side], schemas[side].field(column));
+                time_bounds(&timed, schemas, &is_time)?
+            }
             Some(_) => None,
+        };
+        // Why a condition on time did not bound the join, for the refusals below.
+        let timestamp = |side: usize, column: usize| matches!(schemas[side].field(column).data_type(), DataType::Timestamp(..));
+        let hint = match time_bounds(&timed, schemas, &timestamp) {
+            Ok(Some(_)) if bounds.is_none() => {
+                " (its condition on time compares TIMESTAMP columns the watermark does not measure: compare each \
+                 source's WATERMARK FOR column, or a windowed stream's window_end)"
+            }
+            _ => "",
         };
         if outer && bounds.is_none() {
             return Err(Error::unsupported(format!(
-                "a {kind} JOIN in a stream without a time bound: bound the two sides' times against each other \
+                "a {kind} JOIN in a stream without a time bound{hint}: bound the two sides' times against each other \
                  (ON a.k = b.k AND b.ts BETWEEN a.ts - INTERVAL '1' MINUTE AND a.ts + INTERVAL '1' MINUTE), so the \
                  watermark tells when a row has met every row it will"
             )));
@@ -838,9 +930,6 @@ impl Lowering<'_> {
             let mut filters = Vec::new();
             let input = scan_chain(plan, &mut filters)?;
             not_changelog(self.catalog, &input)?;
-            if let Some(b) = &bounds {
-                watermark_on(self.catalog, &input, schemas[side].field(b.times[side]).name())?;
-            }
             let mut conditions: Vec<PhysExpr> = filters
                 .iter()
                 .map(|(f, schema)| physical(f, schema, props))
@@ -866,11 +955,20 @@ impl Lowering<'_> {
             Some(e) => Some(physical(&e, joined, &self.props)?),
             None => None,
         };
-        let join = JoinPlan { keys: pairs.len(), key_types, residual, joined_schema: nullable(joined.as_arrow()), output, schema };
+        let join = JoinPlan {
+            keys: pairs.len(),
+            key_types,
+            residual,
+            joined_schema: nullable(joined.as_arrow()),
+            output,
+            schema,
+            state_ttl_ms: None,
+        };
         if let Some(asof) = self.asof.take() {
-            let (left_time, right_time, strict, forward) = asof_times(&asof.condition, schemas)?;
+            let (left_time, right_time, strict, direction) = asof_times(&asof.condition, schemas)?;
             let (left_time, right_time) = (join.keys + left_time, join.keys + right_time);
-            let plan = AsofPlan { left_time, right_time, strict, forward, left_outer: asof.left, join };
+            let (forward, nearest) = (direction == Direction::Forward, direction == Direction::Nearest);
+            let plan = AsofPlan { left_time, right_time, strict, forward, nearest, left_outer: asof.left, join };
             return Ok(self.dag.add(Arc::new(plan), ports));
         }
         if let Some(b) = bounds {
@@ -878,22 +976,38 @@ impl Lowering<'_> {
             let plan = IntervalPlan { times, lo: b.lo, hi: b.hi, outer: [outer && preserved[0], outer && preserved[1]], join };
             return Ok(self.dag.add(Arc::new(plan), ports));
         }
+        let mut join = join;
+        join.state_ttl_ms = self.state_ttl_ms;
+        self.ttl_used |= self.state_ttl_ms.is_some();
+        if join.state_ttl_ms.is_none() && !self.unbounded_join_ok {
+            return Err(Error::unsupported(format!(
+                "a JOIN in a stream without a bound on its state{hint} (it would keep every row of both sides for the \
+                 stream's life): bound the two sides' times against each other (ON a.k = b.k AND b.ts BETWEEN a.ts - \
+                 INTERVAL '1' MINUTE AND a.ts + INTERVAL '1' MINUTE), or keep each row for a while after it arrived: \
+                 CREATE STREAM name WITH (state_ttl = '1 hour') AS …"
+            )));
+        }
         Ok(self.dag.add(Arc::new(join), ports))
     }
 }
 
-/// An interval join prunes a side by its watermark: a source declaring one must declare
-/// it on the column the join's time condition compares.
-fn watermark_on(catalog: &Catalog, input: &str, column: &str) -> Result<()> {
-    let Some(spec) = catalog.sources.get(input).and_then(|s| s.watermark.as_ref()) else { return Ok(()) };
-    if spec.column == column {
-        return Ok(());
+/// Whether `field` of `input` carries the time its watermark measures, so a join can
+/// bound its state by it: a source's watermark column; a windowed stream's `window_end`
+/// (its rows go out as the watermark passes that; their `window_start` is behind it);
+/// otherwise a TIMESTAMP column (a source whose watermark is set by hand, a stream
+/// passing its input's time on). Other conditions on time leave the join unbounded.
+fn carries_watermark_time(catalog: &Catalog, input: &str, field: &Field) -> bool {
+    let timestamp = matches!(field.data_type(), DataType::Timestamp(..));
+    if let Some(source) = catalog.sources.get(input) {
+        return match &source.watermark {
+            Some(spec) => spec.column == *field.name(),
+            None => timestamp,
+        };
     }
-    Err(Error::unsupported(format!(
-        "a join whose time condition compares {input}.{column}: the watermark of {input} is on {}, so it cannot tell when \
-         {column} has passed; compare {} instead",
-        spec.column, spec.column
-    )))
+    match catalog.streams.get(input) {
+        Some(stream) if stream.table_schema.field_with_name(WINDOW_END).is_ok() => field.name() == WINDOW_END,
+        _ => timestamp,
+    }
 }
 
 /// The join under a projection, with the `WHERE` filter between them if any.
@@ -924,17 +1038,25 @@ fn side_of(e: &DfExpr, left: &DFSchema, right: &DFSchema) -> Option<usize> {
     }
 }
 
+/// Which right row an ASOF join matches, relative to the left row's time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    Backward,
+    Forward,
+    Nearest,
+}
+
 /// The columns an ASOF match condition compares: (left side's time column, right side's,
-/// strict, forward). Backward `t.ts >= q.ts` (`>`: strict), forward `t.ts <= q.ts` (`<`),
-/// or the same written the other way round.
-fn asof_times(condition: &Expr, schemas: [&DFSchema; 2]) -> Result<(usize, usize, bool, bool)> {
+/// strict, direction). Backward `t.ts >= q.ts` (`>`: strict), forward `t.ts <= q.ts` (`<`),
+/// or the same written the other way round; nearest `NEAREST(t.ts, q.ts)`.
+fn asof_times(condition: &Expr, schemas: [&DFSchema; 2]) -> Result<(usize, usize, bool, Direction)> {
     use datafusion::sql::sqlparser::ast::BinaryOperator as Op;
     let refused = || {
         Error::unsupported(format!(
-            "the ASOF match condition {condition}: write it as left.time >= right.time (or >), a column of each side"
+            "the ASOF match condition {condition}: write it as left.time >= right.time (or >, <=, <), or \
+             NEAREST(left.time, right.time), with a column of each side"
         ))
     };
-    let Expr::BinaryOp { left, op, right } = condition else { return Err(refused()) };
     let side_column = |e: &Expr| -> Option<(usize, usize)> {
         let (qualifier, name) = match e {
             Expr::Identifier(id) => (None, id.value.clone()),
@@ -950,6 +1072,24 @@ fn asof_times(condition: &Expr, schemas: [&DFSchema; 2]) -> Result<(usize, usize
             index.map(|i| (side, i))
         })
     };
+    if let Expr::Function(f) = condition {
+        if f.name.to_string().eq_ignore_ascii_case("nearest") {
+            let FunctionArguments::List(list) = &f.args else { return Err(refused()) };
+            let columns: Vec<Option<(usize, usize)>> = list
+                .args
+                .iter()
+                .map(|a| match a {
+                    FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => side_column(e),
+                    _ => None,
+                })
+                .collect();
+            return match columns.as_slice() {
+                [Some((0, l)), Some((1, r))] | [Some((1, r)), Some((0, l))] => Ok((*l, *r, false, Direction::Nearest)),
+                _ => Err(refused()),
+            };
+        }
+    }
+    let Expr::BinaryOp { left, op, right } = condition else { return Err(refused()) };
     let (Some(a), Some(b)) = (side_column(left), side_column(right)) else { return Err(refused()) };
     // Normalised to `left side ? right side`.
     let (l, r, op) = match (a.0, b.0) {
@@ -964,10 +1104,10 @@ fn asof_times(condition: &Expr, schemas: [&DFSchema; 2]) -> Result<(usize, usize
         _ => return Err(refused()),
     };
     match op {
-        Op::GtEq => Ok((l, r, false, false)),
-        Op::Gt => Ok((l, r, true, false)),
-        Op::LtEq => Ok((l, r, false, true)),
-        Op::Lt => Ok((l, r, true, true)),
+        Op::GtEq => Ok((l, r, false, Direction::Backward)),
+        Op::Gt => Ok((l, r, true, Direction::Backward)),
+        Op::LtEq => Ok((l, r, false, Direction::Forward)),
+        Op::Lt => Ok((l, r, true, Direction::Forward)),
         _ => Err(refused()),
     }
 }

@@ -166,6 +166,47 @@ def test_forward_matches_take_the_earliest_quote_at_or_after_the_trade(sharded_d
     assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in adhoc) == want
 
 
+def test_nearest_matches_take_the_closer_quote_ties_going_back(sharded_db):
+    setup(sharded_db)
+    select = (
+        "SELECT t.symbol, t.ts, t.qty, q.bid, q.ts AS quote_ts FROM trades t "
+        "ASOF JOIN quotes q MATCH_CONDITION(NEAREST(t.ts, q.ts)) ON t.symbol = q.symbol"
+    )
+    sharded_db.execute(f"CREATE STREAM matched AS {select}")
+    sub = sharded_db.subscribe_stream("matched")
+    trades, quotes = random_feed(23, 2_000, 400)
+    # A trade exactly between two quotes of its symbol (first, before any watermark): the
+    # earlier one wins.
+    tie_quotes = [{"symbol": "TIE", "ts": BASE - 3_000, "bid": 1.0}, {"symbol": "TIE", "ts": BASE - 1_000, "bid": 3.0}]
+    tie_trades = [{"symbol": "TIE", "ts": BASE - 2_000, "qty": 99_999}]
+    sharded_db.insert("quotes", tie_quotes)
+    sharded_db.insert("trades", tie_trades)
+    feed(sharded_db, trades, quotes, 8)
+    want = expected(trades + tie_trades, quotes + tie_quotes, direction="nearest")
+    assert ("TIE", BASE - 2_000, 99_999, 1.0, BASE - 3_000) in want
+    end_time(sharded_db)
+    got = poll_rows(sub, ("symbol", "ts", "qty", "bid", "quote_ts"), len(want), timeout=20)
+    assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in got) == want
+    adhoc = sharded_db.query(select).fetchall()
+    assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in adhoc) == want
+
+
+def test_a_nearest_match_waits_only_until_no_nearer_quote_can_come(db):
+    setup(db)
+    db.execute(
+        "CREATE STREAM matched AS SELECT t.qty, q.bid FROM trades t "
+        "ASOF JOIN quotes q MATCH_CONDITION(NEAREST(t.ts, q.ts)) ON t.symbol = q.symbol"
+    )
+    sub = db.subscribe_stream("matched")
+    db.insert("quotes", [{"symbol": "A", "ts": BASE, "bid": 1.0}])
+    db.insert("trades", [{"symbol": "A", "ts": BASE + 5_000, "qty": 1}])
+    # The quote 5 s before it is the match unless one comes before 10 s.
+    end_time(db, BASE + 9_000)
+    assert poll_rows(sub, ("qty", "bid"), 1, timeout=0.3) == []
+    end_time(db, BASE + 10_000)
+    assert poll_rows(sub, ("qty", "bid"), 1) == [(1, 1.0)]
+
+
 def test_ad_hoc_it_joins_every_retained_row(sharded_db):
     setup(sharded_db)
     trades, quotes = random_feed(11, 2_000, 1_500)
@@ -261,14 +302,17 @@ def test_an_aggregate_over_an_asof_join_in_a_stream_and_ad_hoc(sharded_db):
 def test_the_join_state_stays_bounded_under_a_moving_watermark(sharded_db):
     """20,000 quotes over 10 symbols, time moving on: the ASOF join keeps about the latest
     quote per symbol plus those within the watermark's delay, and no trade waits once the
-    watermark passed it; an inner join of the same inputs keeps every row (the metrics
-    show what bounds each)."""
+    watermark passed it; an inner join of the same inputs without a time bound keeps every
+    row for its state_ttl (the metrics show what bounds each)."""
     setup(sharded_db)
     sharded_db.execute(
         "CREATE STREAM matched AS SELECT t.qty, q.bid FROM trades t "
         "ASOF JOIN quotes q MATCH_CONDITION(t.ts >= q.ts) ON t.symbol = q.symbol"
     )
-    sharded_db.execute("CREATE STREAM paired AS SELECT t.qty, q.bid FROM trades t JOIN quotes q ON t.symbol = q.symbol AND t.ts = q.ts")
+    sharded_db.execute(
+        "CREATE STREAM paired WITH (state_ttl = '1 hour') AS SELECT t.qty, q.bid FROM trades t "
+        "JOIN quotes q ON t.symbol = q.symbol AND t.qty + q.bid < 0"
+    )
     per_batch = 500
     for i in range(40):
         at = BASE + i * 1_000

@@ -71,7 +71,7 @@ def test_streams_over_streams_and_joins_backfill_too(sharded_db):
     db.insert("names", [{"sym": s, "name": s.lower()} for s in "AB"])
     # A changelog stream's current result is what a stream over it starts from.
     db.execute("CREATE STREAM total AS SELECT SUM(n) AS n FROM counts")
-    db.execute("CREATE STREAM named AS SELECT t.ts, n.name FROM trades t JOIN names n ON t.sym = n.sym")
+    db.execute("CREATE STREAM named WITH (state_ttl = '1 hour') AS SELECT t.ts, n.name FROM trades t JOIN names n ON t.sym = n.sym")
     trades(db, 300, 30)
     assert db.query("SELECT n FROM total").to_arrow().to_pylist() == [{"n": 330}]
     named = db.query("SELECT name, COUNT(*) AS c FROM named GROUP BY name ORDER BY name").to_arrow().to_pylist()

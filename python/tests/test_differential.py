@@ -338,7 +338,8 @@ def run_case(db, seed: int, case: int) -> str | None:
     other_rows = make_rows(rng, s) if q.join_table else []
     if q.join_table:
         db.execute(f'CREATE SOURCE "{q.join_table}" ({cols}, WATERMARK FOR {s.c("ts")})')
-    ddl = f"CREATE STREAM {stream} AS {q.select}{q.suffix}"
+    ttl = " WITH (state_ttl = '1 hour')" if q.join_table else ""
+    ddl = f"CREATE STREAM {stream}{ttl} AS {q.select}{q.suffix}"
     context = f"seed {seed}: {ddl}\nrows: {rows}" + (f"\n{q.join_table} rows: {other_rows}" if q.join_table else "")
     try:
         db.execute(ddl)

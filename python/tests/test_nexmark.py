@@ -166,8 +166,8 @@ def test_stream_joins_equal_the_same_join_ad_hoc(sharded_db):
         "WHERE A.category = 10 AND (P.state = 'OR' OR P.state = 'ID' OR P.state = 'CA')"
     )
     hot = "SELECT B.auction, B.price, A.reserve FROM bid B JOIN auction A ON B.auction = A.id WHERE B.price > A.reserve"
-    db.execute(f"CREATE STREAM q3 AS {q3}")
-    db.execute(f"CREATE STREAM hot AS {hot}")
+    db.execute(f"CREATE STREAM q3 WITH (state_ttl = '1 hour') AS {q3}")
+    db.execute(f"CREATE STREAM hot WITH (state_ttl = '1 hour') AS {hot}")
     db.start()
     for source in ("person", "auction", "bid"):
         assert wait_until(lambda: finished(db, source), timeout=60)

@@ -170,7 +170,7 @@ def test_quoted_mixed_case_names_work_in_streams(sharded_db):
         'GROUP BY "Sym", TUMBLE("Ts", INTERVAL \'1\' SECOND)',
         'CREATE STREAM sessions AS SELECT "Sym", window_start, window_end, COUNT(*) AS n FROM "Trades" '
         'GROUP BY "Sym", SESSION("Ts", 100)',
-        'CREATE STREAM joined AS SELECT t."Sym", t."Price", q."Bid" FROM "Trades" t JOIN "Quotes" q ON t."Sym" = q."Sym"',
+        'CREATE STREAM joined WITH (state_ttl = \'1 hour\') AS SELECT t."Sym", t."Price", q."Bid" FROM "Trades" t JOIN "Quotes" q ON t."Sym" = q."Sym"',
         'CREATE STREAM again AS SELECT "Sym", "P2" FROM "Doubled"',
     )
     db.insert("Quotes", [{"Sym": "X", "Bid": 9.5}])

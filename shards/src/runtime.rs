@@ -1158,7 +1158,8 @@ impl ShardRuntime {
         self.advance_output(name, ack);
     }
 
-    /// An `EMIT EVERY` stream's period elapsed: its timed operators emit.
+    /// A timed stream's period elapsed: its timed operators emit (`EMIT EVERY`) or expire
+    /// state (`state_ttl`).
     pub fn tick(&mut self, name: &Arc<str>) {
         let Some(task) = self.streams.get_mut(name) else { return };
         task.dirty = true;
@@ -1168,7 +1169,9 @@ impl ShardRuntime {
         for n in timed {
             let mut out = self.collector();
             let Some(task) = self.streams.get_mut(name) else { return };
-            if let Err(e) = task.nodes[n].op.on_tick(&mut out) {
+            let result = task.nodes[n].op.on_tick(&mut out);
+            report_join_state(&mut task.nodes[n], &task.output);
+            if let Err(e) = result {
                 self.record_error(name, &e);
             }
             self.drain(name, n, out, &ack);

@@ -1,7 +1,9 @@
 //! The ASOF join of a stream of events (left: trades) with a stream of versions (right:
 //! quotes), on the shard that owns their key: each left row joins the right row of its
 //! key with the latest time at or before its own (`MATCH_CONDITION(t.ts >= q.ts)`; `>`:
-//! strictly before), or, forward (`t.ts <= q.ts`, `<`), the earliest at or after it.
+//! strictly before), or, forward (`t.ts <= q.ts`, `<`), the earliest at or after it, or
+//! the nearest of those two (`MATCH_CONDITION(NEAREST(t.ts, q.ts))`; a tie goes to the one
+//! before, as in `pandas.merge_asof(direction='nearest')`).
 //! Inner: a left row with no such right row is dropped.
 //!
 //! Forward, a left row's match is final once a right row at or after it is known and the
@@ -41,6 +43,8 @@ pub struct AsofPlan {
     pub strict: bool,
     /// Match the earliest right row at or after the left one (`t.ts <= q.ts`).
     pub forward: bool,
+    /// Match the nearer of the backward and the forward match (`NEAREST(t.ts, q.ts)`).
+    pub nearest: bool,
     /// `LEFT ASOF JOIN`: a left row without a match (or whose match fails the residual
     /// condition) is emitted with NULL right columns.
     pub left_outer: bool,
@@ -118,6 +122,9 @@ impl AsofOperator {
 
     /// A left row's match under watermark `w` once it is final (`Some(None)`: final, none).
     fn settle(&self, key: &[u8], ts: i64, w: i64) -> Option<Option<Loc>> {
+        if self.plan.nearest {
+            return self.settle_nearest(key, ts, w);
+        }
         if !self.plan.forward {
             let fin = if self.plan.strict { ts <= w } else { ts < w };
             return fin.then(|| self.probe(key, ts));
@@ -133,6 +140,28 @@ impl AsofOperator {
             _ if w == i64::MAX => Some(next),
             _ => None,
         }
+    }
+
+    /// Nearest: the backward match is final once the watermark passes the left row; a
+    /// forward one wins only if strictly nearer, so before `ts + (ts − backward)`: the
+    /// choice is final once the watermark is there, or once the earliest right row at or
+    /// after `ts` is behind it.
+    fn settle_nearest(&self, key: &[u8], ts: i64, w: i64) -> Option<Option<Loc>> {
+        if ts >= w && w != i64::MAX {
+            return None;
+        }
+        let versions = self.quotes.get(key);
+        let back = versions.and_then(|v| v.range(..=ts).next_back()).map(|(&t, &loc)| (t, loc));
+        let next = versions.and_then(|v| v.range(ts..).next()).map(|(&t, &loc)| (t, loc));
+        let nearer_before = back.map_or(i64::MAX, |(t, _)| ts.saturating_add(ts - t));
+        if w != i64::MAX && w < nearer_before && !next.is_some_and(|(t, _)| t < w) {
+            return None;
+        }
+        Some(match (back, next) {
+            (Some((b, bl)), Some((f, fl))) => Some(if f - ts < ts - b { fl } else { bl }),
+            (Some((_, bl)), None) => Some(bl),
+            (None, next) => next.map(|(_, fl)| fl),
+        })
     }
 
     /// Each row's key (`None` with a NULL in it) and time (`None` if NULL).
@@ -361,7 +390,7 @@ impl Operator for AsofOperator {
         }
         self.watermark = w;
         let mut ready = Vec::new();
-        if self.plan.forward {
+        if self.plan.forward || self.plan.nearest {
             // Any waiting row may have become final: those whose next right row is behind `w`.
             let mut done = Vec::new();
             for (&at, (key, loc)) in &self.pending {
@@ -465,8 +494,8 @@ mod tests {
             Field::new("qty", DataType::Int64, true),
             Field::new("bid", DataType::Float64, true),
         ]));
-        let join = JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: None, joined_schema: joined, output, schema };
-        Arc::new(AsofPlan { join, left_time: 2, right_time: 2, strict: false, forward: false, left_outer: false })
+        let join = JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: None, joined_schema: joined, output, schema, state_ttl_ms: None };
+        Arc::new(AsofPlan { join, left_time: 2, right_time: 2, strict: false, forward: false, nearest: false, left_outer: false })
     }
 
     fn side(value: &str, rows: &[(&str, i64, f64)]) -> RecordBatch {

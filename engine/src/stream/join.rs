@@ -7,10 +7,13 @@
 //! once, when the later of its two rows arrives. Rows with a NULL key never match (SQL
 //! equality). The residual condition and the `SELECT` list run over the joined rows.
 //!
-//! State is kept for the life of the stream: bounding it by the watermark where the
-//! condition limits a match in time is the next step.
+//! A join whose condition bounds the rows' times runs as an interval join instead
+//! (`stream::interval`). This one keeps each row for the stream's life, or, with
+//! `WITH (state_ttl = …)`, for that long of processing time after it arrived: rows
+//! arrive in id order, so the expired rows are the ids below a `base`, which probes stop
+//! at; once they are most of the side, the side is rebuilt from its live rows.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, RecordBatch, RecordBatchOptions, UInt32Array};
@@ -19,6 +22,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, Rows, SortField};
 
 use super::op::eval_branch;
+use super::time::now_ms;
 use super::JoinPlan;
 use crate::dataflow::{Collector, Operator, OperatorSpec, TaskInfo};
 use crate::error::{Error, Result};
@@ -43,10 +47,16 @@ struct Side {
     next: Vec<u32>,
     /// Key → the latest row id with it.
     heads: HashMap<Box<[u8]>, u32, ahash::RandomState>,
+    /// Row ids below this have expired (`state_ttl`).
+    base: u32,
+    /// With `state_ttl`: (processing time, the row ids below which had arrived by then),
+    /// oldest first.
+    arrivals: VecDeque<(i64, u32)>,
 }
 
 impl Side {
-    fn insert(&mut self, keys: &Rows, valid: &[bool], payload: RecordBatch) -> Result<()> {
+    /// Rows arrive (`now`: their processing time, when the join expires rows).
+    fn insert(&mut self, keys: &Rows, valid: &[bool], payload: RecordBatch, now: Option<i64>) -> Result<()> {
         let batch = u32::try_from(self.batches.len()).map_err(|_| Error::internal("join side holds too many batches"))?;
         for (row, key) in keys.iter().enumerate() {
             if !valid[row] {
@@ -57,6 +67,13 @@ impl Side {
             let head = self.heads.entry(key.as_ref().into()).or_insert(NONE);
             self.next.push(*head);
             *head = id;
+        }
+        if let Some(now) = now {
+            let end = self.locs.len() as u32;
+            match self.arrivals.back_mut() {
+                Some(last) if last.0 == now => last.1 = end,
+                _ => self.arrivals.push_back((now, end)),
+            }
         }
         let big = payload.num_rows() >= SMALL_ROWS;
         self.batches.push(payload);
@@ -94,11 +111,11 @@ impl Side {
         Ok(())
     }
 
-    /// Every stored row with `key`, oldest last.
+    /// Every live row with `key`, oldest last.
     fn matches<'a>(&'a self, key: &[u8]) -> impl Iterator<Item = (usize, usize)> + 'a {
         let mut id = self.heads.get(key).copied().unwrap_or(NONE);
         std::iter::from_fn(move || {
-            if id == NONE {
+            if id == NONE || id < self.base {
                 return None;
             }
             let (b, r) = self.locs[id as usize];
@@ -108,7 +125,53 @@ impl Side {
     }
 
     fn rows(&self) -> usize {
-        self.locs.len()
+        self.locs.len() - self.base as usize
+    }
+
+    /// The rows that arrived before `before` expire; the side is rebuilt once they are
+    /// most of it.
+    fn expire(&mut self, before: i64) -> Result<()> {
+        while let Some(&(at, end)) = self.arrivals.front() {
+            if at >= before {
+                break;
+            }
+            self.base = self.base.max(end);
+            self.arrivals.pop_front();
+        }
+        if self.base as usize >= SMALL_ROWS && self.base as usize * 2 >= self.locs.len() {
+            *self = self.live()?;
+        }
+        Ok(())
+    }
+
+    /// The same side without its expired rows: one batch, ids from 0.
+    fn live(&self) -> Result<Side> {
+        let base = self.base;
+        let live = &self.locs[base as usize..];
+        let Some(first) = self.batches.first() else { return Ok(Side::default()) };
+        if live.is_empty() {
+            return Ok(Side::default());
+        }
+        let indices: Vec<(usize, usize)> = live.iter().map(|&(b, r)| (b as usize, r as usize)).collect();
+        let columns = (0..first.num_columns())
+            .map(|c| {
+                let arrays: Vec<&dyn Array> = self.batches.iter().map(|b| b.column(c).as_ref()).collect();
+                interleave(&arrays, &indices)
+            })
+            .collect::<Result<Vec<ArrayRef>, _>>()?;
+        let options = RecordBatchOptions::new().with_row_count(Some(live.len()));
+        let batch = RecordBatch::try_new_with_options(first.schema(), columns, &options)?;
+        let shift = |id: u32| if id != NONE && id >= base { id - base } else { NONE };
+        Ok(Side {
+            batches: vec![batch],
+            tail: 1,
+            tail_id: live.len(),
+            locs: (0..live.len() as u32).map(|r| (0, r)).collect(),
+            next: self.next[base as usize..].iter().map(|&n| shift(n)).collect(),
+            heads: self.heads.iter().filter(|(_, &id)| id >= base).map(|(k, &id)| (k.clone(), id - base)).collect(),
+            base: 0,
+            arrivals: self.arrivals.iter().map(|&(at, end)| (at, end - base)).collect(),
+        })
     }
 
     fn save(&self) -> Result<SideState> {
@@ -135,9 +198,23 @@ impl Side {
             locs: state.locs,
             next: state.next,
             heads: state.heads.into_iter().map(|(k, id)| (k.into_boxed_slice(), id)).collect(),
+            base: 0,
+            arrivals: VecDeque::new(),
         })
     }
 }
+
+/// With `state_ttl`, a checkpoint holds this after [`TTL_STATE_MAGIC`]: the sides without
+/// their expired rows, and when their rows arrived.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct TtlState {
+    sides: [SideState; 2],
+    arrivals: [Vec<(i64, u32)>; 2],
+}
+
+/// Marks a checkpoint of a join with `state_ttl`; one without is the two `SideState`s
+/// alone, as before the option existed.
+const TTL_STATE_MAGIC: &[u8; 8] = b"LDBJTTL1";
 
 /// One side's state in a checkpoint: its rows as Arrow IPC, its index as is.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -169,16 +246,46 @@ impl JoinOperator {
 
     /// Both sides' rows and indexes, for a checkpoint.
     pub fn save(&self) -> Result<Vec<u8>> {
-        let sides = [self.sides[0].save()?, self.sides[1].save()?];
-        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&sides).map_err(|e| Error::internal(format!("saving join state: {e}")))?;
-        Ok(bytes.into_vec())
+        let fail = |e: rkyv::rancor::Error| Error::internal(format!("saving join state: {e}"));
+        if self.plan.state_ttl_ms.is_none() {
+            let sides = [self.sides[0].save()?, self.sides[1].save()?];
+            return Ok(rkyv::to_bytes::<rkyv::rancor::Error>(&sides).map_err(fail)?.into_vec());
+        }
+        let live = [self.sides[0].live()?, self.sides[1].live()?];
+        let state = TtlState {
+            sides: [live[0].save()?, live[1].save()?],
+            arrivals: [live[0].arrivals.iter().copied().collect(), live[1].arrivals.iter().copied().collect()],
+        };
+        let mut bytes = TTL_STATE_MAGIC.to_vec();
+        bytes.extend_from_slice(&rkyv::to_bytes::<rkyv::rancor::Error>(&state).map_err(fail)?);
+        Ok(bytes)
     }
 
     pub fn restore(plan: Arc<JoinPlan>, bytes: &[u8]) -> Result<JoinOperator> {
         let mut op = JoinOperator::new(plan)?;
-        let [left, right]: [SideState; 2] = crate::checkpoint::load_state(bytes, "join state")?;
-        op.sides = [Side::restore(left)?, Side::restore(right)?];
+        match bytes.strip_prefix(TTL_STATE_MAGIC.as_slice()) {
+            Some(rest) => {
+                let TtlState { sides: [left, right], arrivals: [la, ra] } = crate::checkpoint::load_state(rest, "join state")?;
+                op.sides = [Side::restore(left)?, Side::restore(right)?];
+                op.sides[0].arrivals = la.into();
+                op.sides[1].arrivals = ra.into();
+            }
+            None => {
+                let [left, right]: [SideState; 2] = crate::checkpoint::load_state(bytes, "join state")?;
+                op.sides = [Side::restore(left)?, Side::restore(right)?];
+            }
+        }
         Ok(op)
+    }
+
+    /// With `state_ttl`: the rows that arrived longer ago than it expire.
+    fn expire(&mut self, now: i64) -> Result<()> {
+        if let Some(ttl) = self.plan.state_ttl_ms {
+            for side in &mut self.sides {
+                side.expire(now.saturating_sub(ttl))?;
+            }
+        }
+        Ok(())
     }
 
     /// Rows held, per side.
@@ -189,6 +296,10 @@ impl JoinOperator {
     /// A batch of `side`'s branch output (keys first) arrives; returns the joined rows it
     /// completes, as the stream's output.
     pub fn apply(&mut self, side: usize, batch: &RecordBatch) -> Result<Option<RecordBatch>> {
+        let now = self.plan.state_ttl_ms.map(|_| now_ms());
+        if let Some(now) = now {
+            self.expire(now)?;
+        }
         let keys = self.join().keys;
         let key_columns: Vec<ArrayRef> = batch.columns()[..keys].to_vec();
         let rows = self.converter.convert_columns(&key_columns)?;
@@ -206,7 +317,7 @@ impl JoinOperator {
             }
         }
         let joined = if mine.is_empty() { None } else { Some(self.pairs(side, &payload, &mine, &theirs)?) };
-        self.sides[side].insert(&rows, &valid, payload)?;
+        self.sides[side].insert(&rows, &valid, payload, now)?;
         match joined {
             Some(joined) => self.finish(joined),
             None => Ok(None),
@@ -256,6 +367,11 @@ impl OperatorSpec for JoinPlan {
     fn build(self: Arc<Self>, _task: TaskInfo) -> Result<Box<dyn Operator>> {
         Ok(Box::new(JoinOperator::new(self)?))
     }
+
+    /// With `state_ttl`, rows expire on a timer too, while no rows come.
+    fn tick_ms(&self) -> Option<i64> {
+        self.state_ttl_ms.map(|ttl| (ttl / 4).clamp(10, 1_000))
+    }
 }
 
 impl Operator for JoinOperator {
@@ -268,8 +384,12 @@ impl Operator for JoinOperator {
         JoinOperator::save(self).map(Some)
     }
 
+    fn on_tick(&mut self, _out: &mut Collector) -> Result<()> {
+        self.expire(now_ms())
+    }
+
     fn join_state(&self) -> Option<[u64; 2]> {
-        Some([self.sides[0].locs.len() as u64, self.sides[1].locs.len() as u64])
+        Some([self.sides[0].rows() as u64, self.sides[1].rows() as u64])
     }
 
     fn restore(&mut self, bytes: &[u8]) -> Result<()> {
@@ -305,7 +425,7 @@ mod tests {
             Field::new("a", DataType::Int64, true),
             Field::new("b", DataType::Int64, true),
         ]));
-        Arc::new(JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: cond, joined_schema: joined, output, schema: out_schema })
+        Arc::new(JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: cond, joined_schema: joined, output, schema: out_schema, state_ttl_ms: None })
     }
 
     fn rows(keys: &[Option<&str>], v: &[i64]) -> RecordBatch {
@@ -360,5 +480,46 @@ mod tests {
         // x: a=5 < b=10 passes, a=50 does not; the NULL keys meet nothing.
         assert_eq!(triples(out), vec![("x".into(), 5, 10)]);
         assert_eq!(j.state_rows(), [2, 1]);
+    }
+
+    /// `n` rows of key `key` arriving at processing time `now` into `side`.
+    fn arrive(j: &mut JoinOperator, side: usize, key: &str, v: std::ops::Range<i64>, now: i64) {
+        let b = rows(&vec![Some(key); v.clone().count()], &v.collect::<Vec<_>>());
+        let keys = j.converter.convert_columns(&b.columns()[..1]).unwrap();
+        let valid = vec![true; b.num_rows()];
+        j.sides[side].insert(&keys, &valid, b.project(&[1, 2]).unwrap(), Some(now)).unwrap();
+    }
+
+    #[test]
+    fn with_a_ttl_rows_expire_in_arrival_order_and_the_side_is_rebuilt_without_them() {
+        let mut plan = (*plan(false)).clone();
+        plan.state_ttl_ms = Some(1_000);
+        let mut j = JoinOperator::new(Arc::new(plan)).unwrap();
+        arrive(&mut j, 0, "x", 0..3, 100);
+        arrive(&mut j, 0, "y", 3..5, 200);
+        arrive(&mut j, 0, "x", 5..6, 300);
+        // At 1,250 what arrived before 250 has expired: x's 0..3 and y's 3..5.
+        j.expire(1_250).unwrap();
+        assert_eq!(j.state_rows(), [1, 0]);
+        let out = j.apply(1, &rows(&[Some("x"), Some("y")], &[10, 11])).unwrap();
+        // The right rows arrive now (wall clock), long after 1,300: the left x at 300 is gone too.
+        assert_eq!(triples(out), vec![]);
+        // Many rows, most expired: the side is rebuilt from the live ones, which still match.
+        let mut j = JoinOperator::new(j.plan.clone()).unwrap();
+        for t in 0..3_000 {
+            arrive(&mut j, 0, if t % 2 == 0 { "x" } else { "y" }, t..t + 1, t);
+        }
+        j.expire(2_990).unwrap();
+        assert_eq!(j.sides[0].rows(), 1_010);
+        assert_eq!(j.sides[0].base, 0, "rebuilt");
+        assert_eq!(j.sides[0].locs.len(), 1_010);
+        let x: Vec<i64> = j.sides[0].matches(j.converter.convert_columns(&[Arc::new(StringArray::from(vec!["x"])) as ArrayRef]).unwrap().row(0).as_ref())
+            .map(|(b, r)| j.sides[0].batches[b].column(1).as_primitive::<arrow::datatypes::Int64Type>().value(r))
+            .collect();
+        assert_eq!(x, (1_990..3_000).rev().filter(|t| t % 2 == 0).collect::<Vec<_>>());
+        // The checkpoint keeps the live rows and when they arrived.
+        let back = JoinOperator::restore(j.plan.clone(), &j.save().unwrap()).unwrap();
+        assert_eq!(back.state_rows(), [1_010, 0]);
+        assert_eq!(back.sides[0].arrivals.front(), Some(&(1_990, 1)));
     }
 }

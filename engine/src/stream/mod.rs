@@ -199,6 +199,9 @@ pub struct JoinPlan {
     pub output: Vec<PhysExpr>,
     /// What it emits.
     pub schema: SchemaRef,
+    /// A plain join's bound (`WITH (state_ttl = …)`): each row is kept this many
+    /// milliseconds of processing time after it arrived (`None`: for the stream's life).
+    pub state_ttl_ms: Option<i64>,
 }
 
 /// A continuous query: its operators and what its subscribers receive.

@@ -233,7 +233,33 @@ impl Coordinator {
         let started = Instant::now();
         let Recovered { groups, mut report, manifest, checkpoint_now, .. } = recovered;
         let logging = self.durable.logging.replace(false);
-        if let Some(m) = &manifest {
+        // Statements accepted before are planned again as they were accepted.
+        self.with_frontend(|f| {
+            f.set_replaying(true);
+            Ok(())
+        })?;
+        let replayed = self.replay(groups, manifest.as_ref(), &mut report).await;
+        self.with_frontend(|f| {
+            f.set_replaying(false);
+            Ok(())
+        })?;
+        replayed?;
+        self.durable.logging.set(logging);
+        if checkpoint_now {
+            // Damage was cut (recovery='truncate'): a checkpoint now puts it behind the
+            // database, so the next open neither finds nor cuts it again.
+            self.checkpoint().await.map_err(|e| Error::checkpoint(format!("the checkpoint after cutting damage failed: {e}")))?;
+        }
+        report.millis = started.elapsed().as_secs_f64() * 1e3;
+        for line in report.torn_tails.iter().chain(&report.damage).chain(&report.errors) {
+            log::warn!("recovery: {line}");
+        }
+        Ok(report)
+    }
+
+    /// The checkpoint `manifest` names, then the WAL after it (`groups`), in lsn order.
+    async fn replay(&self, groups: Vec<Vec<Record>>, manifest: Option<&Manifest>, report: &mut RecoveryReport) -> Result<()> {
+        if let Some(m) = manifest {
             self.restore(m).await.map_err(|e| Error::checkpoint(format!("loading checkpoint {}: {}", m.id, e.message)))?;
             // What a crash kept the last checkpoint's collection from deleting.
             if let Some(root) = self.durable.root.clone() {
@@ -263,17 +289,7 @@ impl Coordinator {
             }
         }
         self.drain().await;
-        self.durable.logging.set(logging);
-        if checkpoint_now {
-            // Damage was cut (recovery='truncate'): a checkpoint now puts it behind the
-            // database, so the next open neither finds nor cuts it again.
-            self.checkpoint().await.map_err(|e| Error::checkpoint(format!("the checkpoint after cutting damage failed: {e}")))?;
-        }
-        report.millis = started.elapsed().as_secs_f64() * 1e3;
-        for line in report.torn_tails.iter().chain(&report.damage).chain(&report.errors) {
-            log::warn!("recovery: {line}");
-        }
-        Ok(report)
+        Ok(())
     }
 
     /// Logged rows go in as an insert does (re-partitioned for the current shard count).
