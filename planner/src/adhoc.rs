@@ -27,13 +27,15 @@ use laminardb_engine::{Error, ErrorCode, Result};
 
 use crate::stream::{has_asof, has_window, plan_stream, strip_left_asof, CreateStream};
 
-/// `Some` when `sql` is a `SELECT` with a window in a `GROUP BY`, or an ASOF JOIN.
+/// `Some` when `sql` is a `SELECT` with a window in a `GROUP BY`, or an ASOF JOIN (a
+/// temporal join, `FOR SYSTEM_TIME AS OF`, is one).
 pub fn plan_windowed_query(
     catalog: &Catalog,
     sql: &str,
     access: Arc<dyn ShardAccess>,
     runtime: &tokio::runtime::Handle,
 ) -> Result<Option<WindowedQuery>> {
+    let sql = &crate::temporal::rewrite_temporal(sql, catalog)?;
     let (stripped, left_asof) = strip_left_asof(sql)?;
     let Ok(mut statements) = Parser::parse_sql(&GenericDialect {}, &stripped) else { return Ok(None) };
     let [SqlStatement::Query(q)] = statements.as_mut_slice() else { return Ok(None) };

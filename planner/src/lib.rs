@@ -14,6 +14,7 @@ pub mod sink;
 pub mod split;
 pub mod stream;
 pub mod table;
+pub mod temporal;
 pub mod time_bounds;
 pub mod udaf;
 

@@ -493,8 +493,9 @@ fn table_of(from: &[datafusion::sql::sqlparser::ast::TableWithJoins], qualifier:
 
 /// Plans a continuous query over `catalog`.
 pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &tokio::runtime::Handle) -> Result<StreamDef> {
-    let query = crate::group_call::rewrite_sql(&ddl.query, &catalog.functions);
-    let (rewritten, windows, asof) = rewrite_windows(query.as_deref().unwrap_or(&ddl.query))?;
+    let temporal = crate::temporal::rewrite_temporal(&ddl.query, catalog)?;
+    let query = crate::group_call::rewrite_sql(&temporal, &catalog.functions);
+    let (rewritten, windows, asof) = rewrite_windows(query.as_deref().unwrap_or(&temporal))?;
     let window = match windows.as_slice() {
         [w] => w.as_ref(),
         many if many.iter().any(Option::is_some) => {

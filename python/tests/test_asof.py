@@ -207,6 +207,31 @@ def test_a_nearest_match_waits_only_until_no_nearer_quote_can_come(db):
     assert poll_rows(sub, ("qty", "bid"), 1) == [(1, 1.0)]
 
 
+def test_a_temporal_join_reads_the_version_of_a_table_current_at_each_row(sharded_db):
+    """`JOIN quotes FOR SYSTEM_TIME AS OF t.ts` over a TABLE of quote versions is the
+    backward ASOF join on its version time."""
+    sharded_db.execute(
+        "CREATE SOURCE trades (symbol VARCHAR, ts TIMESTAMP(3), qty BIGINT, WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)"
+    )
+    sharded_db.execute(
+        "CREATE TABLE quotes (symbol VARCHAR, ts TIMESTAMP(3), bid DOUBLE, WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)"
+    )
+    select = (
+        "SELECT t.symbol, t.ts, t.qty, q.bid, q.ts AS quote_ts FROM trades t "
+        "JOIN quotes FOR SYSTEM_TIME AS OF t.ts AS q ON t.symbol = q.symbol"
+    )
+    sharded_db.execute(f"CREATE STREAM matched AS {select}")
+    sub = sharded_db.subscribe_stream("matched")
+    trades, quotes = random_feed(29, 2_000, 1_000)
+    feed(sharded_db, trades, quotes, 6)
+    want = expected(trades, quotes)
+    end_time(sharded_db)
+    got = poll_rows(sub, ("symbol", "ts", "qty", "bid", "quote_ts"), len(want), timeout=20)
+    assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in got) == want
+    adhoc = sharded_db.query(select).fetchall()
+    assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in adhoc) == want
+
+
 def test_ad_hoc_it_joins_every_retained_row(sharded_db):
     setup(sharded_db)
     trades, quotes = random_feed(11, 2_000, 1_500)
