@@ -159,10 +159,15 @@ def test_forward_matches_take_the_earliest_quote_at_or_after_the_trade(sharded_d
     feed(sharded_db, trades, quotes, 8)
     want = expected(trades, quotes, strict, direction="forward")
     # Trades after their symbol's last quote wait for one: the watermark alone ends nothing.
-    end_time(sharded_db)
+    assert_stream_and_ad_hoc(sharded_db, sub, select, want)
+
+
+def assert_stream_and_ad_hoc(conn, sub, select, want):
+    """Time ended, the stream's rows and the same SELECT ad hoc are `want` (`expected`)."""
+    end_time(conn)
     got = poll_rows(sub, ("symbol", "ts", "qty", "bid", "quote_ts"), len(want), timeout=20)
     assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in got) == want
-    adhoc = sharded_db.query(select).fetchall()
+    adhoc = conn.query(select).fetchall()
     assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in adhoc) == want
 
 
@@ -184,11 +189,7 @@ def test_nearest_matches_take_the_closer_quote_ties_going_back(sharded_db):
     feed(sharded_db, trades, quotes, 8)
     want = expected(trades + tie_trades, quotes + tie_quotes, direction="nearest")
     assert ("TIE", BASE - 2_000, 99_999, 1.0, BASE - 3_000) in want
-    end_time(sharded_db)
-    got = poll_rows(sub, ("symbol", "ts", "qty", "bid", "quote_ts"), len(want), timeout=20)
-    assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in got) == want
-    adhoc = sharded_db.query(select).fetchall()
-    assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in adhoc) == want
+    assert_stream_and_ad_hoc(sharded_db, sub, select, want)
 
 
 def test_a_nearest_match_waits_only_until_no_nearer_quote_can_come(db):
@@ -224,12 +225,7 @@ def test_a_temporal_join_reads_the_version_of_a_table_current_at_each_row(sharde
     sub = sharded_db.subscribe_stream("matched")
     trades, quotes = random_feed(29, 2_000, 1_000)
     feed(sharded_db, trades, quotes, 6)
-    want = expected(trades, quotes)
-    end_time(sharded_db)
-    got = poll_rows(sub, ("symbol", "ts", "qty", "bid", "quote_ts"), len(want), timeout=20)
-    assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in got) == want
-    adhoc = sharded_db.query(select).fetchall()
-    assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in adhoc) == want
+    assert_stream_and_ad_hoc(sharded_db, sub, select, expected(trades, quotes))
 
 
 def test_ad_hoc_it_joins_every_retained_row(sharded_db):
