@@ -16,6 +16,7 @@ pub mod stream;
 pub mod table;
 pub mod temporal;
 pub mod time_bounds;
+pub mod topn;
 pub mod udaf;
 
 use std::sync::Arc;

@@ -47,6 +47,7 @@ use laminardb_engine::stream::{
 use laminardb_engine::{Error, Result};
 
 use crate::time_bounds::time_bounds;
+use crate::topn::{map_schema as topn_map_schema, plan_topn, topn_below, TopNShape};
 
 use crate::interval::interval_ms;
 
@@ -679,7 +680,11 @@ fn plan_name(plan: &LogicalPlan) -> String {
         LogicalPlan::Sort(_) => "ORDER BY".into(),
         LogicalPlan::Limit(_) => "LIMIT".into(),
         LogicalPlan::Distinct(_) => "SELECT DISTINCT".into(),
-        LogicalPlan::Window(_) => "window functions (OVER …)".into(),
+        LogicalPlan::Window(_) => {
+            "window functions (OVER …) other than a Top-N per window (SELECT … FROM (SELECT …, ROW_NUMBER() OVER \
+             (PARTITION BY window_end ORDER BY …) AS rn FROM a_windowed_stream) WHERE rn <= N)"
+                .into()
+        }
         LogicalPlan::Subquery(_) => "subqueries".into(),
         LogicalPlan::Unnest(_) => "UNNEST".into(),
         other => format!("the plan node {}", other.display()),
@@ -783,11 +788,35 @@ impl Lowering<'_> {
                     self.lower_join(join, filter, output, nullable(&out_schema))?;
                     return Ok(out_schema);
                 }
+                if let Some(shape) = topn_below(p) {
+                    self.lower_topn(p, &shape)?;
+                    return Ok(out_schema);
+                }
                 self.lower_map(plan, None)?;
                 Ok(out_schema)
             }
             other => Err(unsupported(other)),
         }
+    }
+
+    /// A Top-N per window (`crate::topn`): a map node `[partition keys…, input columns…]`
+    /// behind an exchange by the keys, then the top-n node. Returns the top-n node.
+    fn lower_topn(&mut self, outer: &datafusion::logical_expr::Projection, shape: &TopNShape<'_>) -> Result<usize> {
+        let mut filters = Vec::new();
+        let input = scan_chain(&shape.window.input, &mut filters)?;
+        not_changelog(self.catalog, &input)?;
+        let props = self.props.clone();
+        let parts = plan_topn(shape, outer, &input, self.catalog, &|e, schema| physical(e, schema, &props))?;
+        let in_schema = shape.window.input.schema();
+        let mut exprs: Vec<PhysExpr> = parts.partition.iter().map(|e| self.physical(e, in_schema)).collect::<Result<_>>()?;
+        for (k, f) in in_schema.fields().iter().enumerate() {
+            exprs.push(Arc::new(PhysColumn::new(f.name(), k)));
+        }
+        let keys = parts.partition.len();
+        let schema = topn_map_schema(&parts.plan.key_types, in_schema.as_arrow());
+        let filter = combine_filters(&filters, &self.props)?;
+        let map = self.map(Upstream::Input(input), filter, exprs, schema);
+        Ok(self.dag.add(Arc::new(parts.plan), vec![port(Upstream::Node(map), Route::Key(keys))]))
     }
 
     /// A projection over a chain of filters over a source or stream: one map node

@@ -20,6 +20,7 @@ pub mod map;
 pub mod op;
 pub mod output;
 pub mod time;
+pub mod topn;
 pub mod user_agg;
 pub mod window;
 
