@@ -27,6 +27,11 @@ pub const MAX_GROUP_NESTING: usize = 32;
 /// seconds, 30 would take hours).
 pub const MAX_BACKTRACKING_NESTING: usize = 10;
 
+/// Most `.` in one chain of names (`a.b.c`): sqlparser tries each part of a malformed
+/// chain more than one way, so its time doubles with every part (`t . ts . … . . ts ts . …`
+/// with 20 parts on each side of the flaw took 12 s, 40 would take days).
+pub const MAX_NAME_CHAIN: usize = 12;
+
 /// Constructs whose parse time grows exponentially with their nesting (measured).
 const BACKTRACKING: [&str; 8] = ["CAST", "TRY_CAST", "SAFE_CAST", "POSITION", "CONVERT", "TRY_CONVERT", "OVERLAY", "ROW"];
 
@@ -61,7 +66,19 @@ fn check_nesting(tokens: &[Token]) -> Result<()> {
     let mut open: Vec<bool> = Vec::new();
     let mut backtracking = 0usize;
     let mut previous_word: Option<&Word> = None;
+    // `.` since the last token that cannot be part of a chain of names.
+    let mut dots = 0usize;
     for token in tokens {
+        match token {
+            Token::Period => {
+                dots += 1;
+                if dots > MAX_NAME_CHAIN {
+                    return Err(Error::parse(format!("the statement chains more than {MAX_NAME_CHAIN} names with '.'")));
+                }
+            }
+            Token::Word(_) | Token::Whitespace(_) => {}
+            _ => dots = 0,
+        }
         match token {
             Token::LParen | Token::LBracket | Token::LBrace => {
                 let call = previous_word
@@ -271,6 +288,16 @@ mod tests {
         assert_eq!(bound(&nested), 31);
         // Strings and quoted names are never operators.
         assert!(bound("SELECT 'a + b + c + d' AS \"AND\" FROM t") < 3);
+    }
+
+    #[test]
+    fn long_chains_of_names_are_refused_before_the_parser_backtracks_through_them() {
+        let chain = |n: usize| format!("SELECT t . {} . . ts ts FROM t", vec!["ts"; n].join(" . "));
+        check_depth(&tokenize(&chain(10)).unwrap()).unwrap();
+        let err = check_depth(&tokenize(&chain(40)).unwrap()).unwrap_err();
+        assert!(err.message.contains("chains more than 12 names"), "{}", err.message);
+        // Separate names, however many, are not one chain.
+        check_depth(&tokenize(&format!("SELECT {} FROM t", vec!["a.b.c"; 100].join(", "))).unwrap()).unwrap();
     }
 
     #[test]
