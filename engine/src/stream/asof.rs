@@ -322,6 +322,22 @@ impl AsofOperator {
         }
         if self.pending.is_empty() {
             self.left = Rows::default();
+        } else if self.left.stored > 4096 && self.left.stored > 2 * self.pending.len() {
+            self.compact_left()?;
+        }
+        Ok(())
+    }
+
+    /// The waiting left rows into one batch: the batches of rows already emitted go (a
+    /// feed that never lets every left row out at once would keep them all otherwise).
+    fn compact_left(&mut self) -> Result<()> {
+        let Some(schema) = self.schemas[0].clone() else { return Ok(()) };
+        let locs: Vec<Loc> = self.pending.values().map(|(_, loc)| *loc).collect();
+        let batch = self.left.gather(&locs, &schema)?;
+        self.left = Rows::default();
+        let id = self.left.push(&batch)?;
+        for (r, (_, loc)) in self.pending.values_mut().enumerate() {
+            *loc = (id, r as u32);
         }
         Ok(())
     }
@@ -546,5 +562,22 @@ mod tests {
         assert_eq!(triples(&out), vec![(30, 400, 8.0)]);
         // Only the latest quote before the watermark is left per key.
         assert_eq!(back.join_state(), Some([0, 2]));
+    }
+
+    #[test]
+    fn left_rows_already_emitted_do_not_pile_up_while_others_wait() {
+        let mut op = AsofOperator::new(plan()).unwrap();
+        let mut out = Collector::default();
+        op.process(1, &side("bid", &[("A", 0, 1.0)]), None, &mut out).unwrap();
+        for t in 1..20_000i64 {
+            op.process(0, &side("qty", &[("A", t, t as f64)]), None, &mut out).unwrap();
+            if t % 100 == 0 {
+                // Some left rows always wait: the watermark trails the newest by 50.
+                op.on_watermark(Watermark::new(t - 50), &mut out).unwrap();
+            }
+        }
+        assert!(op.left.stored <= 2 * 4096 + 200, "{} left rows stored", op.left.stored);
+        op.on_watermark(Watermark::new(i64::MAX), &mut out).unwrap();
+        assert_eq!(triples(&out).len(), 19_999);
     }
 }
