@@ -19,6 +19,7 @@ use laminardb_engine::{ipc, wal};
 use laminardb_engine::dataflow::{Alignment, Collector, Operator, Route, TaskInfo, Upstream, Watermark, WatermarkHolder};
 use laminardb_engine::stream::isolate::Rejected;
 use laminardb_engine::stream::output::Output;
+use laminardb_engine::source::END_OF_INPUT;
 use laminardb_engine::stream::{StreamPlan, OP_INSERT};
 use laminardb_engine::{Error, Result};
 
@@ -69,7 +70,12 @@ impl NodeRt {
         self.marks.merged().map(|w| self.held_back(w))
     }
 
+    /// `mark` less the delay; the end of input (or beyond) passes unchanged: no row is to
+    /// come, so none can be late, and readers must see the input end.
     fn held_back(&self, mark: Watermark) -> Watermark {
+        if mark.ms() >= END_OF_INPUT {
+            return mark;
+        }
         Watermark::new(mark.ms().saturating_sub(self.delay_ms))
     }
 }
