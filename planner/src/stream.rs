@@ -930,35 +930,39 @@ impl Lowering<'_> {
         // Conditions bounding the two rows' times against each other: an interval join.
         // Equal times (`a.ts = b.ts`, a key too) bound them as well.
         let timed: Vec<DfExpr> = residual.iter().cloned().chain(pairs.iter().map(|(l, r)| l.clone().eq(r.clone()))).collect();
+        // Each side's input and the filters on its way there, read once.
+        let mut scanned: [Vec<(&DfExpr, &DFSchema)>; 2] = [Vec::new(), Vec::new()];
+        let inputs = [scan_chain(&j.left, &mut scanned[0])?, scan_chain(&j.right, &mut scanned[1])?];
         let bounds = match self.asof {
             None => {
-                let inputs = [scan_chain(&j.left, &mut Vec::new())?, scan_chain(&j.right, &mut Vec::new())?];
                 let is_time = |side: usize, column: usize| carries_watermark_time(self.catalog, &inputs[side], schemas[side].field(column));
                 time_bounds(&timed, schemas, &is_time)?
             }
             Some(_) => None,
         };
-        // Why a condition on time did not bound the join, for the refusals below.
-        let timestamp = |side: usize, column: usize| matches!(schemas[side].field(column).data_type(), DataType::Timestamp(..));
-        let hint = match time_bounds(&timed, schemas, &timestamp) {
-            Ok(Some(_)) if bounds.is_none() => {
-                " (its condition on time compares TIMESTAMP columns the watermark does not measure: compare each \
-                 source's WATERMARK FOR column, or a windowed stream's window_end)"
+        // Why a condition on time did not bound the join, for the refusals below (only
+        // worked out when one is made).
+        let hint = || {
+            let timestamp = |side: usize, column: usize| matches!(schemas[side].field(column).data_type(), DataType::Timestamp(..));
+            match time_bounds(&timed, schemas, &timestamp) {
+                Ok(Some(_)) => {
+                    " (its condition on time compares TIMESTAMP columns the watermark does not measure: compare each \
+                     source's WATERMARK FOR column, or a windowed stream's window_end)"
+                }
+                _ => "",
             }
-            _ => "",
         };
         if outer && bounds.is_none() {
             return Err(Error::unsupported(format!(
-                "a {kind} JOIN in a stream without a time bound{hint}: bound the two sides' times against each other \
+                "a {kind} JOIN in a stream without a time bound{}: bound the two sides' times against each other \
                  (ON a.k = b.k AND b.ts BETWEEN a.ts - INTERVAL '1' MINUTE AND a.ts + INTERVAL '1' MINUTE), so the \
-                 watermark tells when a row has met every row it will"
+                 watermark tells when a row has met every row it will",
+                hint()
             )));
         }
         let mut ports = Vec::with_capacity(2);
         let key_types: Vec<DataType> = fields[0].iter().map(|f| f.data_type().clone()).collect();
-        for (side, plan) in [&j.left, &j.right].into_iter().enumerate() {
-            let mut filters = Vec::new();
-            let input = scan_chain(plan, &mut filters)?;
+        for (side, (input, filters)) in inputs.into_iter().zip(scanned).enumerate() {
             not_changelog(self.catalog, &input)?;
             let mut conditions: Vec<PhysExpr> = filters
                 .iter()
@@ -1011,10 +1015,11 @@ impl Lowering<'_> {
         self.ttl_used |= self.state_ttl_ms.is_some();
         if join.state_ttl_ms.is_none() && !self.unbounded_join_ok {
             return Err(Error::unsupported(format!(
-                "a JOIN in a stream without a bound on its state{hint} (it would keep every row of both sides for the \
+                "a JOIN in a stream without a bound on its state{} (it would keep every row of both sides for the \
                  stream's life): bound the two sides' times against each other (ON a.k = b.k AND b.ts BETWEEN a.ts - \
                  INTERVAL '1' MINUTE AND a.ts + INTERVAL '1' MINUTE), or keep each row for a while after it arrived: \
-                 CREATE STREAM name WITH (state_ttl = '1 hour') AS …"
+                 CREATE STREAM name WITH (state_ttl = '1 hour') AS …",
+                hint()
             )));
         }
         Ok(self.dag.add(Arc::new(join), ports))

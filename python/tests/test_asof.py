@@ -26,6 +26,14 @@ def setup(conn):
     )
 
 
+def matched_stream(conn, join):
+    """`CREATE STREAM matched` of each trade's symbol, time and qty with its quote's bid and
+    time, over `join` (the FROM clause after `trades t`); its SELECT and a subscription."""
+    select = f"SELECT t.symbol, t.ts, t.qty, q.bid, q.ts AS quote_ts FROM trades t {join}"
+    conn.execute(f"CREATE STREAM matched AS {select}")
+    return select, conn.subscribe_stream("matched")
+
+
 def random_feed(seed, n_trades, n_quotes, symbols=10, span_ms=60_000, jitter_ms=500):
     rng = random.Random(seed)
     # Unique quote times per symbol: ties would leave the choice to arrival order.
@@ -149,12 +157,7 @@ def test_a_match_condition_must_compare_a_column_of_each_side(db):
 def test_forward_matches_take_the_earliest_quote_at_or_after_the_trade(sharded_db, strict):
     setup(sharded_db)
     op = "<" if strict else "<="
-    select = (
-        "SELECT t.symbol, t.ts, t.qty, q.bid, q.ts AS quote_ts FROM trades t "
-        f"ASOF JOIN quotes q MATCH_CONDITION(t.ts {op} q.ts) ON t.symbol = q.symbol"
-    )
-    sharded_db.execute(f"CREATE STREAM matched AS {select}")
-    sub = sharded_db.subscribe_stream("matched")
+    select, sub = matched_stream(sharded_db, f"ASOF JOIN quotes q MATCH_CONDITION(t.ts {op} q.ts) ON t.symbol = q.symbol")
     trades, quotes = random_feed(17, 2_000, 2_000)
     feed(sharded_db, trades, quotes, 8)
     want = expected(trades, quotes, strict, direction="forward")
@@ -173,12 +176,7 @@ def assert_stream_and_ad_hoc(conn, sub, select, want):
 
 def test_nearest_matches_take_the_closer_quote_ties_going_back(sharded_db):
     setup(sharded_db)
-    select = (
-        "SELECT t.symbol, t.ts, t.qty, q.bid, q.ts AS quote_ts FROM trades t "
-        "ASOF JOIN quotes q MATCH_CONDITION(NEAREST(t.ts, q.ts)) ON t.symbol = q.symbol"
-    )
-    sharded_db.execute(f"CREATE STREAM matched AS {select}")
-    sub = sharded_db.subscribe_stream("matched")
+    select, sub = matched_stream(sharded_db, "ASOF JOIN quotes q MATCH_CONDITION(NEAREST(t.ts, q.ts)) ON t.symbol = q.symbol")
     trades, quotes = random_feed(23, 2_000, 400)
     # A trade exactly between two quotes of its symbol (first, before any watermark): the
     # earlier one wins.
@@ -217,12 +215,7 @@ def test_a_temporal_join_reads_the_version_of_a_table_current_at_each_row(sharde
     sharded_db.execute(
         "CREATE TABLE quotes (symbol VARCHAR, ts TIMESTAMP(3), bid DOUBLE, WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)"
     )
-    select = (
-        "SELECT t.symbol, t.ts, t.qty, q.bid, q.ts AS quote_ts FROM trades t "
-        "JOIN quotes FOR SYSTEM_TIME AS OF t.ts AS q ON t.symbol = q.symbol"
-    )
-    sharded_db.execute(f"CREATE STREAM matched AS {select}")
-    sub = sharded_db.subscribe_stream("matched")
+    select, sub = matched_stream(sharded_db, "JOIN quotes FOR SYSTEM_TIME AS OF t.ts AS q ON t.symbol = q.symbol")
     trades, quotes = random_feed(29, 2_000, 1_000)
     feed(sharded_db, trades, quotes, 6)
     assert_stream_and_ad_hoc(sharded_db, sub, select, expected(trades, quotes))
@@ -272,12 +265,7 @@ def expected_left(trades, quotes, tolerance=None):
 def test_left_asof_keeps_every_trade_in_a_stream_and_ad_hoc(sharded_db, tolerance):
     setup(sharded_db)
     within = " AND t.ts - q.ts <= INTERVAL '1' SECOND" if tolerance else ""
-    select = (
-        "SELECT t.symbol, t.ts, t.qty, q.bid, q.ts AS quote_ts FROM trades t "
-        f"LEFT ASOF JOIN quotes q MATCH_CONDITION(t.ts >= q.ts) ON t.symbol = q.symbol{within}"
-    )
-    sharded_db.execute(f"CREATE STREAM matched AS {select}")
-    sub = sharded_db.subscribe_stream("matched")
+    select, sub = matched_stream(sharded_db, f"LEFT ASOF JOIN quotes q MATCH_CONDITION(t.ts >= q.ts) ON t.symbol = q.symbol{within}")
     trades, quotes = random_feed(3, 1_500, 300)  # sparse quotes: trades before any, matches too old
     feed(sharded_db, trades, quotes, 5)
     end_time(sharded_db)

@@ -330,8 +330,9 @@ impl OperatorSpec for IntervalPlan {
         true
     }
 
+    /// Never negative: `lo <= hi`, so `hi >= 0` or `−lo > 0`.
     fn watermark_delay_ms(&self) -> i64 {
-        self.reach(0).max(self.reach(1)).max(0)
+        self.reach(0).max(self.reach(1))
     }
 }
 
