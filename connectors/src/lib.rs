@@ -19,6 +19,7 @@ pub mod json_flat;
 pub mod kafka;
 mod kafka_batch;
 pub mod kafka_sink;
+pub mod lookup;
 pub mod websocket;
 pub mod websocket_sink;
 
@@ -47,4 +48,6 @@ pub fn register() {
     laminardb_engine::sink::register("kafka", kafka_sink::KafkaSink::create);
     laminardb_engine::source::register("websocket", websocket::WebSocketSource::create);
     laminardb_engine::sink::register("websocket", websocket_sink::WebSocketSink::create);
+    laminardb_engine::lookup::register("postgres", lookup::PostgresLookup::create);
+    laminardb_engine::lookup::register("parquet", lookup::ParquetLookup::create);
 }

@@ -34,6 +34,9 @@ pub enum SourceKind {
     Source,
     /// A reference table (`CREATE TABLE` with a primary key upserts by key).
     Table,
+    /// A table outside the engine that streams join by key (`CREATE LOOKUP TABLE`,
+    /// [`crate::lookup`]): the shards hold none of its rows.
+    Lookup,
 }
 
 #[derive(Clone, Debug)]
@@ -50,6 +53,8 @@ pub struct SourceDef {
     pub sql: String,
     /// A source whose rows the shards read themselves (`WITH (connector = …)`).
     pub connector: Option<Arc<dyn SourceConnector>>,
+    /// A lookup table's rows (`SourceKind::Lookup`).
+    pub lookup: Option<Arc<dyn crate::lookup::LookupSource>>,
 }
 
 impl SourceDef {
@@ -195,7 +200,10 @@ impl Catalog {
 
     /// Streams and sinks that read `name`, in name order.
     pub fn readers_of(&self, name: &str) -> Vec<String> {
-        let streams = self.streams.values().filter(|s| s.plan.inputs().any(|i| i == name)).map(|s| s.name.clone());
+        let reads = |s: &StreamDef| {
+            s.plan.inputs().any(|i| i == name) || s.plan.dag.nodes.iter().any(|n| n.spec.lookup_table() == Some(name))
+        };
+        let streams = self.streams.values().filter(|s| reads(s)).map(|s| s.name.clone());
         let sinks = self.sinks.values().filter(|s| s.input == name && !s.owns_input).map(|s| s.name.clone());
         streams.chain(sinks).collect()
     }

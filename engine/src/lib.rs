@@ -23,6 +23,7 @@ pub mod frontend;
 pub mod functions;
 pub mod ingest;
 pub mod ipc;
+pub mod lookup;
 pub mod nexmark;
 pub mod partition;
 pub mod recovery;

@@ -178,6 +178,11 @@ impl ConnectorOptions {
         Self::with_general(connector, options, &SOURCE_KEYS)
     }
 
+    /// A lookup table's options.
+    pub fn for_lookup(connector: &str, options: &BTreeMap<String, String>) -> Result<ConnectorOptions> {
+        Self::with_general(connector, options, &crate::lookup::LOOKUP_KEYS)
+    }
+
     /// A sink's options.
     pub fn for_sink(connector: &str, options: &BTreeMap<String, String>) -> Result<ConnectorOptions> {
         Self::with_general(connector, options, &["connector"])

@@ -37,6 +37,7 @@ pub fn plan_ddl(sql: &str, tokens: &[Token]) -> Result<Option<Statement>> {
     match after_create {
         ["SOURCE", ..] => plan_create_source(sql, tokens, SourceKind::Source).map(Some),
         ["TABLE", ..] => plan_create_source(sql, tokens, SourceKind::Table).map(Some),
+        ["LOOKUP", "TABLE", ..] => plan_create_source(sql, tokens, SourceKind::Lookup).map(Some),
         ["VIEW", ..] => Err(Error::unsupported("CREATE VIEW: use CREATE STREAM or CREATE MATERIALIZED VIEW")),
         _ => Err(Error::unsupported(format!("statement '{}'", words.join(" ")))),
     }
@@ -45,6 +46,10 @@ pub fn plan_ddl(sql: &str, tokens: &[Token]) -> Result<Option<Statement>> {
 fn plan_drop(tokens: &[Token]) -> Result<Statement> {
     let words = significant(tokens);
     let mut i = 1;
+    // `DROP LOOKUP TABLE` is `DROP TABLE`.
+    if words.get(1).map(|t| upper(t)).as_deref() == Some("LOOKUP") && words.get(2).map(|t| upper(t)).as_deref() == Some("TABLE") {
+        i += 1;
+    }
     let kind = match words.get(i).map(|t| upper(t)).as_deref() {
         Some("SOURCE") => ObjectKind::Source,
         Some("TABLE") => ObjectKind::Table,
@@ -78,7 +83,10 @@ fn plan_drop(tokens: &[Token]) -> Result<Statement> {
 
 fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<Statement> {
     let (tokens, watermark_tokens) = cut_watermark_clause(tokens)?;
-    let tokens = rename_source_keyword(tokens);
+    let tokens = match kind {
+        SourceKind::Lookup => without_lookup_keyword(tokens),
+        _ => rename_source_keyword(tokens),
+    };
     let dialect = GenericDialect {};
     let mut parser = Parser::new(&dialect).with_tokens(tokens);
     let parsed = parser.parse_statement().map_err(|e| Error::parse(e.to_string()))?;
@@ -113,7 +121,10 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
     }
     let mut schema = Arc::new(Schema::new(fields));
     let declared = (!create.columns.is_empty()).then(|| schema.clone());
-    let connector = laminardb_engine::source::connector(&options, declared.as_ref())?;
+    let connector = match kind {
+        SourceKind::Lookup => None,
+        _ => laminardb_engine::source::connector(&options, declared.as_ref())?,
+    };
     if let Some(connector) = &connector {
         let produced = connector.schema();
         // A source of changes adds its `_op` column to the declared ones.
@@ -140,6 +151,26 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
             }
             other => return Err(Error::unsupported(format!("table constraint {other}"))),
         }
+    }
+    if kind == SourceKind::Lookup {
+        if watermark_tokens.is_some() {
+            return Err(Error::invalid_schema("a lookup table has no event time: WATERMARK FOR is for sources and tables"));
+        }
+        let source = laminardb_engine::lookup::lookup_source(&options, &schema)?;
+        laminardb_engine::lookup::CacheBounds::from_options(&options)?;
+        let def = SourceDef {
+            name,
+            kind,
+            schema,
+            watermark: None,
+            partition_key: Vec::new(),
+            primary_key,
+            options,
+            sql: sql.to_string(),
+            connector: None,
+            lookup: Some(source),
+        };
+        return Ok(Statement::CreateSource { def, if_not_exists: create.if_not_exists, or_replace: create.or_replace });
     }
     if !primary_key.is_empty() {
         return Err(Error::unsupported(
@@ -209,6 +240,7 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
         options,
         sql: sql.to_string(),
         connector,
+        lookup: None,
     };
     def.choose_partition_key()?;
     Ok(Statement::CreateSource { def, if_not_exists: create.if_not_exists, or_replace: create.or_replace })
@@ -275,6 +307,14 @@ fn cut_watermark_clause(tokens: &[Token]) -> Result<(Vec<Token>, Option<Vec<Toke
     }
     before.extend(after);
     Ok((before, Some(clause)))
+}
+
+/// `CREATE [OR REPLACE] LOOKUP TABLE` → `CREATE [OR REPLACE] TABLE`.
+fn without_lookup_keyword(mut tokens: Vec<Token>) -> Vec<Token> {
+    if let Some(i) = tokens.iter().position(|t| matches!(t, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("LOOKUP"))) {
+        tokens.remove(i);
+    }
+    tokens
 }
 
 fn rename_source_keyword(mut tokens: Vec<Token>) -> Vec<Token> {

@@ -87,9 +87,15 @@ impl SqlFrontend {
         for name in schema.table_names() {
             schema.deregister_table(&name)?;
         }
+        for (name, def) in &catalog.sources {
+            if let Some(source) = &def.lookup {
+                schema.register_table(name.clone(), Arc::new(table::LookupTable::new(source.clone())))?;
+            }
+        }
         let tables = catalog
             .sources
             .iter()
+            .filter(|(_, def)| def.lookup.is_none())
             .map(|(name, def)| (name, def.schema.clone()))
             .chain(catalog.streams.iter().map(|(name, def)| (name, def.table_schema.clone())));
         for (name, table_schema) in tables {
@@ -214,6 +220,13 @@ impl Frontend for SqlFrontend {
             return Ok(Statement::CreateStream { def, if_not_exists: create.if_not_exists, or_replace: create.or_replace });
         }
         if let Some(ddl) = ddl::plan_ddl(statement, &tokens)? {
+            // A new lookup table must be readable; one that recovery replays is read
+            // when a stream first looks a key up (its server may be down now).
+            if let (Statement::CreateSource { def, .. }, false) = (&ddl, self.replaying) {
+                if let Some(lookup) = &def.lookup {
+                    lookup.check()?;
+                }
+            }
             return Ok(ddl);
         }
         self.sync_tables(catalog, &access)?;

@@ -37,11 +37,12 @@ use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::Token;
 
 use laminardb_engine::catalog::{Catalog, StreamDef, TRANSIENT_PREFIX};
+use laminardb_engine::lookup::CacheBounds;
 use laminardb_engine::stream::op::nullable;
 use laminardb_engine::stream::time::is_event_time;
 use laminardb_engine::dataflow::{Dag, Port, Route, Upstream};
 use laminardb_engine::stream::{
-    asof::AsofPlan, interval::IntervalPlan, AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind,
+    asof::AsofPlan, interval::IntervalPlan, lookup::LookupPlan, AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind,
     OP_COLUMN,
 };
 use laminardb_engine::{Error, Result};
@@ -643,11 +644,23 @@ fn planning_context(catalog: &Catalog, window: Option<&WindowCall>) -> Result<Se
 
 /// Refuses to read changelog stream `input` other than through a retracting aggregate.
 fn not_changelog(catalog: &Catalog, input: &str) -> Result<()> {
+    not_lookup(catalog, input)?;
     if catalog.is_changelog(input) {
         return Err(Error::unsupported(format!(
             "reading the changelog {} '{input}' from another stream except through GROUP BY with COUNT, SUM \
              or AVG (its rows are updates and retractions)",
             changelog_kind(catalog, input)
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses to read lookup table `input` other than by joining a stream to it.
+fn not_lookup(catalog: &Catalog, input: &str) -> Result<()> {
+    if catalog.sources.get(input).is_some_and(|d| d.lookup.is_some()) {
+        return Err(Error::unsupported(format!(
+            "reading the lookup table '{input}' as a stream: it has no stream of rows; join a stream to it \
+             (FROM s JOIN {input} t ON s.k = t.k), or query it ad hoc"
         )));
     }
     Ok(())
@@ -873,6 +886,16 @@ impl Lowering<'_> {
             return Err(Error::unsupported("IS NOT DISTINCT FROM as a join condition in a stream"));
         }
         let schemas = [j.left.schema().as_ref(), j.right.schema().as_ref()];
+        // Each side's input and the filters on its way there, read once.
+        let mut scanned: [Vec<(&DfExpr, &DFSchema)>; 2] = [Vec::new(), Vec::new()];
+        let inputs = [scan_chain(&j.left, &mut scanned[0])?, scan_chain(&j.right, &mut scanned[1])?];
+        let is_lookup = |side: usize| self.catalog.sources.get(&inputs[side]).is_some_and(|d| d.lookup.is_some());
+        let lookup_side = match (is_lookup(0), is_lookup(1)) {
+            (true, true) => return Err(Error::unsupported("a JOIN of two lookup tables in a stream: join a stream to a lookup table")),
+            (true, false) => Some(0),
+            (false, true) => Some(1),
+            (false, false) => None,
+        };
         let mut pairs: Vec<(DfExpr, DfExpr)> = j.on.clone();
         let mut side_filters: [Vec<PhysExpr>; 2] = [Vec::new(), Vec::new()];
         let mut residual = Vec::new();
@@ -896,6 +919,8 @@ impl Lowering<'_> {
             match side_of(&c, schemas[0], schemas[1]) {
                 // An ON condition on a preserved side alone decides a match, not the row.
                 Some(side) if outer && preserved[side] => residual.push(c),
+                // The lookup table's rows are only seen joined.
+                Some(side) if lookup_side == Some(side) => residual.push(c),
                 Some(side) => side_filters[side].push(physical(&c, schemas[side], props)?),
                 None => residual.push(c),
             }
@@ -927,12 +952,13 @@ impl Lowering<'_> {
                 fields[side].push(Field::new(format!("key{i}"), common.clone(), true));
             }
         }
+        if let Some(table) = lookup_side {
+            let lookup = LookupJoin { table, inputs: &inputs, scanned, side_filters, preserved, residual, exprs, fields };
+            return self.lower_lookup(j, &pairs, lookup, output, schema);
+        }
         // Conditions bounding the two rows' times against each other: an interval join.
         // Equal times (`a.ts = b.ts`, a key too) bound them as well.
         let timed: Vec<DfExpr> = residual.iter().cloned().chain(pairs.iter().map(|(l, r)| l.clone().eq(r.clone()))).collect();
-        // Each side's input and the filters on its way there, read once.
-        let mut scanned: [Vec<(&DfExpr, &DFSchema)>; 2] = [Vec::new(), Vec::new()];
-        let inputs = [scan_chain(&j.left, &mut scanned[0])?, scan_chain(&j.right, &mut scanned[1])?];
         let bounds = match self.asof {
             None => {
                 let is_time = |side: usize, column: usize| carries_watermark_time(self.catalog, &inputs[side], schemas[side].field(column));
@@ -969,15 +995,8 @@ impl Lowering<'_> {
                 .map(|(f, schema)| physical(f, schema, props))
                 .collect::<Result<_>>()?;
             conditions.append(&mut side_filters[side]);
-            // The planning table's window columns are not in the rows: NULL here (the
-            // aggregate above computes windows from the event time).
-            let real = self.catalog.table_schema(&input)?;
             for (k, field) in schemas[side].fields().iter().enumerate() {
-                let synthetic = [WINDOW_START, WINDOW_END].contains(&field.name().as_str()) && real.field_with_name(field.name()).is_err();
-                exprs[side].push(match synthetic {
-                    true => Arc::new(Literal::new(ScalarValue::try_from(field.data_type())?)),
-                    false => Arc::new(PhysColumn::new(field.name(), k)),
-                });
+                exprs[side].push(branch_column(self.catalog, &input, field, k)?);
                 fields[side].push(Field::new(field.name(), field.data_type().clone(), true));
             }
             let schema = Arc::new(Schema::new(std::mem::take(&mut fields[side])));
@@ -1023,6 +1042,102 @@ impl Lowering<'_> {
             )));
         }
         Ok(self.dag.add(Arc::new(join), ports))
+    }
+}
+
+/// Column `k` (`field`) of join input `input`, for the side's map. The planning table's
+/// window columns are not in the rows: NULL here (the aggregate above computes windows
+/// from the event time).
+fn branch_column(catalog: &Catalog, input: &str, field: &Field, k: usize) -> Result<PhysExpr> {
+    let synthetic = [WINDOW_START, WINDOW_END].contains(&field.name().as_str())
+        && catalog.table_schema(input)?.field_with_name(field.name()).is_err();
+    Ok(match synthetic {
+        true => Arc::new(Literal::new(ScalarValue::try_from(field.data_type())?)),
+        false => Arc::new(PhysColumn::new(field.name(), k)),
+    })
+}
+
+/// A join of a stream with a lookup table, as `lower_join` found it.
+struct LookupJoin<'a> {
+    /// The lookup table's side (0: left).
+    table: usize,
+    inputs: &'a [String; 2],
+    scanned: [Vec<(&'a DfExpr, &'a DFSchema)>; 2],
+    /// Conditions on one side alone (the stream's run before the lookup).
+    side_filters: [Vec<PhysExpr>; 2],
+    preserved: [bool; 2],
+    /// Conditions over the joined row (those on the table's columns among them).
+    residual: Vec<DfExpr>,
+    /// Each side's key expressions and fields so far.
+    exprs: [Vec<PhysExpr>; 2],
+    fields: [Vec<Field>; 2],
+}
+
+impl Lowering<'_> {
+    /// A stream joining a lookup table (`CREATE LOOKUP TABLE`): the stream side's map
+    /// `[keys…, columns…]`, then the lookup node on the same shard.
+    fn lower_lookup(&mut self, j: &Join, pairs: &[(DfExpr, DfExpr)], lookup: LookupJoin<'_>, output: Vec<PhysExpr>, schema: SchemaRef) -> Result<usize> {
+        let LookupJoin { table, inputs, scanned, mut side_filters, preserved, residual, mut exprs, mut fields } = lookup;
+        let stream = 1 - table;
+        let name = &inputs[table];
+        if self.asof.is_some() {
+            return Err(Error::unsupported(format!("an ASOF JOIN with the lookup table '{name}': join it with a plain JOIN … ON")));
+        }
+        if preserved[table] {
+            return Err(Error::unsupported(format!(
+                "a {} JOIN that keeps the lookup table '{name}''s unmatched rows: a lookup table has no stream of rows                  (an INNER JOIN, or a LEFT JOIN from the stream, looks each stream row up)",
+                j.join_type.to_string().to_uppercase()
+            )));
+        }
+        let def = self.catalog.source(name)?;
+        let source = def.lookup.clone().ok_or_else(|| Error::internal("a lookup table without its source"))?;
+        let schemas = [j.left.schema().as_ref(), j.right.schema().as_ref()];
+        let mut key_columns = Vec::with_capacity(pairs.len());
+        for (l, r) in pairs {
+            let e = if table == 0 { l } else { r };
+            let DfExpr::Column(c) = e else {
+                return Err(Error::unsupported(format!(
+                    "the key {e} of the lookup table '{name}': compare its columns themselves (ON s.k = t.k)"
+                )));
+            };
+            key_columns.push(schemas[table].index_of_column(c)?);
+        }
+        if !scanned[table].is_empty() {
+            return Err(Error::unsupported(format!(
+                "a subquery filtering the lookup table '{name}' in a stream: put its conditions in ON"
+            )));
+        }
+        let props = self.props.clone();
+        let input = inputs[stream].clone();
+        not_changelog(self.catalog, &input)?;
+        let mut conditions: Vec<PhysExpr> = scanned[stream].iter().map(|(f, schema)| physical(f, schema, &props)).collect::<Result<_>>()?;
+        conditions.append(&mut side_filters[stream]);
+        for (k, field) in schemas[stream].fields().iter().enumerate() {
+            exprs[stream].push(branch_column(self.catalog, &input, field, k)?);
+            fields[stream].push(Field::new(field.name(), field.data_type().clone(), true));
+        }
+        let key_types: Vec<DataType> = fields[stream][..pairs.len()].iter().map(|f| f.data_type().clone()).collect();
+        for t in &key_types {
+            source.check_key(t)?;
+        }
+        let map_schema = Arc::new(Schema::new(std::mem::take(&mut fields[stream])));
+        let map = self.map(Upstream::Input(input), and_all(conditions), std::mem::take(&mut exprs[stream]), map_schema);
+        let joined = j.schema.as_ref();
+        let residual = match residual.into_iter().reduce(|a, b| a.and(b)) {
+            Some(e) => Some(physical(&e, joined, &props)?),
+            None => None,
+        };
+        let join = JoinPlan { keys: pairs.len(), key_types, residual, joined_schema: nullable(joined.as_arrow()), output, schema, state_ttl_ms: None };
+        let plan = LookupPlan {
+            join,
+            table: name.clone(),
+            source,
+            key_columns,
+            stream_left: stream == 0,
+            outer: preserved[stream],
+            cache: CacheBounds::from_options(&def.options)?,
+        };
+        Ok(self.dag.add(Arc::new(plan), vec![port(Upstream::Node(map), Route::Forward)]))
     }
 }
 
@@ -1199,6 +1314,7 @@ impl Lowering<'_> {
             None => {
                 let mut filters = Vec::new();
                 let input = scan_chain(&a.input, &mut filters)?;
+                not_lookup(catalog, &input)?;
                 (Upstream::Input(input.clone()), combine_filters(&filters, props)?, input)
             }
         };

@@ -232,3 +232,43 @@ impl DataSink for ShardSink {
 fn external(e: Error) -> DataFusionError {
     DataFusionError::External(Box::new(e))
 }
+
+/// A lookup table in an ad-hoc query: every row, read from its connector when the query
+/// runs (on a blocking thread of the query pool).
+#[derive(Debug)]
+pub struct LookupTable {
+    source: Arc<dyn laminardb_engine::lookup::LookupSource>,
+}
+
+impl LookupTable {
+    pub fn new(source: Arc<dyn laminardb_engine::lookup::LookupSource>) -> Self {
+        LookupTable { source }
+    }
+}
+
+#[async_trait]
+impl TableProvider for LookupTable {
+    fn schema(&self) -> SchemaRef {
+        self.source.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let source = self.source.clone();
+        let batches = tokio::task::spawn_blocking(move || source.scan())
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let table = datafusion::datasource::MemTable::try_new(self.source.schema(), vec![batches])?;
+        table.scan(state, projection, filters, limit).await
+    }
+}

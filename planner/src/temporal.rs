@@ -161,6 +161,7 @@ mod tests {
                     options: Default::default(),
                     sql: String::new(),
                     connector: None,
+                    lookup: None,
                 })
                 .unwrap();
         }

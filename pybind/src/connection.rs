@@ -639,7 +639,7 @@ impl PyConnection {
     }
 
     fn list_tables(&self) -> PyResult<Vec<String>> {
-        self.source_names(&[SourceKind::Source, SourceKind::Table])
+        self.source_names(&[SourceKind::Source, SourceKind::Table, SourceKind::Lookup])
     }
 
     fn tables(&self) -> PyResult<Vec<String>> {

@@ -405,6 +405,13 @@ pub(crate) struct Prepared {
 }
 
 pub(crate) fn prepare_insert(def: &SourceDef, batches: &[RecordBatch], shards: usize, max_ahead_ms: Option<u64>) -> Result<Prepared> {
+    if let Some(lookup) = &def.lookup {
+        return Err(Error::unsupported(format!(
+            "inserting into the lookup table '{}': its rows are read from its {} connector; write them there",
+            def.name,
+            lookup.name()
+        )));
+    }
     let event_time = def.watermark.as_ref().and_then(|spec| def.schema.index_of(&spec.column).ok());
     // Read the clock only for a source with event time (not on every insert).
     let limit = event_time

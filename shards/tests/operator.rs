@@ -89,6 +89,7 @@ impl Frontend for DedupeFrontend {
                     options: [("partition_key".to_string(), "sym".to_string())].into_iter().collect(),
                     sql: sql.into(),
                     connector: None,
+                    lookup: None,
                 };
                 def.choose_partition_key()?;
                 Ok(Statement::CreateSource { def, if_not_exists: false, or_replace: false })

@@ -39,6 +39,7 @@ impl Frontend for TinyFrontend {
             options: Default::default(),
             sql: sql.into(),
             connector: None,
+            lookup: None,
         };
         def.choose_partition_key()?;
         Ok(Statement::CreateSource { def, if_not_exists: false, or_replace: false })

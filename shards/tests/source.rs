@@ -107,6 +107,7 @@ impl Frontend for CountingFrontend {
                     options: Default::default(),
                     sql: sql.into(),
                     connector: Some(Arc::new(Counting { gate: self.gate.clone(), wrong_columns })),
+                    lookup: None,
                 };
                 Ok(Statement::CreateSource { def, if_not_exists: false, or_replace: false })
             }

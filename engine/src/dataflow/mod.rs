@@ -167,6 +167,12 @@ pub trait OperatorSpec: Send + Sync + std::fmt::Debug {
     fn tick_ms(&self) -> Option<i64> {
         None
     }
+
+    /// The lookup table it reads (`CREATE LOOKUP TABLE`), which cannot be dropped while
+    /// it does.
+    fn lookup_table(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// One operator of a stream and its inputs.

@@ -16,6 +16,7 @@ pub mod asof;
 pub mod isolate;
 pub mod interval;
 pub mod join;
+pub mod lookup;
 pub mod map;
 pub mod op;
 pub mod output;

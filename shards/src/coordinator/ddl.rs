@@ -160,6 +160,7 @@ impl Coordinator {
                 let verb = match def.kind {
                     SourceKind::Source => "CREATE SOURCE",
                     SourceKind::Table => "CREATE TABLE",
+                    SourceKind::Lookup => "CREATE LOOKUP TABLE",
                 };
                 let name = def.name.clone();
                 let exists = self.ddl.catalog.borrow().contains(&name);
