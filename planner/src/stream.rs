@@ -20,7 +20,7 @@ use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::type_coercion::binary::comparison_coercion;
 use datafusion::logical_expr::utils::split_conjunction;
-use datafusion::logical_expr::{Expr as DfExpr, ExprSchemable, Join, JoinType, LogicalPlan, Operator};
+use datafusion::logical_expr::{build_join_schema, Expr as DfExpr, ExprSchemable, Join, JoinType, LogicalPlan, Operator};
 use datafusion::common::NullEquality;
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::expressions::{BinaryExpr, Column as PhysColumn, Literal};
@@ -42,13 +42,13 @@ use laminardb_engine::stream::op::nullable;
 use laminardb_engine::stream::time::is_event_time;
 use laminardb_engine::dataflow::{Dag, Port, Route, Upstream};
 use laminardb_engine::stream::{
-    asof::AsofPlan, interval::IntervalPlan, lookup::LookupPlan, AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind,
+    asof::AsofPlan, interval::{Existence, IntervalPlan}, lookup::LookupPlan, AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind,
     OP_COLUMN,
 };
 use laminardb_engine::{Error, Result};
 
 use crate::time_bounds::time_bounds;
-use crate::topn::{map_schema as topn_map_schema, plan_topn, topn_below, TopNShape};
+use crate::topn::{map_schema as topn_map_schema, plan_topn, topn_below, TopNKind, TopNShape};
 
 use crate::interval::interval_ms;
 
@@ -512,6 +512,7 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
         runtime.block_on(async move { ctx.state().create_logical_plan(&rewritten).await })?
     };
     let plan = Analyzer::new().execute_and_check(plan, ctx.state().config_options(), |_, _| {})?;
+    let plan = decorrelate(plan)?;
     if ddl.lateness_ms < 0 {
         return Err(Error::query(format!("ALLOW LATENESS must not be negative (got {} ms)", ddl.lateness_ms)));
     }
@@ -567,6 +568,21 @@ pub fn plan_stream(catalog: &Catalog, ddl: &CreateStream, sql: &str, runtime: &t
         changes_asked,
     };
     Ok(StreamDef { name: ddl.name.clone(), sql: sql.to_string(), plan: Arc::new(plan), table_schema: select_schema })
+}
+
+/// `WHERE [NOT] EXISTS (…)` and `IN (subquery)` as left semi and anti joins (DataFusion's
+/// own rule), which the lowering runs as joins; plans without them stay as they are.
+fn decorrelate(plan: LogicalPlan) -> Result<LogicalPlan> {
+    use datafusion::common::tree_node::TreeNode;
+    use datafusion::optimizer::decorrelate_predicate_subquery::DecorrelatePredicateSubquery;
+    use datafusion::optimizer::{Optimizer, OptimizerContext};
+    let subquery = |e: &DfExpr| e.exists(|e| Ok(matches!(e, DfExpr::Exists(_) | DfExpr::InSubquery(_))));
+    let has = plan.exists(|p| Ok(matches!(p, LogicalPlan::Filter(f) if subquery(&f.predicate)?)))?;
+    if !has {
+        return Ok(plan);
+    }
+    let optimizer = Optimizer::with_rules(vec![Arc::new(DecorrelatePredicateSubquery::new())]);
+    Ok(optimizer.optimize(plan, &OptimizerContext::new(), |_, _| {})?)
 }
 
 /// The Python functions (`Catalog::functions`) `plan` calls, by name, once each.
@@ -694,8 +710,8 @@ fn plan_name(plan: &LogicalPlan) -> String {
         LogicalPlan::Limit(_) => "LIMIT".into(),
         LogicalPlan::Distinct(_) => "SELECT DISTINCT".into(),
         LogicalPlan::Window(_) => {
-            "window functions (OVER …) other than a Top-N per window (SELECT … FROM (SELECT …, ROW_NUMBER() OVER \
-             (PARTITION BY window_end ORDER BY …) AS rn FROM a_windowed_stream) WHERE rn <= N)"
+            "window functions (OVER …) other than a Top-N (SELECT … FROM (SELECT …, ROW_NUMBER() OVER (PARTITION BY … \
+             ORDER BY …) AS rn FROM a_stream) WHERE rn <= N)"
                 .into()
         }
         LogicalPlan::Subquery(_) => "subqueries".into(),
@@ -710,10 +726,26 @@ fn unsupported(plan: &LogicalPlan) -> Error {
 
 /// Strips aliases to the `TableScan` under a chain of `Filter`s; returns the table name
 /// and the filter predicates with the schema each is evaluated against.
-fn scan_chain<'a>(mut plan: &'a LogicalPlan, filters: &mut Vec<(&'a DfExpr, &'a DFSchema)>) -> Result<String> {
+fn scan_chain<'a>(plan: &'a LogicalPlan, filters: &mut Vec<(&'a DfExpr, &'a DFSchema)>) -> Result<String> {
+    match scan_chain_projected(plan, filters)? {
+        (name, false) => Ok(name),
+        (_, true) => Err(Error::unsupported("a subquery selecting columns in a stream: select from the table itself")),
+    }
+}
+
+/// `scan_chain`, also through projections of plain columns and constants under every
+/// filter (what a decorrelated `EXISTS (SELECT 1 …)` leaves); says if it went through one.
+/// Expressions over the chain's schema then read columns by name (`by_name`); a constant
+/// of the select list, which the join never reads, is NULL in the side's rows.
+fn scan_chain_projected<'a>(mut plan: &'a LogicalPlan, filters: &mut Vec<(&'a DfExpr, &'a DFSchema)>) -> Result<(String, bool)> {
+    let mut projected = false;
     loop {
         match plan {
-            LogicalPlan::TableScan(scan) => return Ok(scan.table_name.table().to_string()),
+            LogicalPlan::TableScan(scan) => return Ok((scan.table_name.table().to_string(), projected)),
+            LogicalPlan::Projection(p) if filters.is_empty() && p.expr.iter().all(|e| matches!(e, DfExpr::Column(_) | DfExpr::Literal(..))) => {
+                projected = true;
+                plan = &p.input;
+            }
             LogicalPlan::Filter(f) => {
                 filters.push((&f.predicate, f.input.schema().as_ref()));
                 plan = &f.input;
@@ -826,10 +858,16 @@ impl Lowering<'_> {
             exprs.push(Arc::new(PhysColumn::new(f.name(), k)));
         }
         let keys = parts.partition.len();
-        let schema = topn_map_schema(&parts.plan.key_types, in_schema.as_arrow());
+        let schema = topn_map_schema(parts.plan.key_types(), in_schema.as_arrow());
         let filter = combine_filters(&filters, &self.props)?;
         let map = self.map(Upstream::Input(input), filter, exprs, schema);
-        Ok(self.dag.add(Arc::new(parts.plan), vec![port(Upstream::Node(map), Route::Key(keys))]))
+        // Without PARTITION BY, every row is in the one partition, on one shard.
+        let route = if keys == 0 { Route::Single } else { Route::Key(keys) };
+        let spec: Arc<dyn laminardb_engine::dataflow::OperatorSpec> = match parts.plan {
+            TopNKind::Window(plan) => Arc::new(plan),
+            TopNKind::Changelog(plan) => Arc::new(plan),
+        };
+        Ok(self.dag.add(spec, vec![port(Upstream::Node(map), route)]))
     }
 
     /// A projection over a chain of filters over a source or stream: one map node
@@ -869,12 +907,30 @@ impl Lowering<'_> {
         let left_asof = self.asof.as_ref().is_some_and(|a| a.left);
         let kind = j.join_type.to_string().to_uppercase();
         // The sides whose unmatched rows an outer join keeps (with NULLs for the other).
-        let preserved = match j.join_type {
-            JoinType::Inner => [false, false],
-            JoinType::Left => [true, false],
-            JoinType::Right => [false, true],
-            JoinType::Full => [true, true],
-            _ => return Err(Error::unsupported(format!("{kind} JOIN in a stream (INNER, LEFT, RIGHT and FULL joins)"))),
+        // `WHERE [NOT] EXISTS (…)` arrives decorrelated as a left semi or anti join, whose
+        // output is the left rows; an anti join keeps (emits) the left rows that met nothing.
+        let (preserved, existence) = match j.join_type {
+            JoinType::Inner => ([false, false], None),
+            JoinType::Left => ([true, false], None),
+            JoinType::Right => ([false, true], None),
+            JoinType::Full => ([true, true], None),
+            JoinType::LeftSemi => ([false, false], Some(Existence::Semi)),
+            JoinType::LeftAnti => ([true, false], Some(Existence::Anti)),
+            _ => {
+                return Err(Error::unsupported(format!(
+                    "{kind} JOIN in a stream (INNER, LEFT, RIGHT and FULL joins, and EXISTS / NOT EXISTS subqueries)"
+                )))
+            }
+        };
+        if existence.is_some() && j.null_aware {
+            return Err(Error::unsupported(
+                "NOT IN (subquery) in a stream (its NULL rules need every row of the subquery): write NOT EXISTS",
+            ));
+        }
+        // Over a semi or anti join, WHERE reads the left columns alone: it filters them.
+        let (filter, left_where) = match existence {
+            Some(_) => (None, filter),
+            None => (filter, None),
         };
         let outer = preserved.contains(&true) && self.asof.is_none();
         if outer && filter.is_some() {
@@ -888,7 +944,10 @@ impl Lowering<'_> {
         let schemas = [j.left.schema().as_ref(), j.right.schema().as_ref()];
         // Each side's input and the filters on its way there, read once.
         let mut scanned: [Vec<(&DfExpr, &DFSchema)>; 2] = [Vec::new(), Vec::new()];
-        let inputs = [scan_chain(&j.left, &mut scanned[0])?, scan_chain(&j.right, &mut scanned[1])?];
+        let (left, left_projected) = scan_chain_projected(&j.left, &mut scanned[0])?;
+        let (right, right_projected) = scan_chain_projected(&j.right, &mut scanned[1])?;
+        let projected = [left_projected, right_projected];
+        let inputs = [left, right];
         let is_lookup = |side: usize| self.catalog.sources.get(&inputs[side]).is_some_and(|d| d.lookup.is_some());
         let lookup_side = match (is_lookup(0), is_lookup(1)) {
             (true, true) => return Err(Error::unsupported("a JOIN of two lookup tables in a stream: join a stream to a lookup table")),
@@ -898,6 +957,9 @@ impl Lowering<'_> {
         };
         let mut pairs: Vec<(DfExpr, DfExpr)> = j.on.clone();
         let mut side_filters: [Vec<PhysExpr>; 2] = [Vec::new(), Vec::new()];
+        if let Some(w) = left_where {
+            side_filters[0].push(physical(w, schemas[0], props)?);
+        }
         let mut residual = Vec::new();
         let conjuncts = j.filter.iter().chain(filter).flat_map(|e| split_conjunction(e).into_iter().cloned());
         for c in conjuncts {
@@ -952,6 +1014,9 @@ impl Lowering<'_> {
                 fields[side].push(Field::new(format!("key{i}"), common.clone(), true));
             }
         }
+        if lookup_side.is_some() && (existence.is_some() || projected.contains(&true)) {
+            return Err(Error::unsupported("EXISTS over a lookup table in a stream: join it (FROM s JOIN t ON s.k = t.k)"));
+        }
         if let Some(table) = lookup_side {
             let lookup = LookupJoin { table, inputs: &inputs, scanned, side_filters, preserved, residual, exprs, fields };
             return self.lower_lookup(j, &pairs, lookup, output, schema);
@@ -978,6 +1043,15 @@ impl Lowering<'_> {
                 _ => "",
             }
         };
+        if existence.is_some() && bounds.is_none() {
+            return Err(Error::unsupported(format!(
+                "{} in a stream without a time bound{}: bound the two sides' times against each other in the \
+                 subquery (WHERE f.k = o.k AND f.ts BETWEEN o.ts AND o.ts + INTERVAL '1' MINUTE), so the watermark \
+                 tells when a row has met every row it will",
+                if existence == Some(Existence::Semi) { "EXISTS" } else { "NOT EXISTS" },
+                hint()
+            )));
+        }
         if outer && bounds.is_none() {
             return Err(Error::unsupported(format!(
                 "a {kind} JOIN in a stream without a time bound{}: bound the two sides' times against each other \
@@ -994,16 +1068,31 @@ impl Lowering<'_> {
                 .iter()
                 .map(|(f, schema)| physical(f, schema, props))
                 .collect::<Result<_>>()?;
-            conditions.append(&mut side_filters[side]);
+            let mut own = std::mem::take(&mut side_filters[side]);
+            if projected[side] {
+                // Compiled against the projection: read the input's columns by name.
+                let real = self.catalog.table_schema(&input)?;
+                own = own.into_iter().map(|e| by_name(e, &real)).collect::<Result<_>>()?;
+                exprs[side] = std::mem::take(&mut exprs[side]).into_iter().map(|e| by_name(e, &real)).collect::<Result<_>>()?;
+            }
+            conditions.append(&mut own);
             for (k, field) in schemas[side].fields().iter().enumerate() {
-                exprs[side].push(branch_column(self.catalog, &input, field, k)?);
+                exprs[side].push(branch_column(self.catalog, &input, field, k, projected[side])?);
                 fields[side].push(Field::new(field.name(), field.data_type().clone(), true));
             }
             let schema = Arc::new(Schema::new(std::mem::take(&mut fields[side])));
             let map = self.map(Upstream::Input(input), and_all(conditions), std::mem::take(&mut exprs[side]), schema);
             ports.push(port(Upstream::Node(map), Route::Key(pairs.len())));
         }
-        let joined = j.schema.as_ref();
+        // A semi or anti join's condition reads both sides; its output, the left side.
+        let both;
+        let joined = match existence {
+            Some(_) => {
+                both = build_join_schema(schemas[0], schemas[1], &JoinType::Inner)?;
+                &both
+            }
+            None => j.schema.as_ref(),
+        };
         let residual = match residual.into_iter().reduce(|a, b| a.and(b)) {
             Some(e) => Some(physical(&e, joined, &self.props)?),
             None => None,
@@ -1026,7 +1115,8 @@ impl Lowering<'_> {
         }
         if let Some(b) = bounds {
             let times = [join.keys + b.times[0], join.keys + b.times[1]];
-            let plan = IntervalPlan { times, lo: b.lo, hi: b.hi, outer: [outer && preserved[0], outer && preserved[1]], join };
+            let outer = [outer && preserved[0], outer && preserved[1]];
+            let plan = IntervalPlan { times, lo: b.lo, hi: b.hi, outer, existence, join };
             return Ok(self.dag.add(Arc::new(plan), ports));
         }
         let mut join = join;
@@ -1048,13 +1138,30 @@ impl Lowering<'_> {
 /// Column `k` (`field`) of join input `input`, for the side's map. The planning table's
 /// window columns are not in the rows: NULL here (the aggregate above computes windows
 /// from the event time).
-fn branch_column(catalog: &Catalog, input: &str, field: &Field, k: usize) -> Result<PhysExpr> {
-    let synthetic = [WINDOW_START, WINDOW_END].contains(&field.name().as_str())
-        && catalog.table_schema(input)?.field_with_name(field.name()).is_err();
-    Ok(match synthetic {
-        true => Arc::new(Literal::new(ScalarValue::try_from(field.data_type())?)),
-        false => Arc::new(PhysColumn::new(field.name(), k)),
+fn branch_column(catalog: &Catalog, input: &str, field: &Field, k: usize, projected: bool) -> Result<PhysExpr> {
+    let real = catalog.table_schema(input)?;
+    Ok(match real.index_of(field.name()) {
+        Ok(i) => Arc::new(PhysColumn::new(field.name(), i)),
+        Err(_) if projected || [WINDOW_START, WINDOW_END].contains(&field.name().as_str()) => {
+            Arc::new(Literal::new(ScalarValue::try_from(field.data_type())?))
+        }
+        Err(_) => Arc::new(PhysColumn::new(field.name(), k)),
     })
+}
+
+/// `e` (compiled against a join side's schema, a projection of its input's columns)
+/// reading its columns by name from the input's rows.
+fn by_name(e: PhysExpr, real: &Schema) -> Result<PhysExpr> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    Ok(e.transform(|node| {
+        if let Some(c) = node.downcast_ref::<PhysColumn>() {
+            if let Ok(i) = real.index_of(c.name()) {
+                return Ok(Transformed::yes(Arc::new(PhysColumn::new(c.name(), i)) as PhysExpr));
+            }
+        }
+        Ok(Transformed::no(node))
+    })?
+    .data)
 }
 
 /// A join of a stream with a lookup table, as `lower_join` found it.
@@ -1113,7 +1220,7 @@ impl Lowering<'_> {
         let mut conditions: Vec<PhysExpr> = scanned[stream].iter().map(|(f, schema)| physical(f, schema, &props)).collect::<Result<_>>()?;
         conditions.append(&mut side_filters[stream]);
         for (k, field) in schemas[stream].fields().iter().enumerate() {
-            exprs[stream].push(branch_column(self.catalog, &input, field, k)?);
+            exprs[stream].push(branch_column(self.catalog, &input, field, k, false)?);
             fields[stream].push(Field::new(field.name(), field.data_type().clone(), true));
         }
         let key_types: Vec<DataType> = fields[stream][..pairs.len()].iter().map(|f| f.data_type().clone()).collect();

@@ -1,13 +1,15 @@
-//! Top-N per window in a stream: the shape
+//! Top-N in a stream: the shape
 //!
 //! ```text
 //! Projection ─ Filter (rn <= N) ─ [SubqueryAlias] ─ Projection (…, ROW_NUMBER() OVER (…) AS rn)
 //!                                                   └ Window (row_number PARTITION BY … ORDER BY …) ─ scan
 //! ```
 //!
-//! over a windowed stream, partitioned by its `window_start` or `window_end`, is lowered
-//! to a map node `[partition keys…, input columns…]` behind an exchange by the keys and
-//! the `top-n` node (`laminardb_engine::stream::topn`). Other uses of window functions
+//! is lowered to a map node `[partition keys…, input columns…]` behind an exchange by the
+//! keys and a Top-N node: over a windowed stream partitioned by its `window_start` or
+//! `window_end`, the per-window one (`laminardb_engine::stream::topn`: final rows once the
+//! window closes); otherwise the changelog one (`laminardb_engine::stream::rank`: each
+//! partition's current first N, updated as rows arrive). Other uses of window functions
 //! stay refused by name.
 
 use std::sync::Arc;
@@ -19,8 +21,9 @@ use datafusion::logical_expr::{Expr as DfExpr, ExprSchemable, Filter, LogicalPla
 
 use laminardb_engine::catalog::Catalog;
 use laminardb_engine::stream::op::nullable;
+use laminardb_engine::stream::rank::RankPlan;
 use laminardb_engine::stream::topn::TopNPlan;
-use laminardb_engine::stream::PhysExpr;
+use laminardb_engine::stream::{PhysExpr, OP_COLUMN};
 use laminardb_engine::{Error, Result};
 
 use crate::stream::{WINDOW_END, WINDOW_START};
@@ -47,13 +50,30 @@ pub fn topn_below(p: &Projection) -> Option<TopNShape<'_>> {
 /// map's expressions (partition keys first) and the Top-N node.
 pub struct TopNParts {
     pub partition: Vec<DfExpr>,
-    pub plan: TopNPlan,
+    pub plan: TopNKind,
+}
+
+/// Which Top-N node the query needs.
+pub enum TopNKind {
+    /// Partitioned by the window of a windowed stream: final rows per window.
+    Window(TopNPlan),
+    /// Otherwise: each partition's current first N, as a changelog.
+    Changelog(RankPlan),
+}
+
+impl TopNKind {
+    pub fn key_types(&self) -> &[DataType] {
+        match self {
+            TopNKind::Window(p) => &p.key_types,
+            TopNKind::Changelog(p) => &p.key_types,
+        }
+    }
 }
 
 fn refused(what: &str) -> Error {
     Error::unsupported(format!(
-        "{what} in a stream: window functions run as a Top-N per window only: SELECT … FROM (SELECT …, ROW_NUMBER() OVER \
-         (PARTITION BY window_end[, …] ORDER BY …) AS rn FROM a_windowed_stream) WHERE rn <= N"
+        "{what} in a stream: window functions run as a Top-N only: SELECT … FROM (SELECT …, ROW_NUMBER() OVER \
+         (PARTITION BY …  ORDER BY …) AS rn FROM a_stream) WHERE rn <= N"
     ))
 }
 
@@ -75,9 +95,6 @@ pub fn plan_topn(
     let params = &wf.params;
     let windowed = catalog.streams.get(input).is_some_and(|s| s.table_schema.field_with_name(WINDOW_END).is_ok());
     let by_window = params.partition_by.iter().any(|e| matches!(e, DfExpr::Column(c) if c.name == WINDOW_END || c.name == WINDOW_START));
-    if !windowed || !by_window {
-        return Err(refused("ROW_NUMBER() not partitioned by the window of a windowed stream"));
-    }
     let in_schema = window.input.schema();
     let keys = params.partition_by.len();
     let key_types = params.partition_by.iter().map(|e| e.get_type(in_schema)).collect::<Result<Vec<DataType>, _>>()?;
@@ -86,22 +103,32 @@ pub fn plan_topn(
         let DfExpr::Column(c) = &sort.expr else { return Err(refused("ORDER BY an expression (order by a column)")) };
         order.push((keys + in_schema.index_of_column(c)?, !sort.asc, sort.nulls_first));
     }
-    let time = keys + in_schema.index_of_column_by_name(None, WINDOW_END).ok_or_else(|| refused("a windowed stream without window_end"))?;
     // The row number's column: the window node's last.
     let rn = window.schema.fields().len() - 1;
-    let n = bound(&shape.filter.predicate, shape.inner, rn, window)?;
+    let (n, rn_out) = bound(&shape.filter.predicate, shape.inner, rn, window)?;
     let numbered_schema = nullable(window.schema.as_arrow());
     let inner = shape.inner.expr.iter().map(|e| physical(e, window.schema.as_ref())).collect::<Result<Vec<_>>>()?;
     let inner_schema = nullable(shape.inner.schema.as_arrow());
     let filter = physical(&shape.filter.predicate, shape.filter.input.schema().as_ref())?;
     let output = outer.expr.iter().map(|e| physical(e, outer.input.schema().as_ref())).collect::<Result<Vec<_>>>()?;
     let schema = nullable(outer.schema.as_arrow());
-    let plan = TopNPlan { key_types, order, time, n, numbered_schema, inner, inner_schema, filter, output, schema };
+    let plan = if windowed && by_window {
+        let time = keys + in_schema.index_of_column_by_name(None, WINDOW_END).ok_or_else(|| refused("a windowed stream without window_end"))?;
+        TopNKind::Window(TopNPlan { key_types, order, time, n, numbered_schema, inner, inner_schema, filter, output, schema })
+    } else {
+        let rank_visible = outer.expr.iter().any(|e| e.column_refs().iter().any(|c| c.name == rn_out));
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(OP_COLUMN, DataType::Utf8, false));
+        let rows_schema = schema;
+        let schema = Arc::new(Schema::new(fields));
+        TopNKind::Changelog(RankPlan { key_types, order, n, numbered_schema, inner, inner_schema, filter, output, rows_schema, schema, rank_visible })
+    };
     Ok(TopNParts { partition: params.partition_by.clone(), plan })
 }
 
-/// The `N` of `rn <= N` (`rn < N + 1`, `rn = 1`) among the filter's conjuncts.
-fn bound(predicate: &DfExpr, inner: &Projection, rn: usize, window: &Window) -> Result<usize> {
+/// The `N` of `rn <= N` (`rn < N + 1`, `rn = 1`) among the filter's conjuncts, and the
+/// subquery's name for the row number.
+fn bound(predicate: &DfExpr, inner: &Projection, rn: usize, window: &Window) -> Result<(usize, String)> {
     let rn_name = window.schema.field(rn).name();
     // The subquery's column that is the row number.
     let column = inner.expr.iter().position(|e| matches!(e.clone().unalias(), DfExpr::Column(c) if c.name == *rn_name));
@@ -124,7 +151,7 @@ fn bound(predicate: &DfExpr, inner: &Projection, rn: usize, window: &Window) -> 
         n = Some(n.map_or(bound, |m| m.min(bound)));
     }
     match n {
-        Some(n) if n >= 1 => usize::try_from(n).map_err(|_| refused("a Top-N this large")),
+        Some(n) if n >= 1 => Ok((usize::try_from(n).map_err(|_| refused("a Top-N this large"))?, rn_out.to_string())),
         Some(_) => Err(Error::query("a Top-N filter that no row number passes (rn <= 0)")),
         None => Err(refused("ROW_NUMBER() without a bound such as WHERE rn <= 10")),
     }

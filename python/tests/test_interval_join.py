@@ -107,6 +107,49 @@ def test_outer_joins_equal_duckdb_once_the_watermark_passes_every_row(sharded_db
     assert got == want
 
 
+def duckdb_exists(negate, orders, fills, where=""):
+    con = duckdb.connect()
+    for name, rows in (("orders", orders), ("fills", fills)):
+        table = pa.Table.from_pylist(rows)
+        table = table.set_column(table.schema.get_field_index("ts"), "ts", table["ts"].cast(pa.timestamp("ms")))
+        con.register(name, table)
+    sql = f"SELECT o.oid FROM orders o WHERE {negate} EXISTS (SELECT 1 FROM fills f WHERE o.k = f.k AND {CONDITION}){where}"
+    return sorted(r[0] for r in con.execute(sql).fetchall())
+
+
+@pytest.mark.parametrize("negate", ["", "NOT"])
+def test_exists_and_not_exists_emit_each_order_once_and_equal_duckdb(sharded_db, negate):
+    setup(sharded_db)
+    where = " AND o.oid % 3 <> 0"
+    sharded_db.execute(
+        f"CREATE STREAM picked AS SELECT o.oid FROM orders o WHERE {negate} EXISTS "
+        f"(SELECT 1 FROM fills f WHERE o.k = f.k AND {CONDITION}){where}"
+    )
+    sub = sharded_db.subscribe_stream("picked")
+    rng = random.Random(17)
+    orders = random_rows(rng, 3_000, "oid", 60, 300_000)
+    fills = random_rows(rng, 1_500, "fid", 60, 300_000)
+    orders.append({"k": None, "ts": BASE + 5, "oid": 100_000})
+    feed(sharded_db, orders, fills, 30)
+    end_time(sharded_db, BASE + 10 * 60_000)
+    want = duckdb_exists(negate, orders, fills, where)
+    got = sorted(r[0] for r in poll_rows(sub, ("oid",), len(want), timeout=20))
+    assert 500 < len(want) < 2_000, len(want)
+    assert got == want
+    assert wait_until(lambda: sharded_db.stream_metrics("picked").join_left_rows == 0)
+
+
+def test_exists_without_a_time_bound_and_not_in_are_refused(db):
+    setup(db)
+    with pytest.raises(laminardb.LaminarError, match="EXISTS in a stream without a time bound"):
+        db.execute("CREATE STREAM s AS SELECT o.oid FROM orders o WHERE EXISTS (SELECT 1 FROM fills f WHERE f.k = o.k)")
+    with pytest.raises(laminardb.LaminarError, match="NOT IN"):
+        db.execute(
+            "CREATE STREAM s AS SELECT o.oid FROM orders o WHERE o.k NOT IN (SELECT f.k FROM fills f WHERE "
+            f"{CONDITION})"
+        )
+
+
 def test_the_watermark_bounds_the_state_as_rows_stream_through(sharded_db):
     setup(sharded_db)
     sharded_db.execute(f"CREATE STREAM matched AS {SELECT}")

@@ -90,5 +90,5 @@ def test_open_windows_survive_a_reopen(tmp_path):
 
 def test_other_window_functions_are_refused_by_name(db):
     setup(db)
-    with pytest.raises(laminardb.LaminarError, match=r"window functions \(OVER …\) other than a Top-N per window"):
+    with pytest.raises(laminardb.LaminarError, match=r"window functions \(OVER …\) other than a Top-N"):
         db.execute("CREATE STREAM s AS SELECT sym, SUM(vol) OVER (PARTITION BY sym) AS running FROM trades")

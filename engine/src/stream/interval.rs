@@ -16,6 +16,10 @@
 //! the other side's columns NULL. No row is emitted and then retracted: the output stays
 //! append-only.
 //!
+//! `WHERE EXISTS (…)` / `NOT EXISTS (…)` (left semi and anti joins, [`Existence`]): only
+//! left rows go out, once: a semi join's when it first meets a right row, an anti join's
+//! when it is dropped having met none (as an outer join pads, without the right columns).
+//!
 //! The state is bounded by what arrives within the interval plus the watermark's delay.
 //! A pair can hold a time up to `max(hi, −lo)` behind `w`, so the watermark passed on to
 //! the readers is held back by that much (`watermark_delay_ms`): rows emitted are never
@@ -46,8 +50,21 @@ pub struct IntervalPlan {
     pub lo: i64,
     pub hi: i64,
     /// `[LEFT, RIGHT]` outer (both: `FULL`): that side's rows that meet no row go out once
-    /// the watermark says none can come, with the other side's columns NULL.
+    /// the watermark says none can come, with the other side's columns NULL. An anti join
+    /// is `[true, false]`.
     pub outer: [bool; 2],
+    /// A semi or anti join: the output is the left rows' (`join.output` reads the left
+    /// columns alone); `join.joined_schema` is still both sides', for the residual.
+    pub existence: Option<Existence>,
+}
+
+/// Which left rows a semi or anti join emits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existence {
+    /// `EXISTS`: those that meet a right row, once.
+    Semi,
+    /// `NOT EXISTS`: those that meet none.
+    Anti,
 }
 
 impl IntervalPlan {
@@ -213,7 +230,11 @@ impl IntervalOperator {
             Some(flags) => flags.to_vec(),
             None => vec![false; batch.num_rows()],
         };
-        for (r, at) in self.emit(side, id, &pairs, out)? {
+        let passed = self.emit(side, id, &pairs, out)?;
+        if self.plan.existence == Some(Existence::Semi) {
+            self.first_matches(side, id, &passed, out)?;
+        }
+        for (r, at) in passed {
             met[r as usize] = true;
             if let Some(kept) = self.sides[1 - side].by_time.get_mut(&at) {
                 kept.matched = true;
@@ -263,16 +284,65 @@ impl IntervalOperator {
             });
             joined = arrow::compute::filter_record_batch(&joined, mask)?;
         }
-        let rows = eval_branch(None, &join.output, &join.schema, &joined)?;
+        if self.plan.existence.is_none() {
+            let rows = eval_branch(None, &join.output, &join.schema, &joined)?;
+            if rows.num_rows() > 0 {
+                out.rows.push(rows);
+            }
+        }
+        Ok(passed)
+    }
+
+    /// A semi join's left rows among `passed` pairs that met no right row before: out.
+    fn first_matches(&self, side: usize, id: u32, passed: &[(u32, (i64, u64))], out: &mut Collector) -> Result<()> {
+        let mut locs: Vec<Loc> = Vec::new();
+        if side == 0 {
+            // Arriving left rows: each once, however many right rows it met.
+            let mut seen = std::collections::HashSet::new();
+            locs.extend(passed.iter().filter(|p| seen.insert(p.0)).map(|p| (id, p.0)));
+        } else {
+            let mut seen = std::collections::HashSet::new();
+            for (_, at) in passed {
+                if let Some(kept) = self.sides[0].by_time.get(at).filter(|k| !k.matched) {
+                    if seen.insert(*at) {
+                        locs.push(self.sides[0].loc(at, kept));
+                    }
+                }
+            }
+        }
+        let Some(schema) = &self.sides[0].schema else { return Ok(()) };
+        if locs.is_empty() {
+            return Ok(());
+        }
+        let rows = self.sides[0].rows.gather(&locs, schema)?;
+        self.left_rows(&rows, out)
+    }
+
+    /// Left rows (`[keys…, columns…]`) alone through the `SELECT` list (semi and anti).
+    fn left_rows(&self, rows: &RecordBatch, out: &mut Collector) -> Result<()> {
+        let join = &self.plan.join;
+        let mine = &rows.columns()[join.keys..];
+        let fields = &join.joined_schema.fields()[..mine.len()];
+        let columns = mine
+            .iter()
+            .zip(fields)
+            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c.clone()) } else { arrow::compute::cast(c, f.data_type()) })
+            .collect::<Result<Vec<_>, _>>()?;
+        let schema = Arc::new(arrow::datatypes::Schema::new(fields.to_vec()));
+        let left = RecordBatch::try_new_with_options(schema, columns, &RecordBatchOptions::new().with_row_count(Some(rows.num_rows())))?;
+        let rows = eval_branch(None, &join.output, &join.schema, &left)?;
         if rows.num_rows() > 0 {
             out.rows.push(rows);
         }
-        Ok(passed)
+        Ok(())
     }
 
     /// Rows of `side` (`[keys…, columns…]`) that met nothing, with the other side's
     /// columns NULL, through the `SELECT` list.
     fn pad(&self, side: usize, rows: &RecordBatch, out: &mut Collector) -> Result<()> {
+        if self.plan.existence == Some(Existence::Anti) {
+            return self.left_rows(rows, out);
+        }
         let join = &self.plan.join;
         let mine = &rows.columns()[join.keys..];
         let fields = join.joined_schema.fields();
@@ -424,7 +494,7 @@ mod tests {
         let output = ["ts", "ts2"].iter().map(|c| col(c, &joined).unwrap()).collect();
         let schema = Arc::new(Schema::new(vec![Field::new("ts", DataType::Int64, true), Field::new("ts2", DataType::Int64, true)]));
         let join = JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: None, joined_schema: joined, output, schema, state_ttl_ms: None };
-        Arc::new(IntervalPlan { join, times: [2, 2], lo: -2, hi: 5, outer: [false, false] })
+        Arc::new(IntervalPlan { join, times: [2, 2], lo: -2, hi: 5, outer: [false, false], existence: None })
     }
 
     fn rows(rows: &[(Option<&str>, i64)]) -> RecordBatch {

@@ -19,6 +19,7 @@ pub mod join;
 pub mod lookup;
 pub mod map;
 pub mod op;
+pub mod rank;
 pub mod output;
 pub mod time;
 pub mod topn;
