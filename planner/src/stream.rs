@@ -1052,11 +1052,13 @@ impl Lowering<'_> {
                 hint()
             )));
         }
-        if outer && bounds.is_none() {
+        if outer && existence.is_none() && bounds.is_none() && self.state_ttl_ms.is_none() {
             return Err(Error::unsupported(format!(
                 "a {kind} JOIN in a stream without a time bound{}: bound the two sides' times against each other \
                  (ON a.k = b.k AND b.ts BETWEEN a.ts - INTERVAL '1' MINUTE AND a.ts + INTERVAL '1' MINUTE), so the \
-                 watermark tells when a row has met every row it will",
+                 watermark tells when a row has met every row it will (append-only output); or keep each row for a \
+                 while after it arrived, CREATE STREAM name WITH (state_ttl = '1 hour') AS …, for a changelog that \
+                 retracts a row padded with NULLs when its first match arrives",
                 hint()
             )));
         }
@@ -1105,6 +1107,7 @@ impl Lowering<'_> {
             output,
             schema,
             state_ttl_ms: None,
+            outer: [false, false],
         };
         if let Some(asof) = self.asof.take() {
             let (left_time, right_time, strict, direction) = asof_times(&asof.condition, schemas)?;
@@ -1122,6 +1125,13 @@ impl Lowering<'_> {
         let mut join = join;
         join.state_ttl_ms = self.state_ttl_ms;
         self.ttl_used |= self.state_ttl_ms.is_some();
+        if outer {
+            // Bounded by state_ttl only: a changelog (the rows end with the change column).
+            join.outer = preserved;
+            let mut fields: Vec<Field> = join.schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+            fields.push(Field::new(OP_COLUMN, DataType::Utf8, false));
+            join.schema = Arc::new(Schema::new(fields));
+        }
         if join.state_ttl_ms.is_none() && !self.unbounded_join_ok {
             return Err(Error::unsupported(format!(
                 "a JOIN in a stream without a bound on its state{} (it would keep every row of both sides for the \
@@ -1234,7 +1244,7 @@ impl Lowering<'_> {
             Some(e) => Some(physical(&e, joined, &props)?),
             None => None,
         };
-        let join = JoinPlan { keys: pairs.len(), key_types, residual, joined_schema: nullable(joined.as_arrow()), output, schema, state_ttl_ms: None };
+        let join = JoinPlan { keys: pairs.len(), key_types, residual, joined_schema: nullable(joined.as_arrow()), output, schema, state_ttl_ms: None, outer: [false, false] };
         let plan = LookupPlan {
             join,
             table: name.clone(),
@@ -1416,6 +1426,12 @@ impl Lowering<'_> {
                 let joined = j.schema.as_arrow();
                 let all = joined.fields().iter().enumerate().map(|(k, f)| Arc::new(PhysColumn::new(f.name(), k)) as PhysExpr).collect();
                 let node = self.lower_join(j, on, all, nullable(joined))?;
+                if self.dag.nodes[node].spec.changelog() {
+                    return Err(Error::unsupported(
+                        "GROUP BY over an outer JOIN bounded by state_ttl in one stream (its rows are a changelog): \
+                         create the join as a stream, then aggregate that stream with COUNT, SUM or AVG",
+                    ));
+                }
                 (Upstream::Node(node), None, "the join".to_string())
             }
             None => {

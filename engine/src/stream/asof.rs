@@ -510,7 +510,7 @@ mod tests {
             Field::new("qty", DataType::Int64, true),
             Field::new("bid", DataType::Float64, true),
         ]));
-        let join = JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: None, joined_schema: joined, output, schema, state_ttl_ms: None };
+        let join = JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: None, joined_schema: joined, output, schema, state_ttl_ms: None, outer: [false, false] };
         Arc::new(AsofPlan { join, left_time: 2, right_time: 2, strict: false, forward: false, nearest: false, left_outer: false })
     }
 

@@ -493,7 +493,7 @@ mod tests {
         ]));
         let output = ["ts", "ts2"].iter().map(|c| col(c, &joined).unwrap()).collect();
         let schema = Arc::new(Schema::new(vec![Field::new("ts", DataType::Int64, true), Field::new("ts2", DataType::Int64, true)]));
-        let join = JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: None, joined_schema: joined, output, schema, state_ttl_ms: None };
+        let join = JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: None, joined_schema: joined, output, schema, state_ttl_ms: None, outer: [false, false] };
         Arc::new(IntervalPlan { join, times: [2, 2], lo: -2, hi: 5, outer: [false, false], existence: None })
     }
 

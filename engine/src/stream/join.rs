@@ -12,11 +12,18 @@
 //! `WITH (state_ttl = …)`, for that long of processing time after it arrived: rows
 //! arrive in id order, so the expired rows are the ids below a `base`, which probes stop
 //! at; once they are most of the side, the side is rebuilt from its live rows.
+//!
+//! LEFT/RIGHT/FULL (`JoinPlan::outer`, with `state_ttl`): the output is a changelog. A
+//! preserved side's row that meets no row goes out at once padded with NULLs (`+I`); when
+//! its first partner arrives, the padded row is retracted (`-D`) before the pair goes out.
+//! Each kept row counts its partners (`Side::matched`). Rows with a NULL key are kept
+//! (never indexed) so a query of the stream sees them padded. Expiry forgets rows without
+//! retracting what they produced: a query of the stream then joins the rows still held.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, RecordBatch, RecordBatchOptions, UInt32Array};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, UInt32Array};
 use arrow::compute::{interleave, take};
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, Rows, SortField};
@@ -52,14 +59,25 @@ struct Side {
     /// With `state_ttl`: (processing time, the row ids below which had arrived by then),
     /// oldest first.
     arrivals: VecDeque<(i64, u32)>,
+    /// A preserved side of an outer join: row id → how many rows it has been paired with.
+    matched: Vec<u32>,
 }
 
 impl Side {
     /// Rows arrive (`now`: their processing time, when the join expires rows).
-    fn insert(&mut self, keys: &Rows, valid: &[bool], payload: RecordBatch, now: Option<i64>) -> Result<()> {
+    /// `matched`: a preserved side's rows' partner counts (every row is kept then, a NULL
+    /// key's unindexed).
+    fn insert(&mut self, keys: &Rows, valid: &[bool], payload: RecordBatch, now: Option<i64>, matched: Option<&[u32]>) -> Result<()> {
         let batch = u32::try_from(self.batches.len()).map_err(|_| Error::internal("join side holds too many batches"))?;
         for (row, key) in keys.iter().enumerate() {
+            if let Some(counts) = matched {
+                self.matched.push(counts[row]);
+            }
             if !valid[row] {
+                if matched.is_some() {
+                    self.locs.push((batch, row as u32));
+                    self.next.push(NONE);
+                }
                 continue;
             }
             let id = u32::try_from(self.locs.len()).map_err(|_| Error::internal("join side holds too many rows"))?;
@@ -111,17 +129,32 @@ impl Side {
         Ok(())
     }
 
-    /// Every live row with `key`, oldest last.
-    fn matches<'a>(&'a self, key: &[u8]) -> impl Iterator<Item = (usize, usize)> + 'a {
+    /// Every live row with `key`, oldest last: (id, (batch, row)).
+    fn matches<'a>(&'a self, key: &[u8]) -> impl Iterator<Item = (u32, (usize, usize))> + 'a {
         let mut id = self.heads.get(key).copied().unwrap_or(NONE);
         std::iter::from_fn(move || {
             if id == NONE || id < self.base {
                 return None;
             }
             let (b, r) = self.locs[id as usize];
+            let this = id;
             id = self.next[id as usize];
-            Some((b as usize, r as usize))
+            Some((this, (b as usize, r as usize)))
         })
+    }
+
+    /// The rows with these ids, as one batch.
+    fn gather(&self, ids: &[u32]) -> Result<Option<RecordBatch>> {
+        let Some(first) = self.batches.first() else { return Ok(None) };
+        let indices: Vec<(usize, usize)> = ids.iter().map(|&id| { let (b, r) = self.locs[id as usize]; (b as usize, r as usize) }).collect();
+        let columns = (0..first.num_columns())
+            .map(|c| {
+                let arrays: Vec<&dyn Array> = self.batches.iter().map(|b| b.column(c).as_ref()).collect();
+                interleave(&arrays, &indices)
+            })
+            .collect::<Result<Vec<ArrayRef>, _>>()?;
+        let options = RecordBatchOptions::new().with_row_count(Some(ids.len()));
+        Ok(Some(RecordBatch::try_new_with_options(first.schema(), columns, &options)?))
     }
 
     fn rows(&self) -> usize {
@@ -171,6 +204,7 @@ impl Side {
             heads: self.heads.iter().filter(|(_, &id)| id >= base).map(|(k, &id)| (k.clone(), id - base)).collect(),
             base: 0,
             arrivals: self.arrivals.iter().map(|&(at, end)| (at, end - base)).collect(),
+            matched: self.matched.get(base as usize..).map_or_else(Vec::new, <[u32]>::to_vec),
         })
     }
 
@@ -200,6 +234,7 @@ impl Side {
             heads: state.heads.into_iter().map(|(k, id)| (k.into_boxed_slice(), id)).collect(),
             base: 0,
             arrivals: VecDeque::new(),
+            matched: Vec::new(),
         })
     }
 }
@@ -215,6 +250,17 @@ struct TtlState {
 /// Marks a checkpoint of a join with `state_ttl`; one without is the two `SideState`s
 /// alone, as before the option existed.
 const TTL_STATE_MAGIC: &[u8; 8] = b"LDBJTTL1";
+
+/// An outer join's checkpoint (after [`OUTER_STATE_MAGIC`]): [`TtlState`]'s parts and each
+/// kept row's partner count.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct OuterState {
+    sides: [SideState; 2],
+    arrivals: [Vec<(i64, u32)>; 2],
+    matched: [Vec<u32>; 2],
+}
+
+const OUTER_STATE_MAGIC: &[u8; 8] = b"LDBJOUT1";
 
 /// One side's state in a checkpoint: its rows as Arrow IPC, its index as is.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -247,11 +293,21 @@ impl JoinOperator {
     /// Both sides' rows and indexes, for a checkpoint.
     pub fn save(&self) -> Result<Vec<u8>> {
         let fail = |e: rkyv::rancor::Error| Error::internal(format!("saving join state: {e}"));
-        if self.plan.state_ttl_ms.is_none() {
+        if self.plan.state_ttl_ms.is_none() && !self.plan.outer.contains(&true) {
             let sides = [self.sides[0].save()?, self.sides[1].save()?];
             return Ok(rkyv::to_bytes::<rkyv::rancor::Error>(&sides).map_err(fail)?.into_vec());
         }
         let live = [self.sides[0].live()?, self.sides[1].live()?];
+        if self.plan.outer.contains(&true) {
+            let state = OuterState {
+                sides: [live[0].save()?, live[1].save()?],
+                arrivals: [live[0].arrivals.iter().copied().collect(), live[1].arrivals.iter().copied().collect()],
+                matched: [live[0].matched.clone(), live[1].matched.clone()],
+            };
+            let mut bytes = OUTER_STATE_MAGIC.to_vec();
+            bytes.extend_from_slice(&rkyv::to_bytes::<rkyv::rancor::Error>(&state).map_err(fail)?);
+            return Ok(bytes);
+        }
         let state = TtlState {
             sides: [live[0].save()?, live[1].save()?],
             arrivals: [live[0].arrivals.iter().copied().collect(), live[1].arrivals.iter().copied().collect()],
@@ -263,6 +319,16 @@ impl JoinOperator {
 
     pub fn restore(plan: Arc<JoinPlan>, bytes: &[u8]) -> Result<JoinOperator> {
         let mut op = JoinOperator::new(plan)?;
+        if let Some(rest) = bytes.strip_prefix(OUTER_STATE_MAGIC.as_slice()) {
+            let OuterState { sides: [left, right], arrivals: [la, ra], matched: [lm, rm] } =
+                crate::checkpoint::load_state(rest, "outer join state")?;
+            op.sides = [Side::restore(left)?, Side::restore(right)?];
+            op.sides[0].arrivals = la.into();
+            op.sides[1].arrivals = ra.into();
+            op.sides[0].matched = lm;
+            op.sides[1].matched = rm;
+            return Ok(op);
+        }
         match bytes.strip_prefix(TTL_STATE_MAGIC.as_slice()) {
             Some(rest) => {
                 let TtlState { sides: [left, right], arrivals: [la, ra] } = crate::checkpoint::load_state(rest, "join state")?;
@@ -296,6 +362,9 @@ impl JoinOperator {
     /// A batch of `side`'s branch output (keys first) arrives; returns the joined rows it
     /// completes, as the stream's output.
     pub fn apply(&mut self, side: usize, batch: &RecordBatch) -> Result<Option<RecordBatch>> {
+        if self.plan.outer.contains(&true) {
+            return self.apply_outer(side, batch);
+        }
         let now = self.plan.state_ttl_ms.map(|_| now_ms());
         if let Some(now) = now {
             self.expire(now)?;
@@ -311,13 +380,13 @@ impl JoinOperator {
             if !valid[row] {
                 continue;
             }
-            for loc in other.matches(key.as_ref()) {
+            for (_, loc) in other.matches(key.as_ref()) {
                 mine.push(row as u32);
                 theirs.push(loc);
             }
         }
         let joined = if mine.is_empty() { None } else { Some(self.pairs(side, &payload, &mine, &theirs)?) };
-        self.sides[side].insert(&rows, &valid, payload, now)?;
+        self.sides[side].insert(&rows, &valid, payload, now, None)?;
         match joined {
             Some(joined) => self.finish(joined),
             None => Ok(None),
@@ -347,6 +416,157 @@ impl JoinOperator {
         Ok(RecordBatch::try_new_with_options(schema, columns, &options)?)
     }
 
+    /// An outer join's batch of `side`: `-D` for the other side's padded rows meeting their
+    /// first partner, then `+I` for the pairs, then `+I` for this side's rows (if preserved)
+    /// that met none, padded.
+    fn apply_outer(&mut self, side: usize, batch: &RecordBatch) -> Result<Option<RecordBatch>> {
+        let now = self.plan.state_ttl_ms.map(|_| now_ms());
+        if let Some(now) = now {
+            self.expire(now)?;
+        }
+        let keys = self.join().keys;
+        let key_columns: Vec<ArrayRef> = batch.columns()[..keys].to_vec();
+        let rows = self.converter.convert_columns(&key_columns)?;
+        let valid: Vec<bool> = (0..batch.num_rows()).map(|r| key_columns.iter().all(|c| c.is_valid(r))).collect();
+        let payload = batch.project(&(keys..batch.num_columns()).collect::<Vec<_>>())?;
+        let (mut mine, mut theirs, mut their_ids) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, key) in rows.iter().enumerate() {
+            if valid[row] {
+                for (id, loc) in self.sides[1 - side].matches(key.as_ref()) {
+                    mine.push(row as u32);
+                    theirs.push(loc);
+                    their_ids.push(id);
+                }
+            }
+        }
+        let mut changes: Vec<(RecordBatch, &'static str)> = Vec::new();
+        let mut counts = vec![0u32; batch.num_rows()];
+        let mut pairs = None;
+        if !mine.is_empty() {
+            let joined = self.pairs(side, &payload, &mine, &theirs)?;
+            let pass = self.passing(&joined)?;
+            if self.plan.outer[1 - side] {
+                // The other side's rows meeting their first partner: their padded rows go.
+                let mut first = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                for &i in &pass {
+                    let id = their_ids[i];
+                    if self.sides[1 - side].matched[id as usize] == 0 && seen.insert(id) {
+                        first.push(id);
+                    }
+                }
+                if let Some(rows) = self.sides[1 - side].gather(&first)? {
+                    changes.push((self.padded(1 - side, &rows)?, "-D"));
+                }
+                for &i in &pass {
+                    self.sides[1 - side].matched[their_ids[i] as usize] += 1;
+                }
+            }
+            for &i in &pass {
+                counts[mine[i] as usize] += 1;
+            }
+            let mask: arrow::array::BooleanArray = (0..mine.len()).map(|i| Some(pass.binary_search(&i).is_ok())).collect();
+            pairs = Some(arrow::compute::filter_record_batch(&joined, &mask)?);
+        }
+        if let Some(joined) = pairs {
+            changes.push((joined, "+I"));
+        }
+        if self.plan.outer[side] {
+            let lonely: Vec<u32> = (0..batch.num_rows() as u32).filter(|&r| counts[r as usize] == 0).collect();
+            if !lonely.is_empty() {
+                let rows = arrow::compute::take_record_batch(&payload, &UInt32Array::from(lonely))?;
+                changes.push((self.padded(side, &rows)?, "+I"));
+            }
+            self.sides[side].insert(&rows, &valid, payload, now, Some(&counts))?;
+        } else {
+            self.sides[side].insert(&rows, &valid, payload, now, None)?;
+        }
+        self.changelog(changes)
+    }
+
+    /// The indices of the joined rows the residual keeps, ascending.
+    fn passing(&self, joined: &RecordBatch) -> Result<Vec<usize>> {
+        let Some(residual) = &self.join().residual else { return Ok((0..joined.num_rows()).collect()) };
+        let mask = residual.evaluate(joined)?.into_array(joined.num_rows())?;
+        let mask = mask.as_boolean_opt().ok_or_else(|| Error::query("a join condition must be boolean"))?;
+        Ok((0..joined.num_rows()).filter(|&i| mask.is_valid(i) && mask.value(i)).collect())
+    }
+
+    /// `side`'s rows (without keys) with the other side's columns NULL, as joined rows.
+    fn padded(&self, side: usize, rows: &RecordBatch) -> Result<RecordBatch> {
+        let schema = self.join().joined_schema.clone();
+        let fields = schema.fields();
+        let n = rows.num_rows();
+        let nulls = |range: std::ops::Range<usize>| fields[range].iter().map(|f| arrow::array::new_null_array(f.data_type(), n)).collect::<Vec<_>>();
+        let own = rows.columns().to_vec();
+        let columns = if side == 0 { [own.clone(), nulls(own.len()..fields.len())].concat() } else { [nulls(0..fields.len() - own.len()), own].concat() };
+        let columns = columns
+            .into_iter()
+            .zip(fields)
+            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RecordBatch::try_new_with_options(schema, columns, &RecordBatchOptions::new().with_row_count(Some(n)))?)
+    }
+
+    /// Joined rows with their change types, through the `SELECT` list, as one batch
+    /// ending with the change column.
+    fn changelog(&self, changes: Vec<(RecordBatch, &'static str)>) -> Result<Option<RecordBatch>> {
+        let join = self.join();
+        let fields = &join.schema.fields()[..join.schema.fields().len() - 1];
+        let rows_schema = Arc::new(arrow::datatypes::Schema::new(fields.to_vec()));
+        let mut parts = Vec::with_capacity(changes.len());
+        let mut ops: Vec<&str> = Vec::new();
+        for (joined, op) in changes {
+            let rows = eval_branch(None, &join.output, &rows_schema, &joined)?;
+            ops.extend(std::iter::repeat_n(op, rows.num_rows()));
+            parts.push(rows);
+        }
+        if ops.is_empty() {
+            return Ok(None);
+        }
+        let rows = arrow::compute::concat_batches(&rows_schema, &parts)?;
+        let mut columns = rows.columns().to_vec();
+        columns.push(Arc::new(arrow::array::StringArray::from(ops)));
+        Ok(Some(RecordBatch::try_new(join.schema.clone(), columns)?))
+    }
+
+    /// An outer join's current result: the pairs among the rows held, and the preserved
+    /// rows held that met none, padded.
+    fn current(&self) -> Result<Vec<RecordBatch>> {
+        let mut changes = Vec::new();
+        let (left, right) = (&self.sides[0], &self.sides[1]);
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for key in left.heads.keys() {
+            for (lid, _) in left.matches(key) {
+                for (rid, _) in right.matches(key) {
+                    mine.push(lid);
+                    theirs.push(rid);
+                }
+            }
+        }
+        if let (Some(l), Some(r)) = (left.gather(&mine)?, right.gather(&theirs)?) {
+            let schema = self.join().joined_schema.clone();
+            let columns = l.columns().iter().chain(r.columns()).cloned().zip(schema.fields())
+                .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) })
+                .collect::<Result<Vec<_>, _>>()?;
+            let joined = RecordBatch::try_new_with_options(schema, columns, &RecordBatchOptions::new().with_row_count(Some(mine.len())))?;
+            let pass = self.passing(&joined)?;
+            let mask: arrow::array::BooleanArray = (0..mine.len()).map(|i| Some(pass.binary_search(&i).is_ok())).collect();
+            changes.push((arrow::compute::filter_record_batch(&joined, &mask)?, "+I"));
+        }
+        for side in 0..2 {
+            if self.plan.outer[side] {
+                let s = &self.sides[side];
+                let lonely: Vec<u32> = (s.base..s.locs.len() as u32).filter(|&id| s.matched[id as usize] == 0).collect();
+                if let Some(rows) = s.gather(&lonely)? {
+                    changes.push((self.padded(side, &rows)?, "+I"));
+                }
+            }
+        }
+        let Some(all) = self.changelog(changes)? else { return Ok(Vec::new()) };
+        Ok(vec![all.project(&(0..all.num_columns() - 1).collect::<Vec<_>>())?])
+    }
+
     /// Residual condition, then the `SELECT` list: a branch's filter and projection.
     fn finish(&self, joined: RecordBatch) -> Result<Option<RecordBatch>> {
         let join = self.join();
@@ -372,6 +592,10 @@ impl OperatorSpec for JoinPlan {
     fn tick_ms(&self) -> Option<i64> {
         self.state_ttl_ms.map(|ttl| (ttl / 4).clamp(10, 1_000))
     }
+
+    fn changelog(&self) -> bool {
+        self.outer.contains(&true)
+    }
 }
 
 impl Operator for JoinOperator {
@@ -390,6 +614,13 @@ impl Operator for JoinOperator {
 
     fn join_state(&self) -> Option<[u64; 2]> {
         Some([self.sides[0].rows() as u64, self.sides[1].rows() as u64])
+    }
+
+    fn scan(&self, _global: bool) -> Result<Option<Vec<RecordBatch>>> {
+        match self.plan.outer.contains(&true) {
+            true => self.current().map(Some),
+            false => Ok(None),
+        }
     }
 
     fn restore(&mut self, bytes: &[u8]) -> Result<()> {
@@ -425,7 +656,7 @@ mod tests {
             Field::new("a", DataType::Int64, true),
             Field::new("b", DataType::Int64, true),
         ]));
-        Arc::new(JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: cond, joined_schema: joined, output, schema: out_schema, state_ttl_ms: None })
+        Arc::new(JoinPlan { keys: 1, key_types: vec![DataType::Utf8], residual: cond, joined_schema: joined, output, schema: out_schema, state_ttl_ms: None, outer: [false, false] })
     }
 
     fn rows(keys: &[Option<&str>], v: &[i64]) -> RecordBatch {
@@ -472,6 +703,50 @@ mod tests {
         assert_eq!(out, want);
     }
 
+    /// `plan`'s join as LEFT/RIGHT/FULL: its output gets the change column.
+    fn outer(preserved: [bool; 2]) -> Arc<JoinPlan> {
+        let mut plan = (*plan(false)).clone();
+        plan.outer = preserved;
+        let mut fields = plan.schema.fields().to_vec();
+        fields.push(Arc::new(Field::new(crate::stream::OP_COLUMN, DataType::Utf8, false)));
+        plan.schema = Arc::new(Schema::new(fields));
+        Arc::new(plan)
+    }
+
+    fn changes(b: Option<RecordBatch>) -> Vec<String> {
+        let Some(b) = b else { return vec![] };
+        let k = b.column(0).as_string::<i32>();
+        let a = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+        let v = b.column(2).as_primitive::<arrow::datatypes::Int64Type>();
+        let op = b.column(3).as_string::<i32>();
+        let cell = |c: &dyn Array, i: usize, s: String| if c.is_valid(i) { s } else { "_".to_string() };
+        (0..b.num_rows())
+            .map(|i| format!("{} {} {} {}", cell(k, i, k.value(i).to_string()), cell(a, i, a.value(i).to_string()), cell(v, i, v.value(i).to_string()), op.value(i)))
+            .collect()
+    }
+
+    #[test]
+    fn an_outer_join_pads_then_retracts_when_the_first_partner_arrives() {
+        let mut j = JoinOperator::new(outer([true, true])).unwrap();
+        assert_eq!(changes(j.apply(0, &rows(&[Some("x"), None], &[1, 2])).unwrap()), vec!["x 1 _ +I", "_ 2 _ +I"]);
+        // x's first partner: its padded row goes, the pair comes; z meets nothing.
+        assert_eq!(changes(j.apply(1, &rows(&[Some("x"), Some("z")], &[10, 11])).unwrap()), vec!["x 1 _ -D", "x 1 10 +I", "_ _ 11 +I"]);
+        // A second partner retracts nothing.
+        assert_eq!(changes(j.apply(1, &rows(&[Some("x")], &[12])).unwrap()), vec!["x 1 12 +I"]);
+        // z's right row now meets a left z: retracted, paired.
+        assert_eq!(changes(j.apply(0, &rows(&[Some("z")], &[3])).unwrap()), vec!["_ _ 11 -D", "z 3 11 +I"]);
+        let mut now: Vec<String> = changes(j.current().unwrap().pop().map(|b| {
+            let mut cols = b.columns().to_vec();
+            cols.push(Arc::new(arrow::array::StringArray::from(vec!["="; b.num_rows()])));
+            RecordBatch::try_new(j.plan.schema.clone(), cols).unwrap()
+        }));
+        now.sort();
+        assert_eq!(now, vec!["_ 2 _ =", "x 1 10 =", "x 1 12 =", "z 3 11 ="]);
+        // A checkpoint keeps the counts: x's later partner retracts nothing.
+        let mut back = JoinOperator::restore(j.plan.clone(), &j.save().unwrap()).unwrap();
+        assert_eq!(changes(back.apply(1, &rows(&[Some("x")], &[13])).unwrap()), vec!["x 1 13 +I"]);
+    }
+
     #[test]
     fn null_keys_never_match_and_the_residual_filters_pairs() {
         let mut j = JoinOperator::new(plan(true)).unwrap();
@@ -487,7 +762,7 @@ mod tests {
         let b = rows(&vec![Some(key); v.clone().count()], &v.collect::<Vec<_>>());
         let keys = j.converter.convert_columns(&b.columns()[..1]).unwrap();
         let valid = vec![true; b.num_rows()];
-        j.sides[side].insert(&keys, &valid, b.project(&[1, 2]).unwrap(), Some(now)).unwrap();
+        j.sides[side].insert(&keys, &valid, b.project(&[1, 2]).unwrap(), Some(now), None).unwrap();
     }
 
     #[test]
@@ -514,7 +789,7 @@ mod tests {
         assert_eq!(j.sides[0].base, 0, "rebuilt");
         assert_eq!(j.sides[0].locs.len(), 1_010);
         let x: Vec<i64> = j.sides[0].matches(j.converter.convert_columns(&[Arc::new(StringArray::from(vec!["x"])) as ArrayRef]).unwrap().row(0).as_ref())
-            .map(|(b, r)| j.sides[0].batches[b].column(1).as_primitive::<arrow::datatypes::Int64Type>().value(r))
+            .map(|(_, (b, r))| j.sides[0].batches[b].column(1).as_primitive::<arrow::datatypes::Int64Type>().value(r))
             .collect();
         assert_eq!(x, (1_990..3_000).rev().filter(|t| t % 2 == 0).collect::<Vec<_>>());
         // The checkpoint keeps the live rows and when they arrived.

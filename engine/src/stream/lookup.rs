@@ -389,6 +389,7 @@ mod tests {
             output: vec![Arc::new(Column::new("v", 0)), Arc::new(Column::new("name", 2))],
             schema,
             state_ttl_ms: None,
+            outer: [false, false],
         };
         let plan = LookupPlan {
             join,

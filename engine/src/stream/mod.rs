@@ -205,6 +205,10 @@ pub struct JoinPlan {
     /// A plain join's bound (`WITH (state_ttl = …)`): each row is kept this many
     /// milliseconds of processing time after it arrived (`None`: for the stream's life).
     pub state_ttl_ms: Option<i64>,
+    /// `[LEFT, RIGHT]` (both: `FULL`) of a plain join (no time bound): the join emits a
+    /// changelog, a preserved row without a partner padded with NULLs until its first
+    /// partner arrives and retracts it; `schema` then ends with the change column.
+    pub outer: [bool; 2],
 }
 
 /// A continuous query: its operators and what its subscribers receive.
