@@ -20,7 +20,7 @@ use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::type_coercion::binary::comparison_coercion;
 use datafusion::logical_expr::utils::split_conjunction;
-use datafusion::logical_expr::{build_join_schema, Expr as DfExpr, ExprSchemable, Join, JoinType, LogicalPlan, Operator};
+use datafusion::logical_expr::{build_join_schema, Distinct, Expr as DfExpr, ExprSchemable, Join, JoinType, LogicalPlan, Operator};
 use datafusion::common::NullEquality;
 use datafusion::common::ScalarValue;
 use datafusion::physical_expr::expressions::{BinaryExpr, Column as PhysColumn, Literal};
@@ -42,7 +42,7 @@ use laminardb_engine::stream::op::nullable;
 use laminardb_engine::stream::time::is_event_time;
 use laminardb_engine::dataflow::{Dag, Port, Route, Upstream};
 use laminardb_engine::stream::{
-    asof::AsofPlan, interval::{Existence, IntervalPlan}, lookup::LookupPlan, AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind,
+    asof::AsofPlan, interval::{Existence, IntervalPlan}, lookup::LookupPlan, rank::RankPlan, AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind,
     OP_COLUMN,
 };
 use laminardb_engine::{Error, Result};
@@ -708,7 +708,7 @@ fn plan_name(plan: &LogicalPlan) -> String {
         }
         LogicalPlan::Sort(_) => "ORDER BY".into(),
         LogicalPlan::Limit(_) => "LIMIT".into(),
-        LogicalPlan::Distinct(_) => "SELECT DISTINCT".into(),
+        LogicalPlan::Distinct(_) => "SELECT DISTINCT ON, or SELECT DISTINCT over a GROUP BY,".into(),
         LogicalPlan::Window(_) => {
             "window functions (OVER …) other than a Top-N (SELECT … FROM (SELECT …, ROW_NUMBER() OVER (PARTITION BY … \
              ORDER BY …) AS rn FROM a_stream) WHERE rn <= N)"
@@ -810,6 +810,7 @@ impl Lowering<'_> {
                 Ok(Arc::new(plan.schema().as_arrow().clone()))
             }
             LogicalPlan::SubqueryAlias(a) => self.lower(&a.input, window),
+            LogicalPlan::Distinct(Distinct::All(input)) if window.is_none() => self.lower_distinct(input),
             LogicalPlan::Projection(p) => {
                 let out_schema = Arc::new(p.schema.as_arrow().clone());
                 // HAVING sits between the projection and the aggregate.
@@ -868,6 +869,45 @@ impl Lowering<'_> {
             TopNKind::Changelog(plan) => Arc::new(plan),
         };
         Ok(self.dag.add(spec, vec![port(Upstream::Node(map), route)]))
+    }
+
+    /// `SELECT DISTINCT cols FROM s [WHERE …]`: a map node `[cols…, cols…]` behind an
+    /// exchange by all of them, then a Top-1 per distinct row (`rank`, append-only): each
+    /// distinct row goes out once, when first seen.
+    fn lower_distinct(&mut self, input: &LogicalPlan) -> Result<SchemaRef> {
+        let LogicalPlan::Projection(p) = input else { return Err(unsupported(input)) };
+        let mut filters = Vec::new();
+        let source = scan_chain(&p.input, &mut filters).map_err(|_| {
+            Error::unsupported("SELECT DISTINCT over a join, an aggregate or a subquery in a stream: make that a stream first")
+        })?;
+        not_changelog(self.catalog, &source)?;
+        let exprs: Vec<PhysExpr> = p.expr.iter().map(|e| self.physical(e, p.input.schema().as_ref())).collect::<Result<_>>()?;
+        let rows_schema = nullable(p.schema.as_arrow());
+        let key_types: Vec<DataType> = rows_schema.fields().iter().map(|f| f.data_type().clone()).collect();
+        let width = exprs.len();
+        let map_schema = topn_map_schema(&key_types, &rows_schema);
+        let filter = combine_filters(&filters, &self.props)?;
+        let map = self.map(Upstream::Input(source), filter, [exprs.clone(), exprs].concat(), map_schema);
+        let mut numbered: Vec<Field> = rows_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        numbered.push(Field::new("rn", DataType::UInt64, true));
+        let numbered_schema = Arc::new(Schema::new(numbered));
+        let column = |i: usize| Arc::new(PhysColumn::new(numbered_schema.field(i).name(), i)) as PhysExpr;
+        let plan = RankPlan {
+            key_types,
+            order: Vec::new(),
+            n: 1,
+            numbered_schema: numbered_schema.clone(),
+            inner: (0..=width).map(column).collect(),
+            inner_schema: numbered_schema.clone(),
+            filter: Arc::new(Literal::new(ScalarValue::Boolean(Some(true)))),
+            output: (0..width).map(column).collect(),
+            rows_schema: rows_schema.clone(),
+            schema: rows_schema.clone(),
+            rank_visible: false,
+            append_only: true,
+        };
+        self.dag.add(Arc::new(plan), vec![port(Upstream::Node(map), Route::Key(width))]);
+        Ok(Arc::new(p.schema.as_arrow().clone()))
     }
 
     /// A projection over a chain of filters over a source or stream: one map node

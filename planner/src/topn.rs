@@ -121,7 +121,20 @@ pub fn plan_topn(
         fields.push(Field::new(OP_COLUMN, DataType::Utf8, false));
         let rows_schema = schema;
         let schema = Arc::new(Schema::new(fields));
-        TopNKind::Changelog(RankPlan { key_types, order, n, numbered_schema, inner, inner_schema, filter, output, rows_schema, schema, rank_visible })
+        TopNKind::Changelog(RankPlan {
+            key_types,
+            order,
+            n,
+            numbered_schema,
+            inner,
+            inner_schema,
+            filter,
+            output,
+            rows_schema,
+            schema,
+            rank_visible,
+            append_only: false,
+        })
     };
     Ok(TopNParts { partition: params.partition_by.clone(), plan })
 }

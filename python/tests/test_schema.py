@@ -305,7 +305,7 @@ def test_quoted_identifiers_preserve_case(db):
         ("CREATE STREAM s AS SELECT a, SUM(a) OVER (ORDER BY a) FROM t", "window functions"),
         ("CREATE STREAM s AS SELECT a, MEDIAN(a) FROM t GROUP BY a", "MEDIAN"),
         ("CREATE VIEW v AS SELECT a FROM t", "CREATE VIEW"),
-        ("CREATE MATERIALIZED VIEW mv AS SELECT DISTINCT a FROM t", "SELECT DISTINCT"),
+        ("CREATE MATERIALIZED VIEW mv AS SELECT DISTINCT ON (a) a FROM t", "SELECT DISTINCT ON"),
     ],
 )
 def test_streaming_ddl_is_rejected_with_named_feature(db, ddl, named):

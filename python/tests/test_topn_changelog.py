@@ -153,3 +153,41 @@ def test_other_window_functions_stay_refused(db):
             "CREATE STREAM r AS SELECT * FROM (SELECT sym, ROW_NUMBER() OVER (PARTITION BY sym ORDER BY px) AS rn "
             "FROM trades) WHERE rn > 2"
         )
+
+
+def test_select_distinct_emits_each_distinct_row_once(sharded_db):
+    db = sharded_db
+    db.execute(TRADES)
+    db.execute("CREATE STREAM pairs AS SELECT DISTINCT sym, px > 25 AS high FROM trades WHERE id % 7 <> 0")
+    sub = db.subscribe_stream("pairs")
+    rows = random_trades(11, n=4_000)
+    for k in range(0, len(rows), 300):
+        db.insert("trades", rows[k : k + 300])
+    batches = poll_batches(sub, lambda bs: False, timeout=0.5)
+    got = [(r["sym"], r["high"]) for b in batches for r in b.to_arrow().to_pylist()]
+    assert all("_op" not in b.to_arrow().schema.names for b in batches)
+    want = duckdb_rows(rows, "SELECT DISTINCT sym, px > 25 FROM trades WHERE id % 7 <> 0")
+    assert sorted(got) == sorted(want)  # once each: no duplicates
+    assert len(want) == 80
+    now = db.query("SELECT sym, high FROM pairs").to_arrow().to_pylist()
+    assert sorted((r["sym"], r["high"]) for r in now) == sorted(want)
+
+
+def test_select_distinct_remembers_what_it_saw_across_a_reopen(tmp_path):
+    path = str(tmp_path / "db")
+    config = laminardb.LaminarConfig(checkpoint_interval_ms=100_000)
+    db = laminardb.open(path, config=config)
+    db.execute(TRADES)
+    db.execute("CREATE STREAM syms AS SELECT DISTINCT sym FROM trades")
+    db.insert("trades", [{"id": 1, "ts": 1, "sym": "A", "px": 1.0}, {"id": 2, "ts": 2, "sym": "B", "px": 1.0}])
+    db.checkpoint()
+    db.insert("trades", [{"id": 3, "ts": 3, "sym": "C", "px": 1.0}])
+    db.close()
+    db = laminardb.open(path, config=config)
+    try:
+        sub = db.subscribe_stream("syms")
+        db.insert("trades", [{"id": 4, "ts": 4, "sym": s, "px": 1.0} for s in ("A", "C", "D")])
+        assert [r["sym"] for b in poll_batches(sub, lambda bs: False, timeout=0.5) for r in b.to_arrow().to_pylist()] == ["D"]
+        assert sorted(r["sym"] for r in db.query("SELECT sym FROM syms").to_arrow().to_pylist()) == ["A", "B", "C", "D"]
+    finally:
+        db.close()

@@ -11,6 +11,10 @@
 //! inserted again with its new number; otherwise only rows entering or leaving change
 //! the output. Rows that tie on the ORDER BY are numbered in the order of all their
 //! columns, so 1 and N shards agree. A query of the stream reads the current rows.
+//!
+//! `SELECT DISTINCT` is the same operator partitioned by every selected column with
+//! `n = 1` (`RankPlan::append_only`): each distinct row goes out once, when first seen,
+//! and the state holds one row per distinct value.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,6 +53,9 @@ pub struct RankPlan {
     pub schema: SchemaRef,
     /// The output shows the row number: a row whose number changed is a changed row.
     pub rank_visible: bool,
+    /// `SELECT DISTINCT` (partitioned by every column, `n = 1`): a partition's first row
+    /// never leaves, so the output is append-only rows, without the change column.
+    pub append_only: bool,
 }
 
 /// A kept row: its sort key (ORDER BY, then every column) and where it is.
@@ -171,8 +178,11 @@ impl RankOperator {
                 }
             }
         }
-        let retracted = self.output(&gone, &gone_ranks)?;
         let inserted = self.output(&came, &came_ranks)?;
+        if self.plan.append_only {
+            return Ok((inserted.num_rows() > 0).then_some(inserted));
+        }
+        let retracted = self.output(&gone, &gone_ranks)?;
         let (r, i) = (retracted.num_rows(), inserted.num_rows());
         if r + i == 0 {
             return Ok(None);
@@ -233,7 +243,7 @@ impl OperatorSpec for RankPlan {
     }
 
     fn changelog(&self) -> bool {
-        true
+        !self.append_only
     }
 }
 
@@ -245,6 +255,10 @@ impl Operator for RankOperator {
     }
 
     fn scan(&self, _global: bool) -> Result<Option<Vec<RecordBatch>>> {
+        if self.plan.append_only {
+            // Its rows are retained as emitted, like any append-only stream's.
+            return Ok(None);
+        }
         let (locs, ranks) = self.kept();
         Ok(Some(vec![self.output(&locs, &ranks)?]))
     }
@@ -306,6 +320,7 @@ mod tests {
             rows_schema,
             schema: Arc::new(Schema::new(fields)),
             rank_visible,
+            append_only: false,
         })
     }
 
