@@ -47,13 +47,18 @@ def end_time(conn, at):
         conn.writer(source).watermark(at)
 
 
-def duckdb_join(orders, fills):
+def duckdb_with(orders, fills):
+    """DuckDB with the rows as tables `orders` and `fills` (times as TIMESTAMPs)."""
     con = duckdb.connect()
     for name, rows in (("orders", orders), ("fills", fills)):
         table = pa.Table.from_pylist(rows)
         table = table.set_column(table.schema.get_field_index("ts"), "ts", table["ts"].cast(pa.timestamp("ms")))
         con.register(name, table)
-    out = con.execute(SELECT).fetchall()
+    return con
+
+
+def duckdb_join(orders, fills):
+    out = duckdb_with(orders, fills).execute(SELECT).fetchall()
     return sorted((oid, fid) for oid, _, fid, _ in out)
 
 
@@ -78,11 +83,7 @@ def test_the_stream_equals_duckdb_on_random_out_of_order_input(sharded_db, batch
 
 
 def duckdb_outer(kind, orders, fills):
-    con = duckdb.connect()
-    for name, rows in (("orders", orders), ("fills", fills)):
-        table = pa.Table.from_pylist(rows)
-        table = table.set_column(table.schema.get_field_index("ts"), "ts", table["ts"].cast(pa.timestamp("ms")))
-        con.register(name, table)
+    con = duckdb_with(orders, fills)
     sql = f"SELECT o.oid, f.fid FROM orders o {kind} JOIN fills f ON o.k = f.k AND {CONDITION}"
     return sorted(con.execute(sql).fetchall(), key=repr)
 
@@ -108,11 +109,7 @@ def test_outer_joins_equal_duckdb_once_the_watermark_passes_every_row(sharded_db
 
 
 def duckdb_exists(negate, orders, fills, where=""):
-    con = duckdb.connect()
-    for name, rows in (("orders", orders), ("fills", fills)):
-        table = pa.Table.from_pylist(rows)
-        table = table.set_column(table.schema.get_field_index("ts"), "ts", table["ts"].cast(pa.timestamp("ms")))
-        con.register(name, table)
+    con = duckdb_with(orders, fills)
     sql = f"SELECT o.oid FROM orders o WHERE {negate} EXISTS (SELECT 1 FROM fills f WHERE o.k = f.k AND {CONDITION}){where}"
     return sorted(r[0] for r in con.execute(sql).fetchall())
 

@@ -365,15 +365,7 @@ impl JoinOperator {
         if self.plan.outer.contains(&true) {
             return self.apply_outer(side, batch);
         }
-        let now = self.plan.state_ttl_ms.map(|_| now_ms());
-        if let Some(now) = now {
-            self.expire(now)?;
-        }
-        let keys = self.join().keys;
-        let key_columns: Vec<ArrayRef> = batch.columns()[..keys].to_vec();
-        let rows = self.converter.convert_columns(&key_columns)?;
-        let valid: Vec<bool> = (0..batch.num_rows()).map(|r| key_columns.iter().all(|c| c.is_valid(r))).collect();
-        let payload = batch.project(&(keys..batch.num_columns()).collect::<Vec<_>>())?;
+        let (now, rows, valid, payload) = self.arrive(batch)?;
         let other = &self.sides[1 - side];
         let (mut mine, mut theirs) = (Vec::new(), Vec::new());
         for (row, key) in rows.iter().enumerate() {
@@ -416,10 +408,9 @@ impl JoinOperator {
         Ok(RecordBatch::try_new_with_options(schema, columns, &options)?)
     }
 
-    /// An outer join's batch of `side`: `-D` for the other side's padded rows meeting their
-    /// first partner, then `+I` for the pairs, then `+I` for this side's rows (if preserved)
-    /// that met none, padded.
-    fn apply_outer(&mut self, side: usize, batch: &RecordBatch) -> Result<Option<RecordBatch>> {
+    /// What every batch starts with: expiry (with `state_ttl`: returns now), then the
+    /// batch's keys as rows, which of them are not NULL, and its rows without the keys.
+    fn arrive(&mut self, batch: &RecordBatch) -> Result<(Option<i64>, Rows, Vec<bool>, RecordBatch)> {
         let now = self.plan.state_ttl_ms.map(|_| now_ms());
         if let Some(now) = now {
             self.expire(now)?;
@@ -429,6 +420,14 @@ impl JoinOperator {
         let rows = self.converter.convert_columns(&key_columns)?;
         let valid: Vec<bool> = (0..batch.num_rows()).map(|r| key_columns.iter().all(|c| c.is_valid(r))).collect();
         let payload = batch.project(&(keys..batch.num_columns()).collect::<Vec<_>>())?;
+        Ok((now, rows, valid, payload))
+    }
+
+    /// An outer join's batch of `side`: `-D` for the other side's padded rows meeting their
+    /// first partner, then `+I` for the pairs, then `+I` for this side's rows (if preserved)
+    /// that met none, padded.
+    fn apply_outer(&mut self, side: usize, batch: &RecordBatch) -> Result<Option<RecordBatch>> {
+        let (now, rows, valid, payload) = self.arrive(batch)?;
         let (mut mine, mut theirs, mut their_ids) = (Vec::new(), Vec::new(), Vec::new());
         for (row, key) in rows.iter().enumerate() {
             if valid[row] {
