@@ -1,0 +1,96 @@
+"""The LEFT join bounded by state_ttl, as a changelog (issue 24): N orders and N/2 fills over
+N/2 order ids (half the orders are never filled), `SELECT o.oid, f.px FROM orders o LEFT JOIN
+fills f ON o.oid = f.oid` in a stream `WITH (state_ttl = '1 hour')`, both sources fed in
+alternating 8,192-row batches. Every order goes out padded at once; a filled one is
+retracted (-D) and paired when its fill comes, so the changelog has N + 2·N/2 rows.
+
+* laminardb stream, LEFT (changelog) and INNER (the same join without padding) side by
+  side, input rows/s until the subscriber has every change;
+* DuckDB's LEFT JOIN over the same rows, as the batch baseline.
+
+    python perf/outer_join.py [--rows 1000000] [--rounds 3] [--shards 2]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import pyarrow as pa
+
+import laminardb
+
+from join_bench import BATCH, options, run_duckdb
+
+DDL = ["CREATE SOURCE orders (oid BIGINT, sym VARCHAR)", "CREATE SOURCE fills (oid BIGINT, px DOUBLE)"]
+
+
+def data(n: int) -> tuple[pa.Table, pa.Table]:
+    rng = np.random.default_rng(4)
+    orders = pa.table({"oid": pa.array(np.arange(n)), "sym": pa.array([f"S{i % 500:03d}" for i in range(n)])})
+    filled = rng.permutation(n)[: n // 2]
+    fills = pa.table({"oid": pa.array(np.sort(filled)), "px": pa.array(rng.uniform(10, 20, n // 2))})
+    return orders, fills
+
+
+def run_stream(shards: int, kind: str, orders: pa.Table, fills: pa.Table, expect: int) -> tuple[float, int]:
+    db = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=shards))
+    for statement in DDL:
+        db.execute(statement)
+    db.execute(
+        f"CREATE STREAM joined WITH (state_ttl = '1 hour') AS SELECT o.oid, f.px FROM orders o {kind} JOIN fills f "
+        "ON o.oid = f.oid"
+    )
+    sub = db.subscribe_stream("joined")
+    got = 0
+    start = time.perf_counter()
+    fill_batches = fills.to_batches(BATCH // 2)
+    for i, batch in enumerate(orders.to_batches(BATCH)):
+        db.insert("orders", batch)
+        if i < len(fill_batches):
+            db.insert("fills", fill_batches[i])
+        while (b := sub.try_next()) is not None:
+            got += b.num_rows
+    deadline = time.monotonic() + 120
+    while got < expect and time.monotonic() < deadline:
+        try:
+            got += sub.next_timeout(1000).num_rows
+        except laminardb.SubscriptionError:
+            continue
+    seconds = time.perf_counter() - start
+    db.close()
+    return seconds, got
+
+
+def main() -> None:
+    opts = options()
+    orders, fills = data(opts.rows)
+    n = opts.rows
+    inputs = n + n // 2
+    # LEFT: every order padded (n), then for each fill a retraction and a pair (2 · n/2).
+    runners = {
+        "laminardb stream LEFT (changelog rows)": (lambda: run_stream(opts.shards, "LEFT", orders, fills, 2 * n), 2 * n),
+        "laminardb stream INNER": (lambda: run_stream(opts.shards, "INNER", orders, fills, n // 2), n // 2),
+        "duckdb LEFT": (
+            lambda: run_duckdb(
+                "SELECT o.oid, f.px FROM orders o LEFT JOIN fills f ON o.oid = f.oid", [("orders", orders), ("fills", fills)]
+            ),
+            n,
+        ),
+    }
+    results: dict[str, list[float]] = {}
+    for r in range(opts.rounds):
+        for name, (run, expect) in runners.items():
+            seconds, got = run()
+            if got != expect:
+                raise SystemExit(f"{name}: {got} rows, expected {expect}")
+            results.setdefault(name, []).append(inputs / seconds / 1e6)
+            print(f"round {r + 1} {name}: {inputs / seconds / 1e6:.2f} M input rows/s ({got} rows)", flush=True)
+    print()
+    for name, values in results.items():
+        print(f"median {name}: {statistics.median(values):.2f} M input rows/s ({', '.join(f'{v:.2f}' for v in values)})")
+
+
+if __name__ == "__main__":
+    main()
