@@ -349,3 +349,43 @@ def test_left_asof_keeps_trades_with_a_null_key_or_time(db):
     db.insert("trades", [{"symbol": None, "ts": BASE + 10, "qty": 1}, {"symbol": "A", "ts": None, "qty": 2}, {"symbol": "A", "ts": BASE + 20, "qty": 3}])
     end_time(db, BASE + 60_000)
     assert sorted(poll_rows(sub, ("qty", "bid"), 3), key=repr) == sorted([(1, None), (2, None), (3, 1.0)], key=repr)
+
+
+@pytest.mark.parametrize(
+    "condition,direction,tolerance",
+    [
+        ("t.ts >= q.ts", "backward", None),
+        ("t.ts >= q.ts", "backward", 1_000),
+        ("t.ts <= q.ts", "forward", None),
+        ("NEAREST(t.ts, q.ts)", "nearest", None),
+    ],
+    ids=["backward", "backward within 1 s", "forward", "nearest"],
+)
+def test_the_stream_equals_merge_asof_on_100_000_trades_and_quotes(condition, direction, tolerance):
+    """The issue's check at its size: 100,000 random trades and 100,000 quotes over 200
+    symbols, out of order within the watermark's delay, on 2 shards."""
+    import pyarrow as pa
+
+    conn = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=2))
+    try:
+        setup(conn)
+        within = " AND t.ts - q.ts <= INTERVAL '1' SECOND" if tolerance else ""
+        _, sub = matched_stream(conn, f"ASOF JOIN quotes q MATCH_CONDITION({condition}) ON t.symbol = q.symbol{within}")
+        trades, quotes = random_feed(101, 100_000, 100_000, symbols=200, span_ms=600_000)
+        schema_t = pa.schema([("symbol", pa.string()), ("ts", pa.timestamp("ms")), ("qty", pa.int64())])
+        schema_q = pa.schema([("symbol", pa.string()), ("ts", pa.timestamp("ms")), ("bid", pa.float64())])
+        as_table = lambda rows, schema: pa.Table.from_pylist(  # noqa: E731
+            [{**r, "ts": pd.Timestamp(r["ts"], unit="ms")} for r in rows], schema=schema
+        )
+        t_table, q_table = as_table(trades, schema_t), as_table(quotes, schema_q)
+        for k in range(0, 100_000, 5_000):
+            conn.insert("quotes", q_table.slice(k, 5_000))
+            conn.insert("trades", t_table.slice(k, 5_000))
+        want = expected(trades, quotes, tolerance=tolerance, direction=direction)
+        # Far past the 10 minutes of rows: a nearest match waits until no nearer quote can come.
+        end_time(conn, BASE + 30 * 60_000)
+        got = poll_rows(sub, ("symbol", "ts", "qty", "bid", "quote_ts"), len(want), timeout=60)
+        assert len(want) > 90_000 if tolerance is None else len(want) > 50_000
+        assert sorted((s, ms(ts), q, b, ms(qt)) for s, ts, q, b, qt in got) == want
+    finally:
+        conn.close()
