@@ -174,7 +174,8 @@ fn plan_create_source(sql: &str, tokens: &[Token], kind: SourceKind) -> Result<S
     }
     if !primary_key.is_empty() {
         return Err(Error::unsupported(
-            "PRIMARY KEY (upserting reference tables arrive with lookup joins); declare the table without it",
+            "PRIMARY KEY on a source or table (rows are not upserted by key): declare it without one, or keep \
+             reference rows outside the engine and join them with CREATE LOOKUP TABLE",
         ));
     }
     let mut watermark = match watermark_tokens {
