@@ -87,16 +87,22 @@ def run_duckdb(sql: str, tables: list[tuple[str, pa.Table]]) -> tuple[float, int
     return time.perf_counter() - start, n
 
 
-def rounds(runners: dict[str, Callable[[], tuple[float, int]]], count: int, inputs: int, expect: int | None = None) -> None:
+def rounds(
+    runners: dict[str, Callable[[], tuple[float, int]]], count: int, inputs: int, expect: int | dict[str, int] | None = None
+) -> None:
     """Runs each runner `count` times in turn (alternating, against the machine's drift),
-    checks that all return the same number of joined rows, and prints input rows/s."""
+    checks that all return the same number of joined rows (or each its own, when `expect`
+    maps names to counts), and prints input rows/s."""
     results: dict[str, list[float]] = {}
     for r in range(count):
         for name, run in runners.items():
             seconds, n = run()
-            expect = n if expect is None else expect
-            if n != expect:
-                raise SystemExit(f"{name}: {n} joined rows, the others {expect}")
+            if isinstance(expect, dict):
+                want = expect[name]
+            else:
+                want = expect = n if expect is None else expect
+            if n != want:
+                raise SystemExit(f"{name}: {n} joined rows, expected {want}")
             results.setdefault(name, []).append(inputs / seconds / 1e6)
             print(f"round {r + 1} {name}: {inputs / seconds / 1e6:.2f} M input rows/s ({n} joined rows)", flush=True)
     print()

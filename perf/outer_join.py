@@ -13,7 +13,6 @@ retracted (-D) and paired when the fill comes (`changelog_rows` counts what to e
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
@@ -21,7 +20,7 @@ import pyarrow as pa
 
 import laminardb
 
-from join_bench import BATCH, options, run_duckdb
+from join_bench import BATCH, options, rounds, run_duckdb
 
 DDL = ["CREATE SOURCE orders (oid BIGINT, sym VARCHAR)", "CREATE SOURCE fills (oid BIGINT, px DOUBLE)"]
 
@@ -86,26 +85,14 @@ def main() -> None:
     inputs = n + n // 2
     left = changelog_rows(orders, fills)
     runners = {
-        "laminardb stream LEFT (changelog rows)": (lambda: run_stream(opts.shards, "LEFT", orders, fills, left), left),
-        "laminardb stream INNER": (lambda: run_stream(opts.shards, "INNER", orders, fills, n // 2), n // 2),
-        "duckdb LEFT": (
-            lambda: run_duckdb(
-                "SELECT o.oid, f.px FROM orders o LEFT JOIN fills f ON o.oid = f.oid", [("orders", orders), ("fills", fills)]
-            ),
-            n,
+        "laminardb stream LEFT (changelog rows)": lambda: run_stream(opts.shards, "LEFT", orders, fills, left),
+        "laminardb stream INNER": lambda: run_stream(opts.shards, "INNER", orders, fills, n // 2),
+        "duckdb LEFT": lambda: run_duckdb(
+            "SELECT o.oid, f.px FROM orders o LEFT JOIN fills f ON o.oid = f.oid", [("orders", orders), ("fills", fills)]
         ),
     }
-    results: dict[str, list[float]] = {}
-    for r in range(opts.rounds):
-        for name, (run, expect) in runners.items():
-            seconds, got = run()
-            if got != expect:
-                raise SystemExit(f"{name}: {got} rows, expected {expect}")
-            results.setdefault(name, []).append(inputs / seconds / 1e6)
-            print(f"round {r + 1} {name}: {inputs / seconds / 1e6:.2f} M input rows/s ({got} rows)", flush=True)
-    print()
-    for name, values in results.items():
-        print(f"median {name}: {statistics.median(values):.2f} M input rows/s ({', '.join(f'{v:.2f}' for v in values)})")
+    expect = {"laminardb stream LEFT (changelog rows)": left, "laminardb stream INNER": n // 2, "duckdb LEFT": n}
+    rounds(runners, opts.rounds, n + n // 2, expect=expect)
 
 
 if __name__ == "__main__":

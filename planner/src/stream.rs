@@ -42,7 +42,7 @@ use laminardb_engine::stream::op::nullable;
 use laminardb_engine::stream::time::is_event_time;
 use laminardb_engine::dataflow::{Dag, Port, Route, Upstream};
 use laminardb_engine::stream::{
-    asof::AsofPlan, interval::{Existence, IntervalPlan}, lookup::LookupPlan, rank::RankPlan, AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind,
+    asof::AsofPlan, interval::{Existence, IntervalPlan}, lookup::LookupPlan, rank::RankPlan, topn::Ranking, AggCall, AggKind, AggPlan, Domain, Emit, GroupCol, JoinPlan, MapPlan, PhysExpr, StreamPlan, UserCall, WindowKind,
     OP_COLUMN,
 };
 use laminardb_engine::{Error, Result};
@@ -892,7 +892,7 @@ impl Lowering<'_> {
         numbered.push(Field::new("rn", DataType::UInt64, true));
         let numbered_schema = Arc::new(Schema::new(numbered));
         let column = |i: usize| Arc::new(PhysColumn::new(numbered_schema.field(i).name(), i)) as PhysExpr;
-        let plan = RankPlan {
+        let ranking = Ranking {
             key_types,
             order: Vec::new(),
             n: 1,
@@ -901,6 +901,9 @@ impl Lowering<'_> {
             inner_schema: numbered_schema.clone(),
             filter: Arc::new(Literal::new(ScalarValue::Boolean(Some(true)))),
             output: (0..width).map(column).collect(),
+        };
+        let plan = RankPlan {
+            ranking,
             rows_schema: rows_schema.clone(),
             schema: rows_schema.clone(),
             rank_visible: false,

@@ -22,7 +22,7 @@ use datafusion::logical_expr::{Expr as DfExpr, ExprSchemable, Filter, LogicalPla
 use laminardb_engine::catalog::Catalog;
 use laminardb_engine::stream::op::nullable;
 use laminardb_engine::stream::rank::RankPlan;
-use laminardb_engine::stream::topn::TopNPlan;
+use laminardb_engine::stream::topn::{Ranking, TopNPlan};
 use laminardb_engine::stream::{PhysExpr, OP_COLUMN};
 use laminardb_engine::{Error, Result};
 
@@ -64,8 +64,8 @@ pub enum TopNKind {
 impl TopNKind {
     pub fn key_types(&self) -> &[DataType] {
         match self {
-            TopNKind::Window(p) => &p.key_types,
-            TopNKind::Changelog(p) => &p.key_types,
+            TopNKind::Window(p) => &p.ranking.key_types,
+            TopNKind::Changelog(p) => &p.ranking.key_types,
         }
     }
 }
@@ -112,29 +112,17 @@ pub fn plan_topn(
     let filter = physical(&shape.filter.predicate, shape.filter.input.schema().as_ref())?;
     let output = outer.expr.iter().map(|e| physical(e, outer.input.schema().as_ref())).collect::<Result<Vec<_>>>()?;
     let schema = nullable(outer.schema.as_arrow());
+    let ranking = Ranking { key_types, order, n, numbered_schema, inner, inner_schema, filter, output };
     let plan = if windowed && by_window {
         let time = keys + in_schema.index_of_column_by_name(None, WINDOW_END).ok_or_else(|| refused("a windowed stream without window_end"))?;
-        TopNKind::Window(TopNPlan { key_types, order, time, n, numbered_schema, inner, inner_schema, filter, output, schema })
+        TopNKind::Window(TopNPlan { ranking, time, schema })
     } else {
         let rank_visible = outer.expr.iter().any(|e| e.column_refs().iter().any(|c| c.name == rn_out));
         let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(Field::new(OP_COLUMN, DataType::Utf8, false));
         let rows_schema = schema;
         let schema = Arc::new(Schema::new(fields));
-        TopNKind::Changelog(RankPlan {
-            key_types,
-            order,
-            n,
-            numbered_schema,
-            inner,
-            inner_schema,
-            filter,
-            output,
-            rows_schema,
-            schema,
-            rank_visible,
-            append_only: false,
-        })
+        TopNKind::Changelog(RankPlan { ranking, rows_schema, schema, rank_visible, append_only: false })
     };
     Ok(TopNParts { partition: params.partition_by.clone(), plan })
 }

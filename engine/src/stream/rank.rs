@@ -19,34 +19,20 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, RecordBatch, StringArray, UInt32Array, UInt64Array};
-use arrow::compute::{take_record_batch, SortOptions};
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow::compute::take_record_batch;
+use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, SortField};
 
 use super::asof::{Loc, Rows};
-use super::op::eval_branch;
-use super::PhysExpr;
+use super::topn::Ranking;
 use crate::dataflow::{Collector, Operator, OperatorSpec, TaskInfo};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug)]
 pub struct RankPlan {
-    /// The input (`[partition keys…, input columns…]`) starts with these key columns.
-    pub key_types: Vec<DataType>,
-    /// Sort columns in the input, descending?, nulls first?
-    pub order: Vec<(usize, bool, bool)>,
-    /// How many rows of each partition can pass the filter (`rn <= n`).
-    pub n: usize,
-    /// The window node's row: the input columns (after the keys), then the row number.
-    pub numbered_schema: SchemaRef,
-    /// The subquery's `SELECT` list over the numbered row, and its schema.
-    pub inner: Vec<PhysExpr>,
-    pub inner_schema: SchemaRef,
-    /// The filter on the subquery's rows (`rn <= n` and whatever else it says).
-    pub filter: PhysExpr,
-    /// The outer `SELECT` list over the subquery's rows.
-    pub output: Vec<PhysExpr>,
+    /// The input, the order, N and the query over the numbered rows.
+    pub ranking: Ranking,
     /// The `SELECT` list's schema (what a query of the stream reads).
     pub rows_schema: SchemaRef,
     /// What it emits: `rows_schema` and the change column.
@@ -78,33 +64,24 @@ pub struct RankOperator {
 
 impl RankOperator {
     fn new(plan: Arc<RankPlan>) -> Result<RankOperator> {
-        let keys = RowConverter::new(plan.key_types.iter().cloned().map(SortField::new).collect())?;
+        let keys = RowConverter::new(plan.ranking.key_types.iter().cloned().map(SortField::new).collect())?;
         Ok(RankOperator { plan, keys, order: None, schema: None, rows: Rows::default(), parts: HashMap::default(), live: 0 })
     }
 
     /// The sort keys of `batch`'s rows: the ORDER BY, then every input column.
     fn order_keys(&mut self, batch: &RecordBatch) -> Result<arrow::row::Rows> {
-        let plan = &self.plan;
-        let keys = plan.key_types.len();
+        let (fields, columns) = self.plan.ranking.sort_key(batch);
         if self.order.is_none() {
-            let mut fields: Vec<SortField> = plan
-                .order
-                .iter()
-                .map(|&(c, descending, nulls_first)| SortField::new_with_options(batch.column(c).data_type().clone(), SortOptions { descending, nulls_first }))
-                .collect();
-            fields.extend(batch.columns()[keys..].iter().map(|c| SortField::new(c.data_type().clone())));
             self.order = Some(RowConverter::new(fields)?);
         }
-        let mut columns: Vec<ArrayRef> = plan.order.iter().map(|&(c, ..)| batch.column(c).clone()).collect();
-        columns.extend(batch.columns()[keys..].iter().cloned());
         Ok(self.order.as_ref().expect("made above").convert_columns(&columns)?)
     }
 
     /// Adds `batch`'s rows; returns each changed partition's rows before the batch.
     fn add(&mut self, batch: &RecordBatch) -> Result<HashMap<Box<[u8]>, Vec<Kept>, ahash::RandomState>> {
         self.schema.get_or_insert_with(|| batch.schema());
-        let n = self.plan.n;
-        let keys: Vec<ArrayRef> = batch.columns()[..self.plan.key_types.len()].to_vec();
+        let n = self.plan.ranking.n;
+        let keys: Vec<ArrayRef> = batch.columns()[..self.plan.ranking.key_types.len()].to_vec();
         // Without PARTITION BY every row is in the one partition, whose key is empty.
         let encoded = if keys.is_empty() { None } else { Some(self.keys.convert_columns(&keys)?) };
         let order = self.order_keys(batch)?;
@@ -148,11 +125,7 @@ impl RankOperator {
         let plan = &self.plan;
         let Some(schema) = &self.schema else { return Ok(RecordBatch::new_empty(plan.rows_schema.clone())) };
         let rows = self.rows.gather(locs, schema)?;
-        let mut columns: Vec<ArrayRef> = rows.columns()[plan.key_types.len()..].to_vec();
-        columns.push(Arc::new(UInt64Array::from(ranks.to_vec())));
-        let numbered = RecordBatch::try_new(plan.numbered_schema.clone(), columns)?;
-        let inner = eval_branch(None, &plan.inner, &plan.inner_schema, &numbered)?;
-        eval_branch(Some(&plan.filter), &plan.output, &plan.rows_schema, &inner)
+        plan.ranking.run(&rows, Arc::new(UInt64Array::from(ranks.to_vec())), &plan.rows_schema)
     }
 
     /// The changes of the partitions `before` lists, as one changelog batch.
@@ -286,10 +259,11 @@ impl Operator for RankOperator {
 mod tests {
     use super::*;
     use arrow::array::{AsArray, Int64Array};
-    use arrow::datatypes::{Field, Int64Type, Schema};
+    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
     use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
     use datafusion::common::ScalarValue;
     use datafusion::logical_expr::Operator as Op;
+    use crate::stream::PhysExpr;
 
     /// Input `[key0, k, v]`; top `n` by v descending per k; output `k, v[, rn]`.
     fn plan(n: usize, rank_visible: bool) -> Arc<RankPlan> {
@@ -308,7 +282,7 @@ mod tests {
         let rows_schema = Arc::new(Schema::new(numbered.fields()[..width].to_vec()));
         let mut fields = rows_schema.fields().to_vec();
         fields.push(Arc::new(Field::new(crate::stream::OP_COLUMN, DataType::Utf8, false)));
-        Arc::new(RankPlan {
+        let ranking = Ranking {
             key_types: vec![DataType::Int64],
             order: vec![(2, true, false)],
             n,
@@ -317,6 +291,9 @@ mod tests {
             inner_schema: numbered.clone(),
             filter,
             output: (0..width).map(|i| Arc::new(Column::new(numbered.field(i).name(), i)) as PhysExpr).collect(),
+        };
+        Arc::new(RankPlan {
+            ranking,
             rows_schema,
             schema: Arc::new(Schema::new(fields)),
             rank_visible,

@@ -24,14 +24,15 @@ use super::PhysExpr;
 use crate::dataflow::{Collector, Operator, OperatorSpec, TaskInfo, Watermark};
 use crate::error::{Error, Result};
 
+/// What both Top-N operators (this one and [`super::rank`]) rank and run: the input
+/// (`[partition keys…, input columns…]`), how to order a partition, how many rows pass, and
+/// the query over the numbered rows.
 #[derive(Clone, Debug)]
-pub struct TopNPlan {
-    /// The input (`[partition keys…, input columns…]`) starts with these key columns.
+pub struct Ranking {
+    /// The input starts with these key columns.
     pub key_types: Vec<DataType>,
     /// Sort columns in the input, descending?, nulls first?
     pub order: Vec<(usize, bool, bool)>,
-    /// The input's `window_end` column: the partition is complete once the watermark is there.
-    pub time: usize,
     /// How many rows of each partition can pass the filter (`rn <= n`).
     pub n: usize,
     /// The window node's row: the input columns (after the keys), then the row number.
@@ -41,8 +42,45 @@ pub struct TopNPlan {
     pub inner_schema: SchemaRef,
     /// The filter on the subquery's rows (`rn <= n` and whatever else it says).
     pub filter: PhysExpr,
-    /// The outer `SELECT` list over the subquery's rows, and what the stream emits.
+    /// The outer `SELECT` list over the subquery's rows.
     pub output: Vec<PhysExpr>,
+}
+
+impl Ranking {
+    /// The order rows are numbered in: the ORDER BY, then, for ties, every input column, so
+    /// the numbering does not depend on arrival (or on the number of shards). Returns the
+    /// sort fields and the columns of `batch` they read.
+    pub(super) fn sort_key(&self, batch: &RecordBatch) -> (Vec<SortField>, Vec<ArrayRef>) {
+        let keys = self.key_types.len();
+        let mut fields: Vec<SortField> = self
+            .order
+            .iter()
+            .map(|&(c, descending, nulls_first)| SortField::new_with_options(batch.column(c).data_type().clone(), SortOptions { descending, nulls_first }))
+            .collect();
+        let mut columns: Vec<ArrayRef> = self.order.iter().map(|&(c, ..)| batch.column(c).clone()).collect();
+        for c in &batch.columns()[keys..] {
+            fields.push(SortField::new(c.data_type().clone()));
+            columns.push(c.clone());
+        }
+        (fields, columns)
+    }
+
+    /// `rows` (the input's, keys first) numbered `ranks`, through the query, as `schema`.
+    pub(super) fn run(&self, rows: &RecordBatch, ranks: Arc<dyn Array>, schema: &SchemaRef) -> Result<RecordBatch> {
+        let mut columns: Vec<ArrayRef> = rows.columns()[self.key_types.len()..].to_vec();
+        columns.push(ranks);
+        let numbered = RecordBatch::try_new(self.numbered_schema.clone(), columns)?;
+        let inner = eval_branch(None, &self.inner, &self.inner_schema, &numbered)?;
+        eval_branch(Some(&self.filter), &self.output, schema, &inner)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TopNPlan {
+    pub ranking: Ranking,
+    /// The input's `window_end` column: the partition is complete once the watermark is there.
+    pub time: usize,
+    /// What it emits.
     pub schema: SchemaRef,
 }
 
@@ -59,13 +97,13 @@ pub struct TopNOperator {
 
 impl TopNOperator {
     fn new(plan: Arc<TopNPlan>) -> Result<TopNOperator> {
-        let converter = RowConverter::new(plan.key_types.iter().cloned().map(SortField::new).collect())?;
+        let converter = RowConverter::new(plan.ranking.key_types.iter().cloned().map(SortField::new).collect())?;
         Ok(TopNOperator { plan, converter, rows: Rows::default(), schema: None, open: BTreeMap::new(), watermark: i64::MIN, late: 0 })
     }
 
     fn add(&mut self, batch: &RecordBatch) -> Result<()> {
         self.schema.get_or_insert_with(|| batch.schema());
-        let keys: Vec<ArrayRef> = batch.columns()[..self.plan.key_types.len()].to_vec();
+        let keys: Vec<ArrayRef> = batch.columns()[..self.plan.ranking.key_types.len()].to_vec();
         let encoded = self.converter.convert_columns(&keys)?;
         let times = to_millis(batch.column(self.plan.time))?;
         let id = self.rows.push(batch)?;
@@ -83,30 +121,15 @@ impl TopNOperator {
     fn emit(&self, locs: &[Loc], out: &mut Collector) -> Result<()> {
         let Some(schema) = &self.schema else { return Ok(()) };
         let rows = self.rows.gather(locs, schema)?;
-        let plan = &self.plan;
-        let keys = plan.key_types.len();
-        // The ORDER BY, then, for ties, every column: the numbering does not depend on arrival.
-        let mut fields: Vec<SortField> = plan
-            .order
-            .iter()
-            .map(|&(c, descending, nulls_first)| SortField::new_with_options(rows.column(c).data_type().clone(), SortOptions { descending, nulls_first }))
-            .collect();
-        let mut columns: Vec<ArrayRef> = plan.order.iter().map(|&(c, ..)| rows.column(c).clone()).collect();
-        for c in &rows.columns()[keys..] {
-            fields.push(SortField::new(c.data_type().clone()));
-            columns.push(c.clone());
-        }
+        let ranking = &self.plan.ranking;
+        let (fields, columns) = ranking.sort_key(&rows);
         let order = RowConverter::new(fields)?.convert_columns(&columns)?;
         let mut ranked: Vec<u32> = (0..rows.num_rows() as u32).collect();
         ranked.sort_unstable_by(|&a, &b| order.row(a as usize).cmp(&order.row(b as usize)));
-        ranked.truncate(plan.n);
-        let indices = UInt32Array::from(ranked);
-        let first = take_record_batch(&rows, &indices)?;
-        let mut columns: Vec<ArrayRef> = first.columns()[keys..].to_vec();
-        columns.push(Arc::new(UInt64Array::from_iter_values(1..=first.num_rows() as u64)));
-        let numbered = RecordBatch::try_new(plan.numbered_schema.clone(), columns)?;
-        let inner = eval_branch(None, &plan.inner, &plan.inner_schema, &numbered)?;
-        let rows = eval_branch(Some(&plan.filter), &plan.output, &plan.schema, &inner)?;
+        ranked.truncate(ranking.n);
+        let first = take_record_batch(&rows, &UInt32Array::from(ranked))?;
+        let ranks = Arc::new(UInt64Array::from_iter_values(1..=first.num_rows() as u64));
+        let rows = ranking.run(&first, ranks, &self.plan.schema)?;
         if rows.num_rows() > 0 {
             out.rows.push(rows);
         }
@@ -234,7 +257,8 @@ mod tests {
         let filter = Arc::new(BinaryExpr::new(col("rn", &inner_schema).unwrap(), Op::LtEq, lit(2u64))) as PhysExpr;
         let output = vec![col("sym", &inner_schema).unwrap(), col("rn", &inner_schema).unwrap()];
         let schema = Arc::new(inner_schema.project(&[0, 2]).unwrap());
-        Arc::new(TopNPlan { key_types: vec![DataType::Int64], order: vec![(2, true, false)], time: 3, n: 2, numbered_schema: numbered, inner, inner_schema, filter, output, schema })
+        let ranking = Ranking { key_types: vec![DataType::Int64], order: vec![(2, true, false)], n: 2, numbered_schema: numbered, inner, inner_schema, filter, output };
+        Arc::new(TopNPlan { ranking, time: 3, schema })
     }
 
     fn rows(rows: &[(&str, i64, i64)]) -> RecordBatch {
