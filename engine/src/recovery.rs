@@ -133,6 +133,24 @@ pub fn recover(vfs: &dyn Vfs, root: &Path, mode: Recovery) -> Result<Recovered> 
         return Err(refuse_checkpoint(mode, &fatal.join("; ")));
     }
     acknowledged_checks(&mut scans, m_lsn, &mut damages);
+    if manifest.is_none() && !damages.is_empty() {
+        // The checkpoint files were let by only because the WAL looked whole from its
+        // start; it is not (the checkpoint's cleanup may have been cut short by a crash).
+        if let Some(file) = checkpoint_file(vfs, root) {
+            let first = &damages[0];
+            return Err(refuse_checkpoint(
+                mode,
+                &format!(
+                    "{}: missing, yet data/ holds checkpoint files ({}), and the WAL that would stand in for it is \
+                     not whole ({}: {})",
+                    checkpoint::manifest_path(root).display(),
+                    file.display(),
+                    first.file.display(),
+                    first.why
+                ),
+            ));
+        }
+    }
 
     if !damages.is_empty() && mode == Recovery::Strict {
         let lines: Vec<String> = damages.iter().take(4).map(|d| format!("{}: {}", d.file.display(), d.why)).collect();
@@ -350,10 +368,7 @@ fn missing_manifest_checks(vfs: &dyn Vfs, root: &Path, scans: &[OwnerScan], fata
         // checkpoint add nothing, and the next checkpoint removes them.
         return;
     }
-    let files: Vec<PathBuf> = vfs.list(&root.join("data")).unwrap_or_default().iter().flat_map(|d| vfs.list(d).unwrap_or_default()).collect();
-    // A database that never logged anything writes only these at its first checkpoint.
-    let harmless = |p: &PathBuf| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n == "state-1.bin");
-    if let Some(file) = files.iter().find(|p| !harmless(p)) {
+    if let Some(file) = checkpoint_file(vfs, root) {
         // The owners whose logs do not show they are whole from their start.
         let unsure: Vec<String> = scans
             .iter()
@@ -363,6 +378,13 @@ fn missing_manifest_checks(vfs: &dyn Vfs, root: &Path, scans: &[OwnerScan], fata
         let unsure = if unsure.is_empty() { String::new() } else { format!(", and the WAL does not show it is whole: {}", unsure.join(", ")) };
         fatal.push(format!("{}: missing, yet data/ holds checkpoint files ({}){unsure}", manifest.display(), file.display()));
     }
+}
+
+/// A file in `data/` that only a checkpoint with rows writes (a database that never
+/// logged anything writes only `state-1.bin` files at its first checkpoint).
+fn checkpoint_file(vfs: &dyn Vfs, root: &Path) -> Option<PathBuf> {
+    let files: Vec<PathBuf> = vfs.list(&root.join("data")).unwrap_or_default().iter().flat_map(|d| vfs.list(d).unwrap_or_default()).collect();
+    files.into_iter().find(|p| p.file_name().and_then(|n| n.to_str()).is_none_or(|n| n != "state-1.bin"))
 }
 
 /// Every lsn a record says was acknowledged must be whole on disk: every part of an

@@ -79,6 +79,28 @@ def test_a_deleted_manifest_refuses_the_open(tmp_path):
         reopen(path, recovery="truncate")
 
 
+def test_a_deleted_manifest_with_part_of_the_wal_cleaned_up_refuses_the_open_naming_it(tmp_path):
+    """Was (a flake under load): when the crash came while a checkpoint's cleanup had deleted
+    the control log's segments but not yet the shards', the refusal named only wal/control."""
+    import shutil
+
+    # The state such a crash leaves: the checkpoint's files, no MANIFEST, the shards' logs
+    # still whole from their start, the control log's segments gone.
+    checkpointed, path = tmp_path / "checkpointed", tmp_path / "db"
+    _fill(checkpointed, checkpoint=True)
+    _fill(path)
+    shutil.copytree(checkpointed / "data", path / "data")
+    assert not (path / "MANIFEST").exists()
+    controls = glob.glob(str(path / "wal" / "control" / "*.wal"))
+    assert controls
+    for seg in controls:
+        os.remove(seg)
+    message = _refused(path)
+    assert "MANIFEST" in message and "missing" in message, message
+    with pytest.raises(laminardb.CheckpointError):
+        reopen(path, recovery="truncate")
+
+
 def test_a_flipped_byte_in_the_manifest_names_it(tmp_path):
     """Was: error 900 "stream did not contain valid UTF-8"."""
     path = tmp_path / "db"
