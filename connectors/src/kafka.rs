@@ -38,7 +38,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
-use laminardb_engine::source::{offset_position, read_offset_position, ConnectorOptions, SourceConnector, SplitPoll, SplitReader};
+use laminardb_engine::source::{offset_position, read_offset_position, Backlog, ConnectorOptions, SourceConnector, SplitPoll, SplitReader};
 use laminardb_engine::{Error, Result};
 
 use crate::dead_letter::{DeadLetterConfig, DeadLetters};
@@ -112,6 +112,9 @@ pub struct KafkaSource {
     /// The consumer settings (brokers, group, passed-through options).
     config: ClientConfig,
     dead_letters: DeadLetterConfig,
+    /// How many messages each partition's consumer fetches ahead (`queued.min.messages`):
+    /// the capacity `source_metrics()` reports against the lag.
+    prefetch: u64,
 }
 
 impl KafkaSource {
@@ -159,7 +162,8 @@ impl KafkaSource {
                 config.set(key, value);
             }
         }
-        Ok(Arc::new(KafkaSource { schema, topic, format, registry, reset, max_poll, config, dead_letters }))
+        let prefetch = config.get("queued.min.messages").and_then(|v| v.trim().parse().ok()).unwrap_or(1_000_000);
+        Ok(Arc::new(KafkaSource { schema, topic, format, registry, reset, max_poll, config, dead_letters, prefetch }))
     }
 
     fn consumer(&self) -> Result<BaseConsumer> {
@@ -238,6 +242,8 @@ impl SourceConnector for KafkaSource {
             rejected: VecDeque::new(),
             max_poll: self.max_poll,
             dead: self.dead_letters.open(&format!("kafka topic '{}'", self.topic))?,
+            prefetch: self.prefetch,
+            topic_c: std::ffi::CString::new(self.topic.as_str()).map_err(|_| Error::connector("kafka: a topic name with a NUL"))?,
         }))
     }
 }
@@ -258,6 +264,9 @@ struct KafkaSplit {
     rejected: VecDeque<String>,
     max_poll: usize,
     dead: DeadLetters,
+    prefetch: u64,
+    /// The topic's name for librdkafka's C calls.
+    topic_c: std::ffi::CString,
 }
 
 impl KafkaSplit {
@@ -339,6 +348,26 @@ impl SplitReader for KafkaSplit {
         // Asked at each checkpoint barrier: the group's offset follows the checkpoints.
         self.commit();
         offset_position(self.next.max(0) as u64)
+    }
+
+    /// The partition's consumer lag: records the broker holds that the source has not
+    /// handed over yet (librdkafka's last known high watermark, no request), against the
+    /// consumer's prefetch.
+    fn backlog(&self) -> Option<Backlog> {
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the consumer's client outlives the call; librdkafka reads the topic name
+        // (a NUL-terminated copy this split owns) and writes the two offsets, nothing else.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                self.topic_c.as_ptr(),
+                self.partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        let known = err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0;
+        known.then(|| Backlog { pending: (high - self.next.max(0)).max(0) as u64, capacity: self.prefetch })
     }
 
     fn close(&mut self) -> Result<()> {

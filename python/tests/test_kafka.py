@@ -172,6 +172,49 @@ def test_records_that_do_not_decode_are_counted_sent_to_the_dead_letter_topic_an
     assert b"did not decode" in headers["error"]
 
 
+def test_pending_in_source_metrics_is_the_consumer_lag(kafka):
+    """`pending` counts the records the broker holds that the source has not handed over:
+    a stream slowed down by a Python function (20 ms a batch of at most 50) falls behind
+    3,000 records, then catches up to 0."""
+    import pyarrow as pa
+
+    topic = kafka.create_topic(1, "lag")
+    producer = Producer({"bootstrap.servers": kafka.servers, "linger.ms": 5})
+    for i in range(3_000):
+        producer.produce(topic, json.dumps({"v": i}).encode(), partition=0)
+    assert producer.flush(30) == 0
+    db = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=1))
+    try:
+
+        def slow(v):
+            time.sleep(0.02)
+            return v
+
+        db.register_udf("slow", slow, pa.int64(), arg_types=[pa.int64()], vectorized=True)
+        db.execute(
+            f"CREATE SOURCE s (v BIGINT) WITH (connector = 'kafka', 'bootstrap.servers' = '{kafka.servers}', "
+            f"topic = '{topic}', 'group.id' = 'lag', 'auto.offset.reset' = 'earliest', 'max.poll.records' = '50')"
+        )
+        db.execute("CREATE STREAM slowed AS SELECT slow(v) AS v FROM s")
+        db.start()
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            m = db.source_metrics("s")
+            seen.append(m.pending)
+            if m.total_events == 3_000 and m.pending == 0:
+                break
+            time.sleep(0.02)
+        m = db.source_metrics("s")
+        assert m.total_events == 3_000
+        assert max(seen) >= 1_000, max(seen)
+        assert m.pending == 0
+        assert m.capacity == 1_000_000
+        assert not m.is_backpressured
+    finally:
+        db.close()
+
+
 CHILD = textwrap.dedent(
     """
     import sys, time, laminardb
