@@ -107,7 +107,7 @@ struct Client {
     table: String,
     client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     /// Prepared fetches, by key columns.
-    statements: Mutex<HashMap<Vec<usize>, tokio_postgres::Statement>>,
+    statements: Mutex<HashMap<String, tokio_postgres::Statement>>,
 }
 
 impl std::fmt::Debug for PostgresLookup {
@@ -199,14 +199,10 @@ impl PostgresLookup {
 }
 
 impl Client {
-    /// Runs `query` with `params` on the table's client (connecting first if it has none;
-    /// a client whose connection ended is replaced).
-    async fn query(
-        self: Arc<Self>,
-        columns: Option<Vec<usize>>,
-        sql: String,
-        params: Vec<Box<dyn ToSql + Send + Sync>>,
-    ) -> Result<Vec<tokio_postgres::Row>> {
+    /// Runs `sql` with `params` on the table's client (connecting first if it has none; a
+    /// client whose connection ended is replaced); `keep`: the statement is prepared once
+    /// per connection (a fetch's text depends only on its key columns and types).
+    async fn query(self: Arc<Self>, keep: bool, sql: String, params: Vec<Box<dyn ToSql + Send + Sync>>) -> Result<Vec<tokio_postgres::Row>> {
         let fail = |e: tokio_postgres::Error| pg_error(&self.table, &e);
         let mut client = self.client.lock().await;
         if client.as_ref().is_none_or(|c| c.is_closed()) {
@@ -220,19 +216,16 @@ impl Client {
             *client = Some(made);
         }
         let c = client.as_ref().expect("connected above");
-        let statement = match &columns {
-            Some(key) => {
-                let known = self.statements.lock().get(key).cloned();
-                match known {
-                    Some(s) => s,
-                    None => {
-                        let s = c.prepare(&sql).await.map_err(fail)?;
-                        self.statements.lock().insert(key.clone(), s.clone());
-                        s
-                    }
+        let known = self.statements.lock().get(&sql).cloned();
+        let statement = match known {
+            Some(s) => s,
+            None => {
+                let s = c.prepare(&sql).await.map_err(fail)?;
+                if keep {
+                    self.statements.lock().insert(sql, s.clone());
                 }
+                s
             }
-            None => c.prepare(&sql).await.map_err(fail)?,
         };
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
         c.query(&statement, &refs).await.map_err(fail)
@@ -304,19 +297,19 @@ impl LookupSource for PostgresLookup {
             types.join(", "),
             on.join(" AND ")
         );
-        let rows = block_on(self.client.clone().query(Some(columns.to_vec()), sql, params))?;
+        let rows = block_on(self.client.clone().query(true, sql, params))?;
         self.to_batch(&rows)
     }
 
     fn scan(&self) -> Result<Vec<RecordBatch>> {
         let sql = format!("SELECT {} FROM {} AS t", self.select, self.table);
-        let rows = block_on(self.client.clone().query(None, sql, Vec::new()))?;
+        let rows = block_on(self.client.clone().query(false, sql, Vec::new()))?;
         rows.chunks(SCAN_BATCH).map(|chunk| self.to_batch(chunk)).collect()
     }
 
     fn check(&self) -> Result<()> {
         let sql = format!("SELECT {} FROM {} AS t LIMIT 0", self.select, self.table);
-        block_on(self.client.clone().query(None, sql, Vec::new())).map(|_| ())
+        block_on(self.client.clone().query(false, sql, Vec::new())).map(|_| ())
     }
 }
 

@@ -1255,7 +1255,14 @@ impl Lowering<'_> {
         let mut key_columns = Vec::with_capacity(pairs.len());
         for (l, r) in pairs {
             let e = if table == 0 { l } else { r };
-            let DfExpr::Column(c) = e else {
+            // A cast type coercion put around the column: the operator casts the table's
+            // keys to the compared type itself.
+            let column = match e {
+                DfExpr::Cast(c) => c.expr.as_ref(),
+                DfExpr::TryCast(c) => c.expr.as_ref(),
+                other => other,
+            };
+            let DfExpr::Column(c) = column else {
                 return Err(Error::unsupported(format!(
                     "the key {e} of the lookup table '{name}': compare its columns themselves (ON s.k = t.k)"
                 )));

@@ -258,3 +258,18 @@ def test_a_parquet_file_is_a_lookup_table(sharded_db, tmp_path):
         db.execute(
             f"CREATE LOOKUP TABLE gone (sym VARCHAR) WITH (connector = 'parquet', path = '{tmp_path / 'none.parquet'}')"
         )
+
+
+def test_two_streams_joining_one_column_with_keys_of_other_types(db, instruments):
+    """Each fetch's statement is prepared for its key types (was: one per key column)."""
+    db.execute("CREATE SOURCE wide (q BIGINT)")
+    db.execute("CREATE SOURCE narrow (q INT)")
+    db.execute(lookup_ddl(instruments))
+    db.execute("CREATE STREAM by_wide AS SELECT w.q, i.sym FROM wide w JOIN instruments i ON w.q = i.lot")
+    db.execute("CREATE STREAM by_narrow AS SELECT n.q, i.sym FROM narrow n JOIN instruments i ON n.q = i.lot")
+    subs = [db.subscribe_stream("by_wide"), db.subscribe_stream("by_narrow")]
+    db.insert("wide", [{"q": 100}, {"q": 7}])
+    db.insert("narrow", [{"q": 10}])
+    assert poll_rows(subs[0], ("q", "sym"), 1) == [(100, "AAPL")]
+    assert poll_rows(subs[1], ("q", "sym"), 1) == [(10, "MSFT")]
+    assert db.stream_metrics("by_narrow").rejected_rows == 0
