@@ -1091,7 +1091,7 @@ impl Lowering<'_> {
                 "{} in a stream without a time bound{}: bound the two sides' times against each other in the \
                  subquery (WHERE f.k = o.k AND f.ts BETWEEN o.ts AND o.ts + INTERVAL '1' MINUTE), so the watermark \
                  tells when a row has met every row it will",
-                if existence == Some(Existence::Semi) { "EXISTS" } else { "NOT EXISTS" },
+                if existence == Some(Existence::Semi) { "EXISTS (or IN) over a subquery" } else { "NOT EXISTS over a subquery" },
                 hint()
             )));
         }

@@ -138,8 +138,12 @@ def test_exists_and_not_exists_emit_each_order_once_and_equal_duckdb(sharded_db,
 
 def test_exists_without_a_time_bound_and_not_in_are_refused(db):
     setup(db)
-    with pytest.raises(laminardb.LaminarError, match="EXISTS in a stream without a time bound"):
+    with pytest.raises(laminardb.LaminarError, match=r"EXISTS \(or IN\) over a subquery in a stream without a time bound"):
         db.execute("CREATE STREAM s AS SELECT o.oid FROM orders o WHERE EXISTS (SELECT 1 FROM fills f WHERE f.k = o.k)")
+    with pytest.raises(laminardb.LaminarError, match=r"EXISTS \(or IN\) over a subquery in a stream without a time bound"):
+        db.execute("CREATE STREAM s AS SELECT o.oid FROM orders o WHERE o.k IN (SELECT f.k FROM fills f)")
+    with pytest.raises(laminardb.LaminarError, match="NOT EXISTS over a subquery in a stream without a time bound"):
+        db.execute("CREATE STREAM s AS SELECT o.oid FROM orders o WHERE NOT EXISTS (SELECT 1 FROM fills f WHERE f.k = o.k)")
     with pytest.raises(laminardb.LaminarError, match="NOT IN"):
         db.execute(
             "CREATE STREAM s AS SELECT o.oid FROM orders o WHERE o.k NOT IN (SELECT f.k FROM fills f WHERE "
