@@ -51,17 +51,24 @@ def run_stream(db, select: str, sides: list[tuple[str, pa.Table]], end_ms: int, 
             got += b.num_rows
     for name, _ in sides:
         db.writer(name).watermark(end_ms)
-    deadline = time.monotonic() + 120
+    got = wait_for(sub, got, expect)
+    seconds = time.perf_counter() - start
+    db.close()
+    return seconds, got, peak
+
+
+def wait_for(sub, got: int, expect: int, seconds: float = 120) -> int:
+    """Rows taken from `sub` until `got` reaches `expect` (or `seconds` pass); the count."""
+    deadline = time.monotonic() + seconds
     while got < expect and time.monotonic() < deadline:
         try:
             b = sub.next_timeout(1000)
         except laminardb.SubscriptionError:
             continue
-        if b is not None:
-            got += b.num_rows
-    seconds = time.perf_counter() - start
-    db.close()
-    return seconds, got, peak
+        if b is None:  # the subscription ended
+            break
+        got += b.num_rows
+    return got
 
 
 def run_adhoc(db, select: str, tables: list[tuple[str, pa.Table]]) -> tuple[float, int]:

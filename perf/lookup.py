@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 import laminardb
 
-from join_bench import BATCH, options, rounds, run_duckdb
+from join_bench import BATCH, options, rounds, run_duckdb, wait_for
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 SYMBOLS = 10_000
@@ -80,12 +80,7 @@ def run_laminardb(shards: int, lookup_ddl: str, trades: pa.Table) -> tuple[float
         db.insert("trades", batch)
         while (b := sub.try_next()) is not None:
             got += b.num_rows
-    deadline = time.monotonic() + 120
-    while got < trades.num_rows and time.monotonic() < deadline:
-        try:
-            got += sub.next_timeout(1000).num_rows
-        except laminardb.SubscriptionError:
-            continue
+    got = wait_for(sub, got, trades.num_rows)
     seconds = time.perf_counter() - start
     m = db.stream_metrics("joined")
     if m.rejected_rows:

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 import laminardb
 
-from join_bench import BATCH, options, rounds, run_duckdb
+from join_bench import BATCH, options, rounds, run_duckdb, wait_for
 
 DDL = ["CREATE SOURCE orders (oid BIGINT, sym VARCHAR)", "CREATE SOURCE fills (oid BIGINT, px DOUBLE)"]
 
@@ -51,12 +51,7 @@ def run_stream(shards: int, kind: str, orders: pa.Table, fills: pa.Table, expect
             db.insert("fills", fill_batches[i])
         while (b := sub.try_next()) is not None:
             got += b.num_rows
-    deadline = time.monotonic() + 120
-    while got < expect and time.monotonic() < deadline:
-        try:
-            got += sub.next_timeout(1000).num_rows
-        except laminardb.SubscriptionError:
-            continue
+    got = wait_for(sub, got, expect)
     seconds = time.perf_counter() - start
     db.close()
     return seconds, got

@@ -154,7 +154,7 @@ def test_the_cache_stays_under_its_row_bound(db, postgres, instruments):
         peak = max(peak, db.stream_metrics("enriched").join_right_rows)
     rows = poll_rows(sub, ("id", "lot"), 2000)
     assert sorted(rows) == [(k, k + 1) for k in range(2000)]
-    assert peak <= 50 * db.shard_count
+    assert 0 < peak <= 50 * db.shard_count
 
 
 def test_ad_hoc_queries_read_the_whole_table_and_join_it(db, instruments):

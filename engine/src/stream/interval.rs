@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use arrow::array::{new_null_array, Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, UInt32Array};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, SortField};
 
@@ -272,7 +272,7 @@ impl IntervalOperator {
             let rows = self.sides[s].rows.gather(&locs, schema)?;
             columns.extend(rows.columns()[keys..].iter().cloned());
         }
-        let mut joined = self.joined(columns, pairs.len())?;
+        let mut joined = JoinPlan::conform(&join.joined_schema, columns, pairs.len())?;
         let mut passed: Vec<(u32, (i64, u64))> = pairs.iter().map(|&(mine, at, _)| (mine, at)).collect();
         if let Some(residual) = &join.residual {
             let mask = residual.evaluate(&joined)?.into_array(joined.num_rows())?;
@@ -285,10 +285,7 @@ impl IntervalOperator {
             joined = arrow::compute::filter_record_batch(&joined, mask)?;
         }
         if self.plan.existence.is_none() {
-            let rows = eval_branch(None, &join.output, &join.schema, &joined)?;
-            if rows.num_rows() > 0 {
-                out.rows.push(rows);
-            }
+            self.output(&joined, out)?;
         }
         Ok(passed)
     }
@@ -321,20 +318,10 @@ impl IntervalOperator {
     /// Left rows (`[keys…, columns…]`) alone through the `SELECT` list (semi and anti).
     fn left_rows(&self, rows: &RecordBatch, out: &mut Collector) -> Result<()> {
         let join = &self.plan.join;
-        let mine = &rows.columns()[join.keys..];
-        let fields = &join.joined_schema.fields()[..mine.len()];
-        let columns = mine
-            .iter()
-            .zip(fields)
-            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c.clone()) } else { arrow::compute::cast(c, f.data_type()) })
-            .collect::<Result<Vec<_>, _>>()?;
-        let schema = Arc::new(arrow::datatypes::Schema::new(fields.to_vec()));
-        let left = RecordBatch::try_new_with_options(schema, columns, &RecordBatchOptions::new().with_row_count(Some(rows.num_rows())))?;
-        let rows = eval_branch(None, &join.output, &join.schema, &left)?;
-        if rows.num_rows() > 0 {
-            out.rows.push(rows);
-        }
-        Ok(())
+        let mine = rows.columns()[join.keys..].to_vec();
+        let schema = Arc::new(join.joined_schema.project(&(0..mine.len()).collect::<Vec<_>>())?);
+        let left = JoinPlan::conform(&schema, mine, rows.num_rows())?;
+        self.output(&left, out)
     }
 
     /// Rows of `side` (`[keys…, columns…]`) that met nothing, with the other side's
@@ -344,32 +331,18 @@ impl IntervalOperator {
             return self.left_rows(rows, out);
         }
         let join = &self.plan.join;
-        let mine = &rows.columns()[join.keys..];
-        let fields = join.joined_schema.fields();
-        let nulls = |range: std::ops::Range<usize>| fields[range].iter().map(|f| new_null_array(f.data_type(), rows.num_rows()));
-        let columns: Vec<ArrayRef> = if side == 0 {
-            mine.iter().cloned().chain(nulls(mine.len()..fields.len())).collect()
-        } else {
-            nulls(0..fields.len() - mine.len()).chain(mine.iter().cloned()).collect()
-        };
-        let joined = self.joined(columns, rows.num_rows())?;
-        let rows = eval_branch(None, &join.output, &join.schema, &joined)?;
+        let joined = join.padded(side, &rows.columns()[join.keys..], rows.num_rows())?;
+        self.output(&joined, out)
+    }
+
+    /// Rows through the `SELECT` list, out if any.
+    fn output(&self, rows: &RecordBatch, out: &mut Collector) -> Result<()> {
+        let join = &self.plan.join;
+        let rows = eval_branch(None, &join.output, &join.schema, rows)?;
         if rows.num_rows() > 0 {
             out.rows.push(rows);
         }
         Ok(())
-    }
-
-    /// Columns of the joined row, cast where an input's type differs from the join's.
-    fn joined(&self, columns: Vec<ArrayRef>, rows: usize) -> Result<RecordBatch> {
-        let schema = self.plan.join.joined_schema.clone();
-        let columns = columns
-            .into_iter()
-            .zip(schema.fields())
-            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) })
-            .collect::<Result<Vec<_>, _>>()?;
-        let options = RecordBatchOptions::new().with_row_count(Some(rows));
-        Ok(RecordBatch::try_new_with_options(schema, columns, &options)?)
     }
 }
 

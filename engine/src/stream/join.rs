@@ -181,19 +181,10 @@ impl Side {
     fn live(&self) -> Result<Side> {
         let base = self.base;
         let live = &self.locs[base as usize..];
-        let Some(first) = self.batches.first() else { return Ok(Side::default()) };
         if live.is_empty() {
             return Ok(Side::default());
         }
-        let indices: Vec<(usize, usize)> = live.iter().map(|&(b, r)| (b as usize, r as usize)).collect();
-        let columns = (0..first.num_columns())
-            .map(|c| {
-                let arrays: Vec<&dyn Array> = self.batches.iter().map(|b| b.column(c).as_ref()).collect();
-                interleave(&arrays, &indices)
-            })
-            .collect::<Result<Vec<ArrayRef>, _>>()?;
-        let options = RecordBatchOptions::new().with_row_count(Some(live.len()));
-        let batch = RecordBatch::try_new_with_options(first.schema(), columns, &options)?;
+        let Some(batch) = self.gather(&(base..self.locs.len() as u32).collect::<Vec<_>>())? else { return Ok(Side::default()) };
         let shift = |id: u32| if id != NONE && id >= base { id - base } else { NONE };
         Ok(Side {
             batches: vec![batch],
@@ -398,14 +389,7 @@ impl JoinOperator {
             far.push(interleave(&arrays, theirs)?);
         }
         let columns = if side == 0 { [own, far].concat() } else { [far, own].concat() };
-        let schema: SchemaRef = self.join().joined_schema.clone();
-        let options = RecordBatchOptions::new().with_row_count(Some(mine.len()));
-        let columns = columns
-            .into_iter()
-            .zip(schema.fields())
-            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(RecordBatch::try_new_with_options(schema, columns, &options)?)
+        JoinPlan::conform(&self.join().joined_schema, columns, mine.len())
     }
 
     /// What every batch starts with: expiry (with `state_ttl`: returns now), then the
@@ -444,6 +428,7 @@ impl JoinOperator {
         if !mine.is_empty() {
             let joined = self.pairs(side, &payload, &mine, &theirs)?;
             let pass = self.passing(&joined)?;
+            let kept = take_pairs(&joined, &pass)?;
             if self.plan.outer[1 - side] {
                 // The other side's rows meeting their first partner: their padded rows go.
                 let mut first = Vec::new();
@@ -455,7 +440,7 @@ impl JoinOperator {
                     }
                 }
                 if let Some(rows) = self.sides[1 - side].gather(&first)? {
-                    changes.push((self.padded(1 - side, &rows)?, "-D"));
+                    changes.push((self.join().padded(1 - side, rows.columns(), rows.num_rows())?, "-D"));
                 }
                 for &i in &pass {
                     self.sides[1 - side].matched[their_ids[i] as usize] += 1;
@@ -464,8 +449,7 @@ impl JoinOperator {
             for &i in &pass {
                 counts[mine[i] as usize] += 1;
             }
-            let mask: arrow::array::BooleanArray = (0..mine.len()).map(|i| Some(pass.binary_search(&i).is_ok())).collect();
-            pairs = Some(arrow::compute::filter_record_batch(&joined, &mask)?);
+            pairs = Some(kept);
         }
         if let Some(joined) = pairs {
             changes.push((joined, "+I"));
@@ -474,7 +458,7 @@ impl JoinOperator {
             let lonely: Vec<u32> = (0..batch.num_rows() as u32).filter(|&r| counts[r as usize] == 0).collect();
             if !lonely.is_empty() {
                 let rows = arrow::compute::take_record_batch(&payload, &UInt32Array::from(lonely))?;
-                changes.push((self.padded(side, &rows)?, "+I"));
+                changes.push((self.join().padded(side, rows.columns(), rows.num_rows())?, "+I"));
             }
             self.sides[side].insert(&rows, &valid, payload, now, Some(&counts))?;
         } else {
@@ -483,28 +467,12 @@ impl JoinOperator {
         self.changelog(changes)
     }
 
-    /// The indices of the joined rows the residual keeps, ascending.
+    /// The indices of the joined rows the residual keeps, ascending (`take_pairs` takes them).
     fn passing(&self, joined: &RecordBatch) -> Result<Vec<usize>> {
         let Some(residual) = &self.join().residual else { return Ok((0..joined.num_rows()).collect()) };
         let mask = residual.evaluate(joined)?.into_array(joined.num_rows())?;
         let mask = mask.as_boolean_opt().ok_or_else(|| Error::query("a join condition must be boolean"))?;
         Ok((0..joined.num_rows()).filter(|&i| mask.is_valid(i) && mask.value(i)).collect())
-    }
-
-    /// `side`'s rows (without keys) with the other side's columns NULL, as joined rows.
-    fn padded(&self, side: usize, rows: &RecordBatch) -> Result<RecordBatch> {
-        let schema = self.join().joined_schema.clone();
-        let fields = schema.fields();
-        let n = rows.num_rows();
-        let nulls = |range: std::ops::Range<usize>| fields[range].iter().map(|f| arrow::array::new_null_array(f.data_type(), n)).collect::<Vec<_>>();
-        let own = rows.columns().to_vec();
-        let columns = if side == 0 { [own.clone(), nulls(own.len()..fields.len())].concat() } else { [nulls(0..fields.len() - own.len()), own].concat() };
-        let columns = columns
-            .into_iter()
-            .zip(fields)
-            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(RecordBatch::try_new_with_options(schema, columns, &RecordBatchOptions::new().with_row_count(Some(n)))?)
     }
 
     /// Joined rows with their change types, through the `SELECT` list, as one batch
@@ -544,21 +512,16 @@ impl JoinOperator {
             }
         }
         if let (Some(l), Some(r)) = (left.gather(&mine)?, right.gather(&theirs)?) {
-            let schema = self.join().joined_schema.clone();
-            let columns = l.columns().iter().chain(r.columns()).cloned().zip(schema.fields())
-                .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) })
-                .collect::<Result<Vec<_>, _>>()?;
-            let joined = RecordBatch::try_new_with_options(schema, columns, &RecordBatchOptions::new().with_row_count(Some(mine.len())))?;
+            let joined = JoinPlan::conform(&self.join().joined_schema, [l.columns(), r.columns()].concat(), mine.len())?;
             let pass = self.passing(&joined)?;
-            let mask: arrow::array::BooleanArray = (0..mine.len()).map(|i| Some(pass.binary_search(&i).is_ok())).collect();
-            changes.push((arrow::compute::filter_record_batch(&joined, &mask)?, "+I"));
+            changes.push((take_pairs(&joined, &pass)?, "+I"));
         }
         for side in 0..2 {
             if self.plan.outer[side] {
                 let s = &self.sides[side];
                 let lonely: Vec<u32> = (s.base..s.locs.len() as u32).filter(|&id| s.matched[id as usize] == 0).collect();
                 if let Some(rows) = s.gather(&lonely)? {
-                    changes.push((self.padded(side, &rows)?, "+I"));
+                    changes.push((self.join().padded(side, rows.columns(), rows.num_rows())?, "+I"));
                 }
             }
         }
@@ -572,6 +535,11 @@ impl JoinOperator {
         let out = eval_branch(join.residual.as_ref(), &join.output, &join.schema, &joined)?;
         Ok((out.num_rows() > 0).then_some(out))
     }
+}
+
+/// The joined rows at `indices`.
+fn take_pairs(joined: &RecordBatch, indices: &[usize]) -> Result<RecordBatch> {
+    Ok(arrow::compute::take_record_batch(joined, &UInt32Array::from_iter_values(indices.iter().map(|&i| i as u32)))?)
 }
 
 impl OperatorSpec for JoinPlan {

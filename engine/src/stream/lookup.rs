@@ -289,13 +289,7 @@ impl LookupOperator {
             far.push(interleave(&arrays, theirs)?);
         }
         let columns = if self.plan.stream_left { [own, far].concat() } else { [far, own].concat() };
-        let schema: SchemaRef = self.plan.join.joined_schema.clone();
-        let columns = columns
-            .into_iter()
-            .zip(schema.fields())
-            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(RecordBatch::try_new_with_options(schema, columns, &RecordBatchOptions::new().with_row_count(Some(mine.len())))?)
+        JoinPlan::conform(&self.plan.join.joined_schema, columns, mine.len())
     }
 }
 

@@ -28,6 +28,7 @@ pub mod window;
 
 use std::sync::Arc;
 
+use arrow::array::{new_null_array, ArrayRef, RecordBatch, RecordBatchOptions};
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::physical_expr::PhysicalExpr;
 
@@ -209,6 +210,32 @@ pub struct JoinPlan {
     /// changelog, a preserved row without a partner padded with NULLs until its first
     /// partner arrives and retracts it; `schema` then ends with the change column.
     pub outer: [bool; 2],
+}
+
+impl JoinPlan {
+    /// Joined rows from `columns` (the left input's without keys, then the right's; or
+    /// the left's alone, as `schema` says), each cast where its input's type differs.
+    pub fn conform(schema: &SchemaRef, columns: Vec<ArrayRef>, rows: usize) -> crate::error::Result<RecordBatch> {
+        let columns = columns
+            .into_iter()
+            .zip(schema.fields())
+            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RecordBatch::try_new_with_options(schema.clone(), columns, &RecordBatchOptions::new().with_row_count(Some(rows)))?)
+    }
+
+    /// Rows of `side` (its input's columns without the keys) with the other side's
+    /// columns NULL, as joined rows.
+    pub fn padded(&self, side: usize, own: &[ArrayRef], rows: usize) -> crate::error::Result<RecordBatch> {
+        let fields = self.joined_schema.fields();
+        let nulls = |range: std::ops::Range<usize>| fields[range].iter().map(|f| new_null_array(f.data_type(), rows));
+        let columns: Vec<ArrayRef> = if side == 0 {
+            own.iter().cloned().chain(nulls(own.len()..fields.len())).collect()
+        } else {
+            nulls(0..fields.len() - own.len()).chain(own.iter().cloned()).collect()
+        };
+        Self::conform(&self.joined_schema, columns, rows)
+    }
 }
 
 /// A continuous query: its operators and what its subscribers receive.
