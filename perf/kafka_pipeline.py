@@ -4,6 +4,10 @@ confluent-kafka (consume, `json.loads`, filter, `json.dumps`, produce), alternat
 one run, each run in a fresh process, against one tansu broker on 127.0.0.1.
 
     .venv-perf/bin/python perf/kafka_pipeline.py [--messages 2000000] [--rounds 3]
+        [--previous .venv-base/bin/python]
+
+`--previous` runs laminardb a second time in each round with another interpreter (an
+earlier build installed there), so two builds are compared in the same run.
 
 A run's time is from the pipeline's start until every expected record is with the broker
 (ours: the sink has written them all and `close()` has flushed its producers; the
@@ -116,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=2_000_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--previous", help="an interpreter with an earlier laminardb build, run beside this one")
     args = parser.parse_args()
     from confluent_kafka import Producer
     from kafka_broker import start_broker
@@ -133,12 +138,16 @@ def main() -> None:
                     producer.poll(0.01)
         producer.flush(120)
         want = expected_count(args.messages)
-        times: dict[str, list[float]] = {"laminardb": [], "confluent-kafka (plain Python)": []}
+        runs = [("laminardb", "ours", sys.executable)]
+        if args.previous:
+            runs.append(("laminardb (previous build)", "ours", args.previous))
+        runs.append(("confluent-kafka (plain Python)", "baseline", sys.executable))
+        times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
         for _ in range(args.rounds):
-            for label, kind in [("laminardb", "ours"), ("confluent-kafka (plain Python)", "baseline")]:
+            for label, kind, python in runs:
                 out = broker.create_topic(3, "out")
                 line = subprocess.run(
-                    [sys.executable, __file__, "worker", kind, broker.servers, src, out, str(args.messages), str(want)],
+                    [python, __file__, "worker", kind, broker.servers, src, out, str(args.messages), str(want)],
                     check=True,
                     capture_output=True,
                     text=True,
@@ -151,6 +160,8 @@ def main() -> None:
             print(f"median {label}: {rate / 1e6:.3f} M msgs/s")
         ours, base = medians["laminardb"], medians["confluent-kafka (plain Python)"]
         print(f"ratio: laminardb {ours / base:.2f}x the plain-Python pipeline ({args.messages:,} messages, {want:,} out)")
+        if args.previous:
+            print(f"ratio: this build {ours / medians['laminardb (previous build)']:.2f}x the previous one")
     finally:
         broker.stop()
 

@@ -6,8 +6,10 @@
 //! null) and cast as an insert is. Sinks derive a schema from the rows, register it under
 //! `<topic>-value` (`POST /subjects/{subject}/versions`) and frame each row with its id.
 //!
-//! The registry is spoken to over plain HTTP/1.1 (`schema.registry.url = 'http://…'`);
-//! `https` is refused (no TLS in this build).
+//! The registry is spoken to over HTTP/1.1 (`schema.registry.url = 'http://…'`), or over
+//! TLS (`https://…`, the server checked against the system's certificate authorities and
+//! those in `schema.registry.ssl.ca.location`), with HTTP basic authentication when
+//! `schema.registry.basic.auth.user.info` is `user:password`.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -34,10 +36,15 @@ use crate::decode::Rejected;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A Confluent-compatible schema registry, with the schemas it has told, by id.
-#[derive(Debug)]
 pub struct Registry {
     /// `host:port`.
     authority: String,
+    /// The host, which a TLS server's certificate must name.
+    host: String,
+    /// For an `https://` registry.
+    tls: Option<native_tls::TlsConnector>,
+    /// The `Authorization` header's value (basic authentication).
+    authorization: Option<String>,
     /// The path prefix (`http://host:port/prefix`), without a trailing slash.
     prefix: String,
     schemas: Mutex<HashMap<u32, AvroSchema>>,
@@ -50,20 +57,44 @@ impl Registry {
         let url = options.get("schema.registry.url").ok_or_else(|| {
             Error::connector(format!("{}: format 'avro' needs the option 'schema.registry.url'", options.connector()))
         })?;
-        Registry::new(url).map(Arc::new)
+        let mut registry = Registry::new(url, options.get("schema.registry.ssl.ca.location"))?;
+        if let Some(user_info) = options.get("schema.registry.basic.auth.user.info") {
+            if !user_info.contains(':') {
+                return Err(Error::connector("schema.registry.basic.auth.user.info is 'user:password'"));
+            }
+            registry.authorization = Some(format!("Basic {}", crate::dead_letter::base64(user_info.as_bytes())));
+        }
+        Ok(Arc::new(registry))
     }
 
-    pub fn new(url: &str) -> Result<Registry> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            Error::connector(format!("schema.registry.url '{url}': only http:// registries in this build (no TLS)"))
-        })?;
+    /// The registry at `url`; `ca`: a PEM file of certificate authorities to trust besides
+    /// the system's (for `https://`).
+    pub fn new(url: &str, ca: Option<&str>) -> Result<Registry> {
+        let (rest, secure) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ => return Err(Error::connector(format!("schema.registry.url '{url}' does not start with http:// or https://"))),
+        };
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         if authority.is_empty() {
             return Err(Error::connector(format!("schema.registry.url '{url}' names no host")));
         }
-        let authority = if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
+        let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host).trim_matches(['[', ']']).to_string();
+        let authority = if authority.contains(':') { authority.to_string() } else { format!("{authority}:{}", if secure { 443 } else { 80 }) };
+        let tls = match (secure, ca) {
+            (false, Some(_)) => return Err(Error::connector("schema.registry.ssl.ca.location is for an https:// registry")),
+            (false, None) => None,
+            (true, ca) => Some(crate::tls::connector(ca, "schema.registry.ssl.ca.location")?),
+        };
         let prefix = format!("/{}", path.trim_matches('/'));
-        Ok(Registry { authority, prefix: prefix.trim_end_matches('/').to_string(), schemas: Mutex::new(HashMap::new()) })
+        Ok(Registry {
+            authority,
+            host,
+            tls,
+            authorization: None,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            schemas: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Fails unless the registry answers (`GET /subjects`): a source or sink that could
@@ -114,18 +145,33 @@ impl Registry {
             .map_err(|e| fail(e.to_string()))?
             .next()
             .ok_or_else(|| fail("no address".into()))?;
-        let mut stream = TcpStream::connect_timeout(&address, TIMEOUT).map_err(|e| fail(e.to_string()))?;
+        let stream = TcpStream::connect_timeout(&address, TIMEOUT).map_err(|e| fail(e.to_string()))?;
         stream.set_read_timeout(Some(TIMEOUT)).and_then(|_| stream.set_write_timeout(Some(TIMEOUT))).map_err(|e| fail(e.to_string()))?;
         let body = body.unwrap_or("");
+        let authorization = self.authorization.as_ref().map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
         let request = format!(
             "{method} {target} HTTP/1.1\r\nHost: {}\r\nAccept: application/vnd.schemaregistry.v1+json, application/json\r\n\
-             Content-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+             {authorization}Content-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             self.authority,
             body.len()
         );
-        stream.write_all(request.as_bytes()).map_err(|e| fail(e.to_string()))?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).map_err(|e| fail(e.to_string()))?;
+        let exchange = |mut stream: Box<dyn ReadWrite>| -> std::io::Result<Vec<u8>> {
+            stream.write_all(request.as_bytes())?;
+            let mut answer = Vec::new();
+            match stream.read_to_end(&mut answer) {
+                // A TLS server may close without a close_notify once it has answered.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !answer.is_empty() => Ok(answer),
+                other => other.map(|_| answer),
+            }
+        };
+        let answer = match &self.tls {
+            None => exchange(Box::new(stream)),
+            Some(tls) => {
+                let stream = tls.connect(&self.host, stream).map_err(|e| fail(format!("TLS: {e}")))?;
+                exchange(Box::new(stream))
+            }
+        }
+        .map_err(|e| fail(e.to_string()))?;
         let (status, content) = parse_response(&answer).map_err(fail)?;
         let json: Value = serde_json::from_slice(&content).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&content).into()));
         if !(200..300).contains(&status) {
@@ -133,6 +179,15 @@ impl Registry {
             return Err(fail(format!("HTTP {status}: {message}")));
         }
         Ok(json)
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("authority", &self.authority).field("prefix", &self.prefix).field("tls", &self.tls.is_some()).finish()
     }
 }
 
@@ -355,9 +410,11 @@ mod tests {
         assert!(schema_id(&[1, 0, 0, 0, 1, 9]).unwrap_err().contains("not the registry's 0x00"));
         assert!(schema_id(&[0, 0, 0]).unwrap_err().contains("shorter"));
         assert!(schema_id(&[0, 0, 0, 0, 1]).unwrap_err().contains("empty body"));
-        assert!(Registry::new("https://r:8081").unwrap_err().message.contains("only http://"));
-        let r = Registry::new("http://r:8081/api/").unwrap();
+        assert!(Registry::new("ftp://r:8081", None).unwrap_err().message.contains("http:// or https://"));
+        assert!(Registry::new("http://r:8081", Some("/ca.pem")).unwrap_err().message.contains("for an https:// registry"));
+        assert_eq!(Registry::new("https://r", None).unwrap().authority, "r:443");
+        let r = Registry::new("http://r:8081/api/", None).unwrap();
         assert_eq!((r.authority.as_str(), r.prefix.as_str()), ("r:8081", "/api"));
-        assert_eq!(Registry::new("http://r").unwrap().authority, "r:80");
+        assert_eq!(Registry::new("http://r", None).unwrap().authority, "r:80");
     }
 }

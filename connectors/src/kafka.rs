@@ -14,6 +14,10 @@
 //! own threads and the shard only takes what has arrived (a shard that does not keep up
 //! stops taking, and the consumer stops fetching once its queue is full: backpressure).
 //!
+//! Partitions added to the topic while it is read are found within
+//! `partition.discovery.interval.ms` (10 s; 0: never): a thread of the source counts them,
+//! and each new partition is read from its first record by the shard that owns it.
+//!
 //! A split's position is the offset of the next record, recorded in the engine's
 //! checkpoints: a reopened database reads on from there, so a record a checkpoint covered
 //! is neither lost nor read twice. Without a position (a new database), a split starts at
@@ -29,12 +33,14 @@
 //! and a record without a payload is a tombstone, which holds no change.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::client::{Client, ClientContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -47,8 +53,20 @@ use crate::kafka_batch::BatchQueue;
 use crate::decode::{PayloadDecoder, PayloadFormat};
 
 /// Options of the source besides the client ones ([`CLIENT_PREFIXES`]).
-const OPTIONS: &[&str] =
-    &["bootstrap.servers", "topic", "group.id", "format", "schema.registry.url", "auto.offset.reset", "max.poll.records", "dead_letter.path", "dead_letter.topic"];
+const OPTIONS: &[&str] = &[
+    "bootstrap.servers",
+    "topic",
+    "group.id",
+    "format",
+    "schema.registry.url",
+    "schema.registry.ssl.ca.location",
+    "schema.registry.basic.auth.user.info",
+    "auto.offset.reset",
+    "max.poll.records",
+    "dead_letter.path",
+    "dead_letter.topic",
+    "partition.discovery.interval.ms",
+];
 
 /// Options handed to librdkafka as they are (`kafka.` is stripped first: any librdkafka
 /// property, e.g. `kafka.fetch.wait.max.ms`).
@@ -80,9 +98,77 @@ pub(crate) fn kafka_error(doing: &str, e: KafkaError) -> Error {
     Error::connector(format!("kafka: {doing}: {e}"))
 }
 
-/// The number of partitions of `topic`, asked of the brokers through `client`.
-pub(crate) fn partition_count<C: rdkafka::client::ClientContext>(client: &rdkafka::client::Client<C>, topic: &str) -> Result<usize> {
-    let metadata = client.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|e| kafka_error(&format!("reading the metadata of topic '{topic}'"), e))?;
+/// The last error librdkafka reported on a client's own threads (a refused TLS handshake,
+/// a broker out of reach), to say with a request that then fails: librdkafka's answer to
+/// the request itself is only "broker transport failure".
+#[derive(Debug, Default)]
+pub(crate) struct LastError(parking_lot::Mutex<Option<String>>);
+
+impl LastError {
+    /// An error event (served when the client is polled).
+    pub(crate) fn heard(&self, error: &KafkaError, reason: &str) {
+        log::error!("librdkafka: {error}: {reason}");
+        *self.0.lock() = Some(reason.to_string());
+    }
+
+    /// A log line (told on librdkafka's own threads, e.g. a failed TLS handshake, even
+    /// while a request waits): logged, and remembered if it is an error.
+    pub(crate) fn logged(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        use RDKafkaLogLevel::*;
+        match level {
+            Emerg | Alert | Critical | Error => {
+                log::error!(target: "librdkafka", "librdkafka: {facility} {message}");
+                *self.0.lock() = Some(message.to_string());
+            }
+            Warning => log::warn!(target: "librdkafka", "librdkafka: {facility} {message}"),
+            Notice | Info => log::info!(target: "librdkafka", "librdkafka: {facility} {message}"),
+            Debug => log::debug!(target: "librdkafka", "librdkafka: {facility} {message}"),
+        }
+    }
+
+    /// `e`, with the last reason librdkafka gave.
+    pub(crate) fn explain(&self, e: Error) -> Error {
+        match self.0.lock().as_deref() {
+            Some(reason) if !e.message.contains(reason) => Error::connector(format!("{} (librdkafka said: {reason})", e.message)),
+            _ => e,
+        }
+    }
+}
+
+/// A client context that keeps its [`LastError`].
+pub(crate) trait Heard: ClientContext {
+    fn last_error(&self) -> &LastError;
+}
+
+/// The source's consumers' context.
+#[derive(Debug, Default)]
+pub(crate) struct SourceContext(LastError);
+
+impl ClientContext for SourceContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.0.logged(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.heard(&error, reason);
+    }
+}
+
+impl ConsumerContext for SourceContext {}
+
+impl Heard for SourceContext {
+    fn last_error(&self) -> &LastError {
+        &self.0
+    }
+}
+
+pub(crate) type SourceConsumer = BaseConsumer<SourceContext>;
+
+/// How many partitions `topic` has (an error if it has none or does not exist).
+pub(crate) fn partition_count<C: Heard>(client: &Client<C>, topic: &str) -> Result<usize> {
+    let metadata = client
+        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+        .map_err(|e| client.context().last_error().explain(kafka_error(&format!("reading the metadata of topic '{topic}'"), e)))?;
     let found = metadata.topics().iter().find(|t| t.name() == topic);
     match found {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len()),
@@ -115,12 +201,31 @@ pub struct KafkaSource {
     /// How many messages each partition's consumer fetches ahead (`queued.min.messages`):
     /// the capacity `source_metrics()` reports against the lag.
     prefetch: u64,
+    /// How often the topic's partitions are counted again while it is read (`None`: never).
+    discovery_interval: Option<Duration>,
+    discovery: Arc<Discovery>,
+    /// Dropped with the source, which stops the thread counting partitions.
+    discovery_stop: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+/// The topic's partitions as counted: at the first `splits()` (the ones the source began
+/// with) and then every `partition.discovery.interval.ms` on a thread of its own.
+#[derive(Debug, Default)]
+struct Discovery {
+    /// The count the source began reading with (0: not counted yet).
+    initial: AtomicUsize,
+    /// The latest count.
+    now: AtomicUsize,
 }
 
 impl KafkaSource {
     /// The connector of a `CREATE SOURCE … WITH (connector = 'kafka', …)`: the options are
     /// checked here; nothing connects before `start()`.
     pub fn create(options: &ConnectorOptions, declared: Option<&SchemaRef>) -> Result<Arc<dyn SourceConnector>> {
+        Ok(Arc::new(KafkaSource::new(options, declared)?))
+    }
+
+    fn new(options: &ConnectorOptions, declared: Option<&SchemaRef>) -> Result<KafkaSource> {
         options.check_known_or_prefixed(OPTIONS, CLIENT_PREFIXES)?;
         let schema = declared
             .cloned()
@@ -163,28 +268,79 @@ impl KafkaSource {
             }
         }
         let prefetch = config.get("queued.min.messages").and_then(|v| v.trim().parse().ok()).unwrap_or(1_000_000);
-        Ok(Arc::new(KafkaSource { schema, topic, format, registry, reset, max_poll, config, dead_letters, prefetch }))
+        let discovery_interval = match options.parse::<u64>("partition.discovery.interval.ms", 10_000)? {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        };
+        Ok(KafkaSource {
+            schema,
+            topic,
+            format,
+            registry,
+            reset,
+            max_poll,
+            config,
+            dead_letters,
+            prefetch,
+            discovery_interval,
+            discovery: Arc::default(),
+            discovery_stop: Mutex::new(None),
+        })
     }
 
-    fn consumer(&self) -> Result<BaseConsumer> {
-        self.config.create().map_err(|e| kafka_error("creating a consumer", e))
+    /// Counts the topic's partitions every `interval` on a thread of its own until the
+    /// source is dropped (started once, at the first `splits()`).
+    fn discover(&self, interval: Duration) -> Result<()> {
+        let mut stop = self.discovery_stop.lock().unwrap_or_else(|e| e.into_inner());
+        if stop.is_some() {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::channel::<()>();
+        let consumer = self.consumer()?;
+        let (topic, discovery) = (self.topic.clone(), self.discovery.clone());
+        std::thread::Builder::new()
+            .name("laminardb-kafka-discovery".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
+                    match partition_count(consumer.client(), &topic) {
+                        Ok(n) => {
+                            let before = discovery.now.fetch_max(n, Ordering::Relaxed);
+                            if n > before {
+                                log::info!("kafka: topic '{topic}' has {n} partitions now ({before} before): reading the new ones from their start");
+                            }
+                        }
+                        Err(e) => log::warn!("kafka: counting the partitions of '{topic}': {}", e.message),
+                    }
+                }
+            })
+            .map_err(|e| Error::connector(format!("kafka: starting the partition discovery thread: {e}")))?;
+        *stop = Some(tx);
+        Ok(())
+    }
+
+    fn consumer(&self) -> Result<SourceConsumer> {
+        self.config.create_with_context(SourceContext::default()).map_err(|e| kafka_error("creating a consumer", e))
     }
 
     /// Where partition `partition` starts without a recorded position: the group's
-    /// committed offset, else its first or next offset as `auto.offset.reset` says.
-    fn start_offset(&self, consumer: &BaseConsumer, partition: i32) -> Result<i64> {
+    /// committed offset, else its first or next offset as `auto.offset.reset` says; a
+    /// partition the topic gained while the source was reading it, at its first (every
+    /// record in it came after the source began).
+    fn start_offset(&self, consumer: &SourceConsumer, partition: i32) -> Result<i64> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, partition);
         let committed = consumer
             .committed_offsets(tpl, REQUEST_TIMEOUT)
-            .map_err(|e| kafka_error(&format!("reading the group's offset of partition {partition}"), e))?;
+            .map_err(|e| consumer.context().0.explain(kafka_error(&format!("reading the group's offset of partition {partition}"), e)))?;
         if let Some(Offset::Offset(at)) = committed.find_partition(&self.topic, partition).map(|e| e.offset()) {
             return Ok(at);
         }
         let (low, high) = consumer
             .fetch_watermarks(&self.topic, partition, REQUEST_TIMEOUT)
-            .map_err(|e| kafka_error(&format!("reading the offsets of partition {partition}"), e))?;
-        Ok(if self.reset == Reset::Earliest { low } else { high })
+            .map_err(|e| consumer.context().0.explain(kafka_error(&format!("reading the offsets of partition {partition}"), e)))?;
+        let initial = self.discovery.initial.load(Ordering::Relaxed);
+        let gained = initial > 0 && partition as usize >= initial;
+        Ok(if self.reset == Reset::Earliest || gained { low } else { high })
     }
 }
 
@@ -210,7 +366,27 @@ impl SourceConnector for KafkaSource {
     }
 
     fn splits(&self, _shards: usize) -> Result<usize> {
-        partition_count(self.consumer()?.client(), &self.topic)
+        let consumer = self.consumer()?;
+        let n = partition_count(consumer.client(), &self.topic).map_err(|e| {
+            // Why the brokers could not be reached (a refused TLS handshake, …) waits on
+            // the client's queue as a log line: served now, it is said with the error.
+            for _ in 0..100 {
+                if consumer.poll(Duration::from_millis(1)).is_none() {
+                    break;
+                }
+            }
+            consumer.context().0.explain(e)
+        })?;
+        let _ = self.discovery.initial.compare_exchange(0, n, Ordering::Relaxed, Ordering::Relaxed);
+        self.discovery.now.fetch_max(n, Ordering::Relaxed);
+        if let Some(interval) = self.discovery_interval {
+            self.discover(interval)?;
+        }
+        Ok(n)
+    }
+
+    fn splits_now(&self) -> Option<usize> {
+        self.discovery_interval.map(|_| self.discovery.now.load(Ordering::Relaxed))
     }
 
     fn open(&self, split: usize, _splits: usize, position: Option<&[u8]>) -> Result<Box<dyn SplitReader>> {
@@ -251,7 +427,7 @@ impl SourceConnector for KafkaSource {
 struct KafkaSplit {
     /// The consumer's records in batches; declared first, so dropped before the consumer.
     batches: BatchQueue,
-    consumer: BaseConsumer,
+    consumer: SourceConsumer,
     topic: String,
     partition: i32,
     /// The offset of the next record: every record before it is in a batch handed over
@@ -429,7 +605,7 @@ mod tests {
         let e = |extra: &[(&str, &str)]| source("127.0.0.1:1", extra).unwrap_err().message;
         assert!(e(&[("colour", "red")]).contains("no option 'colour'"));
         assert!(e(&[("format", "avro")]).contains("needs the option 'schema.registry.url'"));
-        assert!(e(&[("format", "avro"), ("schema.registry.url", "https://r")]).contains("only http://"));
+        assert!(e(&[("format", "avro"), ("schema.registry.url", "ftp://r")]).contains("http:// or https://"));
         assert!(e(&[("schema.registry.url", "http://r")]).contains("is for format = 'avro'"));
         assert!(e(&[("auto.offset.reset", "middle")]).contains("'middle'"));
         let none: BTreeMap<String, String> = [("topic", "t"), ("group.id", "g")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -474,5 +650,40 @@ mod tests {
         .unwrap();
         let e = missing.splits(2).unwrap_err();
         assert!(e.message.contains("'absent'"), "{}", e.message);
+    }
+
+    /// A partition the topic gained after the source began reading starts at its first
+    /// record, whatever `auto.offset.reset` says; the ones it began with start as that
+    /// says. (Neither librdkafka's mock cluster nor tansu can add partitions to a topic, so
+    /// the gain is told to the source as its discovery thread would.)
+    #[test]
+    fn a_partition_gained_while_reading_starts_at_its_first_record() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 3, 1).unwrap();
+        let servers = cluster.bootstrap_servers();
+        produce(&servers, &[(0, r#"{"v": 1}"#), (2, r#"{"v": 7}"#), (2, r#"{"v": 8}"#)]);
+        let options = |extra: &[(&str, &str)]| {
+            let raw: BTreeMap<String, String> =
+                [("bootstrap.servers", servers.as_str()), ("topic", "t"), ("group.id", "g"), ("connector", "kafka")]
+                    .iter()
+                    .chain(extra)
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+            ConnectorOptions::new("kafka", &raw).unwrap()
+        };
+        let discovering = KafkaSource::new(&options(&[("partition.discovery.interval.ms", "50")]), Some(&schema())).unwrap();
+        assert_eq!(discovering.splits(2).unwrap(), 3);
+        assert_eq!((discovering.discovery.initial.load(Ordering::Relaxed), discovering.splits_now()), (3, Some(3)));
+        assert!(discovering.discovery_stop.lock().unwrap().is_some(), "the counting thread runs");
+
+        let fixed = KafkaSource::new(&options(&[("partition.discovery.interval.ms", "0")]), Some(&schema())).unwrap();
+        assert_eq!(fixed.splits_now(), None);
+        // As if it had begun with one partition and the thread had found two more.
+        fixed.discovery.initial.store(1, Ordering::Relaxed);
+        let mut gained = fixed.open(2, 3, None).unwrap();
+        assert_eq!(read(gained.as_mut(), 2, 0).0, [7, 8], "a gained partition from its first record");
+        let mut first = fixed.open(0, 3, None).unwrap();
+        produce(&servers, &[(0, r#"{"v": 2}"#)]);
+        assert_eq!(read(first.as_mut(), 1, 0).0, [2], "a partition it began with: from the end (latest)");
     }
 }

@@ -1,12 +1,15 @@
-//! A consumer's records a batch at a time (librdkafka's `rd_kafka_consume_batch_queue`):
-//! the `rdkafka` crate's `BaseConsumer::poll` takes one record per call, each with a lock
-//! and clock reads of its own, which cost a fifth of a shard's time in a Kafka pipeline
-//! (perf/README.md, session 18).
+//! Records a batch at a time, both ways. A consumer's through librdkafka's
+//! `rd_kafka_consume_batch_queue`: the `rdkafka` crate's `BaseConsumer::poll` takes one
+//! record per call, each with a lock and clock reads of its own, which cost a fifth of a
+//! shard's time in a Kafka pipeline (perf/README.md, session 18). A producer's through
+//! `rd_kafka_produce_batch` ([`ProduceTopic`]).
 
+use std::ffi::{c_int, c_void, CString};
 use std::ptr::null_mut;
 
 use rdkafka::bindings as rd;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::{Client, ClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 
 /// A record as librdkafka hands it over; its payload borrowed until the next `take`.
 pub(crate) struct Record<'a> {
@@ -25,7 +28,7 @@ pub(crate) struct BatchQueue {
 }
 
 impl BatchQueue {
-    pub fn new(consumer: &BaseConsumer) -> Option<BatchQueue> {
+    pub fn new<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<BatchQueue> {
         // SAFETY: the client pointer is valid while `consumer` lives; the queue handle
         // returned is owned here and destroyed in `drop`, before the consumer.
         let queue = unsafe { rd::rd_kafka_queue_get_consumer(consumer.client().native_ptr()) };
@@ -46,10 +49,7 @@ impl BatchQueue {
             // its payload lives as long as it does.
             let record = unsafe {
                 let m = &*m;
-                let error = (m.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then(|| {
-                    let text = std::ffi::CStr::from_ptr(rd::rd_kafka_err2str(m.err)).to_string_lossy().into_owned();
-                    (m.err, text)
-                });
+                let error = (m.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then(|| (m.err, error_text(m.err)));
                 let payload =
                     (!m.payload.is_null()).then(|| std::slice::from_raw_parts(m.payload as *const u8, m.len));
                 Record { partition: m.partition, offset: m.offset, payload, error }
@@ -75,4 +75,120 @@ impl Drop for BatchQueue {
         // SAFETY: the handle from `rd_kafka_queue_get_consumer`, destroyed once.
         unsafe { rd::rd_kafka_queue_destroy(self.queue) };
     }
+}
+
+/// One record for [`ProduceTopic::produce`]: its key and payload, copied by librdkafka.
+pub(crate) struct Outgoing<'a> {
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+}
+
+/// A producer's handle on one topic, to enqueue records a partition's batch at a time
+/// (librdkafka's `rd_kafka_produce_batch`): one topic lock, one partition lookup and one
+/// clock read per batch, where the `rdkafka` crate's `send` takes them per record (and a
+/// copy of the topic's name). Must be dropped before its producer (a field declared
+/// before it).
+pub(crate) struct ProduceTopic {
+    topic: *mut rd::rd_kafka_topic_t,
+    messages: Vec<rd::rd_kafka_message_t>,
+}
+
+// SAFETY: librdkafka's topic handles may be used from any thread; `messages` is only
+// scratch space, its pointers valid during one `produce` call.
+unsafe impl Send for ProduceTopic {}
+
+/// librdkafka's "let the partitioner choose" partition.
+pub(crate) const ANY_PARTITION: i32 = -1;
+
+impl ProduceTopic {
+    pub fn new<C: ClientContext>(client: &Client<C>, topic: &str) -> Result<ProduceTopic, String> {
+        let name = CString::new(topic).map_err(|_| format!("the topic name '{topic}' holds a NUL byte"))?;
+        // SAFETY: a valid client and name; a null configuration takes the client's
+        // default topic configuration (which holds the partitioner). The handle is owned
+        // here and destroyed in `drop`.
+        let handle = unsafe { rd::rd_kafka_topic_new(client.native_ptr(), name.as_ptr(), null_mut()) };
+        if handle.is_null() {
+            // SAFETY: reads this thread's last librdkafka error.
+            let code = unsafe { rd::rd_kafka_last_error() };
+            return Err(error_text(code));
+        }
+        Ok(ProduceTopic { topic: handle, messages: Vec::new() })
+    }
+
+    /// The partition of `key` among `partitions` by librdkafka's `murmur2_random`
+    /// partitioner: the Java client's hash, so a key lands where a Java producer puts it.
+    pub fn murmur2(&self, key: &[u8], partitions: i32) -> i32 {
+        // SAFETY: the partitioner only hashes `key` (valid for `key.len()` bytes); the
+        // topic handle is valid and the opaques unused.
+        unsafe {
+            rd::rd_kafka_msg_partitioner_murmur2_random(
+                self.topic,
+                key.as_ptr().cast(),
+                key.len(),
+                partitions,
+                null_mut(),
+                null_mut(),
+            )
+        }
+    }
+
+    /// Enqueues `records` for `partition` (or [`ANY_PARTITION`]), in order. Returns how
+    /// many were taken from the front: fewer than all when the producer's queue is full
+    /// (the caller waits and offers the rest again). Any other refusal is an error.
+    pub fn produce(&mut self, partition: i32, records: &[Outgoing<'_>]) -> Result<usize, String> {
+        self.messages.clear();
+        self.messages.extend(records.iter().map(|r| {
+            let (key, key_len) = r.key.map_or((null_mut(), 0), |k| (k.as_ptr() as *mut c_void, k.len()));
+            rd::rd_kafka_message_t {
+                err: rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR,
+                rkt: null_mut(),
+                partition,
+                payload: r.payload.as_ptr() as *mut c_void,
+                len: r.payload.len(),
+                key,
+                key_len,
+                offset: 0,
+                _private: null_mut(),
+            }
+        }));
+        // SAFETY: `messages` holds `len` initialized entries whose key and payload
+        // pointers borrow `records`, alive for this call; RD_KAFKA_MSG_F_COPY makes
+        // librdkafka copy them, so nothing is borrowed after it returns. A null
+        // `_private` is the `()` delivery opaque the producer's context expects.
+        unsafe {
+            rd::rd_kafka_produce_batch(
+                self.topic,
+                partition,
+                rd::RD_KAFKA_MSG_F_COPY,
+                self.messages.as_mut_ptr(),
+                self.messages.len() as c_int,
+            )
+        };
+        let full = rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__QUEUE_FULL;
+        let mut taken = self.messages.len();
+        for (i, m) in self.messages.iter().enumerate() {
+            match m.err {
+                rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => {}
+                err if err == full => {
+                    // librdkafka refuses every record after the first that found the
+                    // queue full.
+                    taken = taken.min(i);
+                }
+                err => return Err(error_text(err)),
+            }
+        }
+        Ok(taken)
+    }
+}
+
+impl Drop for ProduceTopic {
+    fn drop(&mut self) {
+        // SAFETY: the handle from `rd_kafka_topic_new`, destroyed once.
+        unsafe { rd::rd_kafka_topic_destroy(self.topic) };
+    }
+}
+
+fn error_text(code: rd::rd_kafka_resp_err_t) -> String {
+    // SAFETY: librdkafka's static description of an error code.
+    unsafe { std::ffi::CStr::from_ptr(rd::rd_kafka_err2str(code)).to_string_lossy().into_owned() }
 }

@@ -38,8 +38,9 @@ use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use parking_lot::Mutex;
 use rdkafka::client::ClientContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
 use laminardb_engine::sink::{OptionsChecked, Sink, SinkContext};
 use laminardb_engine::source::ConnectorOptions;
@@ -47,7 +48,8 @@ use laminardb_engine::{Error, Result};
 
 use crate::avro::{AvroEncoder, Registry};
 use crate::encode::RowEncoding;
-use crate::kafka::{client_config, kafka_error, partition_count, CLIENT_PREFIXES, REQUEST_TIMEOUT};
+use crate::kafka_batch::{Outgoing, ProduceTopic, ANY_PARTITION};
+use crate::kafka::{client_config, kafka_error, partition_count, Heard, LastError, CLIENT_PREFIXES, REQUEST_TIMEOUT};
 
 const OPTIONS: &[&str] = &[
     "bootstrap.servers",
@@ -59,7 +61,8 @@ const OPTIONS: &[&str] = &[
     "key",
     "delivery.guarantee",
     "transactional.id.prefix",
-    "schema.registry.url",
+    "schema.registry.ssl.ca.location",
+    "schema.registry.basic.auth.user.info",
 ];
 
 /// How long a checkpoint waits for the broker to take every record sent before it.
@@ -72,14 +75,30 @@ enum Partitioner {
     Sticky,
 }
 
-/// Counts failed deliveries (reported by librdkafka's thread) and keeps the first.
+/// Counts failed deliveries (reported by librdkafka's thread) and keeps the first, and
+/// the client's last error.
 #[derive(Default)]
 struct Deliveries {
     failed: AtomicU64,
     first: Mutex<Option<String>>,
+    errors: LastError,
 }
 
-impl ClientContext for Deliveries {}
+impl ClientContext for Deliveries {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.errors.logged(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.heard(&error, reason);
+    }
+}
+
+impl Heard for Deliveries {
+    fn last_error(&self) -> &LastError {
+        &self.errors
+    }
+}
 
 impl ProducerContext for Deliveries {
     type DeliveryOpaque = ();
@@ -93,6 +112,8 @@ impl ProducerContext for Deliveries {
 }
 
 struct Connected {
+    /// Declared before `producer`, so dropped first.
+    topic: ProduceTopic,
     producer: ThreadedProducer<Deliveries>,
     partitions: i32,
     /// Inside a transaction (exactly-once).
@@ -177,6 +198,7 @@ impl KafkaSink {
         let producer: ThreadedProducer<Deliveries> =
             config.create_with_context(Deliveries::default()).map_err(|e| kafka_error("creating a producer", e))?;
         let partitions = partition_count(producer.client(), &topic)? as i32;
+        let handle = ProduceTopic::new(producer.client(), &topic).map_err(|e| Error::connector(format!("kafka sink: topic '{topic}': {e}")))?;
         if exactly_once {
             // Takes over the id: a transaction left open by a dead process is aborted.
             producer.init_transactions(REQUEST_TIMEOUT).map_err(|e| kafka_error("starting transactions", e))?;
@@ -188,7 +210,7 @@ impl KafkaSink {
             partitioner,
             key,
             next_partition: task.shard as i32 % partitions.max(1),
-            client: Connected { producer, partitions, transactional: exactly_once },
+            client: Connected { topic: handle, producer, partitions, transactional: exactly_once },
             bytes: 0,
         }))
     }
@@ -243,26 +265,39 @@ impl Sink for KafkaSink {
             Payloads::Avro(encoder) => encoder.encode(batch)?,
         };
         let keys = self.keys(batch)?;
+        // The rows by partition, in order within each; the last bucket is left to
+        // librdkafka's partitioner (sticky, or key-hash with a NULL key).
+        let partitions = self.client.partitions.max(1);
+        let any = partitions as usize;
+        let first = self.next_partition as usize;
+        let mut buckets: Vec<Vec<Outgoing<'_>>> = (0..=any).map(|_| Vec::new()).collect();
         for (i, payload) in payloads.iter().enumerate() {
             self.bytes += payload.len() as u64;
-            let mut record = BaseRecord::<str, [u8], ()>::to(&self.topic).payload(payload);
-            match (&keys, self.partitioner) {
-                (Some(keys), _) if keys.is_valid(i) => record = record.key(keys.value(i)),
-                (_, Partitioner::RoundRobin) => {
-                    record = record.partition(self.next_partition);
-                    self.next_partition = (self.next_partition + 1) % self.client.partitions.max(1);
-                }
-                _ => {}
-            }
-            loop {
-                match self.client.producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        // Backpressure: wait for the broker to take some.
-                        record = back;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err((e, _)) => return Err(kafka_error(&format!("sending a record to '{}'", self.topic), e)),
+            let key = keys.as_ref().filter(|k| k.is_valid(i)).map(|k| k.value(i).as_bytes());
+            let bucket = match (key, self.partitioner) {
+                (Some(key), _) => self.client.topic.murmur2(key, partitions) as usize,
+                (None, Partitioner::RoundRobin) => (first + i) % any,
+                (None, _) => any,
+            };
+            buckets[bucket].push(Outgoing { key, payload });
+        }
+        if self.partitioner == Partitioner::RoundRobin {
+            self.next_partition = ((first + payloads.len()) % any) as i32;
+        }
+        for (bucket, records) in buckets.iter().enumerate() {
+            let partition = if bucket == any { ANY_PARTITION } else { bucket as i32 };
+            let mut rest = &records[..];
+            while !rest.is_empty() {
+                let taken = self
+                    .client
+                    .topic
+                    .produce(partition, rest)
+                    .map_err(|e| Error::connector(format!("kafka sink: sending records to '{}': {e}", self.topic)))?;
+                rest = &rest[taken..];
+                if !rest.is_empty() {
+                    // Backpressure: the producer's queue is full; wait for the broker
+                    // to take some.
+                    std::thread::sleep(Duration::from_millis(1));
                 }
             }
         }

@@ -6,8 +6,9 @@
 //! the reader (on the owning shard's thread for file reads, which are short; connectors
 //! that wait on the network hand batches over from their own threads).
 //!
-//! Built so far: `files` (source [`files`], sink [`file_sink`]) and `kafka` (source
-//! [`kafka`], sink [`kafka_sink`]).
+//! Built so far: `files` (source [`files`], sink [`file_sink`]), `kafka` (source
+//! [`kafka`], sink [`kafka_sink`]), `websocket` (source [`websocket`], sink
+//! [`websocket_sink`]) and the lookup tables of [`lookup`].
 
 pub mod avro;
 pub mod dead_letter;
@@ -20,6 +21,7 @@ pub mod kafka;
 mod kafka_batch;
 pub mod kafka_sink;
 pub mod lookup;
+mod tls;
 pub mod websocket;
 pub mod websocket_sink;
 

@@ -9,7 +9,9 @@
 //!     connector = 'websocket', mode = 'server', bind_address = '127.0.0.1:9090')
 //! ```
 //!
-//! `mode = 'client'` (the default) connects to `url`, sends `subscribe.message` if given,
+//! `mode = 'client'` (the default) connects to `url` (`ws://`, or `wss://` over TLS: the
+//! server's certificate is checked against the system's certificate authorities and those
+//! in `ssl.ca.location`, a PEM file), sends `subscribe.message` if given,
 //! and reads; a lost connection is said (the source's errors) and made again after
 //! `reconnect.initial_delay_ms`, doubling up to `reconnect.max_delay_ms`, at most
 //! `reconnect.max_retries` times in a row (0: for ever; then the source stops with an
@@ -34,6 +36,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio::net::TcpStream;
 
 use laminardb_engine::source::{Backlog, ConnectorOptions, SourceConnector, SplitPoll, SplitReader};
 use laminardb_engine::{Error, Result};
@@ -47,6 +51,7 @@ const OPTIONS: &[&str] = &[
     "bind_address",
     "format",
     "auth",
+    "ssl.ca.location",
     "subscribe.message",
     "reconnect.initial_delay_ms",
     "reconnect.max_delay_ms",
@@ -64,12 +69,55 @@ const BUSY_POLL: Duration = Duration::from_micros(50);
 const IDLE_POLL: Duration = Duration::from_millis(1);
 const QUIET_AFTER: Duration = Duration::from_millis(100);
 
-/// Where the source's messages come from.
+/// Where the source's messages come from (or the sink's go).
 #[derive(Clone, Debug)]
 pub(crate) enum Mode {
-    Client { url: String },
+    Client { url: String, dial: Dial },
     Server { bind: String },
 }
+
+/// How a client connects: the handshake request (with `auth`'s header), and for a
+/// `wss://` url the TLS connector, which trusts the system's certificate authorities and
+/// those in `ssl.ca.location` (a PEM file).
+#[derive(Clone)]
+pub(crate) struct Dial {
+    request: Request,
+    tls: Option<Connector>,
+}
+
+impl std::fmt::Debug for Dial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dial").field("uri", self.request.uri()).field("tls", &self.tls.is_some()).finish()
+    }
+}
+
+impl Dial {
+    fn new(url: &str, auth: Option<&str>, ca: Option<&str>) -> Result<Dial> {
+        let mut request = url.into_client_request().map_err(|e| Error::connector(format!("websocket: url '{url}': {e}")))?;
+        if let Some(auth) = auth {
+            let value = HeaderValue::from_str(auth).map_err(|_| Error::connector("websocket: 'auth' is not a valid header value"))?;
+            request.headers_mut().insert("authorization", value);
+        }
+        let tls = match (url.starts_with("wss://"), ca) {
+            (false, None) => None,
+            (false, Some(_)) => return Err(Error::connector("websocket: 'ssl.ca.location' is for wss:// urls")),
+            (true, ca) => {
+                let connector = crate::tls::connector(ca, "ssl.ca.location").map_err(|e| Error::connector(format!("websocket: {}", e.message)))?;
+                Some(Connector::NativeTls(connector))
+            }
+        };
+        Ok(Dial { request, tls })
+    }
+
+    /// Opens the connection and makes the WebSocket handshake.
+    pub(crate) async fn connect(&self) -> std::result::Result<WebSocketStream<MaybeTlsStream<TcpStream>>, String> {
+        match tokio_tungstenite::connect_async_tls_with_config(self.request.clone(), None, false, self.tls.clone()).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
 
 /// Client or server, from `mode`, `url` and `bind_address` (each checked against the
 /// other): shared by the source and the sink, whose default mode differs.
@@ -84,6 +132,9 @@ pub(crate) fn mode(options: &ConnectorOptions, default_server: bool) -> Result<M
         if options.get("url").is_some() {
             return Err(Error::connector("websocket: 'url' is for mode = 'client'; a server takes 'bind_address'"));
         }
+        if options.get("ssl.ca.location").is_some() {
+            return Err(Error::connector("websocket: 'ssl.ca.location' is for mode = 'client' (a server takes plain ws://)"));
+        }
         let bind = options.required("bind_address")?.to_string();
         bind.parse::<std::net::SocketAddr>()
             .map_err(|_| Error::connector(format!("websocket: bind_address '{bind}' is not host:port (e.g. 127.0.0.1:9090)")))?;
@@ -93,14 +144,11 @@ pub(crate) fn mode(options: &ConnectorOptions, default_server: bool) -> Result<M
             return Err(Error::connector("websocket: 'bind_address' is for mode = 'server'; a client takes 'url'"));
         }
         let url = options.required("url")?.to_string();
-        if url.starts_with("wss://") {
-            return Err(Error::connector("websocket: wss:// (TLS) is not available in this build yet (ws:// only)"));
+        if !url.starts_with("ws://") && !url.starts_with("wss://") {
+            return Err(Error::connector(format!("websocket: url '{url}' does not start with ws:// or wss://")));
         }
-        if !url.starts_with("ws://") {
-            return Err(Error::connector(format!("websocket: url '{url}' does not start with ws://")));
-        }
-        url.as_str().into_client_request().map_err(|e| Error::connector(format!("websocket: url '{url}': {e}")))?;
-        Ok(Mode::Client { url })
+        let dial = Dial::new(&url, options.get("auth"), options.get("ssl.ca.location"))?;
+        Ok(Mode::Client { url, dial })
     }
 }
 
@@ -154,16 +202,6 @@ impl Backoff {
     }
 }
 
-/// A request to `url` with the `Authorization` header, if any.
-pub(crate) fn client_request(url: &str, auth: Option<&str>) -> Result<Request> {
-    let mut request = url.into_client_request().map_err(|e| Error::connector(format!("websocket: url '{url}': {e}")))?;
-    if let Some(auth) = auth {
-        let value = HeaderValue::from_str(auth).map_err(|_| Error::connector("websocket: 'auth' is not a valid header value"))?;
-        request.headers_mut().insert("authorization", value);
-    }
-    Ok(request)
-}
-
 /// The handshake check of a server with `auth`: the client's `Authorization` header, or
 /// its `token` query parameter, must match.
 pub(crate) fn authorize(auth: Option<&str>, request: &Request) -> std::result::Result<(), ErrorResponse> {
@@ -215,9 +253,6 @@ impl WebSocketSource {
         PayloadDecoder::new(format, schema.clone())?;
         let mode = mode(options, false)?;
         let auth = options.get("auth").map(str::to_string);
-        if let (Mode::Client { url }, Some(auth)) = (&mode, &auth) {
-            client_request(url, Some(auth))?;
-        }
         let subscribe = options.get("subscribe.message").map(str::to_string);
         if subscribe.is_some() && matches!(mode, Mode::Server { .. }) {
             return Err(Error::connector("websocket: 'subscribe.message' is for mode = 'client'"));
@@ -257,15 +292,14 @@ impl SourceConnector for WebSocketSource {
     fn open(&self, _split: usize, _splits: usize, _position: Option<&[u8]>) -> Result<Box<dyn SplitReader>> {
         let (tx, rx) = mpsc::channel(self.capacity);
         let origin = match &self.mode {
-            Mode::Client { url } => format!("websocket {url}"),
+            Mode::Client { url, .. } => format!("websocket {url}"),
             Mode::Server { bind } => format!("websocket server {bind}"),
         };
         let dead = self.dead_letters.open(&origin)?;
         let runtime = crate::runtime()?;
         let task = match &self.mode {
-            Mode::Client { url } => {
-                let request = client_request(url, self.auth.as_deref())?;
-                runtime.spawn(run_client(request, url.clone(), self.subscribe.clone(), self.backoff, self.ping, tx))
+            Mode::Client { url, dial } => {
+                runtime.spawn(run_client(dial.clone(), url.clone(), self.subscribe.clone(), self.backoff, self.ping, tx))
             }
             Mode::Server { bind } => {
                 // Bound now, so an address in use fails `start()` at once.
@@ -280,10 +314,10 @@ impl SourceConnector for WebSocketSource {
 }
 
 /// Connects, reads, and connects again after a loss, until the reader is gone.
-async fn run_client(request: Request, url: String, subscribe: Option<String>, mut backoff: Backoff, ping: Duration, tx: mpsc::Sender<Item>) {
+async fn run_client(dial: Dial, url: String, subscribe: Option<String>, mut backoff: Backoff, ping: Duration, tx: mpsc::Sender<Item>) {
     loop {
-        let lost = match tokio_tungstenite::connect_async(request.clone()).await {
-            Ok((ws, _)) => {
+        let lost = match dial.connect().await {
+            Ok(ws) => {
                 backoff.connected();
                 let (mut write, mut read) = ws.split();
                 let mut lost = None;
@@ -321,7 +355,7 @@ async fn run_client(request: Request, url: String, subscribe: Option<String>, mu
                 }
                 lost.unwrap_or_default()
             }
-            Err(e) => e.to_string(),
+            Err(e) => e,
         };
         let delay = match backoff.failed() {
             Ok(delay) => delay,
@@ -481,8 +515,11 @@ mod tests {
         let e = |pairs: &[(&str, &str)], server: bool| mode(&options(pairs), server).unwrap_err().message;
         assert!(e(&[], false).contains("'url'"));
         assert!(e(&[("mode", "server")], false).contains("'bind_address'"));
-        assert!(e(&[("url", "wss://x/y")], false).contains("TLS"));
+        assert!(matches!(mode(&options(&[("url", "wss://x/y")]), false).unwrap(), Mode::Client { dial: Dial { tls: Some(_), .. }, .. }));
         assert!(e(&[("url", "http://x/y")], false).contains("ws://"));
+        assert!(e(&[("url", "ws://x/y"), ("ssl.ca.location", "/x.pem")], false).contains("for wss://"));
+        assert!(e(&[("url", "wss://x/y"), ("ssl.ca.location", "/nonexistent.pem")], false).contains("reading ssl.ca.location"));
+        assert!(e(&[("bind_address", "127.0.0.1:0"), ("ssl.ca.location", "/x.pem")], true).contains("mode = 'client'"));
         assert!(e(&[("mode", "server"), ("bind_address", "nowhere")], false).contains("host:port"));
         assert!(e(&[("mode", "sideways")], false).contains("'sideways'"));
     }

@@ -17,8 +17,9 @@
 //! messages (0). With `auth`, a client must send that `Authorization` header (or the token
 //! as `?token=`), else its handshake is refused with 401.
 //!
-//! `mode = 'client'` connects to `url` (with `auth` as its `Authorization` header) and
-//! sends every row; a lost connection is made again with the `reconnect.*` backoff of the
+//! `mode = 'client'` connects to `url` (`ws://`, or `wss://` over TLS trusting the
+//! system's certificate authorities and those in `ssl.ca.location`; with `auth` as its
+//! `Authorization` header) and sends every row; a lost connection is made again with the `reconnect.*` backoff of the
 //! source, the rows waiting meanwhile in a queue of `client.buffer` messages; a full queue
 //! holds the stream back (nothing is dropped).
 //!
@@ -43,7 +44,7 @@ use laminardb_engine::source::ConnectorOptions;
 use laminardb_engine::{Error, Result};
 
 use crate::encode::RowEncoding;
-use crate::websocket::{authorize, client_request, mode, Backoff, Mode};
+use crate::websocket::{authorize, mode, Backoff, Dial, Mode};
 
 const OPTIONS: &[&str] = &[
     "mode",
@@ -51,6 +52,7 @@ const OPTIONS: &[&str] = &[
     "url",
     "format",
     "auth",
+    "ssl.ca.location",
     "slow_client_policy",
     "replay_buffer_size",
     "client.buffer",
@@ -172,9 +174,9 @@ impl WebSocketSink {
         let buffer = options.parse::<usize>("client.buffer", 1024)?.max(1);
         let replay = options.parse::<usize>("replay_buffer_size", 0)?;
         let backoff = Backoff::from_options(options)?;
-        let (key, request) = match &mode {
-            Mode::Server { bind } => (format!("server {bind} {}", context.name), None),
-            Mode::Client { url } => (format!("client {url} {}", context.name), Some(client_request(url, auth.as_deref())?)),
+        let key = match &mode {
+            Mode::Server { bind } => format!("server {bind} {}", context.name),
+            Mode::Client { url, .. } => format!("client {url} {}", context.name),
         };
         if matches!(mode, Mode::Client { .. }) && (options.get("slow_client_policy").is_some() || replay > 0) {
             return Err(Error::connector("websocket sink: slow_client_policy and replay_buffer_size are for mode = 'server'"));
@@ -187,8 +189,8 @@ impl WebSocketSink {
             Some(hub) => hub,
             None => {
                 let runtime = crate::runtime()?;
-                let hub = Arc::new(match (&mode, request) {
-                    (Mode::Server { bind }, _) => {
+                let hub = Arc::new(match &mode {
+                    Mode::Server { bind } => {
                         let listener = runtime
                             .block_on(tokio::net::TcpListener::bind(bind))
                             .map_err(|e| Error::connector(format!("websocket sink: listening on {bind}: {e}")))?;
@@ -200,11 +202,10 @@ impl WebSocketSink {
                         });
                         Hub::Server { state: state.clone(), task: runtime.spawn(accept_clients(listener, auth, state)) }
                     }
-                    (Mode::Client { url }, Some(request)) => {
+                    Mode::Client { url, dial } => {
                         let (tx, rx) = mpsc::channel(buffer);
-                        Hub::Client { tx, task: runtime.spawn(run_client(request, url.clone(), backoff, rx)) }
+                        Hub::Client { tx, task: runtime.spawn(run_client(dial.clone(), url.clone(), backoff, rx)) }
                     }
-                    (Mode::Client { .. }, None) => return Err(Error::internal("a client sink without its request")),
                 });
                 hubs.insert(key, Arc::downgrade(&hub));
                 hub
@@ -265,11 +266,11 @@ async fn accept_clients(listener: tokio::net::TcpListener, auth: Option<String>,
 
 /// Sends `rx`'s messages to `url`, connecting again after a loss (the message in hand is
 /// sent first on the new connection).
-async fn run_client(request: Request, url: String, mut backoff: Backoff, mut rx: mpsc::Receiver<Message>) {
+async fn run_client(dial: Dial, url: String, mut backoff: Backoff, mut rx: mpsc::Receiver<Message>) {
     let mut pending: Option<Message> = None;
     loop {
-        let lost = match tokio_tungstenite::connect_async(request.clone()).await {
-            Ok((ws, _)) => {
+        let lost = match dial.connect().await {
+            Ok(ws) => {
                 backoff.connected();
                 let (mut write, mut read) = ws.split();
                 // Replies (pongs, a close) are read and dropped.
@@ -294,7 +295,7 @@ async fn run_client(request: Request, url: String, mut backoff: Backoff, mut rx:
                 reader.abort();
                 lost
             }
-            Err(e) => e.to_string(),
+            Err(e) => e,
         };
         let delay = match backoff.failed() {
             Ok(delay) => delay,

@@ -55,8 +55,16 @@ pub trait SourceConnector: Send + Sync + Debug {
         false
     }
 
-    /// How many splits the source has when read by `shards` shards (fixed while open).
+    /// How many splits the source has when read by `shards` shards.
     fn splits(&self, shards: usize) -> Result<usize>;
+
+    /// How many splits the source has now, when that can grow while it is read (a Kafka
+    /// topic given partitions): each shard asks at every poll round and opens the new
+    /// splits it owns, so it must answer from what the connector already knows (no I/O).
+    /// `None` (the default): the splits are fixed while open.
+    fn splits_now(&self) -> Option<usize> {
+        None
+    }
 
     /// A reader of split `split` of `splits`, going on after `position` (what
     /// [`SplitReader::position`] said at a checkpoint), or from the split's start.

@@ -165,3 +165,87 @@ def read_committed(servers: str, topic: str, partition: int) -> Transactions:
             break
     out.committed.sort()
     return out
+
+
+# --------------------------------------------------------------------------- TLS
+#
+# tansu listens on plain TCP only; TLS is put in front of it by a terminating relay (the
+# `ssl` module, in a thread) whose port is the broker's advertised one, so every client
+# connection (bootstrap and the ones metadata sends it to) goes through TLS.
+
+
+@dataclass
+class TlsBroker:
+    broker: Broker
+    servers: str  # the TLS address clients use
+    plain: str  # tansu's own, for creating topics
+
+    def create_topic(self, partitions: int, prefix: str = "t") -> str:
+        return self.broker.create_topic(partitions, prefix)
+
+    def stop(self) -> None:
+        self.broker.stop()
+
+
+def start_tls_broker(log_path: str, server_context) -> TlsBroker:
+    import asyncio
+    import threading
+
+    tls_port, plain_port = free_port(), free_port()
+    binary = tansu_binary()
+    log = open(log_path, "wb")
+    process = subprocess.Popen(
+        [
+            binary,
+            "broker",
+            "--listener-url",
+            f"tcp://127.0.0.1:{plain_port}",
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{tls_port}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def relay(reader, writer):
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", plain_port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    ready = threading.Event()
+
+    def serve():
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(asyncio.start_server(relay, "127.0.0.1", tls_port, ssl=server_context))
+        ready.set()
+        loop.run_forever()
+
+    threading.Thread(target=serve, daemon=True).start()
+    ready.wait(10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the tansu broker exited with {process.returncode}; see {log_path}")
+        try:
+            socket.create_connection(("127.0.0.1", plain_port), timeout=0.5).close()
+            broker = Broker(binary, f"127.0.0.1:{plain_port}", process)
+            return TlsBroker(broker, f"127.0.0.1:{tls_port}", broker.servers)
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"the tansu broker did not listen on {plain_port} within 30 s; see {log_path}")

@@ -8,6 +8,7 @@ one. The Avro messages themselves are written and read by confluent-kafka's
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -15,15 +16,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class SchemaRegistry:
-    def __init__(self) -> None:
+    """Plain HTTP by default; `ssl_context` serves it over TLS, and `user_info`
+    (`user:password`) refuses requests without that basic authentication (401)."""
+
+    def __init__(self, ssl_context=None, user_info: str | None = None) -> None:
         self.schemas: list[str] = []  # id - 1 -> schema text
         self.subjects: dict[str, list[int]] = {}
         self.lock = threading.Lock()
+        self.refused = 0
         registry = self
+        expected = "Basic " + base64.b64encode(user_info.encode()).decode() if user_info else None
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args) -> None:
                 pass
+
+            def allowed(self) -> bool:
+                if expected is None or self.headers.get("Authorization") == expected:
+                    return True
+                registry.refused += 1
+                self.answer(401, {"error_code": 401, "message": "Unauthorized"})
+                return False
 
             def answer(self, status: int, body) -> None:
                 data = json.dumps(body).encode()
@@ -34,6 +47,8 @@ class SchemaRegistry:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
+                if not self.allowed():
+                    return
                 path = self.path.split("?")[0]
                 if path == "/subjects":
                     return self.answer(200, sorted(registry.subjects))
@@ -47,6 +62,8 @@ class SchemaRegistry:
                 self.answer(404, {"error_code": 40403, "message": "Schema not found"})
 
             def do_POST(self) -> None:
+                if not self.allowed():
+                    return
                 path = self.path.split("?")[0]
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 m = re.fullmatch(r"/subjects/([^/]+)/versions", path)
@@ -65,7 +82,10 @@ class SchemaRegistry:
                 self.answer(200, {"id": id_})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if ssl_context is not None:
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if ssl_context is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

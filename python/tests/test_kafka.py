@@ -360,3 +360,12 @@ def test_start_fails_naming_a_topic_that_does_not_exist(kafka):
     finally:
         db.close()
 
+
+
+def test_partition_discovery_interval_is_checked_at_create(db):
+    with pytest.raises(laminardb.ConnectorError) as ei:
+        db.execute(
+            "CREATE SOURCE s (k BIGINT) WITH (connector = 'kafka', 'bootstrap.servers' = '127.0.0.1:1', "
+            "topic = 't', 'group.id' = 'g', 'partition.discovery.interval.ms' = 'often')"
+        )
+    assert "partition.discovery.interval.ms" in str(ei.value)

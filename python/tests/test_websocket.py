@@ -232,7 +232,7 @@ def test_a_client_sink_sends_every_row_to_its_server_in_csv():
     [
         ("SOURCE", "connector = 'websocket'", "'url'"),
         ("SOURCE", "connector = 'websocket', mode = 'server'", "'bind_address'"),
-        ("SOURCE", "connector = 'websocket', url = 'wss://feed.example/x'", "TLS"),
+        ("SOURCE", "connector = 'websocket', url = 'wss://feed.example/x', 'ssl.ca.location' = '/nonexistent.pem'", "ssl.ca.location"),
         ("SINK", "connector = 'websocket'", "'bind_address'"),
         ("SINK", "connector = 'websocket', mode = 'client'", "'url'"),
         ("SINK", "connector = 'websocket', bind_address = '127.0.0.1:1', slow_client_policy = 'wait'", "'wait'"),

@@ -167,7 +167,7 @@ async fn run(id: usize, cpu: Option<usize>, cores: Vec<usize>, wiring: ShardWiri
                     old.set(true);
                 }
                 let ack = Ack::background();
-                match catch(&place, || rt.open_source(&source, connector.as_ref(), delay_ms, time_column, idle_after, &ack)) {
+                match catch(&place, || rt.open_source(&source, connector.clone(), delay_ms, time_column, idle_after, &ack)) {
                     Ok(SourceStep::Ended) => {
                         let _ = reply.send(Ok(()));
                     }

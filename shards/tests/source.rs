@@ -2,9 +2,11 @@
 //! written here (three splits of the numbers 0..300, each read only up to a gate the
 //! test moves) is read by the shards that own its splits, its watermark follows the
 //! splits' progress, and a checkpoint records where each split was, so that reading goes
-//! on from there after a reopen: every number exactly once.
+//! on from there after a reopen: every number exactly once. A connector whose splits grow
+//! while it is read (as a Kafka topic given partitions) has its new splits opened by the
+//! shards that own them, a shard that owned none included.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,10 +83,58 @@ impl SplitReader for CountingSplit {
     }
 }
 
-/// Knows `create` (the source `t` over the counting connector); keeps the shard access
+/// Splits `0..count`, `count` growing when the test says: split `s` is the numbers
+/// `1000 s .. 1000 s + 50`, ten at a time, then nothing more (as a quiet partition).
+#[derive(Debug)]
+struct Growing {
+    count: Arc<AtomicUsize>,
+}
+
+struct GrowingSplit {
+    next: u64,
+    end: u64,
+}
+
+impl SourceConnector for Growing {
+    fn name(&self) -> &'static str {
+        "growing"
+    }
+    fn schema(&self) -> SchemaRef {
+        schema()
+    }
+    fn splits(&self, _shards: usize) -> Result<usize> {
+        Ok(self.count.load(Ordering::Acquire))
+    }
+    fn splits_now(&self) -> Option<usize> {
+        Some(self.count.load(Ordering::Acquire))
+    }
+    fn open(&self, split: usize, _splits: usize, position: Option<&[u8]>) -> Result<Box<dyn SplitReader>> {
+        let start = 1000 * split as u64;
+        let next = position.map_or(Ok(start), |p| read_offset_position(p, "growing"))?;
+        Ok(Box::new(GrowingSplit { next, end: start + 50 }))
+    }
+}
+
+impl SplitReader for GrowingSplit {
+    fn poll(&mut self) -> Result<SplitPoll> {
+        if self.next >= self.end {
+            return Ok(SplitPoll::Pending(Duration::from_millis(1)));
+        }
+        let values: Vec<i64> = (self.next..self.end.min(self.next + 10)).map(|v| v as i64).collect();
+        self.next += values.len() as u64;
+        Ok(SplitPoll::Rows(RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(values)) as ArrayRef])?))
+    }
+    fn position(&self) -> Vec<u8> {
+        offset_position(self.next)
+    }
+}
+
+/// Knows `create` (the source `t` over the counting connector) and `create growing` (`g`
+/// over the growing one); keeps the shard access
 /// it is planned with (also when reopening replays it) to read the rows back.
 struct CountingFrontend {
     gate: Arc<AtomicU64>,
+    count: Arc<AtomicUsize>,
     access: Arc<parking_lot::Mutex<Option<Arc<dyn ShardAccess>>>>,
 }
 
@@ -95,6 +145,21 @@ impl Frontend for CountingFrontend {
     fn plan(&mut self, sql: &str, _: &[ScalarValue], _: &Arc<Catalog>, access: Arc<dyn ShardAccess>) -> Result<Statement> {
         *self.access.lock() = Some(access);
         let wrong_columns = sql == "create faulty";
+        if sql == "create growing" {
+            let def = SourceDef {
+                name: "g".into(),
+                kind: SourceKind::Source,
+                schema: schema(),
+                watermark: None,
+                partition_key: vec![],
+                primary_key: vec![],
+                options: Default::default(),
+                sql: sql.into(),
+                connector: Some(Arc::new(Growing { count: self.count.clone() })),
+                lookup: None,
+            };
+            return Ok(Statement::CreateSource { def, if_not_exists: false, or_replace: false });
+        }
         match sql {
             "create" | "create faulty" => {
                 let def = SourceDef {
@@ -123,24 +188,36 @@ struct Db {
 }
 
 fn open(shards: usize, dir: &std::path::Path, gate: &Arc<AtomicU64>) -> Db {
+    open_growing(shards, dir, gate, &Arc::new(AtomicUsize::new(0)))
+}
+
+fn open_growing(shards: usize, dir: &std::path::Path, gate: &Arc<AtomicU64>, count: &Arc<AtomicUsize>) -> Db {
     let config = EngineConfig { shards, pin_shards: false, storage_dir: Some(dir.display().to_string()), ..EngineConfig::default() };
     let access = Arc::new(parking_lot::Mutex::new(None));
-    let frontend = CountingFrontend { gate: gate.clone(), access: access.clone() };
+    let frontend = CountingFrontend { gate: gate.clone(), count: count.clone(), access: access.clone() };
     let handle = Handle::open(config, Box::new(frontend)).expect("open");
     Db { handle, access }
 }
 
 impl Db {
     fn rows(&self) -> u64 {
-        self.handle.stats("t").unwrap().iter().map(|s| s.rows).sum()
+        self.rows_of("t")
+    }
+
+    fn rows_of(&self, source: &str) -> u64 {
+        self.handle.stats(source).unwrap().iter().map(|s| s.rows).sum()
     }
 
     fn wait_for_rows(&self, want: u64) {
+        self.wait_for_rows_of("t", want)
+    }
+
+    fn wait_for_rows_of(&self, source: &str, want: u64) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.rows() < want && Instant::now() < deadline {
+        while self.rows_of(source) < want && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
-        assert_eq!(self.rows(), want);
+        assert_eq!(self.rows_of(source), want);
     }
 
     fn watermark(&self) -> i64 {
@@ -149,10 +226,14 @@ impl Db {
 
     /// Every value of `t`, sorted.
     fn values(&self) -> Vec<i64> {
+        self.values_of("t")
+    }
+
+    fn values_of(&self, source: &str) -> Vec<i64> {
         let access = self.access.lock().clone().expect("the front end saw the shard access");
         let mut values = Vec::new();
         for shard in 0..access.shards() {
-            for batch in access.scan("t", shard).unwrap().recv().unwrap().unwrap() {
+            for batch in access.scan(source, shard).unwrap().recv().unwrap().unwrap() {
                 values.extend(batch.column(0).as_primitive::<Int64Type>().values().iter().copied());
             }
         }
@@ -218,6 +299,37 @@ fn rows_without_the_source_columns_stop_that_source_with_an_error_and_nothing_el
     let last = faulty.counters.last_error.lock().clone().unwrap_or_default();
     assert!(last.contains("produced the columns [\"x\"]"), "{last}");
     assert_eq!(db.handle.stats("w").unwrap().iter().map(|s| s.rows).sum::<u64>(), 0);
+    db.handle.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn splits_a_source_gains_while_read_are_opened_by_their_shards_and_kept_across_a_reopen() {
+    let dir = std::env::temp_dir().join(format!("laminardb-source-growing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let gate = Arc::new(AtomicU64::new(0));
+    let count = Arc::new(AtomicUsize::new(1));
+    let expected = |splits: u64| -> Vec<i64> { (0..splits).flat_map(|s| (1000 * s..1000 * s + 50).map(|v| v as i64)).collect() };
+    let db = open_growing(2, &dir, &gate, &count);
+    db.handle.execute("create growing", vec![]).unwrap();
+    db.handle.start().unwrap();
+    // One split: shard 1 owns none yet and waits for one.
+    db.wait_for_rows_of("g", 50);
+    // Split 1 is shard 1's, split 2 shard 0's.
+    count.store(3, Ordering::Release);
+    db.wait_for_rows_of("g", 150);
+    assert_eq!(db.values_of("g"), expected(3));
+    db.handle.close().unwrap();
+
+    // Reopened: the three splits go on from their positions (at their ends: nothing twice); a
+    // fourth, gained later, is read from its start.
+    let db = open_growing(2, &dir, &gate, &count);
+    db.handle.start().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(db.rows_of("g"), 150, "nothing read twice");
+    count.store(4, Ordering::Release);
+    db.wait_for_rows_of("g", 200);
+    assert_eq!(db.values_of("g"), expected(4));
     db.handle.close().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,6 +20,10 @@ use crate::command::AckToken;
 
 /// One connector source on this shard.
 pub(super) struct SourceReading {
+    connector: Arc<dyn SourceConnector>,
+    /// How many splits the source had when this shard last looked (it owns those among
+    /// them that are its own): more may appear ([`SourceConnector::splits_now`]).
+    known: usize,
     splits: Vec<SplitState>,
     /// The declared watermark delay, subtracted from the splits' event-time progress.
     delay_ms: i64,
@@ -69,14 +73,19 @@ pub enum SourceStep {
 /// The splits restored positions are kept by, until their source starts reading.
 pub(super) type Positions = HashMap<(String, usize), Vec<u8>>;
 
+/// How often a shard owning no split of a source that may grow looks for new ones.
+const UNOWNED_POLL: Duration = Duration::from_millis(100);
+
 impl ShardRuntime {
     /// Opens the readers of the splits of `source` this shard owns (split `s` is shard
     /// `s % shards`'s), each where the restored checkpoint left it. A shard owning none
-    /// moves the source's watermark here past everything: none of its rows will come here.
+    /// moves the source's watermark here past everything (none of its rows will come
+    /// here), unless the source may gain splits: then this shard's part of it is idle
+    /// until it owns one.
     pub fn open_source(
         &mut self,
         source: &Arc<str>,
-        connector: &dyn SourceConnector,
+        connector: Arc<dyn SourceConnector>,
         delay_ms: i64,
         time_column: Option<usize>,
         idle_after: Duration,
@@ -86,26 +95,66 @@ impl ShardRuntime {
         let splits = connector.splits(self.shards)?;
         let mut states = Vec::new();
         for split in (self.id..splits).step_by(self.shards) {
-            let position = self.positions.remove(&(source.to_string(), split));
-            let reader = connector.open(split, splits, position.as_deref()).map_err(|e| {
-                Error::connector(format!("opening split {split} of '{source}': {}", e.message))
-            })?;
-            states.push(SplitState { split, reader, ended: false, seen: None, active: Instant::now() });
+            states.push(self.open_split(source, connector.as_ref(), split, splits)?);
         }
         let owns = !states.is_empty();
+        let grows = connector.splits_now().is_some();
         let schema = connector.schema();
-        self.sources.insert(source.clone(), SourceReading { splits: states, delay_ms, time_column, schema, idle_after });
-        if !owns {
-            self.source_watermark(source, END_OF_INPUT, ack);
-            return Ok(SourceStep::Ended);
+        let reading = SourceReading { connector, known: splits, splits: states, delay_ms, time_column, schema, idle_after };
+        self.sources.insert(source.clone(), reading);
+        match (owns, grows) {
+            (true, _) => Ok(SourceStep::Busy),
+            (false, false) => {
+                self.source_watermark(source, END_OF_INPUT, ack);
+                Ok(SourceStep::Ended)
+            }
+            (false, true) => {
+                // The source's watermark in its metrics is the other shards'; the
+                // dataflow here waits for none of this shard's (idle).
+                if let Some(output) = self.source_output(source) {
+                    output.shard_watermark(self.id, self.shards, END_OF_INPUT);
+                }
+                self.set_local_idle(source, true, ack);
+                Ok(SourceStep::Wait(UNOWNED_POLL))
+            }
         }
-        Ok(SourceStep::Busy)
+    }
+
+    /// A reader of split `split` of `splits`, where the restored checkpoint left it.
+    fn open_split(&mut self, source: &Arc<str>, connector: &dyn SourceConnector, split: usize, splits: usize) -> Result<SplitState> {
+        let position = self.positions.remove(&(source.to_string(), split));
+        let reader = connector
+            .open(split, splits, position.as_deref())
+            .map_err(|e| Error::connector(format!("opening split {split} of '{source}': {}", e.message)))?;
+        Ok(SplitState { split, reader, ended: false, seen: None, active: Instant::now() })
+    }
+
+    /// Opens the splits `source` gained since this shard last looked that are its own.
+    fn open_new_splits(&mut self, source: &Arc<str>) -> Result<()> {
+        let Some(reading) = self.sources.get(source) else { return Ok(()) };
+        let (known, connector) = (reading.known, reading.connector.clone());
+        let Some(now) = connector.splits_now().filter(|&n| n > known) else { return Ok(()) };
+        let mut opened = Vec::new();
+        let (shards, id) = (self.shards, self.id);
+        for split in (known..now).filter(|s| s % shards == id) {
+            opened.push(self.open_split(source, connector.as_ref(), split, now)?);
+        }
+        if let Some(reading) = self.sources.get_mut(source) {
+            reading.known = now;
+            reading.splits.extend(opened);
+        }
+        Ok(())
     }
 
     /// Polls each open split of `source` once, appends what came and moves the source's
     /// watermark on this shard.
     pub fn poll_source(&mut self, source: &Arc<str>, ack: &AckToken) -> Result<SourceStep> {
+        self.open_new_splits(source)?;
         let Some(reading) = self.sources.get_mut(source) else { return Ok(SourceStep::Ended) };
+        if reading.splits.is_empty() {
+            // None of a growing source's splits is this shard's yet.
+            return Ok(SourceStep::Wait(UNOWNED_POLL));
+        }
         let mut batches: Vec<RecordBatch> = Vec::new();
         let mut wait: Option<Duration> = None;
         let mut failure = None;
@@ -142,7 +191,8 @@ impl ShardRuntime {
                 }
             }
         }
-        let ended = reading.splits.iter().all(|s| s.ended);
+        // A source that may gain splits never ends here.
+        let ended = reading.splits.iter().all(|s| s.ended) && reading.connector.splits_now().is_none();
         let delay_ms = reading.delay_ms;
         // A split without rows for a while is idle: the others' watermark goes on without
         // it; with every open split idle, this shard's part of the source is idle.
