@@ -55,7 +55,7 @@ def count_records(servers: str, topic: str, partitions: int) -> int:
     return n
 
 
-def run_ours(servers: str, src: str, out: str, n: int, want: int) -> float:
+def run_ours(servers: str, src: str, out: str, n: int, want: int, sink_options: str = "") -> float:
     import laminardb
 
     db = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=2))
@@ -64,7 +64,7 @@ def run_ours(servers: str, src: str, out: str, n: int, want: int) -> float:
         f"'bootstrap.servers' = '{servers}', topic = '{src}', 'group.id' = 'perf-{out}', 'auto.offset.reset' = 'earliest')"
     )
     db.execute(f"CREATE STREAM dear AS SELECT symbol, price, qty, ts FROM trades WHERE price > {THRESHOLD}")
-    db.execute(f"CREATE SINK dear_out FROM dear WITH (connector = 'kafka', 'bootstrap.servers' = '{servers}', topic = '{out}')")
+    db.execute(f"CREATE SINK dear_out FROM dear WITH (connector = 'kafka', 'bootstrap.servers' = '{servers}', topic = '{out}'{sink_options})")
     start = time.perf_counter()
     db.start()
     deadline = start + 300
@@ -114,13 +114,17 @@ def run_baseline(servers: str, src: str, out: str, n: int, want: int) -> float:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         kind, servers, src, out, n, want = sys.argv[2:8]
-        fn = run_ours if kind == "ours" else run_baseline
-        print(json.dumps({"seconds": fn(servers, src, out, int(n), int(want))}), flush=True)
+        if kind == "ours":
+            seconds = run_ours(servers, src, out, int(n), int(want), *sys.argv[8:9])
+        else:
+            seconds = run_baseline(servers, src, out, int(n), int(want))
+        print(json.dumps({"seconds": seconds}), flush=True)
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=2_000_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--previous", help="an interpreter with an earlier laminardb build, run beside this one")
+    parser.add_argument("--sink-options", default="", help="more options of the kafka sink, e.g. \"'kafka.linger.ms' = '5'\"")
     args = parser.parse_args()
     from confluent_kafka import Producer
     from kafka_broker import start_broker
@@ -147,7 +151,8 @@ def main() -> None:
             for label, kind, python in runs:
                 out = broker.create_topic(3, "out")
                 line = subprocess.run(
-                    [python, __file__, "worker", kind, broker.servers, src, out, str(args.messages), str(want)],
+                    [python, __file__, "worker", kind, broker.servers, src, out, str(args.messages), str(want)]
+                    + ([", " + args.sink_options] if args.sink_options and kind == "ours" else []),
                     check=True,
                     capture_output=True,
                     text=True,

@@ -98,27 +98,42 @@ pub(crate) fn kafka_error(doing: &str, e: KafkaError) -> Error {
     Error::connector(format!("kafka: {doing}: {e}"))
 }
 
-/// The last error librdkafka reported on a client's own threads (a refused TLS handshake,
-/// a broker out of reach), to say with a request that then fails: librdkafka's answer to
-/// the request itself is only "broker transport failure".
+/// The errors librdkafka reported on a client's own threads (a refused TLS handshake, a
+/// broker out of reach), to say with a request that then fails: librdkafka's answer to the
+/// request itself is only "broker transport failure". The first few distinct ones are kept
+/// (the first is the cause; "1/1 brokers are down" comes after it).
 #[derive(Debug, Default)]
-pub(crate) struct LastError(parking_lot::Mutex<Option<String>>);
+pub(crate) struct LastError(parking_lot::Mutex<Vec<String>>);
+
+/// How many distinct reasons [`LastError`] keeps.
+const REASONS: usize = 3;
 
 impl LastError {
+    fn keep(&self, reason: &str) {
+        // The same failure again says "(after 3ms in state …, 1 identical error(s)
+        // suppressed)" at its end: compared without it.
+        let gist = |r: &str| r.split(" (after ").next().unwrap_or(r).to_string();
+        let mut reasons = self.0.lock();
+        let reason = gist(reason);
+        if reasons.len() < REASONS && !reasons.iter().any(|r| r.ends_with(reason.rsplit("]: ").next().unwrap_or(&reason))) {
+            reasons.push(reason);
+        }
+    }
+
     /// An error event (served when the client is polled).
     pub(crate) fn heard(&self, error: &KafkaError, reason: &str) {
         log::error!("librdkafka: {error}: {reason}");
-        *self.0.lock() = Some(reason.to_string());
+        self.keep(reason);
     }
 
     /// A log line (told on librdkafka's own threads, e.g. a failed TLS handshake, even
-    /// while a request waits): logged, and remembered if it is an error.
+    /// while a request waits): logged, and kept if it is an error.
     pub(crate) fn logged(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         use RDKafkaLogLevel::*;
         match level {
             Emerg | Alert | Critical | Error => {
                 log::error!(target: "librdkafka", "librdkafka: {facility} {message}");
-                *self.0.lock() = Some(message.to_string());
+                self.keep(message);
             }
             Warning => log::warn!(target: "librdkafka", "librdkafka: {facility} {message}"),
             Notice | Info => log::info!(target: "librdkafka", "librdkafka: {facility} {message}"),
@@ -126,12 +141,13 @@ impl LastError {
         }
     }
 
-    /// `e`, with the last reason librdkafka gave.
+    /// `e`, with the reasons librdkafka gave.
     pub(crate) fn explain(&self, e: Error) -> Error {
-        match self.0.lock().as_deref() {
-            Some(reason) if !e.message.contains(reason) => Error::connector(format!("{} (librdkafka said: {reason})", e.message)),
-            _ => e,
+        let reasons = self.0.lock();
+        if reasons.is_empty() {
+            return e;
         }
+        Error::connector(format!("{} (librdkafka said: {})", e.message, reasons.join("; ")))
     }
 }
 
