@@ -124,7 +124,12 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2_000_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--previous", help="an interpreter with an earlier laminardb build, run beside this one")
-    parser.add_argument("--sink-options", default="", help="more options of the kafka sink, e.g. \"'kafka.linger.ms' = '5'\"")
+    parser.add_argument(
+        "--sink-options",
+        action="append",
+        default=[],
+        help="also run laminardb with these options of the kafka sink, e.g. \"'kafka.linger.ms' = '5'\" (repeatable)",
+    )
     args = parser.parse_args()
     from confluent_kafka import Producer
     from kafka_broker import start_broker
@@ -142,17 +147,17 @@ def main() -> None:
                     producer.poll(0.01)
         producer.flush(120)
         want = expected_count(args.messages)
-        runs = [("laminardb", "ours", sys.executable)]
+        runs = [("laminardb", "ours", sys.executable, "")]
         if args.previous:
-            runs.append(("laminardb (previous build)", "ours", args.previous))
-        runs.append(("confluent-kafka (plain Python)", "baseline", sys.executable))
-        times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+            runs.append(("laminardb (previous build)", "ours", args.previous, ""))
+        runs += [(f"laminardb with {o}", "ours", sys.executable, ", " + o) for o in args.sink_options]
+        runs.append(("confluent-kafka (plain Python)", "baseline", sys.executable, ""))
+        times: dict[str, list[float]] = {label: [] for label, _, _, _ in runs}
         for _ in range(args.rounds):
-            for label, kind, python in runs:
+            for label, kind, python, options in runs:
                 out = broker.create_topic(3, "out")
                 line = subprocess.run(
-                    [python, __file__, "worker", kind, broker.servers, src, out, str(args.messages), str(want)]
-                    + ([", " + args.sink_options] if args.sink_options and kind == "ours" else []),
+                    [python, __file__, "worker", kind, broker.servers, src, out, str(args.messages), str(want)] + ([options] if options else []),
                     check=True,
                     capture_output=True,
                     text=True,
