@@ -63,13 +63,20 @@ def start_broker(log_path: str) -> Broker:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    wait_listening(process, port, log_path)
+    return Broker(binary, f"127.0.0.1:{port}", process)
+
+
+def wait_listening(process: subprocess.Popen, port: int, log_path: str) -> None:
+    """Returns once the broker `process` accepts connections on `port`; fails if it exits
+    or does not within 30 s."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the tansu broker exited with {process.returncode}; see {log_path}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return Broker(binary, f"127.0.0.1:{port}", process)
+            return
         except OSError:
             time.sleep(0.05)
     process.kill()
@@ -236,16 +243,9 @@ def start_tls_broker(log_path: str, server_context) -> TlsBroker:
         loop.run_forever()
 
     threading.Thread(target=serve, daemon=True).start()
-    ready.wait(10)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the tansu broker exited with {process.returncode}; see {log_path}")
-        try:
-            socket.create_connection(("127.0.0.1", plain_port), timeout=0.5).close()
-            broker = Broker(binary, f"127.0.0.1:{plain_port}", process)
-            return TlsBroker(broker, f"127.0.0.1:{tls_port}", broker.servers)
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"the tansu broker did not listen on {plain_port} within 30 s; see {log_path}")
+    if not ready.wait(10):
+        process.kill()
+        raise RuntimeError(f"the TLS relay did not listen on {tls_port}")
+    wait_listening(process, plain_port, log_path)
+    broker = Broker(binary, f"127.0.0.1:{plain_port}", process)
+    return TlsBroker(broker, f"127.0.0.1:{tls_port}", broker.servers)

@@ -15,11 +15,11 @@ import time
 import pytest
 import trustme
 from confluent_kafka import Consumer, Producer, TopicPartition
-from websockets.sync.server import serve
 
 import laminardb
 from conftest import poll_rows, wait_until
-from kafka_broker import free_port, start_tls_broker
+from kafka_broker import start_tls_broker
+from test_websocket import Feed
 
 
 @pytest.fixture(scope="module")
@@ -109,37 +109,15 @@ def test_a_kafka_source_without_the_authority_reads_nothing_and_says_why(tls_kaf
         db.close()
 
 
-class TlsFeed:
-    """A `wss://` WebSocket server in a thread: `handler(ws)` per connection."""
-
-    def __init__(self, handler, context):
-        self.port = free_port()
-        self.connections = 0
-
-        def on_connect(ws):
-            self.connections += 1
-            handler(ws)
-
-        self.server = serve(on_connect, "127.0.0.1", self.port, ssl=context)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"wss://localhost:{self.port}/feed"
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
 def test_a_wss_source_reads_a_feed_over_tls(server_context, ca_file):
     stop = threading.Event()
 
-    def handler(ws):
+    def handler(ws, _n):
         for i in range(5):
             ws.send(json.dumps({"symbol": "A", "px": 100.0 + i, "seq": i}))
         stop.wait(30)
 
-    feed = TlsFeed(handler, server_context)
+    feed = Feed(handler, ssl=server_context)
     db = laminardb.open(":memory:")
     try:
         db.execute(
@@ -158,7 +136,7 @@ def test_a_wss_source_reads_a_feed_over_tls(server_context, ca_file):
 
 
 def test_a_wss_source_refuses_a_server_it_cannot_verify(server_context):
-    feed = TlsFeed(lambda ws: ws.send(json.dumps({"seq": 1})), server_context)
+    feed = Feed(lambda ws, _n: ws.send(json.dumps({"seq": 1})), ssl=server_context)
     db = laminardb.open(":memory:")
     try:
         db.execute(
@@ -178,13 +156,13 @@ def test_a_wss_client_sink_sends_every_row(server_context, ca_file):
     received: list = []
     done = threading.Event()
 
-    def handler(ws):
+    def handler(ws, _n):
         for message in ws:
             received.append(json.loads(message))
             if len(received) == 50:
                 done.set()
 
-    feed = TlsFeed(handler, server_context)
+    feed = Feed(handler, ssl=server_context)
     db = laminardb.open(":memory:")
     try:
         db.execute("CREATE SOURCE t (v BIGINT)")

@@ -33,24 +33,26 @@ def collect(sub, n: int, column: str) -> list:
 
 
 class Feed:
-    """A WebSocket server in a thread: `handler(ws, n)` for its n-th connection."""
+    """A WebSocket server in a thread: `handler(ws, n)` for its n-th connection; with
+    `ssl` (a server `SSLContext`) a `wss://` one, at `localhost`."""
 
-    def __init__(self, handler):
+    def __init__(self, handler, ssl=None):
         self.port = free_port()
         self.connections = 0
         self.headers: list = []
+        self.secure = ssl is not None
 
         def on_connect(ws):
             self.connections += 1
             self.headers.append(ws.request.headers.get("Authorization"))
             handler(ws, self.connections)
 
-        self.server = serve(on_connect, "127.0.0.1", self.port)
+        self.server = serve(on_connect, "127.0.0.1", self.port, ssl=ssl)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/feed"
+        return f"wss://localhost:{self.port}/feed" if self.secure else f"ws://127.0.0.1:{self.port}/feed"
 
     def close(self) -> None:
         self.server.shutdown()
