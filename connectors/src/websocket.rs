@@ -118,7 +118,6 @@ impl Dial {
     }
 }
 
-
 /// Client or server, from `mode`, `url` and `bind_address` (each checked against the
 /// other): shared by the source and the sink, whose default mode differs.
 pub(crate) fn mode(options: &ConnectorOptions, default_server: bool) -> Result<Mode> {
