@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
 
-use arrow::array::{new_null_array, Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
+use arrow::array::{new_null_array, Array, ArrayRef, RecordBatch, UInt32Array};
 use arrow::compute::{interleave, take};
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, SortField};
@@ -272,14 +272,13 @@ impl AsofOperator {
         if pairs.is_empty() {
             return Ok(());
         }
-        if let Some(residual) = &join.residual {
+        if join.residual.is_some() {
             let matched: Vec<usize> = (0..pairs.len()).filter(|&i| pairs[i].1.is_some()).collect();
             if !matched.is_empty() {
                 let candidates: Vec<(Loc, Option<Loc>)> = matched.iter().map(|&i| pairs[i]).collect();
-                let mask = residual.evaluate(&self.joined(&candidates)?)?.into_array(candidates.len())?;
-                let mask = mask.as_boolean_opt().ok_or_else(|| Error::query("an ASOF join's condition must be boolean"))?;
+                let mut keep = join.passing(&self.joined(&candidates)?)?.into_iter().peekable();
                 for (k, &i) in matched.iter().enumerate() {
-                    if !(mask.is_valid(k) && mask.value(k)) {
+                    if keep.next_if_eq(&k).is_none() {
                         pairs[i].1 = None;
                     }
                 }
@@ -490,6 +489,7 @@ impl Operator for AsofOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::AsArray;
     use arrow::array::{Float64Array, Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema};
     use datafusion::physical_expr::expressions::col;

@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
+use arrow::array::{Array, ArrayRef, RecordBatch, UInt32Array};
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, SortField};
 
@@ -274,15 +274,10 @@ impl IntervalOperator {
         }
         let mut joined = JoinPlan::conform(&join.joined_schema, columns, pairs.len())?;
         let mut passed: Vec<(u32, (i64, u64))> = pairs.iter().map(|&(mine, at, _)| (mine, at)).collect();
-        if let Some(residual) = &join.residual {
-            let mask = residual.evaluate(&joined)?.into_array(joined.num_rows())?;
-            let mask = mask.as_boolean_opt().ok_or_else(|| Error::query("a join condition must be boolean"))?;
-            let mut k = 0;
-            passed.retain(|_| {
-                k += 1;
-                mask.is_valid(k - 1) && mask.value(k - 1)
-            });
-            joined = arrow::compute::filter_record_batch(&joined, mask)?;
+        if join.residual.is_some() {
+            let keep = join.passing(&joined)?;
+            passed = keep.iter().map(|&i| passed[i]).collect();
+            joined = arrow::compute::take_record_batch(&joined, &UInt32Array::from_iter_values(keep.iter().map(|&i| i as u32)))?;
         }
         if self.plan.existence.is_none() {
             self.output(&joined, out)?;

@@ -23,7 +23,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, UInt32Array};
+use arrow::array::{Array, ArrayRef, RecordBatch, RecordBatchOptions, UInt32Array};
 use arrow::compute::{interleave, take};
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, Rows, SortField};
@@ -284,12 +284,12 @@ impl JoinOperator {
     /// Both sides' rows and indexes, for a checkpoint.
     pub fn save(&self) -> Result<Vec<u8>> {
         let fail = |e: rkyv::rancor::Error| Error::internal(format!("saving join state: {e}"));
-        if self.plan.state_ttl_ms.is_none() && !self.plan.outer.contains(&true) {
+        if self.plan.state_ttl_ms.is_none() && !self.plan.is_outer() {
             let sides = [self.sides[0].save()?, self.sides[1].save()?];
             return Ok(rkyv::to_bytes::<rkyv::rancor::Error>(&sides).map_err(fail)?.into_vec());
         }
         let live = [self.sides[0].live()?, self.sides[1].live()?];
-        if self.plan.outer.contains(&true) {
+        if self.plan.is_outer() {
             let state = OuterState {
                 sides: [live[0].save()?, live[1].save()?],
                 arrivals: [live[0].arrivals.iter().copied().collect(), live[1].arrivals.iter().copied().collect()],
@@ -353,7 +353,7 @@ impl JoinOperator {
     /// A batch of `side`'s branch output (keys first) arrives; returns the joined rows it
     /// completes, as the stream's output.
     pub fn apply(&mut self, side: usize, batch: &RecordBatch) -> Result<Option<RecordBatch>> {
-        if self.plan.outer.contains(&true) {
+        if self.plan.is_outer() {
             return self.apply_outer(side, batch);
         }
         let (now, rows, valid, payload) = self.arrive(batch)?;
@@ -427,7 +427,7 @@ impl JoinOperator {
         let mut pairs = None;
         if !mine.is_empty() {
             let joined = self.pairs(side, &payload, &mine, &theirs)?;
-            let pass = self.passing(&joined)?;
+            let pass = self.join().passing(&joined)?;
             let kept = take_pairs(&joined, &pass)?;
             if self.plan.outer[1 - side] {
                 // The other side's rows meeting their first partner: their padded rows go.
@@ -465,14 +465,6 @@ impl JoinOperator {
             self.sides[side].insert(&rows, &valid, payload, now, None)?;
         }
         self.changelog(changes)
-    }
-
-    /// The indices of the joined rows the residual keeps, ascending (`take_pairs` takes them).
-    fn passing(&self, joined: &RecordBatch) -> Result<Vec<usize>> {
-        let Some(residual) = &self.join().residual else { return Ok((0..joined.num_rows()).collect()) };
-        let mask = residual.evaluate(joined)?.into_array(joined.num_rows())?;
-        let mask = mask.as_boolean_opt().ok_or_else(|| Error::query("a join condition must be boolean"))?;
-        Ok((0..joined.num_rows()).filter(|&i| mask.is_valid(i) && mask.value(i)).collect())
     }
 
     /// Joined rows with their change types, through the `SELECT` list, as one batch
@@ -513,7 +505,7 @@ impl JoinOperator {
         }
         if let (Some(l), Some(r)) = (left.gather(&mine)?, right.gather(&theirs)?) {
             let joined = JoinPlan::conform(&self.join().joined_schema, [l.columns(), r.columns()].concat(), mine.len())?;
-            let pass = self.passing(&joined)?;
+            let pass = self.join().passing(&joined)?;
             changes.push((take_pairs(&joined, &pass)?, "+I"));
         }
         for side in 0..2 {
@@ -561,7 +553,7 @@ impl OperatorSpec for JoinPlan {
     }
 
     fn changelog(&self) -> bool {
-        self.outer.contains(&true)
+        self.is_outer()
     }
 }
 
@@ -584,7 +576,7 @@ impl Operator for JoinOperator {
     }
 
     fn scan(&self, _global: bool) -> Result<Option<Vec<RecordBatch>>> {
-        match self.plan.outer.contains(&true) {
+        match self.plan.is_outer() {
             true => self.current().map(Some),
             false => Ok(None),
         }

@@ -17,7 +17,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use arrow::array::{new_null_array, Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, UInt32Array};
+use arrow::array::{new_null_array, Array, ArrayRef, RecordBatch, RecordBatchOptions, UInt32Array};
 use arrow::compute::{interleave, take};
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, Rows, SortField};
@@ -236,11 +236,8 @@ impl LookupOperator {
         }
         let payload = batch.project(&(keys..batch.num_columns()).collect::<Vec<_>>())?;
         // The residual decides which candidates match.
-        if let (Some(residual), false) = (&self.plan.join.residual, mine.is_empty()) {
-            let joined = self.joined(&payload, &mine, &theirs, &used)?;
-            let mask = residual.evaluate(&joined)?.into_array(joined.num_rows())?;
-            let mask = mask.as_boolean();
-            let keep: Vec<usize> = (0..mine.len()).filter(|&i| mask.is_valid(i) && mask.value(i)).collect();
+        if self.plan.join.residual.is_some() && !mine.is_empty() {
+            let keep = self.plan.join.passing(&self.joined(&payload, &mine, &theirs, &used)?)?;
             mine = keep.iter().map(|&i| mine[i]).collect();
             theirs = keep.iter().map(|&i| theirs[i]).collect();
         }
@@ -325,6 +322,7 @@ impl Operator for LookupOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::AsArray;
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
     use datafusion::physical_expr::expressions::Column;

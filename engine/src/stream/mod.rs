@@ -28,7 +28,7 @@ pub mod window;
 
 use std::sync::Arc;
 
-use arrow::array::{new_null_array, ArrayRef, RecordBatch, RecordBatchOptions};
+use arrow::array::{new_null_array, Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions};
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::physical_expr::PhysicalExpr;
 
@@ -213,6 +213,20 @@ pub struct JoinPlan {
 }
 
 impl JoinPlan {
+    /// LEFT, RIGHT or FULL: the join emits a changelog.
+    pub fn is_outer(&self) -> bool {
+        self.outer.contains(&true)
+    }
+
+    /// The indices of `joined`'s rows the residual condition keeps, ascending (every row
+    /// without one; NULL does not keep a row).
+    pub fn passing(&self, joined: &RecordBatch) -> crate::error::Result<Vec<usize>> {
+        let Some(residual) = &self.residual else { return Ok((0..joined.num_rows()).collect()) };
+        let mask = residual.evaluate(joined)?.into_array(joined.num_rows())?;
+        let mask = mask.as_boolean_opt().ok_or_else(|| crate::error::Error::query("a join condition must be boolean"))?;
+        Ok((0..joined.num_rows()).filter(|&i| mask.is_valid(i) && mask.value(i)).collect())
+    }
+
     /// Joined rows from `columns` (the left input's without keys, then the right's; or
     /// the left's alone, as `schema` says), each cast where its input's type differs.
     pub fn conform(schema: &SchemaRef, columns: Vec<ArrayRef>, rows: usize) -> crate::error::Result<RecordBatch> {

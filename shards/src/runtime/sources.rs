@@ -22,8 +22,10 @@ use crate::command::AckToken;
 pub(super) struct SourceReading {
     connector: Arc<dyn SourceConnector>,
     /// How many splits the source had when this shard last looked (it owns those among
-    /// them that are its own): more may appear ([`SourceConnector::splits_now`]).
+    /// them that are its own).
     known: usize,
+    /// More may appear ([`SourceConnector::splits_now`] answers): asked once per round.
+    grows: bool,
     splits: Vec<SplitState>,
     /// The declared watermark delay, subtracted from the splits' event-time progress.
     delay_ms: i64,
@@ -100,7 +102,7 @@ impl ShardRuntime {
         let owns = !states.is_empty();
         let grows = connector.splits_now().is_some();
         let schema = connector.schema();
-        let reading = SourceReading { connector, known: splits, splits: states, delay_ms, time_column, schema, idle_after };
+        let reading = SourceReading { connector, known: splits, grows, splits: states, delay_ms, time_column, schema, idle_after };
         self.sources.insert(source.clone(), reading);
         match (owns, grows) {
             (true, _) => Ok(SourceStep::Busy),
@@ -131,9 +133,10 @@ impl ShardRuntime {
 
     /// Opens the splits `source` gained since this shard last looked that are its own.
     fn open_new_splits(&mut self, source: &Arc<str>) -> Result<()> {
-        let Some(reading) = self.sources.get(source) else { return Ok(()) };
-        let (known, connector) = (reading.known, reading.connector.clone());
-        let Some(now) = connector.splits_now().filter(|&n| n > known) else { return Ok(()) };
+        let Some(reading) = self.sources.get(source).filter(|r| r.grows) else { return Ok(()) };
+        let known = reading.known;
+        let Some(now) = reading.connector.splits_now().filter(|&n| n > known) else { return Ok(()) };
+        let connector = reading.connector.clone();
         let mut opened = Vec::new();
         let (shards, id) = (self.shards, self.id);
         for split in (known..now).filter(|s| s % shards == id) {
@@ -192,7 +195,7 @@ impl ShardRuntime {
             }
         }
         // A source that may gain splits never ends here.
-        let ended = reading.splits.iter().all(|s| s.ended) && reading.connector.splits_now().is_none();
+        let ended = !reading.grows && reading.splits.iter().all(|s| s.ended);
         let delay_ms = reading.delay_ms;
         // A split without rows for a while is idle: the others' watermark goes on without
         // it; with every open split idle, this shard's part of the source is idle.
