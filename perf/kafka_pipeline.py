@@ -67,15 +67,17 @@ def run_ours(servers: str, src: str, out: str, n: int, want: int, sink_options: 
     db.execute(f"CREATE SINK dear_out FROM dear WITH (connector = 'kafka', 'bootstrap.servers' = '{servers}', topic = '{out}'{sink_options})")
     start = time.perf_counter()
     db.start()
-    deadline = start + 300
-    while db.sink_metrics("dear_out").total_events < want and time.perf_counter() < deadline:
+    deadline, first = start + 300, None
+    while (done := db.sink_metrics("dear_out").total_events) < want and time.perf_counter() < deadline:
+        if first is None and done > 0:
+            first = time.perf_counter() - start
         time.sleep(0.005)
     db.close()  # the sink's producer flushes: every record is with the broker
     elapsed = time.perf_counter() - start
     got = count_records(servers, out, 3)
     if got != want:
         raise SystemExit(f"wrong: {got} records out, expected {want}")
-    return elapsed
+    return elapsed, first
 
 
 def run_baseline(servers: str, src: str, out: str, n: int, want: int) -> float:
@@ -104,21 +106,22 @@ def run_baseline(servers: str, src: str, out: str, n: int, want: int) -> float:
         producer.poll(0)
     producer.flush(60)
     elapsed = time.perf_counter() - start
+    first = None
     consumer.close()
     got = count_records(servers, out, 3)
     if got != want:
         raise SystemExit(f"wrong: {got} records out, expected {want}")
-    return elapsed
+    return elapsed, first
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         kind, servers, src, out, n, want = sys.argv[2:8]
         if kind == "ours":
-            seconds = run_ours(servers, src, out, int(n), int(want), *sys.argv[8:9])
+            seconds, first = run_ours(servers, src, out, int(n), int(want), *sys.argv[8:9])
         else:
-            seconds = run_baseline(servers, src, out, int(n), int(want))
-        print(json.dumps({"seconds": seconds}), flush=True)
+            seconds, first = run_baseline(servers, src, out, int(n), int(want))
+        print(json.dumps({"seconds": seconds, "first": first}), flush=True)
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=2_000_000)
@@ -162,9 +165,11 @@ def main() -> None:
                     capture_output=True,
                     text=True,
                 ).stdout.strip().splitlines()[-1]
-                seconds = json.loads(line)["seconds"]
+                result = json.loads(line)
+                seconds = result["seconds"]
                 times[label].append(seconds)
-                print(f"{label}: {args.messages / seconds / 1e6:.3f} M msgs/s ({seconds:.2f} s)", flush=True)
+                first = "" if result["first"] is None else f", first record out after {result['first'] * 1000:.0f} ms"
+                print(f"{label}: {args.messages / seconds / 1e6:.3f} M msgs/s ({seconds:.2f} s{first})", flush=True)
         medians = {label: args.messages / statistics.median(t) for label, t in times.items()}
         for label, rate in medians.items():
             print(f"median {label}: {rate / 1e6:.3f} M msgs/s")

@@ -40,7 +40,7 @@ use parking_lot::Mutex;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 
 use laminardb_engine::sink::{OptionsChecked, Sink, SinkContext};
 use laminardb_engine::source::ConnectorOptions;
@@ -67,6 +67,12 @@ const OPTIONS: &[&str] = &[
 
 /// How long a checkpoint waits for the broker to take every record sent before it.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long librdkafka waits for its queue to empty before failures are served again.
+const FLUSH_SLICE_MS: i32 = 10;
+
+/// How many events one serving of the producer's queue takes at most.
+const SERVED: usize = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Partitioner {
@@ -114,7 +120,9 @@ impl ProducerContext for Deliveries {
 struct Connected {
     /// Declared before `producer`, so dropped first.
     topic: ProduceTopic,
-    producer: ThreadedProducer<Deliveries>,
+    /// Polled by the shard (at each write and while waiting for deliveries): with
+    /// delivery reports for failures only, nothing else comes to its queue but errors.
+    producer: BaseProducer<Deliveries>,
     partitions: i32,
     /// Inside a transaction (exactly-once).
     transactional: bool,
@@ -187,6 +195,11 @@ impl KafkaSink {
         if config.get("linger.ms").is_none() {
             config.set("linger.ms", "1");
         }
+        // A delivered record needs no report (its count is the queue's); a failed one is
+        // reported, counted and said.
+        if config.get("delivery.report.only.error").is_none() {
+            config.set("delivery.report.only.error", "true");
+        }
         let payloads = match registry {
             Some(registry) => {
                 registry.check()?;
@@ -195,7 +208,7 @@ impl KafkaSink {
             }
             None => Payloads::Rows(RowEncoding::parse(options.get("format"), "kafka")?),
         };
-        let producer: ThreadedProducer<Deliveries> =
+        let producer: BaseProducer<Deliveries> =
             config.create_with_context(Deliveries::default()).map_err(|e| kafka_error("creating a producer", e))?;
         let partitions = partition_count(producer.client(), &topic)? as i32;
         let handle = ProduceTopic::new(producer.client(), &topic).map_err(|e| Error::connector(format!("kafka sink: topic '{topic}': {e}")))?;
@@ -241,17 +254,47 @@ impl KafkaSink {
         Err(Error::connector(format!("kafka sink: {failed} record(s) to '{}' were not delivered: {first}", self.topic)))
     }
 
+    /// Serves the producer's queue: failed deliveries and client errors, a few at a time
+    /// (each event may report many records).
+    fn serve(&self) {
+        for _ in 0..SERVED {
+            self.client.producer.poll(Duration::ZERO);
+        }
+    }
+
+    /// Waits until the broker has every record sent so far (or failed it). The crate's
+    /// `flush` sleeps in 100 ms polls whenever a record is still in flight; librdkafka's
+    /// own wait wakes when the last record is done, and failures are served between
+    /// short waits.
+    fn flush_producer(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
+        let rk = self.client.producer.client().native_ptr();
+        loop {
+            // SAFETY: a valid producer; librdkafka waits up to the slice for its queue to
+            // empty.
+            let err = unsafe { rdkafka::bindings::rd_kafka_flush(rk, FLUSH_SLICE_MS) };
+            self.serve();
+            match err {
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => return Ok(()),
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT if std::time::Instant::now() < deadline => {}
+                err => {
+                    let e = KafkaError::Flush(err.into());
+                    return Err(self.client.producer.context().errors.explain(kafka_error("waiting for the broker to take the records", e)));
+                }
+            }
+        }
+    }
+
     /// Everything sent so far is with the broker (at-least-once) or committed
     /// (exactly-once; a new transaction begins).
     fn deliver(&mut self) -> Result<()> {
-        let producer = &self.client.producer;
+        self.flush_producer()?;
+        self.check_deliveries()?;
         if self.client.transactional {
+            let producer = &self.client.producer;
             producer.commit_transaction(FLUSH_TIMEOUT).map_err(|e| kafka_error("committing the transaction", e))?;
             self.check_deliveries()?;
             producer.begin_transaction().map_err(|e| kafka_error("beginning a transaction", e))?;
-        } else {
-            producer.flush(FLUSH_TIMEOUT).map_err(|e| kafka_error("waiting for the broker to take the records", e))?;
-            self.check_deliveries()?;
         }
         Ok(())
     }
@@ -259,6 +302,7 @@ impl KafkaSink {
 
 impl Sink for KafkaSink {
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.serve();
         self.check_deliveries()?;
         let payloads = match &mut self.payloads {
             Payloads::Rows(encoding) => encoding.encode(batch)?,
@@ -298,6 +342,8 @@ impl Sink for KafkaSink {
                     // Backpressure: the producer's queue is full; wait for the broker
                     // to take some.
                     std::thread::sleep(Duration::from_millis(1));
+                    self.serve();
+                    self.check_deliveries()?;
                 }
             }
         }
@@ -419,6 +465,26 @@ mod tests {
             assert_eq!(of[0].0, of[1].0, "one key, one partition");
         }
         assert!(got.iter().any(|r| r.2 == "A,3"), "{got:?}");
+    }
+
+    /// Delivery reports come for failed records only; a failure is still counted, said
+    /// at the checkpoint with the broker's reason, and the sink goes on afterwards.
+    #[test]
+    fn a_failed_delivery_fails_the_checkpoint_naming_why() {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("out", 1, 1).unwrap();
+        let servers = cluster.bootstrap_servers();
+        let mut s = sink(&servers, Some(0), &[]).unwrap();
+        cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE]);
+        s.write(&batch(&["A", "B"], &[1, 2])).unwrap();
+        let e = s.checkpoint(1).unwrap_err().message;
+        assert!(e.contains("2 record(s) to 'out' were not delivered") && e.contains("too large"), "{e}");
+        s.write(&batch(&["C"], &[3])).unwrap();
+        s.checkpoint(2).unwrap();
+        s.close().unwrap();
+        let got: Vec<String> = records(&servers, 1, false).into_iter().map(|r| r.2).collect();
+        assert_eq!(got, [r#"{"symbol":"C","v":3}"#]);
     }
 
     /// Exactly-once: a shard's records go out through its transactional producer across
