@@ -4,7 +4,7 @@ confluent-kafka (consume, `json.loads`, filter, `json.dumps`, produce), alternat
 one run, each run in a fresh process, against one tansu broker on 127.0.0.1.
 
     .venv-perf/bin/python perf/kafka_pipeline.py [--messages 2000000] [--rounds 3]
-        [--previous .venv-base/bin/python]
+        [--previous .venv-base/bin/python] [--checkpoint-ms 500]
 
 `--previous` runs laminardb a second time in each round with another interpreter (an
 earlier build installed there), so two builds are compared in the same run.
@@ -58,7 +58,14 @@ def count_records(servers: str, topic: str, partitions: int) -> int:
 def run_ours(servers: str, src: str, out: str, n: int, want: int, sink_options: str = "") -> float:
     import laminardb
 
-    db = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=2))
+    checkpoint_ms = int(os.environ.get("KAFKA_PIPELINE_CHECKPOINT_MS", "0"))
+    if checkpoint_ms:
+        # Durable: a data directory, checkpoints (each one waits for the sink's records to be
+        # with the broker).
+        config = laminardb.LaminarConfig(shards=2, checkpoint_interval_ms=checkpoint_ms)
+        db = laminardb.open(tempfile.mkdtemp(prefix="kafka-pipeline-"), config=config)
+    else:
+        db = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=2))
     db.execute(
         "CREATE SOURCE trades (symbol VARCHAR, price DOUBLE, qty BIGINT, ts BIGINT) WITH (connector = 'kafka', "
         f"'bootstrap.servers' = '{servers}', topic = '{src}', 'group.id' = 'perf-{out}', 'auto.offset.reset' = 'earliest')"
@@ -133,7 +140,14 @@ def main() -> None:
         default=[],
         help="also run laminardb with these options of the kafka sink, e.g. \"'kafka.linger.ms' = '5'\" (repeatable)",
     )
+    parser.add_argument(
+        "--checkpoint-ms",
+        type=int,
+        default=0,
+        help="run laminardb durably (a data directory) with a checkpoint this often (default: in memory, none)",
+    )
     args = parser.parse_args()
+    os.environ["KAFKA_PIPELINE_CHECKPOINT_MS"] = str(args.checkpoint_ms)
     from confluent_kafka import Producer
     from kafka_broker import start_broker
 
