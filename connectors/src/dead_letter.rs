@@ -10,10 +10,12 @@ use std::path::PathBuf;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+use rdkafka::producer::BaseRecord;
 
 use laminardb_engine::source::ConnectorOptions;
 use laminardb_engine::{Error, Result};
+
+use crate::kafka_sink::ReportingProducer;
 
 pub const OPTIONS: &[&str] = &["dead_letter.path", "dead_letter.topic"];
 
@@ -52,7 +54,8 @@ impl DeadLetterConfig {
                     .map_err(|e| Error::connector(format!("dead letters: opening {}: {e}", path.display())))?,
             ),
             DeadLetterConfig::Topic { topic, config } => Sink::Topic {
-                producer: config.create().map_err(|e| Error::connector(format!("dead letters: a producer for '{topic}': {e}")))?,
+                producer: ReportingProducer::new(&mut config.clone())
+                    .map_err(|e| Error::connector(format!("dead letters: a producer for '{topic}': {}", e.message)))?,
                 topic: topic.clone(),
             },
         };
@@ -63,7 +66,7 @@ impl DeadLetterConfig {
 enum Sink {
     None,
     File(File),
-    Topic { producer: ThreadedProducer<DefaultProducerContext>, topic: String },
+    Topic { producer: ReportingProducer, topic: String },
 }
 
 pub struct DeadLetters {
@@ -87,14 +90,28 @@ impl DeadLetters {
                 writeln!(file, "{line}").and_then(|()| file.flush()).map_err(|e| Error::connector(format!("dead letters: writing: {e}")))
             }
             Sink::Topic { producer, topic } => {
+                producer.serve();
+                producer.check(topic).map_err(|e| Error::connector(format!("dead letters: {}", e.message)))?;
                 let headers = OwnedHeaders::new()
                     .insert(Header { key: "error", value: Some(error) })
                     .insert(Header { key: "source", value: Some(self.source.as_str()) })
                     .insert(Header { key: "origin", value: Some(origin) });
                 producer
+                    .producer()
                     .send(BaseRecord::<(), [u8]>::to(topic).payload(payload).headers(headers))
                     .map_err(|(e, _)| Error::connector(format!("dead letters: sending to '{topic}': {e}")))
             }
+        }
+    }
+
+    /// Every dead letter sent so far is kept: with the brokers (a topic), or on disk (a
+    /// file). Called before a checkpoint records a position past the messages they are
+    /// for, and at close (a producer dropped unflushed would discard what it holds).
+    pub fn flush(&self) -> Result<()> {
+        match &self.sink {
+            Sink::None => Ok(()),
+            Sink::File(file) => file.sync_data().map_err(|e| Error::connector(format!("dead letters: syncing the file: {e}"))),
+            Sink::Topic { producer, topic } => producer.flush(topic).map_err(|e| Error::connector(format!("dead letters: {}", e.message))),
         }
     }
 }

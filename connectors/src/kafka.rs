@@ -459,6 +459,7 @@ impl SourceConnector for KafkaSource {
             dead: self.dead_letters.open(&format!("kafka topic '{}'", self.topic))?,
             prefetch: self.prefetch,
             topic_c: std::ffi::CString::new(self.topic.as_str()).map_err(|_| Error::connector("kafka: a topic name with a NUL"))?,
+            dead_failed: Default::default(),
         }))
     }
 }
@@ -482,6 +483,8 @@ struct KafkaSplit {
     prefetch: u64,
     /// The topic's name for librdkafka's C calls.
     topic_c: std::ffi::CString,
+    /// Why the dead letters could not be kept at a checkpoint (told at the next poll).
+    dead_failed: std::cell::RefCell<Option<String>>,
 }
 
 impl KafkaSplit {
@@ -507,6 +510,9 @@ fn reject(told: &mut VecDeque<String>, dead: &mut DeadLetters, origin: &str, why
 
 impl SplitReader for KafkaSplit {
     fn poll(&mut self) -> Result<SplitPoll> {
+        if let Some(what) = self.dead_failed.take() {
+            self.rejected.push_back(what);
+        }
         if let Some(what) = self.rejected.pop_front() {
             return Ok(SplitPoll::Skipped(what));
         }
@@ -560,7 +566,12 @@ impl SplitReader for KafkaSplit {
     }
 
     fn position(&self) -> Vec<u8> {
-        // Asked at each checkpoint barrier: the group's offset follows the checkpoints.
+        // Asked at each checkpoint barrier: the dead letters of the records before the
+        // position are kept first, and the group's offset follows the checkpoints.
+        if let Err(e) = self.dead.flush() {
+            log::error!("kafka: partition {} of '{}': {}", self.partition, self.topic, e.message);
+            *self.dead_failed.borrow_mut() = Some(e.message);
+        }
         self.commit();
         offset_position(self.next.max(0) as u64)
     }
@@ -587,7 +598,7 @@ impl SplitReader for KafkaSplit {
 
     fn close(&mut self) -> Result<()> {
         self.commit();
-        Ok(())
+        self.dead.flush()
     }
 }
 

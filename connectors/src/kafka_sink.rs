@@ -38,7 +38,7 @@ use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use parking_lot::Mutex;
 use rdkafka::client::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 
@@ -84,7 +84,7 @@ enum Partitioner {
 /// Counts failed deliveries (reported by librdkafka's thread) and keeps the first, and
 /// the client's last error.
 #[derive(Default)]
-struct Deliveries {
+pub(crate) struct Deliveries {
     failed: AtomicU64,
     first: Mutex<Option<String>>,
     errors: LastError,
@@ -117,12 +117,71 @@ impl ProducerContext for Deliveries {
     }
 }
 
+/// A producer whose failed deliveries are reported (and delivered ones not: their count
+/// is the queue's), polled by its owner: at each send and while waiting for deliveries.
+pub(crate) struct ReportingProducer(BaseProducer<Deliveries>);
+
+impl ReportingProducer {
+    /// A producer with `config` (`delivery.report.only.error` unless the config says).
+    pub fn new(config: &mut ClientConfig) -> Result<ReportingProducer> {
+        if config.get("delivery.report.only.error").is_none() {
+            config.set("delivery.report.only.error", "true");
+        }
+        config.create_with_context(Deliveries::default()).map(ReportingProducer).map_err(|e| kafka_error("creating a producer", e))
+    }
+
+    pub fn producer(&self) -> &BaseProducer<Deliveries> {
+        &self.0
+    }
+
+    /// Serves the producer's queue: failed deliveries and client errors, a few at a time
+    /// (each event may report many records).
+    pub fn serve(&self) {
+        for _ in 0..SERVED {
+            self.0.poll(Duration::ZERO);
+        }
+    }
+
+    /// A delivery to `topic` failed since the last check: the error, said once.
+    pub fn check(&self, topic: &str) -> Result<()> {
+        let deliveries = self.0.context();
+        let failed = deliveries.failed.swap(0, Ordering::Relaxed);
+        if failed == 0 {
+            return Ok(());
+        }
+        let first = deliveries.first.lock().take().unwrap_or_default();
+        Err(Error::connector(format!("kafka: {failed} record(s) to '{topic}' were not delivered: {first}")))
+    }
+
+    /// Waits until the broker has every record sent so far to `topic` (or failed it;
+    /// then the error). The crate's `flush` sleeps in 100 ms polls whenever a record is
+    /// still in flight; librdkafka's own wait wakes when the last record is done, and
+    /// failures are served between short waits.
+    pub fn flush(&self, topic: &str) -> Result<()> {
+        let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
+        let rk = self.0.client().native_ptr();
+        loop {
+            // SAFETY: a valid producer; librdkafka waits up to the slice for its queue to
+            // empty.
+            let err = unsafe { rdkafka::bindings::rd_kafka_flush(rk, FLUSH_SLICE_MS) };
+            self.serve();
+            match err {
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => return self.check(topic),
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT if std::time::Instant::now() < deadline => {}
+                err => {
+                    self.check(topic)?;
+                    let e = KafkaError::Flush(err.into());
+                    return Err(self.0.context().errors.explain(kafka_error(&format!("waiting for the broker to take the records to '{topic}'"), e)));
+                }
+            }
+        }
+    }
+}
+
 struct Connected {
     /// Declared before `producer`, so dropped first.
     topic: ProduceTopic,
-    /// Polled by the shard (at each write and while waiting for deliveries): with
-    /// delivery reports for failures only, nothing else comes to its queue but errors.
-    producer: BaseProducer<Deliveries>,
+    producer: ReportingProducer,
     partitions: i32,
     /// Inside a transaction (exactly-once).
     transactional: bool,
@@ -195,11 +254,6 @@ impl KafkaSink {
         if config.get("linger.ms").is_none() {
             config.set("linger.ms", "1");
         }
-        // A delivered record needs no report (its count is the queue's); a failed one is
-        // reported, counted and said.
-        if config.get("delivery.report.only.error").is_none() {
-            config.set("delivery.report.only.error", "true");
-        }
         let payloads = match registry {
             Some(registry) => {
                 registry.check()?;
@@ -208,14 +262,13 @@ impl KafkaSink {
             }
             None => Payloads::Rows(RowEncoding::parse(options.get("format"), "kafka")?),
         };
-        let producer: BaseProducer<Deliveries> =
-            config.create_with_context(Deliveries::default()).map_err(|e| kafka_error("creating a producer", e))?;
-        let partitions = partition_count(producer.client(), &topic)? as i32;
-        let handle = ProduceTopic::new(producer.client(), &topic).map_err(|e| Error::connector(format!("kafka sink: topic '{topic}': {e}")))?;
+        let producer = ReportingProducer::new(&mut config)?;
+        let partitions = partition_count(producer.producer().client(), &topic)? as i32;
+        let handle = ProduceTopic::new(producer.producer().client(), &topic).map_err(|e| Error::connector(format!("kafka sink: topic '{topic}': {e}")))?;
         if exactly_once {
             // Takes over the id: a transaction left open by a dead process is aborted.
-            producer.init_transactions(REQUEST_TIMEOUT).map_err(|e| kafka_error("starting transactions", e))?;
-            producer.begin_transaction().map_err(|e| kafka_error("beginning a transaction", e))?;
+            producer.producer().init_transactions(REQUEST_TIMEOUT).map_err(|e| kafka_error("starting transactions", e))?;
+            producer.producer().begin_transaction().map_err(|e| kafka_error("beginning a transaction", e))?;
         }
         Ok(Box::new(KafkaSink {
             topic,
@@ -243,57 +296,15 @@ impl KafkaSink {
         Ok(Some(text.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| Error::internal("a cast to text"))?))
     }
 
-    /// A delivery failed since the last check: the error, said once.
-    fn check_deliveries(&self) -> Result<()> {
-        let deliveries = self.client.producer.context();
-        let failed = deliveries.failed.swap(0, Ordering::Relaxed);
-        if failed == 0 {
-            return Ok(());
-        }
-        let first = deliveries.first.lock().take().unwrap_or_default();
-        Err(Error::connector(format!("kafka sink: {failed} record(s) to '{}' were not delivered: {first}", self.topic)))
-    }
-
-    /// Serves the producer's queue: failed deliveries and client errors, a few at a time
-    /// (each event may report many records).
-    fn serve(&self) {
-        for _ in 0..SERVED {
-            self.client.producer.poll(Duration::ZERO);
-        }
-    }
-
-    /// Waits until the broker has every record sent so far (or failed it). The crate's
-    /// `flush` sleeps in 100 ms polls whenever a record is still in flight; librdkafka's
-    /// own wait wakes when the last record is done, and failures are served between
-    /// short waits.
-    fn flush_producer(&self) -> Result<()> {
-        let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
-        let rk = self.client.producer.client().native_ptr();
-        loop {
-            // SAFETY: a valid producer; librdkafka waits up to the slice for its queue to
-            // empty.
-            let err = unsafe { rdkafka::bindings::rd_kafka_flush(rk, FLUSH_SLICE_MS) };
-            self.serve();
-            match err {
-                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => return Ok(()),
-                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT if std::time::Instant::now() < deadline => {}
-                err => {
-                    let e = KafkaError::Flush(err.into());
-                    return Err(self.client.producer.context().errors.explain(kafka_error("waiting for the broker to take the records", e)));
-                }
-            }
-        }
-    }
-
     /// Everything sent so far is with the broker (at-least-once) or committed
     /// (exactly-once; a new transaction begins).
     fn deliver(&mut self) -> Result<()> {
-        self.flush_producer()?;
-        self.check_deliveries()?;
+        let reporting = &self.client.producer;
+        reporting.flush(&self.topic)?;
         if self.client.transactional {
-            let producer = &self.client.producer;
+            let producer = reporting.producer();
             producer.commit_transaction(FLUSH_TIMEOUT).map_err(|e| kafka_error("committing the transaction", e))?;
-            self.check_deliveries()?;
+            reporting.check(&self.topic)?;
             producer.begin_transaction().map_err(|e| kafka_error("beginning a transaction", e))?;
         }
         Ok(())
@@ -302,8 +313,8 @@ impl KafkaSink {
 
 impl Sink for KafkaSink {
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        self.serve();
-        self.check_deliveries()?;
+        self.client.producer.serve();
+        self.client.producer.check(&self.topic)?;
         let payloads = match &mut self.payloads {
             Payloads::Rows(encoding) => encoding.encode(batch)?,
             Payloads::Avro(encoder) => encoder.encode(batch)?,
@@ -342,8 +353,8 @@ impl Sink for KafkaSink {
                     // Backpressure: the producer's queue is full; wait for the broker
                     // to take some.
                     std::thread::sleep(Duration::from_millis(1));
-                    self.serve();
-                    self.check_deliveries()?;
+                    self.client.producer.serve();
+                    self.client.producer.check(&self.topic)?;
                 }
             }
         }

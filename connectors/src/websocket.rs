@@ -487,7 +487,7 @@ impl SplitReader for WebSocketSplit {
     fn close(&mut self) -> Result<()> {
         self.task.abort();
         self.rx.close();
-        Ok(())
+        self.dead.flush()
     }
 }
 

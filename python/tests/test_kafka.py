@@ -172,6 +172,35 @@ def test_records_that_do_not_decode_are_counted_sent_to_the_dead_letter_topic_an
     assert b"did not decode" in headers["error"]
 
 
+def test_dead_letters_still_held_by_their_producer_are_delivered_at_close(kafka):
+    """A dead letter waiting in its producer when the database closes still reaches the
+    topic: with a 10 s linger none is sent before `close()`, which sends them all."""
+    src, dead = kafka.create_topic(1, "mixed"), kafka.create_topic(1, "dlq")
+    producer = Producer({"bootstrap.servers": kafka.servers, "linger.ms": 5})
+    bad = [f"bad {i}".encode() for i in range(300)]
+    for i, payload in enumerate(bad):
+        producer.produce(src, json.dumps({"v": i}).encode(), partition=0)
+        producer.produce(src, payload, partition=0)
+    assert producer.flush(30) == 0
+    db = laminardb.open(":memory:")
+    db.execute(
+        f"CREATE SOURCE s (v BIGINT) WITH (connector = 'kafka', 'bootstrap.servers' = '{kafka.servers}', "
+        f"topic = '{src}', 'group.id' = 'g', 'auto.offset.reset' = 'earliest', 'dead_letter.topic' = '{dead}', "
+        "'kafka.linger.ms' = '10000')"
+    )
+    db.start()
+    assert wait_until(lambda: db.source_metrics("s").errors >= 300, timeout=30)
+    db.close()
+    consumer = Consumer({"bootstrap.servers": kafka.servers, "group.id": "dlq-check"})
+    consumer.assign([TopicPartition(dead, 0, 0)])
+    letters: list = []
+    deadline = time.monotonic() + 20
+    while len(letters) < 300 and time.monotonic() < deadline:
+        letters += [m.value() for m in consumer.consume(100, 0.2) if m.error() is None]
+    consumer.close()
+    assert letters == bad
+
+
 def test_pending_in_source_metrics_is_the_consumer_lag(kafka):
     """`pending` counts the records the broker holds that the source has not handed over:
     a stream slowed down by a Python function (20 ms a batch of at most 50) falls behind
