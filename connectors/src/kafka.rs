@@ -15,8 +15,9 @@
 //! stops taking, and the consumer stops fetching once its queue is full: backpressure).
 //!
 //! Partitions added to the topic while it is read are found within
-//! `partition.discovery.interval.ms` (10 s; 0: never): a thread of the source counts them,
-//! and each new partition is read from its first record by the shard that owns it.
+//! `partition.discovery.interval.ms` (10 s; 0: never): a thread of the source counts them
+//! while any of its partitions is open, and each new partition is read from its first
+//! record by the shard that owns it.
 //!
 //! A split's position is the offset of the next record, recorded in the engine's
 //! checkpoints: a reopened database reads on from there, so a record a checkpoint covered
@@ -77,6 +78,9 @@ pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How long a split without records waits before it is polled again.
 const IDLE_POLL: Duration = Duration::from_millis(1);
+
+/// How often the partition-counting thread looks whether any split is still open.
+const READERS_CHECK: Duration = Duration::from_millis(100);
 
 /// The client settings every Kafka client of a statement shares: the brokers and the
 /// options passed through.
@@ -243,8 +247,11 @@ pub struct KafkaSource {
     /// How often the topic's partitions are counted again while it is read (`None`: never).
     discovery_interval: Option<Duration>,
     discovery: Arc<Discovery>,
-    /// Dropped with the source, which stops the thread counting partitions.
-    discovery_stop: Mutex<Option<mpsc::Sender<()>>>,
+    /// The thread counting partitions, and its stop (dropped with the source).
+    discovery_thread: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+    /// Held by every open split: the counting thread ends once none is (the database
+    /// closed or the source stopped), and the next split opened starts it again.
+    readers: Mutex<std::sync::Weak<()>>,
 }
 
 /// The topic's partitions as counted: at the first `splits()` (the ones the source began
@@ -323,24 +330,43 @@ impl KafkaSource {
             prefetch,
             discovery_interval,
             discovery: Arc::default(),
-            discovery_stop: Mutex::new(None),
+            discovery_thread: Mutex::new(None),
+            readers: Mutex::new(std::sync::Weak::new()),
         })
     }
 
-    /// Counts the topic's partitions every `interval` on a thread of its own until the
-    /// source is dropped (started once, at the first `splits()`).
-    fn discover(&self, interval: Duration) -> Result<()> {
-        let mut stop = self.discovery_stop.lock().unwrap_or_else(|e| e.into_inner());
-        if stop.is_some() {
+    /// A token of an open split ([`KafkaSource::readers`]).
+    fn reader_token(&self) -> Arc<()> {
+        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        readers.upgrade().unwrap_or_else(|| {
+            let token = Arc::new(());
+            *readers = Arc::downgrade(&token);
+            token
+        })
+    }
+
+    /// Counts the topic's partitions every `interval` on a thread of its own while any
+    /// split holds a token of `readers` (started at a split's opening, unless running).
+    fn discover(&self, interval: Duration, readers: std::sync::Weak<()>) -> Result<()> {
+        let mut running = self.discovery_thread.lock().unwrap_or_else(|e| e.into_inner());
+        if running.as_ref().is_some_and(|(_, thread)| !thread.is_finished()) {
             return Ok(());
         }
         let (tx, rx) = mpsc::channel::<()>();
         let consumer = self.consumer()?;
         let (topic, discovery) = (self.topic.clone(), self.discovery.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("laminardb-kafka-discovery".into())
             .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
+                let mut counted = std::time::Instant::now();
+                while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(READERS_CHECK.min(interval)) {
+                    if readers.strong_count() == 0 {
+                        break;
+                    }
+                    if counted.elapsed() < interval {
+                        continue;
+                    }
+                    counted = std::time::Instant::now();
                     match partition_count(consumer.client(), &topic) {
                         Ok(n) => {
                             let before = discovery.now.fetch_max(n, Ordering::Relaxed);
@@ -353,7 +379,7 @@ impl KafkaSource {
                 }
             })
             .map_err(|e| Error::connector(format!("kafka: starting the partition discovery thread: {e}")))?;
-        *stop = Some(tx);
+        *running = Some((tx, thread));
         Ok(())
     }
 
@@ -418,9 +444,6 @@ impl SourceConnector for KafkaSource {
         })?;
         let _ = self.discovery.initial.compare_exchange(0, n, Ordering::Relaxed, Ordering::Relaxed);
         self.discovery.now.fetch_max(n, Ordering::Relaxed);
-        if let Some(interval) = self.discovery_interval {
-            self.discover(interval)?;
-        }
         Ok(n)
     }
 
@@ -432,6 +455,10 @@ impl SourceConnector for KafkaSource {
         let partition = i32::try_from(split).map_err(|_| Error::connector(format!("kafka: no partition {split}")))?;
         if let Some(registry) = &self.registry {
             registry.check()?;
+        }
+        let reading = self.reader_token();
+        if let Some(interval) = self.discovery_interval {
+            self.discover(interval, Arc::downgrade(&reading))?;
         }
         let consumer = self.consumer()?;
         let next = match position {
@@ -460,6 +487,7 @@ impl SourceConnector for KafkaSource {
             prefetch: self.prefetch,
             topic_c: std::ffi::CString::new(self.topic.as_str()).map_err(|_| Error::connector("kafka: a topic name with a NUL"))?,
             dead_failed: Default::default(),
+            _reading: reading,
         }))
     }
 }
@@ -485,6 +513,8 @@ struct KafkaSplit {
     topic_c: std::ffi::CString,
     /// Why the dead letters could not be kept at a checkpoint (told at the next poll).
     dead_failed: std::cell::RefCell<Option<String>>,
+    /// While held, the source's partitions are counted ([`KafkaSource::readers`]).
+    _reading: Arc<()>,
 }
 
 impl KafkaSplit {
@@ -724,13 +754,29 @@ mod tests {
         let discovering = KafkaSource::new(&options(&[("partition.discovery.interval.ms", "50")]), Some(&schema())).unwrap();
         assert_eq!(discovering.splits(2).unwrap(), 3);
         assert_eq!((discovering.discovery.initial.load(Ordering::Relaxed), discovering.splits_now()), (3, Some(3)));
-        // The thread counts again: a count it had not seen comes back within its interval.
-        discovering.discovery.now.store(0, Ordering::Relaxed);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while discovering.splits_now() != Some(3) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        let thread_ended = |source: &KafkaSource| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let ended = || source.discovery_thread.lock().unwrap().as_ref().is_none_or(|(_, t)| t.is_finished());
+            while !ended() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            ended()
+        };
+        assert!(thread_ended(&discovering), "no split open: nothing counts");
+        for round in 0..2 {
+            // While a split is open the thread counts again: a count it had not seen comes
+            // back within its interval. Once none is, the thread ends; the next opening
+            // starts it again.
+            let reader = discovering.open(0, 3, None).unwrap();
+            discovering.discovery.now.store(0, Ordering::Relaxed);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while discovering.splits_now() != Some(3) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(discovering.splits_now(), Some(3), "the counting thread runs (round {round})");
+            drop(reader);
+            assert!(thread_ended(&discovering), "the counting thread ends with the last split (round {round})");
         }
-        assert_eq!(discovering.splits_now(), Some(3), "the counting thread runs");
 
         let fixed = KafkaSource::new(&options(&[("partition.discovery.interval.ms", "0")]), Some(&schema())).unwrap();
         assert_eq!(fixed.splits_now(), None);

@@ -398,3 +398,24 @@ def test_partition_discovery_interval_is_checked_at_create(db):
             "topic = 't', 'group.id' = 'g', 'partition.discovery.interval.ms' = 'often')"
         )
     assert "partition.discovery.interval.ms" in str(ei.value)
+
+
+def test_close_leaves_no_kafka_client_thread_behind(kafka):
+    """After `close()` no librdkafka thread and no partition-counting thread of ours is
+    left (they ended with the last open partition), though the database object lives on."""
+
+    def kafka_threads() -> list:
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        return [n for n in names if n.startswith(("rdk:", "laminardb-kafka"))]
+
+    src, out = kafka.create_topic(3, "src"), kafka.create_topic(3, "out")
+    db = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=2))
+    db.execute(
+        f"CREATE SOURCE s (v BIGINT) WITH (connector = 'kafka', 'bootstrap.servers' = '{kafka.servers}', "
+        f"topic = '{src}', 'group.id' = 'g', 'partition.discovery.interval.ms' = '60000')"
+    )
+    db.execute(f"CREATE SINK k FROM s WITH (connector = 'kafka', 'bootstrap.servers' = '{kafka.servers}', topic = '{out}')")
+    db.start()
+    assert "laminardb-kafka" in kafka_threads()
+    db.close()
+    assert wait_until(lambda: not kafka_threads(), timeout=5), kafka_threads()
