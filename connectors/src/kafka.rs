@@ -181,28 +181,36 @@ impl Heard for SourceContext {
     }
 }
 
-/// A consumer of the source, closed by librdkafka's own blocking close before it is
-/// dropped. The `rdkafka` crate's drop of a consumer with a group closes it by polling in
-/// 100 ms steps, and the close's end wakes none of them: every consumer dropped cost
-/// 100 ms (at `start()`, the one that counts partitions; at shutdown, each partition's),
-/// where this close returns when it is done (its outstanding commit answered). The
-/// crate's drop then finds it closed.
-pub(crate) struct SourceConsumer(BaseConsumer<SourceContext>);
+/// A consumer of the source, closed when dropped by librdkafka's own close on a thread of
+/// its own. The `rdkafka` crate's drop of a consumer with a group closes it by polling in
+/// 100 ms steps that the close's end does not wake (100 ms per consumer dropped: at
+/// `start()`, the one that counts partitions; at shutdown, each partition's); and a close
+/// waits for the consumer's outstanding commit, up to `session.timeout.ms` while the
+/// brokers are out of reach. Neither holds the shard or `close()` up now; the crate's
+/// drop then finds the consumer closed.
+pub(crate) struct SourceConsumer(Option<BaseConsumer<SourceContext>>);
 
 impl std::ops::Deref for SourceConsumer {
     type Target = BaseConsumer<SourceContext>;
 
     fn deref(&self) -> &Self::Target {
-        &self.0
+        self.0.as_ref().expect("a consumer is taken only by its drop")
     }
 }
 
 impl Drop for SourceConsumer {
     fn drop(&mut self) {
-        // SAFETY: the client is alive until the field drops, after this.
-        let err = unsafe { rdkafka::bindings::rd_kafka_consumer_close(self.0.client().native_ptr()) };
-        if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            log::warn!("kafka: closing a consumer: {}", rdkafka::error::RDKafkaErrorCode::from(err));
+        let Some(consumer) = self.0.take() else { return };
+        let close = move || {
+            // SAFETY: the client is alive until `consumer` drops, after this.
+            let err = unsafe { rdkafka::bindings::rd_kafka_consumer_close(consumer.client().native_ptr()) };
+            if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                log::warn!("kafka: closing a consumer: {}", rdkafka::error::RDKafkaErrorCode::from(err));
+            }
+        };
+        if let Err(e) = std::thread::Builder::new().name("laminardb-kafka-close".into()).spawn(close) {
+            // The consumer went with the closure: dropped here by the crate.
+            log::warn!("kafka: no thread to close a consumer on ({e})");
         }
     }
 }
@@ -308,7 +316,15 @@ impl KafkaSource {
         //   100 k or 64 MiB): a shard that drains in bursts keeps the fetcher busy between
         //   them (2.2× the messages per second from a backlog here, see perf/README.md),
         //   with less memory per partition at most.
-        for (key, value) in [("fetch.wait.max.ms", "10"), ("queued.min.messages", "1000000"), ("queued.max.messages.kbytes", "16384")] {
+        // - the consumers join no group (partitions are assigned), so the session timeout
+        //   only bounds how long a close waits for a commit the brokers cannot take
+        //   (librdkafka: 45 s; 6 s is the brokers' least for a group member).
+        for (key, value) in [
+            ("fetch.wait.max.ms", "10"),
+            ("queued.min.messages", "1000000"),
+            ("queued.max.messages.kbytes", "16384"),
+            ("session.timeout.ms", "6000"),
+        ] {
             if config.get(key).is_none() {
                 config.set(key, value);
             }
@@ -384,7 +400,7 @@ impl KafkaSource {
     }
 
     fn consumer(&self) -> Result<SourceConsumer> {
-        self.config.create_with_context(SourceContext::default()).map(SourceConsumer).map_err(|e| kafka_error("creating a consumer", e))
+        self.config.create_with_context(SourceContext::default()).map(|c| SourceConsumer(Some(c))).map_err(|e| kafka_error("creating a consumer", e))
     }
 
     /// Where partition `partition` starts without a recorded position: the group's
@@ -472,7 +488,7 @@ impl SourceConnector for KafkaSource {
         tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next))
             .map_err(|e| kafka_error("assigning the partition", e))?;
         consumer.assign(&tpl).map_err(|e| kafka_error(&format!("assigning partition {partition}"), e))?;
-        let batches = BatchQueue::new(&consumer.0).ok_or_else(|| Error::connector("kafka: the consumer has no queue to read"))?;
+        let batches = BatchQueue::new(&*consumer).ok_or_else(|| Error::connector("kafka: the consumer has no queue to read"))?;
         Ok(Box::new(KafkaSplit {
             batches,
             consumer,
@@ -730,6 +746,26 @@ mod tests {
         .unwrap();
         let e = missing.splits(2).unwrap_err();
         assert!(e.message.contains("'absent'"), "{}", e.message);
+    }
+
+    /// Closing a split whose brokers went out of reach takes no time: its last commit
+    /// cannot be answered, and the consumer waits for it on a thread of its own.
+    #[test]
+    fn a_split_closes_at_once_while_the_brokers_are_out_of_reach() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        let servers = cluster.bootstrap_servers();
+        produce(&servers, &[(0, r#"{"v": 1}"#)]);
+        let source = source(&servers, &[]).unwrap();
+        assert_eq!(source.splits(1).unwrap(), 1);
+        let mut split = source.open(0, 1, None).unwrap();
+        assert_eq!(read(split.as_mut(), 1, 0).0, [1]);
+        cluster.broker_down(1).unwrap();
+        let started = std::time::Instant::now();
+        split.close().unwrap();
+        drop(split);
+        drop(source);
+        assert!(started.elapsed() < Duration::from_secs(1), "closing took {:?}", started.elapsed());
     }
 
     /// A partition the topic gained after the source began reading starts at its first
