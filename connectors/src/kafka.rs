@@ -33,7 +33,7 @@
 //! 'debezium'` the source is a changelog (its rows end with `_op`, see `crate::decode`),
 //! and a record without a payload is a tombstone, which holds no change.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -260,7 +260,15 @@ pub struct KafkaSource {
     /// Held by every open split: the counting thread ends once none is (the database
     /// closed or the source stopped), and the next split opened starts it again.
     readers: Mutex<std::sync::Weak<()>>,
+    /// Where each partition without a recorded position starts, as `splits()` found them
+    /// with one client for all (taken by the partition's `open()` right after; a
+    /// partition's own client would otherwise have to reach the group's coordinator
+    /// first, one after another on the shard).
+    starts: Mutex<HashMap<i32, (i64, std::time::Instant)>>,
 }
+
+/// How long a start found by `splits()` stays good for the `open()` that follows.
+const STARTS_KEPT: Duration = Duration::from_secs(10);
 
 /// The topic's partitions as counted: at the first `splits()` (the ones the source began
 /// with) and then every `partition.discovery.interval.ms` on a thread of its own.
@@ -348,6 +356,7 @@ impl KafkaSource {
             discovery: Arc::default(),
             discovery_thread: Mutex::new(None),
             readers: Mutex::new(std::sync::Weak::new()),
+            starts: Mutex::default(),
         })
     }
 
@@ -408,20 +417,37 @@ impl KafkaSource {
     /// partition the topic gained while the source was reading it, at its first (every
     /// record in it came after the source began).
     fn start_offset(&self, consumer: &SourceConsumer, partition: i32) -> Result<i64> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topic, partition);
-        let committed = consumer
-            .committed_offsets(tpl, REQUEST_TIMEOUT)
-            .map_err(|e| consumer.context().0.explain(kafka_error(&format!("reading the group's offset of partition {partition}"), e)))?;
-        if let Some(Offset::Offset(at)) = committed.find_partition(&self.topic, partition).map(|e| e.offset()) {
+        let found = self.starts.lock().unwrap_or_else(|e| e.into_inner()).remove(&partition);
+        if let Some((at, _)) = found.filter(|(_, when)| when.elapsed() < STARTS_KEPT) {
             return Ok(at);
         }
-        let (low, high) = consumer
-            .fetch_watermarks(&self.topic, partition, REQUEST_TIMEOUT)
-            .map_err(|e| consumer.context().0.explain(kafka_error(&format!("reading the offsets of partition {partition}"), e)))?;
+        Ok(self.start_offsets(consumer, &[partition])?[0])
+    }
+
+    /// [`KafkaSource::start_offset`] of each of `partitions`, the group's offsets in one
+    /// request.
+    fn start_offsets(&self, consumer: &SourceConsumer, partitions: &[i32]) -> Result<Vec<i64>> {
+        let mut tpl = TopicPartitionList::new();
+        for &partition in partitions {
+            tpl.add_partition(&self.topic, partition);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, REQUEST_TIMEOUT)
+            .map_err(|e| consumer.context().0.explain(kafka_error(&format!("reading the group's offsets of partitions {partitions:?}"), e)))?;
         let initial = self.discovery.initial.load(Ordering::Relaxed);
-        let gained = initial > 0 && partition as usize >= initial;
-        Ok(if self.reset == Reset::Earliest || gained { low } else { high })
+        let mut starts = Vec::with_capacity(partitions.len());
+        for &partition in partitions {
+            if let Some(Offset::Offset(at)) = committed.find_partition(&self.topic, partition).map(|e| e.offset()) {
+                starts.push(at);
+                continue;
+            }
+            let (low, high) = consumer
+                .fetch_watermarks(&self.topic, partition, REQUEST_TIMEOUT)
+                .map_err(|e| consumer.context().0.explain(kafka_error(&format!("reading the offsets of partition {partition}"), e)))?;
+            let gained = initial > 0 && partition as usize >= initial;
+            starts.push(if self.reset == Reset::Earliest || gained { low } else { high });
+        }
+        Ok(starts)
     }
 }
 
@@ -460,6 +486,11 @@ impl SourceConnector for KafkaSource {
         })?;
         let _ = self.discovery.initial.compare_exchange(0, n, Ordering::Relaxed, Ordering::Relaxed);
         self.discovery.now.fetch_max(n, Ordering::Relaxed);
+        // Where the partitions start if no checkpoint says, found now with this client.
+        let partitions: Vec<i32> = (0..n).filter_map(|p| i32::try_from(p).ok()).collect();
+        let starts = self.start_offsets(&consumer, &partitions)?;
+        let now = std::time::Instant::now();
+        self.starts.lock().unwrap_or_else(|e| e.into_inner()).extend(partitions.into_iter().zip(starts.into_iter().map(|at| (at, now))));
         Ok(n)
     }
 
