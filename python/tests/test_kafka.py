@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 import laminardb
 from conftest import poll_rows, wait_until
+from kafka_broker import read_messages
 
 SYMBOLS = [f"S{i:02d}" for i in range(12)]
 WINDOW_MS = 1_000
@@ -159,13 +160,7 @@ def test_records_that_do_not_decode_are_counted_sent_to_the_dead_letter_topic_an
     assert values == [1, 2, 4]
     assert metrics.errors == 2, metrics.last_error
     assert "partition 0 offset 3: did not decode" in metrics.last_error
-    consumer = Consumer({"bootstrap.servers": kafka.servers, "group.id": "dlq-check"})
-    consumer.assign([TopicPartition(dead, 0, 0)])
-    letters: list = []
-    deadline = time.monotonic() + 20
-    while len(letters) < 2 and time.monotonic() < deadline:
-        letters += [m for m in consumer.consume(10, 0.2) if m.error() is None]
-    consumer.close()
+    letters = read_messages({"bootstrap.servers": kafka.servers, "group.id": "dlq-check"}, dead, 1, 2, timeout_s=20)
     assert [m.value() for m in letters] == [b"not json", b'{"v": "three"}']
     headers = dict(letters[1].headers())
     assert headers["origin"] == b"partition 0 offset 3"
@@ -191,14 +186,8 @@ def test_dead_letters_still_held_by_their_producer_are_delivered_at_close(kafka)
     db.start()
     assert wait_until(lambda: db.source_metrics("s").errors >= 300, timeout=30)
     db.close()
-    consumer = Consumer({"bootstrap.servers": kafka.servers, "group.id": "dlq-check"})
-    consumer.assign([TopicPartition(dead, 0, 0)])
-    letters: list = []
-    deadline = time.monotonic() + 20
-    while len(letters) < 300 and time.monotonic() < deadline:
-        letters += [m.value() for m in consumer.consume(100, 0.2) if m.error() is None]
-    consumer.close()
-    assert letters == bad
+    letters = read_messages({"bootstrap.servers": kafka.servers, "group.id": "dlq-check"}, dead, 1, 300, timeout_s=20)
+    assert [m.value() for m in letters] == bad
 
 
 def test_pending_in_source_metrics_is_the_consumer_lag(kafka):

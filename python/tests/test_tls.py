@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import ssl
 import threading
-import time
 
 import pytest
 import trustme
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 import laminardb
 from conftest import poll_rows, wait_until
-from kafka_broker import start_tls_broker
+from kafka_broker import read_messages, start_tls_broker
 from test_websocket import Feed
 
 
@@ -79,15 +78,7 @@ def test_kafka_source_and_sink_over_tls(tls_kafka, ca_file):
     finally:
         db.close()
     assert (source.total_events, source.errors) == (1_000, 0)
-    consumer = Consumer(tls_client(tls_kafka.servers, ca_file, **{"group.id": "tls-check", "enable.auto.commit": False}))
-    consumer.assign([TopicPartition(out, p, 0) for p in range(2)])
-    got: list = []
-    deadline = time.monotonic() + 30
-    while len(got) < 500 and time.monotonic() < deadline:
-        for m in consumer.consume(1_000, 0.2):
-            assert m.error() is None, m.error()
-            got.append(json.loads(m.value()))
-    consumer.close()
+    got = [json.loads(m.value()) for m in read_messages(tls_client(tls_kafka.servers, ca_file, **{"group.id": "tls-check"}), out, 2, 500)]
     assert sorted(r["k"] for r in got) == list(range(1, 1_000, 2))
     assert all(r["v"] == r["k"] * 3 for r in got)
 
@@ -222,13 +213,7 @@ def test_avro_through_an_https_registry_with_basic_authentication(tls_kafka, ca_
         {"url": registry.url, "ssl.ca.location": ca_file, "basic.auth.user.info": "laminar:s3cret"}
     )
     read = AvroDeserializer(client)
-    consumer = Consumer(tls_client(tls_kafka.servers, ca_file, **{"group.id": "avro-tls", "enable.auto.commit": False}))
-    consumer.assign([TopicPartition(topic, 0, 0)])
-    records: list = []
-    deadline = time.monotonic() + 30
-    while len(records) < len(rows) and time.monotonic() < deadline:
-        records += [m for m in consumer.consume(100, 0.2) if m.error() is None]
-    consumer.close()
+    records = read_messages(tls_client(tls_kafka.servers, ca_file, **{"group.id": "avro-tls"}), topic, 1, len(rows))
     ctx = SerializationContext(topic, MessageField.VALUE)
     try:
         assert sorted((read(m.value(), ctx) for m in records), key=lambda r: r["qty"]) == rows
