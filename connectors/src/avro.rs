@@ -62,7 +62,7 @@ impl Registry {
             if !user_info.contains(':') {
                 return Err(Error::connector("schema.registry.basic.auth.user.info is 'user:password'"));
             }
-            registry.authorization = Some(format!("Basic {}", crate::dead_letter::base64(user_info.as_bytes())));
+            registry.authorization = Some(format!("Basic {}", crate::encode::base64(user_info.as_bytes())));
         }
         Ok(Arc::new(registry))
     }

@@ -84,7 +84,7 @@ impl DeadLetters {
             Sink::File(file) => {
                 let (key, value) = match std::str::from_utf8(payload) {
                     Ok(text) => ("payload", serde_json::Value::from(text)),
-                    Err(_) => ("payload_base64", serde_json::Value::from(base64(payload))),
+                    Err(_) => ("payload_base64", serde_json::Value::from(crate::encode::base64(payload))),
                 };
                 let line = serde_json::json!({ "source": self.source, "origin": origin, "error": error, key: value });
                 writeln!(file, "{line}").and_then(|()| file.flush()).map_err(|e| Error::connector(format!("dead letters: writing: {e}")))
@@ -116,36 +116,10 @@ impl DeadLetters {
     }
 }
 
-/// Standard base64 with padding.
-pub(crate) fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-
-    #[test]
-    fn base64_is_standard() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(&[0xff, 0xfe, 0x00, 0x01]), "//4AAQ==");
-    }
 
     #[test]
     fn a_file_gets_one_json_line_per_message() {
