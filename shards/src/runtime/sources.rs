@@ -131,12 +131,11 @@ impl ShardRuntime {
         Ok(SplitState { split, reader, ended: false, seen: None, active: Instant::now() })
     }
 
-    /// Opens the splits `source` gained since this shard last looked that are its own.
-    fn open_new_splits(&mut self, source: &Arc<str>) -> Result<()> {
-        let Some(reading) = self.sources.get(source).filter(|r| r.grows) else { return Ok(()) };
-        let known = reading.known;
-        let Some(now) = reading.connector.splits_now().filter(|&n| n > known) else { return Ok(()) };
-        let connector = reading.connector.clone();
+    /// Opens the splits among `source`'s `now` that it gained since this shard last looked
+    /// and that are its own.
+    fn open_new_splits(&mut self, source: &Arc<str>, now: usize) -> Result<()> {
+        let Some(reading) = self.sources.get(source) else { return Ok(()) };
+        let (known, connector) = (reading.known, reading.connector.clone());
         let mut opened = Vec::new();
         let (shards, id) = (self.shards, self.id);
         for split in (known..now).filter(|s| s % shards == id) {
@@ -152,8 +151,16 @@ impl ShardRuntime {
     /// Polls each open split of `source` once, appends what came and moves the source's
     /// watermark on this shard.
     pub fn poll_source(&mut self, source: &Arc<str>, ack: &AckToken) -> Result<SourceStep> {
-        self.open_new_splits(source)?;
         let Some(reading) = self.sources.get_mut(source) else { return Ok(SourceStep::Ended) };
+        let gained = if reading.grows { reading.connector.splits_now().filter(|&n| n > reading.known) } else { None };
+        let reading = match gained {
+            Some(now) => {
+                self.open_new_splits(source, now)?;
+                let Some(reading) = self.sources.get_mut(source) else { return Ok(SourceStep::Ended) };
+                reading
+            }
+            None => reading,
+        };
         if reading.splits.is_empty() {
             // None of a growing source's splits is this shard's yet.
             return Ok(SourceStep::Wait(UNOWNED_POLL));
