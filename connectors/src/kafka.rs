@@ -9,10 +9,12 @@
 //! ```
 //!
 //! Each partition is a split, so partition `p` is read by shard `p % shards` and its
-//! watermark is its own (the engine merges them and leaves idle ones out). A split's
-//! reader is a librdkafka consumer assigned that one partition; librdkafka fetches on its
-//! own threads and the shard only takes what has arrived (a shard that does not keep up
-//! stops taking, and the consumer stops fetching once its queue is full: backpressure).
+//! watermark is its own (the engine merges them and leaves idle ones out). The source's
+//! open splits share one librdkafka consumer ([`Reader`]), which fetches every partition
+//! in one request per broker on its own threads; each partition's records come on a queue
+//! of their own, and the shard owning it only takes what has arrived (a shard that does
+//! not keep up stops taking, and the consumer stops fetching that partition once its
+//! queue is full: backpressure).
 //!
 //! Partitions added to the topic while it is read are found within
 //! `partition.discovery.interval.ms` (10 s; 0: never): a thread of the source counts them
@@ -35,7 +37,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
@@ -81,6 +83,10 @@ const IDLE_POLL: Duration = Duration::from_millis(1);
 
 /// How often the partition-counting thread looks whether any split is still open.
 const READERS_CHECK: Duration = Duration::from_millis(100);
+
+/// A split serves the consumer's own queue at least every this many polls (and whenever
+/// its partition had nothing).
+const EVENTS_EVERY: u32 = 16;
 
 /// The client settings every Kafka client of a statement shares: the brokers and the
 /// options passed through.
@@ -257,9 +263,10 @@ pub struct KafkaSource {
     discovery: Arc<Discovery>,
     /// The thread counting partitions, and its stop (dropped with the source).
     discovery_thread: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
-    /// Held by every open split: the counting thread ends once none is (the database
-    /// closed or the source stopped), and the next split opened starts it again.
-    readers: Mutex<std::sync::Weak<()>>,
+    /// The consumer the open splits share: it closes with the last of them, and the
+    /// counting thread ends then (the database closed or the source stopped); the next
+    /// split opened starts both again.
+    reader: Mutex<Weak<Reader>>,
     /// Where each partition without a recorded position starts, as `splits()` found them
     /// with one client for all (taken by the partition's `open()` right after; a
     /// partition's own client would otherwise have to reach the group's coordinator
@@ -355,44 +362,45 @@ impl KafkaSource {
             discovery_interval,
             discovery: Arc::default(),
             discovery_thread: Mutex::new(None),
-            readers: Mutex::new(std::sync::Weak::new()),
+            reader: Mutex::new(Weak::new()),
             starts: Mutex::default(),
         })
     }
 
-    /// A token of an open split ([`KafkaSource::readers`]).
-    fn reader_token(&self) -> Arc<()> {
-        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
-        readers.upgrade().unwrap_or_else(|| {
-            let token = Arc::new(());
-            *readers = Arc::downgrade(&token);
-            token
-        })
+    /// The consumer the open splits share ([`KafkaSource::reader`]), made if none is open.
+    fn reader(&self) -> Result<Arc<Reader>> {
+        let mut shared = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(reader) = shared.upgrade() {
+            return Ok(reader);
+        }
+        let consumer = self.consumer()?;
+        let events = BatchQueue::new(&consumer).ok_or_else(|| Error::connector("kafka: the consumer has no queue to read"))?;
+        let reader = Arc::new(Reader { events: parking_lot::Mutex::new(events), consumer });
+        *shared = Arc::downgrade(&reader);
+        Ok(reader)
     }
 
-    /// Counts the topic's partitions every `interval` on a thread of its own while any
-    /// split holds a token of `readers` (started at a split's opening, unless running).
-    fn discover(&self, interval: Duration, readers: std::sync::Weak<()>) -> Result<()> {
+    /// Counts the topic's partitions every `interval` on a thread of its own, with the
+    /// splits' consumer, while any split holds it (started at a split's opening, unless
+    /// running).
+    fn discover(&self, interval: Duration, reader: Weak<Reader>) -> Result<()> {
         let mut running = self.discovery_thread.lock().unwrap_or_else(|e| e.into_inner());
         if running.as_ref().is_some_and(|(_, thread)| !thread.is_finished()) {
             return Ok(());
         }
         let (tx, rx) = mpsc::channel::<()>();
-        let consumer = self.consumer()?;
         let (topic, discovery) = (self.topic.clone(), self.discovery.clone());
         let thread = std::thread::Builder::new()
             .name("laminardb-kafka-discovery".into())
             .spawn(move || {
                 let mut counted = std::time::Instant::now();
                 while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(READERS_CHECK.min(interval)) {
-                    if readers.strong_count() == 0 {
-                        break;
-                    }
+                    let Some(reader) = reader.upgrade() else { break };
                     if counted.elapsed() < interval {
                         continue;
                     }
                     counted = std::time::Instant::now();
-                    match partition_count(consumer.client(), &topic) {
+                    match partition_count(reader.consumer.client(), &topic) {
                         Ok(n) => {
                             let before = discovery.now.fetch_max(n, Ordering::Relaxed);
                             if n > before {
@@ -473,7 +481,10 @@ impl SourceConnector for KafkaSource {
     }
 
     fn splits(&self, _shards: usize) -> Result<usize> {
-        let consumer = self.consumer()?;
+        // The open splits' consumer, or one for this call (closed at its end if no split
+        // opened meanwhile).
+        let reader = self.reader()?;
+        let consumer = &reader.consumer;
         let n = partition_count(consumer.client(), &self.topic).map_err(|e| {
             // Why the brokers could not be reached (a refused TLS handshake, …) waits on
             // the client's queue as a log line: served now, it is said with the error.
@@ -488,7 +499,7 @@ impl SourceConnector for KafkaSource {
         self.discovery.now.fetch_max(n, Ordering::Relaxed);
         // Where the partitions start if no checkpoint says, found now with this client.
         let partitions: Vec<i32> = (0..n).filter_map(|p| i32::try_from(p).ok()).collect();
-        let starts = self.start_offsets(&consumer, &partitions)?;
+        let starts = self.start_offsets(consumer, &partitions)?;
         let now = std::time::Instant::now();
         self.starts.lock().unwrap_or_else(|e| e.into_inner()).extend(partitions.into_iter().zip(starts.into_iter().map(|at| (at, now))));
         Ok(n)
@@ -503,26 +514,31 @@ impl SourceConnector for KafkaSource {
         if let Some(registry) = &self.registry {
             registry.check()?;
         }
-        let reading = self.reader_token();
+        let reader = self.reader()?;
         if let Some(interval) = self.discovery_interval {
-            self.discover(interval, Arc::downgrade(&reading))?;
+            self.discover(interval, Arc::downgrade(&reader))?;
         }
-        let consumer = self.consumer()?;
         let next = match position {
             Some(bytes) => {
                 let at = read_offset_position(bytes, &format!("partition {partition} of topic '{}'", self.topic))?;
                 i64::try_from(at).map_err(|_| Error::checkpoint(format!("kafka: a recorded offset {at} out of range")))?
             }
-            None => self.start_offset(&consumer, partition)?,
+            None => self.start_offset(&reader.consumer, partition)?,
         };
+        let topic_c = std::ffi::CString::new(self.topic.as_str()).map_err(|_| Error::connector("kafka: a topic name with a NUL"))?;
+        // The partition's queue is split off before it is assigned, so none of its
+        // records goes to the consumer's own queue.
+        let batches = BatchQueue::partition(&reader.consumer, &topic_c, partition)
+            .ok_or_else(|| Error::connector(format!("kafka: no queue for partition {partition}")))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next))
             .map_err(|e| kafka_error("assigning the partition", e))?;
-        consumer.assign(&tpl).map_err(|e| kafka_error(&format!("assigning partition {partition}"), e))?;
-        let batches = BatchQueue::new(&*consumer).ok_or_else(|| Error::connector("kafka: the consumer has no queue to read"))?;
+        reader.consumer.incremental_assign(&tpl).map_err(|e| kafka_error(&format!("assigning partition {partition}"), e))?;
         Ok(Box::new(KafkaSplit {
             batches,
-            consumer,
+            reader,
+            assigned: true,
+            polls: 0,
             topic: self.topic.clone(),
             partition,
             next,
@@ -532,17 +548,29 @@ impl SourceConnector for KafkaSource {
             max_poll: self.max_poll,
             dead: self.dead_letters.open(&format!("kafka topic '{}'", self.topic))?,
             prefetch: self.prefetch,
-            topic_c: std::ffi::CString::new(self.topic.as_str()).map_err(|_| Error::connector("kafka: a topic name with a NUL"))?,
+            topic_c,
             dead_failed: Default::default(),
-            _reading: reading,
         }))
     }
 }
 
-struct KafkaSplit {
-    /// The consumer's records in batches; declared first, so dropped before the consumer.
-    batches: BatchQueue,
+/// The consumer a source's open splits share. Each split reads its partition's own
+/// queue; the consumer's own queue holds what is the source's, not a partition's (errors,
+/// the results of offset commits), and is served by whichever split finds it free.
+struct Reader {
+    /// Declared first, so dropped before the consumer.
+    events: parking_lot::Mutex<BatchQueue>,
     consumer: SourceConsumer,
+}
+
+struct KafkaSplit {
+    /// The partition's records in batches; declared first, so dropped before the consumer.
+    batches: BatchQueue,
+    reader: Arc<Reader>,
+    /// The partition is in the consumer's assignment (until `close`).
+    assigned: bool,
+    /// Polls so far (the consumer's own queue is served every [`EVENTS_EVERY`]th).
+    polls: u32,
     topic: String,
     partition: i32,
     /// The offset of the next record: every record before it is in a batch handed over
@@ -560,8 +588,6 @@ struct KafkaSplit {
     topic_c: std::ffi::CString,
     /// Why the dead letters could not be kept at a checkpoint (told at the next poll).
     dead_failed: std::cell::RefCell<Option<String>>,
-    /// While held, the source's partitions are counted ([`KafkaSource::readers`]).
-    _reading: Arc<()>,
 }
 
 impl KafkaSplit {
@@ -570,10 +596,43 @@ impl KafkaSplit {
     fn commit(&self) {
         let mut tpl = TopicPartitionList::new();
         if tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(self.next)).is_ok() {
-            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            if let Err(e) = self.reader.consumer.commit(&tpl, CommitMode::Async) {
                 log::warn!("kafka: committing offset {} of partition {} of '{}': {e}", self.next, self.partition, self.topic);
             }
         }
+    }
+
+    /// Takes the partition out of the shared consumer's assignment: it stops fetching it.
+    fn unassign(&mut self) {
+        if !std::mem::take(&mut self.assigned) {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, self.partition);
+        if let Err(e) = self.reader.consumer.incremental_unassign(&tpl) {
+            log::warn!("kafka: unassigning partition {} of '{}': {e}", self.partition, self.topic);
+        }
+    }
+
+    /// Serves the consumer's own queue, unless another split is: an error event there is
+    /// the source's, told by this split.
+    fn serve_events(&self, failure: &mut Option<String>) {
+        let Some(mut events) = self.reader.events.try_lock() else { return };
+        events.take(64, |event| match event.error {
+            Some((code, _)) if code == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF => {}
+            Some((_, text)) => *failure = Some(format!("kafka: {text}")),
+            // Every partition's records are split off before it is assigned.
+            None => {
+                *failure =
+                    Some(format!("kafka: record {} of partition {} came on the consumer's own queue and was left out", event.offset, event.partition))
+            }
+        });
+    }
+}
+
+impl Drop for KafkaSplit {
+    fn drop(&mut self) {
+        self.unassign();
     }
 }
 
@@ -597,7 +656,7 @@ impl SplitReader for KafkaSplit {
         let (partition, changelog) = (self.partition, self.decoder.changelog());
         let (decoder, offsets, next, rejected, dead) =
             (&mut self.decoder, &mut self.offsets, &mut self.next, &mut self.rejected, &mut self.dead);
-        self.batches.take(self.max_poll, |record| {
+        let taken = self.batches.take(self.max_poll, |record| {
             if let Some((code, text)) = record.error {
                 // The end of a partition is no error; others librdkafka retries on its
                 // own: the error is said, reading goes on.
@@ -623,6 +682,10 @@ impl SplitReader for KafkaSplit {
             }
             *next = record.offset + 1;
         });
+        self.polls = self.polls.wrapping_add(1);
+        if taken == 0 || self.polls % EVENTS_EVERY == 0 {
+            self.serve_events(&mut failure);
+        }
         let offsets = std::mem::take(&mut self.offsets);
         let (batch, rejected) = self.decoder.finish()?;
         for r in rejected {
@@ -662,7 +725,7 @@ impl SplitReader for KafkaSplit {
         // (a NUL-terminated copy this split owns) and writes the two offsets, nothing else.
         let err = unsafe {
             rdkafka::bindings::rd_kafka_get_watermark_offsets(
-                self.consumer.client().native_ptr(),
+                self.reader.consumer.client().native_ptr(),
                 self.topic_c.as_ptr(),
                 self.partition,
                 &mut low,
@@ -675,6 +738,7 @@ impl SplitReader for KafkaSplit {
 
     fn close(&mut self) -> Result<()> {
         self.commit();
+        self.unassign();
         self.dead.flush()
     }
 }
@@ -777,6 +841,53 @@ mod tests {
         .unwrap();
         let e = missing.splits(2).unwrap_err();
         assert!(e.message.contains("'absent'"), "{}", e.message);
+    }
+
+    /// The open splits of a source share one consumer, each reading only its own
+    /// partition: one split closed and opened again at its position reads on from there
+    /// while the others go on; the consumer goes with the last split.
+    #[test]
+    fn the_splits_share_one_consumer_and_each_reads_its_own_partition() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 3, 1).unwrap();
+        let servers = cluster.bootstrap_servers();
+        let records: Vec<(i32, String)> = (0..30).map(|i| (i % 3, format!(r#"{{"v": {i}}}"#))).collect();
+        let records: Vec<(i32, &str)> = records.iter().map(|(p, r)| (*p, r.as_str())).collect();
+        produce(&servers, &records);
+        let source = KafkaSource::new(
+            &ConnectorOptions::new(
+                "kafka",
+                &[("bootstrap.servers", servers.as_str()), ("topic", "t"), ("group.id", "g"), ("auto.offset.reset", "earliest"), ("connector", "kafka")]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+            .unwrap(),
+            Some(&schema()),
+        )
+        .unwrap();
+        assert_eq!(source.splits(2).unwrap(), 3);
+        assert!(source.reader.lock().unwrap().upgrade().is_none(), "no split open: no consumer kept");
+        let mut splits: Vec<Box<dyn SplitReader>> = (0..3).map(|p| source.open(p, 3, None).unwrap()).collect();
+        let consumer = source.reader.lock().unwrap().upgrade().unwrap();
+        assert_eq!(Arc::strong_count(&consumer), 4, "the three splits hold the one consumer");
+        drop(consumer);
+        let own = |p: i64, from: i64| (from..10).map(|k| 3 * k + p).collect::<Vec<i64>>();
+        let (first, _) = read(splits[1].as_mut(), 4, 0);
+        assert_eq!(first, own(1, 0)[..first.len()], "partition 1's records, in order");
+        let at = splits[1].position();
+        let read_so_far = read_offset_position(&at, "t").unwrap() as i64;
+        splits[1].close().unwrap();
+        splits.remove(1);
+        splits.insert(1, source.open(1, 3, Some(&at)).unwrap());
+        for (p, split) in splits.iter_mut().enumerate() {
+            let from = if p == 1 { read_so_far } else { 0 };
+            let want = own(p as i64, from);
+            let (values, skipped) = read(split.as_mut(), want.len(), 0);
+            assert_eq!((values, skipped), (want, vec![]), "partition {p}");
+        }
+        drop(splits);
+        assert!(source.reader.lock().unwrap().upgrade().is_none(), "the consumer goes with the last split");
     }
 
     /// Closing a split whose brokers went out of reach takes no time: its last commit

@@ -20,19 +20,39 @@ pub(crate) struct Record<'a> {
     pub error: Option<(rd::rd_kafka_resp_err_t, String)>,
 }
 
-/// The consumer's queue, read in batches. Must be dropped before its consumer (a field
-/// declared before it).
+/// A consumer's queue, read in batches: its own (events and the records of partitions
+/// not split off) or one partition's. Must be dropped before its consumer.
 pub(crate) struct BatchQueue {
     queue: *mut rd::rd_kafka_queue_t,
     taken: Vec<*mut rd::rd_kafka_message_t>,
 }
 
+// SAFETY: librdkafka's queues may be used from any thread; the messages taken are owned
+// here until `release`, whichever thread calls it.
+unsafe impl Send for BatchQueue {}
+
 impl BatchQueue {
+    /// The consumer's own queue.
     pub fn new<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<BatchQueue> {
         // SAFETY: the client pointer is valid while `consumer` lives; the queue handle
         // returned is owned here and destroyed in `drop`, before the consumer.
         let queue = unsafe { rd::rd_kafka_queue_get_consumer(consumer.client().native_ptr()) };
         (!queue.is_null()).then(|| BatchQueue { queue, taken: Vec::new() })
+    }
+
+    /// The queue of `partition` of `topic`, split off the consumer's own: the records of
+    /// that partition fetched from now on come here only. Split before the partition is
+    /// assigned (librdkafka then leaves the split in place when it starts fetching).
+    pub fn partition<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &CString, partition: i32) -> Option<BatchQueue> {
+        // SAFETY: as in `new`; the topic name is a NUL-terminated string librdkafka only
+        // reads. Forwarding to null detaches the partition's queue from the consumer's.
+        let queue = unsafe { rd::rd_kafka_queue_get_partition(consumer.client().native_ptr(), topic.as_ptr(), partition) };
+        if queue.is_null() {
+            return None;
+        }
+        // SAFETY: `queue` is the valid handle just returned.
+        unsafe { rd::rd_kafka_queue_forward(queue, null_mut()) };
+        Some(BatchQueue { queue, taken: Vec::new() })
     }
 
     /// Calls `each` on up to `max` records (or error events) waiting now, without waiting.
