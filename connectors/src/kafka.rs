@@ -331,6 +331,9 @@ impl KafkaSource {
         //   100 k or 64 MiB): a shard that drains in bursts keeps the fetcher busy between
         //   them (2.2× the messages per second from a backlog here, see perf/README.md),
         //   with less memory per partition at most.
+        // - a partition whose prefetch is full is fetched again 10 ms later (librdkafka:
+        //   1 s, which stalled a pipeline whose shard drained a full queue in a few
+        //   milliseconds for the rest of that second: see perf/README.md, session 24);
         // - the consumers join no group (partitions are assigned), so the session timeout
         //   only bounds how long a close waits for a commit the brokers cannot take
         //   (librdkafka: 45 s; 6 s is the brokers' least for a group member).
@@ -338,6 +341,7 @@ impl KafkaSource {
             ("fetch.wait.max.ms", "10"),
             ("queued.min.messages", "1000000"),
             ("queued.max.messages.kbytes", "16384"),
+            ("fetch.queue.backoff.ms", "10"),
             ("session.timeout.ms", "6000"),
         ] {
             if config.get(key).is_none() {
@@ -888,6 +892,27 @@ mod tests {
         }
         drop(splits);
         assert!(source.reader.lock().unwrap().upgrade().is_none(), "the consumer goes with the last split");
+    }
+
+    /// A partition whose prefetch queue is full is fetched again as soon as the split
+    /// has taken from it (librdkafka's own default waits a second: with each record
+    /// filling the queue here, 10 of the 100 came in the ten seconds).
+    #[test]
+    fn a_full_prefetch_queue_does_not_pause_reading() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        let servers = cluster.bootstrap_servers();
+        let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", &servers).create().unwrap();
+        for i in 0..100 {
+            // A batch per record, so each fetch brings one.
+            producer.send(BaseRecord::<(), str>::to("t").partition(0).payload(&format!(r#"{{"v": {i}}}"#))).unwrap();
+            producer.flush(Duration::from_secs(10)).unwrap();
+        }
+        let source = source(&servers, &[("kafka.queued.min.messages", "1"), ("kafka.max.partition.fetch.bytes", "1")]).unwrap();
+        assert_eq!(source.splits(1).unwrap(), 1);
+        let mut split = source.open(0, 1, None).unwrap();
+        let (values, _) = read(split.as_mut(), 100, 0);
+        assert_eq!(values, (0..100).collect::<Vec<i64>>(), "all read within the ten seconds `read` waits");
     }
 
     /// Closing a split whose brokers went out of reach takes no time: its last commit
