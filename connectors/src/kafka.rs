@@ -165,27 +165,36 @@ pub(crate) trait Heard: ClientContext {
     fn last_error(&self) -> &LastError;
 }
 
+/// Makes a context whose field `$field` is its [`LastError`] a [`ClientContext`] that
+/// tells it librdkafka's log lines and errors, and [`Heard`].
+macro_rules! heard_client_context {
+    ($context:ty, $field:tt) => {
+        impl rdkafka::client::ClientContext for $context {
+            fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+                self.$field.logged(level, facility, message);
+            }
+
+            fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+                self.$field.heard(&error, reason);
+            }
+        }
+
+        impl $crate::kafka::Heard for $context {
+            fn last_error(&self) -> &$crate::kafka::LastError {
+                &self.$field
+            }
+        }
+    };
+}
+pub(crate) use heard_client_context;
+
 /// The source's consumers' context.
 #[derive(Debug, Default)]
 pub(crate) struct SourceContext(LastError);
 
-impl ClientContext for SourceContext {
-    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        self.0.logged(level, facility, message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.0.heard(&error, reason);
-    }
-}
+heard_client_context!(SourceContext, 0);
 
 impl ConsumerContext for SourceContext {}
-
-impl Heard for SourceContext {
-    fn last_error(&self) -> &LastError {
-        &self.0
-    }
-}
 
 /// A consumer of the source, closed when dropped by librdkafka's own close on a thread of
 /// its own. The `rdkafka` crate's drop of a consumer with a group closes it by polling in
@@ -623,7 +632,7 @@ impl KafkaSplit {
     fn serve_events(&self, failure: &mut Option<String>) {
         let Some(mut events) = self.reader.events.try_lock() else { return };
         events.take(64, |event| match event.error {
-            Some((code, _)) if code == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF => {}
+            Some((rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF, _)) => {}
             Some((_, text)) => *failure = Some(format!("kafka: {text}")),
             // Every partition's records are split off before it is assigned.
             None => {
@@ -687,7 +696,7 @@ impl SplitReader for KafkaSplit {
             *next = record.offset + 1;
         });
         self.polls = self.polls.wrapping_add(1);
-        if taken == 0 || self.polls % EVENTS_EVERY == 0 {
+        if taken == 0 || self.polls.is_multiple_of(EVENTS_EVERY) {
             self.serve_events(&mut failure);
         }
         let offsets = std::mem::take(&mut self.offsets);

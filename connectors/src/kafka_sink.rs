@@ -37,8 +37,7 @@ use arrow::array::{Array, RecordBatch, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use parking_lot::Mutex;
-use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 
@@ -49,7 +48,7 @@ use laminardb_engine::{Error, Result};
 use crate::avro::{AvroEncoder, Registry};
 use crate::encode::RowEncoding;
 use crate::kafka_batch::{Outgoing, ProduceTopic, ANY_PARTITION};
-use crate::kafka::{client_config, kafka_error, partition_count, Heard, LastError, CLIENT_PREFIXES, REQUEST_TIMEOUT};
+use crate::kafka::{client_config, heard_client_context, kafka_error, partition_count, LastError, CLIENT_PREFIXES, REQUEST_TIMEOUT};
 
 const OPTIONS: &[&str] = &[
     "bootstrap.servers",
@@ -90,21 +89,7 @@ pub(crate) struct Deliveries {
     errors: LastError,
 }
 
-impl ClientContext for Deliveries {
-    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        self.errors.logged(level, facility, message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.errors.heard(&error, reason);
-    }
-}
-
-impl Heard for Deliveries {
-    fn last_error(&self) -> &LastError {
-        &self.errors
-    }
-}
+heard_client_context!(Deliveries, errors);
 
 impl ProducerContext for Deliveries {
     type DeliveryOpaque = ();
