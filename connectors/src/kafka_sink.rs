@@ -249,6 +249,15 @@ impl KafkaSink {
         };
         let producer = ReportingProducer::new(&mut config)?;
         let partitions = partition_count(producer.producer().client(), &topic)? as i32;
+        if !exactly_once && config.get("enable.idempotence") == Some("true") {
+            // An idempotent producer asks for its producer id when a metadata response
+            // comes, from a broker that is up. The first one's broker, the bootstrap
+            // address, is dropped right after it for the broker it named; asked then,
+            // none is up, and librdkafka asks again 500 ms later, holding back every
+            // record until then (in 4 of 5 opens here). This second request is answered
+            // by the named broker, once up, and the id is asked for at once.
+            partition_count(producer.producer().client(), &topic)?;
+        }
         let handle = ProduceTopic::new(producer.producer().client(), &topic).map_err(|e| Error::connector(format!("kafka sink: topic '{topic}': {e}")))?;
         if exactly_once {
             // Takes over the id: a transaction left open by a dead process is aborted.
