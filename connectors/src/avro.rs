@@ -145,8 +145,6 @@ impl Registry {
             .map_err(|e| fail(e.to_string()))?
             .next()
             .ok_or_else(|| fail("no address".into()))?;
-        let stream = TcpStream::connect_timeout(&address, TIMEOUT).map_err(|e| fail(e.to_string()))?;
-        stream.set_read_timeout(Some(TIMEOUT)).and_then(|_| stream.set_write_timeout(Some(TIMEOUT))).map_err(|e| fail(e.to_string()))?;
         let body = body.unwrap_or("");
         let authorization = self.authorization.as_ref().map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
         let request = format!(
@@ -155,7 +153,20 @@ impl Registry {
             self.authority,
             body.len()
         );
-        let exchange = |mut stream: Box<dyn ReadWrite>| -> std::io::Result<Vec<u8>> {
+        let exchange = || -> std::io::Result<Vec<u8>> {
+            let stream = TcpStream::connect_timeout(&address, TIMEOUT)?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            stream.set_write_timeout(Some(TIMEOUT))?;
+            let mut stream: Box<dyn ReadWrite> = match &self.tls {
+                None => Box::new(stream),
+                Some(tls) => Box::new(tls.connect(&self.host, stream).map_err(|e| {
+                    let kind = match &e {
+                        native_tls::HandshakeError::Failure(e) if interrupted(e) => std::io::ErrorKind::Interrupted,
+                        _ => std::io::ErrorKind::Other,
+                    };
+                    std::io::Error::new(kind, format!("TLS: {e}"))
+                })?),
+            };
             stream.write_all(request.as_bytes())?;
             let mut answer = Vec::new();
             match stream.read_to_end(&mut answer) {
@@ -164,14 +175,17 @@ impl Registry {
                 other => other.map(|_| answer),
             }
         };
-        let answer = match &self.tls {
-            None => exchange(Box::new(stream)),
-            Some(tls) => {
-                let stream = tls.connect(&self.host, stream).map_err(|e| fail(format!("TLS: {e}")))?;
-                exchange(Box::new(stream))
+        // A signal that comes during a blocking call interrupts it, and the TLS handshake
+        // does not go on after that: the request is made again (each one the registry
+        // gets is a lookup or a registration, the same answer twice).
+        let mut attempts = 0;
+        let answer = loop {
+            attempts += 1;
+            match exchange() {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted && attempts < ATTEMPTS => continue,
+                other => break other.map_err(|e| fail(e.to_string()))?,
             }
-        }
-        .map_err(|e| fail(e.to_string()))?;
+        };
         let (status, content) = parse_response(&answer).map_err(fail)?;
         let json: Value = serde_json::from_slice(&content).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&content).into()));
         if !(200..300).contains(&status) {
@@ -180,6 +194,21 @@ impl Registry {
         }
         Ok(json)
     }
+}
+
+/// How many times a request interrupted by a signal is made in all.
+const ATTEMPTS: u32 = 3;
+
+/// `e` or an error it wraps is an interrupted system call.
+fn interrupted(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::Interrupted) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 trait ReadWrite: Read + Write {}

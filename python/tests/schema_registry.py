@@ -12,22 +12,34 @@ import base64
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class SchemaRegistry:
     """Plain HTTP by default; `ssl_context` serves it over TLS, and `user_info`
-    (`user:password`) refuses requests without that basic authentication (401)."""
+    (`user:password`) refuses requests without that basic authentication (401).
+    `handshake_delay` (seconds) holds each TLS handshake back that long; `connections`
+    counts the connections taken."""
 
-    def __init__(self, ssl_context=None, user_info: str | None = None) -> None:
+    def __init__(self, ssl_context=None, user_info: str | None = None, handshake_delay: float = 0) -> None:
         self.schemas: list[str] = []  # id - 1 -> schema text
         self.subjects: dict[str, list[int]] = {}
         self.lock = threading.Lock()
         self.refused = 0
+        self.connections = 0
         registry = self
         expected = "Basic " + base64.b64encode(user_info.encode()).decode() if user_info else None
 
         class Handler(BaseHTTPRequestHandler):
+            def setup(self) -> None:
+                with registry.lock:
+                    registry.connections += 1
+                if handshake_delay:
+                    time.sleep(handshake_delay)
+                    self.request.do_handshake()
+                super().setup()
+
             def log_message(self, *args) -> None:
                 pass
 
@@ -83,7 +95,12 @@ class SchemaRegistry:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         if ssl_context is not None:
-            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
+            self.server.socket = ssl_context.wrap_socket(
+                self.server.socket, server_side=True, do_handshake_on_connect=not handshake_delay
+            )
+            if handshake_delay:
+                # A client that gave a delayed handshake up is no error of the server's.
+                self.server.handle_error = lambda request, address: None
         scheme = "https" if ssl_context is not None else "http"
         self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -222,6 +222,36 @@ def test_avro_through_an_https_registry_with_basic_authentication(tls_kafka, ca_
     assert registry.refused >= 1
 
 
+def test_a_signal_during_the_registry_handshake_does_not_fail_the_statement(kafka, ca_file, server_context):
+    """A signal that comes while the registry's TLS handshake waits interrupts the
+    blocking call (CPython installs its handlers without SA_RESTART), and OpenSSL's
+    handshake does not go on after that: the request is made again."""
+    import signal
+
+    from schema_registry import SchemaRegistry
+
+    registry = SchemaRegistry(ssl_context=server_context, handshake_delay=0.5)
+    topic = kafka.create_topic(1, "avro-signal")
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    interrupt = threading.Timer(0.2, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1))
+    db = laminardb.open(":memory:")
+    try:
+        db.execute("CREATE SOURCE t (symbol VARCHAR, qty BIGINT)")
+        interrupt.start()
+        db.execute(
+            f"CREATE SINK out FROM t WITH (connector = 'kafka', 'bootstrap.servers' = '{kafka.servers}', "
+            f"topic = '{topic}', format = 'avro', 'schema.registry.url' = '{registry.url}', "
+            f"'schema.registry.ssl.ca.location' = '{ca_file}')"
+        )
+    finally:
+        interrupt.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+        db.close()
+        registry.stop()
+    # The interrupted connection, then the one that answered.
+    assert registry.connections >= 2
+
+
 def test_an_https_registry_the_source_cannot_verify_fails_its_start(kafka, server_context):
     from schema_registry import SchemaRegistry
 
