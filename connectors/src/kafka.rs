@@ -778,7 +778,8 @@ mod tests {
         Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]))
     }
 
-    fn source(servers: &str, extra: &[(&str, &str)]) -> Result<Arc<dyn SourceConnector>> {
+    /// The options of a source of topic `t` from its first record, and `extra`.
+    fn options(servers: &str, extra: &[(&str, &str)]) -> Result<ConnectorOptions> {
         let mut raw: BTreeMap<String, String> =
             [("bootstrap.servers", servers), ("topic", "t"), ("group.id", "g"), ("auto.offset.reset", "earliest")]
                 .iter()
@@ -786,7 +787,11 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
         raw.insert("connector".into(), "kafka".into());
-        KafkaSource::create(&ConnectorOptions::new("kafka", &raw)?, Some(&schema()))
+        ConnectorOptions::new("kafka", &raw)
+    }
+
+    fn source(servers: &str, extra: &[(&str, &str)]) -> Result<Arc<dyn SourceConnector>> {
+        KafkaSource::create(&options(servers, extra)?, Some(&schema()))
     }
 
     fn produce(servers: &str, records: &[(i32, &str)]) {
@@ -848,18 +853,7 @@ mod tests {
         p0.close().unwrap();
         let mut again = source.open(0, 2, Some(&at)).unwrap();
         assert_eq!(read(again.as_mut(), 1, 0).0, [3]);
-        let missing = KafkaSource::create(
-            &ConnectorOptions::new(
-                "kafka",
-                &[("bootstrap.servers", servers.as_str()), ("topic", "absent"), ("group.id", "g")]
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            )
-            .unwrap(),
-            Some(&schema()),
-        )
-        .unwrap();
+        let missing = KafkaSource::create(&options(&servers, &[("topic", "absent")]).unwrap(), Some(&schema())).unwrap();
         let e = missing.splits(2).unwrap_err();
         assert!(e.message.contains("'absent'"), "{}", e.message);
     }
@@ -875,18 +869,7 @@ mod tests {
         let records: Vec<(i32, String)> = (0..30).map(|i| (i % 3, format!(r#"{{"v": {i}}}"#))).collect();
         let records: Vec<(i32, &str)> = records.iter().map(|(p, r)| (*p, r.as_str())).collect();
         produce(&servers, &records);
-        let source = KafkaSource::new(
-            &ConnectorOptions::new(
-                "kafka",
-                &[("bootstrap.servers", servers.as_str()), ("topic", "t"), ("group.id", "g"), ("auto.offset.reset", "earliest"), ("connector", "kafka")]
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            )
-            .unwrap(),
-            Some(&schema()),
-        )
-        .unwrap();
+        let source = KafkaSource::new(&options(&servers, &[]).unwrap(), Some(&schema())).unwrap();
         assert_eq!(source.splits(2).unwrap(), 3);
         assert!(source.reader.lock().unwrap().upgrade().is_none(), "no split open: no consumer kept");
         let mut splits: Vec<Box<dyn SplitReader>> = (0..3).map(|p| source.open(p, 3, None).unwrap()).collect();
