@@ -389,27 +389,58 @@ def test_partition_discovery_interval_is_checked_at_create(db):
     assert "partition.discovery.interval.ms" in str(ei.value)
 
 
+def client_threads(prefixes: tuple = ("rdk:", "laminardb-kafka")) -> set:
+    """(id, name) of this process's threads whose names start with one of `prefixes`."""
+    found = set()
+    for t in os.listdir("/proc/self/task"):
+        try:
+            name = open(f"/proc/self/task/{t}/comm").read().strip()
+        except FileNotFoundError:  # ended meanwhile
+            continue
+        if name.startswith(prefixes):
+            found.add((t, name))
+    return found
+
+
+def test_a_source_reads_many_partitions_on_few_shards_through_one_client(kafka):
+    """Seven partitions on two shards: every record once, each partition's in order, and
+    the source has one librdkafka client for all of them (one `rdk:main` thread)."""
+    partitions, n = 7, 7_000
+    src = kafka.create_topic(partitions, "many")
+    producer = Producer({"bootstrap.servers": kafka.servers, "linger.ms": 5})
+    for i in range(n):
+        producer.produce(src, json.dumps({"v": i}).encode(), partition=i % partitions)
+    assert producer.flush(30) == 0
+    before = client_threads(("rdk:main",))
+    db = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=2))
+    try:
+        db.execute(
+            f"CREATE SOURCE s (v BIGINT) WITH (connector = 'kafka', 'bootstrap.servers' = '{kafka.servers}', "
+            f"topic = '{src}', 'group.id' = 'many', 'auto.offset.reset' = 'earliest')"
+        )
+        sub = db.subscribe_stream("s")
+        db.start()
+        values = [v for (v,) in poll_rows(sub, ("v",), n, timeout=60)]
+        # A consumer made for a moment at start (to count the partitions) may still be
+        # closing.
+        assert wait_until(lambda: len(client_threads(("rdk:main",)) - before) == 1, timeout=10), client_threads(("rdk:main",)) - before
+    finally:
+        db.close()
+    assert sorted(values) == list(range(n)), "every record once"
+    for p in range(partitions):
+        own = [v for v in values if v % partitions == p]
+        assert own == sorted(own), f"partition {p} in order"
+
+
 def test_close_leaves_no_kafka_client_thread_behind(kafka):
     """After `close()` no librdkafka thread and no partition-counting thread of ours is
     left (they ended with the last open partition), though the database object lives on."""
 
-    def kafka_threads() -> set:
-        """(id, name) of this process's Kafka client threads."""
-        found = set()
-        for t in os.listdir("/proc/self/task"):
-            try:
-                name = open(f"/proc/self/task/{t}/comm").read().strip()
-            except FileNotFoundError:  # ended meanwhile
-                continue
-            if name.startswith(("rdk:", "laminardb-kafka")):
-                found.add((t, name))
-        return found
-
     def ours() -> set:
         # Other tests' clients (confluent-kafka's, in this process) are not this test's.
-        return kafka_threads() - before
+        return client_threads() - before
 
-    before = kafka_threads()
+    before = client_threads()
     src, out = kafka.create_topic(3, "src"), kafka.create_topic(3, "out")
     db = laminardb.open(":memory:", config=laminardb.LaminarConfig(shards=2))
     db.execute(
