@@ -206,9 +206,8 @@ impl ConsumerContext for SourceContext {}
 
 /// A consumer of the source, closed when dropped by librdkafka's own close on a thread of
 /// its own. The `rdkafka` crate's drop of a consumer with a group closes it by polling in
-/// 100 ms steps that the close's end does not wake (100 ms per consumer dropped: at
-/// `start()`, the one that counts partitions; at shutdown, each partition's); and a close
-/// waits for the consumer's outstanding commit, up to `session.timeout.ms` while the
+/// 100 ms steps that the close's end does not wake (100 ms per consumer dropped); and a
+/// close waits for the consumer's outstanding commit, up to `session.timeout.ms` while the
 /// brokers are out of reach. Neither holds the shard or `close()` up now; the crate's
 /// drop then finds the consumer closed.
 pub(crate) struct SourceConsumer(Option<BaseConsumer<SourceContext>>);
@@ -639,15 +638,23 @@ impl KafkaSplit {
     /// the source's, told by this split.
     fn serve_events(&self, failure: &mut Option<String>) {
         let Some(mut events) = self.reader.events.try_lock() else { return };
-        events.take(64, |event| match event.error {
-            Some((rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF, _)) => {}
-            Some((_, text)) => *failure = Some(format!("kafka: {text}")),
-            // Every partition's records are split off before it is assigned.
-            None => {
-                *failure =
-                    Some(format!("kafka: record {} of partition {} came on the consumer's own queue and was left out", event.offset, event.partition))
-            }
-        });
+        // No partition's records come here: each is split off before it is assigned.
+        events.take(64, |event| *failure = not_a_record_of(None, event).or(failure.take()));
+    }
+}
+
+/// What to tell of an event on partition `queue`'s queue (`None`: the consumer's own)
+/// that is not one of its records: an error (the end of a partition is none; librdkafka
+/// retries the others on its own, so reading goes on), or a record of another partition,
+/// which cannot come (each partition's has its own queue) and is said, not dropped unsaid.
+fn not_a_record_of(queue: Option<i32>, event: crate::kafka_batch::Record<'_>) -> Option<String> {
+    match event.error {
+        Some((rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF, _)) => None,
+        Some((_, text)) => Some(format!("kafka: {text}")),
+        None => {
+            let queue = queue.map_or_else(|| "the consumer's own queue".to_string(), |p| format!("partition {p}'s queue"));
+            Some(format!("kafka: record {} of partition {} came on {queue} and was left out", event.offset, event.partition))
+        }
     }
 }
 
@@ -678,15 +685,8 @@ impl SplitReader for KafkaSplit {
         let (decoder, offsets, next, rejected, dead) =
             (&mut self.decoder, &mut self.offsets, &mut self.next, &mut self.rejected, &mut self.dead);
         let taken = self.batches.take(self.max_poll, |record| {
-            if let Some((code, text)) = record.error {
-                // The end of a partition is no error; others librdkafka retries on its
-                // own: the error is said, reading goes on.
-                if code != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF {
-                    failure = Some(format!("kafka: {text}"));
-                }
-                return;
-            }
-            if record.partition != partition {
+            if record.error.is_some() || record.partition != partition {
+                failure = not_a_record_of(Some(partition), record).or(failure.take());
                 return;
             }
             match record.payload {
