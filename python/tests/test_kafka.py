@@ -140,6 +140,14 @@ def test_trades_from_kafka_become_exact_bars_in_kafka(kafka, tmp_path):
     assert metrics.total_events == len(rows) + 3
 
 
+def dead_letter_source(db, servers: str, src: str, dead: str, extra: str = "") -> None:
+    """`CREATE SOURCE s (v BIGINT)` reading `src` from its start, its dead letters to `dead`."""
+    db.execute(
+        f"CREATE SOURCE s (v BIGINT) WITH (connector = 'kafka', 'bootstrap.servers' = '{servers}', "
+        f"topic = '{src}', 'group.id' = 'g', 'auto.offset.reset' = 'earliest', 'dead_letter.topic' = '{dead}'{extra})"
+    )
+
+
 def test_records_that_do_not_decode_are_counted_sent_to_the_dead_letter_topic_and_the_rest_read(kafka):
     src, dead = kafka.create_topic(1, "mixed"), kafka.create_topic(1, "dlq")
     producer = Producer({"bootstrap.servers": kafka.servers})
@@ -147,10 +155,7 @@ def test_records_that_do_not_decode_are_counted_sent_to_the_dead_letter_topic_an
         producer.produce(src, payload, partition=0)
     assert producer.flush(30) == 0
     db = laminardb.open(":memory:")
-    db.execute(
-        f"CREATE SOURCE s (v BIGINT) WITH (connector = 'kafka', 'bootstrap.servers' = '{kafka.servers}', "
-        f"topic = '{src}', 'group.id' = 'g', 'auto.offset.reset' = 'earliest', 'dead_letter.topic' = '{dead}')"
-    )
+    dead_letter_source(db, kafka.servers, src, dead)
     sub = db.subscribe_stream("s")
     db.start()
     values = [v for (v,) in poll_rows(sub, ("v",), 3, timeout=30)]
@@ -178,11 +183,7 @@ def test_dead_letters_still_held_by_their_producer_are_delivered_at_close(kafka)
         producer.produce(src, payload, partition=0)
     assert producer.flush(30) == 0
     db = laminardb.open(":memory:")
-    db.execute(
-        f"CREATE SOURCE s (v BIGINT) WITH (connector = 'kafka', 'bootstrap.servers' = '{kafka.servers}', "
-        f"topic = '{src}', 'group.id' = 'g', 'auto.offset.reset' = 'earliest', 'dead_letter.topic' = '{dead}', "
-        "'kafka.linger.ms' = '10000')"
-    )
+    dead_letter_source(db, kafka.servers, src, dead, ", 'kafka.linger.ms' = '10000'")
     db.start()
     assert wait_until(lambda: db.source_metrics("s").errors >= 300, timeout=30)
     db.close()
