@@ -254,7 +254,8 @@ impl KafkaSink {
             // comes, from a broker that is up. The first one's broker, the bootstrap
             // address, is dropped right after it for the broker it named; asked then,
             // none is up, and librdkafka asks again 500 ms later, holding back every
-            // record until then (in 4 of 5 opens here). This second request is answered
+            // record until then (in about half the opens measured: perf/README.md,
+            // session 24). This second request is answered
             // by the named broker, once up, and the id is asked for at once.
             partition_count(producer.producer().client(), &topic)?;
         }
